@@ -1,0 +1,56 @@
+# shardrec developer commands. `make test` and `make demo` work on a fresh clone: they create the virtual
+# environment first. pip (not uv/poetry) because torch's CPU build is installed from a local wheel.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PEER ?= .venv-peer
+STAMP := $(VENV)/.shardrec-installed
+PEER_STAMP := $(PEER)/.shardrec-peer-installed
+PKG_META := packages/core/pyproject.toml packages/sharders/pyproject.toml packages/dlrm/pyproject.toml
+TORCH_PINS := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+# Same allocator settings on both sides of every comparison (see docs/benchmarks.md).
+BENCH_ENV := MALLOC_MMAP_THRESHOLD_=33554432
+
+.PHONY: setup test lint typecheck pytest demo bench bench-peer clean
+
+setup: $(STAMP)
+
+$(STAMP): $(PKG_META) requirements-dev.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS) -r requirements-dev.txt \
+		-e packages/core -e packages/sharders -e packages/dlrm
+	@touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+demo: setup
+	$(PY) docs/examples/intro.py
+
+bench: setup
+	$(BENCH_ENV) $(PY) tools/bench/kjt.py
+
+# A second environment with TorchRec 1.8.0, our peer in every benchmark. torchrec is installed without its
+# dependencies because its pins would replace torch 2.13.0; the needs it really has are listed here.
+bench-peer: $(PEER_STAMP)
+
+$(PEER_STAMP): $(PKG_META) Makefile
+	@test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --quiet $(TORCH_PINS) tensordict torchmetrics==1.0.3 \
+		pyre-extensions iopath tqdm numpy
+	$(PEER)/bin/python -m pip install --quiet --no-deps torchrec==1.8.0
+	$(PEER)/bin/python -m pip install --quiet -e packages/core -e packages/sharders -e packages/dlrm
+	@touch $@
+
+clean:
+	rm -rf $(VENV) $(PEER) .mypy_cache .ruff_cache .pytest_cache

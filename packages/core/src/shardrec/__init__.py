@@ -1,0 +1,32 @@
+"""shardrec: typed, plugin-based sharded embedding tables for recommendation models.
+
+The public names keep TorchRec's meaning, so ``import shardrec as torchrec`` runs TorchRec's introduction.
+``shardrec.distributed`` is imported on first use rather than here, so that importing shardrec stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# --- sparse containers (issue 2) ---
+# --- end sparse containers ---
+
+# --- embedding modules (issue 3) ---
+# --- end embedding modules ---
+
+_LAZY_SUBMODULES = frozenset({"distributed"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"shardrec.{name}")
+    raise AttributeError(f"module 'shardrec' has no attribute {name!r}")
+
+
+__all__: list[str] = [
+    # --- sparse containers (issue 2) ---
+    # --- end sparse containers ---
+    # --- embedding modules (issue 3) ---
+    # --- end embedding modules ---
+]

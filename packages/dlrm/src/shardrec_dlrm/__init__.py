@@ -1,0 +1,1 @@
+"""The ``dlrm`` command: DLRM and DCNv2 training on Criteo with shardrec."""
