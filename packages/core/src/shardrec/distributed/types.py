@@ -1,0 +1,278 @@
+"""The typed vocabulary of sharding: sharding types, plans, the environment, the sharder protocol.
+
+Everything here is plain data or a Protocol, so that the planner, the checkpoint code, the built-in
+sharders and third-party plugins can all code against it without importing each other.
+
+A plan maps, for every sharded submodule (by its fully qualified name in the model) and every table
+of it, one :class:`ParameterSharding`::
+
+    ShardingPlan
+      "sparse_arch.ebc" -> {"t_user":    ParameterSharding(table_wise, fused, ranks=(1,)),
+                            "t_product": ParameterSharding(row_wise,   fused, ranks=(0, 1))}
+
+A shard is a rectangle of the table's ``(num_embeddings, embedding_dim)`` weight: its ``offsets``
+(first row, first column) and ``sizes`` (rows, columns) in the global table, and its rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "EmbeddingComputeKernel",
+    "EmbeddingModuleShardingPlan",
+    "LocalShard",
+    "ModuleSharder",
+    "ParameterSharding",
+    "ParameterStorage",
+    "ShardMetadata",
+    "ShardedEmbeddingModule",
+    "ShardingEnv",
+    "ShardingPlan",
+    "ShardingType",
+    "TableShards",
+]
+
+
+class ShardingType(StrEnum):
+    """The built-in sharding types. Plugins may add their own: plans store the names as ``str``."""
+
+    TABLE_WISE = "table_wise"
+    """Each table lives whole on one rank."""
+    ROW_WISE = "row_wise"
+    """Each table is cut into contiguous blocks of rows, one block per rank."""
+    COLUMN_WISE = "column_wise"
+    """Each table is cut into blocks of columns (embedding dimensions), each block on one rank."""
+    DATA_PARALLEL = "data_parallel"
+    """Each table is replicated on every rank; gradients are all-reduced."""
+
+
+class EmbeddingComputeKernel(StrEnum):
+    """How a shard is looked up locally. Plugins may add their own names (plans store ``str``)."""
+
+    DENSE = "dense"
+    """Plain autograd parameter with ``.grad``: data-parallel, trained by a torch optimizer."""
+    FUSED = "fused"
+    """Table-batched lookup with the optimizer fused into backward (no ``.grad``)."""
+
+
+class ParameterStorage(StrEnum):
+    """Where a shard's bytes live, as reported by :meth:`ModuleSharder.storage_usage`."""
+
+    HBM = "hbm"
+    """Accelerator memory."""
+    DDR = "ddr"
+    """Host memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMetadata:
+    """A rectangle of a table: ``offsets`` = (first row, first col), ``sizes`` = (rows, cols)."""
+
+    offsets: tuple[int, int]
+    sizes: tuple[int, int]
+    rank: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParameterSharding:
+    """How one table is sharded.
+
+    ``ranks`` lists the ranks that hold a shard, in shard order. ``shards`` gives each shard's
+    rectangle. For data-parallel every rank holds a full replica: ``shards`` has one full-size
+    rectangle per rank.
+    """
+
+    sharding_type: str
+    compute_kernel: str
+    ranks: tuple[int, ...]
+    shards: tuple[ShardMetadata, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.ranks:
+            raise ValueError(f"ParameterSharding({self.sharding_type!r}) needs at least one rank")
+        if self.shards and tuple(s.rank for s in self.shards) != self.ranks:
+            raise ValueError(
+                f"ParameterSharding({self.sharding_type!r}): shard ranks "
+                f"{[s.rank for s in self.shards]} differ from ranks {list(self.ranks)}"
+            )
+
+
+EmbeddingModuleShardingPlan = dict[str, ParameterSharding]
+"""Table name -> how that table is sharded, for one module."""
+
+
+@dataclass(slots=True)
+class ShardingPlan:
+    """Module FQN -> table name -> :class:`ParameterSharding`. ``str(plan)`` is a readable table."""
+
+    plan: dict[str, EmbeddingModuleShardingPlan] = field(default_factory=dict)
+
+    def get_plan_for_module(self, module_path: str) -> EmbeddingModuleShardingPlan | None:
+        return self.plan.get(module_path)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(module, table, sharding type, compute kernel, ranks) for every table, in plan order."""
+        out: list[tuple[str, str, str, str, str]] = []
+        for module_fqn, tables in self.plan.items():
+            for table, ps in tables.items():
+                ranks = ",".join(str(r) for r in ps.ranks)
+                out.append(
+                    (module_fqn or "<root>", table, str(ps.sharding_type), ps.compute_kernel, ranks)
+                )
+        return out
+
+    def __str__(self) -> str:
+        header = ("module", "table", "sharding type", "kernel", "ranks")
+        rows = self.rows()
+        if not rows:
+            return "ShardingPlan (empty)"
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
+        head = "  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([head, rule, *lines])
+
+    def __repr__(self) -> str:
+        return f"ShardingPlan({self.plan!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ShardingEnv:
+    """Who we are in the sharding group: ``world_size``, ``rank`` and the process group.
+
+    ``pg=None`` means no collectives (planning, or a single process).
+    """
+
+    world_size: int
+    rank: int
+    pg: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"ShardingEnv: world_size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ShardingEnv: rank {self.rank} outside [0, {self.world_size})")
+
+    @classmethod
+    def from_process_group(cls, pg: dist.ProcessGroup | None = None) -> ShardingEnv:
+        """The env of ``pg`` (default: the initialised default group)."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ShardingEnv.from_process_group: torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group(...) first, or use ShardingEnv.from_local"
+            )
+        group = pg if pg is not None else dist.group.WORLD
+        assert group is not None
+        return cls(world_size=dist.get_world_size(group), rank=dist.get_rank(group), pg=group)
+
+    @classmethod
+    def from_local(cls, world_size: int, rank: int) -> ShardingEnv:
+        """An env with no process group: for planning, or for one process (``world_size == 1``)."""
+        return cls(world_size=world_size, rank=rank, pg=None)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalShard:
+    """A tensor held by this rank and where it sits in the global tensor.
+
+    ``tensor`` is a view of the live storage (writing into it in place changes the model),
+    ``offsets`` its first index in every dimension of the global tensor, ``global_shape`` the shape
+    of the whole (unsharded) tensor.
+    """
+
+    tensor: torch.Tensor
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TableShards:
+    """This rank's part of one table: weight shards and fused-optimizer state shards.
+
+    ``optimizer_state`` maps a state name (e.g. ``"momentum1"`` for Adagrad's sum of squares) to
+    its shards; a row-wise state is 1-D (one value per row), an element-wise one has the weight's
+    shape. ``replicated`` is True for data-parallel tables: every rank holds the same full copy.
+    """
+
+    weight: list[LocalShard]
+    optimizer_state: dict[str, list[LocalShard]] = field(default_factory=dict)
+    replicated: bool = False
+
+
+@runtime_checkable
+class ShardedEmbeddingModule(Protocol):
+    """What every sharded embedding module exposes for checkpoints and introspection."""
+
+    def local_table_shards(self) -> dict[str, TableShards]:
+        """Table name -> this rank's shards (weights, fused optimizer state)."""
+        ...
+
+
+@runtime_checkable
+class ModuleSharder(Protocol):
+    """What a plugin registers: something that shards one module type with some sharding types.
+
+    Several sharders may serve one module type, each owning different sharding-type names; a module
+    whose tables use several sharding types is sharded by each owning sharder for its own tables,
+    and the host stitches the parts together.
+
+    ``shard`` receives only the tables in ``params`` (a subset of the module's tables) and returns a
+    module whose ``forward(kjt)`` takes a KJT holding exactly those tables' features (the host
+    splits the input) and returns the unsharded module's output structure for those tables
+    (``KeyedTensor`` for an ``EmbeddingBagCollection``, ``dict[str, JaggedTensor]`` for an
+    ``EmbeddingCollection``) for the batch this rank passed in. It should implement
+    :class:`ShardedEmbeddingModule`.
+    """
+
+    @property
+    def module_type(self) -> type[nn.Module]:
+        """The module class this sharder shards (exact type: subclasses need their own sharder)."""
+        ...
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        """The sharding-type names implemented on ``compute_device_type`` ("cpu", "cuda", ...)."""
+        ...
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        """The compute kernels offered for ``sharding_type`` on that device, preferred first."""
+        ...
+
+    def storage_usage(
+        self, tensor: torch.Tensor, compute_device_type: str, compute_kernel: str
+    ) -> dict[str, int]:
+        """Bytes ``tensor`` (a table or shard, maybe meta) takes, by :class:`ParameterStorage`."""
+        ...
+
+    def shard(
+        self,
+        module: nn.Module,
+        params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> nn.Module:
+        """The sharded replacement of ``module`` for the tables in ``params``."""
+        ...
+
+
+def shard_ranks(shards: Sequence[ShardMetadata]) -> tuple[int, ...]:
+    """The ranks of ``shards``, in order: the ``ranks`` field of a :class:`ParameterSharding`."""
+    return tuple(s.rank for s in shards)
+
+
+DEFAULT_COMPUTE_KERNEL: Final[str] = EmbeddingComputeKernel.FUSED
