@@ -1,0 +1,55 @@
+"""Where training metrics go: a two-method interface, TensorBoard, and nothing (ranks other than
+0)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+
+class MetricLogger(Protocol):
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_text(self, tag: str, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    """Drops everything: what ranks other than 0, and runs without ``--logdir``, use."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_text(self, tag: str, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Scalars (``train/loss``, ``val/auc``...) and text (config, plan) as TensorBoard event
+    files."""
+
+    def __init__(self, logdir: str | Path) -> None:
+        # Imported here: tensorboard is slow to import and most commands never log.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer: SummaryWriter = SummaryWriter(log_dir=str(logdir))
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def log_text(self, tag: str, text: str) -> None:
+        # Markdown: indent by four spaces so that tables and plans keep their alignment.
+        self._writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()

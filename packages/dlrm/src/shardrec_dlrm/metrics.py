@@ -1,0 +1,126 @@
+"""Binary-classification metrics for click prediction, exact and correct across ranks.
+
+A :class:`BinaryMetrics` accumulates logits and labels batch by batch; :meth:`BinaryMetrics.compute`
+all-gathers every rank's logits and labels when torch.distributed is initialised (exact AUC needs
+every score), so each rank returns the metrics of the whole evaluation set.
+
+- ``auc``: area under the ROC curve, exact: the Mann-Whitney statistic over all (positive, negative)
+  pairs, a tie counting one half. Computed from the logits, which order samples exactly as the
+  probabilities do without the float32 sigmoid merging nearby scores into ties.
+- ``log_loss``: mean binary cross-entropy of the predicted probability, in nats.
+- ``normalized_entropy``: log loss divided by the entropy of the empirical click rate (He et al.,
+  2014): below 1 means better than always predicting the base rate.
+- ``accuracy``: fraction of samples whose probability is on the label's side of 0.5.
+- ``calibration``: sum of predicted probabilities over number of positives (1 is calibrated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+METRIC_NAMES = ("auc", "log_loss", "normalized_entropy", "accuracy", "calibration")
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact ROC AUC of ``scores`` for binary ``labels`` (ties count one half); NaN with one class
+    only."""
+    if scores.shape != labels.shape or scores.dim() != 1:
+        raise ValueError(
+            f"scores and labels must be 1-D of one shape, got {tuple(scores.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    positive = labels.to(torch.float64) > 0.5
+    num_pos = int(positive.sum())
+    num_neg = positive.numel() - num_pos
+    if num_pos == 0 or num_neg == 0:
+        return math.nan
+    _, inverse = torch.unique(scores, sorted=True, return_inverse=True)
+    groups = int(inverse.max()) + 1
+    pos_per_value = torch.zeros(groups, dtype=torch.float64).index_add_(
+        0, inverse, positive.to(torch.float64)
+    )
+    neg_per_value = torch.zeros(groups, dtype=torch.float64).index_add_(
+        0, inverse, (~positive).to(torch.float64)
+    )
+    # Negatives strictly below each distinct score, and those tied with it (worth one half).
+    neg_below = torch.cumsum(neg_per_value, 0) - neg_per_value
+    wins = (pos_per_value * (neg_below + 0.5 * neg_per_value)).sum()
+    return float(wins) / (num_pos * num_neg)
+
+
+class BinaryMetrics:
+    """Accumulates ``(logits, labels)`` of an evaluation pass and computes the metrics of all
+    ranks."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.numel() != labels.numel():
+            raise ValueError(f"{logits.numel()} logits for {labels.numel()} labels")
+        self._logits.append(logits.detach().reshape(-1).to(self.device, torch.float32))
+        self._labels.append(labels.detach().reshape(-1).to(self.device, torch.float32))
+
+    def _local(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._logits:
+            empty = torch.zeros(0, device=self.device)
+            return empty, empty.clone()
+        return torch.cat(self._logits), torch.cat(self._labels)
+
+    def compute(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Metrics over every sample seen by every rank of ``group`` (collective: all ranks must
+        call)."""
+        logits, labels = self._local()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            logits = _all_gather_varlen(logits, group)
+            labels = _all_gather_varlen(labels, group)
+        return metrics_from_logits(logits.cpu(), labels.cpu())
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """All of :data:`METRIC_NAMES` for one set of logits and 0/1 labels (NaN where undefined)."""
+    count = labels.numel()
+    if count == 0:
+        return dict.fromkeys(METRIC_NAMES, math.nan)
+    logits = logits.to(torch.float64)
+    labels = labels.to(torch.float64)
+    log_loss = float(
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="mean")
+    )
+    rate = float(labels.mean())
+    base_entropy = (
+        -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else math.nan
+    )
+    probs = torch.sigmoid(logits)
+    positives = float(labels.sum())
+    return {
+        "auc": binary_auc(logits, labels),
+        "log_loss": log_loss,
+        "normalized_entropy": log_loss / base_entropy,
+        "accuracy": float(((probs > 0.5) == (labels > 0.5)).to(torch.float64).mean()),
+        "calibration": float(probs.sum()) / positives if positives > 0 else math.nan,
+    }
+
+
+def _all_gather_varlen(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenates every rank's 1-D ``tensor`` in rank order; the ranks may hold different
+    lengths."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([tensor.numel()], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    longest = max(lengths)
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([part[:length] for part, length in zip(gathered, lengths, strict=True)])

@@ -1,0 +1,88 @@
+"""The dense, sparse and over arches of DLRM (Naumov et al., 2019, arXiv:1906.00091)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from shardrec_dlrm.model.mlp import MLP
+
+
+class DenseArch(nn.Module):
+    """The bottom MLP: ``(B, num_dense) -> (B, D)``, where ``D = layer_sizes[-1]`` equals the
+    embedding dim."""
+
+    def __init__(
+        self, in_features: int, layer_sizes: Sequence[int], *, device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        self.model = MLP(in_features, layer_sizes, device=device)
+
+    def forward(self, dense_features: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(dense_features)
+        return out
+
+
+class SparseArch(nn.Module):
+    """Looks up and pools the categorical features: ``KJT(F, B, L[f][i]) -> (B, F, D)``.
+
+    ``embedding_bag_collection`` is a :class:`shardrec.EmbeddingBagCollection` whose tables all
+    have the dimension ``D``. DistributedModelParallel may later put a sharded module in its place:
+    the feature count and dimension are read once here, from the unsharded configs, so they survive
+    that swap.
+    """
+
+    def __init__(self, embedding_bag_collection: nn.Module) -> None:
+        super().__init__()
+        configs = getattr(embedding_bag_collection, "embedding_bag_configs", None)
+        if configs is None:
+            raise TypeError(
+                "SparseArch needs an EmbeddingBagCollection, got "
+                f"{type(embedding_bag_collection).__name__}"
+            )
+        tables = list(configs())
+        if not tables:
+            raise ValueError("SparseArch needs at least one embedding table")
+        dims = {table.embedding_dim for table in tables}
+        if len(dims) != 1:
+            named = ", ".join(f"{table.name}={table.embedding_dim}" for table in tables)
+            raise ValueError(f"all embedding tables must have the same dimension, got {named}")
+        self.embedding_bag_collection = embedding_bag_collection
+        self.num_features: int = sum(len(table.feature_names) for table in tables)
+        self.embedding_dim: int = dims.pop()
+
+    def forward(self, sparse_features: object) -> torch.Tensor:
+        pooled = self.embedding_bag_collection(sparse_features)
+        # A sharded collection may hand back an awaitable of the pooled embeddings.
+        if not hasattr(pooled, "values") and hasattr(pooled, "wait"):
+            pooled = pooled.wait()
+        values = _values(pooled)
+        return values.reshape(values.shape[0], self.num_features, self.embedding_dim)
+
+
+def _values(pooled: object) -> torch.Tensor:
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    values = getattr(pooled, "values", None)
+    if values is None:
+        raise TypeError(f"expected pooled embeddings (a KeyedTensor), got {type(pooled).__name__}")
+    out = values()
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"pooled embeddings' values() returned {type(out).__name__}, not a tensor")
+    return out
+
+
+class OverArch(nn.Module):
+    """The top MLP: ``(B, in_features) -> (B, layer_sizes[-1])``; its last layer is linear."""
+
+    def __init__(
+        self, in_features: int, layer_sizes: Sequence[int], *, device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        self.model = MLP(in_features, layer_sizes, last_activation=False, device=device)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(features)
+        return out
