@@ -10,6 +10,8 @@ import importlib
 from types import ModuleType
 
 # --- sparse containers (issue 2) ---
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
 # --- end sparse containers ---
 
 # --- embedding modules (issue 3) ---
@@ -26,6 +28,9 @@ def __getattr__(name: str) -> ModuleType:
 
 __all__: list[str] = [
     # --- sparse containers (issue 2) ---
+    "JaggedTensor",
+    "KeyedJaggedTensor",
+    "KeyedTensor",
     # --- end sparse containers ---
     # --- embedding modules (issue 3) ---
     # --- end embedding modules ---

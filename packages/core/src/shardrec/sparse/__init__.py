@@ -1,0 +1,11 @@
+"""Typed sparse containers: JaggedTensor, KeyedJaggedTensor, KeyedTensor (TorchRec's meanings)."""
+
+from shardrec.sparse._pytree import register as _register_pytrees
+from shardrec.sparse.jagged_tensor import JaggedTensor
+from shardrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor
+from shardrec.sparse.keyed_tensor import KeyedTensor
+
+# Registering is a few dict inserts, and must precede any container reaching torch.compile/export.
+_register_pytrees()
+
+__all__ = ["JaggedTensor", "KeyedJaggedTensor", "KeyedTensor"]

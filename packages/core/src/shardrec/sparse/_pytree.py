@@ -1,0 +1,114 @@
+"""The containers as pytree nodes, so that torch.compile / torch.export see their tensors.
+
+Tensors are the children; keys, stride and the host-side per-key sizes are the context (static).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from shardrec.sparse.jagged_tensor import JaggedTensor
+from shardrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor
+from shardrec.sparse.keyed_tensor import KeyedTensor
+
+_JT_FIELDS = ("_values", "_weights", "_lengths", "_offsets")
+_KJT_FIELDS = ("_values", "_weights", "_lengths", "_offsets")
+
+
+def _jt_flatten(jt: JaggedTensor) -> tuple[list[torch.Tensor | None], None]:
+    return [getattr(jt, name) for name in _JT_FIELDS], None
+
+
+def _jt_flatten_with_keys(
+    jt: JaggedTensor,
+) -> tuple[list[tuple[pytree.KeyEntry, Any]], None]:
+    return [(pytree.GetAttrKey(name), getattr(jt, name)) for name in _JT_FIELDS], None
+
+
+def _jt_unflatten(children: Any, context: None) -> JaggedTensor:
+    values, weights, lengths, offsets = children
+    return JaggedTensor._trusted(values, weights, lengths, offsets)
+
+
+_KjtContext = tuple[tuple[str, ...], int, tuple[int, ...] | None]
+
+
+def _kjt_context(kjt: KeyedJaggedTensor) -> _KjtContext:
+    per_key = kjt.length_per_key_or_none()
+    return (tuple(kjt.keys()), kjt.stride(), None if per_key is None else tuple(per_key))
+
+
+def _kjt_flatten(kjt: KeyedJaggedTensor) -> tuple[list[torch.Tensor | None], _KjtContext]:
+    return [getattr(kjt, name) for name in _KJT_FIELDS], _kjt_context(kjt)
+
+
+def _kjt_flatten_with_keys(
+    kjt: KeyedJaggedTensor,
+) -> tuple[list[tuple[pytree.KeyEntry, Any]], _KjtContext]:
+    children: list[tuple[pytree.KeyEntry, Any]] = [
+        (pytree.GetAttrKey(name), getattr(kjt, name)) for name in _KJT_FIELDS
+    ]
+    return children, _kjt_context(kjt)
+
+
+def _kjt_unflatten(children: Any, context: _KjtContext) -> KeyedJaggedTensor:
+    values, weights, lengths, offsets = children
+    keys, stride, per_key = context
+    per_key_list = None if per_key is None else list(per_key)
+    offset_per_key = None
+    if per_key_list is not None:
+        offset_per_key = [0]
+        for n in per_key_list:
+            offset_per_key.append(offset_per_key[-1] + n)
+    return KeyedJaggedTensor._trusted(
+        list(keys), None, values, weights, lengths, offsets, stride, per_key_list, offset_per_key
+    )
+
+
+_KtContext = tuple[tuple[str, ...], tuple[int, ...], int]
+
+
+def _kt_flatten(kt: KeyedTensor) -> tuple[list[torch.Tensor], _KtContext]:
+    return [kt.values()], (tuple(kt.keys()), tuple(kt.length_per_key()), kt.key_dim())
+
+
+def _kt_flatten_with_keys(
+    kt: KeyedTensor,
+) -> tuple[list[tuple[pytree.KeyEntry, Any]], _KtContext]:
+    children, context = _kt_flatten(kt)
+    return [(pytree.GetAttrKey("_values"), children[0])], context
+
+
+def _kt_unflatten(children: Any, context: _KtContext) -> KeyedTensor:
+    keys, per_key, key_dim = context
+    return KeyedTensor(list(keys), list(per_key), children[0], key_dim=key_dim)
+
+
+def register() -> None:
+    """Register the three containers (idempotent)."""
+    if JaggedTensor in pytree.SUPPORTED_NODES:
+        return
+    pytree.register_pytree_node(
+        JaggedTensor,
+        _jt_flatten,
+        _jt_unflatten,
+        serialized_type_name="shardrec.JaggedTensor",
+        flatten_with_keys_fn=_jt_flatten_with_keys,
+    )
+    pytree.register_pytree_node(
+        KeyedJaggedTensor,
+        _kjt_flatten,
+        _kjt_unflatten,
+        serialized_type_name="shardrec.KeyedJaggedTensor",
+        flatten_with_keys_fn=_kjt_flatten_with_keys,
+    )
+    pytree.register_pytree_node(
+        KeyedTensor,
+        _kt_flatten,
+        _kt_unflatten,
+        serialized_type_name="shardrec.KeyedTensor",
+        flatten_with_keys_fn=_kt_flatten_with_keys,
+    )

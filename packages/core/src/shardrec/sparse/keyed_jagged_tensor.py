@@ -1,0 +1,546 @@
+"""KeyedJaggedTensor: several sparse features for one batch, key-major in three flat tensors."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from shardrec.sparse import _kjt_reshape as _reshape
+from shardrec.sparse import _validation as check
+from shardrec.sparse._jagged_ops import lengths_to_offsets, offsets_to_lengths
+from shardrec.sparse.jagged_tensor import JaggedTensor
+
+_OWNER = "KeyedJaggedTensor"
+_REPR_MAX_VALUES = 1000
+
+
+class KeyedJaggedTensor:
+    """Sparse features of one batch: for each key (feature) and each sample, a list of ids.
+
+    ::
+
+                 sample 0    sample 1    sample 2
+        product  [101, 202]  []          [303]
+        user     [404]       [505]       [606]
+
+        keys     ["product", "user"]
+        values   [101, 202, 303, 404, 505, 606]
+        lengths  [2, 0, 1, 1, 1, 1]      key-major: len(keys) * stride entries
+        stride   3                       the batch size
+
+    Host-side per-key sizes. ``length_per_key()`` (ids per key, ``[3, 3]`` above) and
+    ``offset_per_key()`` (``[0, 3, 6]``) are Python ints, so computing them copies from the device.
+    That copy happens in one named place, ``sync()``; ``from_lengths_sync`` / ``from_offsets_sync``
+    call it for you, and operations that produce new KJTs (``permute``, ``split``, ``concat``,
+    ``from_jt_dict``) carry the sizes over without another copy. ``to_dict``, ``permute``,
+    ``split`` and ``__getitem__`` on an unsynced KJT call ``sync()`` once and keep the result
+    (measured: recomputing the sizes would cost each of those operations a device-to-host copy).
+
+    Checks. The constructor checks everything it can see without reading tensor contents, so it
+    never waits on a device: ids are a 1-D integer tensor, lengths/offsets are 1-D int32/int64,
+    the number of lengths is a multiple of the number of keys (and agrees with ``stride=``),
+    weights are floating point with one per value, keys are distinct strings. ``sync()`` also
+    checks, for free, that the lengths add up to the number of values. ``validate()`` reads the
+    contents (a device sync) and checks the rest: no negative lengths (naming the key and sample),
+    per-key sizes, and well-formed offsets. Call it on untrusted input.
+
+    Operations that pick keys (``permute`` with repeated indices) may produce repeated keys;
+    ``__getitem__`` then answers with the last of them.
+    """
+
+    __slots__ = (
+        "_key_index",
+        "_keys",
+        "_length_per_key",
+        "_lengths",
+        "_offset_per_key",
+        "_offsets",
+        "_stride",
+        "_values",
+        "_weights",
+    )
+
+    _keys: list[str]
+    _key_index: dict[str, int]
+    _values: torch.Tensor
+    _weights: torch.Tensor | None
+    _lengths: torch.Tensor | None
+    _offsets: torch.Tensor | None
+    _stride: int
+    _length_per_key: list[int] | None
+    _offset_per_key: list[int] | None
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        values: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+        stride: int | None = None,
+        length_per_key: Sequence[int] | None = None,
+        offset_per_key: Sequence[int] | None = None,
+    ) -> None:
+        keys = list(keys)
+        self._key_index = check.key_index(_OWNER, keys)
+        check.check_ids(_OWNER, values)
+        num_values = values.shape[0]
+        if weights is not None:
+            check.check_weights(_OWNER, weights, num_values)
+        if lengths is None and offsets is None:
+            raise ValueError(f"{_OWNER}: give lengths= or offsets=")
+        if lengths is not None:
+            check.check_index_tensor(_OWNER, "lengths", lengths)
+            num_lengths = lengths.numel()
+        if offsets is not None:
+            check.check_index_tensor(_OWNER, "offsets", offsets)
+            if offsets.numel() == 0:
+                raise ValueError(f"{_OWNER}: offsets must have at least one entry (0)")
+            if lengths is not None and lengths.numel() + 1 != offsets.numel():
+                raise ValueError(
+                    f"{_OWNER}: lengths has {lengths.numel()} entries and offsets "
+                    f"{offsets.numel()}; offsets needs exactly one more"
+                )
+            num_lengths = offsets.numel() - 1
+        self._stride = _stride_of(keys, num_lengths, stride)
+        self._keys = keys
+        self._values = values
+        self._weights = weights
+        self._lengths = lengths
+        self._offsets = offsets
+        self._length_per_key = None
+        self._offset_per_key = None
+        if length_per_key is not None:
+            self._set_length_per_key(list(length_per_key))
+        if offset_per_key is not None:
+            per_key = list(offset_per_key)
+            if len(per_key) != len(keys) + 1:
+                raise ValueError(
+                    f"{_OWNER}: offset_per_key has {len(per_key)} entries, expected {len(keys) + 1}"
+                )
+            self._set_length_per_key([b - a for a, b in itertools.pairwise(per_key)])
+
+    @classmethod
+    def _trusted(
+        cls,
+        keys: list[str],
+        key_index: dict[str, int] | None,
+        values: torch.Tensor,
+        weights: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+        offsets: torch.Tensor | None,
+        stride: int,
+        length_per_key: list[int] | None,
+        offset_per_key: list[int] | None,
+    ) -> KeyedJaggedTensor:
+        """Assemble from parts that an operation on checked KJTs produced; no checks, no copies."""
+        kjt = cls.__new__(cls)
+        kjt._keys = keys
+        kjt._key_index = key_index if key_index is not None else {k: i for i, k in enumerate(keys)}
+        kjt._values = values
+        kjt._weights = weights
+        kjt._lengths = lengths
+        kjt._offsets = offsets
+        kjt._stride = stride
+        kjt._length_per_key = length_per_key
+        kjt._offset_per_key = offset_per_key
+        return kjt
+
+    def _set_length_per_key(self, per_key: list[int]) -> None:
+        if len(per_key) != len(self._keys):
+            raise ValueError(
+                f"{_OWNER}: length_per_key has {len(per_key)} entries for {len(self._keys)} keys"
+            )
+        total = sum(per_key)
+        if total != self._values.shape[0]:
+            raise ValueError(
+                f"{_OWNER}: length_per_key sums to {total} but values has "
+                f"{self._values.shape[0]} entries"
+            )
+        self._length_per_key = per_key
+        self._offset_per_key = [0, *itertools.accumulate(per_key)]
+
+    # -- constructors ----------------------------------------------------------------------------
+
+    @staticmethod
+    def from_lengths_sync(
+        keys: Sequence[str],
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        stride: int | None = None,
+    ) -> KeyedJaggedTensor:
+        """Build and ``sync()``: per-key sizes ready, at the cost of one device-to-host copy."""
+        kjt = KeyedJaggedTensor(keys, values, weights=weights, lengths=lengths, stride=stride)
+        return kjt.sync()
+
+    @staticmethod
+    def from_offsets_sync(
+        keys: Sequence[str],
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        stride: int | None = None,
+    ) -> KeyedJaggedTensor:
+        """Build from offsets and ``sync()``."""
+        kjt = KeyedJaggedTensor(keys, values, weights=weights, offsets=offsets, stride=stride)
+        return kjt.sync()
+
+    @staticmethod
+    def from_jt_dict(jt_dict: Mapping[str, JaggedTensor]) -> KeyedJaggedTensor:
+        """One KJT from per-key JaggedTensors with the same number of rows (no device sync)."""
+        keys = list(jt_dict)
+        if not keys:
+            return KeyedJaggedTensor.empty()
+        jts = list(jt_dict.values())
+        stride = jts[0].num_rows()
+        weighted = jts[0].weights_or_none() is not None
+        for key, jt in zip(keys, jts, strict=True):
+            if not isinstance(jt, JaggedTensor):
+                raise TypeError(
+                    f"{_OWNER}.from_jt_dict: value for key {key!r} is {type(jt).__name__}, "
+                    "expected JaggedTensor"
+                )
+            if jt.num_rows() != stride:
+                raise ValueError(
+                    f"{_OWNER}.from_jt_dict: key {key!r} has {jt.num_rows()} rows but key "
+                    f"{keys[0]!r} has {stride}; every key needs the same batch size"
+                )
+            if (jt.weights_or_none() is not None) != weighted:
+                raise ValueError(
+                    f"{_OWNER}.from_jt_dict: key {key!r} "
+                    f"{'has' if not weighted else 'lacks'} weights unlike key {keys[0]!r}"
+                )
+        values = torch.cat([jt.values() for jt in jts])
+        lengths = torch.cat([jt.lengths() for jt in jts])
+        weights = torch.cat([jt.weights() for jt in jts]) if weighted else None
+        return KeyedJaggedTensor(
+            keys,
+            values,
+            weights=weights,
+            lengths=lengths,
+            stride=stride,
+            length_per_key=[jt.values().shape[0] for jt in jts],
+        )
+
+    @staticmethod
+    def empty(
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+        values_dtype: torch.dtype | None = None,
+        weights_dtype: torch.dtype | None = None,
+        lengths_dtype: torch.dtype = torch.int32,
+    ) -> KeyedJaggedTensor:
+        """A KJT with no keys."""
+        weights = (
+            torch.empty(0, dtype=weights_dtype or torch.float32, device=device)
+            if is_weighted
+            else None
+        )
+        return KeyedJaggedTensor._trusted(
+            [],
+            {},
+            torch.empty(0, dtype=values_dtype or torch.int64, device=device),
+            weights,
+            torch.empty(0, dtype=lengths_dtype, device=device),
+            None,
+            0,
+            [],
+            [0],
+        )
+
+    @staticmethod
+    def empty_like(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """A KJT with no keys and the same stride, device and dtypes as ``kjt``."""
+        weights = kjt._weights
+        return KeyedJaggedTensor._trusted(
+            [],
+            {},
+            kjt._values.new_empty(0),
+            None if weights is None else weights.new_empty(0),
+            kjt.lengths().new_empty(0),
+            None,
+            kjt._stride,
+            [],
+            [0],
+        )
+
+    @staticmethod
+    def concat(kjt_list: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+        """Keys of all KJTs, in order, in one KJT. Strides must agree; keys must not repeat."""
+        return _reshape.concat(KeyedJaggedTensor, kjt_list)
+
+    # -- accessors -------------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    def weights(self) -> torch.Tensor:
+        if self._weights is None:
+            raise ValueError(f"{_OWNER} has no weights; use weights_or_none()")
+        return self._weights
+
+    def weights_or_none(self) -> torch.Tensor | None:
+        return self._weights
+
+    def lengths(self) -> torch.Tensor:
+        if self._lengths is None:
+            assert self._offsets is not None  # the constructor requires one of the two
+            self._lengths = offsets_to_lengths(self._offsets)
+        return self._lengths
+
+    def lengths_or_none(self) -> torch.Tensor | None:
+        return self._lengths
+
+    def offsets(self) -> torch.Tensor:
+        if self._offsets is None:
+            assert self._lengths is not None
+            self._offsets = lengths_to_offsets(self._lengths)
+        return self._offsets
+
+    def offsets_or_none(self) -> torch.Tensor | None:
+        return self._offsets
+
+    def stride(self) -> int:
+        """The batch size: ``len(lengths) // len(keys)``."""
+        return self._stride
+
+    def stride_per_key(self) -> list[int]:
+        return [self._stride] * len(self._keys)
+
+    def variable_stride_per_key(self) -> bool:
+        """Always False: every key has ``stride()`` samples (no variable batch per key)."""
+        return False
+
+    def device(self) -> torch.device:
+        return self._values.device
+
+    def index_per_key(self) -> dict[str, int]:
+        return dict(self._key_index)
+
+    def length_per_key(self) -> list[int]:
+        """Number of ids of each key (host-side; calls ``sync()`` if not done yet)."""
+        if self._length_per_key is None:
+            self.sync()
+        assert self._length_per_key is not None
+        return self._length_per_key
+
+    def length_per_key_or_none(self) -> list[int] | None:
+        return self._length_per_key
+
+    def offset_per_key(self) -> list[int]:
+        """Start of each key's ids in ``values``, plus the end: ``len(keys) + 1`` entries."""
+        if self._offset_per_key is None:
+            self.sync()
+        assert self._offset_per_key is not None
+        return self._offset_per_key
+
+    def offset_per_key_or_none(self) -> list[int] | None:
+        return self._offset_per_key
+
+    def lengths_offset_per_key(self) -> list[int]:
+        """Start of each key's lengths in ``lengths()``: multiples of the stride."""
+        return [i * self._stride for i in range(len(self._keys) + 1)]
+
+    def flatten_lengths(self) -> KeyedJaggedTensor:
+        return self
+
+    # -- the explicit device-to-host step --------------------------------------------------------
+
+    def sync(self) -> KeyedJaggedTensor:
+        """Compute and keep the host-side per-key sizes (a device-to-host copy); returns self."""
+        num_keys = len(self._keys)
+        if num_keys == 0:
+            self._set_length_per_key([])
+            return self
+        if self._stride == 0:
+            self._set_length_per_key([0] * num_keys)
+            return self
+        if self._lengths is not None:
+            per_key = self._lengths.view(num_keys, self._stride).sum(dim=1).tolist()
+            self._set_length_per_key(per_key)
+            return self
+        assert self._offsets is not None
+        bounds = self._offsets[:: self._stride].tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"{_OWNER}: offsets[0] is {bounds[0]}, expected 0")
+        self._set_length_per_key([b - a for a, b in itertools.pairwise(bounds)])
+        return self
+
+    def unsync(self) -> KeyedJaggedTensor:
+        """Drop the host-side per-key sizes. Returns self."""
+        self._length_per_key = None
+        self._offset_per_key = None
+        return self
+
+    def validate(self) -> KeyedJaggedTensor:
+        """Check the contents (a device sync); ValueError names the key and sample. Returns self."""
+        num_keys = len(self._keys)
+        num_values = self._values.shape[0]
+        if self._offsets is not None:
+            problem = check.find_bad_offset(self._offsets, num_values)
+            if problem is not None:
+                raise ValueError(f"{_OWNER}: {problem}")
+        lengths = self.lengths()
+        bad = check.find_negative_length(lengths)
+        if bad is not None:
+            position, sample = divmod(bad, self._stride)
+            raise ValueError(
+                f"{_OWNER}: negative length {int(lengths[bad].item())} for key "
+                f"{self._keys[position]!r} at sample {sample} (lengths[{bad}])"
+            )
+        if (
+            self._offsets is not None
+            and self._lengths is not None
+            and not torch.equal(offsets_to_lengths(self._offsets), lengths.to(self._offsets.dtype))
+        ):
+            raise ValueError(f"{_OWNER}: lengths and offsets disagree")
+        actual = (
+            lengths.view(num_keys, self._stride).sum(dim=1).tolist()
+            if num_keys and self._stride
+            else [0] * num_keys
+        )
+        total = sum(actual)
+        if total != num_values:
+            raise ValueError(
+                f"{_OWNER}: lengths sum to {total} but values has {num_values} entries"
+            )
+        if self._length_per_key is not None:
+            for key, want, got in zip(self._keys, self._length_per_key, actual, strict=True):
+                if want != got:
+                    raise ValueError(
+                        f"{_OWNER}: key {key!r} has {got} ids by its lengths but "
+                        f"length_per_key says {want}"
+                    )
+        return self
+
+    # -- views and reshaping ---------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> JaggedTensor:
+        index = self._key_index.get(key)
+        if index is None:
+            raise KeyError(f"{_OWNER} has no key {key!r}; keys are {self._keys}")
+        per_key = self.offset_per_key()
+        start, end = per_key[index], per_key[index + 1]
+        lengths = self.lengths().narrow(0, index * self._stride, self._stride)
+        weights = self._weights
+        return JaggedTensor._trusted(
+            self._values[start:end],
+            None if weights is None else weights[start:end],
+            lengths,
+            None,
+        )
+
+    def to_dict(self) -> dict[str, JaggedTensor]:
+        """One JaggedTensor per key; views into this KJT's tensors, no copies."""
+        return _reshape.to_dict(self)
+
+    def permute(
+        self, indices: Sequence[int], indices_tensor: torch.Tensor | None = None
+    ) -> KeyedJaggedTensor:
+        """A KJT whose i-th key is this KJT's ``indices[i]``-th; indices may repeat or omit keys."""
+        return _reshape.permute(self, indices, indices_tensor)
+
+    def split(self, segments: Sequence[int]) -> list[KeyedJaggedTensor]:
+        """Consecutive groups of ``segments[i]`` keys each (zero allowed); views, no copies."""
+        return _reshape.split(self, segments)
+
+    # -- movement --------------------------------------------------------------------------------
+
+    def to(
+        self,
+        device: torch.device | str,
+        non_blocking: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> KeyedJaggedTensor:
+        """Move every tensor to ``device``; ``dtype``, if given, converts the weights."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        weights = self._weights
+        if weights is not None:
+            weights = weights.to(device, dtype=dtype or weights.dtype, non_blocking=non_blocking)
+        return KeyedJaggedTensor._trusted(
+            self._keys,
+            self._key_index,
+            self._values.to(device, non_blocking=non_blocking),
+            weights,
+            move(self._lengths),
+            move(self._offsets),
+            self._stride,
+            self._length_per_key,
+            self._offset_per_key,
+        )
+
+    def pin_memory(self) -> KeyedJaggedTensor:
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return KeyedJaggedTensor._trusted(
+            self._keys,
+            self._key_index,
+            self._values.pin_memory(),
+            pin(self._weights),
+            pin(self._lengths),
+            pin(self._offsets),
+            self._stride,
+            self._length_per_key,
+            self._offset_per_key,
+        )
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        for t in (self._values, self._weights, self._lengths, self._offsets):
+            if t is not None:
+                t.record_stream(stream)
+
+    def __repr__(self) -> str:
+        if self._values.numel() > _REPR_MAX_VALUES:
+            return (
+                f"KeyedJaggedTensor(keys={self._keys}, stride={self._stride}, "
+                f"values={tuple(self._values.shape)} {self._values.dtype}, "
+                f"weighted={self._weights is not None})"
+            )
+        if not self._keys:
+            return "KeyedJaggedTensor({})"
+        # By position, not through to_dict(): a permuted KJT may repeat a key.
+        per_key = self.length_per_key()
+        values = torch.split(self._values, per_key)
+        weights = None if self._weights is None else torch.split(self._weights, per_key)
+        lengths = self.lengths().view(len(self._keys), self._stride)
+        lines = []
+        for index, key in enumerate(self._keys):
+            sizes = lengths[index].tolist()
+            rows = [t.tolist() for t in torch.split(values[index], sizes)]
+            if weights is None:
+                lines.append(f'    "{key}": {rows}')
+            else:
+                rows_w = [t.tolist() for t in torch.split(weights[index], sizes)]
+                lines.append(f'    "{key}": {{"values": {rows}, "weights": {rows_w}}}')
+        body = ",\n".join(lines)
+        return f"KeyedJaggedTensor({{\n{body}\n}})"
+
+
+def _stride_of(keys: list[str], num_lengths: int, stride: int | None) -> int:
+    """Batch size from the number of lengths; rejects counts that do not divide evenly."""
+    if not keys:
+        if num_lengths:
+            raise ValueError(f"{_OWNER}: {num_lengths} lengths but no keys")
+        return stride if stride is not None else 0
+    batch, rest = divmod(num_lengths, len(keys))
+    if rest:
+        raise ValueError(
+            f"{_OWNER}: {num_lengths} lengths is not a multiple of the {len(keys)} keys "
+            f"{keys}; lengths must hold len(keys) * stride entries, key-major"
+        )
+    if stride is not None and stride != batch:
+        raise ValueError(
+            f"{_OWNER}: stride={stride} but {num_lengths} lengths for {len(keys)} keys "
+            f"give a batch size of {batch}"
+        )
+    return batch
