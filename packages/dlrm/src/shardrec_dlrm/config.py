@@ -39,7 +39,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive("embedding_dim", self.embedding_dim)
-        _positive("num_embeddings", self.num_embeddings)
+        if self.num_embeddings < 2:
+            raise ValueError(
+                "num_embeddings must be >= 2 (row 0 holds missing values), got "
+                f"{self.num_embeddings}"
+            )
         _positive("dcn_num_layers", self.dcn_num_layers)
         _positive("dcn_low_rank_dim", self.dcn_low_rank_dim)
         if self.num_embeddings_per_feature is not None:
@@ -50,7 +54,11 @@ class ModelConfig:
                     f"got {len(sizes)}"
                 )
             for index, size in enumerate(sizes):
-                _positive(f"num_embeddings_per_feature[{index}]", size)
+                if size < 2:
+                    raise ValueError(
+                        f"num_embeddings_per_feature[{index}] (C{index + 1}) must be >= 2: row 0 "
+                        f"holds missing values; got {size}"
+                    )
         if self.interaction_type not in INTERACTION_TYPES:
             raise ValueError(
                 f"interaction_type must be one of {', '.join(INTERACTION_TYPES)}, "

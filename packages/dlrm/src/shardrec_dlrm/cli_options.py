@@ -1,0 +1,96 @@
+"""Shared pieces of the ``dlrm`` command line: parameter types, ``--config run.toml``, option
+sets."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class IntList(click.ParamType[tuple[int, ...]]):
+    """Comma-separated positive integers (``512,256,64``); a TOML array of integers works too."""
+
+    name = "INTS"
+
+    def __init__(self, length: int | None = None) -> None:
+        self.length = length
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            items: Sequence[Any] = value
+        elif isinstance(value, list):
+            items = value
+        elif isinstance(value, str):
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        else:
+            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
+        numbers: list[int] = []
+        for item in items:
+            try:
+                number = int(item)
+            except (TypeError, ValueError):
+                self.fail(f"{item!r} is not an integer (in {value!r})", param, ctx)
+            if number <= 0:
+                self.fail(f"{number} is not positive (in {value!r})", param, ctx)
+            numbers.append(number)
+        if not numbers:
+            self.fail("expected at least one integer", param, ctx)
+        if self.length is not None and len(numbers) != self.length:
+            self.fail(f"expected {self.length} integers, got {len(numbers)}", param, ctx)
+        return tuple(numbers)
+
+
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Reads ``--config`` into the command's defaults: the command line and ``DLRM_*`` still win."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        with path.open("rb") as file:
+            table = tomllib.load(file)
+    except OSError as error:
+        raise click.BadParameter(f"cannot read {path}: {error.strerror}", ctx, param) from error
+    except tomllib.TOMLDecodeError as error:
+        raise click.BadParameter(f"{path}: {error}", ctx, param) from error
+    # A [train] (or [evaluate]...) table applies to that command; top-level keys apply to all.
+    section = table.get(ctx.info_name or "", {})
+    flat = {key: item for key, item in table.items() if not isinstance(item, dict)}
+    if isinstance(section, dict):
+        flat.update(section)
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    defaults: dict[str, Any] = {}
+    for key, item in flat.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise click.BadParameter(
+                f"{path}: unknown setting {key!r} for 'dlrm {ctx.info_name}'", ctx, param
+            )
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def config_option(function: F) -> F:
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config_file,
+        help="TOML file of option values (keys as the options, dashes or underscores); "
+        "command-line options and DLRM_* variables override it.",
+    )(function)
+
+
+def apply(function: F, options: Sequence[Callable[[F], F]]) -> F:
+    for option in reversed(options):
+        function = option(function)
+    return function
