@@ -1,0 +1,39 @@
+"""The sharding planner: enumerate, estimate, partition, report.
+
+``EmbeddingShardingPlanner(Topology(world_size=8, hbm_cap=80 * GB)).plan(model, sharders)`` returns
+a
+``ShardingPlan`` whose every shard has a rank; ``planner.last_report`` says per rank how full and
+how busy it is, and per table why it got its sharding. See docs/planner.md.
+"""
+
+from __future__ import annotations
+
+from shardrec.distributed.planner.constraints import ParameterConstraints
+from shardrec.distributed.planner.estimators import OPTIMIZER_STATE, Workload, estimate_shard
+from shardrec.distributed.planner.layouts import Cut, ShardLayout, Traffic
+from shardrec.distributed.planner.planner import EmbeddingShardingPlanner, to_sharding_plan
+from shardrec.distributed.planner.report import PlanReport, format_report
+from shardrec.distributed.planner.tables import tables_of
+from shardrec.distributed.planner.topology import GB, Topology
+from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
+
+__all__ = [
+    "GB",
+    "OPTIMIZER_STATE",
+    "Cut",
+    "EmbeddingShardingPlanner",
+    "ParameterConstraints",
+    "PlanReport",
+    "PlannerError",
+    "ShardLayout",
+    "ShardSpec",
+    "ShardingOption",
+    "TableSpec",
+    "Topology",
+    "Traffic",
+    "Workload",
+    "estimate_shard",
+    "format_report",
+    "tables_of",
+    "to_sharding_plan",
+]

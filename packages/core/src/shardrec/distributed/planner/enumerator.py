@@ -1,0 +1,171 @@
+"""Every way each table could be sharded, as offered by the discovered sharders and allowed by
+constraints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import torch
+
+from shardrec.distributed.planner.constraints import ParameterConstraints
+from shardrec.distributed.planner.estimators import Workload, estimate_shard
+from shardrec.distributed.planner.layouts import (
+    DEFAULT_MIN_COLUMN_PARTITION,
+    Cut,
+    ShardLayout,
+    Traffic,
+    builtin_layouts,
+)
+from shardrec.distributed.planner.topology import Topology
+from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
+from shardrec.distributed.types import ModuleSharder
+
+
+class _HasPlannerLayout(Protocol):
+    def planner_layout(self, sharding_type: str) -> ShardLayout | None: ...
+
+
+def _layout_for(sharder: ModuleSharder, sharding_type: str) -> tuple[ShardLayout, str]:
+    hook = getattr(sharder, "planner_layout", None)
+    if callable(hook):
+        layout = hook(sharding_type)
+        if layout is not None:
+            if not isinstance(layout, ShardLayout):
+                raise TypeError(
+                    f"{type(sharder).__qualname__}.planner_layout({sharding_type!r}) returned "
+                    f"{type(layout).__qualname__}, which has no "
+                    "cuts(table, topology, min_partition)"
+                )
+            return layout, type(sharder).__qualname__
+    builtin = builtin_layouts()
+    if sharding_type in builtin:
+        return builtin[sharding_type], "shardrec"
+    return (
+        _WholeTableLayout(),
+        "shardrec (no layout from the plugin: priced as one whole-table shard)",
+    )
+
+
+class _WholeTableLayout:
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+        return [Cut(((0, 0, table.num_embeddings, table.embedding_dim),), Traffic.ALL_IDS, None)]
+
+
+def sharders_by_type(
+    sharders: Sequence[ModuleSharder], module_type: type, device: str
+) -> dict[str, ModuleSharder]:
+    """Sharding-type name -> the sharder that owns it for ``module_type`` (first registered
+    wins)."""
+    out: dict[str, ModuleSharder] = {}
+    for sharder in sharders:
+        if sharder.module_type is not module_type:
+            continue
+        for st in sharder.sharding_types(device):
+            out.setdefault(str(st), sharder)
+    return out
+
+
+def _storage_kind(sharder: ModuleSharder, table: TableSpec, kernel: str, topology: Topology) -> str:
+    """Where the sharder says this kernel keeps the table: the storage kind with most bytes."""
+    probe = torch.empty((1, table.embedding_dim), device="meta")
+    usage = sharder.storage_usage(probe, topology.compute_device, kernel)
+    if not usage:
+        return "hbm" if topology.uses_hbm else "ddr"
+    kind = max(sorted(usage), key=lambda k: usage[k])
+    return "hbm" if str(kind) == "hbm" else "ddr"
+
+
+def enumerate_options(
+    table: TableSpec,
+    sharders: Sequence[ModuleSharder],
+    topology: Topology,
+    workload: Workload,
+    constraints: ParameterConstraints | None,
+) -> list[ShardingOption]:
+    """All candidate shardings of ``table``; raises PlannerError naming the table if there is
+    none."""
+    offered = sharders_by_type(sharders, table.module_type, topology.compute_device)
+    if not offered:
+        raise PlannerError(
+            f"table {table.fqn!r}: no sharder for {table.module_type.__qualname__} on "
+            f"{topology.compute_device!r} (the discovered sharders shard "
+            f"{sorted({s.module_type.__qualname__ for s in sharders}) or 'nothing'})"
+        )
+    types = list(offered)
+    if constraints is not None and constraints.sharding_types is not None:
+        wanted = [str(t) for t in constraints.sharding_types]
+        types = [t for t in wanted if t in offered]
+        if not types:
+            raise PlannerError(
+                f"table {table.fqn!r}: constraint sharding_types={wanted} cannot be met: the "
+                f"sharders for {table.module_type.__qualname__} on {topology.compute_device!r} "
+                f"offer {list(offered)}"
+            )
+    min_partition = DEFAULT_MIN_COLUMN_PARTITION
+    if constraints is not None and constraints.min_partition is not None:
+        min_partition = constraints.min_partition
+
+    options: list[ShardingOption] = []
+    offered_kernels: dict[str, list[str]] = {}
+    for st in types:
+        sharder = offered[st]
+        kernels = [str(k) for k in sharder.compute_kernels(st, topology.compute_device)]
+        offered_kernels[st] = kernels
+        if constraints is not None and constraints.compute_kernels is not None:
+            allowed = {str(k) for k in constraints.compute_kernels}
+            kernels = [k for k in kernels if k in allowed]
+        layout, estimated_by = _layout_for(sharder, st)
+        for kernel in kernels:
+            kind = _storage_kind(sharder, table, kernel, topology)
+            for cut in layout.cuts(table, topology, min_partition):
+                shards = []
+                for row_off, col_off, rows, cols in cut.pieces:
+                    est = estimate_shard(table, rows, cols, cut.traffic, topology, workload)
+                    shards.append(ShardSpec(row_off, col_off, rows, cols, est.storage, est.perf))
+                if cut.ranks is not None:
+                    shards = [s.placed(r) for s, r in zip(shards, cut.ranks, strict=True)]
+                options.append(
+                    ShardingOption(
+                        table=table,
+                        sharding_type=st,
+                        compute_kernel=kernel,
+                        shards=tuple(shards),
+                        fixed_ranks=cut.ranks is not None,
+                        storage_kind=kind,
+                        note=cut.note,
+                        estimated_by=estimated_by,
+                    )
+                )
+    if not options:
+        wanted_k = (
+            list(constraints.compute_kernels) if constraints and constraints.compute_kernels else []
+        )
+        raise PlannerError(
+            f"table {table.fqn!r}: constraint compute_kernels={wanted_k} cannot be met with "
+            f"sharding types {types}: the sharders offer {offered_kernels} (column-wise also needs "
+            f"embedding_dim {table.embedding_dim} >= 2 x min_partition {min_partition})"
+        )
+    # Cheapest total step time first; ties broken by name so every rank orders them the same way.
+    options.sort(
+        key=lambda o: (
+            o.total_perf,
+            o.max_shard_storage,
+            o.sharding_type,
+            o.compute_kernel,
+            len(o.shards),
+        )
+    )
+    return options
+
+
+def resolve_workload(
+    table: TableSpec,
+    constraints: Mapping[str, ParameterConstraints],
+    batch_size: int,
+    optimizer: str,
+) -> Workload:
+    c = constraints.get(table.param_name) or constraints.get(table.fqn)
+    if c is None:
+        return Workload(batch_size, 1.0, optimizer)
+    return Workload(c.batch_size or batch_size, c.pooling_factor, c.optimizer or optimizer)

@@ -1,0 +1,130 @@
+"""How each sharding type cuts a table into shards, and which traffic pattern the shards cause.
+
+The built-in sharding types have layouts here. A plugin that registers its own sharding type can
+give the planner its layout: a sharder with a method ``planner_layout(sharding_type) -> ShardLayout
+| None`` is asked for it. A sharding type with no layout is estimated as one whole-table shard that
+the partitioner places.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, Protocol, runtime_checkable
+
+from shardrec.distributed.planner.topology import Topology
+from shardrec.distributed.planner.types import TableSpec
+
+TABLE_WISE: Final = "table_wise"
+ROW_WISE: Final = "row_wise"
+COLUMN_WISE: Final = "column_wise"
+DATA_PARALLEL: Final = "data_parallel"
+TABLE_ROW_WISE: Final = "table_row_wise"
+DEFAULT_MIN_COLUMN_PARTITION: Final = 32
+
+
+class Traffic(StrEnum):
+    """What a shard receives and sends each step; the estimators price it.
+
+    - ``ALL_IDS``: every id of the table's features from every rank; sends back its columns of the
+      pooled output (table-wise, column-wise).
+    - ``ROW_SPLIT``: the ids that fall in its rows; sends back partial sums over all its columns
+      that are reduced across shards (row-wise).
+    - ``REPLICATED``: only local ids, no output exchange; gradients are all-reduced (data-parallel).
+    """
+
+    ALL_IDS = "all_ids"
+    ROW_SPLIT = "row_split"
+    REPLICATED = "replicated"
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """One candidate cut of a table. ``ranks`` is None when the partitioner chooses the ranks."""
+
+    pieces: tuple[tuple[int, int, int, int], ...]  # (row_offset, col_offset, rows, cols)
+    traffic: Traffic
+    ranks: tuple[int, ...] | None
+    note: str = ""
+
+
+@runtime_checkable
+class ShardLayout(Protocol):
+    """Cuts a table for one sharding type; may offer several cuts (e.g. different column widths)."""
+
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]: ...
+
+
+def even_splits(total: int, parts: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of ``parts`` nearly equal pieces; the first ``total % parts`` get one
+    more."""
+    base, extra = divmod(total, parts)
+    out: list[tuple[int, int]] = []
+    offset = 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append((offset, size))
+        offset += size
+    return out
+
+
+class TableWiseLayout:
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+        return [Cut(((0, 0, table.num_embeddings, table.embedding_dim),), Traffic.ALL_IDS, None)]
+
+
+class RowWiseLayout:
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+        w = topology.world_size
+        pieces = tuple(
+            (off, 0, size, table.embedding_dim)
+            for off, size in even_splits(table.num_embeddings, w)
+        )
+        return [Cut(pieces, Traffic.ROW_SPLIT, tuple(range(w)))]
+
+
+class TableRowWiseLayout:
+    """Rows split across the ranks of one host; the partitioner is not asked, host 0 is used."""
+
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+        local = topology.ranks_per_host
+        pieces = tuple(
+            (off, 0, size, table.embedding_dim)
+            for off, size in even_splits(table.num_embeddings, local)
+        )
+        return [Cut(pieces, Traffic.ROW_SPLIT, tuple(range(local)))]
+
+
+class ColumnWiseLayout:
+    """One cut per shard count k = 2, 4, 8, ... while each shard keeps >= ``min_partition``
+    columns."""
+
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+        dim = table.embedding_dim
+        out: list[Cut] = []
+        k = 2
+        while k <= topology.world_size and dim // k >= min_partition:
+            pieces = tuple(
+                (0, off, table.num_embeddings, size) for off, size in even_splits(dim, k)
+            )
+            out.append(Cut(pieces, Traffic.ALL_IDS, None, note=f"{k} column shards"))
+            k *= 2
+        return out
+
+
+class DataParallelLayout:
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+        w = topology.world_size
+        pieces = tuple((0, 0, table.num_embeddings, table.embedding_dim) for _ in range(w))
+        return [Cut(pieces, Traffic.REPLICATED, tuple(range(w)))]
+
+
+def builtin_layouts() -> dict[str, ShardLayout]:
+    return {
+        TABLE_WISE: TableWiseLayout(),
+        ROW_WISE: RowWiseLayout(),
+        COLUMN_WISE: ColumnWiseLayout(),
+        DATA_PARALLEL: DataParallelLayout(),
+        TABLE_ROW_WISE: TableRowWiseLayout(),
+    }

@@ -1,0 +1,208 @@
+"""``EmbeddingShardingPlanner``: from a model and the discovered sharders to a placed
+``ShardingPlan``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch.distributed as dist
+from torch import nn
+
+from shardrec.distributed.planner.constraints import ParameterConstraints
+from shardrec.distributed.planner.enumerator import enumerate_options, resolve_workload
+from shardrec.distributed.planner.partitioner import capacities
+from shardrec.distributed.planner.proposer import search
+from shardrec.distributed.planner.report import PlanReport, build_report
+from shardrec.distributed.planner.tables import tables_of
+from shardrec.distributed.planner.topology import GB, Topology
+from shardrec.distributed.planner.types import PlannerError, ShardingOption, TableSpec
+from shardrec.distributed.types import (
+    ModuleSharder,
+    ParameterSharding,
+    ShardingPlan,
+    ShardMetadata,
+)
+
+DEFAULT_BATCH_SIZE = 512
+DEFAULT_OPTIMIZER = "rowwise_adagrad"
+DEFAULT_RESERVED_FRACTION = 0.15
+
+
+class EmbeddingShardingPlanner:
+    """Plans how every shardable table of a model is sharded and where each shard lives.
+
+    ``batch_size`` is samples per rank per step; ``optimizer`` names the fused optimizer whose state
+    the tables carry (see ``estimators.OPTIMIZER_STATE``); ``reserved_fraction`` of every rank's
+    memory is kept for dense parameters and activations. Per-table ``constraints`` are keyed by
+    table name (or
+    ``module_path.table``). After ``plan`` or ``collective_plan``, ``last_report`` holds the report.
+    """
+
+    def __init__(
+        self,
+        topology: Topology | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        constraints: Mapping[str, ParameterConstraints] | None = None,
+        optimizer: str = DEFAULT_OPTIMIZER,
+        reserved_fraction: float = DEFAULT_RESERVED_FRACTION,
+        max_proposals: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"EmbeddingShardingPlanner: batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= reserved_fraction < 1.0:
+            raise ValueError(
+                "EmbeddingShardingPlanner: reserved_fraction must be in [0, 1), "
+                f"got {reserved_fraction}"
+            )
+        self.topology = topology
+        self.batch_size = batch_size
+        self.constraints: dict[str, ParameterConstraints] = dict(constraints or {})
+        self.optimizer = optimizer
+        self.reserved_fraction = reserved_fraction
+        self.max_proposals = max_proposals
+        self.last_report: PlanReport | None = None
+
+    def _topology(self) -> Topology:
+        if self.topology is not None:
+            return self.topology
+        if dist.is_available() and dist.is_initialized():
+            return Topology(world_size=dist.get_world_size(), compute_device="cpu")
+        raise ValueError(
+            "EmbeddingShardingPlanner: give a Topology (no process group to infer one from)"
+        )
+
+    def plan(self, module: nn.Module, sharders: Sequence[ModuleSharder]) -> ShardingPlan:
+        """Plan ``module`` (any device, meta included) for the planner's topology. Pure and
+        deterministic."""
+        module_types = {s.module_type for s in sharders}
+        return self.plan_tables(tables_of(module, module_types), sharders)
+
+    def collective_plan(
+        self,
+        module: nn.Module,
+        sharders: Sequence[ModuleSharder],
+        pg: dist.ProcessGroup | None = None,
+    ) -> ShardingPlan:
+        """Rank 0 of ``pg`` plans and broadcasts, so every rank runs the same plan."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.plan(module, sharders)
+        group = pg if pg is not None else dist.group.WORLD
+        payload: list[object] = [None]
+        if dist.get_rank(group) == 0:
+            try:
+                payload = [(self.plan(module, sharders), self.last_report)]
+            except PlannerError as exc:
+                payload = [exc]
+        src = (
+            dist.get_global_rank(group, 0)
+            if group is not None and group is not dist.group.WORLD
+            else 0
+        )
+        dist.broadcast_object_list(payload, src=src, group=group)
+        received = payload[0]
+        if isinstance(received, PlannerError):
+            raise received
+        assert isinstance(received, tuple)
+        plan, report = received
+        assert isinstance(plan, ShardingPlan)
+        self.last_report = report if isinstance(report, PlanReport) else None
+        return plan
+
+    def plan_tables(
+        self, tables: Sequence[TableSpec], sharders: Sequence[ModuleSharder]
+    ) -> ShardingPlan:
+        """Plan explicit tables (the model already reduced to :class:`TableSpec`)."""
+        start = time.perf_counter()
+        topology = self._topology()
+        self._check_constraint_names(tables)
+        options: list[list[ShardingOption]] = []
+        for table in tables:
+            workload = resolve_workload(table, self.constraints, self.batch_size, self.optimizer)
+            constraint = self.constraints.get(table.param_name) or self.constraints.get(table.fqn)
+            options.append(enumerate_options(table, sharders, topology, workload, constraint))
+        if not options:
+            self.last_report = None
+            return ShardingPlan()
+        max_proposals = self.max_proposals or 4 * len(options) + 16
+        result = search(options, topology, self.reserved_fraction, max_proposals)
+        caps = capacities(topology, self.reserved_fraction)
+        if result.placement is None:
+            raise self._infeasible(options, result.failure, topology, caps)
+        self.last_report = build_report(
+            result.placement,
+            result.reasons,
+            topology,
+            caps,
+            self.batch_size,
+            result.proposals,
+            result.feasible,
+            time.perf_counter() - start,
+        )
+        return to_sharding_plan(result.placement.options)
+
+    def _check_constraint_names(self, tables: Sequence[TableSpec]) -> None:
+        known = {t.param_name for t in tables} | {t.fqn for t in tables}
+        unknown = sorted(set(self.constraints) - known)
+        if unknown:
+            raise PlannerError(
+                f"constraints name tables the model does not have: {unknown}; its tables are "
+                f"{sorted(t.fqn for t in tables)}"
+            )
+
+    def _infeasible(
+        self,
+        options: Sequence[Sequence[ShardingOption]],
+        failure: object,
+        topology: Topology,
+        caps: tuple[int, int],
+    ) -> PlannerError:
+        from shardrec.distributed.planner.partitioner import PlacementFailure
+
+        per_rank = (
+            f"{topology.world_size} ranks with {caps[0] / GB:.3f} GiB HBM and "
+            f"{caps[1] / GB:.3f} GiB DDR usable each"
+        )
+        # A table whose smallest option does not fit an empty rank is the clearest culprit.
+        for table_options in options:
+            smallest = min(table_options, key=lambda o: o.max_shard_storage)
+            cap = caps[0] if smallest.storage_kind == "hbm" else caps[1]
+            if smallest.max_shard_storage > cap:
+                return PlannerError(
+                    f"table {smallest.table.fqn!r} does not fit: even sharded "
+                    f"{smallest.sharding_type} its largest shard needs "
+                    f"{smallest.max_shard_storage / GB:.3f} GiB "
+                    f"({smallest.total_storage / GB:.3f} GiB in total), but the topology has "
+                    f"{per_rank}"
+                )
+        total = sum(min(o.total_storage for o in t) for t in options)
+        detail = ""
+        if isinstance(failure, tuple) and isinstance(failure[0], PlacementFailure):
+            detail = f"; the first placement to fail: {failure[0].describe(failure[1])}"
+        return PlannerError(
+            f"the tables do not fit together: they need at least {total / GB:.3f} GiB, the "
+            f"topology has {per_rank}{detail}"
+        )
+
+
+def to_sharding_plan(options: Sequence[ShardingOption]) -> ShardingPlan:
+    plan = ShardingPlan()
+    for option in options:
+        shards = []
+        for s in option.shards:
+            assert s.rank is not None
+            shards.append(
+                ShardMetadata(
+                    offsets=(s.row_offset, s.col_offset), sizes=(s.rows, s.cols), rank=s.rank
+                )
+            )
+        plan.plan.setdefault(option.table.module_path, {})[option.table.param_name] = (
+            ParameterSharding(
+                sharding_type=option.sharding_type,
+                compute_kernel=option.compute_kernel,
+                ranks=tuple(s.rank for s in shards),
+                shards=tuple(shards),
+            )
+        )
+    return plan

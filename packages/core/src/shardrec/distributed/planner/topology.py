@@ -1,0 +1,84 @@
+"""The hardware a plan is made for: how many ranks, how much memory each has, how fast it moves
+bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+GB: Final = 1024**3
+
+# Defaults for a current datacenter GPU host; every figure can be overridden per Topology.
+DEFAULT_HBM_CAP: Final = 32 * GB
+DEFAULT_DDR_CAP: Final = 128 * GB
+DEFAULT_HBM_BW: Final = 897e9  # bytes/s, device memory
+DEFAULT_DDR_BW: Final = 51e9  # bytes/s, host memory
+DEFAULT_INTRA_HOST_BW: Final = 600e9  # bytes/s per rank, NVLink-class
+DEFAULT_INTER_HOST_BW: Final = 12.5e9  # bytes/s per rank, 100 Gb/s NIC
+DEFAULT_BWD_COMPUTE_MULTIPLIER: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topology:
+    """Ranks of one kind: ``world_size`` ranks, ``local_world_size`` per host.
+
+    ``hbm_cap`` and ``ddr_cap`` are bytes per rank. On ``compute_device="cpu"`` tables live in DDR
+    and
+    ``hbm_cap`` is 0; on any accelerator they live in HBM. Bandwidths are bytes per second per rank.
+    """
+
+    world_size: int
+    compute_device: str = "cuda"
+    local_world_size: int | None = None
+    hbm_cap: int | None = None
+    ddr_cap: int = DEFAULT_DDR_CAP
+    hbm_mem_bw: float = DEFAULT_HBM_BW
+    ddr_mem_bw: float = DEFAULT_DDR_BW
+    intra_host_bw: float = DEFAULT_INTRA_HOST_BW
+    inter_host_bw: float = DEFAULT_INTER_HOST_BW
+    bwd_compute_multiplier: float = DEFAULT_BWD_COMPUTE_MULTIPLIER
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"Topology.world_size must be >= 1, got {self.world_size}")
+        if self.compute_device == "meta":
+            raise ValueError(
+                "Topology.compute_device is where the model will run ('cpu', 'cuda'), not 'meta'"
+            )
+        local = self.local_world_size if self.local_world_size is not None else self.world_size
+        if local < 1 or self.world_size % local != 0:
+            raise ValueError(
+                f"Topology.local_world_size={local} must be >= 1 and divide "
+                f"world_size={self.world_size}"
+            )
+        for name in ("ddr_cap", "hbm_mem_bw", "ddr_mem_bw", "intra_host_bw", "inter_host_bw"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Topology.{name} must be > 0, got {getattr(self, name)}")
+        if self.hbm_cap is not None and self.hbm_cap < 0:
+            raise ValueError(f"Topology.hbm_cap must be >= 0, got {self.hbm_cap}")
+
+    @property
+    def ranks_per_host(self) -> int:
+        return self.local_world_size if self.local_world_size is not None else self.world_size
+
+    @property
+    def uses_hbm(self) -> bool:
+        """Whether tables live in device memory (any accelerator) rather than host memory."""
+        return self.compute_device != "cpu"
+
+    @property
+    def hbm_per_rank(self) -> int:
+        if not self.uses_hbm:
+            return 0
+        return self.hbm_cap if self.hbm_cap is not None else DEFAULT_HBM_CAP
+
+    @property
+    def memory_bw(self) -> float:
+        """Bandwidth of the memory that holds the tables."""
+        return self.hbm_mem_bw if self.uses_hbm else self.ddr_mem_bw
+
+    @property
+    def comm_bw(self) -> float:
+        """Per-rank bandwidth of an all-to-all that spans every rank: the slowest link it
+        crosses."""
+        return self.inter_host_bw if self.world_size > self.ranks_per_host else self.intra_host_bw

@@ -1,0 +1,149 @@
+"""The planner's estimates, against numbers computed by hand from its documented formulas."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from shardrec.distributed.planner import (
+    ParameterConstraints,
+    TableSpec,
+    Topology,
+    Traffic,
+    Workload,
+    estimate_shard,
+)
+from shardrec.distributed.planner.estimators import optimizer_state_bytes
+from shardrec.distributed.planner.layouts import ColumnWiseLayout, RowWiseLayout, even_splits
+
+# Round numbers so that the hand computations below stay readable.
+TOPO = Topology(
+    world_size=4,
+    compute_device="cuda",
+    hbm_cap=10**9,
+    hbm_mem_bw=1e9,
+    intra_host_bw=1e8,
+    inter_host_bw=1e7,
+    bwd_compute_multiplier=2.0,
+)
+TABLE = TableSpec(
+    module_path="ebc",
+    param_name="t",
+    num_embeddings=1000,
+    embedding_dim=16,
+    module_type=nn.Module,
+    num_features=2,
+)
+SGD = Workload(batch_size=10, pooling_factor=3.0, optimizer="sgd")
+
+
+def test_table_wise_shard_matches_hand_computation() -> None:
+    est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, TOPO, SGD)
+    ids = 10 * 4 * 2 * 3  # B·W·F·P = 240
+    out = 10 * 4 * 2 * 16  # B·W·F·cols = 1280
+    assert est.weights == 1000 * 16 * 4
+    assert est.optimizer_state == 0
+    assert est.io == ids * 8 + 2 * out * 4  # 1920 + 10240
+    assert est.fwd_compute == pytest.approx((ids * 16 + out) * 4 / 1e9)
+    assert est.bwd_compute == pytest.approx(2 * est.fwd_compute)
+    # One host of 4 ranks: the intra-host bandwidth prices the all-to-all.
+    assert est.fwd_comms == pytest.approx((8 * ids + 4 * out) / 1e8)
+    assert est.bwd_comms == pytest.approx(4 * out / 1e8)
+    assert est.storage == 64000 + 12160
+    assert est.perf == pytest.approx(est.fwd_compute * 3 + est.fwd_comms + est.bwd_comms)
+
+
+def test_row_wise_shard_sees_its_share_of_ids_and_sends_full_width_partials() -> None:
+    est = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, TOPO, SGD)
+    ids = 240 * 250 / 1000  # 60 ids fall in a quarter of the rows
+    out = 10 * 4 * 2 * 16  # partial sums over the whole dimension for the global batch
+    assert est.weights == 250 * 16 * 4
+    assert est.io == round(ids * 8 + 2 * out * 4)
+    assert est.fwd_comms == pytest.approx((8 * ids + 4 * out) / 1e8)
+
+
+def test_column_wise_shard_prices_only_its_columns() -> None:
+    est = estimate_shard(TABLE, 1000, 8, Traffic.ALL_IDS, TOPO, SGD)
+    assert est.weights == 1000 * 8 * 4
+    assert est.bwd_comms == pytest.approx(4 * (10 * 4 * 2 * 8) / 1e8)
+
+
+def test_data_parallel_replica_allreduces_its_gradient() -> None:
+    est = estimate_shard(TABLE, 1000, 16, Traffic.REPLICATED, TOPO, SGD)
+    weights = 1000 * 16 * 4
+    ids = 10 * 2 * 3  # local batch only
+    out = 10 * 2 * 16
+    assert est.fwd_comms == 0.0
+    assert est.bwd_comms == pytest.approx(2 * 3 / 4 * weights / 1e8)
+    assert est.io == ids * 8 + 2 * out * 4 + weights  # plus the dense gradient
+
+
+def test_cross_host_all_to_all_uses_the_inter_host_bandwidth() -> None:
+    two_hosts = Topology(
+        world_size=4, local_world_size=2, hbm_mem_bw=1e9, intra_host_bw=1e8, inter_host_bw=1e7
+    )
+    est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, two_hosts, SGD)
+    assert est.bwd_comms == pytest.approx(4 * 1280 / 1e7)
+
+
+def test_single_rank_has_no_comms() -> None:
+    est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, Topology(world_size=1), SGD)
+    assert est.fwd_comms == 0.0
+    assert est.bwd_comms == 0.0
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "expected"),
+    [
+        ("sgd", 0),
+        ("rowwise_adagrad", 1000 * 4),  # one float per row
+        ("adagrad", 1000 * 16 * 4),  # one float per weight
+        ("adam", 2 * 1000 * 16 * 4),  # two floats per weight: 2x the weights
+        ("partial_rowwise_adam", 1000 * 16 * 4 + 1000 * 4),
+    ],
+)
+def test_optimizer_state(optimizer: str, expected: int) -> None:
+    assert optimizer_state_bytes(optimizer, 1000, 16) == expected
+    est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, TOPO, Workload(10, 3.0, optimizer))
+    assert est.optimizer_state == expected
+
+
+def test_unknown_optimizer_is_named() -> None:
+    with pytest.raises(ValueError, match="'lion'"):
+        optimizer_state_bytes("lion", 1, 1)
+
+
+def test_sequence_table_outputs_one_row_per_id() -> None:
+    seq = TableSpec(
+        module_path="ec",
+        param_name="s",
+        num_embeddings=100,
+        embedding_dim=8,
+        module_type=nn.Module,
+        pooled=False,
+    )
+    est = estimate_shard(seq, 100, 8, Traffic.ALL_IDS, TOPO, Workload(10, 2.0, "sgd"))
+    ids = 10 * 4 * 1 * 2
+    assert est.io == ids * 8 + 2 * ids * 8 * 4
+
+
+def test_layouts_cut_uneven_rows_and_columns() -> None:
+    assert even_splits(10, 4) == [(0, 3), (3, 3), (6, 2), (8, 2)]
+    odd = TableSpec(
+        module_path="", param_name="t", num_embeddings=10, embedding_dim=64, module_type=nn.Module
+    )
+    (rw,) = RowWiseLayout().cuts(odd, TOPO, 32)
+    assert [p[2] for p in rw.pieces] == [3, 3, 2, 2]
+    assert rw.ranks == (0, 1, 2, 3)
+    cws = ColumnWiseLayout().cuts(odd, TOPO, 16)
+    assert [len(c.pieces) for c in cws] == [2, 4]
+    assert sum(p[3] for p in cws[1].pieces) == 64
+
+
+def test_bad_inputs_are_named() -> None:
+    with pytest.raises(ValueError, match="local_world_size=3"):
+        Topology(world_size=4, local_world_size=3)
+    with pytest.raises(ValueError, match="pooling_factor"):
+        ParameterConstraints(pooling_factor=0)
+    with pytest.raises(TypeError, match="sharding_types"):
+        ParameterConstraints(sharding_types="table_wise")
