@@ -1,0 +1,199 @@
+"""What a table-batched lookup is built from: tables, features, the fused optimizer, the backend."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+import torch
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "DataType",
+    "FeatureSpec",
+    "FusedOptimizerConfig",
+    "KernelBackend",
+    "OptimizerType",
+    "PoolingType",
+    "TableSpec",
+    "data_type_to_dtype",
+    "requested_backend",
+]
+
+BACKEND_ENV_VAR: Final = "SHARDREC_KERNEL_BACKEND"
+
+
+class PoolingType(StrEnum):
+    """How the rows of one bag are reduced: ``SUM``, ``MEAN``, or ``NONE`` (no pooling)."""
+
+    SUM = "SUM"
+    MEAN = "MEAN"
+    NONE = "NONE"
+
+
+class DataType(StrEnum):
+    """Storage type of a table's weights (TorchRec's spelling)."""
+
+    FP32 = "FP32"
+    FP16 = "FP16"
+    BF16 = "BF16"
+
+
+_DTYPES: dict[DataType, torch.dtype] = {
+    DataType.FP32: torch.float32,
+    DataType.FP16: torch.float16,
+    DataType.BF16: torch.bfloat16,
+}
+
+
+def data_type_to_dtype(data_type: DataType) -> torch.dtype:
+    """The torch dtype that stores weights of ``data_type``."""
+    return _DTYPES[DataType(data_type)]
+
+
+class KernelBackend(StrEnum):
+    """Which implementation runs the lookup.
+
+    ``AUTO`` picks ``FBGEMM`` when it is importable and supports the configuration (dims multiple of
+    4, a fused optimizer it has on this device), else ``TORCH``.
+    """
+
+    AUTO = "auto"
+    TORCH = "torch"
+    FBGEMM = "fbgemm"
+
+
+def requested_backend(backend: KernelBackend | str | None) -> KernelBackend:
+    """The backend asked for: the argument, else ``$SHARDREC_KERNEL_BACKEND``, else ``AUTO``."""
+    raw = backend if backend is not None else os.environ.get(BACKEND_ENV_VAR, "auto")
+    try:
+        return KernelBackend(str(raw).lower())
+    except ValueError:
+        source = "backend argument" if backend is not None else f"${BACKEND_ENV_VAR}"
+        allowed = ", ".join(b.value for b in KernelBackend)
+        raise ValueError(f"{source} must be one of {allowed}, got {raw!r}") from None
+
+
+class OptimizerType(StrEnum):
+    """Optimizers fused into backward: they update only the rows a batch touched."""
+
+    SGD = "sgd"
+    EXACT_ADAGRAD = "exact_adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAM = "adam"
+
+
+# Spellings accepted in TorchRec-style ``fused_params`` (FBGEMM's EmbOptimType values) and ours.
+_OPTIMIZER_ALIASES: Final[Mapping[str, OptimizerType]] = {
+    "sgd": OptimizerType.SGD,
+    "exact_sgd": OptimizerType.SGD,
+    "adagrad": OptimizerType.EXACT_ADAGRAD,
+    "exact_adagrad": OptimizerType.EXACT_ADAGRAD,
+    "rowwise_adagrad": OptimizerType.ROWWISE_ADAGRAD,
+    "exact_row_wise_adagrad": OptimizerType.ROWWISE_ADAGRAD,
+    "row_wise_adagrad": OptimizerType.ROWWISE_ADAGRAD,
+    "exact_rowwise_adagrad": OptimizerType.ROWWISE_ADAGRAD,
+    "adam": OptimizerType.ADAM,
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FusedOptimizerConfig:
+    """An optimizer applied inside backward, on the touched rows only.
+
+    Update rules (``g`` = the coalesced gradient of one row, ``t`` = the 1-based step number):
+
+    - ``SGD``: ``w -= lr * g``
+    - ``EXACT_ADAGRAD``: ``s += g²``; ``w -= lr * g / (sqrt(s) + eps)`` (``sum``, table-shaped)
+    - ``ROWWISE_ADAGRAD``: ``s += mean(g²)``; ``w -= lr * g / (sqrt(s) + eps)`` (``sum``, per row)
+    - ``ADAM``: ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g²``;
+      ``w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)`` (states ``exp_avg``, ``exp_avg_sq``)
+    """
+
+    optimizer: OptimizerType
+    learning_rate: float = 0.01
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "optimizer", OptimizerType(self.optimizer))
+        for name in ("learning_rate", "eps", "beta1", "beta2"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"fused optimizer {name} must be a finite number >= 0, got {value}"
+                )
+
+    @classmethod
+    def from_fused_params(cls, params: Mapping[str, object]) -> FusedOptimizerConfig:
+        """Build from a TorchRec-style ``fused_params`` dict.
+
+        Keys: ``optimizer``, ``learning_rate``, ``eps``, ``beta1``, ``beta2``; the optimizer may be
+        a string or an enum whose ``.value`` is one (FBGEMM's ``EmbOptimType`` spellings work).
+        """
+        known = {"optimizer", "learning_rate", "eps", "beta1", "beta2"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unsupported fused_params keys {unknown}; supported: {sorted(known)}")
+        if "optimizer" not in params:
+            raise ValueError("fused_params needs an 'optimizer' entry")
+        raw = params["optimizer"]
+        name = str(getattr(raw, "value", raw)).lower()
+        if name not in _OPTIMIZER_ALIASES:
+            raise ValueError(
+                f"unsupported fused optimizer {raw!r}; supported: {sorted(_OPTIMIZER_ALIASES)}"
+            )
+        floats: dict[str, float] = {}
+        for key in ("learning_rate", "eps", "beta1", "beta2"):
+            if key in params:
+                value = params[key]
+                if not isinstance(value, int | float):
+                    raise TypeError(f"fused_params[{key!r}] must be a number, got {value!r}")
+                floats[key] = float(value)
+        return cls(optimizer=_OPTIMIZER_ALIASES[name], **floats)
+
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the per-table optimizer state tensors."""
+        if self.optimizer in (OptimizerType.EXACT_ADAGRAD, OptimizerType.ROWWISE_ADAGRAD):
+            return ("sum",)
+        if self.optimizer is OptimizerType.ADAM:
+            return ("exp_avg", "exp_avg_sq")
+        return ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TableSpec:
+    """One local table of a lookup.
+
+    A row-wise shard is a table with fewer rows (the caller offsets the ids), a column-wise shard a
+    table of smaller ``embedding_dim``.
+    """
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    pooling: PoolingType = PoolingType.SUM
+    data_type: DataType = DataType.FP32
+
+    def __post_init__(self) -> None:
+        for what in ("num_embeddings", "embedding_dim"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"{what} of table {self.name!r} must be an int >= 1, got {value!r}"
+                )
+        object.__setattr__(self, "pooling", PoolingType(self.pooling))
+        object.__setattr__(self, "data_type", DataType(self.data_type))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FeatureSpec:
+    """A feature (a KJT key) and the table it reads."""
+
+    name: str
+    table: str

@@ -1,0 +1,467 @@
+"""``TableBatchedEmbedding``: all tables of a module looked up in one fused call per group.
+
+This is the contract the embedding modules and the sharders build on::
+
+    tbe = TableBatchedEmbedding(
+        tables=[TableSpec(name="t0", num_embeddings=100, embedding_dim=8), ...],
+        features=[FeatureSpec(name="f0", table="t0"), FeatureSpec(name="f1", table="t0"), ...],
+        pooled=True,                 # False: sequence (unpooled) mode
+        is_weighted=False,           # True: the KJT's weights scale each id
+        # None: plain mode (.grad); else the update is fused into backward
+        optimizer=FusedOptimizerConfig(optimizer=OptimizerType.SGD, learning_rate=0.1),
+        backend=None,                # torch | fbgemm | auto; None: $SHARDREC_KERNEL_BACKEND
+        device=torch.device("cpu"),  # "meta": nothing allocated until reset_parameters()/to_empty()
+    )
+    pooled = tbe(kjt)                # kjt.keys() == the feature names, in order
+
+Shapes (``F`` features, ``B`` samples, ``L[f][b]`` ids in bag ``(f, b)``, ``D_f`` feature f's dim)::
+
+    pooled:   (F, B, L[f][b]) -> [B, D_0 + ... + D_{F-1}]      feature-major column blocks, fp32
+    sequence: (F, B, L[f][b]) -> [[sum_b L[f][b], D_f] for f]   a list, one tensor per feature, fp32
+
+Storage: tables are grouped (torch backend: by data type and dim; FBGEMM: by data type and
+pooling); each group holds one fused tensor, and ``weights[<table>]`` is an ``nn.Parameter`` that is
+a view into it. In plain mode the parameters get ``.grad`` (dense, like ``nn.EmbeddingBag``); with a
+fused optimizer backward updates the touched rows in place, the parameters have
+``requires_grad=False``, and autograd still flows through the output to whatever produced its
+inputs' consumers. ``table_weights()``/``optimizer_states()`` return views,
+``load_table_weights()``/``load_optimizer_states()`` copy into them. Moving the module
+(``.to(device)``, ``to_empty``) moves the fused storage and re-points the parameters;
+``.half()``/``.double()`` leave the tables' data types as configured.
+
+Ids are checked: an id < 0 or >= the table's rows raises a ValueError naming the feature and the
+table (never an out-of-bounds read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Self
+
+import torch
+from torch import nn
+
+from shardrec import ops
+from shardrec.kernels.fbgemm_backend import FbgemmGroup
+from shardrec.kernels.group import GroupInput, LookupGroup
+from shardrec.kernels.specs import (
+    FeatureSpec,
+    FusedOptimizerConfig,
+    KernelBackend,
+    PoolingType,
+    TableSpec,
+    requested_backend,
+)
+from shardrec.kernels.torch_backend import TorchGroup
+
+if TYPE_CHECKING:
+    from shardrec.sparse import KeyedJaggedTensor
+
+__all__ = ["TableBatchedEmbedding"]
+
+InitFn = Callable[[torch.Tensor], object]
+
+
+class TableBatchedEmbedding(nn.Module):
+    """Fused lookup over several tables; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        *,
+        tables: Sequence[TableSpec],
+        features: Sequence[FeatureSpec],
+        pooled: bool = True,
+        is_weighted: bool = False,
+        optimizer: FusedOptimizerConfig | None = None,
+        backend: KernelBackend | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.tables: tuple[TableSpec, ...] = tuple(tables)
+        self.features: tuple[FeatureSpec, ...] = tuple(features)
+        self.pooled = pooled
+        self.is_weighted = is_weighted
+        self.optimizer = optimizer
+        self.feature_names: tuple[str, ...] = tuple(f.name for f in self.features)
+        table_index = _validate(self.tables, self.features, pooled)
+        self._feature_table = [table_index[f.name] for f in self.features]
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        self.backend = _resolve_backend(
+            requested_backend(backend), self.tables, pooled, is_weighted, optimizer, target
+        )
+        self._groups: list[LookupGroup] = []
+        # Per group: its module-level table indices and feature indices (ascending).
+        self._group_tables: list[list[int]] = []
+        self._group_features: list[list[int]] = []
+        self._build_groups(target)
+        self._rows = torch.tensor(
+            [self.tables[t].num_embeddings for t in self._feature_table], dtype=torch.int64
+        )
+        self.weights = nn.ParameterDict()
+        for name, view in self._table_views().items():
+            self.weights[name] = nn.Parameter(view, requires_grad=optimizer is None)
+        # Fused mode: a placeholder that requires grad makes autograd call our backward.
+        self._trigger = torch.zeros(0, requires_grad=optimizer is not None)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _build_groups(self, device: torch.device) -> None:
+        keyed: dict[tuple[object, ...], list[int]] = {}
+        for t, spec in enumerate(self.tables):
+            if self.backend is KernelBackend.TORCH:
+                key: tuple[object, ...] = (spec.data_type, spec.embedding_dim)
+            else:
+                pooling = spec.pooling if self.pooled else PoolingType.NONE
+                key = (spec.data_type, pooling, 0 if self.pooled else spec.embedding_dim)
+            keyed.setdefault(key, []).append(t)
+        for key, table_ids in keyed.items():
+            local = {t: i for i, t in enumerate(table_ids)}
+            feats = [f for f, t in enumerate(self._feature_table) if t in local]
+            specs = [self.tables[t] for t in table_ids]
+            feature_tables = [local[self._feature_table[f]] for f in feats]
+            group: LookupGroup
+            if self.backend is KernelBackend.TORCH:
+                group = TorchGroup(
+                    tables=specs,
+                    feature_tables=feature_tables,
+                    optimizer=self.optimizer,
+                    device=device,
+                )
+            else:
+                assert self.optimizer is not None  # _resolve_backend guarantees it
+                group = FbgemmGroup(
+                    tables=specs,
+                    feature_tables=feature_tables,
+                    pooling=PoolingType(str(key[1])),
+                    optimizer=self.optimizer,
+                    device=device,
+                )
+            self._groups.append(group)
+            self._group_tables.append(table_ids)
+            self._group_features.append(feats)
+
+    def _table_views(self) -> dict[str, torch.Tensor]:
+        views: dict[str, torch.Tensor] = {}
+        for group, table_ids in zip(self._groups, self._group_tables, strict=True):
+            for t, view in zip(table_ids, group.table_weights(), strict=True):
+                views[self.tables[t].name] = view
+        return {spec.name: views[spec.name] for spec in self.tables}
+
+    def _repoint_parameters(self) -> None:
+        with torch.no_grad():
+            for name, view in self._table_views().items():
+                self.weights[name].data = view
+
+    # ---- device handling ----------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self._groups[0].device
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        # Only device moves apply to the fused storage: learn the target device from a probe tensor.
+        probe = fn(torch.empty(0, device=self.device))
+        self._move_to(probe.device)
+        return self
+
+    def _move_to(self, device: torch.device) -> None:
+        for group in self._groups:
+            group.move_to(device)
+        self._rows = self._rows.to(device)
+        self._repoint_parameters()
+
+    def reset_parameters(
+        self,
+        init_fns: Mapping[str, InitFn] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Materialise (from meta: on ``device``, default cpu) and initialise every table.
+
+        ``init_fns[table]`` is called on the table's weight view; tables without one get
+        ``uniform(-sqrt(1/rows), sqrt(1/rows))``. Optimizer states are zeroed.
+        """
+        if self.device.type == "meta" or device is not None:
+            self._move_to(torch.device(device) if device is not None else torch.device("cpu"))
+        init_fns = init_fns or {}
+        with torch.no_grad():
+            for spec, view in zip(self.tables, self.table_weights().values(), strict=True):
+                fn = init_fns.get(spec.name)
+                if fn is not None:
+                    fn(view)
+                else:
+                    bound = (1.0 / spec.num_embeddings) ** 0.5
+                    view.uniform_(-bound, bound)
+            for states in self.optimizer_states().values():
+                for tensor in states.values():
+                    tensor.zero_()
+
+    # ---- weights and states -------------------------------------------------------------------
+
+    def table_weights(self) -> dict[str, torch.Tensor]:
+        """``{table: [rows, dim] view}`` into the fused storage (detached)."""
+        return {name: p.detach() for name, p in self.weights.items()}
+
+    def optimizer_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{table: {state name: view}}``; names from :meth:`FusedOptimizerConfig.state_names`."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for group, table_ids in zip(self._groups, self._group_tables, strict=True):
+            for t, states in zip(table_ids, group.table_states(), strict=True):
+                out[self.tables[t].name] = states
+        return {spec.name: out[spec.name] for spec in self.tables}
+
+    def load_table_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``weights[table]`` into each named table (a subset is fine)."""
+        views = self.table_weights()
+        with torch.no_grad():
+            for name, src in weights.items():
+                if name not in views:
+                    raise KeyError(f"no table named {name!r}; tables: {sorted(views)}")
+                dst = views[name]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise ValueError(
+                        f"weight for table {name!r} has shape {tuple(src.shape)},"
+                        f" expected {tuple(dst.shape)}"
+                    )
+                dst.copy_(src)
+
+    def load_optimizer_states(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Copy ``states[table][name]`` into the optimizer state views."""
+        views = self.optimizer_states()
+        with torch.no_grad():
+            for table, named in states.items():
+                if table not in views:
+                    raise KeyError(f"no table named {table!r}; tables: {sorted(views)}")
+                for name, src in named.items():
+                    if name not in views[table]:
+                        raise KeyError(
+                            f"table {table!r} has no optimizer state {name!r};"
+                            f" it has {sorted(views[table])}"
+                        )
+                    dst = views[table][name]
+                    if tuple(src.shape) != tuple(dst.shape):
+                        raise ValueError(
+                            f"optimizer state {name!r} of table {table!r} has shape"
+                            f" {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                        )
+                    dst.copy_(src)
+
+    # ---- lookup -------------------------------------------------------------------------------
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor | list[torch.Tensor]:
+        """Pooled ``[B, sum of dims]``, or in sequence mode one ``[ids of f, D_f]`` per feature."""
+        keys = tuple(features.keys())
+        if keys != self.feature_names:
+            raise ValueError(
+                f"KeyedJaggedTensor keys {list(keys)} do not match this lookup's features"
+                f" {list(self.feature_names)} (same names, same order)"
+            )
+        if features.variable_stride_per_key():
+            raise ValueError("variable batch size per feature is not supported by this lookup")
+        weights = features.weights_or_none() if self.is_weighted else None
+        if self.is_weighted and weights is None:
+            raise ValueError(
+                "this lookup is weighted (is_weighted=True) but the KJT has no weights"
+            )
+        return self.lookup(
+            values=features.values(),
+            offsets=features.offsets(),
+            length_per_feature=features.length_per_key(),
+            batch_size=features.stride(),
+            weights=weights,
+        )
+
+    def lookup(
+        self,
+        *,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        length_per_feature: Sequence[int],
+        batch_size: int,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """The lookup on raw KJT tensors (key-major ``offsets``, ``F * batch_size + 1`` entries)."""
+        if self.device.type == "meta":
+            raise RuntimeError(
+                "the tables are on the meta device: call reset_parameters() or to_empty() first"
+            )
+        num_f = len(self.features)
+        lpk = [int(n) for n in length_per_feature]
+        if len(lpk) != num_f or offsets.numel() != num_f * batch_size + 1:
+            raise ValueError(
+                f"expected {num_f} features × batch {batch_size}"
+                f" ({num_f * batch_size + 1} offsets),"
+                f" got {len(lpk)} lengths per feature and {offsets.numel()} offsets"
+            )
+        values = values.to(torch.int64)
+        offsets = offsets.to(torch.int64)
+        if weights is not None and weights.dtype != torch.float32:
+            weights = weights.float()
+        self._check_ids(values, lpk)
+        starts = [0]
+        for n in lpk:
+            starts.append(starts[-1] + n)
+        outs: list[torch.Tensor] = []
+        for group, feats in zip(self._groups, self._group_features, strict=True):
+            inp = _slice_features(values, offsets, weights, lpk, starts, feats, batch_size)
+            params = self._params_for(group)
+            outs.append(group.pooled(inp, params) if self.pooled else group.sequence(inp, params))
+        if self.pooled:
+            return self._assemble_pooled(outs)
+        return self._assemble_sequence(outs, lpk)
+
+    def _params_for(self, group: LookupGroup) -> list[torch.Tensor]:
+        if self.optimizer is not None:
+            return [self._trigger]
+        idx = self._groups.index(group)
+        return [self.weights[self.tables[t].name] for t in self._group_tables[idx]]
+
+    def _check_ids(self, values: torch.Tensor, lpk: list[int]) -> None:
+        if values.numel() == 0:
+            return
+        counts = torch.tensor(lpk, dtype=torch.int64, device=values.device)
+        limit = torch.repeat_interleave(self._rows, counts, output_size=values.numel())
+        bad = (values >= limit) | (values < 0)
+        if not bool(bad.any()):
+            return
+        first = int(bad.nonzero()[0, 0])
+        f = 0
+        while sum(lpk[: f + 1]) <= first:
+            f += 1
+        spec = self.tables[self._feature_table[f]]
+        raise ValueError(
+            f"id {int(values[first])} of feature {self.features[f].name!r} is out of range for"
+            f" table {spec.name!r} (num_embeddings={spec.num_embeddings}; ids must be in [0,"
+            f" {spec.num_embeddings}))"
+        )
+
+    def _assemble_pooled(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        if len(outs) == 1:
+            return outs[0]
+        blocks: list[torch.Tensor | None] = [None] * len(self.features)
+        for out, feats in zip(outs, self._group_features, strict=True):
+            dims = [self.tables[self._feature_table[f]].embedding_dim for f in feats]
+            for f, block in zip(feats, torch.split(out, dims, dim=1), strict=True):
+                blocks[f] = block
+        return torch.cat([b for b in blocks if b is not None], dim=1)
+
+    def _assemble_sequence(self, outs: list[torch.Tensor], lpk: list[int]) -> list[torch.Tensor]:
+        rows: list[torch.Tensor | None] = [None] * len(self.features)
+        for out, feats in zip(outs, self._group_features, strict=True):
+            for f, piece in zip(
+                feats, torch.split(out, [lpk[f] for f in feats], dim=0), strict=True
+            ):
+                rows[f] = piece
+        return [r for r in rows if r is not None]
+
+    def extra_repr(self) -> str:
+        opt = self.optimizer.optimizer.value if self.optimizer is not None else "none (plain .grad)"
+        return (
+            f"tables={len(self.tables)}, features={len(self.features)}, pooled={self.pooled},"
+            f" weighted={self.is_weighted}, optimizer={opt}, backend={self.backend.value}"
+        )
+
+    def named_table_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(table name, parameter)`` pairs, in table order."""
+        for spec in self.tables:
+            yield spec.name, self.weights[spec.name]
+
+
+def _validate(
+    tables: tuple[TableSpec, ...], features: tuple[FeatureSpec, ...], pooled: bool
+) -> dict[str, int]:
+    if not tables:
+        raise ValueError("a lookup needs at least one table")
+    index: dict[str, int] = {}
+    for i, spec in enumerate(tables):
+        if spec.name in index:
+            raise ValueError(f"duplicate table name {spec.name!r}")
+        if not spec.name or "." in spec.name:
+            raise ValueError(f"table name {spec.name!r} must be non-empty and contain no '.'")
+        if pooled and spec.pooling is PoolingType.NONE:
+            raise ValueError(f"table {spec.name!r} has pooling NONE in a pooled lookup")
+        index[spec.name] = i
+    by_feature: dict[str, int] = {}
+    seen: set[str] = set()
+    for f in features:
+        if f.name in seen:
+            raise ValueError(f"feature {f.name!r} is listed twice")
+        seen.add(f.name)
+        if f.table not in index:
+            raise ValueError(f"feature {f.name!r} reads unknown table {f.table!r}")
+        by_feature[f.name] = index[f.table]
+    return by_feature
+
+
+def _resolve_backend(
+    requested: KernelBackend,
+    tables: tuple[TableSpec, ...],
+    pooled: bool,
+    is_weighted: bool,
+    optimizer: FusedOptimizerConfig | None,
+    device: torch.device,
+) -> KernelBackend:
+    if requested is KernelBackend.TORCH:
+        return requested
+    probe_device = torch.device("cpu") if device.type == "meta" else device
+    reasons: list[str] = []
+    groups: dict[tuple[str, PoolingType], list[TableSpec]] = {}
+    for t in tables:
+        mode = t.pooling if pooled else PoolingType.NONE
+        groups.setdefault((t.data_type.value, mode), []).append(t)
+    for (_, pooling), specs in groups.items():
+        reason = ops.fbgemm_unsupported_reason(
+            dims=[s.embedding_dim for s in specs],
+            pooling=pooling,
+            data_type=specs[0].data_type,
+            optimizer=optimizer,
+            is_weighted=is_weighted,
+            device=probe_device,
+        )
+        if reason is not None:
+            names = ", ".join(repr(s.name) for s in specs)
+            reasons.append(f"tables {names}: {reason}")
+    if not reasons:
+        return KernelBackend.FBGEMM
+    if requested is KernelBackend.FBGEMM:
+        raise ValueError("the fbgemm backend cannot run this lookup: " + "; ".join(reasons))
+    return KernelBackend.TORCH
+
+
+def _slice_features(
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    lpk: list[int],
+    starts: list[int],
+    feats: list[int],
+    batch_size: int,
+) -> GroupInput:
+    """The ids of features ``feats`` (ascending) as their own key-major input, offsets from 0."""
+    num_f = len(lpk)
+    if len(feats) == num_f:
+        return GroupInput(values, offsets, weights, lpk, batch_size)
+    runs: list[tuple[int, int]] = []
+    for f in feats:
+        if runs and runs[-1][1] == f:
+            runs[-1] = (runs[-1][0], f + 1)
+        else:
+            runs.append((f, f + 1))
+    vals: list[torch.Tensor] = []
+    offs: list[torch.Tensor] = []
+    wts: list[torch.Tensor] = []
+    total = 0
+    for a, b in runs:
+        lo, hi = starts[a], starts[b]
+        vals.append(values[lo:hi])
+        if weights is not None:
+            wts.append(weights[lo:hi])
+        offs.append(offsets[a * batch_size : b * batch_size] - (lo - total))
+        total += hi - lo
+    offs.append(torch.full((1,), total, dtype=offsets.dtype, device=offsets.device))
+    return GroupInput(
+        values=vals[0] if len(vals) == 1 else torch.cat(vals),
+        offsets=torch.cat(offs),
+        weights=None if weights is None else (wts[0] if len(wts) == 1 else torch.cat(wts)),
+        length_per_feature=[lpk[f] for f in feats],
+        batch_size=batch_size,
+    )

@@ -1,0 +1,179 @@
+"""The one typed wrapper around FBGEMM (``fbgemm_gpu``). Nothing else in shardrec imports it.
+
+FBGEMM is optional: every function here imports it lazily, and :func:`fbgemm_available` says
+whether it can be imported (import blockers such as ``SHARDREC_HIDE_FBGEMM`` are honoured, because
+the import itself is tried).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardrec.kernels.specs import DataType, FusedOptimizerConfig, OptimizerType, PoolingType
+
+__all__ = [
+    "fbgemm_available",
+    "fbgemm_unsupported_reason",
+    "make_table_batched_embedding",
+    "tbe_forward",
+    "tbe_optimizer_states",
+    "tbe_table_weights",
+]
+
+
+@functools.cache
+def _training_module() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("fbgemm_gpu.split_table_batched_embeddings_ops_training")
+
+
+def fbgemm_available() -> bool:
+    """Whether ``fbgemm_gpu`` imports in this interpreter."""
+    try:
+        _training_module()
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+_OPTIMIZERS: dict[OptimizerType, str] = {
+    OptimizerType.SGD: "EXACT_SGD",
+    OptimizerType.EXACT_ADAGRAD: "EXACT_ADAGRAD",
+    OptimizerType.ROWWISE_ADAGRAD: "EXACT_ROWWISE_ADAGRAD",
+    OptimizerType.ADAM: "ADAM",
+}
+_POOLING: dict[PoolingType, str] = {
+    PoolingType.SUM: "SUM",
+    PoolingType.MEAN: "MEAN",
+    PoolingType.NONE: "NONE",
+}
+_PRECISION: dict[DataType, str] = {
+    DataType.FP32: "FP32",
+    DataType.FP16: "FP16",
+    DataType.BF16: "BF16",
+}
+
+
+def fbgemm_unsupported_reason(
+    *,
+    dims: Sequence[int],
+    pooling: PoolingType,
+    data_type: DataType,
+    optimizer: FusedOptimizerConfig | None,
+    is_weighted: bool,
+    device: torch.device,
+) -> str | None:
+    """Why FBGEMM's table-batched kernel cannot run this group of tables, or None when it can."""
+    if not fbgemm_available():
+        return "fbgemm_gpu is not importable"
+    if optimizer is None:
+        return (
+            "plain mode (.grad) is not offered by FBGEMM's host (CPU) kernel; use the torch backend"
+        )
+    bad = [d for d in dims if d % 4]
+    if bad:
+        return f"FBGEMM needs embedding_dim divisible by 4, got {bad}"
+    if pooling is PoolingType.NONE and len(set(dims)) > 1:
+        dims_seen = sorted(set(dims))
+        return f"FBGEMM's sequence (NONE) lookup needs one embedding_dim per call, got {dims_seen}"
+    if device.type == "cpu":
+        if is_weighted and pooling is PoolingType.MEAN:
+            # Measured with fbgemm-gpu-cpu 1.8.0: the forward divides by the bag length, the
+            # backward does not, so weights would receive L times the true gradient.
+            return "FBGEMM's CPU backward of weighted MEAN pooling omits the 1/length factor"
+        if optimizer.optimizer is OptimizerType.ADAM:
+            return "FBGEMM's CPU kernel has no fused Adam"
+        if data_type is DataType.BF16:
+            return "FBGEMM's CPU kernel has no BF16 weights"
+    elif device.type != "cuda":
+        return f"FBGEMM runs on cpu or cuda, not {device.type}"
+    return None
+
+
+def make_table_batched_embedding(
+    *,
+    shapes: Sequence[tuple[int, int]],
+    feature_table_map: Sequence[int],
+    pooling: PoolingType,
+    data_type: DataType,
+    optimizer: FusedOptimizerConfig,
+    device: torch.device,
+) -> nn.Module:
+    """FBGEMM's ``SplitTableBatchedEmbeddingBagsCodegen`` over tables of ``(rows, dim)``.
+
+    The optimizer is fused into backward. Ids are bounds-checked by the caller, so FBGEMM's own
+    check is off.
+    """
+    training = _training_module()
+    common = importlib.import_module("fbgemm_gpu.split_table_batched_embeddings_ops_common")
+    configs = importlib.import_module("fbgemm_gpu.split_embedding_configs")
+    on_cuda = device.type == "cuda"
+    location = common.EmbeddingLocation.DEVICE if on_cuda else common.EmbeddingLocation.HOST
+    compute = training.ComputeDevice.CUDA if on_cuda else training.ComputeDevice.CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module: nn.Module = training.SplitTableBatchedEmbeddingBagsCodegen(
+            [(rows, dim, location, compute) for rows, dim in shapes],
+            feature_table_map=list(feature_table_map),
+            optimizer=getattr(configs.EmbOptimType, _OPTIMIZERS[optimizer.optimizer]),
+            pooling_mode=getattr(common.PoolingMode, _POOLING[pooling]),
+            weights_precision=getattr(configs.SparseType, _PRECISION[data_type]),
+            output_dtype=configs.SparseType.FP32,
+            learning_rate=optimizer.learning_rate,
+            eps=optimizer.eps,
+            beta1=optimizer.beta1,
+            beta2=optimizer.beta2,
+            stochastic_rounding=False,
+            bounds_check_mode=common.BoundsCheckMode.NONE,
+            device=device,
+        )
+    return module
+
+
+def tbe_forward(
+    module: nn.Module,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """Pooled ``[B, sum of dims]`` (feature-major blocks), or ``[num_ids, dim]`` for NONE."""
+    out: torch.Tensor = module(indices, offsets, per_sample_weights=per_sample_weights)
+    return out
+
+
+def tbe_table_weights(module: nn.Module) -> list[torch.Tensor]:
+    """One ``[rows, dim]`` view per table into FBGEMM's fused weight storage."""
+    views: list[torch.Tensor] = list(module.split_embedding_weights())  # type: ignore[operator]
+    return [v.detach() for v in views]
+
+
+def tbe_optimizer_states(
+    module: nn.Module, optimizer: OptimizerType
+) -> list[dict[str, torch.Tensor]]:
+    """Per table, the optimizer state views named as :meth:`FusedOptimizerConfig.state_names`."""
+    if optimizer is OptimizerType.SGD:
+        return [{} for _ in tbe_table_weights(module)]
+    states: list[list[torch.Tensor]] = module.split_optimizer_states()  # type: ignore[operator]
+    result: list[dict[str, torch.Tensor]] = []
+    for per_table in states:
+        if optimizer is OptimizerType.ADAM:
+            result.append({"exp_avg": per_table[0], "exp_avg_sq": per_table[1]})
+        else:
+            result.append({"sum": per_table[0]})
+    return result
+
+
+def tbe_step(module: nn.Module) -> int:
+    """Steps FBGEMM has counted (used by Adam's bias correction)."""
+    iteration = getattr(module, "iter", None)
+    if isinstance(iteration, torch.Tensor):
+        return int(iteration.item())
+    return int(getattr(module, "iter_cpu", torch.zeros(())).item())
