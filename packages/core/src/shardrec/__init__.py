@@ -15,6 +15,16 @@ from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 # --- end sparse containers ---
 
 # --- embedding modules (issue 3) ---
+# isort: split
+from shardrec.modules import (
+    DataType,
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    PoolingType,
+)
+
 # --- end embedding modules ---
 
 _LAZY_SUBMODULES = frozenset({"distributed"})
@@ -26,12 +36,18 @@ def __getattr__(name: str) -> ModuleType:
     raise AttributeError(f"module 'shardrec' has no attribute {name!r}")
 
 
-__all__: list[str] = [
+__all__: list[str] = [  # noqa: RUF022 (sorted within each section)
     # --- sparse containers (issue 2) ---
     "JaggedTensor",
     "KeyedJaggedTensor",
     "KeyedTensor",
     # --- end sparse containers ---
     # --- embedding modules (issue 3) ---
+    "DataType",
+    "EmbeddingBagCollection",
+    "EmbeddingBagConfig",
+    "EmbeddingCollection",
+    "EmbeddingConfig",
+    "PoolingType",
     # --- end embedding modules ---
 ]

@@ -150,7 +150,14 @@ class TableBatchedEmbedding(nn.Module):
     def _repoint_parameters(self) -> None:
         with torch.no_grad():
             for name, view in self._table_views().items():
-                self.weights[name].data = view
+                param = self.weights[name]
+                if param.device.type == view.device.type:
+                    param.data = view
+                else:
+                    # ``.data`` cannot change the tensor type (meta -> cpu, cpu -> cuda); swapping
+                    # keeps the same Parameter object, so holders of it (the collections) follow.
+                    fresh = nn.Parameter(view, requires_grad=param.requires_grad)
+                    torch.utils.swap_tensors(param, fresh)
 
     # ---- device handling ----------------------------------------------------------------------
 

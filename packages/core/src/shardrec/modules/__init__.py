@@ -7,11 +7,15 @@ from shardrec.modules.configs import (
     EmbeddingConfig,
     PoolingType,
 )
+from shardrec.modules.embedding_bag_collection import EmbeddingBagCollection
+from shardrec.modules.embedding_collection import EmbeddingCollection
 
 __all__ = [
     "BaseEmbeddingConfig",
     "DataType",
+    "EmbeddingBagCollection",
     "EmbeddingBagConfig",
+    "EmbeddingCollection",
     "EmbeddingConfig",
     "PoolingType",
 ]
