@@ -1,0 +1,17 @@
+"""Where the real Criteo sample rows live: ``<repo>/../shared/data/criteo_sample/`` (CI too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_DIR = REPO.parent / "shared" / "data" / "criteo_sample"
+SAMPLE_TSV = SAMPLE_DIR / "sample_train.txt"
+SAMPLE_CSV = SAMPLE_DIR / "criteo_sample.txt"
+
+
+def require_samples() -> None:
+    if not SAMPLE_TSV.is_file() or not SAMPLE_CSV.is_file():
+        pytest.fail(f"the real Criteo sample rows are missing: expected them in {SAMPLE_DIR}")
