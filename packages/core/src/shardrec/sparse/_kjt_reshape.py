@@ -50,6 +50,20 @@ def to_dict(kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     }
 
 
+def _permute_segments(
+    flat: torch.Tensor, sizes: list[int], indices: Sequence[int], indices_tensor: torch.Tensor
+) -> torch.Tensor:
+    """Concatenate ``flat``'s consecutive segments of ``sizes`` in the order ``indices``."""
+    if not indices:
+        return flat.new_empty(0)
+    if min(sizes) == max(sizes) and sizes[0] > 0:
+        # Equal segments (one-hot features: every key has stride ids): one row gather of a
+        # (keys, size) view, which runs at copy speed, instead of a cat of per-key views.
+        return flat.view(len(sizes), sizes[0]).index_select(0, indices_tensor).view(-1)
+    parts = torch.split(flat, sizes)
+    return torch.cat([parts[i] for i in indices])
+
+
 def permute(
     kjt: KeyedJaggedTensor, indices: Sequence[int], indices_tensor: torch.Tensor | None
 ) -> KeyedJaggedTensor:
@@ -62,22 +76,19 @@ def permute(
     new_keys = [keys[i] for i in indices]
     new_per_key = [per_key[i] for i in indices]
     if indices_tensor is None:
-        indices_tensor = torch.tensor(list(indices), dtype=torch.long, device=lengths.device)
+        indices_tensor = torch.tensor(indices, dtype=torch.long, device=lengths.device)
+    elif indices_tensor.dtype != torch.long:
+        indices_tensor = indices_tensor.long()
     new_lengths = (
         lengths.view(num_keys, stride).index_select(0, indices_tensor).view(-1)
-        if num_keys and stride
+        if indices and stride
         else lengths.new_empty(len(indices) * stride)
     )
-    values = kjt.values()
-    value_parts = torch.split(values, per_key)
-    new_values = torch.cat([value_parts[i] for i in indices]) if indices else values.new_empty(0)
     weights = kjt.weights_or_none()
-    new_weights = None
-    if weights is not None:
-        weight_parts = torch.split(weights, per_key)
-        new_weights = (
-            torch.cat([weight_parts[i] for i in indices]) if indices else weights.new_empty(0)
-        )
+    new_values = _permute_segments(kjt.values(), per_key, indices, indices_tensor)
+    new_weights = (
+        None if weights is None else _permute_segments(weights, per_key, indices, indices_tensor)
+    )
     return type(kjt)._trusted(
         new_keys,
         None,
@@ -150,7 +161,8 @@ def concat(
                 "mix weighted and unweighted KJTs is not allowed"
             )
     keys = list(itertools.chain.from_iterable(kjt.keys() for kjt in parts))
-    key_index = check.key_index(owner, keys)
+    if len(set(keys)) != len(keys):
+        check.key_index(owner, keys)  # raises, naming the repeated key and its positions
     per_keys = [kjt.length_per_key_or_none() for kjt in parts]
     new_per_key: list[int] | None = None
     if all(p is not None for p in per_keys):
@@ -160,7 +172,7 @@ def concat(
     weights = torch.cat([kjt.weights() for kjt in parts]) if weighted else None
     return cls._trusted(
         keys,
-        key_index,
+        None,
         values,
         weights,
         lengths,

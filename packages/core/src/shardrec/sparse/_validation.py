@@ -9,10 +9,12 @@ they run only in the explicit ``validate()`` methods (and, where the answer is f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import torch
 
-_INDEX_DTYPES = frozenset({torch.int32, torch.int64})
+INDEX_DTYPES: Final = frozenset({torch.int32, torch.int64})
+ID_DTYPES: Final = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8})
 
 
 def check_ids(owner: str, values: torch.Tensor) -> None:
@@ -40,7 +42,7 @@ def check_index_tensor(owner: str, name: str, tensor: torch.Tensor) -> None:
     """Lengths and offsets: a 1-D tensor of int32 or int64."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _INDEX_DTYPES:
+    if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{owner}: {name} must be int32 or int64, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{owner}: {name} must be 1-D, got shape {tuple(tensor.shape)}")
@@ -80,6 +82,12 @@ def is_int(value: object) -> bool:
 
 
 def check_permute_indices(owner: str, indices: Sequence[int], num_keys: int) -> None:
+    # Fast path first: permute runs on every batch, and a per-index loop costs more than the copy
+    # of a small KJT. The loop below only runs to find and name the offender.
+    if not indices:
+        return
+    if set(map(type, indices)) == {int} and min(indices) >= 0 and max(indices) < num_keys:
+        return
     for position, index in enumerate(indices):
         if not is_int(index):
             raise TypeError(

@@ -63,7 +63,7 @@ class KeyedJaggedTensor:
     )
 
     _keys: list[str]
-    _key_index: dict[str, int]
+    _key_index: dict[str, int] | None
     _values: torch.Tensor
     _weights: torch.Tensor | None
     _lengths: torch.Tensor | None
@@ -83,17 +83,26 @@ class KeyedJaggedTensor:
         length_per_key: Sequence[int] | None = None,
         offset_per_key: Sequence[int] | None = None,
     ) -> None:
+        # The constructor sits on every batch's path (TorchRec's only assigns), so the common case
+        # runs one cheap test per argument; the detailed checkers only run to word an error.
         keys = list(keys)
-        self._key_index = check.key_index(_OWNER, keys)
-        check.check_ids(_OWNER, values)
+        if len(set(keys)) != len(keys):
+            check.key_index(_OWNER, keys)
+        if not _is_tensor(values) or values.dtype not in check.ID_DTYPES or values.dim() != 1:
+            check.check_ids(_OWNER, values)
         num_values = values.shape[0]
         if weights is not None:
             check.check_weights(_OWNER, weights, num_values)
-        if lengths is None and offsets is None:
-            raise ValueError(f"{_OWNER}: give lengths= or offsets=")
         if lengths is not None:
-            check.check_index_tensor(_OWNER, "lengths", lengths)
+            if (
+                not _is_tensor(lengths)
+                or lengths.dtype not in check.INDEX_DTYPES
+                or lengths.dim() != 1
+            ):
+                check.check_index_tensor(_OWNER, "lengths", lengths)
             num_lengths = lengths.numel()
+        elif offsets is None:
+            raise ValueError(f"{_OWNER}: give lengths= or offsets=")
         if offsets is not None:
             check.check_index_tensor(_OWNER, "offsets", offsets)
             if offsets.numel() == 0:
@@ -106,6 +115,7 @@ class KeyedJaggedTensor:
             num_lengths = offsets.numel() - 1
         self._stride = _stride_of(keys, num_lengths, stride)
         self._keys = keys
+        self._key_index = None
         self._values = values
         self._weights = weights
         self._lengths = lengths
@@ -138,7 +148,7 @@ class KeyedJaggedTensor:
         """Assemble from parts that an operation on checked KJTs produced; no checks, no copies."""
         kjt = cls.__new__(cls)
         kjt._keys = keys
-        kjt._key_index = key_index if key_index is not None else {k: i for i, k in enumerate(keys)}
+        kjt._key_index = key_index
         kjt._values = values
         kjt._weights = weights
         kjt._lengths = lengths
@@ -321,7 +331,13 @@ class KeyedJaggedTensor:
         return self._values.device
 
     def index_per_key(self) -> dict[str, int]:
-        return dict(self._key_index)
+        return dict(self._index())
+
+    def _index(self) -> dict[str, int]:
+        """key -> position, built on first lookup (most KJTs are never indexed by key)."""
+        if self._key_index is None:
+            self._key_index = {key: i for i, key in enumerate(self._keys)}
+        return self._key_index
 
     def length_per_key(self) -> list[int]:
         """Number of ids of each key (host-side; calls ``sync()`` if not done yet)."""
@@ -422,7 +438,7 @@ class KeyedJaggedTensor:
     # -- views and reshaping ---------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> JaggedTensor:
-        index = self._key_index.get(key)
+        index = self._index().get(key)
         if index is None:
             raise KeyError(f"{_OWNER} has no key {key!r}; keys are {self._keys}")
         per_key = self.offset_per_key()
@@ -524,6 +540,10 @@ class KeyedJaggedTensor:
                 lines.append(f'    "{key}": {{"values": {rows}, "weights": {rows_w}}}')
         body = ",\n".join(lines)
         return f"KeyedJaggedTensor({{\n{body}\n}})"
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _stride_of(keys: list[str], num_lengths: int, stride: int | None) -> int:

@@ -1,0 +1,92 @@
+"""Timing helpers shared by the benchmarks in tools/bench/.
+
+- ``measure(fn, warmup, iters)``: median seconds per call of ``fn``.
+- ``compare(factories, warmup, iters, rounds)``: several contenders measured in alternating rounds
+  (the machine is shared: alternating puts every contender through the same bursts of load), best
+  round of each.
+- ``peer_available()`` / ``run_peer(args)``: run a script in ``.venv-peer`` (TorchRec 1.8.0 beside
+  shardrec, see ``make bench-peer``) under the shared allocator settings.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+REPO: Final = Path(__file__).resolve().parents[2]
+PEER_PYTHON: Final = REPO / ".venv-peer" / "bin" / "python"
+# The allocator setting both sides of every comparison run under (see docs/benchmarks.md).
+MALLOC_ENV: Final = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
+
+
+def measure(fn: Callable[[], object], warmup: int = 10, iters: int = 100) -> float:
+    """Median wall time of one call of ``fn``, in seconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection landing inside one timed call would only add noise
+    try:
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(times)
+
+
+def compare(
+    factories: Mapping[str, Callable[[], Callable[[], object]]],
+    warmup: int = 10,
+    iters: int = 100,
+    rounds: int = 3,
+) -> dict[str, float]:
+    """Best-of-``rounds`` median seconds per call for each contender.
+
+    Each round asks every factory for a fresh callable (so per-round state, such as a pool of
+    fresh inputs, is rebuilt) and measures the contenders one after the other, reversing the
+    order every other round.
+    """
+    best = {name: float("inf") for name in factories}
+    names = list(factories)
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            best[name] = min(best[name], measure(factories[name](), warmup, iters))
+    return best
+
+
+def peer_available() -> bool:
+    """True when ``.venv-peer`` exists and imports torchrec."""
+    if not PEER_PYTHON.exists():
+        return False
+    probe = subprocess.run(
+        [str(PEER_PYTHON), "-c", "import torchrec"],
+        capture_output=True,
+        check=False,
+        env={**os.environ, **MALLOC_ENV},
+    )
+    return probe.returncode == 0
+
+
+def run_peer(args: Sequence[str], timeout: float = 1800.0) -> str:
+    """Run ``.venv-peer/bin/python *args`` under the shared allocator settings; return stdout."""
+    done = subprocess.run(
+        [str(PEER_PYTHON), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env={**os.environ, **MALLOC_ENV},
+        cwd=REPO,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"peer run {list(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout
