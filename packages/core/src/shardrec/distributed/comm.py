@@ -1,0 +1,191 @@
+"""Autograd-aware collectives on ``torch.distributed``, the same code on gloo (CPU) and NCCL (CUDA).
+
+Everything is built on ``all_to_all_single`` with explicit split sizes, which both backends have.
+Reduce-scatter, which gloo lacks, is an all-to-all followed by a local sum: the bytes moved are the
+same as a real reduce-scatter's, only the additions happen on the receiver.
+
+With no process group (``pg=None``, a single process) every collective is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "JaggedAllToAllResult",
+    "all_to_all_jagged",
+    "all_to_all_single",
+    "exchange_counts",
+    "reduce_scatter_rows",
+]
+
+
+def _world(pg: dist.ProcessGroup | None) -> int:
+    return 1 if pg is None else dist.get_world_size(pg)
+
+
+def _raw_all_to_all(
+    x: torch.Tensor,
+    out_rows: Sequence[int],
+    in_rows: Sequence[int],
+    pg: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """All-to-all of row blocks of ``x`` (no autograd). ``in_rows[r]`` rows go to rank ``r``."""
+    if sum(in_rows) != x.shape[0]:
+        raise ValueError(f"all_to_all: input has {x.shape[0]} rows, splits say {sum(in_rows)}")
+    if pg is None or len(in_rows) == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((sum(out_rows), *x.shape[1:]))
+    dist.all_to_all_single(out, x, list(out_rows), list(in_rows), group=pg)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        out_rows: list[int],
+        in_rows: list[int],
+        pg: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        ctx.out_rows, ctx.in_rows, ctx.pg = out_rows, in_rows, pg
+        return _raw_all_to_all(x, out_rows, in_rows, pg)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        # The gradient travels the reverse route: what we received goes back to its sender.
+        return _raw_all_to_all(grad, ctx.in_rows, ctx.out_rows, ctx.pg), None, None, None
+
+
+def all_to_all_single(
+    x: torch.Tensor,
+    out_rows: Sequence[int],
+    in_rows: Sequence[int],
+    pg: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """Send ``in_rows[r]`` leading-dimension rows of ``x`` to rank ``r``; receive
+    ``out_rows[r]`` from it.
+
+    Differentiable: the gradient is sent back along the reverse route.
+    """
+    if pg is None:
+        return x
+    if x.requires_grad and torch.is_grad_enabled():
+        out: torch.Tensor = _AllToAll.apply(x, list(out_rows), list(in_rows), pg)  # type: ignore[no-untyped-call]
+        return out
+    return _raw_all_to_all(x, out_rows, in_rows, pg)
+
+
+def exchange_counts(counts: torch.Tensor, pg: dist.ProcessGroup | None) -> torch.Tensor:
+    """Each rank sends row ``r`` of ``counts`` (shape ``(world, k)``, int64) to rank ``r``.
+
+    Returns ``(world, k)``: row ``s`` is what rank ``s`` sent us. This is the split exchange
+    that comes
+    before every jagged all-to-all; it is the one host synchronisation of an input distribution.
+    """
+    world = _world(pg)
+    if counts.dim() != 2 or counts.shape[0] != world:
+        raise ValueError(f"exchange_counts: expected shape ({world}, k), got {tuple(counts.shape)}")
+    return _raw_all_to_all(counts, [1] * world, [1] * world, pg)
+
+
+@dataclass(frozen=True, slots=True)
+class JaggedAllToAllResult:
+    """What a jagged all-to-all delivered, concatenated by sender rank.
+
+    ``lengths_per_rank[s]`` and ``values_per_rank[s]`` count the lengths entries and ids that rank
+    ``s`` sent us; ``batch_per_rank[s]`` is the batch size it declared.
+    """
+
+    lengths: torch.Tensor
+    values: torch.Tensor
+    weights: torch.Tensor | None
+    lengths_per_rank: list[int]
+    values_per_rank: list[int]
+    batch_per_rank: list[int]
+
+
+def all_to_all_jagged(
+    lengths: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    lengths_per_rank: Sequence[int],
+    values_per_rank: Sequence[int],
+    batch_size: int,
+    pg: dist.ProcessGroup | None,
+) -> JaggedAllToAllResult:
+    """Send the ``r``-th block of ``lengths``/``values``/``weights`` to rank ``r``.
+
+    The blocks are consecutive: block ``r`` holds ``lengths_per_rank[r]`` lengths and
+    ``values_per_rank[r]`` ids (and as many weights). Splits are exchanged first, then lengths
+    and ids
+    travel together in one int64 all-to-all, then the weights (differentiable) when present.
+    """
+    world = _world(pg)
+    if len(lengths_per_rank) != world or len(values_per_rank) != world:
+        raise ValueError(f"all_to_all_jagged: need {world} blocks, got {len(lengths_per_rank)}")
+    if pg is None:
+        return JaggedAllToAllResult(
+            lengths, values, weights, list(lengths_per_rank), list(values_per_rank), [batch_size]
+        )
+    send_counts = torch.tensor(
+        [[nl, nv, batch_size] for nl, nv in zip(lengths_per_rank, values_per_rank, strict=True)],
+        dtype=torch.int64,
+    )
+    device = values.device
+    recv_counts = exchange_counts(send_counts.to(device), pg).cpu()
+    recv_lengths = [int(x) for x in recv_counts[:, 0].tolist()]
+    recv_values = [int(x) for x in recv_counts[:, 1].tolist()]
+    recv_batch = [int(x) for x in recv_counts[:, 2].tolist()]
+
+    # One message per destination: its lengths, then its ids.
+    lengths64 = lengths.to(torch.int64)
+    pieces: list[torch.Tensor] = []
+    l_parts = torch.split(lengths64, list(lengths_per_rank))
+    v_parts = torch.split(values.to(torch.int64), list(values_per_rank))
+    for lp, vp in zip(l_parts, v_parts, strict=True):
+        pieces.extend((lp, vp))
+    packed = torch.cat(pieces) if pieces else lengths64
+    send_rows = [nl + nv for nl, nv in zip(lengths_per_rank, values_per_rank, strict=True)]
+    recv_rows = [nl + nv for nl, nv in zip(recv_lengths, recv_values, strict=True)]
+    got = _raw_all_to_all(packed, recv_rows, send_rows, pg)
+    split_sizes: list[int] = []
+    for nl, nv in zip(recv_lengths, recv_values, strict=True):
+        split_sizes.extend((nl, nv))
+    got_parts = torch.split(got, split_sizes)
+    out_lengths = torch.cat(got_parts[0::2]).to(lengths.dtype)
+    out_values = torch.cat(got_parts[1::2]).to(values.dtype)
+    out_weights = None
+    if weights is not None:
+        out_weights = all_to_all_single(weights, recv_values, list(values_per_rank), pg)
+    return JaggedAllToAllResult(
+        out_lengths, out_values, out_weights, recv_lengths, recv_values, recv_batch
+    )
+
+
+def reduce_scatter_rows(
+    x: torch.Tensor,
+    in_rows: Sequence[int],
+    out_rows: int,
+    pg: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """Sum-reduce-scatter by rows: block ``r`` of ``x`` (``in_rows[r]`` rows) is added into rank
+    ``r``.
+
+    Every rank receives ``out_rows`` rows from each rank and returns their sum, shape
+    ``(out_rows, *x.shape[1:])``. Emulated with an all-to-all and a local sum, so it runs on gloo;
+    differentiable (the gradient is the received gradient sent back to every contributor).
+    """
+    world = _world(pg)
+    if pg is None:
+        return x
+    got = all_to_all_single(x, [out_rows] * world, in_rows, pg)
+    return got.view(world, out_rows, *x.shape[1:]).sum(dim=0)
