@@ -1,0 +1,109 @@
+"""``dlrm preprocess`` and ``dlrm synth`` through CliRunner: results, and one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from shardrec_dlrm.cli_data import preprocess, synth
+from shardrec_dlrm.data import open_dataset
+
+from ._criteo_paths import SAMPLE_TSV, require_samples
+
+
+def _one_line_error(result: Result, pattern: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # click's error exit, not an escaped exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    assert pattern in errors[0], errors[0]
+
+
+def test_synth_then_preprocess_then_resume(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(synth, [str(tmp_path / "raw"), "--rows", "1400", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Bayes-optimal validation AUC" in result.output
+    info = json.loads((tmp_path / "raw" / "synth.json").read_text())
+    assert f"{info['val']['auc']:.4f}" in result.output
+
+    args = [str(tmp_path / "raw"), str(tmp_path / "pre"), "--workers", "1"]
+    result = runner.invoke(preprocess, args)
+    assert result.exit_code == 0, result.output
+    assert "1400 rows in 1 part(s) (1 written now, 0 kept" in result.output
+    assert "rows/s" in result.output  # the progress bar and the summary give the rate
+    assert open_dataset(tmp_path / "pre").num_rows == 1400
+
+    result = runner.invoke(preprocess, args)
+    assert result.exit_code == 0, result.output
+    assert "(0 written now, 1 kept from an earlier run)" in result.output
+
+
+def test_bad_rows_skip_reports_per_file(tmp_path: Path) -> None:
+    require_samples()
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = SAMPLE_TSV.read_text().splitlines(keepends=True)
+    (src / "day_0").write_text("".join(lines))
+    (src / "day_1").write_text("".join(lines[:10]) + "1\t2\n" + "".join(lines[10:]))
+    runner = CliRunner()
+    result = runner.invoke(preprocess, [str(src), str(tmp_path / "a"), "--workers", "1"])
+    _one_line_error(result, "day_1:11: expected 40 tab-separated fields, found 2")
+    result = runner.invoke(
+        preprocess, [str(src), str(tmp_path / "b"), "--bad-rows", "skip", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"skipped 1 malformed row(s) in {src / 'day_1'}" in result.output
+    assert "day_0" not in result.output.split("skipped", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty_dir", "empty directory (no data files)"),
+        ("truncated_gzip", "truncated gzip file"),
+        ("bad_metadata", "does not match the files"),
+        ("missing", "no such file or directory"),
+    ],
+)
+def test_errors_are_one_line(tmp_path: Path, case: str, message: str) -> None:
+    require_samples()
+    runner = CliRunner()
+    src = tmp_path / "src"
+    if case == "empty_dir":
+        src.mkdir()
+    elif case == "truncated_gzip":
+        data = gzip.compress(SAMPLE_TSV.read_bytes())
+        src.mkdir()
+        (src / "day_0.gz").write_bytes(data[:-30])
+        (src / "day_1.gz").write_bytes(data)
+    elif case == "bad_metadata":
+        assert runner.invoke(synth, [str(tmp_path / "raw"), "--rows", "100"]).exit_code == 0
+        assert (
+            runner.invoke(preprocess, [str(tmp_path / "raw"), str(src), "--workers", "1"]).exit_code
+            == 0
+        )
+        with (src / "train.dense.f32").open("ab") as f:
+            f.write(b"\0" * 4)
+        # preprocessing a preprocessed dir is refused; opening it checks the files
+        _one_line_error(
+            runner.invoke(preprocess, [str(src), str(tmp_path / "x")]), "already preprocessed"
+        )
+        from shardrec_dlrm.data import DataError
+
+        with pytest.raises(DataError, match=message):
+            open_dataset(src)
+        return
+    result = runner.invoke(preprocess, [str(src), str(tmp_path / "dst"), "--workers", "1"])
+    _one_line_error(result, message)
+
+
+def test_synth_rejects_too_few_rows(tmp_path: Path) -> None:
+    result = CliRunner().invoke(synth, [str(tmp_path), "--rows", "5"])
+    assert result.exit_code == 2
+    assert "5 is not in the range x>=14" in result.output
