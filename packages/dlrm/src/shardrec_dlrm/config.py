@@ -14,11 +14,13 @@ InteractionType = Literal["dot", "dcn"]
 OptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
 ShardingName = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+DataFormat = Literal["auto", "tsv", "csv", "preprocessed"]
 
 INTERACTION_TYPES: Final = get_args(InteractionType)
 OPTIMIZERS: Final = get_args(OptimizerName)
 SHARDINGS: Final = get_args(ShardingName)
 DEVICES: Final = get_args(DeviceName)
+DATA_FORMATS: Final = get_args(DataFormat)
 
 NUM_DENSE_FEATURES: Final = 13
 NUM_SPARSE_FEATURES: Final = 26
@@ -90,7 +92,9 @@ class TrainConfig:
     """Everything ``dlrm train`` does. Step counts are optimizer steps; batch sizes are per rank."""
 
     data: str
-    data_format: str | None = None
+    data_format: DataFormat = "auto"
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     batch_size: int = 256
     eval_batch_size: int | None = None
@@ -134,6 +138,7 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("sharding", SHARDINGS),
             ("device", DEVICES),
+            ("data_format", DATA_FORMATS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(

@@ -1,0 +1,250 @@
+"""``dlrm train``: the command line of the trainer. Parsing only; the work is in :mod:`.train`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from shardrec_dlrm.cli_options import IntList, config_option
+from shardrec_dlrm.config import (
+    DATA_FORMATS,
+    DEVICES,
+    INTERACTION_TYPES,
+    NUM_SPARSE_FEATURES,
+    OPTIMIZERS,
+    SHARDINGS,
+    ModelConfig,
+    TrainConfig,
+)
+
+_MODEL_FIELDS = (
+    "embedding_dim",
+    "num_embeddings",
+    "num_embeddings_per_feature",
+    "dense_arch_layer_sizes",
+    "over_arch_layer_sizes",
+    "interaction_type",
+    "dcn_num_layers",
+    "dcn_low_rank_dim",
+)
+
+
+def model_options(function: Any) -> Any:
+    """The options that shape the model (shared by ``train`` and ``plan``)."""
+    defaults = ModelConfig()
+    options = [
+        click.option(
+            "--embedding-dim",
+            type=click.IntRange(min=1),
+            default=defaults.embedding_dim,
+            show_default=True,
+            help="Dimension of every embedding table (and of the dense arch's output).",
+        ),
+        click.option(
+            "--num-embeddings",
+            type=click.IntRange(min=1),
+            default=defaults.num_embeddings,
+            show_default=True,
+            help="Rows of every table (ids are hashed into it).",
+        ),
+        click.option(
+            "--num-embeddings-per-feature",
+            type=IntList(NUM_SPARSE_FEATURES),
+            default=None,
+            help=f"Rows per table, {NUM_SPARSE_FEATURES} comma-separated numbers (C1..C26); "
+            "overrides --num-embeddings.",
+        ),
+        click.option(
+            "--dense-arch-layer-sizes",
+            type=IntList(),
+            default=",".join(map(str, defaults.dense_arch_layer_sizes)),
+            show_default=True,
+            help="Bottom MLP; the last size must equal --embedding-dim.",
+        ),
+        click.option(
+            "--over-arch-layer-sizes",
+            type=IntList(),
+            default=",".join(map(str, defaults.over_arch_layer_sizes)),
+            show_default=True,
+            help="Top MLP; the last size must be 1.",
+        ),
+        click.option(
+            "--interaction-type",
+            type=click.Choice(INTERACTION_TYPES),
+            default=defaults.interaction_type,
+            show_default=True,
+            help="dot: DLRM's pairwise dot products; dcn: DCNv2's low-rank cross network.",
+        ),
+        click.option(
+            "--dcn-num-layers",
+            type=click.IntRange(min=1),
+            default=defaults.dcn_num_layers,
+            show_default=True,
+            help="Cross layers (dcn only).",
+        ),
+        click.option(
+            "--dcn-low-rank-dim",
+            type=click.IntRange(min=1),
+            default=defaults.dcn_low_rank_dim,
+            show_default=True,
+            help="Rank of each cross layer's weight (dcn only).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def model_config_from(params: dict[str, Any]) -> ModelConfig:
+    values = {name: params.pop(name) for name in _MODEL_FIELDS}
+    try:
+        return ModelConfig(**values)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+
+@click.command()
+@config_option
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True),
+    help="Criteo data: raw TSV/CSV (file or directory) or a `dlrm preprocess` output directory.",
+)
+@click.option(
+    "--data-format",
+    type=click.Choice(DATA_FORMATS),
+    default="auto",
+    show_default=True,
+    help="Force the input format instead of detecting it.",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Validation rows, for inputs other than Kaggle's train.txt and the 1TB days.",
+)
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Test rows, likewise (the last rows; validation just before them).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Samples per step per rank.",
+)
+@click.option(
+    "--eval-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per validation/test step per rank [default: --batch-size].",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--limit-train-batches",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop each epoch after this many steps.",
+)
+@click.option("--limit-val-batches", type=click.IntRange(min=1), default=None)
+@click.option("--limit-test-batches", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--validation-freq",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Validate every N steps (and always at the end).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default="sgd",
+    show_default=True,
+    help="For the embedding tables (fused) and the dense layers alike.",
+)
+@click.option(
+    "--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+)
+@click.option(
+    "--eps",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-8,
+    show_default=True,
+    help="Adagrad/Adam epsilon.",
+)
+@click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--lr-decay-start", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--lr-decay-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Polynomial (power 2) decay length; 0: no decay.",
+)
+@click.option(
+    "--sharding",
+    type=click.Choice(SHARDINGS),
+    default="auto",
+    show_default=True,
+    help="auto: the planner chooses per table; otherwise force one sharding type.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA (NCCL) when available, else CPU (gloo).",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Launch this many local processes (torch's elastic launcher, as torchrun).",
+)
+@click.option(
+    "--logdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write TensorBoard event files here.",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write checkpoints here (at the end, and every --checkpoint-every steps).",
+)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--resume", is_flag=True, help="Continue from the latest checkpoint in --checkpoint-dir."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar; only the final metrics.")
+def train(**params: Any) -> None:
+    """Train DLRM or DCNv2 on Criteo data and report validation and test metrics.
+
+    \b
+    Examples:
+      dlrm train --data criteo_kaggle/ --epochs 1 --logdir runs/kaggle
+      dlrm train --data synth/ --nproc 2 --interaction-type dcn
+      torchrun --nproc-per-node 8 --no-python dlrm train --data /criteo_1tb/
+    """
+    nproc: int = params.pop("nproc")
+    model = model_config_from(params)
+    try:
+        config = TrainConfig(model=model, **params)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    if nproc > 1 and "LOCAL_RANK" in os.environ:
+        raise click.UsageError("--nproc launches processes itself: do not combine it with torchrun")
+    from shardrec_dlrm.launch import run_training
+
+    run_training(config, nproc=nproc)

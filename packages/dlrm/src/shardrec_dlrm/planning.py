@@ -1,0 +1,101 @@
+"""Planning the sharding of the DLRM's tables: the planner, ``--sharding`` as a constraint, the
+report."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+from torch import nn
+
+from shardrec_dlrm.config import ShardingName
+from shardrec_dlrm.errors import UserError
+from shardrec_dlrm.model.build import TABLE_NAMES
+
+if TYPE_CHECKING:
+    from shardrec.distributed import ModuleSharder, ShardingPlan
+
+#: The planner's name of the fused optimizer state each ``--optimizer`` carries.
+PLANNER_OPTIMIZER = {
+    "sgd": "sgd",
+    "adagrad": "adagrad",
+    "rowwise_adagrad": "rowwise_adagrad",
+    "adam": "adam",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    world_size: int
+    compute_device: str
+    batch_size: int
+    sharding: ShardingName
+    optimizer: str
+    local_world_size: int | None = None
+    hbm_cap: int | None = None
+    ddr_cap: int | None = None
+
+
+def discover_sharders() -> list[ModuleSharder]:
+    """The sharders of every installed plugin (``shardrec`` entry points)."""
+    from shardrec.distributed.plugins import PluginError, load_sharder_registry
+
+    try:
+        sharders = load_sharder_registry().sharders()
+    except PluginError as error:
+        raise UserError(str(error)) from error
+    if not sharders:
+        raise UserError("no sharder plugins are installed (install shardrec-sharders)")
+    return sharders
+
+
+def plan_model(
+    model: nn.Module,
+    request: PlanRequest,
+    sharders: Sequence[ModuleSharder],
+    *,
+    collective: bool = False,
+) -> tuple[ShardingPlan, str]:
+    """The plan of ``model``'s tables and the planner's report, as text.
+
+    ``collective``: rank 0 plans and broadcasts (every rank of the default group must call).
+    """
+    from shardrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        PlannerError,
+        Topology,
+        format_report,
+    )
+
+    constraints = None
+    if request.sharding != "auto":
+        constraints = {
+            name: ParameterConstraints(sharding_types=[request.sharding]) for name in TABLE_NAMES
+        }
+    try:
+        topology = Topology(
+            world_size=request.world_size,
+            compute_device=request.compute_device,
+            local_world_size=request.local_world_size,
+            hbm_cap=request.hbm_cap,
+        )
+        if request.ddr_cap is not None:
+            topology = dataclasses.replace(topology, ddr_cap=request.ddr_cap)
+        planner = EmbeddingShardingPlanner(
+            topology,
+            batch_size=request.batch_size,
+            constraints=constraints,
+            optimizer=PLANNER_OPTIMIZER[request.optimizer],
+        )
+        if collective and dist.is_initialized():
+            plan = planner.collective_plan(model, sharders)
+        else:
+            plan = planner.plan(model, sharders)
+    except (PlannerError, ValueError) as error:
+        raise UserError(str(error)) from error
+    report = planner.last_report
+    return plan, format_report(report) if report is not None else str(plan)

@@ -1,0 +1,217 @@
+"""The training loop of ``dlrm train``: build, shard, train, validate, test, checkpoint.
+
+One function, :func:`train`, runs on every rank; rank 0 alone writes TensorBoard events, draws the
+progress bar and prints the summary. Everything collective (forward, metrics, checkpoints) is called
+by all ranks in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Final
+
+import torch
+from torch import nn
+
+from shardrec_dlrm.checkpointing import resume_step, save_checkpoint, write_run_config
+from shardrec_dlrm.config import TrainConfig
+from shardrec_dlrm.errors import UserError
+from shardrec_dlrm.loggers import MetricLogger, NullLogger, TensorBoardLogger
+from shardrec_dlrm.metrics import BinaryMetrics
+from shardrec_dlrm.parallel import ParallelState
+from shardrec_dlrm.progress import Progress
+from shardrec_dlrm.run_data import Batch, RunData, open_run_data
+from shardrec_dlrm.schedule import LRSchedule
+from shardrec_dlrm.sharding import ShardedRun, shard_model
+
+__all__ = ["UserError", "evaluate_batches", "train"]
+
+#: What ``dlrm synth`` writes beside its data: the planted model's optimum per split.
+SYNTH_RECORD: Final = "synth.json"
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    """Trains as configured and returns the final metrics (``val/auc``, ``test/auc``, ...)."""
+    try:
+        state = ParallelState.init(config.device)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    logger: MetricLogger = NullLogger()
+    try:
+        if state.is_main and config.logdir is not None:
+            logger = TensorBoardLogger(config.logdir)
+        return _Trainer(config, state, logger).run()
+    finally:
+        logger.close()
+        state.close()
+
+
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    device: torch.device,
+    *,
+    limit: int | None = None,
+) -> dict[str, float]:
+    """Scores every batch (all ranks together) and returns the metrics of all ranks' samples."""
+    metrics = BinaryMetrics(device)
+    model.eval()
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if limit is not None and index >= limit:
+                break
+            on_device = batch.to(device)
+            _, logits = model(on_device.dense_features, on_device.sparse_features, on_device.labels)
+            metrics.update(logits, on_device.labels)
+    model.train()
+    return metrics.compute()
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig, state: ParallelState, logger: MetricLogger) -> None:
+        self.config = config
+        self.state = state
+        self.logger = logger
+        torch.manual_seed(config.seed)
+        self.data: RunData = open_run_data(config, state)
+        self.run_state: ShardedRun = shard_model(config, state)
+        self.schedule = LRSchedule(
+            base_lr=config.learning_rate,
+            warmup_steps=config.lr_warmup_steps,
+            decay_start=config.lr_decay_start,
+            decay_steps=config.lr_decay_steps,
+        )
+        self.step = 0
+
+    def run(self) -> dict[str, float]:
+        config, state = self.config, self.state
+        write_run_config(config, state)
+        if config.resume:
+            self.step = resume_step(self.run_state, config)
+            if self.step and state.is_main and not config.quiet:
+                print(f"resuming from step {self.step} of {config.checkpoint_dir}", flush=True)
+        self.logger.log_text("config", config.to_json())
+        self.logger.log_text("sharding_plan", self.run_state.plan_text)
+        steps_per_epoch = self.data.train_steps(config.limit_train_batches)
+        total = steps_per_epoch * config.epochs
+        progress = Progress(
+            total=total,
+            initial=self.step,
+            enabled=state.is_main and not config.quiet,
+            description="train",
+        )
+        results: dict[str, float] = {}
+        validated_at = saved_at = -1
+        try:
+            while self.step < total:
+                epoch, offset = divmod(self.step, steps_per_epoch)
+                for batch in self.data.train_batches(epoch, start=offset, stop=steps_per_epoch):
+                    loss = self._train_step(batch)
+                    self.step += 1
+                    progress.step(batch.labels.numel() * state.world_size)
+                    progress.show(loss=loss, epoch=epoch)
+                    self.logger.log(
+                        {
+                            "train/loss": loss,
+                            "train/lr": self.schedule.lr(self.step - 1),
+                            "train/samples_per_s": progress.samples_per_s(),
+                        },
+                        self.step,
+                    )
+                    if config.validation_freq and self.step % config.validation_freq == 0:
+                        results.update(self._validate(progress))
+                        validated_at = self.step
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        save_checkpoint(self.run_state, config, self.step)
+                        saved_at = self.step
+        finally:
+            progress.close()
+        if validated_at != self.step:
+            results.update(self._validate(progress))
+        test = evaluate_batches(
+            self.run_state.model,
+            self.data.test_batches(),
+            state.device,
+            limit=config.limit_test_batches,
+        )
+        results.update({f"test/{name}": value for name, value in test.items()})
+        self.logger.log({f"test/{name}": value for name, value in test.items()}, self.step)
+        if config.checkpoint_dir is not None and saved_at != self.step:
+            save_checkpoint(self.run_state, config, self.step)
+        if state.is_main:
+            print(format_summary(results, self.step, planted_optimum(config.data)), flush=True)
+        return results
+
+    def _train_step(self, batch: Batch) -> float:
+        self.run_state.set_lr(self.schedule.lr(self.step))
+        on_device = batch.to(self.state.device)
+        loss, _ = self.run_state.model(
+            on_device.dense_features, on_device.sparse_features, on_device.labels
+        )
+        self.run_state.dense_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.run_state.dense_optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise UserError(
+                f"the training loss became {value} at step {self.step + 1}: lower --learning-rate"
+            )
+        return value
+
+    def _validate(self, progress: Progress) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = evaluate_batches(
+            self.run_state.model,
+            self.data.val_batches(),
+            self.state.device,
+            limit=self.config.limit_val_batches,
+        )
+        tagged = {f"val/{name}": value for name, value in metrics.items()}
+        self.logger.log(tagged, self.step)
+        progress.write(
+            f"step {self.step}: "
+            + " ".join(f"{name}={value:.5f}" for name, value in tagged.items())
+            + f" ({time.perf_counter() - started:.1f}s)"
+        )
+        return tagged
+
+
+def format_summary(
+    results: Mapping[str, float], step: int, optimum: Mapping[str, float] | None = None
+) -> str:
+    """The final lines of a run: one line per split; last, on data from ``dlrm synth``, the test
+    AUC beside the best AUC any model can reach on that data."""
+    lines = [f"finished after {step} steps"]
+    for split in ("val", "test"):
+        names = [name for name in results if name.startswith(f"{split}/")]
+        if names:
+            lines.append(
+                f"{split}: "
+                + "  ".join(f"{name.split('/', 1)[1]}={results[name]:.5f}" for name in names)
+            )
+    if optimum is not None and "test" in optimum and "test/auc" in results:
+        best, got = optimum["test"], results["test/auc"]
+        lines.append(
+            f"test AUC {got:.4f} vs planted optimum {best:.4f} (dlrm synth): gap {best - got:+.4f}"
+        )
+    return "\n".join(lines)
+
+
+def planted_optimum(data: str) -> dict[str, float] | None:
+    """The Bayes-optimal AUC per split that ``dlrm synth`` recorded beside the data, if any."""
+    root = Path(data)
+    path = (root if root.is_dir() else root.parent) / SYNTH_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    found: dict[str, float] = {}
+    for split in ("val", "test"):
+        value = record.get(split, {}).get("auc") if isinstance(record, dict) else None
+        if isinstance(value, int | float):
+            found[split] = float(value)
+    return found or None

@@ -1,0 +1,104 @@
+"""The ``dlrm`` command line through click's CliRunner: the landing page, options from the command
+line, the environment and ``--config``, and one-line errors for a user's mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from shardrec_dlrm.cli import main
+
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "criteo_sample"
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=env)
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, *fragments: str) -> None:
+    assert code != 0
+    assert "Traceback" not in output
+    error_lines = [line for line in output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1, output
+    for fragment in fragments:
+        assert fragment in error_lines[0], output
+
+
+def test_landing_page_lists_commands_and_examples() -> None:
+    code, output = invoke("--help")
+    assert code == 0
+    for command in ("train", "evaluate", "plan", "plugins", "preprocess", "synth"):
+        assert command in output
+    assert "dlrm train --data" in output
+    assert "torchrun --nproc-per-node" in output
+
+
+def test_train_help_names_every_option_of_the_issue() -> None:
+    code, output = invoke("train", "--help")
+    assert code == 0
+    for option in (
+        "--data", "--batch-size", "--epochs", "--limit-train-batches", "--validation-freq",
+        "--seed", "--embedding-dim", "--num-embeddings", "--num-embeddings-per-feature",
+        "--dense-arch-layer-sizes", "--over-arch-layer-sizes", "--interaction-type",
+        "--dcn-num-layers", "--dcn-low-rank-dim", "--optimizer", "--learning-rate",
+        "--lr-warmup-steps", "--lr-decay-start", "--lr-decay-steps", "--sharding", "--logdir",
+        "--checkpoint-dir", "--checkpoint-every", "--resume", "--quiet", "--config", "--nproc",
+    ):  # fmt: skip
+        assert option in output, option
+
+
+def test_dense_arch_must_end_with_the_embedding_dim(tmp_path: Path) -> None:
+    code, output = invoke(
+        "train", "--data", str(tmp_path), "--embedding-dim", "8", "--dense-arch-layer-sizes", "16,4"
+    )
+    assert_one_line_error(code, output, "embedding dimension 8")
+
+
+def test_a_list_option_with_a_non_integer_names_it(tmp_path: Path) -> None:
+    code, output = invoke("train", "--data", str(tmp_path), "--over-arch-layer-sizes", "8,x,1")
+    assert_one_line_error(code, output, "--over-arch-layer-sizes", "'x'")
+
+
+def test_per_feature_sizes_need_26_numbers(tmp_path: Path) -> None:
+    code, output = invoke("train", "--data", str(tmp_path), "--num-embeddings-per-feature", "5,5")
+    assert_one_line_error(code, output, "26")
+
+
+def test_resume_without_a_checkpoint_dir_is_a_usage_error(tmp_path: Path) -> None:
+    code, output = invoke("train", "--data", str(tmp_path), "--resume")
+    assert_one_line_error(code, output, "checkpoint_dir")
+
+
+def test_missing_data_path_is_one_line(tmp_path: Path) -> None:
+    code, output = invoke("train", "--data", str(tmp_path / "nope"))
+    assert_one_line_error(code, output, "nope")
+
+
+def test_config_file_then_environment_then_command_line(tmp_path: Path) -> None:
+    """Precedence, seen through the dense-arch check that quotes the embedding dim in force."""
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nembedding-dim = 8\ndense_arch_layer_sizes = "16,4"\n')
+    args = ("train", "--config", str(config), "--data", str(tmp_path))
+    assert_one_line_error(*invoke(*args), "embedding dimension 8")
+    env = {"DLRM_TRAIN_EMBEDDING_DIM": "12"}
+    assert_one_line_error(*invoke(*args, env=env), "embedding dimension 12")
+    assert_one_line_error(
+        *invoke(*args, "--embedding-dim", "20", env=env), "embedding dimension 20"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("batch_sise = 3\n", "unknown setting 'batch_sise'"),
+        ("batch_size = \n", "run.toml"),
+    ],
+)
+def test_bad_config_files_are_named(tmp_path: Path, content: str, fragment: str) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(content)
+    code, output = invoke("train", "--config", str(config), "--data", str(tmp_path))
+    assert_one_line_error(code, output, fragment)
