@@ -24,7 +24,13 @@ from shardrec.distributed.types import (
     TableShards,
 )
 
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "DistributedModelParallel": "shardrec.distributed.model_parallel",
+    "create_plan": "shardrec.distributed.model_parallel",
+    "PluginError": "shardrec.distributed.plugins",
+    "load_sharder_registry": "shardrec.distributed.plugins",
+    "hookimpl": "shardrec.distributed.hookspecs",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,7 +40,12 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = [
+__all__ = [  # noqa: RUF022 (the lazy names first)
+    "DistributedModelParallel",
+    "PluginError",
+    "create_plan",
+    "hookimpl",
+    "load_sharder_registry",
     "EmbeddingComputeKernel",
     "EmbeddingModuleShardingPlan",
     "LocalShard",

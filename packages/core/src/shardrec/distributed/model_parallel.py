@@ -1,0 +1,305 @@
+"""``DistributedModelParallel``: shards a model's embedding modules and data-parallelises the rest.
+
+::
+
+    model = DistributedModelParallel(module, device=torch.device("cpu"))
+    print(model.plan)            # module, table, sharding type, kernel, ranks
+    out = model(kjt)             # the unsharded module's output structure
+
+With ``sharders=None`` the sharders come from the ``shardrec`` entry points (the built-in ones are
+registered by the ``shardrec-sharders`` distribution, exactly as a third party would). With
+``plan=None`` :func:`create_plan` makes one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from shardrec.distributed.default_plan import default_plan
+from shardrec.distributed.plugins import load_sharder_registry
+from shardrec.distributed.sharding_plan import shardable_modules
+from shardrec.distributed.types import (
+    ModuleSharder,
+    ParameterSharding,
+    ShardedEmbeddingModule,
+    ShardingEnv,
+    ShardingPlan,
+    TableShards,
+)
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+__all__ = ["DistributedModelParallel", "ShardedModuleGroup", "create_plan", "shard_module"]
+
+
+def create_plan(
+    module: nn.Module,
+    sharders: Sequence[ModuleSharder],
+    env: ShardingEnv,
+    device: torch.device,
+) -> ShardingPlan:
+    """The plan DMP uses when it is given none (one function, so a planner can replace it)."""
+    return default_plan(module, sharders, env, device)
+
+
+class ShardedModuleGroup(nn.Module):
+    """One embedding module sharded by several sharders: each part serves some tables.
+
+    Every part reads the same input KJT and picks its own features; outputs are merged back into
+    the unsharded module's order (a KeyedTensor, or a dict of JaggedTensors).
+    """
+
+    def __init__(self, parts: Sequence[nn.Module], output_names: Sequence[str]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.output_names = list(output_names)
+        self._columns: torch.Tensor | None = None
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
+        outs = [part(kjt) for part in self.parts]
+        if all(isinstance(o, KeyedTensor) for o in outs):
+            kts: list[KeyedTensor] = outs
+            keys = [k for kt in kts for k in kt.keys()]  # noqa: SIM118
+            dims = [d for kt in kts for d in kt.length_per_key()]
+            values = torch.cat([kt.values() for kt in kts], dim=1)
+            if keys != self.output_names:
+                if self._columns is None or self._columns.device != values.device:
+                    starts = [0]
+                    for d in dims:
+                        starts.append(starts[-1] + d)
+                    at = {k: i for i, k in enumerate(keys)}
+                    cols = [
+                        c
+                        for name in self.output_names
+                        for c in range(starts[at[name]], starts[at[name] + 1])
+                    ]
+                    self._columns = torch.tensor(cols, dtype=torch.int64, device=values.device)
+                values = values.index_select(1, self._columns)
+                at = {k: i for i, k in enumerate(keys)}
+                dims = [dims[at[name]] for name in self.output_names]
+            return KeyedTensor(keys=self.output_names, length_per_key=dims, values=values)
+        merged: dict[str, JaggedTensor] = {}
+        for o in outs:
+            merged.update(o)
+        return {name: merged[name] for name in self.output_names}
+
+    def local_table_shards(self) -> dict[str, TableShards]:
+        out: dict[str, TableShards] = {}
+        for part in self.parts:
+            if isinstance(part, ShardedEmbeddingModule):
+                out.update(part.local_table_shards())
+        return out
+
+
+def _output_names(module: nn.Module) -> list[str]:
+    names = getattr(module, "embedding_names", None)
+    if names is None:
+        raise TypeError(
+            f"{type(module).__name__} is planned with several sharding types, but has no"
+            " embedding_names() to put the parts' outputs back in order"
+        )
+    return list(names())
+
+
+def _sharder_for(
+    sharders: Sequence[ModuleSharder], module: nn.Module, sharding_type: str, device_type: str
+) -> ModuleSharder:
+    for s in sharders:
+        if s.module_type is type(module) and sharding_type in s.sharding_types(device_type):
+            return s
+    offered = sorted(
+        {
+            t
+            for s in sharders
+            if s.module_type is type(module)
+            for t in s.sharding_types(device_type)
+        }
+    )
+    raise ValueError(
+        f"no sharder offers sharding type {sharding_type!r} for {type(module).__name__} on"
+        f" {device_type}; offered: {offered}"
+    )
+
+
+def shard_module(
+    module: nn.Module,
+    params: Mapping[str, ParameterSharding],
+    sharders: Sequence[ModuleSharder],
+    env: ShardingEnv,
+    device: torch.device,
+    fqn: str = "",
+) -> nn.Module:
+    """Shard one embedding module by its table plans; several sharding types give a group."""
+    configs = getattr(module, "embedding_bag_configs", None) or getattr(
+        module, "embedding_configs", None
+    )
+    if configs is not None:
+        tables = [c.name for c in configs()]
+        missing = [t for t in tables if t not in params]
+        unknown = [t for t in params if t not in tables]
+        if missing or unknown:
+            raise ValueError(
+                f"plan for module {fqn or '<root>'!r}: tables {missing} have no sharding"
+                f" and planned tables {unknown} do not exist (tables: {tables})"
+            )
+    by_type: dict[str, dict[str, ParameterSharding]] = {}
+    for table, ps in params.items():
+        by_type.setdefault(str(ps.sharding_type), {})[table] = ps
+    parts = [
+        _sharder_for(sharders, module, st, device.type).shard(module, tp, env, device)
+        for st, tp in by_type.items()
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return ShardedModuleGroup(parts, _output_names(module))
+
+
+def _replace(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, name = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, name, new)
+
+
+class DistributedModelParallel(nn.Module):
+    """Shards every shardable submodule by the plan; wraps the rest in DistributedDataParallel.
+
+    - ``env``: default ``ShardingEnv.from_process_group()`` (the default process group).
+    - ``device``: where shards and dense layers live (default cpu).
+    - ``plan``: default :func:`create_plan`. ``sharders``: default, those the entry points offer.
+    - ``init_data_parallel``: wrap the unsharded parameters (dense layers, data-parallel tables)
+      in DDP, which all-reduces their gradients.
+    - ``init_parameters``: materialise parameters left on the meta device (``reset_parameters``).
+
+    ``model.plan`` prints as a table; ``model.module`` is the model with its sharded parts in
+    place; ``model.local_table_shards()`` gives, per sharded module and table, this rank's weight
+    and fused-optimizer-state shards with their global offsets (for checkpoints).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        env: ShardingEnv | None = None,
+        device: torch.device | None = None,
+        plan: ShardingPlan | None = None,
+        sharders: Sequence[ModuleSharder] | None = None,
+        init_data_parallel: bool = True,
+        init_parameters: bool = True,
+    ) -> None:
+        super().__init__()
+        self.env = env if env is not None else ShardingEnv.from_process_group()
+        self.device = device if device is not None else torch.device("cpu")
+        self.sharders = (
+            list(sharders) if sharders is not None else load_sharder_registry().sharders()
+        )
+        self.plan = (
+            plan if plan is not None else create_plan(module, self.sharders, self.env, self.device)
+        )
+        found = dict(shardable_modules(module, self.sharders))
+        for fqn in self.plan.plan:
+            if fqn not in found:
+                raise ValueError(
+                    f"the plan names module {fqn or '<root>'!r}, which is not a shardable"
+                    f" submodule of the model (shardable: {sorted(found)})"
+                )
+        self._sharded_fqns: list[str] = []
+        for fqn, sub in found.items():
+            params = self.plan.get_plan_for_module(fqn)
+            if params is None:
+                continue
+            sharded = shard_module(sub, params, self.sharders, self.env, self.device, fqn)
+            if fqn == "":
+                module = sharded
+            else:
+                _replace(module, fqn, sharded)
+            self._sharded_fqns.append(fqn)
+        if init_parameters:
+            _materialize(module, self.device, self._sharded_fqns)
+        self._module = module
+        self._dmp_wrapped: nn.Module = module
+        if init_data_parallel:
+            self.init_data_parallel()
+
+    def init_data_parallel(self) -> None:
+        """Wrap the unsharded parameters in DDP (a no-op without a process group or such params)."""
+        if isinstance(self._dmp_wrapped, DistributedDataParallel) or self.env.pg is None:
+            return
+        ignore = [
+            f"{fqn}.{name}" if fqn else name
+            for fqn in self._sharded_fqns
+            for name, _ in _named_tensors(self._module.get_submodule(fqn))
+            if not _is_replicated(self._module.get_submodule(fqn), name)
+        ]
+        ignored = set(ignore)
+        dense = [
+            p for n, p in self._module.named_parameters() if n not in ignored and p.requires_grad
+        ]
+        if not dense:
+            return
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(  # type: ignore[no-untyped-call]
+            self._module, ignore
+        )
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self._dmp_wrapped = DistributedDataParallel(
+            self._module, device_ids=device_ids, process_group=self.env.pg
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        """The model with its sharded parts in place (not wrapped in DDP)."""
+        return self._module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._dmp_wrapped(*args, **kwargs)
+
+    def named_sharded_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for fqn in self._sharded_fqns:
+            yield fqn, self._module.get_submodule(fqn) if fqn else self._module
+
+    def local_table_shards(self) -> dict[str, dict[str, TableShards]]:
+        """Module FQN -> table -> this rank's :class:`TableShards` (views into live storage)."""
+        out: dict[str, dict[str, TableShards]] = {}
+        for fqn, m in self.named_sharded_modules():
+            if isinstance(m, ShardedEmbeddingModule):
+                out[fqn] = m.local_table_shards()
+        return out
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _is_replicated(module: nn.Module, name: str) -> bool:
+    """Whether tensor ``name`` of a sharded module belongs to a data-parallel replica."""
+    owner_name = name.rpartition(".")[0]
+    while owner_name:
+        owner = module.get_submodule(owner_name)
+        if getattr(owner, "replicated", False):
+            return True
+        owner_name = owner_name.rpartition(".")[0]
+    return bool(getattr(module, "replicated", False))
+
+
+def _materialize(module: nn.Module, device: torch.device, sharded: Sequence[str]) -> None:
+    skip = tuple(f"{f}." for f in sharded if f)
+    for name, sub in module.named_modules():
+        if "" in sharded or (name and (name in sharded or name.startswith(skip))):
+            continue
+        own = list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False))
+        if any(t.device.type == "meta" for t in own):
+            sub.to_empty(device=device, recurse=False)
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    for name, sub in module.named_children():
+        if name not in sharded and not any(s.startswith(f"{name}.") for s in sharded):
+            sub.to(device)
+
+
+def _is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()

@@ -1,0 +1,286 @@
+"""Pieces every built-in sharding shares: the (table, feature) pairs of a module, input routing,
+the local lookup over what other ranks sent, and the sharder base class.
+
+A *pair* is one (table, feature) lookup of the unsharded module: its output name (``feature`` or
+``feature@table``), the KJT key it reads and the table. Pairs are in the module's output order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardrec.distributed.types import (
+    EmbeddingComputeKernel,
+    LocalShard,
+    ParameterSharding,
+    ParameterStorage,
+    ShardingEnv,
+    TableShards,
+)
+from shardrec.kernels import FeatureSpec, FusedOptimizerConfig, TableBatchedEmbedding, TableSpec
+from shardrec.modules import (
+    EmbeddingBagCollection,
+    EmbeddingCollection,
+    PoolingType,
+)
+from shardrec.modules.configs import BaseEmbeddingConfig, EmbeddingBagConfig
+from shardrec.sparse import KeyedJaggedTensor
+
+EmbeddingModule = EmbeddingBagCollection | EmbeddingCollection
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    name: str
+    source: str
+    table: str
+    dim: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleView:
+    """What a sharder reads from the unsharded module, restricted to the planned tables."""
+
+    pairs: list[Pair]
+    configs: dict[str, BaseEmbeddingConfig]
+    pooled: bool
+    is_weighted: bool
+    optimizer: FusedOptimizerConfig | None
+    weights: dict[str, torch.Tensor] | None  # None: the module is on meta
+    states: dict[str, dict[str, torch.Tensor]] | None
+
+    @staticmethod
+    def of(module: nn.Module, tables: Sequence[str]) -> ModuleView:
+        if not isinstance(module, EmbeddingBagCollection | EmbeddingCollection):
+            raise TypeError(f"cannot shard {type(module).__name__}")
+        configs: list[BaseEmbeddingConfig]
+        if isinstance(module, EmbeddingBagCollection):
+            pooled, is_weighted = True, module.is_weighted()
+            configs = list(module.embedding_bag_configs())
+        else:
+            pooled, is_weighted = False, False
+            configs = list(module.embedding_configs())
+        known = {c.name for c in configs}
+        missing = [t for t in tables if t not in known]
+        if missing:
+            raise ValueError(
+                f"the plan names tables {missing} that the module lacks: {sorted(known)}"
+            )
+        wanted = set(tables)
+        pairs: list[Pair] = []
+        for config, names in zip(configs, module.embedding_names_by_table(), strict=True):
+            if config.name in wanted:
+                for feature, name in zip(config.feature_names, names, strict=True):
+                    pairs.append(Pair(name, feature, config.name, config.embedding_dim))
+        lookup = module.lookup
+        on_meta = lookup.device.type == "meta"
+        return ModuleView(
+            pairs=pairs,
+            configs={c.name: c for c in configs if c.name in wanted},
+            pooled=pooled,
+            is_weighted=is_weighted,
+            optimizer=lookup.optimizer,
+            weights=None if on_meta else lookup.table_weights(),
+            states=None if on_meta else lookup.optimizer_states(),
+        )
+
+    def pooling(self, table: str) -> PoolingType:
+        config = self.configs[table]
+        if isinstance(config, EmbeddingBagConfig):
+            return PoolingType(config.pooling)
+        return PoolingType.NONE
+
+
+class PairRouter:
+    """Picks and orders a KJT's keys for a list of pair sources (cached per key order)."""
+
+    def __init__(self, sources: Sequence[str], owner: str) -> None:
+        self.sources = list(sources)
+        self.owner = owner
+        self._cache: dict[tuple[str, ...], list[int] | None] = {}
+
+    def route(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not isinstance(kjt, KeyedJaggedTensor):
+            raise TypeError(f"{self.owner}: expected a KeyedJaggedTensor, got {type(kjt).__name__}")
+        keys = tuple(kjt.keys())
+        if keys not in self._cache:
+            index = {k: i for i, k in enumerate(keys)}
+            absent = [s for s in self.sources if s not in index]
+            if absent:
+                raise ValueError(
+                    f"{self.owner}: features {absent} missing from the KJT (keys: {list(keys)})"
+                )
+            wanted = [index[s] for s in self.sources]
+            self._cache[keys] = None if wanted == list(range(len(keys))) else wanted
+        order = self._cache[keys]
+        return kjt if order is None else kjt.permute(order)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTable:
+    """One table this rank holds: a rectangle of a global table."""
+
+    name: str  # the local kernel's table name
+    table: str  # the global table
+    row_offset: int
+    col_offset: int
+    rows: int
+    cols: int
+    global_rows: int
+    global_cols: int
+
+
+def build_local_lookup(
+    view: ModuleView,
+    local_tables: Sequence[LocalTable],
+    features: Sequence[tuple[str, str]],
+    *,
+    pooling_sum: bool,
+    device: torch.device,
+    optimizer: FusedOptimizerConfig | None,
+) -> TableBatchedEmbedding | None:
+    """The fused kernel over this rank's shards, filled from the unsharded module.
+
+    ``features`` are (kernel feature name, local table name). Returns None when the rank holds
+    nothing. ``pooling_sum`` forces SUM pooling (row-wise: partial sums, MEAN applied after).
+    """
+    if not local_tables:
+        return None
+    specs = []
+    for lt in local_tables:
+        config = view.configs[lt.table]
+        pooling = view.pooling(lt.table)
+        if pooling is PoolingType.MEAN and pooling_sum:
+            pooling = PoolingType.SUM
+        specs.append(
+            TableSpec(
+                name=lt.name,
+                num_embeddings=lt.rows,
+                embedding_dim=lt.cols,
+                pooling=pooling,
+                data_type=config.data_type,
+            )
+        )
+    tbe = TableBatchedEmbedding(
+        tables=specs,
+        features=[FeatureSpec(name=n, table=t) for n, t in features],
+        pooled=view.pooled,
+        is_weighted=view.is_weighted,
+        optimizer=optimizer,
+        device=device,
+    )
+    if view.weights is None:
+        init = {}
+        for lt in local_tables:
+            fn = view.configs[lt.table].init_fn
+            if fn is not None:
+                init[lt.name] = fn
+        tbe.reset_parameters(init_fns=init, device=device)
+        return tbe
+    tbe.load_table_weights(
+        {
+            lt.name: view.weights[lt.table][
+                lt.row_offset : lt.row_offset + lt.rows, lt.col_offset : lt.col_offset + lt.cols
+            ]
+            for lt in local_tables
+        }
+    )
+    if view.states is not None:
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        local_views = tbe.optimizer_states()
+        for lt in local_tables:
+            for name, src in view.states.get(lt.table, {}).items():
+                rows = src[lt.row_offset : lt.row_offset + lt.rows]
+                if src.dim() == 2 and local_views[lt.name][name].dim() == 2:
+                    rows = rows[:, lt.col_offset : lt.col_offset + lt.cols]
+                if tuple(rows.shape) == tuple(local_views[lt.name][name].shape):
+                    states.setdefault(lt.name, {})[name] = rows
+        tbe.load_optimizer_states(states)
+    return tbe
+
+
+def table_shards(
+    tbe: TableBatchedEmbedding | None,
+    local_tables: Sequence[LocalTable],
+    all_tables: Sequence[str],
+    *,
+    replicated: bool = False,
+) -> dict[str, TableShards]:
+    """Per global table, this rank's weight and optimizer-state shards (views)."""
+    out = {t: TableShards(weight=[], optimizer_state={}, replicated=replicated) for t in all_tables}
+    if tbe is None:
+        return out
+    weights = tbe.table_weights()
+    states = tbe.optimizer_states()
+    for lt in local_tables:
+        entry = out[lt.table]
+        gshape = (lt.global_rows, lt.global_cols)
+        entry.weight.append(LocalShard(weights[lt.name], (lt.row_offset, lt.col_offset), gshape))
+        for name, tensor in states[lt.name].items():
+            if tensor.dim() == 1:
+                shard = LocalShard(tensor, (lt.row_offset,), (lt.global_rows,))
+            else:
+                shard = LocalShard(tensor, (lt.row_offset, lt.col_offset), gshape)
+            entry.optimizer_state.setdefault(name, []).append(shard)
+    return out
+
+
+def pad_lengths(lengths: torch.Tensor, blocks: int, batch: int, to_batch: int) -> torch.Tensor:
+    """``[blocks * batch]`` key-major lengths -> ``[blocks * to_batch]`` with zero-length bags."""
+    if batch == to_batch:
+        return lengths
+    out = lengths.new_zeros((blocks, to_batch))
+    if batch:
+        out[:, :batch] = lengths.view(blocks, batch)
+    return out.view(-1)
+
+
+def storage_bytes(tensor: torch.Tensor, compute_device_type: str) -> dict[str, int]:
+    kind = ParameterStorage.DDR if compute_device_type == "cpu" else ParameterStorage.HBM
+    return {kind.value: tensor.numel() * tensor.element_size()}
+
+
+class EmbeddingSharderBase:
+    """A sharder of one sharding type for an EmbeddingBagCollection or an EmbeddingCollection."""
+
+    sharding_type: str
+    kernels: tuple[str, ...] = (EmbeddingComputeKernel.FUSED.value,)
+
+    def __init__(self, module_type: type[nn.Module]) -> None:
+        if module_type not in (EmbeddingBagCollection, EmbeddingCollection):
+            raise TypeError(f"no built-in sharder for {module_type.__name__}")
+        self._module_type = module_type
+
+    @property
+    def module_type(self) -> type[nn.Module]:
+        return self._module_type
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return [self.sharding_type]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return list(self.kernels) if sharding_type == self.sharding_type else []
+
+    def storage_usage(
+        self, tensor: torch.Tensor, compute_device_type: str, compute_kernel: str
+    ) -> dict[str, int]:
+        return storage_bytes(tensor, compute_device_type)
+
+    def check_plan(self, params: Mapping[str, ParameterSharding], env: ShardingEnv) -> None:
+        for table, ps in params.items():
+            if ps.sharding_type != self.sharding_type:
+                raise ValueError(
+                    f"{type(self).__name__} got table {table!r} planned {ps.sharding_type!r}"
+                )
+            bad = [r for r in ps.ranks if not 0 <= r < env.world_size]
+            if bad:
+                raise ValueError(
+                    f"table {table!r}: ranks {bad} outside world size {env.world_size}"
+                )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._module_type.__name__})"

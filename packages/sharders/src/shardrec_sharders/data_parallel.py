@@ -1,0 +1,116 @@
+"""Data-parallel sharding: every rank holds a full replica of each table.
+
+    input dist   nothing: each rank looks up its own batch
+    lookup       the fused kernel in plain mode: the tables are ordinary parameters with ``.grad``
+    output dist  nothing
+
+DistributedModelParallel wraps these parameters in DistributedDataParallel with the dense layers,
+so their gradients are all-reduced and a torch optimizer (the one training the dense layers)
+steps them: replicas stay identical. Fused optimizers do not apply to data-parallel tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from shardrec.distributed.types import (
+    EmbeddingComputeKernel,
+    ParameterSharding,
+    ShardingEnv,
+    ShardingType,
+    TableShards,
+)
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec_sharders._common import (
+    EmbeddingSharderBase,
+    LocalTable,
+    ModuleView,
+    PairRouter,
+    build_local_lookup,
+    table_shards,
+)
+
+
+class ReplicatedEmbedding(nn.Module):
+    """A replica of some tables of an EBC/EC; its weights are trained through DDP."""
+
+    replicated = True  # DistributedModelParallel leaves these parameters to DDP
+
+    def __init__(self, view: ModuleView, device: torch.device, kind: str) -> None:
+        super().__init__()
+        self.pooled = view.pooled
+        self.pairs = view.pairs
+        self.tables = list(view.configs)
+        self.router = PairRouter([p.source for p in view.pairs], owner=f"{kind} (data_parallel)")
+        self.local_tables = [
+            LocalTable(
+                name=t,
+                table=t,
+                row_offset=0,
+                col_offset=0,
+                rows=c.num_embeddings,
+                cols=c.embedding_dim,
+                global_rows=c.num_embeddings,
+                global_cols=c.embedding_dim,
+            )
+            for t, c in view.configs.items()
+        ]
+        lookup = build_local_lookup(
+            view,
+            self.local_tables,
+            [(p.name, p.table) for p in view.pairs],
+            pooling_sum=False,
+            device=device,
+            optimizer=None,
+        )
+        assert lookup is not None
+        self.lookup = lookup
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
+        routed = self.router.route(kjt)
+        out = self.lookup.lookup(
+            values=routed.values(),
+            offsets=routed.offsets(),
+            length_per_feature=routed.length_per_key(),
+            batch_size=routed.stride(),
+            weights=routed.weights_or_none() if self.lookup.is_weighted else None,
+        )
+        if self.pooled:
+            assert isinstance(out, torch.Tensor)
+            return KeyedTensor(
+                keys=[p.name for p in self.pairs],
+                length_per_key=[p.dim for p in self.pairs],
+                values=out,
+            )
+        assert isinstance(out, list)
+        batch = routed.stride()
+        lengths = routed.lengths()
+        return {
+            p.name: JaggedTensor(values=rows, lengths=lengths[i * batch : (i + 1) * batch])
+            for i, (p, rows) in enumerate(zip(self.pairs, out, strict=True))
+        }
+
+    def local_table_shards(self) -> dict[str, TableShards]:
+        return table_shards(self.lookup, self.local_tables, self.tables, replicated=True)
+
+
+class DataParallelSharder(EmbeddingSharderBase):
+    """Replicates EmbeddingBagCollection / EmbeddingCollection tables on every rank."""
+
+    sharding_type = ShardingType.DATA_PARALLEL.value
+    kernels = (EmbeddingComputeKernel.DENSE.value,)
+
+    def shard(
+        self,
+        module: nn.Module,
+        params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> nn.Module:
+        self.check_plan(params, env)
+        return ReplicatedEmbedding(
+            ModuleView.of(module, list(params)), device, type(module).__name__
+        )

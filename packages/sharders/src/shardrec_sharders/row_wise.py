@@ -1,0 +1,351 @@
+"""Row-wise sharding: each table is cut into contiguous blocks of rows, one block per rank.
+
+    input dist   each id goes to the rank whose block holds its row, as an id local to that
+                 block (bucketize, then one jagged all-to-all; splits exchanged first)
+    lookup       the owner pools what it received, SUM-pooled partial bags, one fused call
+    output dist  pooled:   partial sums go back to the senders and are added up: a reduce-scatter,
+                           done as an all-to-all plus a local sum because gloo has no
+                           reduce-scatter (the bytes moved are the same); MEAN divides afterwards
+                 sequence: one row per id goes back and is put back in the id's place
+
+Tables whose rows do not divide by the world size get blocks that differ by one row; a table with
+fewer rows than ranks has blocks on some ranks only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from shardrec.distributed import comm
+from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
+from shardrec.kernels import TableBatchedEmbedding
+from shardrec.modules import PoolingType
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec_sharders._common import (
+    EmbeddingSharderBase,
+    LocalTable,
+    ModuleView,
+    PairRouter,
+    build_local_lookup,
+    pad_lengths,
+    table_shards,
+)
+
+
+class RowShardedEmbedding(nn.Module):
+    """A sharded EBC/EC part whose tables are split into row blocks across ranks."""
+
+    def __init__(
+        self,
+        view: ModuleView,
+        blocks: Mapping[str, list[tuple[int, int, int]]],
+        env: ShardingEnv,
+        device: torch.device,
+        kind: str,
+    ) -> None:
+        """``blocks[table]`` = [(row_offset, rows, rank), ...] in row order."""
+        super().__init__()
+        self.env = env
+        self.pooled = view.pooled
+        self.pairs = view.pairs
+        self.tables = list(view.configs)
+        self.router = PairRouter([p.source for p in view.pairs], owner=f"{kind} (row_wise)")
+        world = env.world_size
+        self.means = [view.pooling(p.table) is PoolingType.MEAN for p in view.pairs]
+        # Per pair: the block boundaries, and the rank of each block.
+        self._starts: list[torch.Tensor] = []
+        self._ranks: list[torch.Tensor] = []
+        for p in view.pairs:
+            bl = blocks[p.table]
+            self._starts.append(torch.tensor([b[0] for b in bl], dtype=torch.int64, device=device))
+            self._ranks.append(torch.tensor([b[2] for b in bl], dtype=torch.int64, device=device))
+        # Pairs each rank receives: those whose table has a block there.
+        self.pairs_of = [
+            [i for i, p in enumerate(view.pairs) if any(b[2] == r for b in blocks[p.table])]
+            for r in range(world)
+        ]
+        self.local_tables: list[LocalTable] = []
+        for table, bl in blocks.items():
+            config = view.configs[table]
+            for row_offset, rows, rank in bl:
+                if rank == env.rank:
+                    self.local_tables.append(
+                        LocalTable(
+                            name=table,
+                            table=table,
+                            row_offset=row_offset,
+                            col_offset=0,
+                            rows=rows,
+                            cols=config.embedding_dim,
+                            global_rows=config.num_embeddings,
+                            global_cols=config.embedding_dim,
+                        )
+                    )
+        mine = self.pairs_of[env.rank]
+        features = [(f"{s}/{i}", view.pairs[i].table) for s in range(world) for i in mine]
+        self.lookup: TableBatchedEmbedding | None = build_local_lookup(
+            view,
+            self.local_tables,
+            features,
+            pooling_sum=True,
+            device=device,
+            optimizer=view.optimizer,
+        )
+        dims = [p.dim for p in view.pairs]
+        starts = [0]
+        for d in dims:
+            starts.append(starts[-1] + d)
+        self._total_dim = starts[-1]
+        self._cols_of = [
+            torch.tensor(
+                [c for i in self.pairs_of[r] for c in range(starts[i], starts[i + 1])],
+                dtype=torch.int64,
+                device=device,
+            )
+            for r in range(world)
+        ]
+        self._width_of = [int(c.numel()) for c in self._cols_of]
+        self._all_pairs = [p == list(range(len(view.pairs))) for p in self.pairs_of]
+
+    # -- the three stages ----------------------------------------------------------------------
+
+    def bucketize(self, routed: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per id: the destination rank and the id local to that rank's block."""
+        values = routed.values()
+        dest = torch.empty_like(values, dtype=torch.int64)
+        local = torch.empty_like(values, dtype=torch.int64)
+        at = 0
+        for i, n in enumerate(routed.length_per_key()):
+            ids = values[at : at + n].to(torch.int64)
+            block = torch.bucketize(ids, self._starts[i], right=True) - 1
+            block = block.clamp_(min=0)
+            dest[at : at + n] = self._ranks[i][block]
+            local[at : at + n] = ids - self._starts[i][block]
+            at += n
+        return dest, local
+
+    def input_dist(
+        self, kjt: KeyedJaggedTensor
+    ) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor, comm.JaggedAllToAllResult]:
+        routed = self.router.route(kjt)
+        world = self.env.world_size
+        batch = routed.stride()
+        n_pairs = len(self.pairs)
+        dest, local = self.bucketize(routed)
+        # Bag of every id, in the routed (pair-major) layout: pair * batch + sample.
+        bag = torch.repeat_interleave(
+            torch.arange(n_pairs * batch, device=dest.device), routed.lengths().to(torch.int64)
+        )
+        order = torch.argsort(dest, stable=True)
+        counts = torch.bincount(dest * (n_pairs * batch) + bag, minlength=world * n_pairs * batch)
+        counts = counts.view(world, n_pairs, batch)
+        lengths = torch.cat(
+            [
+                counts[r].reshape(-1)
+                if self._all_pairs[r]
+                else counts[r, self.pairs_of[r]].reshape(-1)
+                for r in range(world)
+            ]
+        )
+        per_rank = torch.bincount(dest, minlength=world)
+        weights = routed.weights_or_none()
+        got = comm.all_to_all_jagged(
+            lengths,
+            local[order],
+            None if weights is None else weights[order],
+            lengths_per_rank=[len(self.pairs_of[r]) * batch for r in range(world)],
+            values_per_rank=[int(x) for x in per_rank.tolist()],
+            batch_size=batch,
+            pg=self.env.pg,
+        )
+        return routed, order, dest, got
+
+    def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | list[torch.Tensor] | None:
+        if self.lookup is None:
+            return None
+        n = len(self.pairs_of[self.env.rank])
+        b_max = max(got.batch_per_rank)
+        pieces = torch.split(got.lengths, got.lengths_per_rank)
+        lengths = torch.cat(
+            [pad_lengths(x, n, b, b_max) for x, b in zip(pieces, got.batch_per_rank, strict=True)]
+        )
+        per_feature = (
+            lengths.view(-1, b_max).sum(dim=1) if b_max else lengths.new_zeros(len(pieces) * n)
+        )
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return self.lookup.lookup(
+            values=got.values,
+            offsets=offsets,
+            length_per_feature=[int(x) for x in per_feature.tolist()],
+            batch_size=b_max,
+            weights=got.weights,
+        )
+
+    def output_dist_pooled(
+        self,
+        out: torch.Tensor | None,
+        routed: KeyedJaggedTensor,
+        got: comm.JaggedAllToAllResult,
+    ) -> torch.Tensor:
+        world = self.env.world_size
+        batch = routed.stride()
+        width = self._width_of[self.env.rank]
+        if out is None:
+            out = torch.zeros((0, 0))
+        send = [
+            out[: got.batch_per_rank[s], s * width : (s + 1) * width].reshape(-1)
+            for s in range(world)
+        ]
+        recv = [batch * self._width_of[r] for r in range(world)]
+        flat = comm.all_to_all_single(torch.cat(send), recv, [t.numel() for t in send], self.env.pg)
+        parts = torch.split(flat, recv)
+        if all(self._all_pairs):
+            # Every rank holds a block of every table: a plain sum of the partial bags.
+            values = torch.stack([p.view(batch, self._total_dim) for p in parts]).sum(dim=0)
+        else:
+            values = out.new_zeros((batch, self._total_dim))
+            for r, part in enumerate(parts):
+                if self._width_of[r]:
+                    values = values.index_add(1, self._cols_of[r], part.view(batch, -1))
+        if any(self.means):
+            lengths = routed.lengths().view(len(self.pairs), batch).to(values.dtype)
+            scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1), torch.zeros_like(lengths))
+            scale = torch.where(
+                torch.tensor(self.means, device=values.device).unsqueeze(1), scale, 1.0
+            )
+            dims = [p.dim for p in self.pairs]
+            per_col = torch.repeat_interleave(
+                scale, torch.tensor(dims, device=values.device), dim=0
+            )
+            values = values * per_col.t()
+        return values
+
+    def output_dist_sequence(
+        self,
+        rows: list[torch.Tensor] | None,
+        routed: KeyedJaggedTensor,
+        order: torch.Tensor,
+        dest: torch.Tensor,
+    ) -> dict[str, JaggedTensor]:
+        world = self.env.world_size
+        mine = self.pairs_of[self.env.rank]
+        n = len(mine)
+        send: list[torch.Tensor] = []
+        for s in range(world):
+            per = [] if rows is None else [rows[s * n + i].reshape(-1) for i in range(n)]
+            send.append(torch.cat(per) if per else torch.zeros(0))
+        # Owner r sends back rows for our ids pair by pair (pairs_of[r]), in the order we sent them.
+        batch = routed.stride()
+        n_pairs = len(self.pairs)
+        device = routed.values().device
+        pair_of_id = torch.repeat_interleave(
+            torch.arange(n_pairs, device=device),
+            torch.tensor(routed.length_per_key(), device=device),
+        )
+        counts = torch.bincount(dest * n_pairs + pair_of_id, minlength=world * n_pairs)
+        counts = counts.view(world, n_pairs).cpu()
+        sorted_pairs = pair_of_id[order]
+        recv = [
+            sum(int(counts[r, p]) * self.pairs[p].dim for p in self.pairs_of[r])
+            for r in range(world)
+        ]
+        flat = comm.all_to_all_single(torch.cat(send), recv, [t.numel() for t in send], self.env.pg)
+        # Rows arrive in sorted-id order (owner-major, then pair, then position): undo the sort,
+        # pair by pair (pairs may differ in dim).
+        per_pair_rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(self.pairs))}
+        for r, block in enumerate(torch.split(flat, recv)):
+            sizes = [int(counts[r, p]) * self.pairs[p].dim for p in self.pairs_of[r]]
+            for p, piece in zip(self.pairs_of[r], torch.split(block, sizes), strict=True):
+                per_pair_rows[p].append(piece.view(-1, self.pairs[p].dim))
+        lpk = routed.length_per_key()
+        lengths = routed.lengths()
+        result: dict[str, JaggedTensor] = {}
+        at = 0
+        for p, pair in enumerate(self.pairs):
+            n_ids = lpk[p]
+            mask = sorted_pairs == p
+            # Positions (within this pair) of the ids in sorted order.
+            pos = order[mask] - at
+            stacked = (
+                torch.cat(per_pair_rows[p])
+                if per_pair_rows[p]
+                else torch.zeros((0, pair.dim), dtype=flat.dtype)
+            )
+            values = stacked.new_zeros((n_ids, pair.dim)).index_copy(0, pos, stacked)
+            result[pair.name] = JaggedTensor(
+                values=values, lengths=lengths[p * batch : (p + 1) * batch]
+            )
+            at += n_ids
+        return result
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
+        routed, order, dest, got = self.input_dist(kjt)
+        out = self.compute(got)
+        if self.pooled:
+            assert out is None or isinstance(out, torch.Tensor)
+            values = self.output_dist_pooled(out, routed, got)
+            return KeyedTensor(
+                keys=[p.name for p in self.pairs],
+                length_per_key=[p.dim for p in self.pairs],
+                values=values,
+            )
+        assert out is None or isinstance(out, list)
+        return self.output_dist_sequence(out, routed, order, dest)
+
+    def local_table_shards(self) -> dict[str, TableShards]:
+        return table_shards(self.lookup, self.local_tables, self.tables)
+
+
+def even_row_blocks(rows: int, ranks: list[int]) -> list[tuple[int, int, int]]:
+    """``(row_offset, rows, rank)`` blocks differing by at most one row; empty blocks dropped."""
+    base, extra = divmod(rows, len(ranks))
+    out: list[tuple[int, int, int]] = []
+    at = 0
+    for i, rank in enumerate(ranks):
+        n = base + (1 if i < extra else 0)
+        if n:
+            out.append((at, n, rank))
+        at += n
+    return out
+
+
+class RowWiseSharder(EmbeddingSharderBase):
+    """Shards EmbeddingBagCollection / EmbeddingCollection tables into row blocks."""
+
+    sharding_type = ShardingType.ROW_WISE.value
+
+    def shard(
+        self,
+        module: nn.Module,
+        params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> nn.Module:
+        self.check_plan(params, env)
+        view = ModuleView.of(module, list(params))
+        blocks: dict[str, list[tuple[int, int, int]]] = {}
+        for table, ps in params.items():
+            config = view.configs[table]
+            if not ps.shards:
+                blocks[table] = even_row_blocks(config.num_embeddings, list(ps.ranks))
+                continue
+            cuts = sorted((s.offsets[0], s.sizes[0], s.rank) for s in ps.shards if s.sizes[0])
+            at = 0
+            for offset, rows, _ in cuts:
+                if offset != at:
+                    raise ValueError(f"row-wise table {table!r}: row blocks {cuts} leave a gap")
+                at += rows
+            if at != config.num_embeddings:
+                raise ValueError(
+                    f"row-wise table {table!r}: row blocks {cuts} do not cover"
+                    f" {config.num_embeddings} rows"
+                )
+            for s in ps.shards:
+                if s.offsets[1] != 0 or s.sizes[1] != config.embedding_dim:
+                    raise ValueError(f"row-wise table {table!r}: shard {s} is not full width")
+            blocks[table] = cuts
+        return RowShardedEmbedding(view, blocks, env, device, type(module).__name__)

@@ -1,0 +1,303 @@
+"""Table-wise sharding: each table lives whole on one rank.
+
+The three stages, for a batch of ``B_s`` samples on each rank ``s``::
+
+    input dist   every rank sends the ids of each table's features to the table's owner
+                 (one jagged all-to-all; splits exchanged first)
+    lookup       the owner looks up what every rank sent in one fused call: features become
+                 (sender, feature) pairs, bags padded to the largest batch
+    output dist  pooled:   owner sends rows [B_s, dims of its tables] back to rank s (all-to-all),
+                           which puts the columns back in the module's output order
+                 sequence: owner sends one row per id back; rank s splits them per feature
+
+Column-wise sharding (``column_wise.py``) is the same machine with each table cut into column
+slices: a slice is a "table" of its own, and the receiver concatenates slices side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardrec.distributed import comm
+from shardrec.distributed.types import (
+    ParameterSharding,
+    ShardingEnv,
+    ShardingType,
+    TableShards,
+)
+from shardrec.kernels import TableBatchedEmbedding
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec_sharders._common import (
+    EmbeddingSharderBase,
+    LocalTable,
+    ModuleView,
+    PairRouter,
+    build_local_lookup,
+    pad_lengths,
+    table_shards,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One (pair, column slice) computed by ``rank``."""
+
+    pair: int
+    local: LocalTable
+    rank: int
+
+
+class ColumnSlicedEmbedding(nn.Module):
+    """A sharded EBC/EC part whose tables are placed whole or in column slices on owner ranks."""
+
+    _col_index: torch.Tensor
+
+    def __init__(
+        self,
+        view: ModuleView,
+        slices: Mapping[str, Sequence[tuple[int, int, int]]],
+        env: ShardingEnv,
+        device: torch.device,
+        kind: str,
+    ) -> None:
+        """``slices[table]`` = [(col_offset, cols, rank), ...] in column order."""
+        super().__init__()
+        self.env = env
+        self.pooled = view.pooled
+        self.kind = kind
+        self.pairs = view.pairs
+        self.tables = list(view.configs)
+        world = env.world_size
+        units: list[Unit] = []
+        local_by_key: dict[tuple[str, int], LocalTable] = {}
+        for p, pair in enumerate(view.pairs):
+            config = view.configs[pair.table]
+            for col_offset, cols, rank in slices[pair.table]:
+                key = (pair.table, col_offset)
+                if key not in local_by_key:
+                    local_by_key[key] = LocalTable(
+                        name=f"{pair.table}__c{col_offset}",
+                        table=pair.table,
+                        row_offset=0,
+                        col_offset=col_offset,
+                        rows=config.num_embeddings,
+                        cols=cols,
+                        global_rows=config.num_embeddings,
+                        global_cols=config.embedding_dim,
+                    )
+                units.append(Unit(p, local_by_key[key], rank))
+        self.units_by_rank = [[u for u in units if u.rank == r] for r in range(world)]
+        self.mine = self.units_by_rank[env.rank]
+        self.router = PairRouter(
+            [view.pairs[u.pair].source for r in range(world) for u in self.units_by_rank[r]],
+            owner=f"{kind} ({ShardingType.TABLE_WISE}/{ShardingType.COLUMN_WISE})",
+        )
+        self.local_tables: list[LocalTable] = []
+        for u in self.mine:
+            if u.local not in self.local_tables:
+                self.local_tables.append(u.local)
+        features = [
+            (f"{s}/{i}", u.local.name) for s in range(world) for i, u in enumerate(self.mine)
+        ]
+        self.lookup: TableBatchedEmbedding | None = build_local_lookup(
+            view,
+            self.local_tables,
+            features,
+            pooling_sum=False,
+            device=device,
+            optimizer=view.optimizer,
+        )
+        # Received columns come owner by owner; this index puts them in pair order, each pair's
+        # slices side by side.
+        order = [
+            (u.pair, u.local.col_offset, r, i)
+            for r in range(world)
+            for i, u in enumerate(self.units_by_rank[r])
+        ]
+        position = {(r, i): n for n, (_, _, r, i) in enumerate(order)}
+        widths = [u.local.cols for r in range(world) for u in self.units_by_rank[r]]
+        starts = [0]
+        for w in widths:
+            starts.append(starts[-1] + w)
+        col_order: list[int] = []
+        for _, _, r, i in sorted(order):
+            n = position[(r, i)]
+            col_order.extend(range(starts[n], starts[n + 1]))
+        self._identity = col_order == list(range(len(col_order)))
+        self.register_buffer(
+            "_col_index",
+            torch.tensor(col_order, dtype=torch.int64, device=device),
+            persistent=False,
+        )
+        self._unit_cols = [sum(u.local.cols for u in us) for us in self.units_by_rank]
+
+    # -- the three stages ----------------------------------------------------------------------
+
+    def input_dist(
+        self, kjt: KeyedJaggedTensor
+    ) -> tuple[KeyedJaggedTensor, comm.JaggedAllToAllResult]:
+        routed = self.router.route(kjt)
+        batch = routed.stride()
+        lpk = routed.length_per_key()
+        n_units = [len(us) for us in self.units_by_rank]
+        values_per_rank, k = [], 0
+        for n in n_units:
+            values_per_rank.append(sum(lpk[k : k + n]))
+            k += n
+        got = comm.all_to_all_jagged(
+            routed.lengths(),
+            routed.values(),
+            routed.weights_or_none(),
+            lengths_per_rank=[n * batch for n in n_units],
+            values_per_rank=values_per_rank,
+            batch_size=batch,
+            pg=self.env.pg,
+        )
+        return routed, got
+
+    def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | list[torch.Tensor] | None:
+        if self.lookup is None:
+            return None
+        n = len(self.mine)
+        b_max = max(got.batch_per_rank)
+        pieces = torch.split(got.lengths, got.lengths_per_rank)
+        lengths = torch.cat(
+            [
+                pad_lengths(piece, n, b, b_max)
+                for piece, b in zip(pieces, got.batch_per_rank, strict=True)
+            ]
+        )
+        per_feature = (
+            lengths.view(-1, b_max).sum(dim=1) if b_max else lengths.new_zeros(len(pieces) * n)
+        )
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return self.lookup.lookup(
+            values=got.values,
+            offsets=offsets,
+            length_per_feature=[int(x) for x in per_feature.tolist()],
+            batch_size=b_max,
+            weights=got.weights,
+        )
+
+    def output_dist_pooled(
+        self, out: torch.Tensor | None, got: comm.JaggedAllToAllResult, batch: int
+    ) -> torch.Tensor:
+        world = self.env.world_size
+        width = self._unit_cols[self.env.rank]
+        if out is None:
+            out = torch.zeros((0, 0))
+        send = [
+            out[: got.batch_per_rank[s], s * width : (s + 1) * width].reshape(-1)
+            for s in range(world)
+        ]
+        send_t = torch.cat(send) if send else out.reshape(-1)
+        recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
+        flat = comm.all_to_all_single(send_t, recv_sizes, [t.numel() for t in send], self.env.pg)
+        blocks = [
+            b.view(batch, w)
+            for b, w in zip(torch.split(flat, recv_sizes), self._unit_cols, strict=True)
+            if w
+        ]
+        values = torch.cat(blocks, dim=1) if len(blocks) != 1 else blocks[0]
+        if not self._identity:
+            values = values.index_select(1, self._col_index)
+        return values
+
+    def output_dist_sequence(
+        self,
+        rows: list[torch.Tensor] | None,
+        routed: KeyedJaggedTensor,
+        got: comm.JaggedAllToAllResult,
+    ) -> dict[str, JaggedTensor]:
+        world = self.env.world_size
+        n = len(self.mine)
+        send: list[torch.Tensor] = []
+        for s in range(world):
+            per = [] if rows is None else [rows[s * n + i].reshape(-1) for i in range(n)]
+            send.append(torch.cat(per) if per else torch.zeros(0))
+        lpk = routed.length_per_key()
+        recv_sizes: list[int] = []
+        k = 0
+        for r in range(world):
+            recv_sizes.append(
+                sum(lpk[k + i] * u.local.cols for i, u in enumerate(self.units_by_rank[r]))
+            )
+            k += len(self.units_by_rank[r])
+        dtype = send[0].dtype if send else torch.float32
+        flat = comm.all_to_all_single(
+            torch.cat(send).to(dtype), recv_sizes, [t.numel() for t in send], self.env.pg
+        )
+        per_pair: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        k = 0
+        for r, block in enumerate(torch.split(flat, recv_sizes)):
+            us = self.units_by_rank[r]
+            sizes = [lpk[k + i] * u.local.cols for i, u in enumerate(us)]
+            for i, (u, piece) in enumerate(zip(us, torch.split(block, sizes), strict=True)):
+                per_pair.setdefault(u.pair, []).append(
+                    (u.local.col_offset, piece.view(lpk[k + i], u.local.cols))
+                )
+            k += len(us)
+        batch = routed.stride()
+        # Lengths of each pair, from the routed KJT (any of the pair's units has them).
+        first_unit: dict[int, int] = {}
+        k = 0
+        for r in range(world):
+            for i, u in enumerate(self.units_by_rank[r]):
+                first_unit.setdefault(u.pair, k + i)
+            k += len(self.units_by_rank[r])
+        lengths = routed.lengths()
+        result: dict[str, JaggedTensor] = {}
+        for p, pair in enumerate(self.pairs):
+            parts = [t for _, t in sorted(per_pair[p], key=lambda x: x[0])]
+            values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            at = first_unit[p]
+            result[pair.name] = JaggedTensor(
+                values=values, lengths=lengths[at * batch : (at + 1) * batch]
+            )
+        return result
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
+        routed, got = self.input_dist(kjt)
+        out = self.compute(got)
+        if self.pooled:
+            assert out is None or isinstance(out, torch.Tensor)
+            values = self.output_dist_pooled(out, got, routed.stride())
+            return KeyedTensor(
+                keys=[p.name for p in self.pairs],
+                length_per_key=[p.dim for p in self.pairs],
+                values=values,
+            )
+        assert out is None or isinstance(out, list)
+        return self.output_dist_sequence(out, routed, got)
+
+    def local_table_shards(self) -> dict[str, TableShards]:
+        return table_shards(self.lookup, self.local_tables, self.tables)
+
+
+class TableWiseSharder(EmbeddingSharderBase):
+    """Shards EmbeddingBagCollection / EmbeddingCollection tables whole onto single ranks."""
+
+    sharding_type = ShardingType.TABLE_WISE.value
+
+    def shard(
+        self,
+        module: nn.Module,
+        params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> nn.Module:
+        self.check_plan(params, env)
+        view = ModuleView.of(module, list(params))
+        slices: dict[str, list[tuple[int, int, int]]] = {}
+        for table, ps in params.items():
+            if len(ps.ranks) != 1:
+                raise ValueError(
+                    f"table-wise table {table!r} needs exactly one rank, got {ps.ranks}"
+                )
+            slices[table] = [(0, view.configs[table].embedding_dim, ps.ranks[0])]
+        return ColumnSlicedEmbedding(view, slices, env, device, type(module).__name__)
