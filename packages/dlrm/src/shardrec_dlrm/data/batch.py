@@ -69,7 +69,9 @@ def make_batch(rows: Rows, num_embeddings_per_feature: Sequence[int] | None) -> 
     kjt = KeyedJaggedTensor(
         keys=list(SPARSE_KEYS),
         values=values,
-        lengths=torch.ones(NUM_SPARSE * b, dtype=torch.int32),
+        # numpy's fill, not torch.ones: torch fills large tensors on its thread pool, which costs
+        # more than the fill itself on a busy machine
+        lengths=torch.from_numpy(np.ones(NUM_SPARSE * b, dtype=np.int32)),
         stride=b,
     )
     dense = torch.from_numpy(np.array(rows.dense, dtype=np.float32, copy=True))

@@ -181,7 +181,7 @@ def parse_tsv(
         good = b"".join(_line(data, newlines - _PAD, int(i)) + b"\n" for i in keep)
         rows, skipped = parse_tsv(good, path=path, first_line=first_line, bad_rows="skip")
         return rows, skipped + int(wrong.sum())
-    ends = seps.reshape(n_lines, NUM_FIELDS).astype(np.int64)
+    ends = seps.reshape(n_lines, NUM_FIELDS).astype(np.int64, copy=False)
     starts = np.empty_like(ends)
     starts.reshape(-1)[0] = _PAD
     starts.reshape(-1)[1:] = ends.reshape(-1)[:-1] + 1
