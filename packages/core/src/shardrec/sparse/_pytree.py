@@ -1,6 +1,8 @@
 """The containers as pytree nodes, so that torch.compile / torch.export see their tensors.
 
-Tensors are the children; keys, stride and the host-side per-key sizes are the context (static).
+Children are the tensors the object holds (absent optional ones are left out, since pytree would
+otherwise carry ``None`` leaves); the context is what is static: which fields are present, the
+keys, the stride and the host-side per-key sizes.
 """
 
 from __future__ import annotations
@@ -14,49 +16,63 @@ from shardrec.sparse.jagged_tensor import JaggedTensor
 from shardrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor
 from shardrec.sparse.keyed_tensor import KeyedTensor
 
-_JT_FIELDS = ("_values", "_weights", "_lengths", "_offsets")
-_KJT_FIELDS = ("_values", "_weights", "_lengths", "_offsets")
+_FIELDS = ("_values", "_weights", "_lengths", "_offsets")
+
+_Present = tuple[str, ...]
+_JtContext = _Present
+_KjtContext = tuple[_Present, tuple[str, ...], int, tuple[int, ...] | None]
+_KtContext = tuple[tuple[str, ...], tuple[int, ...], int]
 
 
-def _jt_flatten(jt: JaggedTensor) -> tuple[list[torch.Tensor | None], None]:
-    return [getattr(jt, name) for name in _JT_FIELDS], None
+def _present(obj: JaggedTensor | KeyedJaggedTensor) -> _Present:
+    return tuple(name for name in _FIELDS if getattr(obj, name) is not None)
 
 
-def _jt_flatten_with_keys(
-    jt: JaggedTensor,
-) -> tuple[list[tuple[pytree.KeyEntry, Any]], None]:
-    return [(pytree.GetAttrKey(name), getattr(jt, name)) for name in _JT_FIELDS], None
+def _fields(present: _Present, children: list[Any]) -> dict[str, Any]:
+    found = dict(zip(present, children, strict=True))
+    return {name: found.get(name) for name in _FIELDS}
 
 
-def _jt_unflatten(children: Any, context: None) -> JaggedTensor:
-    values, weights, lengths, offsets = children
-    return JaggedTensor._trusted(values, weights, lengths, offsets)
+def _jt_flatten(jt: JaggedTensor) -> tuple[list[torch.Tensor], _JtContext]:
+    present = _present(jt)
+    return [getattr(jt, name) for name in present], present
 
 
-_KjtContext = tuple[tuple[str, ...], int, tuple[int, ...] | None]
+def _jt_flatten_with_keys(jt: JaggedTensor) -> tuple[list[tuple[Any, Any]], _JtContext]:
+    present = _present(jt)
+    return [(pytree.GetAttrKey(name), getattr(jt, name)) for name in present], present
+
+
+def _jt_unflatten(children: Any, context: _JtContext) -> JaggedTensor:
+    f = _fields(context, list(children))
+    return JaggedTensor._trusted(f["_values"], f["_weights"], f["_lengths"], f["_offsets"])
 
 
 def _kjt_context(kjt: KeyedJaggedTensor) -> _KjtContext:
     per_key = kjt.length_per_key_or_none()
-    return (tuple(kjt.keys()), kjt.stride(), None if per_key is None else tuple(per_key))
+    return (
+        _present(kjt),
+        tuple(kjt.keys()),
+        kjt.stride(),
+        None if per_key is None else tuple(per_key),
+    )
 
 
-def _kjt_flatten(kjt: KeyedJaggedTensor) -> tuple[list[torch.Tensor | None], _KjtContext]:
-    return [getattr(kjt, name) for name in _KJT_FIELDS], _kjt_context(kjt)
+def _kjt_flatten(kjt: KeyedJaggedTensor) -> tuple[list[torch.Tensor], _KjtContext]:
+    context = _kjt_context(kjt)
+    return [getattr(kjt, name) for name in context[0]], context
 
 
 def _kjt_flatten_with_keys(
     kjt: KeyedJaggedTensor,
-) -> tuple[list[tuple[pytree.KeyEntry, Any]], _KjtContext]:
-    children: list[tuple[pytree.KeyEntry, Any]] = [
-        (pytree.GetAttrKey(name), getattr(kjt, name)) for name in _KJT_FIELDS
-    ]
-    return children, _kjt_context(kjt)
+) -> tuple[list[tuple[Any, Any]], _KjtContext]:
+    context = _kjt_context(kjt)
+    return [(pytree.GetAttrKey(name), getattr(kjt, name)) for name in context[0]], context
 
 
 def _kjt_unflatten(children: Any, context: _KjtContext) -> KeyedJaggedTensor:
-    values, weights, lengths, offsets = children
-    keys, stride, per_key = context
+    present, keys, stride, per_key = context
+    f = _fields(present, list(children))
     per_key_list = None if per_key is None else list(per_key)
     offset_per_key = None
     if per_key_list is not None:
@@ -64,27 +80,30 @@ def _kjt_unflatten(children: Any, context: _KjtContext) -> KeyedJaggedTensor:
         for n in per_key_list:
             offset_per_key.append(offset_per_key[-1] + n)
     return KeyedJaggedTensor._trusted(
-        list(keys), None, values, weights, lengths, offsets, stride, per_key_list, offset_per_key
+        list(keys),
+        None,
+        f["_values"],
+        f["_weights"],
+        f["_lengths"],
+        f["_offsets"],
+        stride,
+        per_key_list,
+        offset_per_key,
     )
-
-
-_KtContext = tuple[tuple[str, ...], tuple[int, ...], int]
 
 
 def _kt_flatten(kt: KeyedTensor) -> tuple[list[torch.Tensor], _KtContext]:
     return [kt.values()], (tuple(kt.keys()), tuple(kt.length_per_key()), kt.key_dim())
 
 
-def _kt_flatten_with_keys(
-    kt: KeyedTensor,
-) -> tuple[list[tuple[pytree.KeyEntry, Any]], _KtContext]:
+def _kt_flatten_with_keys(kt: KeyedTensor) -> tuple[list[tuple[Any, Any]], _KtContext]:
     children, context = _kt_flatten(kt)
     return [(pytree.GetAttrKey("_values"), children[0])], context
 
 
 def _kt_unflatten(children: Any, context: _KtContext) -> KeyedTensor:
     keys, per_key, key_dim = context
-    return KeyedTensor(list(keys), list(per_key), children[0], key_dim=key_dim)
+    return KeyedTensor(list(keys), list(per_key), next(iter(children)), key_dim=key_dim)
 
 
 def register() -> None:

@@ -81,6 +81,10 @@ class KeyedTensor:
             raise ValueError(
                 f"{_OWNER}.from_tensor_list: {len(keys)} keys but {len(tensors)} tensors"
             )
+        if not tensors:
+            raise ValueError(
+                f"{_OWNER}.from_tensor_list: no tensors (use KeyedTensor(keys=[], ...) for none)"
+            )
         per_key = [t.shape[key_dim] for t in tensors]
         return KeyedTensor(keys, per_key, torch.cat(list(tensors), dim=cat_dim), key_dim=key_dim)
 
