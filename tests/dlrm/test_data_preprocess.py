@@ -209,3 +209,11 @@ def test_output_of_other_sources_is_not_overwritten(tmp_path: Path) -> None:
         preprocess(tmp_path / "b", tmp_path / "pre", workers=1, progress=False)
     with pytest.raises(DataError, match="already preprocessed"):
         preprocess(tmp_path / "pre", tmp_path / "pre2", workers=1, progress=False)
+
+
+def test_worker_processes_report_bad_rows_with_their_line(tmp_path: Path) -> None:
+    src = _tb_dir(tmp_path / "src", bad_day=1)
+    with pytest.raises(DataError, match=r"day_1:57: I1 is not an integer"):
+        preprocess(src, tmp_path / "dst", workers=2, chunk_bytes=2000, progress=False)
+    assert [p.name for p in read_metadata(tmp_path / "dst").parts] == ["day_0"]
+    assert not list((tmp_path / "dst").glob("*.partial"))

@@ -25,7 +25,7 @@ import numpy as np
 
 from .batch import Batch, make_batch
 from .errors import DataError
-from .layout import open_part, read_metadata
+from .layout import PreprocessedMeta, open_part, read_metadata
 from .reader import read_file
 from .schema import Rows, parse_num_embeddings
 from .sources import Format, Layout, SourceFile, discover
@@ -72,6 +72,7 @@ class Dataset:
         self._bad_rows_mode: BadRows = bad_rows
         self._parts: dict[int, Rows] = {}
         self._sizes: tuple[int, ...] | None = None
+        self._meta: PreprocessedMeta | None = None
         self.bad_rows: dict[str, int] = {}
         """Rows skipped per raw file (``bad_rows="skip"``), filled as files are read."""
 
@@ -79,8 +80,9 @@ class Dataset:
         """All rows of part ``index`` (a memory map for preprocessed data)."""
         if index not in self._parts:
             if self.format == "preprocessed":
-                meta = read_metadata(self.path)
-                self._parts[index] = open_part(self.path, meta.parts[index])
+                if self._meta is None:
+                    self._meta = read_metadata(self.path)
+                self._parts[index] = open_part(self.path, self._meta.parts[index])
             else:
                 src = self._sources[index]
                 rows, skipped = read_file(src, bad_rows=self._bad_rows_mode)
