@@ -86,7 +86,9 @@ def _side_torchrec(src: str, dst: str) -> dict[str, float]:
     }
 
 
-def _side_reader(dst: str, batch_size: int) -> dict[str, float]:
+def _side_reader(dst: str, batch_size: int, device: str) -> dict[str, float]:
+    import torch
+
     from shardrec_dlrm.data import open_dataset
 
     train = open_dataset(dst, num_embeddings_per_feature=KAGGLE_CAPPED).split("train")
@@ -95,7 +97,11 @@ def _side_reader(dst: str, batch_size: int) -> dict[str, float]:
     start = time.perf_counter()
     rows = 0
     for batch in train.batches(batch_size, seed=0, epoch=0, drop_last=True):
+        if device != "cpu":
+            batch = batch.to(device)
         rows += batch.batch_size
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
 
@@ -124,6 +130,7 @@ def main() -> None:
     parser.add_argument("--src")
     parser.add_argument("--dst")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="Reader: also copy each batch there.")
     args = parser.parse_args()
 
     if args.impl == "shardrec-preprocess":
@@ -133,7 +140,7 @@ def main() -> None:
         print(json.dumps(_side_torchrec(args.src, args.dst)))
         return
     if args.impl == "reader":
-        print(json.dumps(_side_reader(args.dst, args.batch_size)))
+        print(json.dumps(_side_reader(args.dst, args.batch_size, args.device)))
         return
 
     from shardrec_dlrm.data.preprocess import default_workers
@@ -190,10 +197,11 @@ def main() -> None:
             print(f"ratio {name} / TorchRec rows/s: {ratio:.1f}x (target >= 5x)")
 
     reader = _run_self(["--impl", "reader", "--dst", str(work / f"pre_{args.rows}_{cores}"),
-                        "--batch-size", str(args.batch_size)])  # fmt: skip
+                        "--batch-size", str(args.batch_size), "--device", args.device])  # fmt: skip
     print(
-        f"batch reader: {reader['rows_per_s']:,.0f} rows/s ({reader['rows']:,} train rows, batch "
-        f"{args.batch_size}); {reader['rows_per_s'] / args.trainer_rate:.1f}x the trainer's "
+        f"batch reader (to {args.device}): {reader['rows_per_s']:,.0f} rows/s "
+        f"({reader['rows']:,} train rows, batch {args.batch_size}); "
+        f"{reader['rows_per_s'] / args.trainer_rate:.1f}x the trainer's "
         f"{args.trainer_rate:,.0f} samples/s (target >= 10x)"
     )
 

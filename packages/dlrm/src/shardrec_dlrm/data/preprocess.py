@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 
@@ -111,23 +111,24 @@ class _Progress:
     """tqdm bar in rows with rows/s; its total is re-estimated from the bytes read so far."""
 
     def __init__(self, total_bytes: int, enabled: bool) -> None:
-        from tqdm import tqdm  # type: ignore[import-untyped]
-
         self.total_bytes = max(total_bytes, 1)
-        self.done_bytes = 0
-        self.bar = tqdm(
-            total=None, unit=" rows", unit_scale=True, disable=not enabled, smoothing=0.1
-        )
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm  # type: ignore[import-untyped]
+
+            self.bar = tqdm(total=None, unit=" rows", unit_scale=True, smoothing=0.1)
 
     def update(self, rows: int, bytes_now: int) -> None:
-        self.done_bytes = bytes_now
+        if self.bar is None:
+            return
         self.bar.update(rows)
-        if self.done_bytes:
-            self.bar.total = round(self.bar.n * self.total_bytes / self.done_bytes)
+        if bytes_now:
+            self.bar.total = round(self.bar.n * self.total_bytes / bytes_now)
             self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 @contextlib.contextmanager
