@@ -85,6 +85,10 @@ def fbgemm_unsupported_reason(
         dims_seen = sorted(set(dims))
         return f"FBGEMM's sequence (NONE) lookup needs one embedding_dim per call, got {dims_seen}"
     if device.type == "cpu":
+        if pooling is PoolingType.NONE:
+            # Measured with fbgemm-gpu-cpu 1.8.0: out-of-bounds errors on valid ids as soon as a
+            # bag holds several ids or features share a table.
+            return "FBGEMM's CPU sequence (NONE) lookup fails on valid multi-id bags"
         if is_weighted and pooling is PoolingType.MEAN:
             # Measured with fbgemm-gpu-cpu 1.8.0: the forward divides by the bag length, the
             # backward does not, so weights would receive L times the true gradient.

@@ -94,9 +94,6 @@ class TableBatchedEmbedding(nn.Module):
         self._group_tables: list[list[int]] = []
         self._group_features: list[list[int]] = []
         self._build_groups(target)
-        self._rows = torch.tensor(
-            [self.tables[t].num_embeddings for t in self._feature_table], dtype=torch.int64
-        )
         self.weights = nn.ParameterDict()
         for name, view in self._table_views().items():
             self.weights[name] = nn.Parameter(view, requires_grad=optimizer is None)
@@ -157,7 +154,7 @@ class TableBatchedEmbedding(nn.Module):
                     # ``.data`` cannot change the tensor type (meta -> cpu, cpu -> cuda); swapping
                     # keeps the same Parameter object, so holders of it (the collections) follow.
                     fresh = nn.Parameter(view, requires_grad=param.requires_grad)
-                    torch.utils.swap_tensors(param, fresh)
+                    torch.utils.swap_tensors(param, fresh)  # type: ignore[no-untyped-call]
 
     # ---- device handling ----------------------------------------------------------------------
 
@@ -174,7 +171,6 @@ class TableBatchedEmbedding(nn.Module):
     def _move_to(self, device: torch.device) -> None:
         for group in self._groups:
             group.move_to(device)
-        self._rows = self._rows.to(device)
         self._repoint_parameters()
 
     def reset_parameters(
@@ -325,21 +321,29 @@ class TableBatchedEmbedding(nn.Module):
     def _check_ids(self, values: torch.Tensor, lpk: list[int]) -> None:
         if values.numel() == 0:
             return
-        counts = torch.tensor(lpk, dtype=torch.int64, device=values.device)
-        limit = torch.repeat_interleave(self._rows, counts, output_size=values.numel())
-        bad = (values >= limit) | (values < 0)
-        if not bool(bad.any()):
-            return
-        first = int(bad.nonzero()[0, 0])
-        f = 0
-        while sum(lpk[: f + 1]) <= first:
-            f += 1
-        spec = self.tables[self._feature_table[f]]
-        raise ValueError(
-            f"id {int(values[first])} of feature {self.features[f].name!r} is out of range for"
-            f" table {spec.name!r} (num_embeddings={spec.num_embeddings}; ids must be in [0,"
-            f" {spec.num_embeddings}))"
-        )
+        # Per-feature min and max: one reduction when the features hold as many ids each (fixed
+        # batches), else one small reduction per feature; a single device-to-host copy either way.
+        if len(set(lpk)) == 1:
+            lows, highs = values.view(len(lpk), -1).aminmax(dim=1)
+            present = list(range(len(lpk)))
+        else:
+            present = [f for f, n in enumerate(lpk) if n]
+            starts = [0]
+            for n in lpk:
+                starts.append(starts[-1] + n)
+            pairs = [values[starts[f] : starts[f + 1]].aminmax() for f in present]
+            lows = torch.stack([p.min for p in pairs])
+            highs = torch.stack([p.max for p in pairs])
+        bounds = torch.stack([lows, highs]).tolist()
+        for f, low, high in zip(present, bounds[0], bounds[1], strict=True):
+            spec = self.tables[self._feature_table[f]]
+            if low < 0 or high >= spec.num_embeddings:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"id {bad} of feature {self.features[f].name!r} is out of range for table"
+                    f" {spec.name!r} (num_embeddings={spec.num_embeddings}; ids must be in"
+                    f" [0, {spec.num_embeddings}))"
+                )
 
     def _assemble_pooled(self, outs: list[torch.Tensor]) -> torch.Tensor:
         if len(outs) == 1:

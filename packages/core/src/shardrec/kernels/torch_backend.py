@@ -11,13 +11,14 @@ to the fused optimizer, which updates the touched rows in place.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from shardrec.kernels.group import GroupInput
-from shardrec.kernels.optimizers import apply_fused_update, new_state
+from shardrec.kernels.memory import empty_rows, zeros_rows
+from shardrec.kernels.optimizers import SparseGrad, apply_fused_update, new_state
 from shardrec.kernels.specs import FusedOptimizerConfig, PoolingType, TableSpec, data_type_to_dtype
 
 __all__ = ["TorchGroup"]
@@ -52,7 +53,8 @@ class TorchGroup:
         self._any_mean = any(mean)
         self._all_mean = all(mean)
         self.step = 0
-        self.storage = torch.empty(self.num_rows, self.dim, dtype=self.dtype, device=device)
+        self._aranges: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.storage = empty_rows((self.num_rows, self.dim), self.dtype, device)
         self.state: dict[str, torch.Tensor] = (
             new_state(optimizer, self.num_rows, self.dim, device) if optimizer is not None else {}
         )
@@ -64,12 +66,18 @@ class TorchGroup:
     def move_to(self, device: torch.device) -> None:
         if device == self.device:
             return
-        if self.device.type == "meta":
-            self.storage = torch.empty_like(self.storage, device=device)
-            self.state = {k: torch.zeros_like(v, device=device) for k, v in self.state.items()}
-        else:
-            self.storage = self.storage.to(device)
-            self.state = {k: v.to(device) for k, v in self.state.items()}
+        was_meta = self.device.type == "meta"
+        storage = empty_rows(tuple(self.storage.shape), self.dtype, device)
+        if not was_meta:
+            storage.copy_(self.storage)
+        self.storage = storage
+        state = {}
+        for name, old in self.state.items():
+            new = zeros_rows(tuple(old.shape), old.dtype, device)
+            if not was_meta:
+                new.copy_(old)
+            state[name] = new
+        self.state = state
         self._feature_base = self._feature_base.to(device)
         self._mean = self._mean.to(device)
 
@@ -90,23 +98,56 @@ class TorchGroup:
         base = torch.repeat_interleave(self._feature_base, counts, output_size=inp.values.numel())
         return inp.values + base
 
-    def _pooling_weights(self, inp: GroupInput) -> torch.Tensor | None:
-        weights = inp.weights
-        if not self._any_mean:
-            return weights
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        cached = self._aranges.get((n, device))
+        if cached is None:
+            cached = torch.arange(n, dtype=torch.int64, device=device)
+            self._aranges = {(n, device): cached}
+        return cached
+
+    def _sample_major(self, inp: GroupInput) -> _SampleMajor:
+        """Reorder the bags from key-major ``(f, b)`` to sample-major ``(b, f)``.
+
+        ``embedding_bag`` then writes ``[B * F, D]`` rows that already are the ``[B, F * D]``
+        output, and backward reads the output gradient in place: moving ids (8 bytes each) is far
+        cheaper than transposing pooled rows (``4 * D`` bytes each) twice.
+        """
+        nf, batch = len(self.feature_tables), inp.batch_size
+        num_bags, n = nf * batch, inp.values.numel()
+        device = inp.values.device
         lengths = inp.offsets.diff()
-        inv = 1.0 / lengths.clamp(min=1).to(torch.float32)
-        if not self._all_mean:
-            per_bag_mean = self._mean.repeat_interleave(inp.batch_size)
-            inv = torch.where(per_bag_mean, inv, torch.ones_like(inv))
-        scale = torch.repeat_interleave(inv, lengths, output_size=inp.values.numel())
-        return scale if weights is None else scale * weights
+        one_per_bag = n == num_bags and (n == 0 or int(lengths.max()) == 1)
+        if one_per_bag:
+            ids = torch.empty(batch, nf, dtype=torch.int64, device=device)
+            if self._bases_all_zero:
+                ids.t().copy_(inp.values.view(nf, batch))
+            else:
+                torch.add(inp.values.view(nf, batch), self._feature_base.view(nf, 1), out=ids.t())
+            weights = inp.weights
+            psw = None if weights is None else weights.view(nf, batch).t().reshape(-1)
+            return _SampleMajor(ids.view(-1), self._arange(num_bags + 1, device), psw, None)
+        lengths_sm = lengths.view(nf, batch).t().reshape(-1)
+        starts_sm = inp.offsets[:-1].view(nf, batch).t().reshape(-1)
+        offsets_sm = torch.zeros(num_bags + 1, dtype=torch.int64, device=device)
+        torch.cumsum(lengths_sm, 0, out=offsets_sm[1:])
+        shift = torch.repeat_interleave(starts_sm - offsets_sm[:-1], lengths_sm, output_size=n)
+        gather = shift.add_(self._arange(n, device))
+        ids_sm = self._global_ids(inp).index_select(0, gather)
+        psw_sm: torch.Tensor | None = None
+        if inp.weights is not None:
+            psw_sm = inp.weights.index_select(0, gather)
+        if self._any_mean:
+            inv = 1.0 / lengths_sm.clamp(min=1).to(torch.float32)
+            if not self._all_mean:
+                inv = torch.where(self._mean.repeat(batch), inv, torch.ones_like(inv))
+            scale = torch.repeat_interleave(inv, lengths_sm, output_size=n)
+            psw_sm = scale if psw_sm is None else psw_sm * scale
+        return _SampleMajor(ids_sm, offsets_sm, psw_sm, lengths_sm)
 
     def pooled(self, inp: GroupInput, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        ids = self._global_ids(inp)
-        psw = self._pooling_weights(inp)
+        sm = self._sample_major(inp)
         out: torch.Tensor = _PooledLookup.apply(  # type: ignore[no-untyped-call]
-            self, ids, inp.offsets, psw, inp.batch_size, len(self.feature_tables), *params
+            self, sm, inp.batch_size, len(self.feature_tables), *params
         )
         return out
 
@@ -115,18 +156,29 @@ class TorchGroup:
         out: torch.Tensor = _SequenceLookup.apply(self, ids, *params)  # type: ignore[no-untyped-call]
         return out
 
-    def backward_rows(
-        self, ids: torch.Tensor, grads: torch.Tensor, num_params: int
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward_rows(self, grad: SparseGrad, num_params: int) -> tuple[torch.Tensor | None, ...]:
         """Apply the fused update (fused mode) or build the tables' dense gradients (plain mode)."""
         if self.optimizer is not None:
             self.step += 1
-            apply_fused_update(self.optimizer, self.storage, self.state, ids, grads, self.step)
+            apply_fused_update(self.optimizer, self.storage, self.state, grad, self.step)
             return (None,) * num_params
-        dense = torch.zeros(self.num_rows, self.dim, dtype=self.dtype, device=grads.device)
-        dense.index_add_(0, ids, grads.to(self.dtype))
+        dense = torch.zeros(self.num_rows, self.dim, dtype=torch.float32, device=grad.ids.device)
+        grad.scatter_into(dense, grad.ids, 1.0)
+        dense = dense.to(self.dtype)
         s = self.row_starts
         return tuple(dense[s[i] : s[i + 1]] for i in range(len(self.tables)))
+
+
+class _SampleMajor(NamedTuple):
+    """Sample-major bags: ids, offsets (``B * F + 1``), per-id weights, per-bag lengths.
+
+    ``lengths`` is None when every bag holds exactly one id (id ``i`` is bag ``i``).
+    """
+
+    ids: torch.Tensor
+    offsets: torch.Tensor
+    psw: torch.Tensor | None
+    lengths: torch.Tensor | None
 
 
 class _PooledLookup(torch.autograd.Function):
@@ -134,49 +186,37 @@ class _PooledLookup(torch.autograd.Function):
     def forward(
         ctx: Any,
         group: TorchGroup,
-        ids: torch.Tensor,
-        offsets: torch.Tensor,
-        psw: torch.Tensor | None,
+        sm: _SampleMajor,
         batch_size: int,
         num_features: int,
         *params: torch.Tensor,
     ) -> torch.Tensor:
         weight = group.storage
-        psw_in = psw.to(weight.dtype) if psw is not None else None
+        psw = sm.psw.to(weight.dtype) if sm.psw is not None else None
         bags = F.embedding_bag(
-            ids, weight, offsets, mode="sum", per_sample_weights=psw_in, include_last_offset=True
+            sm.ids, weight, sm.offsets, mode="sum", per_sample_weights=psw, include_last_offset=True
         )
-        out = bags.view(num_features, batch_size, group.dim).transpose(0, 1)
-        out = out.reshape(batch_size, num_features * group.dim)
+        out = bags.view(batch_size, num_features * group.dim)
         ctx.group = group
-        ctx.batch_size = batch_size
-        ctx.num_features = num_features
+        ctx.sm = sm
         ctx.num_params = len(params)
-        ctx.save_for_backward(ids, offsets, psw)
         return out.float() if out.dtype != torch.float32 else out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         group: TorchGroup = ctx.group
-        ids, offsets, psw = ctx.saved_tensors
-        batch, nf = ctx.batch_size, ctx.num_features
-        rows_by_sample = grad.contiguous().view(batch * nf, group.dim)
-        num_bags = nf * batch
-        if ids.numel() == num_bags:
-            # One id per bag (the common case): id i belongs to bag i; skip the expansion.
-            bag = torch.arange(num_bags, device=ids.device)
-        else:
-            lengths = offsets.diff()
+        sm: _SampleMajor = ctx.sm
+        grad_bags = grad.contiguous().view(-1, group.dim)
+        bag = None
+        if sm.lengths is not None:
             bag = torch.repeat_interleave(
-                torch.arange(num_bags, device=ids.device), lengths, output_size=ids.numel()
+                group._arange(grad_bags.shape[0], grad_bags.device),
+                sm.lengths,
+                output_size=sm.ids.numel(),
             )
-        # Bags are key-major (f * B + b); the gradient is sample-major (b * F + f).
-        row = (bag % batch) * nf + torch.div(bag, batch, rounding_mode="floor")
-        grads = rows_by_sample.index_select(0, row)
-        if psw is not None:
-            grads = grads * psw.unsqueeze(1)
-        param_grads = group.backward_rows(ids, grads, ctx.num_params)
-        return (None, None, None, None, None, None, *param_grads)
+        sparse = SparseGrad(ids=sm.ids, grad_bags=grad_bags, bag=bag, psw=sm.psw)
+        param_grads = group.backward_rows(sparse, ctx.num_params)
+        return (None, None, None, None, *param_grads)
 
 
 class _SequenceLookup(torch.autograd.Function):
@@ -194,5 +234,6 @@ class _SequenceLookup(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         group: TorchGroup = ctx.group
         (ids,) = ctx.saved_tensors
-        param_grads = group.backward_rows(ids, grad.contiguous(), ctx.num_params)
+        sparse = SparseGrad(ids=ids, grad_bags=grad.contiguous(), bag=None, psw=None)
+        param_grads = group.backward_rows(sparse, ctx.num_params)
         return (None, None, *param_grads)

@@ -1,0 +1,281 @@
+"""EmbeddingBagCollection benchmark: shardrec's fused kernel (both backends) against a loop of
+``nn.EmbeddingBag``, TorchRec 1.8.0, and a random-gather baseline, all in one run.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/ebc.py [--threads 1]
+
+Workload: 26 tables with the Criteo Kaggle cardinalities capped at 1,000,000 rows, dim 64, fp32,
+batch 4096, one id per feature and 20 ids per feature (uniform random ids). Measured per case:
+``forward`` (under ``torch.no_grad``) and ``step`` (forward, backward of a fixed random output
+gradient, and the SGD update: fused into backward for shardrec and TorchRec, a sparse
+``torch.optim.SGD`` step for the ``nn.EmbeddingBag`` loop), in samples/s.
+
+Bytes moved: a forward reads ``ids × 256`` bytes of rows, a step reads them and reads and writes
+them again (``3 × ids × 256``). The baseline is ``index_select`` of the same number of random rows
+from one 1,000,000-row table, measured in the same run; ``of gather`` is the fraction of the
+baseline's bytes per second that a contender reaches.
+
+TorchRec runs in ``.venv-peer`` (``make bench-peer``) when it exists: this script re-runs itself
+there with ``--peer`` (DistributedModelParallel, one rank on gloo, fused SGD through
+``apply_optimizer_in_backward``, FBGEMM kernels) between two of its own rounds, under the same
+allocator setting and thread count. Every figure is the best of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from common import MALLOC_ENV, REPO, measure, peer_available, run_peer
+
+KAGGLE = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+    5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]  # fmt: skip
+ROWS = [min(n, 1_000_000) for n in KAGGLE]
+DIM = 64
+LR = 0.01
+FEATURES = [f"cat_{i}" for i in range(len(ROWS))]
+Timed = Callable[[], object]
+
+
+def _inputs(batch: int, ids: int, pool: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(ids)
+    out = []
+    for _ in range(pool):
+        values = torch.cat([torch.randint(0, n, (batch * ids,), generator=gen) for n in ROWS])
+        lengths = torch.full((len(ROWS) * batch,), ids, dtype=torch.int32)
+        out.append((values, lengths))
+    return out
+
+
+def _grad(batch: int) -> torch.Tensor:
+    return torch.randn(batch, DIM * len(ROWS), generator=torch.Generator().manual_seed(1))
+
+
+def _cycle(items: list[Any]) -> Callable[[], Any]:
+    state = {"i": 0}
+
+    def nxt() -> Any:
+        state["i"] += 1
+        return items[state["i"] % len(items)]
+
+    return nxt
+
+
+def _shardrec(backend: str, batch: int) -> dict[int, tuple[Timed, Timed]]:
+    import shardrec
+
+    tables = [
+        shardrec.EmbeddingBagConfig(
+            name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f]
+        )
+        for f, n in zip(FEATURES, ROWS, strict=True)
+    ]
+    ebc = shardrec.EmbeddingBagCollection(
+        tables=tables, fused_params={"optimizer": "sgd", "learning_rate": LR}, backend=backend
+    )
+    assert ebc.lookup.backend.value == backend, ebc.lookup.backend
+    return _pair(lambda kjt: ebc(kjt).values(), shardrec.KeyedJaggedTensor, batch, None)
+
+
+def _loop(batch: int) -> dict[int, tuple[Timed, Timed]]:
+    bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in ROWS)
+    opt = torch.optim.SGD(bags.parameters(), lr=LR)
+
+    def run(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        per_key = batch * int(lengths[0])
+        outs = []
+        for f, bag in enumerate(bags):
+            ids = values[f * per_key : (f + 1) * per_key]
+            offs = offsets[f * batch : (f + 1) * batch] - f * per_key
+            outs.append(bag(ids, offs))
+        return torch.cat(outs, dim=1)
+
+    def after_backward() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _pair(None, None, batch, (run, after_backward))
+
+
+def _pair(
+    model: Callable[[Any], torch.Tensor] | None,
+    kjt_cls: Any,
+    batch: int,
+    raw: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[], None]] | None,
+) -> dict[int, tuple[Timed, Timed]]:
+    grad = _grad(batch)
+    run, after = raw if raw is not None else (None, None)
+    cases: dict[int, tuple[Timed, Timed]] = {}
+    for ids in CASES:
+        data = _inputs(batch, ids, 4)
+        if raw is None:
+            assert model is not None
+            pool = [kjt_cls(keys=FEATURES, values=v, lengths=n) for v, n in data]
+            for kjt in pool:
+                kjt.length_per_key()  # host-side sizes, as a data loader would provide them
+            nxt = _cycle(pool)
+
+            def fwd(nxt: Callable[[], Any] = nxt) -> object:
+                with torch.no_grad():
+                    return model(nxt())
+
+            def step(nxt: Callable[[], Any] = nxt) -> object:
+                out = model(nxt())
+                out.backward(grad)
+                return None
+
+        else:
+            assert run is not None
+            assert after is not None
+            nxt = _cycle(data)
+
+            def fwd(nxt: Callable[[], Any] = nxt, run: Any = run) -> object:
+                with torch.no_grad():
+                    return run(*nxt())
+
+            def step(nxt: Callable[[], Any] = nxt, run: Any = run, after: Any = after) -> object:
+                run(*nxt()).backward(grad)
+                after()
+                return None
+
+        cases[ids] = (fwd, step)
+    return cases
+
+
+def _gather(batch: int) -> dict[int, Timed]:
+    table = torch.randn(1_000_000, DIM)
+    out: dict[int, Timed] = {}
+    for ids in CASES:
+        n = batch * ids * len(ROWS)
+        pool = [torch.randint(0, 1_000_000, (n,), generator=torch.Generator().manual_seed(k))
+                for k in range(4)]  # fmt: skip
+        nxt = _cycle(pool)
+        out[ids] = lambda nxt=nxt: table.index_select(0, nxt())
+    return out
+
+
+def _torchrec(batch: int) -> dict[int, tuple[Timed, Timed]]:
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f])
+        for f, n in zip(FEATURES, ROWS, strict=True)
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": LR})
+    model = DistributedModelParallel(ebc, device=torch.device("cpu"))
+    print(f"torchrec plan: {model.plan}", file=sys.stderr)
+
+    def run(kjt: Any) -> torch.Tensor:
+        out = model(kjt)
+        out = out.wait() if hasattr(out, "wait") else out
+        values: torch.Tensor = out.values()
+        return values
+
+    return _pair(run, KeyedJaggedTensor, batch, None)
+
+
+CASES = (1, 20)
+
+
+def _measure_all(
+    contenders: dict[str, dict[int, tuple[Timed, Timed]]],
+    gathers: dict[int, Timed],
+    iters: dict[int, int],
+    best: dict[str, float],
+) -> None:
+    for ids in CASES:
+        n = iters[ids]
+        key = f"gather/{ids}"
+        best[key] = min(best.get(key, float("inf")), measure(gathers[ids], 2, n))
+        for name, cases in contenders.items():
+            fwd, step = cases[ids]
+            for mode, fn in (("forward", fwd), ("step", step)):
+                key = f"{name}/{ids}/{mode}"
+                best[key] = min(best.get(key, float("inf")), measure(fn, 2, n))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=15, help="timed calls per measure (1 id)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    iters = {1: args.iters, 20: max(3, args.iters // 5)}
+    best: dict[str, float] = {}
+    if args.peer:
+        contenders = {"torchrec": _torchrec(args.batch)}
+        _measure_all(contenders, _gather(args.batch), iters, best)
+        print(json.dumps(best))
+        return 0
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]:
+        print("warning: run with MALLOC_MMAP_THRESHOLD_=33554432 (see docs/benchmarks.md)")
+    from shardrec import ops
+
+    contenders = {"shardrec-torch": _shardrec("torch", args.batch)}
+    if ops.fbgemm_available():
+        contenders["shardrec-fbgemm"] = _shardrec("fbgemm", args.batch)
+    contenders["nn.EmbeddingBag loop"] = _loop(args.batch)
+    gathers = _gather(args.batch)
+    use_peer = not args.no_peer and peer_available()
+    for r in range(args.rounds):
+        _measure_all(contenders, gathers, iters, best)
+        if use_peer and r == 0:
+            cmd = [str(REPO / "tools/bench/ebc.py"), "--peer", f"--batch={args.batch}"]
+            cmd += [f"--threads={args.threads}", f"--iters={args.iters}"]
+            for key, value in json.loads(run_peer(cmd).strip().splitlines()[-1]).items():
+                if key.startswith("torchrec/"):
+                    best[key] = value
+                else:  # the gather baseline measured in the peer process, kept if faster
+                    best[key] = min(best[key], value)
+    _report(best, args, list(contenders) + (["torchrec"] if use_peer else []))
+    return 0
+
+
+def _report(best: dict[str, float], args: argparse.Namespace, names: list[str]) -> None:
+    b = args.batch
+    print(f"\nbatch {b}, dim {DIM}, 26 tables (Kaggle capped at 1M), fp32, threads {args.threads},"
+          f" MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")  # fmt: skip
+    ref = "torchrec" if "torchrec" in names else "nn.EmbeddingBag loop"
+    for ids in CASES:
+        rows = b * ids * len(ROWS)
+        gather_bw = rows * DIM * 4 / best[f"gather/{ids}"]
+        print(f"\n{ids} id(s) per feature: gather baseline {gather_bw / 1e9:.2f} GB/s")
+        print(f"| contender | forward samples/s | step samples/s | forward vs {ref} |"
+              f" step vs {ref} | forward of gather | step of gather |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
+        for name in names:
+            f, s = best[f"{name}/{ids}/forward"], best[f"{name}/{ids}/step"]
+            rf, rs = best[f"{ref}/{ids}/forward"], best[f"{ref}/{ids}/step"]
+            fbw, sbw = rows * DIM * 4 / f, 3 * rows * DIM * 4 / s
+            print(f"| {name} | {b / f:,.0f} | {b / s:,.0f} | {rf / f:.2f}x | {rs / s:.2f}x |"
+                  f" {fbw / gather_bw:.2f} | {sbw / gather_bw:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    code = main()
+    print(f"\n({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    raise SystemExit(code)
