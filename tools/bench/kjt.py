@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import MALLOC_ENV, compare, peer_available, run_peer
+from common import compare, peer_available, run_peer
 
 NUM_KEYS = 26
 BATCH = 4096
@@ -123,7 +124,10 @@ def run(impls: list[str], iters: int, warmup: int, rounds: int) -> dict[str, dic
 
 
 def report(results: dict[str, dict[str, float]], impls: list[str]) -> str:
-    lines = [f"allocator: {MALLOC_ENV}; torch {torch.__version__}; 1 thread"]
+    allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    lines = [
+        f"allocator: {allocator}; torch {torch.__version__}; {torch.get_num_threads()} thread(s)"
+    ]
     header = f"{'workload':<26}" + "".join(f"{impl:>12}" for impl in impls)
     if len(impls) == 2:
         header += f"{'ratio':>9}"
@@ -142,6 +146,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="time shardrec only")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides")
     args = parser.parse_args()
     have_torchrec = importlib.util.find_spec("torchrec") is not None
     if not have_torchrec and not args.no_peer and peer_available():
@@ -152,7 +157,7 @@ def main() -> int:
         impls.append("torchrec")
     elif not args.no_peer:
         print("(no TorchRec here or in .venv-peer: shardrec figures only)", file=sys.stderr)
-    torch.set_num_threads(1)  # the machine is shared; one thread on both sides keeps it comparable
+    torch.set_num_threads(args.threads)
     print(report(run(impls, args.iters, args.warmup, args.rounds), impls))
     return 0
 

@@ -8,6 +8,7 @@ kernels, no device syncs beyond the KJT's own ``sync()``.
 
 from __future__ import annotations
 
+import array
 import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -50,6 +51,14 @@ def to_dict(kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
     }
 
 
+def _index_tensor(indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``indices``; via a buffer, which is ~3x faster than torch.tensor(list)."""
+    if not indices:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    host = torch.frombuffer(array.array("q", indices), dtype=torch.int64)
+    return host if device.type == "cpu" else host.to(device)
+
+
 def _permute_segments(
     flat: torch.Tensor, sizes: list[int], indices: Sequence[int], indices_tensor: torch.Tensor
 ) -> torch.Tensor:
@@ -76,7 +85,7 @@ def permute(
     new_keys = [keys[i] for i in indices]
     new_per_key = [per_key[i] for i in indices]
     if indices_tensor is None:
-        indices_tensor = torch.tensor(indices, dtype=torch.long, device=lengths.device)
+        indices_tensor = _index_tensor(indices, lengths.device)
     elif indices_tensor.dtype != torch.long:
         indices_tensor = indices_tensor.long()
     new_lengths = (
