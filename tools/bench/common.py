@@ -4,8 +4,9 @@
 - ``compare(factories, warmup, iters, rounds)``: several contenders measured in alternating rounds
   (the machine is shared: alternating puts every contender through the same bursts of load), best
   round of each.
-- ``peer_available()`` / ``run_peer(args)``: run a script in ``.venv-peer`` (TorchRec 1.8.0 beside
-  shardrec, see ``make bench-peer``) under the shared allocator settings.
+- ``peer_available()`` / ``run_peer(args)`` / ``run_peer_snippet(code)``: run a script or a snippet
+  in ``.venv-peer`` (TorchRec 1.8.0 beside shardrec, see ``make bench-peer``) under the shared
+  allocator settings.
 """
 
 from __future__ import annotations
@@ -90,3 +91,10 @@ def run_peer(args: Sequence[str], timeout: float = 1800.0) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"peer run {list(args)} failed ({done.returncode}):\n{done.stderr}")
     return done.stdout
+
+
+def run_peer_snippet(code: str, timeout: float = 1800.0) -> str | None:
+    """Run Python ``code`` in ``.venv-peer`` and return its stdout; None when there is no peer."""
+    if not peer_available():
+        return None
+    return run_peer(["-c", code], timeout=timeout)
