@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 POOL_SIZE = 4
-CASE_TIMEOUT_S = 240.0
+CASE_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 180.0
 _WORKER = Path(__file__).resolve().parent / "_pool_worker.py"
 
@@ -90,6 +90,14 @@ class DistPool:
             c.close()
         self._procs, self._conns = [], []
 
+    def kill(self) -> None:
+        for p in self._procs:
+            p.kill()
+            p.wait()
+        for c in self._conns:
+            c.close()
+        self._procs, self._conns = [], []
+
     def run(self, world_size: int, fn: Callable[..., Any], **kwargs: Any) -> list[Any]:
         if not 1 <= world_size <= POOL_SIZE:
             raise ValueError(f"world_size must be in 1..{POOL_SIZE}")
@@ -112,12 +120,14 @@ class DistPool:
                         out[rank] = value
                     else:
                         errors.append(f"--- rank {rank} ---\n{value}")
+                if errors:
+                    break
         except (TimeoutError, RuntimeError, EOFError):
-            self.close()
+            self.kill()
             raise
         if errors:
             # Ranks that did not fail may be stuck in a collective: start afresh.
-            self.close()
+            self.kill()
             raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(errors))
         return [out[r] for r in range(world_size)]
 

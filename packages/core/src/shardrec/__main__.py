@@ -1,0 +1,48 @@
+"""``python -m shardrec plugins``: list the sharder plugins that load, and what each registered."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _plugins() -> int:
+    from shardrec.distributed.plugins import PluginError, load_sharder_registry
+
+    try:
+        registry = load_sharder_registry()
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    plugins = registry.plugins()
+    if not plugins:
+        print("no shardrec plugins loaded (install shardrec-sharders for the built-in sharders)")
+        return 0
+    for info in plugins:
+        origin = f"{info.distribution} {info.version}" if info.distribution else "in-process"
+        print(f"{info.name}  ({origin}; entry point: {info.entry_point})")
+        for sharder in info.sharders:
+            types = ", ".join(sharder.sharding_types("cpu"))
+            kernels = sorted(
+                {
+                    k
+                    for t in sharder.sharding_types("cpu")
+                    for k in sharder.compute_kernels(t, "cpu")
+                }
+            )
+            print(
+                f"    {sharder.module_type.__name__:<24} {types:<16} kernels: {', '.join(kernels)}"
+                f"  [{type(sharder).__module__}.{type(sharder).__qualname__}]"
+            )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["plugins"]:
+        return _plugins()
+    print("usage: python -m shardrec plugins", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""An example third-party shardrec plugin (see docs/plugins.md)."""
