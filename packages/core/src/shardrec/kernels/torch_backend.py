@@ -46,10 +46,11 @@ class TorchGroup:
         self.row_starts = starts
         self.num_rows = starts[-1]
         bases = [starts[t] for t in self.feature_tables]
-        self._feature_base = torch.tensor(bases, dtype=torch.int64)
+        small = device if device.type != "meta" else torch.device("cpu")
+        self._feature_base = torch.tensor(bases, dtype=torch.int64, device=small)
         self._bases_all_zero = not any(bases)
         mean = [self.tables[t].pooling is PoolingType.MEAN for t in self.feature_tables]
-        self._mean = torch.tensor(mean, dtype=torch.bool)
+        self._mean = torch.tensor(mean, dtype=torch.bool, device=small)
         self._any_mean = any(mean)
         self._all_mean = all(mean)
         self.step = 0
