@@ -124,8 +124,12 @@ class EmbeddingCollection(nn.Module):
         for n in inp.length_per_feature:
             starts.append(starts[-1] + n)
         for i, (name, values) in enumerate(zip(self._routing.embedding_names, rows, strict=True)):
-            ids = inp.values[starts[i] : starts[i + 1]] if self._need_indices else None
-            out[name] = JaggedTensor(
-                values=values, lengths=inp.lengths[i * batch : (i + 1) * batch], weights=ids
-            )
+            lengths = inp.lengths[i * batch : (i + 1) * batch]
+            if self._need_indices:
+                # TorchRec's convention puts the int ids in the weights slot, which the public
+                # JaggedTensor constructor rejects (weights must be floating point).
+                ids = inp.values[starts[i] : starts[i + 1]]
+                out[name] = JaggedTensor._trusted(values, ids, lengths, None)
+            else:
+                out[name] = JaggedTensor(values=values, lengths=lengths)
         return out
