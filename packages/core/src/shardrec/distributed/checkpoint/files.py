@@ -44,6 +44,7 @@ from shardrec.distributed.checkpoint.sharded_state import (
     load_sharded_state_dict,
     quiet_sharded_tensor,
     sharded_state_dict,
+    sharded_tables,
     state_shapes,
     unwrap,
 )
@@ -98,12 +99,36 @@ def latest(root: str | Path) -> Path | None:
     return best[1] if best else None
 
 
+def param_names(model: nn.Module) -> dict[int, str]:
+    """``id(param)`` -> its name; a data-parallel table's weight is named by its unsharded key, so
+    its optimizer state follows it to any plan where the table is data-parallel again."""
+    root = unwrap(model)
+    names = {id(p): n for n, p in root.named_parameters()}
+    tables, _ = sharded_tables(root)
+    by_ptr = {
+        (t.shards.weight[0].tensor.data_ptr(), tuple(t.shards.weight[0].tensor.shape)): t.key
+        for t in tables
+        if t.shards.replicated and t.shards.weight
+    }
+    for p in root.parameters():
+        key = by_ptr.get((p.data_ptr(), tuple(p.shape)))
+        if key is not None:
+            names[id(p)] = key
+    return names
+
+
+def _dense_tables(model: nn.Module) -> list[str]:
+    """Tables trained by a torch optimizer (data-parallel: replicated, no fused state)."""
+    tables, _ = sharded_tables(unwrap(model))
+    return sorted(t.key for t in tables if t.shards.replicated and not t.shards.optimizer_state)
+
+
 def _dense_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors keyed ``<param fqn>.<state>``, and the JSON part (hyper-parameters, scalar
+    """Tensors keyed ``<param name>.<state>``, and the JSON part (hyper-parameters, scalar
     states)."""
-    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    names = param_names(model)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     missing = [i for i, p in enumerate(params) if id(p) not in names]
     if missing:
@@ -162,6 +187,7 @@ def save(
         "format": FORMAT,
         "step": step,
         "shapes": {k: list(shape) for k, (shape, _) in state_shapes(state).items()},
+        "dense_tables": _dense_tables(model),
     }
     if optimizer is not None:
         tensors, meta = _dense_optimizer_state(model, optimizer)
@@ -225,7 +251,8 @@ def load(
 
     ``path`` is a checkpoint directory or a root (then its :func:`latest`). Collective when a
     process group is up. Raises :class:`CheckpointError` naming each missing table and each shape
-    mismatch, before anything is written. With ``strict=False`` keys the model lacks are ignored.
+    mismatch, before anything is written. With ``strict=False`` keys missing on either side are
+    skipped (shapes are still checked).
     """
     ckpt = _resolve(path)
     sidecar = read_sidecar(ckpt)
@@ -242,6 +269,16 @@ def load(
             for section in sections:
                 if key.startswith(f"{section}."):
                     found[key[len(section) + 1 :]] = tuple(md.size)
+    # A table data-parallel when saved had no fused state: under a fused sharding now, its state
+    # starts fresh. A table data-parallel now takes no fused state: what was saved is left out.
+    was_dense = set(sidecar.get("dense_tables", []))
+    now_dense = set(_dense_tables(model))
+    for key in [k for k, (_, sec) in expected.items() if sec == "optim" and k not in found]:
+        if key.rpartition(".")[0] in was_dense:
+            del expected[key]
+            target["optim"].pop(key, None)
+    for key in [k for k in found if k not in expected and k.rpartition(".")[0] in now_dense]:
+        del found[key]
     check_shapes(expected, found, f"checkpoint {ckpt}", sections, strict)
     if not strict:
         for section in list(target):
@@ -263,7 +300,7 @@ def load(
     load_sharded_state_dict(
         model,
         {k: v for k, v in target.items() if k in ("model", "optim")},
-        strict=strict,
+        strict=False,  # checked above against the checkpoint as a whole
     )
     if optimizer is not None and dense_plan is not None:
         _load_dense(model, optimizer, sidecar["dense_optimizer"], dense_plan)
@@ -278,23 +315,19 @@ def _dense_targets(
 ) -> dict[str, torch.Tensor] | None:
     if optimizer is None:
         return None
-    meta = sidecar.get("dense_optimizer")
-    if meta is None:
+    if sidecar.get("dense_optimizer") is None:
         raise CheckpointError(
             "the checkpoint holds no dense optimizer state, but an optimizer was given"
         )
-    names = set(dict(unwrap(model).named_parameters()))
-    wanted = [f for g in meta["param_groups"] for f in g["params"]]
-    unknown = sorted(set(wanted) - names)
-    if unknown:
-        raise CheckpointError(
-            f"the checkpoint's optimizer state names parameters this model lacks: {unknown[:5]}"
-        )
+    names = param_names(model)
+    current = {names.get(id(p)) for group in optimizer.param_groups for p in group["params"]}
     out: dict[str, torch.Tensor] = {}
     prefix = f"{_DENSE}."
     for key, entry in md.items():
         if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata):
-            out[key[len(prefix) :]] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+            inner = key[len(prefix) :]
+            if inner.rpartition(".")[0] in current:
+                out[inner] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
     return out
 
 
@@ -304,30 +337,34 @@ def _load_dense(
     meta: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
 ) -> None:
-    names = {id(p): n for n, p in unwrap(model).named_parameters()}
-    current = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
-    saved = [f for g in meta["param_groups"] for f in g["params"]]
-    if current != saved:
+    """Parameters are matched by name: state of a parameter the checkpoint lacks stays fresh (a
+    table that was not data-parallel when saved), and saved state of a parameter this model lacks
+    is left out (a table that is no longer data-parallel). Group ``i`` takes saved group ``i``'s
+    hyper-parameters."""
+    names = param_names(model)
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(
-            "the optimizer's parameters differ from the checkpoint's: "
-            f"{len(current)} now vs {len(saved)} saved (first difference: "
-            f"{next(((a, b) for a, b in zip(current, saved, strict=False) if a != b), None)})"
+            f"the optimizer has {len(optimizer.param_groups)} parameter group(s), the "
+            f"checkpoint's had {len(meta['param_groups'])}"
         )
-    index = {fqn: i for i, fqn in enumerate(saved)}
+    current = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    index = {fqn: i for i, fqn in enumerate(current) if fqn is not None}
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         fqn, _, name = key.rpartition(".")
-        state.setdefault(index[fqn], {})[name] = tensor
+        if fqn in index:
+            state.setdefault(index[fqn], {})[name] = tensor
     for fqn, values in meta.get("scalars", {}).items():
-        state.setdefault(index[fqn], {}).update(values)
+        if fqn in index:
+            state.setdefault(index[fqn], {}).update(values)
     groups = []
     flat = 0
     for group, live in zip(meta["param_groups"], optimizer.param_groups, strict=True):
-        entry = dict(group)
+        entry = {k: v for k, v in group.items() if k != "params"}
         for k, v in live.items():
             if isinstance(v, tuple) and isinstance(entry.get(k), list):
                 entry[k] = tuple(entry[k])
-        entry["params"] = list(range(flat, flat + len(group["params"])))
-        flat += len(group["params"])
+        entry["params"] = list(range(flat, flat + len(live["params"])))
+        flat += len(live["params"])
         groups.append(entry)
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -220,6 +220,9 @@ def sharded_state_dict(
     # key -> (section, dtype name, global shape, [(offsets, sizes)]).
     mine: dict[str, _Holding] = {}
     local: dict[str, list[LocalShard]] = {}
+    # Row-wise states of column-sliced tables: each slice keeps the mean of g² over its own
+    # columns, so the unsharded table's state is their column-weighted mean (reduced below).
+    sliced: dict[str, list[tuple[LocalShard, LocalShard]]] = {}
     for t in tables:
         entries = [(t.key, list(t.shards.weight), "model")]
         entries += [
@@ -245,6 +248,10 @@ def sharded_state_dict(
                     raise CheckpointError(f"{key}: replicated table without a local copy")
                 out[section][key] = take(shards[0].tensor)
                 continue
+            if not shards and not every:
+                continue
+            if not copy and section == "optim" and _column_sliced_rowwise(t, every):
+                sliced[key] = [(st, w) for st, w in zip(every, t.shards.weight, strict=True)]
             if not shards:
                 continue
             dtype = _agreed_dtype(key, shards)
@@ -255,11 +262,15 @@ def sharded_state_dict(
                 [(tuple(s.offsets), tuple(s.tensor.shape), str(s.tensor.device)) for s in shards],
             )
             local[key] = shards
-    gathered: list[dict[str, _Holding]] = [mine]
+    payloads: list[tuple[dict[str, _Holding], list[str]]] = [(mine, sorted(sliced))]
     if world > 1:
         everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, mine, group=pg)
-        gathered = everyone
+        dist.all_gather_object(everyone, payloads[0], group=pg)
+        payloads = everyone
+    gathered = [p[0] for p in payloads]
+    for key in sorted({k for p in payloads for k in p[1]}):
+        shape = next(g[key][2] for g in gathered if key in g)
+        local[key] = _weighted_rowwise(key, shape, sliced.get(key, []), local.get(key, []), pg)
     keys = sorted({k for g in gathered for k in g})
     for key in keys:
         held = [g.get(key) for g in gathered]
@@ -280,6 +291,51 @@ def sharded_state_dict(
         )
         out[section][key] = value
     return out
+
+
+def _column_sliced_rowwise(table: ShardedTable, states: list[LocalShard]) -> bool:
+    weights = table.shards.weight
+    return (
+        bool(states)
+        and len(states) == len(weights)
+        and all(len(s.offsets) == 1 for s in states)
+        and any(int(w.tensor.shape[1]) < int(w.global_shape[1]) for w in weights)
+    )
+
+
+def _weighted_rowwise(
+    key: str,
+    shape: tuple[int, ...],
+    slices: list[tuple[LocalShard, LocalShard]],
+    kept: list[LocalShard],
+    pg: dist.ProcessGroup | None,
+) -> list[LocalShard]:
+    """The column-weighted mean of every slice's row-wise state (a collective over ``pg``), cut to
+    the shards this rank saves."""
+    device = slices[0][0].tensor.device if slices else torch.device("cpu")
+    if dist.is_available() and dist.is_initialized() and pg is not None:
+        backend = dist.get_backend(pg)
+        if backend == "nccl" and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif backend == "gloo":
+            device = torch.device("cpu")
+    total = torch.zeros(shape, dtype=torch.float64, device=device)
+    for state, weight in slices:
+        frac = int(weight.tensor.shape[1]) / int(weight.global_shape[1])
+        rows = state.tensor.shape[0]
+        total[state.offsets[0] : state.offsets[0] + rows] += frac * state.tensor.to(device)
+    if _rank_of(pg)[1] > 1:
+        dist.all_reduce(total, group=pg)
+    return [
+        LocalShard(
+            total[s.offsets[0] : s.offsets[0] + s.tensor.shape[0]].to(
+                s.tensor.device, s.tensor.dtype
+            ),
+            s.offsets,
+            s.global_shape,
+        )
+        for s in kept
+    ]
 
 
 _Box = tuple[tuple[int, ...], tuple[int, ...], str]  # offsets, sizes, device
@@ -396,7 +452,8 @@ def check_shapes(
         if section not in sections:
             continue
         if key not in found:
-            problems.append(f"{key} (table {_table_name(key)!r}) is missing from {where}")
+            if strict:
+                problems.append(f"{key} (table {_table_name(key)!r}) is missing from {where}")
         elif tuple(found[key]) != tuple(shape):
             problems.append(
                 f"{key} (table {_table_name(key)!r}): {where} has shape {tuple(found[key])}, "
