@@ -5,16 +5,17 @@
 Workload (issue 6): a raw Criteo-format TSV file of ``--rows`` rows written by ``dlrm synth``
 (Kaggle layout: ``train.txt``), then, each in its own process so that peak memory is per side:
 
-- shardrec ``preprocess`` with every core, and with one worker (a per-core comparison);
+- shardrec ``preprocess`` with its default threads (every core, at most 8), and with one thread (a
+  per-core comparison);
 - TorchRec 1.8.0 ``BinaryCriteoUtils.tsv_to_npys`` on the same file, in ``.venv-peer`` if present
   (``make bench-peer``), under the same allocator settings;
 - the training batch reader on the preprocessed output: ``Split.batches`` of the train split,
   ``--batch-size`` rows, Kaggle 1M-capped table sizes (the trainer benchmark's workload), one epoch.
 
-Printed: rows/s of each, the peak resident memory (ru_maxrss: of the main process, and of the
-largest worker), the ratios shardrec / TorchRec (above 1: shardrec faster), and the reader's rows/s
-against ``--trainer-rate``, the samples/s the trainer consumes (default 17,250: 1.5 x the 11.5k
-TorchRec samples/s of the issue 7 workload, i.e. the trainer's target).
+Printed: rows/s of each, the peak resident memory of its process (VmHWM), the ratios
+shardrec / TorchRec (above 1: shardrec faster), and the reader's rows/s against ``--trainer-rate``,
+the samples/s the trainer consumes (default 17,250: 1.5 x the 11.5k TorchRec samples/s of the
+issue 7 workload, i.e. the trainer's target).
 ``--impl`` runs a single side and prints JSON (what the orchestrating run calls).
 """
 
@@ -40,14 +41,12 @@ KAGGLE_CAPPED = [min(c, 1_000_000) for c in (
 )]  # fmt: skip
 
 
-def _maxrss_mib(who: int) -> float:
-    """Peak RSS in MiB: this process's high-water mark (VmHWM, reset by exec, unlike ru_maxrss), or
-    the largest child's ru_maxrss."""
-    if who == resource.RUSAGE_SELF:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(who).ru_maxrss / 1024
+def _maxrss_mib() -> float:
+    """This process's peak RSS in MiB (VmHWM: reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _side_shardrec_preprocess(src: str, dst: str, workers: int) -> dict[str, float]:
@@ -60,8 +59,7 @@ def _side_shardrec_preprocess(src: str, dst: str, workers: int) -> dict[str, flo
         "rows": report.rows,
         "seconds": seconds,
         "rows_per_s": report.rows / seconds,
-        "maxrss_main_mib": _maxrss_mib(resource.RUSAGE_SELF),
-        "maxrss_worker_mib": _maxrss_mib(resource.RUSAGE_CHILDREN),
+        "maxrss_main_mib": _maxrss_mib(),
     }
 
 
@@ -81,8 +79,7 @@ def _side_torchrec(src: str, dst: str) -> dict[str, float]:
         "rows": rows,
         "seconds": seconds,
         "rows_per_s": rows / seconds,
-        "maxrss_main_mib": _maxrss_mib(resource.RUSAGE_SELF),
-        "maxrss_worker_mib": 0.0,
+        "maxrss_main_mib": _maxrss_mib(),
     }
 
 
@@ -155,12 +152,14 @@ def main() -> None:
         )  # fmt: skip
     src = str(raw / "train.txt")
     size_mib = (raw / "train.txt").stat().st_size / 2**20
-    cores = default_workers()
+    threads = default_workers()
+    cores = len(os.sched_getaffinity(0))
     print(f"input: {args.rows:,} rows, {size_mib:.0f} MiB ({src}); {cores} cores")
     print(f"allocator: MALLOC_MMAP_THRESHOLD_={MALLOC_ENV['MALLOC_MMAP_THRESHOLD_']} on every side")
 
     results: dict[str, dict[str, float]] = {}
-    for name, workers in (("shardrec, all cores", cores), ("shardrec, 1 worker", 1)):
+    ours = (f"shardrec, {threads} threads", "shardrec, 1 thread")
+    for name, workers in zip(ours, (threads, 1), strict=True):
         dst = work / f"pre_{args.rows}_{workers}"
         if dst.exists():
             subprocess.run(["rm", "-rf", str(dst)], check=True)
@@ -184,19 +183,18 @@ def main() -> None:
     else:
         print("TorchRec: .venv-peer not found (make bench-peer): no peer figure in this run")
 
-    print(f"{'preprocess':28} {'rows/s':>12} {'seconds':>9} {'RSS main':>10} {'RSS worker':>11}")
+    print(f"{'preprocess':28} {'rows/s':>12} {'seconds':>9} {'peak RSS':>10}")
     for name, r in results.items():
         print(
-            f"{name:28} {r['rows_per_s']:12,.0f} {r['seconds']:9.1f} "
-            f"{r['maxrss_main_mib']:8.0f}Mi {r['maxrss_worker_mib']:9.0f}Mi"
+            f"{name:28} {r['rows_per_s']:12,.0f} {r['seconds']:9.1f} {r['maxrss_main_mib']:8.0f}Mi"
         )
     peer = results.get("TorchRec tsv_to_npys")
     if peer:
-        for name in ("shardrec, all cores", "shardrec, 1 worker"):
+        for name in ours:
             ratio = results[name]["rows_per_s"] / peer["rows_per_s"]
             print(f"ratio {name} / TorchRec rows/s: {ratio:.1f}x (target >= 5x)")
 
-    reader = _run_self(["--impl", "reader", "--dst", str(work / f"pre_{args.rows}_{cores}"),
+    reader = _run_self(["--impl", "reader", "--dst", str(work / f"pre_{args.rows}_{threads}"),
                         "--batch-size", str(args.batch_size), "--device", args.device])  # fmt: skip
     print(
         f"batch reader (to {args.device}): {reader['rows_per_s']:,.0f} rows/s "

@@ -31,14 +31,14 @@ from shardrec_dlrm.data.errors import DataError
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Parsing processes [default: every core].",
+    help="Parsing threads [default: every core, at most 8].",
 )
 @click.option(
     "--chunk-mib",
     type=click.IntRange(min=1, max=1024),
-    default=4,
+    default=1,
     show_default=True,
-    help="MiB of text per chunk; memory stays within a small multiple of workers x chunk.",
+    help="MiB of text per chunk; memory stays within about 42 x workers x chunk.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def preprocess(

@@ -12,9 +12,9 @@ from .schema import Rows
 from .sources import Chunk, SourceFile, iter_chunks, open_binary
 from .tsv import BadRows, parse_tsv
 
-#: Default bytes of text per chunk: big enough to amortise numpy's per-call cost, small enough for
-#: caches.
-DEFAULT_CHUNK_BYTES: Final = 4 << 20
+#: Default bytes of text per chunk: big enough to amortise numpy's per-call cost, small enough that
+#: a chunk's temporaries stay in cache (1 MiB parsed about 25% faster per core than 4 MiB).
+DEFAULT_CHUNK_BYTES: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

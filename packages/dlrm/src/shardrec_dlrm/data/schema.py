@@ -79,7 +79,7 @@ HASHING: Final = "when batches are read: missing -> row 0, id h -> 1 + h mod (nu
 
 def transform_dense(raw: npt.NDArray[np.int64] | npt.NDArray[np.float64]) -> F32Array:
     """The DLRM reference transform: missing was read as 0; negatives clamp to 0; log(1 + x)."""
-    return np.log1p(np.maximum(raw, 0).astype(np.float64)).astype(np.float32)
+    return np.log1p(np.maximum(raw, 0).astype(np.float32))
 
 
 def hash_ids(sparse: I64Array, num_embeddings_per_feature: Sequence[int] | None) -> I64Array:

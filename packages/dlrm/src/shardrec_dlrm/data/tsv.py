@@ -15,7 +15,15 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import row_error
-from .schema import DENSE_NAMES, NUM_DENSE, NUM_FIELDS, SPARSE_NAMES, Rows, transform_dense
+from .schema import (
+    DENSE_NAMES,
+    MISSING_ID,
+    NUM_DENSE,
+    NUM_FIELDS,
+    SPARSE_NAMES,
+    Rows,
+    transform_dense,
+)
 
 BadRows = Literal["error", "skip"]
 _TAB: Final = 9
@@ -107,23 +115,21 @@ def _parse_numbers(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """Parse the fields ``buf[ends - lens : ends]`` as integers; returns (values, bad). Empty -> 0.
 
-    ``words[p]`` is the unaligned little-endian 64-bit word at byte ``p``; ``buf`` starts with 8
-    bytes of padding so that ``ends - 8`` is never negative. Fields of up to 8 digits are parsed
-    eight characters at a time (SWAR); the rest go digit by digit.
+    ``ends`` and ``lens`` may have any shape (strided views included). ``words[p]`` is the unaligned
+    little-endian 64-bit word at byte ``p``; ``buf`` starts with 8 bytes of padding so that
+    ``ends - 8`` is never negative. Fields of up to 8 digits are parsed eight characters at a time
+    (SWAR); the rest go digit by digit.
     """
-    if ends.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.bool_)
     neg = None
     digits = lens
     if base == 10:
         neg = (lens > 0) & (buf[ends - lens] == _MINUS)
         digits = lens - neg
-    short = digits <= 8
     keep = _KEEP[np.minimum(digits, 8)]
     w = (words[ends - 8] & keep) | (_ZEROS & ~keep)
     values, bad = _swar_hex(w) if base == 16 else _swar_decimal(w)
-    retry = np.flatnonzero(~short | bad) if base == 16 else np.flatnonzero(~short)
-    if retry.shape[0]:
+    retry = np.nonzero((digits > 8) | bad) if base == 16 else np.nonzero(digits > 8)
+    if retry[0].shape[0]:
         values[retry], bad[retry] = _parse_slow(buf, ends[retry], digits[retry], base)
     if neg is not None:
         bad |= neg & (digits == 0)
@@ -162,66 +168,41 @@ def parse_tsv(
     padded = b"\n" * _PAD + data
     buf = np.frombuffer(padded, dtype=np.uint8)
     words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
-    newlines = np.flatnonzero(buf == _NL)[_PAD:]
-    n_lines = newlines.shape[0]
+    seps = np.flatnonzero((buf == _TAB) | (buf == _NL))[_PAD:]
+    is_newline = buf[seps] == _NL
+    newline_rank = np.flatnonzero(is_newline)  # index in seps of each line's newline
+    n_lines = newline_rank.shape[0]
     if n_lines == 0:
         return Rows.empty(), 0
-    seps = np.flatnonzero((buf == _TAB) | (buf == _NL))[_PAD:]
-    # Field count per line: separators up to and including each newline, minus the previous ones.
-    sep_rank = np.searchsorted(seps, newlines)
-    counts = np.diff(sep_rank, prepend=-1)
-    wrong = counts != NUM_FIELDS
+    wrong = np.diff(newline_rank, prepend=-1) != NUM_FIELDS
     if wrong.any():
+        newlines = seps[newline_rank] - _PAD
         first = int(np.flatnonzero(wrong)[0])
         if bad_rows == "error":
-            raise row_error(
-                path, first_line + first, _describe(_line(data, newlines - _PAD, first), "\t")
-            )
+            raise row_error(path, first_line + first, _describe(_line(data, newlines, first), "\t"))
         keep = np.flatnonzero(~wrong)
-        good = b"".join(_line(data, newlines - _PAD, int(i)) + b"\n" for i in keep)
+        good = b"".join(_line(data, newlines, int(i)) + b"\n" for i in keep)
         rows, skipped = parse_tsv(good, path=path, first_line=first_line, bad_rows="skip")
         return rows, skipped + int(wrong.sum())
-    ends = seps.reshape(n_lines, NUM_FIELDS).astype(np.int64, copy=False)
-    starts = np.empty_like(ends)
-    starts.reshape(-1)[0] = _PAD
-    starts.reshape(-1)[1:] = ends.reshape(-1)[:-1] + 1
-    lens = ends - starts
+    ends = seps.reshape(n_lines, NUM_FIELDS)
+    lens = (np.diff(seps, prepend=_PAD - 1) - 1).reshape(n_lines, NUM_FIELDS)
 
-    label_ok = (lens[:, 0] == 1) & ((buf[starts[:, 0]] | 1) == ord("1"))
+    label_char = buf[ends[:, 0] - 1]
+    label_ok = (lens[:, 0] == 1) & ((label_char | 1) == ord("1"))
     dense, dense_bad = _parse_numbers(
-        buf,
-        words,
-        ends[:, 1 : 1 + NUM_DENSE].reshape(-1),
-        lens[:, 1 : 1 + NUM_DENSE].reshape(-1),
-        base=10,
-    )
-    sparse, sparse_bad = _parse_numbers(
-        buf,
-        words,
-        ends[:, 1 + NUM_DENSE :].reshape(-1),
-        lens[:, 1 + NUM_DENSE :].reshape(-1),
-        base=16,
+        buf, words, ends[:, 1 : 1 + NUM_DENSE], lens[:, 1 : 1 + NUM_DENSE], base=10
     )
     sparse_lens = lens[:, 1 + NUM_DENSE :]
-    sparse = np.where(sparse_lens.reshape(-1) == 0, -1, sparse)
-    bad = (
-        ~label_ok
-        | dense_bad.reshape(n_lines, NUM_DENSE).any(axis=1)
-        | sparse_bad.reshape(n_lines, -1).any(axis=1)
-    )
-    labels = (buf[starts[:, 0]] == ord("1")).astype(np.uint8)
-    rows = Rows(
-        labels,
-        transform_dense(dense.reshape(n_lines, NUM_DENSE)),
-        sparse.reshape(n_lines, -1),
-    )
+    sparse, sparse_bad = _parse_numbers(buf, words, ends[:, 1 + NUM_DENSE :], sparse_lens, base=16)
+    sparse[sparse_lens == 0] = MISSING_ID
+    bad = ~label_ok | dense_bad.any(axis=1) | sparse_bad.any(axis=1)
+    rows = Rows((label_char == ord("1")).view(np.uint8), transform_dense(dense), sparse)
     if not bad.any():
         return rows, 0
     first = int(np.flatnonzero(bad)[0])
     if bad_rows == "error":
-        raise row_error(
-            path, first_line + first, _describe(_line(data, newlines - _PAD, first), "\t")
-        )
+        newlines = seps[newline_rank] - _PAD
+        raise row_error(path, first_line + first, _describe(_line(data, newlines, first), "\t"))
     return rows.select(~bad), int(bad.sum())
 
 
