@@ -43,6 +43,7 @@ DIM = 64
 LR = 0.01
 FEATURES = [f"cat_{i}" for i in range(len(ROWS))]
 Timed = Callable[[], object]
+DEVICE = torch.device("cpu")  # set from --device
 
 
 def _inputs(batch: int, ids: int, pool: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,12 +52,13 @@ def _inputs(batch: int, ids: int, pool: int) -> list[tuple[torch.Tensor, torch.T
     for _ in range(pool):
         values = torch.cat([torch.randint(0, n, (batch * ids,), generator=gen) for n in ROWS])
         lengths = torch.full((len(ROWS) * batch,), ids, dtype=torch.int32)
-        out.append((values, lengths))
+        out.append((values.to(DEVICE), lengths.to(DEVICE)))
     return out
 
 
 def _grad(batch: int) -> torch.Tensor:
-    return torch.randn(batch, DIM * len(ROWS), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(batch, DIM * len(ROWS), generator=gen).to(DEVICE)
 
 
 def _cycle(items: list[Any]) -> Callable[[], Any]:
@@ -79,18 +81,23 @@ def _shardrec(backend: str, batch: int) -> dict[int, tuple[Timed, Timed]]:
         for f, n in zip(FEATURES, ROWS, strict=True)
     ]
     ebc = shardrec.EmbeddingBagCollection(
-        tables=tables, fused_params={"optimizer": "sgd", "learning_rate": LR}, backend=backend
+        tables=tables,
+        fused_params={"optimizer": "sgd", "learning_rate": LR},
+        backend=backend,
+        device=DEVICE,
     )
     assert ebc.lookup.backend.value == backend, ebc.lookup.backend
     return _pair(lambda kjt: ebc(kjt).values(), shardrec.KeyedJaggedTensor, batch, None)
 
 
 def _loop(batch: int) -> dict[int, tuple[Timed, Timed]]:
-    bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in ROWS)
+    bags = torch.nn.ModuleList(
+        torch.nn.EmbeddingBag(n, DIM, mode="sum", sparse=True, device=DEVICE) for n in ROWS
+    )
     opt = torch.optim.SGD(bags.parameters(), lr=LR)
 
     def run(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=DEVICE)
         torch.cumsum(lengths, 0, out=offsets[1:])
         per_key = batch * int(lengths[0])
         outs = []
@@ -153,12 +160,12 @@ def _pair(
 
 
 def _gather(batch: int) -> dict[int, Timed]:
-    table = torch.randn(1_000_000, DIM)
+    table = torch.randn(1_000_000, DIM, device=DEVICE)
     out: dict[int, Timed] = {}
     for ids in CASES:
         n = batch * ids * len(ROWS)
         pool = [torch.randint(0, 1_000_000, (n,), generator=torch.Generator().manual_seed(k))
-                for k in range(4)]  # fmt: skip
+                .to(DEVICE) for k in range(4)]  # fmt: skip
         nxt = _cycle(pool)
         out[ids] = lambda nxt=nxt: table.index_select(0, nxt())
     return out
@@ -196,6 +203,18 @@ def _torchrec(batch: int) -> dict[int, tuple[Timed, Timed]]:
 CASES = (1, 20)
 
 
+def _synced(fn: Timed) -> Timed:
+    if DEVICE.type != "cuda":
+        return fn
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def _measure_all(
     contenders: dict[str, dict[int, tuple[Timed, Timed]]],
     gathers: dict[int, Timed],
@@ -205,12 +224,12 @@ def _measure_all(
     for ids in CASES:
         n = iters[ids]
         key = f"gather/{ids}"
-        best[key] = min(best.get(key, float("inf")), measure(gathers[ids], 2, n))
+        best[key] = min(best.get(key, float("inf")), measure(_synced(gathers[ids]), 2, n))
         for name, cases in contenders.items():
             fwd, step = cases[ids]
             for mode, fn in (("forward", fwd), ("step", step)):
                 key = f"{name}/{ids}/{mode}"
-                best[key] = min(best.get(key, float("inf")), measure(fn, 2, n))
+                best[key] = min(best.get(key, float("inf")), measure(_synced(fn), 2, n))
 
 
 def main() -> int:
@@ -221,7 +240,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (TorchRec and FBGEMM: cpu)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     iters = {1: args.iters, 20: max(3, args.iters // 5)}
     best: dict[str, float] = {}
@@ -235,11 +257,11 @@ def main() -> int:
     from shardrec import ops
 
     contenders = {"shardrec-torch": _shardrec("torch", args.batch)}
-    if ops.fbgemm_available():
+    if ops.fbgemm_available() and DEVICE.type == "cpu":
         contenders["shardrec-fbgemm"] = _shardrec("fbgemm", args.batch)
     contenders["nn.EmbeddingBag loop"] = _loop(args.batch)
     gathers = _gather(args.batch)
-    use_peer = not args.no_peer and peer_available()
+    use_peer = not args.no_peer and DEVICE.type == "cpu" and peer_available()
     for r in range(args.rounds):
         _measure_all(contenders, gathers, iters, best)
         if use_peer and r == 0:
@@ -256,7 +278,9 @@ def main() -> int:
 
 def _report(best: dict[str, float], args: argparse.Namespace, names: list[str]) -> None:
     b = args.batch
-    print(f"\nbatch {b}, dim {DIM}, 26 tables (Kaggle capped at 1M), fp32, threads {args.threads},"
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"\n{where}: batch {b}, dim {DIM}, 26 tables (Kaggle capped at 1M), fp32,"
+          f" torch {torch.__version__}, threads {args.threads},"
           f" MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")  # fmt: skip
     ref = "torchrec" if "torchrec" in names else "nn.EmbeddingBag loop"
     for ids in CASES:
