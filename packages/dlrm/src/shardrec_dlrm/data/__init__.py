@@ -27,6 +27,7 @@ from .schema import (
 )
 from .sources import discover
 from .splits import SPLIT_NAMES, split_segments
+from .synth import SplitOptimum, SynthInfo, read_synth_info, synth
 
 __all__ = [
     "DENSE_NAMES",
@@ -44,6 +45,8 @@ __all__ = [
     "PreprocessedMeta",
     "Rows",
     "Split",
+    "SplitOptimum",
+    "SynthInfo",
     "discover",
     "hash_ids",
     "make_batch",
@@ -52,6 +55,8 @@ __all__ = [
     "preprocess",
     "read_file",
     "read_metadata",
+    "read_synth_info",
     "split_segments",
+    "synth",
     "transform_dense",
 ]
