@@ -148,12 +148,17 @@ def test_pooled_forward_matches_reference(backend: str, weighted: bool) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_plain_mode_gradients_match_reference() -> None:
+@pytest.mark.parametrize("key_major", [False, True])
+def test_plain_mode_gradients_match_reference(key_major: bool) -> None:
+    """Both layouts of multi-id bags (sample-major, CPU's default; key-major, CUDA's)."""
     module = build("torch", TABLES, FEATURES, weighted=True)
+    for group in module._groups:
+        group.key_major = key_major  # type: ignore[attr-defined]
     kjt = kjt_for(batch=6, seed=3)
     ref = {n: w.clone().requires_grad_(True) for n, w in module.table_weights().items()}
     out = module(kjt)
     expected = reference_pooled(kjt, ref, spec_list(), True)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-6)
     grad = torch.randn_like(expected)
     out.backward(grad)
     expected.backward(grad)

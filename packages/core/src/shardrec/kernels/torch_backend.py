@@ -54,6 +54,8 @@ class TorchGroup:
         self._any_mean = any(mean)
         self._all_mean = all(mean)
         self.step = 0
+        # How multi-id bags are laid out: None picks key-major on CUDA, sample-major elsewhere.
+        self.key_major: bool | None = None
         self._aranges: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.storage = empty_rows((self.num_rows, self.dim), self.dtype, device)
         self.state: dict[str, torch.Tensor] = (
@@ -127,6 +129,9 @@ class TorchGroup:
             weights = inp.weights
             psw = None if weights is None else weights.view(nf, batch).t().reshape(-1)
             return _SampleMajor(ids.view(-1), self._arange(num_bags + 1, device), psw, None)
+        key_major = self.key_major if self.key_major is not None else device.type == "cuda"
+        if key_major:
+            return self._key_major(inp, lengths)
         lengths_sm = lengths.view(nf, batch).t().reshape(-1)
         starts_sm = inp.offsets[:-1].view(nf, batch).t().reshape(-1)
         offsets_sm = torch.zeros(num_bags + 1, dtype=torch.int64, device=device)
@@ -144,6 +149,19 @@ class TorchGroup:
             scale = torch.repeat_interleave(inv, lengths_sm, output_size=n)
             psw_sm = scale if psw_sm is None else psw_sm * scale
         return _SampleMajor(ids_sm, offsets_sm, psw_sm, lengths_sm)
+
+    def _key_major(self, inp: GroupInput, lengths: torch.Tensor) -> _SampleMajor:
+        """Bags in the KJT's own order; the pooled rows are transposed instead of the ids."""
+        n = inp.values.numel()
+        psw = inp.weights
+        if self._any_mean:
+            inv = 1.0 / lengths.clamp(min=1).to(torch.float32)
+            if not self._all_mean:
+                per_bag = self._mean.repeat_interleave(inp.batch_size)
+                inv = torch.where(per_bag, inv, torch.ones_like(inv))
+            scale = torch.repeat_interleave(inv, lengths, output_size=n)
+            psw = scale if psw is None else psw * scale
+        return _SampleMajor(self._global_ids(inp), inp.offsets, psw, lengths, key_major=True)
 
     def pooled(self, inp: GroupInput, params: Sequence[torch.Tensor]) -> torch.Tensor:
         sm = self._sample_major(inp)
@@ -180,6 +198,7 @@ class _SampleMajor(NamedTuple):
     offsets: torch.Tensor
     psw: torch.Tensor | None
     lengths: torch.Tensor | None
+    key_major: bool = False
 
 
 class _PooledLookup(torch.autograd.Function):
@@ -197,8 +216,13 @@ class _PooledLookup(torch.autograd.Function):
         bags = F.embedding_bag(
             sm.ids, weight, sm.offsets, mode="sum", per_sample_weights=psw, include_last_offset=True
         )
-        out = bags.view(batch_size, num_features * group.dim)
+        if sm.key_major:
+            out = bags.view(num_features, batch_size, group.dim).transpose(0, 1)
+            out = out.reshape(batch_size, num_features * group.dim)
+        else:
+            out = bags.view(batch_size, num_features * group.dim)
         ctx.group = group
+        ctx.shape = (batch_size, num_features)
         ctx.sm = sm
         ctx.num_params = len(params)
         return out.float() if out.dtype != torch.float32 else out
@@ -207,7 +231,11 @@ class _PooledLookup(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         group: TorchGroup = ctx.group
         sm: _SampleMajor = ctx.sm
-        grad_bags = grad.contiguous().view(-1, group.dim)
+        if sm.key_major:
+            batch, nf = ctx.shape
+            grad_bags = grad.view(batch, nf, group.dim).transpose(0, 1).reshape(-1, group.dim)
+        else:
+            grad_bags = grad.contiguous().view(-1, group.dim)
         bag = None
         if sm.lengths is not None:
             bag = torch.repeat_interleave(
