@@ -46,16 +46,6 @@ class Batch:
             self.labels.to(device, non_blocking=non_blocking),
         )
 
-    def pin_memory(self) -> Batch:
-        """The same batch in page-locked host memory (for ``to(cuda, non_blocking=True)``)."""
-        kjt = self.sparse_features
-        from shardrec import KeyedJaggedTensor
-
-        pinned = KeyedJaggedTensor(
-            keys=kjt.keys(), values=kjt.values().pin_memory(), lengths=kjt.lengths().pin_memory()
-        )
-        return Batch(self.dense_features.pin_memory(), pinned, self.labels.pin_memory())
-
 
 def make_batch(rows: Rows, num_embeddings_per_feature: Sequence[int] | None) -> Batch:
     """Build a :class:`Batch` from rows (copies out of memory maps; hashes ids to table rows)."""
