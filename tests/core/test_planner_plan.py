@@ -319,3 +319,28 @@ def test_mlperf_dcnv2_tables_on_meta(world_size: int) -> None:
     assert sum(t.storage for t in report.tables) >= weights_and_state
     # Printed, not asserted: timing belongs to benchmarks (docs/planner.md records the figures).
     print(f"planned {world_size} ranks in {elapsed:.2f} s")
+
+
+def test_fused_optimizer_tables_are_not_made_data_parallel_unless_asked() -> None:
+    from shardrec.modules import EmbeddingBagCollection
+
+    tables = configs([3, 5])  # tiny: data-parallel would be cheapest
+    fused = EmbeddingBagCollection(tables, device="meta", fused_params={"optimizer": "adam"})
+    plain = EmbeddingBagCollection(tables, device="meta")
+
+    def plan_of(module: nn.Module, **constraints: ParameterConstraints) -> dict[str, str]:
+        planner = EmbeddingShardingPlanner(Topology(world_size=4), constraints=constraints)
+        sharder = FakeSharder(module_type=EmbeddingBagCollection)
+        out = planner.plan(module, [sharder]).plan[""]
+        return {t: ps.sharding_type for t, ps in out.items()}
+
+    assert set(plan_of(plain).values()) == {"data_parallel"}
+    assert "data_parallel" not in plan_of(fused).values()
+    forced = plan_of(fused, t0=ParameterConstraints(sharding_types=["data_parallel"]))
+    assert forced["t0"] == "data_parallel"
+    # The module's own fused optimizer prices the state: Adam keeps two floats per weight.
+    planner = EmbeddingShardingPlanner(Topology(world_size=4))
+    planner.plan(fused, [FakeSharder(module_type=EmbeddingBagCollection)])
+    assert planner.last_report is not None
+    t0 = planner.last_report.tables[0]
+    assert t0.storage >= 3 * 16 * 4 * 3  # weights + exp_avg + exp_avg_sq

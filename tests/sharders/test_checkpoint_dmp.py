@@ -166,3 +166,29 @@ def test_dmp_checkpoint_reshards(
             if key.endswith(".sum") and (table in dp_saved or spec[table][0] == "dp"):
                 continue  # a data-parallel table has no fused state on one side
             torch.testing.assert_close(resaved[key], value, rtol=0, atol=0, msg=key)
+
+
+def case_default_plan_and_state_dict(env: ShardingEnv) -> dict[str, Any]:
+    dmp = DistributedModelParallel(Model(seed=0), env=env)
+    assert dmp.plan_report is not None  # DMP planned: its planner's report is kept
+    sd = dmp.state_dict()
+    shapes = {k: tuple(v.size()) for k, v in sd.items()}
+    # Write a full, unsharded state dict of another model into the sharded one.
+    other = Model(seed=5)
+    dmp.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        rows, _ = dmp(make_batch(7, env.rank, env.world_size))
+    return {"plan": str(dmp.plan), "report": str(dmp.plan_report), "shapes": shapes, "rows": rows}
+
+
+def test_dmp_plans_with_the_planner_and_exposes_unsharded_keys(dist_pool: Any) -> None:
+    results = dist_pool.run(3, case_default_plan_and_state_dict)
+    assert len({r["plan"] for r in results}) == 1  # rank 0 planned, everyone got the same plan
+    assert "why:" in results[0]["report"]
+    expected = {f"ebc.embedding_bags.{n}.weight": (r, d) for n, r, d, _ in TABLES}
+    expected |= {"top.weight": (1, 24), "top.bias": (1,)}
+    assert results[0]["shapes"] == expected
+    reference = Model(seed=5)
+    with torch.no_grad():
+        want = torch.cat([reference(make_batch(7, r, 3))[0] for r in range(3)])
+    torch.testing.assert_close(torch.cat([r["rows"] for r in results]), want)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shardrec.distributed.default_plan import default_plan
+from shardrec.distributed.planner import PlanReport, plan_with_report
 from shardrec.distributed.plugins import load_sharder_registry
 from shardrec.distributed.sharding_plan import shardable_modules
 from shardrec.distributed.types import (
@@ -43,8 +43,9 @@ def create_plan(
     env: ShardingEnv,
     device: torch.device,
 ) -> ShardingPlan:
-    """The plan DMP uses when it is given none (one function, so a planner can replace it)."""
-    return default_plan(module, sharders, env, device)
+    """The plan DMP uses when it is given none: the planner's, on ``env``'s ranks and ``device``
+    (rank 0 plans and broadcasts)."""
+    return plan_with_report(module, sharders, env, device)[0]
 
 
 class ShardedModuleGroup(nn.Module):
@@ -175,7 +176,8 @@ class DistributedModelParallel(nn.Module):
       in DDP, which all-reduces their gradients.
     - ``init_parameters``: materialise parameters left on the meta device (``reset_parameters``).
 
-    ``model.plan`` prints as a table; ``model.module`` is the model with its sharded parts in
+    ``model.plan`` prints as a table (``model.plan_report``: the planner's report, when DMP
+    planned); ``model.module`` is the model with its sharded parts in
     place; ``model.local_table_shards()`` gives, per sharded module and table, this rank's weight
     and fused-optimizer-state shards with their global offsets (for checkpoints).
     """
@@ -196,9 +198,11 @@ class DistributedModelParallel(nn.Module):
         self.sharders = (
             list(sharders) if sharders is not None else load_sharder_registry().sharders()
         )
-        self.plan = (
-            plan if plan is not None else create_plan(module, self.sharders, self.env, self.device)
-        )
+        # The planner's report (per rank, per table, why) when DMP planned it.
+        self.plan_report: PlanReport | None = None
+        if plan is None:
+            plan, self.plan_report = plan_with_report(module, self.sharders, self.env, self.device)
+        self.plan = plan
         found = dict(shardable_modules(module, self.sharders))
         for fqn in self.plan.plan:
             if fqn not in found:
@@ -259,6 +263,23 @@ class DistributedModelParallel(nn.Module):
     def named_sharded_modules(self) -> Iterator[tuple[str, nn.Module]]:
         for fqn in self._sharded_fqns:
             yield fqn, self._module.get_submodule(fqn) if fqn else self._module
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """The unsharded model's keys (``ebc.embedding_bags.t0.weight`` ...); a sharded table's
+        value is a ShardedTensor of this rank's shards. Collective: every rank calls it. The fused
+        optimizer state is in ``shardrec.distributed.checkpoint.sharded_state_dict(model)``."""
+        from shardrec.distributed.checkpoint import sharded_state_dict
+
+        return sharded_state_dict(self, self.env.pg)["model"]
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> None:
+        """Load unsharded keys whose values are full tensors or ShardedTensors of any layout;
+        checks every key and shape before writing anything."""
+        from shardrec.distributed.checkpoint import load_sharded_state_dict
+
+        load_sharded_state_dict(self, state_dict, strict=strict)
 
     def local_table_shards(self) -> dict[str, dict[str, TableShards]]:
         """Module FQN -> table -> this rank's :class:`TableShards` (views into live storage)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from shardrec.distributed.planner.constraints import ParameterConstraints
 from shardrec.distributed.planner.estimators import OPTIMIZER_STATE, Workload, estimate_shard
+from shardrec.distributed.planner.for_dmp import live_topology, plan_with_report
 from shardrec.distributed.planner.layouts import Cut, ShardLayout, Traffic
 from shardrec.distributed.planner.planner import EmbeddingShardingPlanner, to_sharding_plan
 from shardrec.distributed.planner.report import PlanReport, format_report
@@ -34,6 +35,8 @@ __all__ = [
     "Workload",
     "estimate_shard",
     "format_report",
+    "live_topology",
+    "plan_with_report",
     "tables_of",
     "to_sharding_plan",
 ]

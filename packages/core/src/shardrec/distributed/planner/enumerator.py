@@ -4,14 +4,18 @@ constraints."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import torch
 
 from shardrec.distributed.planner.constraints import ParameterConstraints
 from shardrec.distributed.planner.estimators import Workload, estimate_shard
 from shardrec.distributed.planner.layouts import (
+    COLUMN_WISE,
+    DATA_PARALLEL,
     DEFAULT_MIN_COLUMN_PARTITION,
+    ROW_WISE,
+    TABLE_WISE,
     Cut,
     ShardLayout,
     Traffic,
@@ -20,6 +24,14 @@ from shardrec.distributed.planner.layouts import (
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
 from shardrec.distributed.types import ModuleSharder
+
+# On equal estimates, the simpler layout wins: fewer collectives, fewer pieces.
+_PREFERENCE: Final[dict[str, int]] = {
+    TABLE_WISE: 0,
+    ROW_WISE: 1,
+    COLUMN_WISE: 2,
+    DATA_PARALLEL: 3,
+}
 
 
 class _HasPlannerLayout(Protocol):
@@ -93,6 +105,10 @@ def enumerate_options(
             f"{sorted({s.module_type.__qualname__ for s in sharders}) or 'nothing'})"
         )
     types = list(offered)
+    if table.optimizer not in (None, "none") and len(types) > 1:
+        # Data-parallel tables are trained by the dense optimizer through DDP: choosing it would
+        # silently drop the module's fused optimizer. Only an explicit constraint picks it.
+        types = [t for t in types if t != DATA_PARALLEL]
     if constraints is not None and constraints.sharding_types is not None:
         wanted = [str(t) for t in constraints.sharding_types]
         types = [t for t in wanted if t in offered]
@@ -151,6 +167,7 @@ def enumerate_options(
         key=lambda o: (
             o.total_perf,
             o.max_shard_storage,
+            _PREFERENCE.get(o.sharding_type, len(_PREFERENCE)),
             o.sharding_type,
             o.compute_kernel,
             len(o.shards),
@@ -166,6 +183,7 @@ def resolve_workload(
     optimizer: str,
 ) -> Workload:
     c = constraints.get(table.param_name) or constraints.get(table.fqn)
+    own = table.optimizer or optimizer
     if c is None:
-        return Workload(batch_size, 1.0, optimizer)
-    return Workload(c.batch_size or batch_size, c.pooling_factor, c.optimizer or optimizer)
+        return Workload(batch_size, 1.0, own)
+    return Workload(c.batch_size or batch_size, c.pooling_factor, c.optimizer or own)

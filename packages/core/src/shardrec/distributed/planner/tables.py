@@ -26,6 +26,18 @@ def _element_size(config: object) -> int:
     return data_type_to_dtype(data_type).itemsize
 
 
+def _fused_optimizer(module: nn.Module) -> str | None:
+    """The fused optimizer's name (``rowwise_adagrad``...), "none" for plain ``.grad`` training."""
+    lookup = getattr(module, "lookup", None)
+    if lookup is None or not hasattr(lookup, "optimizer"):
+        return None
+    config = lookup.optimizer
+    if config is None:
+        return "none"
+    name = getattr(config, "optimizer", None)
+    return str(getattr(name, "value", name)) if name is not None else None
+
+
 def tables_in_module(module: nn.Module, module_path: str) -> list[TableSpec]:
     """The tables of one shardable module, from its configs (TorchRec's accessors) or its 2-D
     weights."""
@@ -45,6 +57,7 @@ def tables_in_module(module: nn.Module, module_path: str) -> list[TableSpec]:
                     element_size=_element_size(c),
                     num_features=max(1, len(feature_names)),
                     pooled=pooled and str(getattr(c, "pooling", "SUM")) != "NONE",
+                    optimizer=_fused_optimizer(module),
                 )
             )
         return out

@@ -16,6 +16,7 @@ class TableSpec:
     ``module_path`` is the module's dotted path inside the model, ``param_name`` the table's name in
     that module's plan (the table name for embedding collections). ``num_features`` counts the
     features that look up this table; ``pooled`` is False for sequence (non-pooled) embeddings.
+    ``optimizer`` is the fused optimizer the module trains it with (None: not known).
     """
 
     module_path: str
@@ -26,6 +27,7 @@ class TableSpec:
     element_size: int = 4
     num_features: int = 1
     pooled: bool = True
+    optimizer: str | None = None  # the module's fused optimizer, if it names one
 
     @property
     def fqn(self) -> str:
