@@ -278,3 +278,21 @@ def test_bad_configurations_are_named() -> None:
         )
     with pytest.raises(ValueError, match="unsupported fused optimizer"):
         EmbeddingBagCollection(tables=tables(), fused_params={"optimizer": "lamb"})
+
+
+def test_fbgemm_backend_from_meta_loads_a_torchrec_checkpoint() -> None:
+    if not ops.fbgemm_available():
+        pytest.skip("fbgemm_gpu is not importable here (absent or hidden by SHARDREC_HIDE_FBGEMM)")
+    configs = [
+        EmbeddingBagConfig(name="t1", num_embeddings=10, embedding_dim=4, feature_names=["f1"]),
+        EmbeddingBagConfig(name="t3", num_embeddings=5, embedding_dim=8, feature_names=["f3"]),
+    ]
+    ebc = EmbeddingBagCollection(
+        tables=configs, device="meta", fused_params={"optimizer": "sgd"}, backend="fbgemm"
+    )
+    assert all(p.is_meta for p in ebc.parameters())
+    ebc.reset_parameters()
+    torchrec_module = TorchRecLike(configs)
+    ebc.load_state_dict(torchrec_module.state_dict())
+    features = kjt(["f1", "f3"], seed=6)
+    torch.testing.assert_close(ebc(features).values(), torchrec_module(features))
