@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import os
 import shutil
@@ -220,3 +221,49 @@ def test_worker_processes_report_bad_rows_with_their_line(tmp_path: Path) -> Non
         preprocess(src, tmp_path / "dst", workers=2, chunk_bytes=2000, progress=False)
     assert [p.name for p in read_metadata(tmp_path / "dst").parts] == ["day_0"]
     assert not list((tmp_path / "dst").glob("*.partial"))
+
+
+@pytest.mark.parametrize("kind", ["tsv", "gzip", "csv"])
+def test_interrupted_inside_a_file_resumes_from_its_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    synth(tmp_path / "raw", rows=3000, seed=6)
+    src = tmp_path / "raw" / "train.txt"
+    if kind == "gzip":
+        src = tmp_path / "gz" / "train.txt.gz"
+        src.parent.mkdir()
+        src.write_bytes(gzip.compress((tmp_path / "raw" / "train.txt").read_bytes()))
+    elif kind == "csv":
+        require_samples()
+        src = SAMPLE_CSV  # 200 rows and a header: checkpoints every ~3 chunks of ~5 kB
+    size = 5_000 if kind == "csv" else 20_000
+    options = {"workers": 1, "chunk_bytes": size, "checkpoint_bytes": 2 * size, "progress": False}
+    preprocess(src, tmp_path / "reference", **options)  # type: ignore[arg-type]
+
+    module = importlib.import_module("shardrec_dlrm.data.preprocess")  # the name is re-exported
+    real, calls = module.parse_job, []
+
+    def interrupted(job):  # type: ignore[no-untyped-def]
+        calls.append(job.first_line)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(module, "parse_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(src, tmp_path / "dst", **options)  # type: ignore[arg-type]
+    monkeypatch.setattr(module, "parse_job", real)
+    part = "criteo_sample" if kind == "csv" else "train"
+    checkpoint = json.loads((tmp_path / "dst" / f"{part}.resume.json").read_text())
+    assert 0 < checkpoint["rows"] < (200 if kind == "csv" else 3000)
+    assert (tmp_path / "dst" / f"{part}.sparse.i64.partial").exists()
+
+    logged: list[str] = []
+    report = preprocess(src, tmp_path / "dst", log=logged.append, **options)  # type: ignore[arg-type]
+    assert report.resumed_within == {part: checkpoint["rows"]}
+    assert f"resuming {part} at line {checkpoint['next_line']}" in logged[0]
+    assert not (tmp_path / "dst" / f"{part}.resume.json").exists()
+    for suffix in ("labels.u8", "dense.f32", "sparse.i64"):
+        assert (tmp_path / "dst" / f"{part}.{suffix}").read_bytes() == (
+            tmp_path / "reference" / f"{part}.{suffix}"
+        ).read_bytes()

@@ -53,7 +53,8 @@ def preprocess(
     """Convert raw Criteo (Kaggle train.txt, 1TB day_N, plain or gzip; or CSV) at SRC into the
     memory-mapped layout at DST, streaming with bounded memory on every core.
 
-    An interrupted run resumes: run the same command again and finished files are kept.
+    An interrupted run resumes: run the same command again; finished files are kept, and the
+    file that was being read continues from its last checkpoint (every 256 MiB of text).
 
     \b
       dlrm preprocess criteo_kaggle/train.txt criteo_pre/
@@ -76,7 +77,8 @@ def preprocess(
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException(
-            "interrupted: finished files are kept; run the same command again to resume"
+            "interrupted: finished files, and the current one up to its last checkpoint, are "
+            "kept; run the same command again to resume"
         ) from None
     rate = report.rows / report.seconds if report.seconds else 0.0
     click.echo(

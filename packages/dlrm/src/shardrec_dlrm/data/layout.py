@@ -32,7 +32,7 @@ from .sources import METADATA_NAME, Layout
 LAYOUT_NAME: Final = "shardrec-criteo-preprocessed"
 LAYOUT_VERSION: Final = 1
 #: (suffix, dtype, values per row) of the three column files.
-COLUMNS: Final = (
+COLUMNS: Final[tuple[tuple[str, np.dtype[Any], int], ...]] = (
     ("labels.u8", np.dtype("<u1"), 1),
     ("dense.f32", np.dtype("<f4"), NUM_DENSE),
     ("sparse.i64", np.dtype("<i8"), NUM_SPARSE),

@@ -7,7 +7,9 @@ How it runs: the main thread reads each source file in line-aligned chunks of ``
 appends the parsed columns, in order, to ``<part>.*.partial`` files. When a file is done its three
 outputs are fsynced and renamed into place and ``metadata.json`` is rewritten (atomically) to list
 it, so an interrupted run resumes at the first unfinished file: finished files whose source has the
-same size and mtime are not redone.
+same size and mtime are not redone. Inside a file, every ``checkpoint_bytes`` of text (256 MiB) the
+partial outputs are fsynced and ``<part>.resume.json`` records the offset, line and rows they hold:
+a rerun on an unchanged source truncates the partial files to that point and continues from there.
 
 Memory bound (independent of the input size): at most ``2 * workers`` chunks of C = ``chunk_bytes``
 are in flight, each parsed or waiting to be written. Parsing one chunk peaks at
@@ -22,22 +24,30 @@ times its size.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 import numpy as np
 
 from .errors import DataError
-from .layout import COLUMNS, PartMeta, PreprocessedMeta, read_metadata, write_metadata
+from .layout import (
+    COLUMNS,
+    PartMeta,
+    PreprocessedMeta,
+    atomic_write_bytes,
+    read_metadata,
+    write_metadata,
+)
 from .reader import DEFAULT_CHUNK_BYTES, ChunkJob, iter_jobs, parse_job
 from .schema import Rows
-from .sources import METADATA_NAME, Format, SourceFile, discover
+from .sources import METADATA_NAME, Chunk, Format, SourceFile, discover
 from .tsv import BadRows
 
 #: Peak bytes allocated while parsing a TSV chunk, per byte of chunk (checked by
@@ -45,6 +55,8 @@ from .tsv import BadRows
 PARSE_PEAK_FACTOR: Final = 20
 
 
+#: Text between two checkpoints inside a file (each costs an fsync of the partial outputs).
+DEFAULT_CHECKPOINT_BYTES: Final = 256 << 20
 #: Parsing threads beyond this gain little: the parts of a chunk's parse that hold the GIL dominate.
 MAX_DEFAULT_WORKERS: Final = 8
 
@@ -70,6 +82,8 @@ class PreprocessReport:
     output: Path
     written: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
+    #: Parts continued from a checkpoint inside the file: rows that were kept.
+    resumed_within: dict[str, int] = field(default_factory=dict)
     rows: int = 0
     bad_rows: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -90,32 +104,85 @@ def _finished(root: Path, part: PartMeta, src: SourceFile) -> bool:
     return True
 
 
-class _PartWriter:
-    """Appends parsed rows to the three ``.partial`` files of one part; ``commit`` renames them."""
+@dataclass(frozen=True, slots=True)
+class _Checkpoint:
+    """How far an unfinished part got: what ``<part>.resume.json`` holds."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    source: str
+    source_size: int
+    source_mtime_ns: int
+    offset: int  # in the decompressed text, just after the last line written
+    next_line: int
+    rows: int
+    bad_rows: int
+
+
+class _PartWriter:
+    """Appends parsed rows to the three ``.partial`` files of one part; ``commit`` renames them.
+
+    ``checkpoint`` fsyncs the partial files and then records, atomically, how far they go in
+    ``<part>.resume.json``; a later run whose source is unchanged truncates the partial files to
+    that point and continues from there instead of from the first line.
+    """
+
+    def __init__(self, root: Path, name: str, key: tuple[str, int, int]) -> None:
         self.finals = [root / f"{name}.{suffix}" for suffix, _, _ in COLUMNS]
         self.temps = [p.with_name(p.name + ".partial") for p in self.finals]
-        self.files: list[BinaryIO] = [p.open("wb") for p in self.temps]
-        self.rows = 0
+        self.resume_file = root / f"{name}.resume.json"
+        self.key = key
+        self.start = self._load()
+        self.rows = self.start.rows if self.start else 0
+        self.bad_rows = self.start.bad_rows if self.start else 0
+        self.files: list[BinaryIO] = []
+        for tmp, (_, dtype, width) in zip(self.temps, COLUMNS, strict=True):
+            f = tmp.open("r+b" if self.start else "wb")
+            f.truncate(self.rows * width * dtype.itemsize)
+            f.seek(0, os.SEEK_END)
+            self.files.append(f)
 
-    def write(self, rows: Rows) -> None:
+    def _load(self) -> _Checkpoint | None:
+        try:
+            cp = _Checkpoint(**json.loads(self.resume_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if (cp.source, cp.source_size, cp.source_mtime_ns) != self.key:
+            return None
+        for tmp, (_, dtype, width) in zip(self.temps, COLUMNS, strict=True):
+            if not tmp.is_file() or tmp.stat().st_size < cp.rows * width * dtype.itemsize:
+                return None
+        return cp
+
+    def write(self, rows: Rows, bad: int) -> None:
         for f, arr in zip(self.files, (rows.labels, rows.dense, rows.sparse), strict=True):
             f.write(np.ascontiguousarray(arr).data)
         self.rows += len(rows)
+        self.bad_rows += bad
 
-    def commit(self) -> None:
+    def _sync(self) -> None:
         for f in self.files:
             f.flush()
             os.fsync(f.fileno())
+
+    def checkpoint(self, offset: int, next_line: int) -> None:
+        self._sync()
+        cp = _Checkpoint(*self.key, offset, next_line, self.rows, self.bad_rows)
+        atomic_write_bytes(self.resume_file, json.dumps(asdict(cp)).encode())
+
+    def commit(self) -> None:
+        self._sync()
+        for f in self.files:
             f.close()
         for tmp, final in zip(self.temps, self.finals, strict=True):
             os.replace(tmp, final)
+        self.resume_file.unlink(missing_ok=True)
 
     def abort(self) -> None:
-        for f, tmp in zip(self.files, self.temps, strict=True):
+        """Close; keep the partial files only if a checkpoint says how far they are valid."""
+        for f in self.files:
             f.close()
-            tmp.unlink(missing_ok=True)
+        if not self.resume_file.exists():
+            for tmp in self.temps:
+                tmp.unlink(missing_ok=True)
 
 
 class _Progress:
@@ -158,14 +225,14 @@ def _executor(workers: int) -> Iterator[ThreadPoolExecutor | None]:
 
 
 def _parsed(
-    pool: ThreadPoolExecutor | None, jobs: Iterator[tuple[ChunkJob, int]], in_flight: int
-) -> Iterator[tuple[tuple[Rows, int], int]]:
+    pool: ThreadPoolExecutor | None, jobs: Iterator[tuple[ChunkJob, Chunk]], in_flight: int
+) -> Iterator[tuple[tuple[Rows, int], Chunk]]:
     """Parse results in file order, keeping at most ``in_flight`` chunks submitted at once."""
     if pool is None:
         for job, consumed in jobs:
             yield parse_job(job), consumed
         return
-    pending: deque[tuple[Future[tuple[Rows, int]], int]] = deque()
+    pending: deque[tuple[Future[tuple[Rows, int]], Chunk]] = deque()
     try:
         for job, consumed in jobs:
             pending.append((pool.submit(parse_job, job), consumed))
@@ -188,6 +255,7 @@ def preprocess(
     bad_rows: BadRows = "error",
     workers: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PreprocessReport:
@@ -248,25 +316,36 @@ def preprocess(
     try:
         with _executor(workers) as pool:
             for f in todo:
-                writer = _PartWriter(root, f.part)
-                skipped = 0
+                writer = _PartWriter(root, f.part, _source_key(f))
+                offset, line = 0, 1
+                if writer.start is not None:
+                    offset, line = writer.start.offset, writer.start.next_line
+                    report.resumed_within[f.part] = writer.rows
+                    if log is not None:
+                        log(f"resuming {f.part} at line {line} ({writer.rows} rows kept)")
+                since_checkpoint = 0
                 try:
-                    jobs = (
-                        (job, chunk.consumed)
-                        for job, chunk in iter_jobs(f, bad_rows=bad_rows, chunk_bytes=chunk_bytes)
+                    jobs = iter_jobs(
+                        f,
+                        bad_rows=bad_rows,
+                        chunk_bytes=chunk_bytes,
+                        start_offset=offset,
+                        first_line=line,
                     )
-                    for (rows, bad), consumed in _parsed(pool, jobs, 2 * workers):
-                        writer.write(rows)
-                        skipped += bad
-                        bar.update(len(rows), bytes_before + consumed)
+                    for (rows, bad), chunk in _parsed(pool, jobs, 2 * workers):
+                        writer.write(rows, bad)
+                        bar.update(len(rows), bytes_before + chunk.consumed)
+                        since_checkpoint += len(chunk.data)
+                        if since_checkpoint >= checkpoint_bytes:
+                            writer.checkpoint(chunk.end_offset, chunk.first_line + chunk.lines)
+                            since_checkpoint = 0
                 except BaseException:
                     writer.abort()
                     raise
                 writer.commit()
-                key = _source_key(f)
-                done[f.part] = PartMeta(f.part, writer.rows, skipped, *key)
+                done[f.part] = PartMeta(f.part, writer.rows, writer.bad_rows, *_source_key(f))
                 report.written.append(f.part)
-                report.bad_rows[str(f.path)] = skipped
+                report.bad_rows[str(f.path)] = writer.bad_rows
                 bytes_before += f.size
                 save(complete=len(done) == len(found.files))
     finally:

@@ -55,12 +55,21 @@ def csv_header_columns(src: SourceFile) -> tuple[int, ...]:
 
 
 def iter_jobs(
-    src: SourceFile, *, bad_rows: BadRows, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    src: SourceFile,
+    *,
+    bad_rows: BadRows,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    start_offset: int = 0,
+    first_line: int = 1,
 ) -> Iterator[tuple[ChunkJob, Chunk]]:
-    """The chunks of one file as parse jobs (the header of a CSV file is read first and skipped)."""
+    """The chunks of one file as parse jobs (the header of a CSV file is read first and skipped);
+    ``start_offset``/``first_line`` resume after an earlier chunk's ``end_offset``."""
     columns = csv_header_columns(src) if src.format == "csv" else None
-    skip = 1 if src.format == "csv" else 0
-    for chunk in iter_chunks(src.path, chunk_bytes, skip_lines=skip):
+    skip = 1 if src.format == "csv" and start_offset == 0 else 0
+    chunks = iter_chunks(
+        src.path, chunk_bytes, skip_lines=skip, start_offset=start_offset, first_line=first_line
+    )
+    for chunk in chunks:
         job = ChunkJob(src.format, str(src.path), chunk.first_line, chunk.data, bad_rows, columns)
         yield job, chunk
 

@@ -199,16 +199,40 @@ class Chunk:
     data: bytes
     #: Bytes of the file consumed so far (compressed bytes for gzip): for progress bars.
     consumed: int
+    #: Offset, in the (decompressed) text, just after this chunk's last line: where to resume.
+    end_offset: int
+    #: Lines in ``data``.
+    lines: int
 
 
-def iter_chunks(path: Path, chunk_bytes: int, *, skip_lines: int = 0) -> Iterator[Chunk]:
+def _skip(stream: BinaryIO, n: int, path: Path, *, gz: bool) -> None:
+    """Move ``n`` bytes into ``stream`` (seek for plain files; decompress and drop for gzip)."""
+    if not gz:
+        stream.seek(n)
+        return
+    while n > 0:
+        block = stream.read(min(n, 8 << 20))
+        if not block:
+            raise DataError(f"{path}: shorter than the offset to resume from; it changed?")
+        n -= len(block)
+
+
+def iter_chunks(
+    path: Path,
+    chunk_bytes: int,
+    *,
+    skip_lines: int = 0,
+    start_offset: int = 0,
+    first_line: int = 1,
+) -> Iterator[Chunk]:
     """Stream ``path`` in chunks of about ``chunk_bytes``, each holding whole lines.
 
     Memory: one chunk plus the tail of the line that straddles two reads (a line longer than
     ``chunk_bytes`` grows the buffer to that line). ``skip_lines`` drops leading lines (a CSV
-    header).
+    header). ``start_offset``/``first_line`` resume after a chunk's ``end_offset``.
     """
-    line_no = 1
+    line_no = first_line
+    offset = start_offset
     carry = b""
     try:
         raw = path.open("rb")
@@ -219,6 +243,7 @@ def iter_chunks(path: Path, chunk_bytes: int, *, skip_lines: int = 0) -> Iterato
         raw.seek(0)
         stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw  # type: ignore[assignment]
         try:
+            _skip(stream, start_offset, path, gz=gz)
             while True:
                 block = stream.read(chunk_bytes)
                 if not block:
@@ -233,12 +258,15 @@ def iter_chunks(path: Path, chunk_bytes: int, *, skip_lines: int = 0) -> Iterato
                 while skip_lines and data:
                     nl = data.find(b"\n") + 1
                     data = data[nl:]
+                    offset += nl
                     skip_lines -= 1
                     line_no += 1
                 if data:
-                    yield Chunk(line_no, data, raw.tell())
-                    line_no += data.count(b"\n")
+                    offset += len(data)
+                    lines = data.count(b"\n")
+                    yield Chunk(line_no, data, raw.tell(), offset, lines)
+                    line_no += lines
         except (EOFError, OSError, zlib.error) as e:
             raise _stream_error(path, e) from None
         if carry and not skip_lines:  # a last line without its newline
-            yield Chunk(line_no, carry + b"\n", raw.tell())
+            yield Chunk(line_no, carry + b"\n", raw.tell(), offset + len(carry), 1)
