@@ -28,8 +28,12 @@ def plugins() -> None:
         origin = f"{info.distribution}{version}" if info.distribution else "in-process"
         click.echo(f"{info.name}  ({origin})")
         for sharder in info.sharders:
-            module = sharder.module_type.__name__
             cls = type(sharder)
-            for device in ("cpu", "cuda"):
-                kinds = ", ".join(sharder.sharding_types(device)) or "-"
-                click.echo(f"  {cls.__module__}.{cls.__qualname__}: {module} on {device}: {kinds}")
+            per_device = "; ".join(
+                f"{device}: {', '.join(sharder.sharding_types(device)) or '-'}"
+                for device in ("cpu", "cuda")
+            )
+            click.echo(
+                f"  {cls.__module__}.{cls.__qualname__} shards "
+                f"{sharder.module_type.__name__} ({per_device})"
+            )

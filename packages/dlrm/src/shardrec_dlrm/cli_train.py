@@ -19,6 +19,9 @@ from shardrec_dlrm.config import (
     TrainConfig,
 )
 
+#: The dense arch's hidden layers when --dense-arch-layer-sizes is not given (then + embedding dim).
+DEFAULT_DENSE_HIDDEN = (512, 256)
+
 _MODEL_FIELDS = (
     "embedding_dim",
     "num_embeddings",
@@ -59,9 +62,9 @@ def model_options(function: Any) -> Any:
         click.option(
             "--dense-arch-layer-sizes",
             type=IntList(),
-            default=",".join(map(str, defaults.dense_arch_layer_sizes)),
-            show_default=True,
-            help="Bottom MLP; the last size must equal --embedding-dim.",
+            default=None,
+            help="Bottom MLP; the last size must equal --embedding-dim "
+            f"[default: {','.join(map(str, DEFAULT_DENSE_HIDDEN))},EMBEDDING_DIM].",
         ),
         click.option(
             "--over-arch-layer-sizes",
@@ -99,6 +102,8 @@ def model_options(function: Any) -> Any:
 
 def model_config_from(params: dict[str, Any]) -> ModelConfig:
     values = {name: params.pop(name) for name in _MODEL_FIELDS}
+    if values["dense_arch_layer_sizes"] is None:
+        values["dense_arch_layer_sizes"] = (*DEFAULT_DENSE_HIDDEN, values["embedding_dim"])
     try:
         return ModelConfig(**values)
     except ValueError as error:

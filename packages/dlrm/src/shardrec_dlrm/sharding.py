@@ -16,9 +16,13 @@ import torch
 from torch import nn
 
 from shardrec_dlrm.config import ModelConfig, OptimizerName, TrainConfig
-from shardrec_dlrm.model.build import build_dlrm
+from shardrec_dlrm.errors import UserError
+from shardrec_dlrm.model.build import TABLE_NAMES, build_dlrm
 from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.planning import PlanRequest, discover_sharders, plan_model
+
+#: Tables up to this size (weights) are initialised whole before sharding (see shard_model).
+GLOBAL_INIT_BYTES = 1 << 30
 
 #: ``--optimizer`` -> the fused optimizer of the embedding tables (shardrec's ``fused_params``).
 FUSED_OPTIMIZER: dict[str, str] = {
@@ -61,13 +65,19 @@ def dense_optimizer_for(
 
 
 def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
-    """Builds the model on the meta device, plans it, and shards it over the run's processes."""
-    from shardrec.distributed import DistributedModelParallel
+    """Builds the model, plans it, and shards it over the run's processes.
 
-    meta = torch.device("meta")
+    Tables of at most :data:`GLOBAL_INIT_BYTES` in all are initialised whole, from ``--seed``,
+    before sharding, so a run starts from the same weights at any world size and with any plan;
+    bigger ones are built on the meta device and each shard is initialised where it lives.
+    """
+    from shardrec.distributed.model_parallel import DistributedModelParallel
+
+    table_bytes = 4 * config.model.embedding_dim * sum(config.model.table_sizes())
+    torch.manual_seed(config.seed)
     model = build_dlrm(
         config.model,
-        embedding_device=meta,
+        embedding_device=torch.device("cpu" if table_bytes <= GLOBAL_INIT_BYTES else "meta"),
         dense_device=state.device,
         fused_params=fused_params(config.optimizer, config.learning_rate, config.eps),
     )
@@ -83,14 +93,46 @@ def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
     plan, report = plan_model(model, request, sharders, collective=True)
     sharded = DistributedModelParallel(model, device=state.device, plan=plan, sharders=sharders)
     dense = list(_trainable_dense(sharded))
+    _average_sharded_gradients(sharded, state)
+    fused_lr = _fused_lr_setter(sharded)
+    constant = config.lr_warmup_steps == 0 and config.lr_decay_steps == 0
+    if fused_lr is None and not constant:
+        raise UserError(
+            "--lr-warmup-steps/--lr-decay-steps need fused embedding kernels that can change "
+            "their learning rate (TableBatchedEmbedding.set_learning_rate), which this shardrec "
+            "lacks: train with a constant learning rate"
+        )
     return ShardedRun(
         model=sharded,
         dense_optimizer=dense_optimizer_for(
             dense, config.optimizer, config.learning_rate, config.eps
         ),
-        fused_lr=_fused_lr_setter(sharded),
+        fused_lr=fused_lr or (lambda lr: None),
         plan_text=report,
     )
+
+
+def _average_sharded_gradients(sharded: Any, state: ParallelState) -> None:
+    """Scales the gradients reaching sharded tables by ``1 / world_size``.
+
+    Each rank's loss is the mean over its own part of the global batch. DDP averages the dense
+    (and data-parallel table) gradients over ranks, which gives the gradient of the mean over the
+    global batch; a sharded table's owner instead sums the gradients every rank sends it, which is
+    ``world_size`` times that. Scaling those outputs' gradients makes both the global mean, so
+    that N processes train as one process does on the same global batches.
+    """
+    if state.world_size == 1:
+        return
+    sparse_arch = sharded.module.model.sparse_arch
+    fqn = "model.sparse_arch.embedding_bag_collection"
+    shards = sharded.local_table_shards().get(fqn, {})
+    dim = sparse_arch.embedding_dim
+    scale = [
+        1.0 if table in shards and shards[table].replicated else 1.0 / state.world_size
+        for table in TABLE_NAMES
+    ]
+    per_column = torch.tensor(scale, device=state.device).repeat_interleave(dim)
+    sparse_arch.scale_output_gradients(per_column)
 
 
 def _local_world_size(state: ParallelState) -> int:
@@ -100,22 +142,29 @@ def _local_world_size(state: ParallelState) -> int:
 
 
 def _trainable_dense(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Parameters a torch optimizer must step: those that get a ``.grad`` (fused tables do not)."""
-    fused = getattr(model, "fused_parameter_names", None)
-    skip = set(fused()) if callable(fused) else set()
-    for name, param in model.named_parameters():
-        if param.requires_grad and name not in skip:
+    """Parameters a torch optimizer must step: those that get a ``.grad``. Fused tables do not
+    (their optimizer runs inside backward); data-parallel tables do."""
+    for param in model.parameters():
+        if param.requires_grad:
             yield param
 
 
-def _fused_lr_setter(model: nn.Module) -> Callable[[float], None]:
-    optimizer = getattr(model, "fused_optimizer", None)
-    if optimizer is None:
-        return lambda lr: None
+def _fused_lr_setter(sharded: Any) -> Callable[[float], None] | None:
+    """Sets the learning rate of the fused tables; None if some fused table cannot change it."""
+    fused = any(
+        str(sharding.compute_kernel) != "dense"
+        for tables in sharded.plan.plan.values()
+        for sharding in tables.values()
+    )
+    owners: list[Any] = [
+        m for m in sharded.module.modules() if callable(getattr(m, "set_learning_rate", None))
+    ]
+    if fused and not owners:
+        return None
 
     def set_lr(lr: float) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for owner in owners:
+            owner.set_learning_rate(lr)
 
     return set_lr
 

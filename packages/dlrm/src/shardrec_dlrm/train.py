@@ -89,11 +89,11 @@ class _Trainer:
 
     def run(self) -> dict[str, float]:
         config, state = self.config, self.state
-        write_run_config(config, state)
         if config.resume:
             self.step = resume_step(self.run_state, config)
             if self.step and state.is_main and not config.quiet:
                 print(f"resuming from step {self.step} of {config.checkpoint_dir}", flush=True)
+        write_run_config(config, state)
         self.logger.log_text("config", config.to_json())
         self.logger.log_text("sharding_plan", self.run_state.plan_text)
         steps_per_epoch = self.data.train_steps(config.limit_train_batches)

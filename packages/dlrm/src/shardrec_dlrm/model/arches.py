@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,17 @@ class SparseArch(nn.Module):
         self.embedding_bag_collection = embedding_bag_collection
         self.num_features: int = sum(len(table.feature_names) for table in tables)
         self.embedding_dim: int = dims.pop()
+        # Not a buffer: it describes how this run is distributed, not the model.
+        self._grad_scale: torch.Tensor | None = None
+
+    def scale_output_gradients(self, scale: torch.Tensor | None) -> None:
+        """Multiplies the gradient of the pooled embeddings by ``scale`` (``(F * D,)``) in backward.
+
+        The trainer uses it so that a sharded table, whose gradient is summed over the ranks that
+        looked it up, learns from the mean over the global batch, as a data-parallel table
+        (averaged by DDP) and a one-process run do.
+        """
+        self._grad_scale = scale
 
     def forward(self, sparse_features: object) -> torch.Tensor:
         pooled = self.embedding_bag_collection(sparse_features)
@@ -59,7 +71,23 @@ class SparseArch(nn.Module):
         if not hasattr(pooled, "values") and hasattr(pooled, "wait"):
             pooled = pooled.wait()
         values = _values(pooled)
+        scale = self._grad_scale
+        if scale is not None and values.requires_grad:
+            values = _ScaleGradient.apply(values, scale)  # type: ignore[no-untyped-call]
         return values.reshape(values.shape[0], self.num_features, self.embedding_dim)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (broadcast over the batch)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.scale = scale
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
 
 
 def _values(pooled: object) -> torch.Tensor:

@@ -1,0 +1,195 @@
+"""``dlrm train`` and ``dlrm evaluate`` end to end on real Criteo rows, TensorBoard read back, one
+process against two under torchrun, and a run killed with SIGKILL then resumed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shardrec_dlrm.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / ".." / "shared" / "data" / "criteo_sample" / "criteo_sample.txt"
+DLRM = Path(sys.executable).parent / "dlrm"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+#: A model small enough for seconds of training on 200 rows.
+TINY = words(
+    "--embedding-dim 4 --num-embeddings 64 --dense-arch-layer-sizes 8,4 "
+    "--over-arch-layer-sizes 8,1 --val-fraction 0.2 --test-fraction 0.2 --device cpu"
+)
+METRICS = ("auc", "log_loss", "normalized_entropy", "accuracy", "calibration")
+
+
+def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events: Any = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def summary_metrics(output: str, split: str) -> dict[str, float]:
+    line = next(line for line in output.splitlines() if line.startswith(f"{split}"))
+    return {name: float(value) for name, value in re.findall(r"(\w+)=([-\d.e+na]+)", line)}
+
+
+def test_train_then_evaluate_on_real_rows(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ckpt, logdir = tmp_path / "ckpt", tmp_path / "tb"
+    options = words(
+        "--batch-size 16 --epochs 2 --validation-freq 4 --learning-rate 0.1 --optimizer "
+        "adagrad --quiet"
+    )
+    outputs = ["--checkpoint-dir", str(ckpt), "--logdir", str(logdir)]
+    result = runner.invoke(main, ["train", "--data", str(SAMPLE), *TINY, *options, *outputs])
+    assert result.exit_code == 0, result.output
+    trained = summary_metrics(result.output, "test:")
+    assert set(trained) == set(METRICS)
+    assert 0.0 <= trained["auc"] <= 1.0
+    # 120 training rows (60 %) in global batches of 16: 7 steps per epoch, 2 epochs.
+    assert "finished after 14 steps" in result.output
+    assert (ckpt / "step-00000014").is_dir()
+
+    found = scalars(logdir)
+    for tag in ("train/loss", "train/lr", "train/samples_per_s"):
+        assert [step for step, _ in found[tag]] == list(range(1, 15)), tag
+    for name in METRICS:
+        assert [step for step, _ in found[f"val/{name}"]] == [4, 8, 12, 14]
+        assert [step for step, _ in found[f"test/{name}"]] == [14]
+    assert found["test/auc"][0][1] == pytest.approx(trained["auc"], abs=1e-5)
+
+    options = words("--batch-size 7 --val-fraction 0.2 --test-fraction 0.2 --device cpu")
+    scored = runner.invoke(
+        main, ["evaluate", "--checkpoint", str(ckpt), "--data", str(SAMPLE), *options]
+    )
+    assert scored.exit_code == 0, scored.output
+    assert "after step 14" in scored.output
+    evaluated = summary_metrics(scored.output, "test")
+    for name in METRICS:
+        assert evaluated[name] == pytest.approx(trained[name], abs=2e-5), name
+
+
+def test_evaluate_of_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["evaluate", "--checkpoint", str(tmp_path), "--data", str(SAMPLE)]
+    )
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert "run_config.json" in result.output
+
+
+def test_a_batch_larger_than_the_data_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["train", "--data", str(SAMPLE), *TINY, "--batch-size", "4096"]
+    )
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert "lower --batch-size" in result.output
+
+
+def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_under_torchrun_match_one_process(tmp_path: Path) -> None:
+    # Table-wise: the tables live on one rank each, so their gradients cross processes.
+    options = words(
+        "--epochs 2 --learning-rate 0.5 --quiet --eval-batch-size 5 --sharding table_wise"
+    )
+    common = ["--data", str(SAMPLE), *TINY, *options]
+    one = _run([str(DLRM), "train", *common, "--batch-size", "16", "--logdir", str(tmp_path / "1")])
+    assert one.returncode == 0, one.stderr
+    launcher = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--no-python", str(DLRM)]
+    two = _run([*launcher, "train", *common, "--batch-size", "8", "--logdir", str(tmp_path / "2")])
+    assert two.returncode == 0, two.stderr
+    single, double = scalars(tmp_path / "1"), scalars(tmp_path / "2")
+    # Same global batches, same data order: the same training, up to float summation order.
+    for split in ("val", "test"):
+        for name in METRICS:
+            tag = f"{split}/{name}"
+            assert double[tag][0][1] == pytest.approx(single[tag][0][1], rel=1e-4), tag
+    assert len(double["train/loss"]) == len(single["train/loss"])
+
+
+def _final_weights(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
+    """The saved model of ``ckpt`` loaded into an unsharded model."""
+    from shardrec.distributed.checkpoint import load
+    from shardrec_dlrm.checkpointing import saved_model_config
+    from shardrec_dlrm.model.build import build_dlrm
+
+    model = build_dlrm(saved_model_config(str(ckpt)))
+    assert load(ckpt / f"step-{step:08d}", model) == step
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.multiprocess
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    options = words(
+        "--batch-size 4 --epochs 2 --optimizer adagrad --learning-rate 0.1 "
+        "--checkpoint-every 2 --quiet --sharding table_wise"
+    )
+    common = [str(DLRM), "train", "--data", str(SAMPLE), *TINY, *options]
+    steps = 2 * (120 // 4)
+    whole = _run([*common, "--checkpoint-dir", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*common, "--checkpoint-dir", str(killed_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while not (killed_dir / "step-00000006").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / f"step-{steps:08d}").exists()
+
+    resumed = _run([*common, "--checkpoint-dir", str(killed_dir), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resuming from step \d+", resumed.stdout) is None  # --quiet
+    for split in ("val:", "test:"):
+        assert summary_metrics(resumed.stdout, split) == summary_metrics(whole.stdout, split)
+    expected = _final_weights(tmp_path / "whole", steps)
+    got = _final_weights(killed_dir, steps)
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_resume_refuses_checkpoints_of_another_model(tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["train", "--data", str(SAMPLE), "--batch-size", "32", "--quiet", "--epochs", "1"]
+    first = runner.invoke(main, [*base, *TINY, "--checkpoint-dir", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    other = [*TINY, "--embedding-dim", "8", "--dense-arch-layer-sizes", "8,8"]  # later wins
+    second = runner.invoke(main, [*base, *other, "--checkpoint-dir", str(tmp_path), "--resume"])
+    assert second.exit_code != 0
+    assert "Traceback" not in second.output
+    assert "embedding_dim 4 -> 8" in second.output
+    shutil.rmtree(tmp_path)
