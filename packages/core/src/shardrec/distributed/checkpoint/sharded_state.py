@@ -66,14 +66,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _collection_attr(module: nn.Module) -> str:
     """``embedding_bags`` (pooled) or ``embeddings`` (sequence): where the unsharded module keeps
-    tables."""
+    tables. Asked of the sharded module: ``table_key_prefix``, else ``unsharded_module_type``, else
+    its (or its parts') ``pooled`` flag."""
     explicit = getattr(module, "table_key_prefix", None)
     if isinstance(explicit, str):
         return explicit
     source = getattr(module, "unsharded_module_type", None)
-    name = source.__name__ if isinstance(source, type) else type(module).__name__
-    if "EmbeddingCollection" in name and "Bag" not in name:
-        return "embeddings"
+    if isinstance(source, type):
+        sequence = "EmbeddingCollection" in source.__name__ and "Bag" not in source.__name__
+        return "embeddings" if sequence else "embedding_bags"
+    candidates = [module, *getattr(module, "parts", [])]
+    for candidate in candidates:
+        pooled = getattr(candidate, "pooled", None)
+        if isinstance(pooled, bool):
+            return "embedding_bags" if pooled else "embeddings"
     return "embedding_bags"
 
 
