@@ -255,3 +255,32 @@ def test_embedding_collection_checkpoint_reshards(dist_pool: Any, tmp_path: Path
         loaded = dist_pool.run(world, case_ec, root=root, kind="tw", save_it=False)
         for r, res in enumerate(loaded):
             torch.testing.assert_close(res["rows"], expected(r, world), rtol=0, atol=0)
+
+
+def case_collective_plan_error(env: ShardingEnv) -> str:
+    from shardrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        PlannerError,
+        Topology,
+    )
+    from shardrec.distributed.plugins import load_sharder_registry
+
+    # Only rank 0 plans: its error reaches every rank, which all raise the same PlannerError.
+    wanted = ["grid_shard"] if env.rank == 0 else ["row_wise"]
+    planner = EmbeddingShardingPlanner(
+        Topology(world_size=env.world_size, compute_device="cpu"),
+        constraints={"t1": ParameterConstraints(sharding_types=wanted)},
+    )
+    try:
+        planner.collective_plan(Model(seed=0), load_sharder_registry().sharders(), env.pg)
+    except PlannerError as error:
+        return str(error)
+    return "no error"
+
+
+def test_collective_plan_error_reaches_every_rank(dist_pool: Any) -> None:
+    messages = dist_pool.run(2, case_collective_plan_error)
+    for message in messages:
+        assert "'ebc.t1'" in message
+        assert "grid_shard" in message
