@@ -21,12 +21,13 @@ import argparse
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import compare, peer_available, run_peer
+from common import Clock, compare, peer_available, run_peer
 
 NUM_KEYS = 26
 BATCH = 4096
@@ -107,26 +108,29 @@ def regroup_factory(impl: str, pool: int) -> Factory:
     return _pooled(kts, pool, lambda pair: kt_cls.regroup(pair, groups))
 
 
-def run(impls: list[str], iters: int, warmup: int, rounds: int) -> dict[str, dict[str, float]]:
+def run(
+    impls: list[str], iters: int, warmup: int, rounds: int, clock: Clock
+) -> dict[str, dict[str, float]]:
     """(case/op) -> impl -> best-of-rounds median seconds."""
     out: dict[str, dict[str, float]] = {}
     for case in CASES:
         per_impl = {impl: kjt_factories(impl, case, warmup + iters) for impl in impls}
         for op in OPS[:-1]:
             out[f"{case}/{op}"] = compare(
-                {impl: per_impl[impl][op] for impl in impls}, warmup, iters, rounds
+                {impl: per_impl[impl][op] for impl in impls}, warmup, iters, rounds, clock
             )
     reps = max(5, iters // 20)
     out["regroup"] = compare(
-        {impl: regroup_factory(impl, 2 + reps) for impl in impls}, 2, reps, rounds
+        {impl: regroup_factory(impl, 2 + reps) for impl in impls}, 2, reps, rounds, clock
     )
     return out
 
 
-def report(results: dict[str, dict[str, float]], impls: list[str]) -> str:
+def report(results: dict[str, dict[str, float]], impls: list[str], clock_name: str) -> str:
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     lines = [
-        f"allocator: {allocator}; torch {torch.__version__}; {torch.get_num_threads()} thread(s)"
+        f"allocator: {allocator}; torch {torch.__version__}; "
+        f"{torch.get_num_threads()} thread(s); {clock_name} time"
     ]
     header = f"{'workload':<26}" + "".join(f"{impl:>12}" for impl in impls)
     if len(impls) == 2:
@@ -147,6 +151,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="time shardrec only")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="cpu: CPU time of the timing thread (immune to other processes' load; the default "
+        "with 1 thread); wall: wall time (the default, and the only choice, with more threads)",
+    )
     args = parser.parse_args()
     have_torchrec = importlib.util.find_spec("torchrec") is not None
     if not have_torchrec and not args.no_peer and peer_available():
@@ -158,7 +169,12 @@ def main() -> int:
     elif not args.no_peer:
         print("(no TorchRec here or in .venv-peer: shardrec figures only)", file=sys.stderr)
     torch.set_num_threads(args.threads)
-    print(report(run(impls, args.iters, args.warmup, args.rounds), impls))
+    clock_name = args.clock or ("cpu" if args.threads == 1 else "wall")
+    if clock_name == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread; use it with --threads 1")
+    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
+    results = run(impls, args.iters, args.warmup, args.rounds, clock)
+    print(report(results, impls, clock_name))
     return 0
 
 
