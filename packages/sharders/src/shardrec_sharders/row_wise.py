@@ -201,7 +201,9 @@ class RowShardedEmbedding(nn.Module):
             for s in range(world)
         ]
         recv = [batch * self._width_of[r] for r in range(world)]
-        flat = comm.all_to_all_single(torch.cat(send), recv, [t.numel() for t in send], self.env.pg)
+        flat = comm.all_to_all_single(
+            torch.cat(send), recv, [t.numel() for t in send], self.env.pg, differentiable=True
+        )
         parts = torch.split(flat, recv)
         if all(self._all_pairs):
             # Every rank holds a block of every table: a plain sum of the partial bags.
@@ -253,7 +255,9 @@ class RowShardedEmbedding(nn.Module):
             sum(int(counts[r, p]) * self.pairs[p].dim for p in self.pairs_of[r])
             for r in range(world)
         ]
-        flat = comm.all_to_all_single(torch.cat(send), recv, [t.numel() for t in send], self.env.pg)
+        flat = comm.all_to_all_single(
+            torch.cat(send), recv, [t.numel() for t in send], self.env.pg, differentiable=True
+        )
         # Rows arrive in sorted-id order (owner-major, then pair, then position): undo the sort,
         # pair by pair (pairs may differ in dim).
         per_pair_rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(self.pairs))}

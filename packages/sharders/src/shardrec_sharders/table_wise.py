@@ -197,7 +197,9 @@ class ColumnSlicedEmbedding(nn.Module):
         ]
         send_t = torch.cat(send) if send else out.reshape(-1)
         recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
-        flat = comm.all_to_all_single(send_t, recv_sizes, [t.numel() for t in send], self.env.pg)
+        flat = comm.all_to_all_single(
+            send_t, recv_sizes, [t.numel() for t in send], self.env.pg, differentiable=True
+        )
         blocks = [
             b.view(batch, w)
             for b, w in zip(torch.split(flat, recv_sizes), self._unit_cols, strict=True)
@@ -230,7 +232,11 @@ class ColumnSlicedEmbedding(nn.Module):
             k += len(self.units_by_rank[r])
         dtype = send[0].dtype if send else torch.float32
         flat = comm.all_to_all_single(
-            torch.cat(send).to(dtype), recv_sizes, [t.numel() for t in send], self.env.pg
+            torch.cat(send).to(dtype),
+            recv_sizes,
+            [t.numel() for t in send],
+            self.env.pg,
+            differentiable=True,
         )
         per_pair: dict[int, list[tuple[int, torch.Tensor]]] = {}
         k = 0

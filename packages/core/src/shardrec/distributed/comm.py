@@ -69,14 +69,21 @@ def all_to_all_single(
     out_rows: Sequence[int],
     in_rows: Sequence[int],
     pg: dist.ProcessGroup | None,
+    *,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Send ``in_rows[r]`` leading-dimension rows of ``x`` to rank ``r``; receive
     ``out_rows[r]`` from it.
 
-    Differentiable: the gradient is sent back along the reverse route.
+    Differentiable: the gradient is sent back along the reverse route. A collective's backward
+    must run on every rank, so ``differentiable=True`` puts it in the autograd graph (when grad
+    mode is on) even on a rank whose ``x`` needs no gradient, e.g. one that holds no shard and
+    sends nothing: otherwise its peers would wait for it in backward.
     """
     if pg is None:
         return x
+    if differentiable and torch.is_grad_enabled() and not x.requires_grad:
+        x = x.detach().requires_grad_()
     if x.requires_grad and torch.is_grad_enabled():
         out: torch.Tensor = _AllToAll.apply(x, list(out_rows), list(in_rows), pg)  # type: ignore[no-untyped-call]
         return out
@@ -187,5 +194,5 @@ def reduce_scatter_rows(
     world = _world(pg)
     if pg is None:
         return x
-    got = all_to_all_single(x, [out_rows] * world, in_rows, pg)
+    got = all_to_all_single(x, [out_rows] * world, in_rows, pg, differentiable=True)
     return got.view(world, out_rows, *x.shape[1:]).sum(dim=0)
