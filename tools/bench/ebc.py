@@ -14,25 +14,28 @@ them again (``3 × ids × 256``). The baseline is ``index_select`` of the same n
 from one 1,000,000-row table, measured in the same run; ``of gather`` is the fraction of the
 baseline's bytes per second that a contender reaches.
 
-TorchRec runs in ``.venv-peer`` (``make bench-peer``) when it exists: this script re-runs itself
-there with ``--peer`` (DistributedModelParallel, one rank on gloo, fused SGD through
-``apply_optimizer_in_backward``, FBGEMM kernels) between two of its own rounds, under the same
-allocator setting and thread count. Every figure is the best of the rounds.
+TorchRec is never imported here unless this interpreter has it: when ``.venv-peer`` exists
+(``make bench-peer``; TorchRec 1.8.0 beside an editable shardrec), the script re-runs itself
+there, so that every contender (TorchRec as DistributedModelParallel, one rank on gloo, fused SGD
+through ``apply_optimizer_in_backward``, FBGEMM kernels) is timed in one process, in rounds that
+alternate the order, under the same allocator setting and thread count. Every figure is the best
+of the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from common import MALLOC_ENV, REPO, measure, peer_available, run_peer
+from common import MALLOC_ENV, measure, peer_available, run_peer
 
 KAGGLE = [
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
@@ -220,38 +223,41 @@ def _measure_all(
     gathers: dict[int, Timed],
     iters: dict[int, int],
     best: dict[str, float],
+    reverse: bool,
 ) -> None:
+    """One round: every contender once per case and mode, in alternating order between rounds."""
+    names = list(contenders)[::-1] if reverse else list(contenders)
     for ids in CASES:
         n = iters[ids]
         key = f"gather/{ids}"
         best[key] = min(best.get(key, float("inf")), measure(_synced(gathers[ids]), 2, n))
-        for name, cases in contenders.items():
-            fwd, step = cases[ids]
-            for mode, fn in (("forward", fwd), ("step", step)):
-                key = f"{name}/{ids}/{mode}"
+        for mode in (0, 1):
+            for name in names:
+                fn = contenders[name][ids][mode]
+                key = f"{name}/{ids}/{('forward', 'step')[mode]}"
                 best[key] = min(best.get(key, float("inf")), measure(_synced(fn), 2, n))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=15, help="timed calls per measure (1 id)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per measure (1 id)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (TorchRec and FBGEMM: cpu)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    iters = {1: args.iters, 20: max(3, args.iters // 5)}
-    best: dict[str, float] = {}
-    if args.peer:
-        contenders = {"torchrec": _torchrec(args.batch)}
-        _measure_all(contenders, _gather(args.batch), iters, best)
-        print(json.dumps(best))
+    has_torchrec = importlib.util.find_spec("torchrec") is not None
+    if not has_torchrec and not args.no_peer and DEVICE.type == "cpu" and peer_available():
+        # TorchRec lives in .venv-peer, beside an editable shardrec: run every contender there,
+        # in one process, so that all of them share the machine's state round by round.
+        print(run_peer([str(Path(__file__).resolve()), *sys.argv[1:], "--in-peer"]), end="")
         return 0
+    torch.set_num_threads(args.threads)
+    iters = {1: args.iters, 20: max(2, args.iters // 4)}
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]:
         print("warning: run with MALLOC_MMAP_THRESHOLD_=33554432 (see docs/benchmarks.md)")
     from shardrec import ops
@@ -260,19 +266,13 @@ def main() -> int:
     if ops.fbgemm_available() and DEVICE.type == "cpu":
         contenders["shardrec-fbgemm"] = _shardrec("fbgemm", args.batch)
     contenders["nn.EmbeddingBag loop"] = _loop(args.batch)
+    if has_torchrec and not args.no_peer and DEVICE.type == "cpu":
+        contenders["torchrec"] = _torchrec(args.batch)
     gathers = _gather(args.batch)
-    use_peer = not args.no_peer and DEVICE.type == "cpu" and peer_available()
+    best: dict[str, float] = {}
     for r in range(args.rounds):
-        _measure_all(contenders, gathers, iters, best)
-        if use_peer and r == 0:
-            cmd = [str(REPO / "tools/bench/ebc.py"), "--peer", f"--batch={args.batch}"]
-            cmd += [f"--threads={args.threads}", f"--iters={args.iters}"]
-            for key, value in json.loads(run_peer(cmd).strip().splitlines()[-1]).items():
-                if key.startswith("torchrec/"):
-                    best[key] = value
-                else:  # the gather baseline measured in the peer process, kept if faster
-                    best[key] = min(best[key], value)
-    _report(best, args, list(contenders) + (["torchrec"] if use_peer else []))
+        _measure_all(contenders, gathers, iters, best, reverse=r % 2 == 1)
+    _report(best, args, list(contenders))
     return 0
 
 
