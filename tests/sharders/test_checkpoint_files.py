@@ -196,3 +196,18 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None
     save(root, fresh, step=2)
     assert latest(root) == root / "step-00000002"
     assert not (root / ".tmp-step-00000002").exists()
+
+
+def test_crash_inside_a_resave_of_the_same_step_keeps_the_old_one(tmp_path: Path) -> None:
+    model = make_model(0)
+    save(tmp_path, model, step=4)
+    # A re-save of step 4 moves the old directory aside just before putting the new one in place;
+    # a crash in between leaves only the old one, under its temporary name.
+    (tmp_path / "step-00000004").rename(tmp_path / ".old-step-00000004")
+    assert latest(tmp_path) == tmp_path / ".old-step-00000004"
+    fresh = make_model(3)
+    assert load(tmp_path, fresh) == 4
+    assert_same(snapshot(model), snapshot(fresh))
+    save(tmp_path, fresh, step=4)
+    assert latest(tmp_path) == tmp_path / "step-00000004"
+    assert not (tmp_path / ".old-step-00000004").exists()

@@ -51,7 +51,7 @@ from shardrec.distributed.checkpoint.sharded_state import (
 
 FORMAT: Final = "shardrec-dcp/1"
 SIDECAR: Final = "shardrec.json"
-_STEP_DIR: Final = re.compile(r"^step-(\d+)$")
+_STEP_DIR: Final = re.compile(r"^(\.old-)?step-(\d+)$")
 _DENSE: Final = "dense_optim"
 
 
@@ -85,18 +85,22 @@ def _complete(path: Path) -> bool:
 
 
 def latest(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, or None if there is none."""
+    """The complete checkpoint with the highest step under ``root``, or None if there is none.
+
+    A re-save of step N moves the old ``step-N`` aside as ``.old-step-N`` for a moment; a crash in
+    that moment leaves no ``step-N``, and the old one is found there.
+    """
     base = Path(root)
     if not base.is_dir():
         return None
-    best: tuple[int, Path] | None = None
-    for child in base.iterdir():
+    best: tuple[int, int, Path] | None = None
+    for child in sorted(base.iterdir()):
         m = _STEP_DIR.match(child.name)
         if m and child.is_dir() and _complete(child):
-            step = int(m.group(1))
-            if best is None or step > best[0]:
-                best = (step, child)
-    return best[1] if best else None
+            rank = (int(m.group(2)), 0 if m.group(1) else 1)  # step-N before .old-step-N
+            if best is None or rank > best[:2]:
+                best = (*rank, child)
+    return best[2] if best else None
 
 
 def param_names(model: nn.Module) -> dict[int, str]:
@@ -180,6 +184,9 @@ def save(
         base.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # a crashed save of the same step
+        old = base / f".old-{final.name}"
+        if old.exists() and final.exists():
+            shutil.rmtree(old)  # a crash after a re-save completed, before its cleanup
     _barrier(pg)
 
     state: dict[str, Any] = dict(sharded_state_dict(model, pg))
