@@ -129,9 +129,8 @@ def unsharded_view(root: str, optimizer: str) -> dict[str, torch.Tensor]:
     return out
 
 
-# Training (backward) needs every rank in every sharding type's collectives: the saved plans give
-# each rank a part of each sharding type they use. Loading only runs forward: any plan goes.
-SAVE = {"t0": ("rw", []), "t1": ("cw", [0, 1]), "t2": ("cw", [1, 0])}
+# t1 lives on rank 1 alone: rank 0 holds no table-wise shard, yet trains along.
+SAVE = {"t0": ("rw", []), "t1": ("tw", [1]), "t2": ("cw", [0, 1])}
 LOADS = [
     (1, {"t0": ("tw", [0]), "t1": ("cw", [0, 0]), "t2": ("rw", [])}),
     (3, {"t0": ("cw", [2, 0]), "t1": ("rw", []), "t2": ("tw", [2])}),
