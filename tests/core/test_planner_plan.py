@@ -344,3 +344,25 @@ def test_fused_optimizer_tables_are_not_made_data_parallel_unless_asked() -> Non
     assert planner.last_report is not None
     t0 = planner.last_report.tables[0]
     assert t0.storage >= 3 * 16 * 4 * 3  # weights + exp_avg + exp_avg_sq
+
+
+def test_sequence_tables_are_read_from_an_embedding_collection() -> None:
+    from shardrec.distributed.planner import tables_of
+    from shardrec.modules import EmbeddingCollection
+    from shardrec.modules.configs import EmbeddingConfig
+
+    ec = EmbeddingCollection(
+        [
+            EmbeddingConfig(num_embeddings=9, embedding_dim=8, name="s0", feature_names=["a", "b"]),
+            EmbeddingConfig(num_embeddings=4, embedding_dim=8, name="s1", feature_names=["c"]),
+        ],
+        device="meta",
+    )
+    outer = nn.Sequential(nn.Linear(2, 2), ec)
+    (s0, s1) = tables_of(outer, {EmbeddingCollection})
+    assert (s0.fqn, s0.num_features, s0.pooled, s0.optimizer) == ("1.s0", 2, False, "none")
+    assert (s1.num_embeddings, s1.embedding_dim) == (4, 8)
+    plan = EmbeddingShardingPlanner(Topology(world_size=2, compute_device="cpu")).plan(
+        outer, [FakeSharder(module_type=EmbeddingCollection)]
+    )
+    assert sorted(plan.plan["1"]) == ["s0", "s1"]
