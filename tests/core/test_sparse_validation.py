@@ -88,6 +88,15 @@ def test_non_string_key() -> None:
         KeyedTensor(["a", 7], [1, 1], torch.zeros(2, 2))  # type: ignore[list-item]
 
 
+def test_validate_checks_key_types_and_devices() -> None:
+    kjt = KeyedJaggedTensor(["a", 3], IDS, lengths=LENGTHS)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"key at position 1 is int 3, expected str"):
+        kjt.validate()
+    split_devices = KeyedJaggedTensor(KEYS, IDS, lengths=LENGTHS.to("meta"))
+    with pytest.raises(ValueError, match=r"lengths is on meta but values on cpu"):
+        split_devices.validate()
+
+
 def test_permute_index_out_of_range() -> None:
     kjt = KeyedJaggedTensor(KEYS, IDS, lengths=LENGTHS)
     with pytest.raises(

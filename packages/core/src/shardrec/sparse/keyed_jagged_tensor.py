@@ -41,10 +41,11 @@ class KeyedJaggedTensor:
     Checks. The constructor checks everything it can see without reading tensor contents, so it
     never waits on a device: ids are a 1-D integer tensor, lengths/offsets are 1-D int32/int64,
     the number of lengths is a multiple of the number of keys (and agrees with ``stride=``),
-    weights are floating point with one per value, keys are distinct strings. ``sync()`` also
-    checks, for free, that the lengths add up to the number of values. ``validate()`` reads the
-    contents (a device sync) and checks the rest: no negative lengths (naming the key and sample),
-    per-key sizes, and well-formed offsets. Call it on untrusted input.
+    weights are floating point with one per value, keys are distinct. ``sync()`` also checks, for
+    free, that the lengths add up to the number of values. ``validate()`` reads the contents (a
+    device sync) and checks the rest: no negative lengths (naming the key and sample), per-key
+    sizes, well-formed offsets, keys that are strings, all tensors on one device. Call it on
+    untrusted input.
 
     Operations that pick keys (``permute`` with repeated indices) may produce repeated keys;
     ``__getitem__`` then answers with the last of them.
@@ -398,6 +399,14 @@ class KeyedJaggedTensor:
         """Check the contents (a device sync); ValueError names the key and sample. Returns self."""
         num_keys = len(self._keys)
         num_values = self._values.shape[0]
+        check.key_index(_OWNER, self._keys)  # key types (the constructor only checks repeats)
+        for name in ("_weights", "_lengths", "_offsets"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.device != self._values.device:
+                raise ValueError(
+                    f"{_OWNER}: {name[1:]} is on {tensor.device} but values on "
+                    f"{self._values.device}"
+                )
         if self._offsets is not None:
             problem = check.find_bad_offset(self._offsets, num_values)
             if problem is not None:
