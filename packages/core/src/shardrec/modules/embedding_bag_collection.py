@@ -3,10 +3,10 @@
 Where the parameters live (measured, see ``docs/benchmarks.md``): the fused kernel owns one storage
 per group of tables, and each table's ``weight`` is an ``nn.Parameter`` that is a view into it,
 registered at ``embedding_bags.<table>.weight``. The alternative, per-table parameters concatenated
-for each fused call, copies every table on every forward (1.4 GB for the Criteo benchmark's
-tables), far more than the lookup itself moves. With views, ``state_dict``/``load_state_dict`` use
-TorchRec's keys and read/write the fused storage in place, so an unsharded TorchRec checkpoint
-loads as is.
+for each fused call, copies every table on every forward: for the Criteo benchmark's 1.43 GB of
+tables that ``torch.cat`` took 2.4-3.2 s here, against about 27 ms for the whole fused forward.
+With views, ``state_dict``/``load_state_dict`` use TorchRec's keys and read/write the fused storage
+in place, so an unsharded TorchRec checkpoint loads as is.
 """
 
 from __future__ import annotations
