@@ -1,4 +1,4 @@
-"""torch.compile of a function that takes a KeyedJaggedTensor gives the eager result.
+"""torch.compile (and torch.export) of code that takes a KeyedJaggedTensor gives the eager result.
 
 One small compile with backend="aot_eager" and fullgraph=True (the containers trace without a graph
 break): it runs Dynamo's tracing (where the containers' pytree registration and Python-level
@@ -54,3 +54,20 @@ def test_pytree_flattens_to_tensors() -> None:
     assert back.keys() == ["a"]
     assert back.values().tolist() == [8, 9]
     assert back.length_per_key() == [2]
+
+
+class _PerKeySums(torch.nn.Module):
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return torch.stack([jt.values().float().sum() for jt in kjt.to_dict().values()])
+
+
+def test_torch_export_takes_a_kjt() -> None:
+    # torch.export flattens inputs with the pytree registration (flatten_with_keys).
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([1, 1, 0, 2])
+    )
+    exported = torch.export.export(_PerKeySums(), (kjt,))
+    other = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.tensor([5, 6, 7, 8]), lengths=torch.tensor([1, 1, 0, 2])
+    )
+    assert exported.module()(other).tolist() == _PerKeySums()(other).tolist() == [11.0, 15.0]
