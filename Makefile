@@ -8,8 +8,9 @@ STAMP := $(VENV)/.shardrec-installed
 PEER_STAMP := $(PEER)/.shardrec-peer-installed
 PKG_META := packages/core/pyproject.toml packages/sharders/pyproject.toml packages/dlrm/pyproject.toml
 TORCH_PINS := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
-# Same allocator settings on both sides of every comparison (see docs/benchmarks.md).
-BENCH_ENV := MALLOC_MMAP_THRESHOLD_=33554432
+# Same allocator settings on both sides of every comparison (see docs/benchmarks.md). The trim threshold keeps
+# glibc from handing freed memory back to the kernel, which otherwise page-faults fresh tensors back in.
+BENCH_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
 .PHONY: setup test lint typecheck pytest demo bench bench-peer clean
 

@@ -1,7 +1,7 @@
 """shardrec: typed, plugin-based sharded embedding tables for recommendation models.
 
-The public names keep TorchRec's meaning, so ``import shardrec as torchrec`` runs TorchRec's introduction.
-``shardrec.distributed`` is imported on first use rather than here, so that importing shardrec stays cheap.
+TorchRec's public names keep their meaning: ``import shardrec as torchrec`` runs its introduction.
+``shardrec.distributed`` is imported on first use, so that importing shardrec stays cheap.
 """
 
 from __future__ import annotations
