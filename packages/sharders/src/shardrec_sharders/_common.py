@@ -229,16 +229,6 @@ def table_shards(
     return out
 
 
-def pad_lengths(lengths: torch.Tensor, blocks: int, batch: int, to_batch: int) -> torch.Tensor:
-    """``[blocks * batch]`` key-major lengths -> ``[blocks * to_batch]`` with zero-length bags."""
-    if batch == to_batch:
-        return lengths
-    out = lengths.new_zeros((blocks, to_batch))
-    if batch:
-        out[:, :batch] = lengths.view(blocks, batch)
-    return out.view(-1)
-
-
 def storage_bytes(tensor: torch.Tensor, compute_device_type: str) -> dict[str, int]:
     kind = ParameterStorage.DDR if compute_device_type == "cpu" else ParameterStorage.HBM
     return {kind.value: tensor.numel() * tensor.element_size()}
@@ -284,3 +274,99 @@ class EmbeddingSharderBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._module_type.__name__})"
+
+
+@dataclass(frozen=True, slots=True)
+class StackedInput:
+    """What every rank sent us, as one key-major batch: sender blocks stacked along the batch.
+
+    Sample ``s * batch + b`` is sample ``b`` of rank ``s`` (bags past rank ``s``'s batch are
+    empty), so the pooled output's rows for rank ``s`` are one contiguous block: when every rank
+    has the same batch, the output *is* the send buffer of the output all-to-all.
+    ``seg_len[s][f]`` counts the ids rank ``s`` sent for feature ``f``.
+    """
+
+    values: torch.Tensor
+    offsets: torch.Tensor
+    weights: torch.Tensor | None
+    length_per_feature: list[int]
+    batch: int  # per sender (the largest batch)
+    batches: list[int]
+    seg_len: list[list[int]]
+
+
+def stack_senders(
+    lengths: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor | None,
+    lengths_per_rank: Sequence[int],
+    batches: Sequence[int],
+    n_features: int,
+) -> StackedInput:
+    """Reorder a jagged all-to-all's result (sender-major) into feature-major, senders stacked."""
+    world = len(batches)
+    b_max = max(batches) if batches else 0
+    pieces = [
+        p.view(n_features, b)
+        for p, b in zip(torch.split(lengths, list(lengths_per_rank)), batches, strict=True)
+    ]
+    if all(b == b_max for b in batches):
+        grid = torch.stack(pieces, dim=1) if world > 1 else pieces[0].unsqueeze(1)
+    else:
+        grid = lengths.new_zeros((n_features, world, b_max))
+        for s, p in enumerate(pieces):
+            grid[:, s, : batches[s]] = p
+    seg = torch.stack([p.sum(dim=1) for p in pieces]).to(torch.int64)  # [world, n_features]
+    seg_len = seg.tolist()
+    flat_lengths = grid.reshape(-1).to(torch.int64)
+    offsets = torch.zeros(flat_lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(flat_lengths, 0, out=offsets[1:])
+    if world > 1 and n_features > 1 and values.numel():
+        # Segment (s, f) moves from sender-major to feature-major order.
+        starts = torch.cumsum(seg.reshape(-1), 0) - seg.reshape(-1)
+        seg_t = seg.t().reshape(-1)
+        start_t = starts.view(world, n_features).t().reshape(-1)
+        total = values.numel()
+        shift = start_t - (torch.cumsum(seg_t, 0) - seg_t)
+        index = torch.repeat_interleave(shift, seg_t, output_size=total) + torch.arange(
+            total, device=values.device
+        )
+        values = values[index]
+        if weights is not None:
+            weights = weights[index]
+    return StackedInput(
+        values=values,
+        offsets=offsets,
+        weights=weights,
+        length_per_feature=[sum(seg_len[s][f] for s in range(world)) for f in range(n_features)],
+        batch=b_max,
+        batches=list(batches),
+        seg_len=seg_len,
+    )
+
+
+def pooled_send_buffer(out: torch.Tensor, stacked: StackedInput) -> tuple[torch.Tensor, list[int]]:
+    """The rows of the stacked output that go back to each sender, flat, and their sizes."""
+    width = out.shape[1] if out.dim() == 2 else 0
+    sizes = [b * width for b in stacked.batches]
+    if all(b == stacked.batch for b in stacked.batches):
+        return out.reshape(-1), sizes
+    cuts: list[int] = []
+    for b in stacked.batches:
+        cuts.extend((b, stacked.batch - b))
+    parts = torch.split(out, cuts)
+    return torch.cat([p.reshape(-1) for p in parts[0::2]]), sizes
+
+
+def sequence_send_buffer(
+    rows: list[torch.Tensor], stacked: StackedInput
+) -> tuple[torch.Tensor, list[int]]:
+    """Per sender, its ids' rows feature by feature, flat; and the sizes per sender."""
+    world = len(stacked.batches)
+    chunks = [
+        torch.split(r, [stacked.seg_len[s][f] for s in range(world)]) for f, r in enumerate(rows)
+    ]
+    per_sender = [[chunks[f][s].reshape(-1) for f in range(len(rows))] for s in range(world)]
+    sizes = [sum(int(c.numel()) for c in cs) for cs in per_sender]
+    flat = [c for cs in per_sender for c in cs]
+    return (torch.cat(flat) if flat else torch.zeros(0)), sizes

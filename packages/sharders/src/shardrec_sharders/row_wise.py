@@ -29,8 +29,11 @@ from shardrec_sharders._common import (
     LocalTable,
     ModuleView,
     PairRouter,
+    StackedInput,
     build_local_lookup,
-    pad_lengths,
+    pooled_send_buffer,
+    sequence_send_buffer,
+    stack_senders,
     table_shards,
 )
 
@@ -85,7 +88,7 @@ class RowShardedEmbedding(nn.Module):
                         )
                     )
         mine = self.pairs_of[env.rank]
-        features = [(f"{s}/{i}", view.pairs[i].table) for s in range(world) for i in mine]
+        features = [(f"p{i}", view.pairs[i].table) for i in mine]
         self.lookup: TableBatchedEmbedding | None = build_local_lookup(
             view,
             self.local_tables,
@@ -163,54 +166,50 @@ class RowShardedEmbedding(nn.Module):
         )
         return routed, order, dest, got
 
-    def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | list[torch.Tensor] | None:
+    def compute(
+        self, got: comm.JaggedAllToAllResult
+    ) -> tuple[torch.Tensor | list[torch.Tensor] | None, StackedInput | None]:
+        """One fused lookup of the ids every rank sent here, senders stacked along the batch."""
         if self.lookup is None:
-            return None
-        n = len(self.pairs_of[self.env.rank])
-        b_max = max(got.batch_per_rank)
-        pieces = torch.split(got.lengths, got.lengths_per_rank)
-        lengths = torch.cat(
-            [pad_lengths(x, n, b, b_max) for x, b in zip(pieces, got.batch_per_rank, strict=True)]
+            return None, None
+        stacked = stack_senders(
+            got.lengths,
+            got.values,
+            got.weights,
+            got.lengths_per_rank,
+            got.batch_per_rank,
+            len(self.pairs_of[self.env.rank]),
         )
-        per_feature = (
-            lengths.view(-1, b_max).sum(dim=1) if b_max else lengths.new_zeros(len(pieces) * n)
+        out = self.lookup.lookup(
+            values=stacked.values,
+            offsets=stacked.offsets,
+            length_per_feature=stacked.length_per_feature,
+            batch_size=len(stacked.batches) * stacked.batch,
+            weights=stacked.weights,
         )
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        return self.lookup.lookup(
-            values=got.values,
-            offsets=offsets,
-            length_per_feature=[int(x) for x in per_feature.tolist()],
-            batch_size=b_max,
-            weights=got.weights,
-        )
+        return out, stacked
 
     def output_dist_pooled(
         self,
         out: torch.Tensor | None,
         routed: KeyedJaggedTensor,
-        got: comm.JaggedAllToAllResult,
+        stacked: StackedInput | None,
     ) -> torch.Tensor:
+        """Partial sums back to their senders, added up there (reduce-scatter as all-to-all)."""
         world = self.env.world_size
         batch = routed.stride()
-        width = self._width_of[self.env.rank]
-        if out is None:
-            out = torch.zeros((0, 0))
-        send = [
-            out[: got.batch_per_rank[s], s * width : (s + 1) * width].reshape(-1)
-            for s in range(world)
-        ]
+        if out is None or stacked is None:
+            send, send_sizes = torch.zeros(0), [0] * world
+        else:
+            send, send_sizes = pooled_send_buffer(out, stacked)
         recv = [batch * self._width_of[r] for r in range(world)]
-        flat = comm.all_to_all_single(
-            torch.cat(send), recv, [t.numel() for t in send], self.env.pg, differentiable=True
-        )
-        parts = torch.split(flat, recv)
+        flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
         if all(self._all_pairs):
             # Every rank holds a block of every table: a plain sum of the partial bags.
-            values = torch.stack([p.view(batch, self._total_dim) for p in parts]).sum(dim=0)
+            values = flat.view(world, batch, self._total_dim).sum(dim=0)
         else:
-            values = out.new_zeros((batch, self._total_dim))
-            for r, part in enumerate(parts):
+            values = flat.new_zeros((batch, self._total_dim))
+            for r, part in enumerate(torch.split(flat, recv)):
                 if self._width_of[r]:
                     values = values.index_add(1, self._cols_of[r], part.view(batch, -1))
         if any(self.means):
@@ -232,14 +231,13 @@ class RowShardedEmbedding(nn.Module):
         routed: KeyedJaggedTensor,
         order: torch.Tensor,
         dest: torch.Tensor,
+        stacked: StackedInput | None,
     ) -> dict[str, JaggedTensor]:
         world = self.env.world_size
-        mine = self.pairs_of[self.env.rank]
-        n = len(mine)
-        send: list[torch.Tensor] = []
-        for s in range(world):
-            per = [] if rows is None else [rows[s * n + i].reshape(-1) for i in range(n)]
-            send.append(torch.cat(per) if per else torch.zeros(0))
+        if rows is None or stacked is None:
+            send, send_sizes = torch.zeros(0), [0] * world
+        else:
+            send, send_sizes = sequence_send_buffer(rows, stacked)
         # Owner r sends back rows for our ids pair by pair (pairs_of[r]), in the order we sent them.
         batch = routed.stride()
         n_pairs = len(self.pairs)
@@ -255,9 +253,7 @@ class RowShardedEmbedding(nn.Module):
             sum(int(counts[r, p]) * self.pairs[p].dim for p in self.pairs_of[r])
             for r in range(world)
         ]
-        flat = comm.all_to_all_single(
-            torch.cat(send), recv, [t.numel() for t in send], self.env.pg, differentiable=True
-        )
+        flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
         # Rows arrive in sorted-id order (owner-major, then pair, then position): undo the sort,
         # pair by pair (pairs may differ in dim).
         per_pair_rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(self.pairs))}
@@ -274,12 +270,12 @@ class RowShardedEmbedding(nn.Module):
             mask = sorted_pairs == p
             # Positions (within this pair) of the ids in sorted order.
             pos = order[mask] - at
-            stacked = (
+            got_rows = (
                 torch.cat(per_pair_rows[p])
                 if per_pair_rows[p]
                 else torch.zeros((0, pair.dim), dtype=flat.dtype)
             )
-            values = stacked.new_zeros((n_ids, pair.dim)).index_copy(0, pos, stacked)
+            values = got_rows.new_zeros((n_ids, pair.dim)).index_copy(0, pos, got_rows)
             result[pair.name] = JaggedTensor(
                 values=values, lengths=lengths[p * batch : (p + 1) * batch]
             )
@@ -288,17 +284,17 @@ class RowShardedEmbedding(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
         routed, order, dest, got = self.input_dist(kjt)
-        out = self.compute(got)
+        out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
-            values = self.output_dist_pooled(out, routed, got)
+            values = self.output_dist_pooled(out, routed, stacked)
             return KeyedTensor(
                 keys=[p.name for p in self.pairs],
                 length_per_key=[p.dim for p in self.pairs],
                 values=values,
             )
         assert out is None or isinstance(out, list)
-        return self.output_dist_sequence(out, routed, order, dest)
+        return self.output_dist_sequence(out, routed, order, dest, stacked)
 
     def local_table_shards(self) -> dict[str, TableShards]:
         return table_shards(self.lookup, self.local_tables, self.tables)

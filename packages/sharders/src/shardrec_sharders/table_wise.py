@@ -36,8 +36,11 @@ from shardrec_sharders._common import (
     LocalTable,
     ModuleView,
     PairRouter,
+    StackedInput,
     build_local_lookup,
-    pad_lengths,
+    pooled_send_buffer,
+    sequence_send_buffer,
+    stack_senders,
     table_shards,
 )
 
@@ -53,8 +56,6 @@ class Unit:
 
 class ColumnSlicedEmbedding(nn.Module):
     """A sharded EBC/EC part whose tables are placed whole or in column slices on owner ranks."""
-
-    _col_index: torch.Tensor
 
     def __init__(
         self,
@@ -100,9 +101,7 @@ class ColumnSlicedEmbedding(nn.Module):
         for u in self.mine:
             if u.local not in self.local_tables:
                 self.local_tables.append(u.local)
-        features = [
-            (f"{s}/{i}", u.local.name) for s in range(world) for i, u in enumerate(self.mine)
-        ]
+        features = [(f"u{i}", u.local.name) for i, u in enumerate(self.mine)]
         self.lookup: TableBatchedEmbedding | None = build_local_lookup(
             view,
             self.local_tables,
@@ -111,28 +110,14 @@ class ColumnSlicedEmbedding(nn.Module):
             device=device,
             optimizer=view.optimizer,
         )
-        # Received columns come owner by owner; this index puts them in pair order, each pair's
-        # slices side by side.
+        # Received column chunks come owner by owner; this order puts them in pair order, each
+        # pair's slices side by side.
         order = [
             (u.pair, u.local.col_offset, r, i)
             for r in range(world)
             for i, u in enumerate(self.units_by_rank[r])
         ]
-        position = {(r, i): n for n, (_, _, r, i) in enumerate(order)}
-        widths = [u.local.cols for r in range(world) for u in self.units_by_rank[r]]
-        starts = [0]
-        for w in widths:
-            starts.append(starts[-1] + w)
-        col_order: list[int] = []
-        for _, _, r, i in sorted(order):
-            n = position[(r, i)]
-            col_order.extend(range(starts[n], starts[n + 1]))
-        self._identity = col_order == list(range(len(col_order)))
-        self.register_buffer(
-            "_col_index",
-            torch.tensor(col_order, dtype=torch.int64, device=device),
-            persistent=False,
-        )
+        self._chunk_order = [(r, i) for _, _, r, i in sorted(order)]
         self._unit_cols = [sum(u.local.cols for u in us) for us in self.units_by_rank]
 
     # -- the three stages ----------------------------------------------------------------------
@@ -159,69 +144,64 @@ class ColumnSlicedEmbedding(nn.Module):
         )
         return routed, got
 
-    def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | list[torch.Tensor] | None:
+    def compute(
+        self, got: comm.JaggedAllToAllResult
+    ) -> tuple[torch.Tensor | list[torch.Tensor] | None, StackedInput | None]:
+        """One fused lookup of every rank's ids, senders stacked along the batch."""
         if self.lookup is None:
-            return None
-        n = len(self.mine)
-        b_max = max(got.batch_per_rank)
-        pieces = torch.split(got.lengths, got.lengths_per_rank)
-        lengths = torch.cat(
-            [
-                pad_lengths(piece, n, b, b_max)
-                for piece, b in zip(pieces, got.batch_per_rank, strict=True)
-            ]
+            return None, None
+        stacked = stack_senders(
+            got.lengths,
+            got.values,
+            got.weights,
+            got.lengths_per_rank,
+            got.batch_per_rank,
+            len(self.mine),
         )
-        per_feature = (
-            lengths.view(-1, b_max).sum(dim=1) if b_max else lengths.new_zeros(len(pieces) * n)
+        out = self.lookup.lookup(
+            values=stacked.values,
+            offsets=stacked.offsets,
+            length_per_feature=stacked.length_per_feature,
+            batch_size=len(stacked.batches) * stacked.batch,
+            weights=stacked.weights,
         )
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        return self.lookup.lookup(
-            values=got.values,
-            offsets=offsets,
-            length_per_feature=[int(x) for x in per_feature.tolist()],
-            batch_size=b_max,
-            weights=got.weights,
-        )
+        return out, stacked
 
     def output_dist_pooled(
-        self, out: torch.Tensor | None, got: comm.JaggedAllToAllResult, batch: int
+        self, out: torch.Tensor | None, stacked: StackedInput | None, batch: int
     ) -> torch.Tensor:
+        """Rows back to their senders; columns put back in the module's order (one copy)."""
         world = self.env.world_size
-        width = self._unit_cols[self.env.rank]
-        if out is None:
-            out = torch.zeros((0, 0))
-        send = [
-            out[: got.batch_per_rank[s], s * width : (s + 1) * width].reshape(-1)
-            for s in range(world)
-        ]
-        send_t = torch.cat(send) if send else out.reshape(-1)
+        if out is None or stacked is None:
+            send, send_sizes = torch.zeros(0), [0] * world
+        else:
+            send, send_sizes = pooled_send_buffer(out, stacked)
         recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
         flat = comm.all_to_all_single(
-            send_t, recv_sizes, [t.numel() for t in send], self.env.pg, differentiable=True
+            send, recv_sizes, send_sizes, self.env.pg, differentiable=True
         )
-        blocks = [
-            b.view(batch, w)
-            for b, w in zip(torch.split(flat, recv_sizes), self._unit_cols, strict=True)
-            if w
-        ]
-        values = torch.cat(blocks, dim=1) if len(blocks) != 1 else blocks[0]
-        if not self._identity:
-            values = values.index_select(1, self._col_index)
-        return values
+        chunks: dict[tuple[int, int], torch.Tensor] = {}
+        for r, block in enumerate(torch.split(flat, recv_sizes)):
+            units = self.units_by_rank[r]
+            if not units:
+                continue
+            widths = [u.local.cols for u in units]
+            for i, chunk in enumerate(torch.split(block.view(batch, sum(widths)), widths, dim=1)):
+                chunks[(r, i)] = chunk
+        ordered = [chunks[key] for key in self._chunk_order]
+        return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
 
     def output_dist_sequence(
         self,
         rows: list[torch.Tensor] | None,
         routed: KeyedJaggedTensor,
-        got: comm.JaggedAllToAllResult,
+        stacked: StackedInput | None,
     ) -> dict[str, JaggedTensor]:
         world = self.env.world_size
-        n = len(self.mine)
-        send: list[torch.Tensor] = []
-        for s in range(world):
-            per = [] if rows is None else [rows[s * n + i].reshape(-1) for i in range(n)]
-            send.append(torch.cat(per) if per else torch.zeros(0))
+        if rows is None or stacked is None:
+            send, send_sizes = torch.zeros(0), [0] * world
+        else:
+            send, send_sizes = sequence_send_buffer(rows, stacked)
         lpk = routed.length_per_key()
         recv_sizes: list[int] = []
         k = 0
@@ -230,13 +210,8 @@ class ColumnSlicedEmbedding(nn.Module):
                 sum(lpk[k + i] * u.local.cols for i, u in enumerate(self.units_by_rank[r]))
             )
             k += len(self.units_by_rank[r])
-        dtype = send[0].dtype if send else torch.float32
         flat = comm.all_to_all_single(
-            torch.cat(send).to(dtype),
-            recv_sizes,
-            [t.numel() for t in send],
-            self.env.pg,
-            differentiable=True,
+            send, recv_sizes, send_sizes, self.env.pg, differentiable=True
         )
         per_pair: dict[int, list[tuple[int, torch.Tensor]]] = {}
         k = 0
@@ -269,17 +244,17 @@ class ColumnSlicedEmbedding(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
         routed, got = self.input_dist(kjt)
-        out = self.compute(got)
+        out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
-            values = self.output_dist_pooled(out, got, routed.stride())
+            values = self.output_dist_pooled(out, stacked, routed.stride())
             return KeyedTensor(
                 keys=[p.name for p in self.pairs],
                 length_per_key=[p.dim for p in self.pairs],
                 values=values,
             )
         assert out is None or isinstance(out, list)
-        return self.output_dist_sequence(out, routed, got)
+        return self.output_dist_sequence(out, routed, stacked)
 
     def local_table_shards(self) -> dict[str, TableShards]:
         return table_shards(self.lookup, self.local_tables, self.tables)
