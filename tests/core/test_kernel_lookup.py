@@ -382,6 +382,13 @@ def test_explicit_fbgemm_explains_why_it_cannot() -> None:
             optimizer=FusedOptimizerConfig(optimizer=OptimizerType.SGD),
             backend="fbgemm",
         )
+    with pytest.raises(ValueError, match="no BF16 weights"):
+        TableBatchedEmbedding(
+            tables=[TableSpec(name="a", num_embeddings=4, embedding_dim=4, data_type="BF16")],
+            features=[FeatureSpec(name="f", table="a")],
+            optimizer=FusedOptimizerConfig(optimizer=OptimizerType.SGD),
+            backend="fbgemm",
+        )
     with pytest.raises(ValueError, match="weighted MEAN"):
         TableBatchedEmbedding(
             tables=TABLES,
