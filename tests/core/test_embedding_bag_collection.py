@@ -296,3 +296,21 @@ def test_fbgemm_backend_from_meta_loads_a_torchrec_checkpoint() -> None:
     ebc.load_state_dict(torchrec_module.state_dict())
     features = kjt(["f1", "f3"], seed=6)
     torch.testing.assert_close(ebc(features).values(), torchrec_module(features))
+
+
+@pytest.mark.parametrize("fused_params", [None, {"optimizer": "rowwise_adagrad"}])
+def test_empty_batch(fused_params: dict[str, object] | None) -> None:
+    """A batch of zero samples (a rank that got no data) gives a [0, sum of dims] output."""
+    ebc = EmbeddingBagCollection(tables=tables(), fused_params=fused_params)
+    before = {k: v.clone() for k, v in ebc.state_dict().items()}
+    empty = KeyedJaggedTensor(
+        keys=["f1", "f2", "f3"],
+        values=torch.zeros(0, dtype=torch.int64),
+        lengths=torch.zeros(0, dtype=torch.int32),
+        stride=0,
+    )
+    out = ebc(empty).values()
+    assert out.shape == (0, 24)
+    out.sum().backward()
+    for key, value in ebc.state_dict().items():
+        assert torch.equal(value, before[key])
