@@ -132,7 +132,7 @@ def nccl() -> Iterator[ShardingEnv]:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", device_id=CUDA)
+    dist.init_process_group("nccl")
     yield ShardingEnv.from_process_group()
     dist.destroy_process_group()
 
