@@ -1,7 +1,7 @@
 """Shared test set-up.
 
-``SHARDREC_HIDE_FBGEMM=1`` hides FBGEMM from the interpreter (a meta-path blocker installed before any test
-module is imported), so that the pure-torch paths can be tested on a machine that has FBGEMM installed.
+``SHARDREC_HIDE_FBGEMM=1`` hides FBGEMM from the interpreter (a meta-path blocker installed before
+any test module is imported), so that the pure-torch paths can be tested where FBGEMM is installed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ class _HideFbgemm(importlib.abc.MetaPathFinder):
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname == "fbgemm_gpu" or fullname.startswith("fbgemm_gpu."):
-            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by SHARDREC_HIDE_FBGEMM)")
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} (hidden by SHARDREC_HIDE_FBGEMM)"
+            )
         return None
 
 

@@ -1,7 +1,8 @@
 """TorchRec's introduction, written against shardrec.
 
-Only the import differs from TorchRec's tutorial: ``import shardrec as torchrec``. It runs on CPU with gloo by
-default; ``--cuda`` runs it as the tutorial is written for GPUs (NCCL, ``device=torch.device("cuda")``).
+Only the import differs from TorchRec's tutorial: ``import shardrec as torchrec``. It runs on CPU
+with gloo by default; ``--cuda`` runs it as the tutorial is written for GPUs (NCCL,
+``device=torch.device("cuda")``).
 
     python docs/examples/intro.py          # CPU, gloo
     python docs/examples/intro.py --cuda   # one GPU, NCCL
@@ -27,7 +28,9 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cuda", action="store_true", help="run on one GPU with NCCL, as TorchRec's tutorial")
+    parser.add_argument(
+        "--cuda", action="store_true", help="run on one GPU with NCCL, as TorchRec's tutorial does"
+    )
     args = parser.parse_args()
     device = torch.device("cuda") if args.cuda else torch.device("cpu")
 
@@ -37,8 +40,8 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     dist.init_process_group(backend="nccl" if args.cuda else "gloo")
 
-    # Two tables of 4096 rows, built on the meta device: nothing is allocated until DistributedModelParallel
-    # places each table on its rank.
+    # Two tables of 4096 rows, built on the meta device: nothing is allocated until
+    # DistributedModelParallel places each table on its rank.
     ebc = torchrec.EmbeddingBagCollection(
         device="meta",
         tables=[
@@ -62,7 +65,7 @@ def main() -> None:
     print(model)
     print(model.plan)
 
-    # A batch of three samples. "product" has ids [101, 202], [] and [303]; "user" has [404], [505], [606].
+    # Three samples: "product" has ids [101, 202], [] and [303]; "user" has [404], [505], [606].
     mb = torchrec.KeyedJaggedTensor(
         keys=["product", "user"],
         values=torch.tensor([101, 202, 303, 404, 505, 606]).to(device),
