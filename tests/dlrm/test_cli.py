@@ -102,3 +102,31 @@ def test_bad_config_files_are_named(tmp_path: Path, content: str, fragment: str)
     config.write_text(content)
     code, output = invoke("train", "--config", str(config), "--data", str(tmp_path))
     assert_one_line_error(code, output, fragment)
+
+
+def test_plan_of_the_mlperf_tables_on_64_ranks_needs_no_hardware() -> None:
+    code, output = invoke(
+        "plan", "--world-size", "64", "--embedding-dim", "128", "--num-embeddings", "40000000",
+        "--optimizer", "rowwise_adagrad", "--hbm-gib", "80",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "64 ranks" in output
+    for table in ("t_cat_0", "t_cat_25"):
+        assert table in output
+    assert "why" in output
+
+
+def test_plan_that_cannot_fit_names_the_table() -> None:
+    code, output = invoke(
+        "plan", "--world-size", "1", "--num-embeddings", "40000000", "--embedding-dim", "128",
+        "--hbm-gib", "1",
+    )  # fmt: skip
+    assert_one_line_error(code, output, "t_cat_")
+
+
+def test_plugins_lists_the_builtin_sharders() -> None:
+    code, output = invoke("plugins")
+    assert code == 0, output
+    assert "shardrec-sharders" in output
+    for sharding in ("table_wise", "row_wise", "column_wise", "data_parallel"):
+        assert sharding in output

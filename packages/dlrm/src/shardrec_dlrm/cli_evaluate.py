@@ -30,7 +30,14 @@ from shardrec_dlrm.config import DATA_FORMATS, DEVICES
     help="Samples per step per rank.",
 )
 @click.option("--limit-batches", type=click.IntRange(min=1), default=None)
-@click.option("--data-format", type=click.Choice(DATA_FORMATS), default="auto", show_default=True)
+@click.option(
+    "--data-format",
+    "--format",
+    "data_format",
+    type=click.Choice(DATA_FORMATS),
+    default="auto",
+    show_default=True,
+)
 @click.option(
     "--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True
 )

@@ -120,6 +120,8 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
 )
 @click.option(
     "--data-format",
+    "--format",
+    "data_format",
     type=click.Choice(DATA_FORMATS),
     default="auto",
     show_default=True,
