@@ -112,7 +112,7 @@ def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_under_torchrun_match_one_process(tmp_path: Path) -> None:
+def test_two_processes_under_torchrun_or_nproc_match_one_process(tmp_path: Path) -> None:
     # Table-wise: the tables live on one rank each, so their gradients cross processes.
     options = words(
         "--epochs 2 --learning-rate 0.5 --quiet --eval-batch-size 5 --sharding table_wise"
@@ -123,13 +123,21 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path: Path) -> None:
     launcher = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--no-python", str(DLRM)]
     two = _run([*launcher, "train", *common, "--batch-size", "8", "--logdir", str(tmp_path / "2")])
     assert two.returncode == 0, two.stderr
-    single, double = scalars(tmp_path / "1"), scalars(tmp_path / "2")
-    # Same global batches, same data order: the same training, up to float summation order.
-    for split in ("val", "test"):
-        for name in METRICS:
-            tag = f"{split}/{name}"
-            assert double[tag][0][1] == pytest.approx(single[tag][0][1], rel=1e-4), tag
-    assert len(double["train/loss"]) == len(single["train/loss"])
+    # The same through `dlrm train --nproc 2` (torch's elastic launcher, started by the command).
+    launched = CliRunner().invoke(
+        main,
+        ["train", *common, "--batch-size", "8", "--nproc", "2", "--logdir", str(tmp_path / "3")],
+    )
+    assert launched.exit_code == 0, launched.output
+    single = scalars(tmp_path / "1")
+    for run in ("2", "3"):
+        double = scalars(tmp_path / run)
+        # Same global batches, same data order: the same training, up to float summation order.
+        for split in ("val", "test"):
+            for name in METRICS:
+                tag = f"{split}/{name}"
+                assert double[tag][0][1] == pytest.approx(single[tag][0][1], rel=1e-4), tag
+        assert len(double["train/loss"]) == len(single["train/loss"])
 
 
 def _final_weights(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
