@@ -36,7 +36,13 @@ pytest: setup
 test: lint typecheck pytest
 
 demo: setup
-	$(PY) docs/examples/intro.py
+	rm -rf demo-data runs/demo
+	$(VENV)/bin/dlrm synth demo-data --rows 200000 --seed 0
+	@echo "Follow the training in TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo" \
+		"(then open http://localhost:6006)"
+	$(VENV)/bin/dlrm train --data demo-data --logdir runs/demo --embedding-dim 16 \
+		--num-embeddings 50000 --dense-arch-layer-sizes 64,16 --over-arch-layer-sizes 64,1 \
+		--batch-size 256 --optimizer adagrad --learning-rate 0.05 --validation-freq 200
 
 bench: setup
 	$(BENCH_ENV) $(PY) tools/bench/kjt.py
