@@ -47,6 +47,14 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+def text_tags(logdir: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events: Any = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    events.Reload()
+    return list(events.Tags()["tensors"])
+
+
 def summary_metrics(output: str, split: str) -> dict[str, float]:
     line = next(line for line in output.splitlines() if line.startswith(f"{split}"))
     return {name: float(value) for name, value in re.findall(r"(\w+)=([-\d.e+na]+)", line)}
@@ -76,6 +84,9 @@ def test_train_then_evaluate_on_real_rows(tmp_path: Path) -> None:
         assert [step for step, _ in found[f"val/{name}"]] == [4, 8, 12, 14]
         assert [step for step, _ in found[f"test/{name}"]] == [14]
     assert found["test/auc"][0][1] == pytest.approx(trained["auc"], abs=1e-5)
+    texts = text_tags(logdir)
+    assert any(tag.startswith("config") for tag in texts)
+    assert any(tag.startswith("sharding_plan") for tag in texts)
 
     options = words("--batch-size 7 --val-fraction 0.2 --test-fraction 0.2 --device cpu")
     scored = runner.invoke(
