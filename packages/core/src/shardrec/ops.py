@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardrec.kernels.memory import empty_rows
 from shardrec.kernels.specs import DataType, FusedOptimizerConfig, OptimizerType, PoolingType
 
 __all__ = [
@@ -139,7 +140,29 @@ def make_table_batched_embedding(
             bounds_check_mode=common.BoundsCheckMode.NONE,
             device=device,
         )
+    if not on_cuda:
+        _move_host_storage_to_huge_pages(module)
     return module
+
+
+def _move_host_storage_to_huge_pages(module: nn.Module) -> None:
+    """Re-home FBGEMM's host weights and optimizer states on transparent huge pages.
+
+    FBGEMM allocates them with plain ``torch.zeros``, i.e. 4 KiB pages where every random row costs
+    a TLB miss; the forward and backward kernels read them through the module's attributes on every
+    call, so swapping the storage under the same ``Parameter``/buffer is seen by every later call.
+    """
+    with torch.no_grad():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if name.endswith("_host") and param.numel() > 0:
+                moved = empty_rows(tuple(param.shape), param.dtype, param.device)
+                moved.copy_(param)
+                param.data = moved
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if name.startswith("momentum") and name.endswith("_host") and buf.numel() > 0:
+                moved = empty_rows(tuple(buf.shape), buf.dtype, buf.device)
+                moved.copy_(buf)
+                module._buffers[name] = moved
 
 
 def tbe_forward(
