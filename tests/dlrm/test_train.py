@@ -132,8 +132,19 @@ def test_two_processes_under_torchrun_or_nproc_match_one_process(tmp_path: Path)
     one = _run([str(DLRM), "train", *common, "--batch-size", "16", "--logdir", str(tmp_path / "1")])
     assert one.returncode == 0, one.stderr
     launcher = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--no-python", str(DLRM)]
-    two = _run([*launcher, "train", *common, "--batch-size", "8", "--logdir", str(tmp_path / "2")])
+    saved = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--logdir", str(tmp_path / "2")]
+    two = _run([*launcher, "train", *common, "--batch-size", "8", *saved])
     assert two.returncode == 0, two.stderr
+    # Trained sharded over 2 processes, scored by 1: the checkpoint reshards as it loads.
+    scoring = words("--val-fraction 0.2 --test-fraction 0.2 --device cpu --batch-size 3")
+    scored = CliRunner().invoke(
+        main, ["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(SAMPLE), *scoring]
+    )
+    assert scored.exit_code == 0, scored.output
+    evaluated = summary_metrics(scored.output, "test")
+    trained = scalars(tmp_path / "2")
+    for name in METRICS:
+        assert evaluated[name] == pytest.approx(trained[f"test/{name}"][0][1], abs=2e-5), name
     # The same through `dlrm train --nproc 2` (torch's elastic launcher, started by the command).
     launched = CliRunner().invoke(
         main,
