@@ -1,1 +1,0 @@
-"""An example third-party shardrec plugin (see docs/plugins.md)."""
