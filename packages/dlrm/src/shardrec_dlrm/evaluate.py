@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from shardrec_dlrm.checkpointing import load_for_evaluation, saved_model_config
 from shardrec_dlrm.config import DataFormat, DeviceName, TrainConfig
+from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.run_data import open_run_data
 from shardrec_dlrm.sharding import shard_model
@@ -35,7 +36,10 @@ class Evaluation:
 def evaluate(config: EvaluateConfig) -> Evaluation:
     """Loads the checkpoint into a model sharded for this run; scores the split (all ranks)."""
     model_config = saved_model_config(config.checkpoint)
-    state = ParallelState.init(config.device)
+    try:
+        state = ParallelState.init(config.device)
+    except ValueError as error:
+        raise UserError(str(error)) from error
     try:
         run_config = TrainConfig(
             data=config.data,

@@ -46,6 +46,11 @@ class ParallelState:
             raise ValueError("--device cuda was asked for but torch sees no CUDA device")
         launched = all(name in os.environ for name in _TORCHRUN_VARS)
         local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
+        if use_cuda and local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                "visible): run at most one process per GPU, or --device cpu"
+            )
         target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(target)
