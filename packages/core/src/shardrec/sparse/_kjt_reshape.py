@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import array
 import itertools
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import operator
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -20,15 +21,6 @@ from shardrec.sparse.jagged_tensor import JaggedTensor
 
 if TYPE_CHECKING:
     from shardrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor
-
-
-def _offsets_of(sizes: list[int]) -> list[int]:
-    out = [0]
-    total = 0
-    for size in sizes:
-        total += size
-        out.append(total)
-    return out
 
 
 def to_dict(kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
@@ -59,18 +51,60 @@ def _index_tensor(indices: Sequence[int], device: torch.device) -> torch.Tensor:
     return host if device.type == "cpu" else host.to(device)
 
 
-def _permute_segments(
-    flat: torch.Tensor, sizes: list[int], indices: Sequence[int], indices_tensor: torch.Tensor
-) -> torch.Tensor:
-    """Concatenate ``flat``'s consecutive segments of ``sizes`` in the order ``indices``."""
+class _PermutePlan(NamedTuple):
+    """What a permutation needs besides the KJT: checked once per (indices, number of keys)."""
+
+    indices: tuple[int, ...]
+    pick: Callable[[Sequence[Any]], list[Any]]  # [seq[i] for i in indices], at C speed
+    index_cpu: torch.Tensor  # int64, never written to (shared by every permute that uses it)
+
+
+_PERMUTE_PLAN_CACHE_SIZE = 256
+_INT_ONLY = {int}
+_permute_plans: dict[tuple[tuple[int, ...], int], _PermutePlan] = {}
+
+
+def _picker(indices: tuple[int, ...]) -> Callable[[Sequence[Any]], list[Any]]:
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda seq: [seq[only]]
     if not indices:
+        return lambda seq: []
+    getter = operator.itemgetter(*indices)
+    return lambda seq: list(getter(seq))
+
+
+def _permute_plan(indices: Sequence[int], num_keys: int) -> _PermutePlan:
+    """The checked, cached plan of a permutation (models permute by the same indices each batch)."""
+    as_tuple = tuple(indices)
+    cache_key = (as_tuple, num_keys)
+    try:
+        plan = _permute_plans.get(cache_key)
+    except TypeError:  # an unhashable index: let the checker name it
+        plan = None
+    # 0.0 and True hash and compare like 0 and 1: a hit only counts for plain ints.
+    if plan is not None and (not as_tuple or set(map(type, as_tuple)) == _INT_ONLY):
+        return plan
+    check.check_permute_indices("KeyedJaggedTensor.permute", as_tuple, num_keys)
+    plan = _PermutePlan(as_tuple, _picker(as_tuple), _index_tensor(as_tuple, torch.device("cpu")))
+    if len(_permute_plans) >= _PERMUTE_PLAN_CACHE_SIZE:
+        _permute_plans.clear()
+    _permute_plans[cache_key] = plan
+    return plan
+
+
+def _permute_segments(
+    flat: torch.Tensor, sizes: list[int], plan: _PermutePlan, indices_tensor: torch.Tensor
+) -> torch.Tensor:
+    """Concatenate ``flat``'s consecutive segments of ``sizes`` in the order of ``plan``."""
+    if not plan.indices:
         return flat.new_empty(0)
     if min(sizes) == max(sizes) and sizes[0] > 0:
         # Equal segments (one-hot features: every key has stride ids): one row gather of a
         # (keys, size) view, which runs at copy speed, instead of a cat of per-key views.
         return flat.view(len(sizes), sizes[0]).index_select(0, indices_tensor).view(-1)
-    parts = torch.split(flat, sizes)
-    return torch.cat([parts[i] for i in indices])
+    # One memcpy per key, no index over all values.
+    return torch.cat(plan.pick(torch.split(flat, sizes)))
 
 
 def permute(
@@ -78,28 +112,29 @@ def permute(
 ) -> KeyedJaggedTensor:
     keys = kjt.keys()
     num_keys = len(keys)
-    check.check_permute_indices("KeyedJaggedTensor.permute", indices, num_keys)
+    plan = _permute_plan(indices, num_keys)
     per_key = kjt.length_per_key()
     stride = kjt.stride()
     lengths = kjt.lengths()
-    new_keys = [keys[i] for i in indices]
-    new_per_key = [per_key[i] for i in indices]
     if indices_tensor is None:
-        indices_tensor = _index_tensor(indices, lengths.device)
+        indices_tensor = plan.index_cpu
+        if lengths.device.type != "cpu":
+            indices_tensor = indices_tensor.to(lengths.device)
     elif indices_tensor.dtype != torch.long:
         indices_tensor = indices_tensor.long()
+    new_per_key = plan.pick(per_key)
     new_lengths = (
         lengths.view(num_keys, stride).index_select(0, indices_tensor).view(-1)
-        if indices and stride
-        else lengths.new_empty(len(indices) * stride)
+        if plan.indices and stride
+        else lengths.new_empty(len(plan.indices) * stride)
     )
     weights = kjt.weights_or_none()
-    new_values = _permute_segments(kjt.values(), per_key, indices, indices_tensor)
+    new_values = _permute_segments(kjt.values(), per_key, plan, indices_tensor)
     new_weights = (
-        None if weights is None else _permute_segments(weights, per_key, indices, indices_tensor)
+        None if weights is None else _permute_segments(weights, per_key, plan, indices_tensor)
     )
     return type(kjt)._trusted(
-        new_keys,
+        plan.pick(keys),
         None,
         new_values,
         new_weights,
@@ -107,7 +142,7 @@ def permute(
         None,
         stride,
         new_per_key,
-        _offsets_of(new_per_key),
+        [0, *itertools.accumulate(new_per_key)],
     )
 
 
@@ -147,46 +182,60 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> list[KeyedJaggedTe
 def concat(
     cls: type[KeyedJaggedTensor], kjt_list: Sequence[KeyedJaggedTensor]
 ) -> KeyedJaggedTensor:
+    # One pass over the KJTs gathers what the result needs and checks strides and weights; then
+    # one torch.cat per tensor. The per-key sizes pass through (no sync, no re-validation).
     owner = "KeyedJaggedTensor.concat"
-    parts = [kjt for kjt in kjt_list if kjt.keys()]
-    if not parts:
-        if kjt_list:
-            return cls.empty_like(kjt_list[0])
-        return cls.empty()
-    stride = parts[0].stride()
-    weighted = parts[0].weights_or_none() is not None
+    keys: list[str] = []
+    values: list[torch.Tensor] = []
+    lengths: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
+    new_per_key: list[int] | None = []
+    stride = -1
+    weighted = False
+    first: KeyedJaggedTensor | None = None
     for position, kjt in enumerate(kjt_list):
-        if not kjt.keys():
+        kjt_keys = kjt.keys()
+        if not kjt_keys:
             continue
-        if kjt.stride() != stride:
+        kjt_weights = kjt.weights_or_none()
+        if first is None:
+            first = kjt
+            stride = kjt.stride()
+            weighted = kjt_weights is not None
+        elif kjt.stride() != stride:
             raise ValueError(
                 f"{owner}: KJT at position {position} has stride {kjt.stride()}, expected {stride} "
                 "(all KJTs must have the same batch size)"
             )
-        if (kjt.weights_or_none() is not None) != weighted:
+        elif (kjt_weights is not None) != weighted:
             raise ValueError(
                 f"{owner}: KJT at position {position} is "
                 f"{'weighted' if not weighted else 'unweighted'}, unlike the first; "
                 "mix weighted and unweighted KJTs is not allowed"
             )
-    keys = list(itertools.chain.from_iterable(kjt.keys() for kjt in parts))
+        keys += kjt_keys
+        values.append(kjt.values())
+        lengths.append(kjt.lengths())
+        if kjt_weights is not None:
+            weights.append(kjt_weights)
+        if new_per_key is not None:
+            per_key = kjt.length_per_key_or_none()
+            if per_key is None:
+                new_per_key = None
+            else:
+                new_per_key += per_key
+    if first is None:
+        return cls.empty_like(kjt_list[0]) if kjt_list else cls.empty()
     if len(set(keys)) != len(keys):
         check.key_index(owner, keys)  # raises, naming the repeated key and its positions
-    per_keys = [kjt.length_per_key_or_none() for kjt in parts]
-    new_per_key: list[int] | None = None
-    if all(p is not None for p in per_keys):
-        new_per_key = [n for p in per_keys if p is not None for n in p]
-    values = torch.cat([kjt.values() for kjt in parts])
-    lengths = torch.cat([kjt.lengths() for kjt in parts])
-    weights = torch.cat([kjt.weights() for kjt in parts]) if weighted else None
     return cls._trusted(
         keys,
         None,
-        values,
-        weights,
-        lengths,
+        torch.cat(values),
+        torch.cat(weights) if weighted else None,
+        torch.cat(lengths),
         None,
         stride,
         new_per_key,
-        None if new_per_key is None else _offsets_of(new_per_key),
+        None if new_per_key is None else [0, *itertools.accumulate(new_per_key)],
     )
