@@ -279,3 +279,65 @@ def test_fbgemm_host_storage_moved_to_huge_pages_is_what_the_kernel_updates(
     )
     for name, value in modules[0].optimizer_states()["big"].items():
         torch.testing.assert_close(value, fb.optimizer_states()["big"][name])
+
+
+@pytest.mark.parametrize(
+    ("lengths_kind", "pooling", "weighted"),
+    [("fixed", PoolingType.SUM, False), ("fixed", PoolingType.SUM, True),
+     ("fixed", PoolingType.MEAN, False), ("ragged", PoolingType.SUM, True),
+     ("ragged", PoolingType.MEAN, False)],
+)  # fmt: skip
+def test_torch_multi_id_bags_sgd_matches_embedding_bag(
+    lengths_kind: str, pooling: PoolingType, weighted: bool
+) -> None:
+    """Key-major multi-id bags (the fixed-size fast path and ragged bags): fused SGD equals
+    ``F.embedding_bag`` + autograd + a textbook SGD step, table by table."""
+    rows = {"p": 50, "q": 7}
+    tables = [TableSpec(name=t, num_embeddings=n, embedding_dim=8, pooling=pooling)
+              for t, n in rows.items()]  # fmt: skip
+    features = [FeatureSpec(name="x", table="p"), FeatureSpec(name="y", table="q"),
+                FeatureSpec(name="z", table="p")]  # fmt: skip
+    config = FusedOptimizerConfig(optimizer=OptimizerType.SGD, learning_rate=LR)
+    module = TableBatchedEmbedding(
+        tables=tables, features=features, optimizer=config, backend="torch", is_weighted=weighted
+    )
+    module.reset_parameters()
+    ref = {t: w.clone().requires_grad_(True) for t, w in module.table_weights().items()}
+    batch = 6
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        if lengths_kind == "fixed":
+            lengths = torch.full((3 * batch,), 4)
+        else:
+            lengths = torch.randint(0, 5, (3 * batch,), generator=gen)
+        counts = lengths.view(3, batch).sum(1).tolist()
+        values = torch.cat([torch.randint(0, rows[f.table], (int(c),), generator=gen)
+                            for f, c in zip(features, counts, strict=True)])  # fmt: skip
+        weights = torch.rand(values.numel(), generator=gen) + 0.5
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["x", "y", "z"], values=values, lengths=lengths, weights=weights
+        )
+        out = module(kjt)
+        assert isinstance(out, torch.Tensor)
+        grad = torch.randn(out.shape, generator=gen)
+        blocks = []
+        for f in features:
+            jt = kjt[f.name]
+            blocks.append(
+                torch.nn.functional.embedding_bag(
+                    jt.values(), ref[f.table], jt.offsets(), mode=pooling.value.lower(),
+                    per_sample_weights=jt.weights() if weighted else None,
+                    include_last_offset=True,
+                )
+            )  # fmt: skip
+        expected = torch.cat(blocks, dim=1)
+        torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-6)
+        (expected * grad).sum().backward()
+        out.backward(grad)
+        with torch.no_grad():
+            for w in ref.values():
+                assert w.grad is not None
+                w.sub_(w.grad, alpha=LR)
+                w.grad = None
+    for t, w in ref.items():
+        torch.testing.assert_close(module.table_weights()[t], w.detach(), rtol=1e-5, atol=1e-6)

@@ -59,6 +59,7 @@ class TorchGroup:
         # sample; the pooled rows are then transposed. Sample-major stays for tests.
         self.key_major: bool | None = None
         self._aranges: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._bag_rows: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
         self.storage = empty_rows((self.num_rows, self.dim), self.dtype, device)
         self.state: dict[str, torch.Tensor] = (
             new_state(optimizer, self.num_rows, self.dim, device) if optimizer is not None else {}
@@ -115,6 +116,27 @@ class TorchGroup:
             cached = torch.arange(n, dtype=torch.int64, device=device)
             self._aranges = {(n, device): cached}
         return cached
+
+    def _key_major_bag_rows(
+        self, lengths: torch.Tensor, batch: int, nf: int, n: int
+    ) -> torch.Tensor:
+        """For each key-major id, the sample-major row ``b * F + f`` of its bag ``(f, b)``."""
+        device = lengths.device
+        num_bags = batch * nf
+        per_bag = n // num_bags if num_bags else 0
+        fixed = per_bag > 0 and per_bag * num_bags == n and bool((lengths == per_bag).all())
+        # Fixed-size bags (the usual batch): the same rows every step, kept; else one row per bag.
+        key = (batch, nf, per_bag if fixed else 0, device)
+        rows = self._bag_rows.get(key)
+        if rows is None:
+            # Position f * B + b holds b * F + f.
+            rows = self._arange(num_bags, device).view(batch, nf).t().reshape(-1)
+            if fixed:
+                rows = rows.repeat_interleave(per_bag)
+            self._bag_rows = {key: rows}
+        if fixed:
+            return rows
+        return torch.repeat_interleave(rows, lengths, output_size=n)
 
     def _sample_major(self, inp: GroupInput) -> _SampleMajor:
         """Lay the bags out for ``embedding_bag``.
@@ -240,13 +262,15 @@ class _PooledLookup(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         group: TorchGroup = ctx.group
         sm: _SampleMajor = ctx.sm
-        if sm.key_major:
-            batch, nf = ctx.shape
-            grad_bags = grad.view(batch, nf, group.dim).transpose(0, 1).reshape(-1, group.dim)
-        else:
-            grad_bags = grad.contiguous().view(-1, group.dim)
+        # The output gradient is read in place, sample-major (row ``b * F + f`` is bag (f, b)):
+        # key-major ids point at their bag's row there instead of transposing the gradient.
+        grad_bags = grad.contiguous().view(-1, group.dim)
         bag = None
-        if sm.lengths is not None:
+        if sm.key_major:
+            assert sm.lengths is not None
+            batch, nf = ctx.shape
+            bag = group._key_major_bag_rows(sm.lengths, batch, nf, sm.ids.numel())
+        elif sm.lengths is not None:
             bag = torch.repeat_interleave(
                 group._arange(grad_bags.shape[0], grad_bags.device),
                 sm.lengths,
