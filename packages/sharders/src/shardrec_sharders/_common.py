@@ -369,4 +369,4 @@ def sequence_send_buffer(
     per_sender = [[chunks[f][s].reshape(-1) for f in range(len(rows))] for s in range(world)]
     sizes = [sum(int(c.numel()) for c in cs) for cs in per_sender]
     flat = [c for cs in per_sender for c in cs]
-    return (torch.cat(flat) if flat else torch.zeros(0)), sizes
+    return (torch.cat(flat) if flat else stacked.values.new_zeros(0, dtype=torch.float32)), sizes

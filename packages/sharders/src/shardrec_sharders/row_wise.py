@@ -52,6 +52,7 @@ class RowShardedEmbedding(nn.Module):
         """``blocks[table]`` = [(row_offset, rows, rank), ...] in row order."""
         super().__init__()
         self.env = env
+        self.device = device
         self.pooled = view.pooled
         self.pairs = view.pairs
         self.tables = list(view.configs)
@@ -199,7 +200,7 @@ class RowShardedEmbedding(nn.Module):
         world = self.env.world_size
         batch = routed.stride()
         if out is None or stacked is None:
-            send, send_sizes = torch.zeros(0), [0] * world
+            send, send_sizes = torch.zeros(0, device=self.device), [0] * world
         else:
             send, send_sizes = pooled_send_buffer(out, stacked)
         recv = [batch * self._width_of[r] for r in range(world)]
@@ -235,7 +236,7 @@ class RowShardedEmbedding(nn.Module):
     ) -> dict[str, JaggedTensor]:
         world = self.env.world_size
         if rows is None or stacked is None:
-            send, send_sizes = torch.zeros(0), [0] * world
+            send, send_sizes = torch.zeros(0, device=self.device), [0] * world
         else:
             send, send_sizes = sequence_send_buffer(rows, stacked)
         # Owner r sends back rows for our ids pair by pair (pairs_of[r]), in the order we sent them.
@@ -271,9 +272,7 @@ class RowShardedEmbedding(nn.Module):
             # Positions (within this pair) of the ids in sorted order.
             pos = order[mask] - at
             got_rows = (
-                torch.cat(per_pair_rows[p])
-                if per_pair_rows[p]
-                else torch.zeros((0, pair.dim), dtype=flat.dtype)
+                torch.cat(per_pair_rows[p]) if per_pair_rows[p] else flat.new_zeros((0, pair.dim))
             )
             values = got_rows.new_zeros((n_ids, pair.dim)).index_copy(0, pos, got_rows)
             result[pair.name] = JaggedTensor(

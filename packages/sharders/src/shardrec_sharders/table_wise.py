@@ -68,6 +68,7 @@ class ColumnSlicedEmbedding(nn.Module):
         """``slices[table]`` = [(col_offset, cols, rank), ...] in column order."""
         super().__init__()
         self.env = env
+        self.device = device
         self.pooled = view.pooled
         self.kind = kind
         self.pairs = view.pairs
@@ -173,7 +174,7 @@ class ColumnSlicedEmbedding(nn.Module):
         """Rows back to their senders; columns put back in the module's order (one copy)."""
         world = self.env.world_size
         if out is None or stacked is None:
-            send, send_sizes = torch.zeros(0), [0] * world
+            send, send_sizes = torch.zeros(0, device=self.device), [0] * world
         else:
             send, send_sizes = pooled_send_buffer(out, stacked)
         recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
@@ -199,7 +200,7 @@ class ColumnSlicedEmbedding(nn.Module):
     ) -> dict[str, JaggedTensor]:
         world = self.env.world_size
         if rows is None or stacked is None:
-            send, send_sizes = torch.zeros(0), [0] * world
+            send, send_sizes = torch.zeros(0, device=self.device), [0] * world
         else:
             send, send_sizes = sequence_send_buffer(rows, stacked)
         lpk = routed.length_per_key()

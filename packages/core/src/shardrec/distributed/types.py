@@ -233,8 +233,8 @@ class ModuleSharder(Protocol):
     and the host stitches the parts together.
 
     ``shard`` receives only the tables in ``params`` (a subset of the module's tables) and returns a
-    module whose ``forward(kjt)`` takes a KJT holding exactly those tables' features (the host
-    splits the input) and returns the unsharded module's output structure for those tables
+    module whose ``forward(kjt)`` takes the unsharded module's input KJT (it picks its tables'
+    features from it) and returns the unsharded module's output structure for those tables
     (``KeyedTensor`` for an ``EmbeddingBagCollection``, ``dict[str, JaggedTensor]`` for an
     ``EmbeddingCollection``) for the batch this rank passed in. It should implement
     :class:`ShardedEmbeddingModule`.
