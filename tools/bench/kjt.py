@@ -1,6 +1,7 @@
 """Sparse-container benchmark: shardrec against TorchRec 1.8.0, measured in the same process.
 
-    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/kjt.py
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 \
+        .venv/bin/python tools/bench/kjt.py --rounds 5 [--floor]
 
 Workloads: 26 keys x batch 4096, lengths all 1 and lengths uniform in 0..20 (values int64, lengths
 int32). Operations: KJT construction, to_dict, permute (a random permutation of the 26 keys),
@@ -8,6 +9,10 @@ split (segments [8, 0, 18]), concat (two KJTs of 13 keys), and KeyedTensor.regro
 KeyedTensors of 13 keys x dim 128, regrouped into two groups that interleave them). Every operation
 but construction runs on a fresh object each call: TorchRec caches to_dict on the object, and a
 fresh object keeps both sides honest.
+
+``--floor`` adds, per workload, the time of a plain ``clone()`` of the bytes that permute / concat
+(values and lengths) and regroup (both sources) must copy: the memory-bound floor of any eager
+implementation, to read the ratios against.
 
 TorchRec is never a dependency: when this interpreter cannot import it but ``.venv-peer`` can
 (``make bench-peer``), the script re-runs itself there, where shardrec is installed too, and both
@@ -108,21 +113,38 @@ def regroup_factory(impl: str, pool: int) -> Factory:
     return _pooled(kts, pool, lambda pair: kt_cls.regroup(pair, groups))
 
 
+def floor_factories() -> dict[str, Factory]:
+    """Plain clones of what each copying operation writes: (case/op) -> factory."""
+    out: dict[str, Factory] = {}
+    for case in CASES:
+        values, lengths, _ = _kjt_data(case, torch.Generator().manual_seed(0))
+        out[f"{case}/copy"] = lambda v=values, n=lengths: lambda: (v.clone(), n.clone())
+    gen = torch.Generator().manual_seed(1)
+    half = NUM_KEYS // 2
+    left = torch.randn(BATCH, half * DIM, generator=gen)
+    right = torch.randn(BATCH, (NUM_KEYS - half) * DIM, generator=gen)
+    out["regroup/copy"] = lambda: lambda: (left.clone(), right.clone())
+    return out
+
+
 def run(
-    impls: list[str], iters: int, warmup: int, rounds: int, clock: Clock
+    impls: list[str], iters: int, warmup: int, rounds: int, clock: Clock, floor: bool = False
 ) -> dict[str, dict[str, float]]:
     """(case/op) -> impl -> best-of-rounds median seconds."""
     out: dict[str, dict[str, float]] = {}
+    floors = floor_factories() if floor else {}
     for case in CASES:
         per_impl = {impl: kjt_factories(impl, case, warmup + iters) for impl in impls}
         for op in OPS[:-1]:
-            out[f"{case}/{op}"] = compare(
-                {impl: per_impl[impl][op] for impl in impls}, warmup, iters, rounds, clock
-            )
+            contenders = {impl: per_impl[impl][op] for impl in impls}
+            if floor and op in ("permute", "concat"):
+                contenders["floor"] = floors[f"{case}/copy"]
+            out[f"{case}/{op}"] = compare(contenders, warmup, iters, rounds, clock)
     reps = max(5, iters // 20)
-    out["regroup"] = compare(
-        {impl: regroup_factory(impl, 2 + reps) for impl in impls}, 2, reps, rounds, clock
-    )
+    contenders = {impl: regroup_factory(impl, 2 + reps) for impl in impls}
+    if floor:
+        contenders["floor"] = floors["regroup/copy"]
+    out["regroup"] = compare(contenders, 2, reps, rounds, clock)
     return out
 
 
@@ -135,11 +157,16 @@ def report(results: dict[str, dict[str, float]], impls: list[str], clock_name: s
     header = f"{'workload':<26}" + "".join(f"{impl:>12}" for impl in impls)
     if len(impls) == 2:
         header += f"{'ratio':>9}"
+    with_floor = any("floor" in times for times in results.values())
+    if with_floor:
+        header += f"{'copy floor':>14}{'ours/floor':>12}"
     lines.append(header)
     for name, times in results.items():
         row = f"{name:<26}" + "".join(f"{times[impl] * 1e6:>10.1f}us" for impl in impls)
         if len(impls) == 2:
             row += f"{times[impls[1]] / times[impls[0]]:>8.2f}x"
+        if "floor" in times:
+            row += f"{times['floor'] * 1e6:>12.1f}us{times[impls[0]] / times['floor']:>11.2f}x"
         lines.append(row)
     return "\n".join(lines)
 
@@ -150,6 +177,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="time shardrec only")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time a plain clone of the bytes permute/concat/regroup copy (the memory floor)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides")
     parser.add_argument(
         "--clock",
@@ -173,7 +205,7 @@ def main() -> int:
     if clock_name == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread; use it with --threads 1")
     clock = time.thread_time if clock_name == "cpu" else time.perf_counter
-    results = run(impls, args.iters, args.warmup, args.rounds, clock)
+    results = run(impls, args.iters, args.warmup, args.rounds, clock, args.floor)
     print(report(results, impls, clock_name))
     return 0
 
