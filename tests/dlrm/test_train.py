@@ -223,3 +223,16 @@ def test_resume_refuses_checkpoints_of_another_model(tmp_path: Path) -> None:
     assert "Traceback" not in second.output
     assert "embedding_dim 4 -> 8" in second.output
     shutil.rmtree(tmp_path)
+
+
+def test_preprocessed_data_trains_exactly_as_the_raw_file(tmp_path: Path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(main, ["preprocess", str(SAMPLE), str(tmp_path / "pre"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    options = [*TINY, "--batch-size", "16", "--quiet"]
+    raw = runner.invoke(main, ["train", "--data", str(SAMPLE), *options])
+    pre = runner.invoke(main, ["train", "--data", str(tmp_path / "pre"), *options])
+    assert raw.exit_code == 0, raw.output
+    assert pre.exit_code == 0, pre.output
+    for split in ("val:", "test:"):
+        assert summary_metrics(pre.output, split) == summary_metrics(raw.output, split)
