@@ -52,6 +52,10 @@ class FbgemmGroup:
     def device(self) -> torch.device:
         if self.module is None:
             return torch.device("meta")
+        # Asked on every lookup: read one parameter, not FBGEMM's per-table views (a slice each).
+        for param in self.module.parameters():
+            if param.numel() > 0:
+                return param.device
         return self.table_weights()[0].device
 
     def move_to(self, device: torch.device) -> None:
