@@ -2,6 +2,7 @@
 ``nn.EmbeddingBag``, TorchRec 1.8.0, and a random-gather baseline, all in one run.
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/ebc.py [--threads 1]
+        [--cases 1,20] [--only torch,fbgemm,loop,torchrec] [--rounds 4] [--cpu-time]
 
 Workload: 26 tables with the Criteo Kaggle cardinalities capped at 1,000,000 rows, dim 64, fp32,
 batch 4096, one id per feature and 20 ids per feature (uniform random ids). Measured per case:
@@ -203,7 +204,8 @@ def _torchrec(batch: int) -> dict[int, tuple[Timed, Timed]]:
     return _pair(run, KeyedJaggedTensor, batch, None)
 
 
-CASES = (1, 20)
+CASES = (1, 20)  # set from --cases
+CLOCK: Callable[[], float] = time.perf_counter  # set from --cpu-time
 
 
 def _synced(fn: Timed) -> Timed:
@@ -230,12 +232,12 @@ def _measure_all(
     for ids in CASES:
         n = iters[ids]
         key = f"gather/{ids}"
-        best[key] = min(best.get(key, float("inf")), measure(_synced(gathers[ids]), 2, n))
+        best[key] = min(best.get(key, float("inf")), measure(_synced(gathers[ids]), 2, n, CLOCK))
         for mode in (0, 1):
             for name in names:
                 fn = contenders[name][ids][mode]
                 key = f"{name}/{ids}/{('forward', 'step')[mode]}"
-                best[key] = min(best.get(key, float("inf")), measure(_synced(fn), 2, n))
+                best[key] = min(best.get(key, float("inf")), measure(_synced(fn), 2, n, CLOCK))
 
 
 def main() -> int:
@@ -247,9 +249,21 @@ def main() -> int:
     parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (TorchRec and FBGEMM: cpu)")
+    parser.add_argument("--cases", default="1,20", help="ids per feature, comma-separated")
+    parser.add_argument(
+        "--only", default="", help="comma-separated contenders (torch,fbgemm,loop,torchrec)"
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the thread's CPU time instead of wall time (steadier on a loaded machine)",
+    )
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, CASES, CLOCK
     DEVICE = torch.device(args.device)
+    CASES = tuple(int(c) for c in args.cases.split(","))
+    CLOCK = time.thread_time if args.cpu_time else time.perf_counter
+    only = set(args.only.split(",")) - {""}
     has_torchrec = importlib.util.find_spec("torchrec") is not None
     if not has_torchrec and not args.no_peer and DEVICE.type == "cpu" and peer_available():
         # TorchRec lives in .venv-peer, beside an editable shardrec: run every contender there,
@@ -262,11 +276,15 @@ def main() -> int:
         print("warning: run with MALLOC_MMAP_THRESHOLD_=33554432 (see docs/benchmarks.md)")
     from shardrec import ops
 
-    contenders = {"shardrec-torch": _shardrec("torch", args.batch)}
-    if ops.fbgemm_available() and DEVICE.type == "cpu":
+    contenders: dict[str, dict[int, tuple[Timed, Timed]]] = {}
+    if not only or "torch" in only:
+        contenders["shardrec-torch"] = _shardrec("torch", args.batch)
+    if ops.fbgemm_available() and DEVICE.type == "cpu" and (not only or "fbgemm" in only):
         contenders["shardrec-fbgemm"] = _shardrec("fbgemm", args.batch)
-    contenders["nn.EmbeddingBag loop"] = _loop(args.batch)
-    if has_torchrec and not args.no_peer and DEVICE.type == "cpu":
+    if not only or "loop" in only:
+        contenders["nn.EmbeddingBag loop"] = _loop(args.batch)
+    peer = has_torchrec and not args.no_peer and DEVICE.type == "cpu"
+    if peer and (not only or "torchrec" in only):
         contenders["torchrec"] = _torchrec(args.batch)
     gathers = _gather(args.batch)
     best: dict[str, float] = {}
@@ -281,8 +299,9 @@ def _report(best: dict[str, float], args: argparse.Namespace, names: list[str]) 
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     print(f"\n{where}: batch {b}, dim {DIM}, 26 tables (Kaggle capped at 1M), fp32,"
           f" torch {torch.__version__}, threads {args.threads},"
+          f" clock {'thread CPU time' if args.cpu_time else 'wall'},"
           f" MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")  # fmt: skip
-    ref = "torchrec" if "torchrec" in names else "nn.EmbeddingBag loop"
+    ref = "torchrec" if "torchrec" in names else names[-1]
     for ids in CASES:
         rows = b * ids * len(ROWS)
         gather_bw = rows * DIM * 4 / best[f"gather/{ids}"]
