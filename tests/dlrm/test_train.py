@@ -236,3 +236,16 @@ def test_preprocessed_data_trains_exactly_as_the_raw_file(tmp_path: Path) -> Non
     assert pre.exit_code == 0, pre.output
     for split in ("val:", "test:"):
         assert summary_metrics(pre.output, split) == summary_metrics(raw.output, split)
+
+
+def test_learning_rate_schedule_reaches_tensorboard(tmp_path: Path) -> None:
+    schedule = words(
+        "--learning-rate 0.4 --lr-warmup-steps 2 --lr-decay-start 3 --lr-decay-steps 2"
+    )
+    options = [*TINY, *schedule, "--batch-size", "16", "--quiet", "--sharding", "data_parallel"]
+    result = CliRunner().invoke(
+        main, ["train", "--data", str(SAMPLE), *options, "--logdir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    lrs = [value for _, value in scalars(tmp_path)["train/lr"]]
+    assert lrs == pytest.approx([0.2, 0.4, 0.4, 0.4, 0.1, 1e-7, 1e-7])

@@ -156,9 +156,14 @@ def _fused_lr_setter(sharded: Any) -> Callable[[float], None] | None:
         for tables in sharded.plan.plan.values()
         for sharding in tables.values()
     )
-    owners: list[Any] = [
-        m for m in sharded.module.modules() if callable(getattr(m, "set_learning_rate", None))
+    # The fused kernels hang off embedding modules as ``lookup`` (not always as submodules).
+    candidates = [
+        c
+        for m in sharded.module.modules()
+        for c in (m, getattr(m, "lookup", None))
+        if c is not None
     ]
+    owners: list[Any] = [c for c in candidates if callable(getattr(c, "set_learning_rate", None))]
     if fused and not owners:
         return None
 
