@@ -35,9 +35,15 @@ class Progress:
         self._samples = 0
         return rate
 
+    def pause_rate(self) -> None:
+        """Starts the next samples/s stretch now, so time spent elsewhere does not count."""
+        self._last_time = time.perf_counter()
+        self._samples = 0
+
     def show(self, **values: float) -> None:
         if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            shown = {k: f"{v:,.0f}" if v >= 1000 else f"{v:.4g}" for k, v in values.items()}
+            self._bar.set_postfix(shown, refresh=False)
 
     def write(self, message: str) -> None:
         if self._bar is not None:

@@ -113,21 +113,24 @@ class _Trainer:
                     loss = self._train_step(batch)
                     self.step += 1
                     progress.step(batch.labels.numel() * state.world_size)
-                    progress.show(loss=loss, epoch=epoch)
+                    rate = progress.samples_per_s()
+                    progress.show(loss=loss, samples_per_s=rate, epoch=epoch)
                     self.logger.log(
                         {
                             "train/loss": loss,
                             "train/lr": self.schedule.lr(self.step - 1),
-                            "train/samples_per_s": progress.samples_per_s(),
+                            "train/samples_per_s": rate,
                         },
                         self.step,
                     )
                     if config.validation_freq and self.step % config.validation_freq == 0:
                         results.update(self._validate(progress))
                         validated_at = self.step
+                        progress.pause_rate()
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         save_checkpoint(self.run_state, config, self.step)
                         saved_at = self.step
+                        progress.pause_rate()
         finally:
             progress.close()
         if validated_at != self.step:
