@@ -282,17 +282,20 @@ def test_fbgemm_host_storage_moved_to_huge_pages_is_what_the_kernel_updates(
 
 
 @pytest.mark.parametrize(
-    ("lengths_kind", "pooling", "weighted"),
-    [("fixed", PoolingType.SUM, False), ("fixed", PoolingType.SUM, True),
-     ("fixed", PoolingType.MEAN, False), ("ragged", PoolingType.SUM, True),
-     ("ragged", PoolingType.MEAN, False)],
+    ("lengths_kind", "pooling", "weighted", "p_rows"),
+    [("fixed", PoolingType.SUM, False, 50), ("fixed", PoolingType.SUM, True, 50),
+     ("fixed", PoolingType.MEAN, False, 50), ("ragged", PoolingType.SUM, True, 50),
+     ("ragged", PoolingType.MEAN, False, 50), ("fixed", PoolingType.SUM, True, 5),
+     ("ragged", PoolingType.MEAN, False, 5)],
 )  # fmt: skip
 def test_torch_multi_id_bags_sgd_matches_embedding_bag(
-    lengths_kind: str, pooling: PoolingType, weighted: bool
+    lengths_kind: str, pooling: PoolingType, weighted: bool, p_rows: int
 ) -> None:
     """Key-major multi-id bags (the fixed-size fast path and ragged bags): fused SGD equals
-    ``F.embedding_bag`` + autograd + a textbook SGD step, table by table."""
-    rows = {"p": 50, "q": 7}
+    ``F.embedding_bag`` + autograd + a textbook SGD step, table by table. Table ``q`` (7 rows,
+    ~24 ids per feature in 6 bags) takes the dense small-table update, ``p`` with 50 rows the
+    row-by-row one, with 5 rows the dense one too (then no id is left for the row updates)."""
+    rows = {"p": p_rows, "q": 7}
     tables = [TableSpec(name=t, num_embeddings=n, embedding_dim=8, pooling=pooling)
               for t, n in rows.items()]  # fmt: skip
     features = [FeatureSpec(name="x", table="p"), FeatureSpec(name="y", table="q"),

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from shardrec.kernels.group import GroupInput
 from shardrec.kernels.memory import empty_rows, zeros_rows
 from shardrec.kernels.optimizers import SparseGrad, apply_fused_update, new_state
-from shardrec.kernels.specs import FusedOptimizerConfig, PoolingType, TableSpec, data_type_to_dtype
+from shardrec.kernels.specs import (
+    FusedOptimizerConfig,
+    OptimizerType,
+    PoolingType,
+    TableSpec,
+    data_type_to_dtype,
+)
 
 __all__ = ["TorchGroup"]
 
@@ -192,7 +198,14 @@ class TorchGroup:
                 inv = torch.where(per_bag, inv, torch.ones_like(inv))
             scale = torch.repeat_interleave(inv, lengths, output_size=n)
             psw = scale if psw is None else psw * scale
-        return _SampleMajor(self._global_ids(inp), inp.offsets, psw, lengths, key_major=True)
+        return _SampleMajor(
+            self._global_ids(inp),
+            inp.offsets,
+            psw,
+            lengths,
+            key_major=True,
+            length_per_feature=tuple(inp.length_per_feature),
+        )
 
     def pooled(self, inp: GroupInput, params: Sequence[torch.Tensor]) -> torch.Tensor:
         sm = self._sample_major(inp)
@@ -206,9 +219,81 @@ class TorchGroup:
         out: torch.Tensor = _SequenceLookup.apply(self, ids, *params)  # type: ignore[no-untyped-call]
         return out
 
-    def backward_rows(self, grad: SparseGrad, num_params: int) -> tuple[torch.Tensor | None, ...]:
+    def _small_table_sgd(
+        self, grad: SparseGrad, lpk: Sequence[int], batch: int
+    ) -> SparseGrad | None:
+        """Fused SGD of key-major multi-id bags: features of tiny tables updated densely.
+
+        A table of ``R`` rows read by ``n`` ids of ``B`` bags gets ``-lr * C @ G`` with ``C`` the
+        ``[R, B]`` per-bag id counts (times the ids' weights) and ``G`` the feature's ``[B, D]``
+        output gradient: one small GEMM instead of ``n`` row updates, worth it when ``R * B`` is
+        well under ``8 * n``. Returns the rest of the gradient (the other features' ids), or None
+        when no feature qualifies.
+        """
+        assert self.optimizer is not None
+        assert grad.bag is not None
+        nf = len(self.feature_tables)
+        starts = [0]
+        for n in lpk:
+            starts.append(starts[-1] + n)
+        small = [
+            f
+            for f, t in enumerate(self.feature_tables)
+            if lpk[f] and self.tables[t].num_embeddings * batch <= 8 * lpk[f]
+        ]
+        if not small:
+            return None
+        lr = self.optimizer.learning_rate
+        grad_bf = grad.grad_bags.view(batch, nf, self.dim)
+        for f in small:
+            t = self.feature_tables[f]
+            rows = self.tables[t].num_embeddings
+            lo, hi = starts[f], starts[f + 1]
+            local = grad.ids[lo:hi] - self.row_starts[t]
+            bag = grad.bag[lo:hi].div(nf, rounding_mode="floor")
+            counts = torch.zeros(rows * batch, dtype=torch.float32, device=grad.ids.device)
+            if grad.psw is not None:
+                weights = grad.psw[lo:hi].to(torch.float32)
+            else:
+                weights = torch.ones(hi - lo, dtype=torch.float32, device=grad.ids.device)
+            counts.index_add_(0, local.mul_(batch).add_(bag), weights)
+            table = self.storage[self.row_starts[t] : self.row_starts[t + 1]]
+            table.addmm_(counts.view(rows, batch), grad_bf[:, f, :], alpha=-lr)
+        keep = [(starts[f], starts[f + 1]) for f in range(nf) if f not in small and lpk[f]]
+        if not keep:
+            return SparseGrad(ids=grad.ids[:0], grad_bags=grad.grad_bags, bag=None, psw=None)
+        bag_rows = grad.bag
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return (
+                torch.cat([x[a:b] for a, b in keep])
+                if len(keep) > 1
+                else x[keep[0][0] : keep[0][1]]
+            )
+
+        return SparseGrad(
+            ids=take(grad.ids),
+            grad_bags=grad.grad_bags,
+            bag=take(bag_rows),
+            psw=None if grad.psw is None else take(grad.psw),
+        )
+
+    def backward_rows(
+        self, grad: SparseGrad, num_params: int, sm: _SampleMajor | None = None, batch: int = 0
+    ) -> tuple[torch.Tensor | None, ...]:
         """Apply the fused update (fused mode) or build the tables' dense gradients (plain mode)."""
         if self.optimizer is not None:
+            if (
+                sm is not None
+                and sm.key_major
+                and sm.length_per_feature
+                and self.optimizer.optimizer is OptimizerType.SGD
+                and self.dtype == torch.float32
+                and self.storage.device.type == "cpu"
+            ):
+                rest = self._small_table_sgd(grad, sm.length_per_feature, batch)
+                if rest is not None:
+                    grad = rest
             self.step += 1
             apply_fused_update(self.optimizer, self.storage, self.state, grad, self.step)
             return (None,) * num_params
@@ -230,6 +315,7 @@ class _SampleMajor(NamedTuple):
     psw: torch.Tensor | None
     lengths: torch.Tensor | None
     key_major: bool = False
+    length_per_feature: tuple[int, ...] = ()
 
 
 class _PooledLookup(torch.autograd.Function):
@@ -277,7 +363,7 @@ class _PooledLookup(torch.autograd.Function):
                 output_size=sm.ids.numel(),
             )
         sparse = SparseGrad(ids=sm.ids, grad_bags=grad_bags, bag=bag, psw=sm.psw)
-        param_grads = group.backward_rows(sparse, ctx.num_params)
+        param_grads = group.backward_rows(sparse, ctx.num_params, sm, ctx.shape[0])
         return (None, None, None, None, *param_grads)
 
 
