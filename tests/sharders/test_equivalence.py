@@ -286,3 +286,34 @@ def test_data_parallel(dist_pool: Any, kind: str) -> None:
 @pytest.mark.parametrize(("kind", "world"), [("ebc", 2), ("ebc", 3), ("ebc", 4), ("ec", 3)])
 def test_mixed_plan(dist_pool: Any, kind: str, world: int) -> None:
     check(dist_pool, world, kind=kind, spec=spec_mixed(world), empty_rank=world - 1)
+
+
+def _ec_with_indices() -> EmbeddingCollection:
+    torch.manual_seed(5)
+    return EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=4, feature_names=f)
+            for n, r, _, f in TABLES
+        ],
+        need_indices=True,
+    )
+
+
+def case_need_indices(env: ShardingEnv) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    plan = make_plan(spec_mixed(env.world_size), env.world_size, "ec")
+    model = DistributedModelParallel(
+        _ec_with_indices(), env=env, plan=ShardingPlan({"": plan.plan["emb"]})
+    )
+    out = model(make_batch(0, batch_sizes(env.world_size, None), env.rank, False))
+    return {k: (jt.values().detach(), jt.weights()) for k, jt in out.items()}
+
+
+def test_sharded_embedding_collection_keeps_indices(dist_pool: Any) -> None:
+    results = dist_pool.run(2, case_need_indices)
+    reference = _ec_with_indices()
+    for rank, got in enumerate(results):
+        expected = reference(make_batch(0, batch_sizes(2, None), rank, False))
+        assert list(got) == list(expected)
+        for name, jt in expected.items():
+            torch.testing.assert_close(got[name][0], jt.values(), atol=1e-6, rtol=1e-6)
+            assert torch.equal(got[name][1], jt.weights())

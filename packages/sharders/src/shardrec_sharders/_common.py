@@ -28,7 +28,7 @@ from shardrec.modules import (
     PoolingType,
 )
 from shardrec.modules.configs import BaseEmbeddingConfig, EmbeddingBagConfig
-from shardrec.sparse import KeyedJaggedTensor
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor
 
 EmbeddingModule = EmbeddingBagCollection | EmbeddingCollection
 
@@ -49,6 +49,7 @@ class ModuleView:
     configs: dict[str, BaseEmbeddingConfig]
     pooled: bool
     is_weighted: bool
+    need_indices: bool  # EmbeddingCollection: output JaggedTensors carry the ids as weights
     optimizer: FusedOptimizerConfig | None
     weights: dict[str, torch.Tensor] | None  # None: the module is on meta
     states: dict[str, dict[str, torch.Tensor]] | None
@@ -59,10 +60,10 @@ class ModuleView:
             raise TypeError(f"cannot shard {type(module).__name__}")
         configs: list[BaseEmbeddingConfig]
         if isinstance(module, EmbeddingBagCollection):
-            pooled, is_weighted = True, module.is_weighted()
+            pooled, is_weighted, need_indices = True, module.is_weighted(), False
             configs = list(module.embedding_bag_configs())
         else:
-            pooled, is_weighted = False, False
+            pooled, is_weighted, need_indices = False, False, module.need_indices()
             configs = list(module.embedding_configs())
         known = {c.name for c in configs}
         missing = [t for t in tables if t not in known]
@@ -83,6 +84,7 @@ class ModuleView:
             configs={c.name: c for c in configs if c.name in wanted},
             pooled=pooled,
             is_weighted=is_weighted,
+            need_indices=need_indices,
             optimizer=lookup.optimizer,
             weights=None if on_meta else lookup.table_weights(),
             states=None if on_meta else lookup.optimizer_states(),
@@ -370,3 +372,20 @@ def sequence_send_buffer(
     sizes = [sum(int(c.numel()) for c in cs) for cs in per_sender]
     flat = [c for cs in per_sender for c in cs]
     return (torch.cat(flat) if flat else stacked.values.new_zeros(0, dtype=torch.float32)), sizes
+
+
+def sequence_output(
+    values: torch.Tensor, routed: KeyedJaggedTensor, index: int, need_indices: bool
+) -> JaggedTensor:
+    """An EmbeddingCollection output for key ``index`` of ``routed``.
+
+    With ``need_indices`` the ids ride in the weights slot (TorchRec's convention, as the
+    unsharded collection does; the public constructor wants float weights, hence ``_trusted``).
+    """
+    batch = routed.stride()
+    lengths = routed.lengths()[index * batch : (index + 1) * batch]
+    if not need_indices:
+        return JaggedTensor(values=values, lengths=lengths)
+    per_key = routed.offset_per_key()
+    ids = routed.values()[per_key[index] : per_key[index + 1]]
+    return JaggedTensor._trusted(values, ids, lengths, None)

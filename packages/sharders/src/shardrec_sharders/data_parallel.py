@@ -30,6 +30,7 @@ from shardrec_sharders._common import (
     ModuleView,
     PairRouter,
     build_local_lookup,
+    sequence_output,
     table_shards,
 )
 
@@ -42,6 +43,7 @@ class ReplicatedEmbedding(nn.Module):
     def __init__(self, view: ModuleView, device: torch.device, kind: str) -> None:
         super().__init__()
         self.pooled = view.pooled
+        self.need_indices = view.need_indices
         self.pairs = view.pairs
         self.tables = list(view.configs)
         self.router = PairRouter([p.source for p in view.pairs], owner=f"{kind} (data_parallel)")
@@ -86,10 +88,8 @@ class ReplicatedEmbedding(nn.Module):
                 values=out,
             )
         assert isinstance(out, list)
-        batch = routed.stride()
-        lengths = routed.lengths()
         return {
-            p.name: JaggedTensor(values=rows, lengths=lengths[i * batch : (i + 1) * batch])
+            p.name: sequence_output(rows, routed, i, self.need_indices)
             for i, (p, rows) in enumerate(zip(self.pairs, out, strict=True))
         }
 

@@ -32,6 +32,7 @@ from shardrec_sharders._common import (
     StackedInput,
     build_local_lookup,
     pooled_send_buffer,
+    sequence_output,
     sequence_send_buffer,
     stack_senders,
     table_shards,
@@ -54,6 +55,7 @@ class RowShardedEmbedding(nn.Module):
         self.env = env
         self.device = device
         self.pooled = view.pooled
+        self.need_indices = view.need_indices
         self.pairs = view.pairs
         self.tables = list(view.configs)
         self.router = PairRouter([p.source for p in view.pairs], owner=f"{kind} (row_wise)")
@@ -240,7 +242,6 @@ class RowShardedEmbedding(nn.Module):
         else:
             send, send_sizes = sequence_send_buffer(rows, stacked)
         # Owner r sends back rows for our ids pair by pair (pairs_of[r]), in the order we sent them.
-        batch = routed.stride()
         n_pairs = len(self.pairs)
         device = routed.values().device
         pair_of_id = torch.repeat_interleave(
@@ -263,7 +264,6 @@ class RowShardedEmbedding(nn.Module):
             for p, piece in zip(self.pairs_of[r], torch.split(block, sizes), strict=True):
                 per_pair_rows[p].append(piece.view(-1, self.pairs[p].dim))
         lpk = routed.length_per_key()
-        lengths = routed.lengths()
         result: dict[str, JaggedTensor] = {}
         at = 0
         for p, pair in enumerate(self.pairs):
@@ -275,9 +275,7 @@ class RowShardedEmbedding(nn.Module):
                 torch.cat(per_pair_rows[p]) if per_pair_rows[p] else flat.new_zeros((0, pair.dim))
             )
             values = got_rows.new_zeros((n_ids, pair.dim)).index_copy(0, pos, got_rows)
-            result[pair.name] = JaggedTensor(
-                values=values, lengths=lengths[p * batch : (p + 1) * batch]
-            )
+            result[pair.name] = sequence_output(values, routed, p, self.need_indices)
             at += n_ids
         return result
 

@@ -39,6 +39,7 @@ from shardrec_sharders._common import (
     StackedInput,
     build_local_lookup,
     pooled_send_buffer,
+    sequence_output,
     sequence_send_buffer,
     stack_senders,
     table_shards,
@@ -70,6 +71,7 @@ class ColumnSlicedEmbedding(nn.Module):
         self.env = env
         self.device = device
         self.pooled = view.pooled
+        self.need_indices = view.need_indices
         self.kind = kind
         self.pairs = view.pairs
         self.tables = list(view.configs)
@@ -224,7 +226,6 @@ class ColumnSlicedEmbedding(nn.Module):
                     (u.local.col_offset, piece.view(lpk[k + i], u.local.cols))
                 )
             k += len(us)
-        batch = routed.stride()
         # Lengths of each pair, from the routed KJT (any of the pair's units has them).
         first_unit: dict[int, int] = {}
         k = 0
@@ -232,15 +233,12 @@ class ColumnSlicedEmbedding(nn.Module):
             for i, u in enumerate(self.units_by_rank[r]):
                 first_unit.setdefault(u.pair, k + i)
             k += len(self.units_by_rank[r])
-        lengths = routed.lengths()
         result: dict[str, JaggedTensor] = {}
         for p, pair in enumerate(self.pairs):
             parts = [t for _, t in sorted(per_pair[p], key=lambda x: x[0])]
             values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             at = first_unit[p]
-            result[pair.name] = JaggedTensor(
-                values=values, lengths=lengths[at * batch : (at + 1) * batch]
-            )
+            result[pair.name] = sequence_output(values, routed, at, self.need_indices)
         return result
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
