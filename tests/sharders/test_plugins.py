@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -96,6 +97,9 @@ def test_block_and_allow_lists() -> None:
 
 
 def _install(tmp_path: Path) -> Path:
+    """pip-install the example into a fresh folder (built from a copy: the tree stays clean)."""
+    source = tmp_path / "src"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -109,7 +113,7 @@ def _install(tmp_path: Path) -> Path:
             "--no-index",
             "--target",
             str(target),
-            str(EXAMPLE),
+            str(source),
         ],
         check=True,
     )
