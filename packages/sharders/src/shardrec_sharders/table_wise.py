@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +54,56 @@ class Unit:
     pair: int
     local: LocalTable
     rank: int
+
+
+def _chunks(
+    flat: torch.Tensor, batch: int, recv_sizes: list[int], widths: list[list[int]]
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Views of owner ``r``'s ``i``-th column chunk in the received buffer."""
+    chunks: dict[tuple[int, int], torch.Tensor] = {}
+    for r, block in enumerate(torch.split(flat, recv_sizes)):
+        if widths[r]:
+            cols = block.view(batch, sum(widths[r]))
+            for i, chunk in enumerate(torch.split(cols, widths[r], dim=1)):
+                chunks[(r, i)] = chunk
+    return chunks
+
+
+class _OwnerBlocksToColumns(torch.autograd.Function):
+    """Received owner-major blocks -> ``[batch, columns]`` in the module's order: one copy each way.
+
+    (Autograd of split + cat would copy the gradient twice: once per owner block, once whole.)
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        flat: torch.Tensor,
+        batch: int,
+        recv_sizes: list[int],
+        widths: list[list[int]],
+        order: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        ctx.meta = (flat.numel(), batch, recv_sizes, widths, order)
+        chunks = _chunks(flat, batch, recv_sizes, widths)
+        ordered = [chunks[key] for key in order]
+        if not ordered:
+            return flat.new_zeros((batch, 0))
+        return torch.cat(ordered, dim=1)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+        numel, batch, recv_sizes, widths, order = ctx.meta
+        out = grad.new_empty(numel)
+        chunks = _chunks(out, batch, recv_sizes, widths)
+        col = 0
+        for key in order:
+            width = chunks[key].shape[1]
+            chunks[key].copy_(grad[:, col : col + width])
+            col += width
+        return out, None, None, None, None
 
 
 class ColumnSlicedEmbedding(nn.Module):
@@ -183,16 +234,11 @@ class ColumnSlicedEmbedding(nn.Module):
         flat = comm.all_to_all_single(
             send, recv_sizes, send_sizes, self.env.pg, differentiable=True
         )
-        chunks: dict[tuple[int, int], torch.Tensor] = {}
-        for r, block in enumerate(torch.split(flat, recv_sizes)):
-            units = self.units_by_rank[r]
-            if not units:
-                continue
-            widths = [u.local.cols for u in units]
-            for i, chunk in enumerate(torch.split(block.view(batch, sum(widths)), widths, dim=1)):
-                chunks[(r, i)] = chunk
-        ordered = [chunks[key] for key in self._chunk_order]
-        return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
+        widths = [[u.local.cols for u in us] for us in self.units_by_rank]
+        out_t: torch.Tensor = _OwnerBlocksToColumns.apply(  # type: ignore[no-untyped-call]
+            flat, batch, recv_sizes, widths, self._chunk_order
+        )
+        return out_t
 
     def output_dist_sequence(
         self,
