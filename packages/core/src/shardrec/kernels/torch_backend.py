@@ -4,8 +4,9 @@ Tables of one group are stacked in one ``[sum of rows, dim]`` tensor; a feature'
 the first row of its table, so all features of the group are looked up by one ``F.embedding_bag``
 (pooled) or ``F.embedding`` (sequence) call. ``MEAN`` pooling is a ``SUM`` with per-id weights
 ``1 / bag length``, which lets SUM and MEAN tables of the same dim share the call. In fused mode
-backward never forms a dense gradient of a table: it gathers one gradient row per id and hands them
-to the fused optimizer, which updates the touched rows in place.
+backward never forms a dense gradient of a table: it hands the output gradient (read in place) and
+each id's bag to the fused optimizer, which updates the touched rows in place; with several ids per
+bag and SGD, tables far smaller than their ids are updated by one small dense GEMM instead.
 """
 
 from __future__ import annotations
