@@ -44,8 +44,10 @@ demo: setup
 		--num-embeddings 50000 --dense-arch-layer-sizes 64,16 --over-arch-layer-sizes 64,1 \
 		--batch-size 256 --optimizer adagrad --learning-rate 0.05 --validation-freq 200
 
+# Every benchmark, each against TorchRec in the same run when .venv-peer exists (make bench-peer first).
+BENCHES := kjt ebc dmp criteo dlrm planner_scale
 bench: setup
-	$(BENCH_ENV) $(PY) tools/bench/kjt.py
+	@for b in $(BENCHES); do echo "== tools/bench/$$b.py"; $(BENCH_ENV) $(PY) tools/bench/$$b.py || exit 1; done
 
 # A second environment with TorchRec 1.8.0, our peer in every benchmark. torchrec is installed without its
 # dependencies because its pins would replace torch 2.13.0; the needs it really has are listed here.
