@@ -24,7 +24,9 @@ __all__ = [
     "fbgemm_unsupported_reason",
     "make_table_batched_embedding",
     "tbe_forward",
+    "tbe_learning_rate",
     "tbe_optimizer_states",
+    "tbe_set_learning_rate",
     "tbe_table_weights",
 ]
 
@@ -196,6 +198,16 @@ def tbe_optimizer_states(
         else:
             result.append({"sum": per_table[0]})
     return result
+
+
+def tbe_set_learning_rate(module: nn.Module, lr: float) -> None:
+    """Set the learning rate FBGEMM's fused optimizer uses from the next backward on."""
+    module.set_learning_rate(float(lr))  # type: ignore[operator]
+
+
+def tbe_learning_rate(module: nn.Module) -> float:
+    """The learning rate FBGEMM's fused optimizer currently uses."""
+    return float(module.get_learning_rate())  # type: ignore[operator]
 
 
 def tbe_step(module: nn.Module) -> int:

@@ -2,9 +2,11 @@
 
 Backends: ``torch`` (pure PyTorch, CPU and CUDA) and ``fbgemm`` (FBGEMM's table-batched kernel,
 when importable). Choose with the ``backend=`` argument or ``$SHARDREC_KERNEL_BACKEND``
-(``torch``, ``fbgemm``, ``auto``).
+(``torch``, ``fbgemm``, ``auto``). :func:`set_learning_rate` changes the fused optimizers' learning
+rate in every lookup of a model (plain or ``DistributedModelParallel``), e.g. for a schedule.
 """
 
+from shardrec.kernels.learning_rate import fused_learning_rates, set_learning_rate
 from shardrec.kernels.specs import (
     BACKEND_ENV_VAR,
     DataType,
@@ -27,4 +29,6 @@ __all__ = [
     "PoolingType",
     "TableBatchedEmbedding",
     "TableSpec",
+    "fused_learning_rates",
+    "set_learning_rate",
 ]

@@ -6,6 +6,7 @@ FBGEMM owns the fused storage; the per-table weights and states are its views. A
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -71,6 +72,16 @@ class FbgemmGroup:
                 for new_s, old_s in zip(self.table_states(), old_states, strict=True):
                     for name, tensor in new_s.items():
                         tensor.copy_(old_s[name])
+
+    def set_optimizer(self, optimizer: FusedOptimizerConfig) -> None:
+        if optimizer.optimizer is not self.optimizer.optimizer or (
+            dataclasses.replace(optimizer, learning_rate=self.optimizer.learning_rate)
+            != self.optimizer
+        ):
+            raise ValueError("FBGEMM's fused optimizer can change its learning rate only")
+        self.optimizer = optimizer  # a later rebuild (move_to) starts from this rate
+        if self.module is not None:
+            ops.tbe_set_learning_rate(self.module, optimizer.learning_rate)
 
     def table_weights(self) -> list[torch.Tensor]:
         if self.module is None:

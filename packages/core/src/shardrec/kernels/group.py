@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from shardrec.kernels.specs import TableSpec
+from shardrec.kernels.specs import FusedOptimizerConfig, TableSpec
 
 __all__ = ["GroupInput", "LookupGroup"]
 
@@ -43,6 +43,9 @@ class LookupGroup(Protocol):
 
     def move_to(self, device: torch.device) -> None:
         """Allocate (from meta, uninitialised) or move the storage and state to ``device``."""
+
+    def set_optimizer(self, optimizer: FusedOptimizerConfig) -> None:
+        """Use ``optimizer`` (same rule, other hyper-parameters) from the next update on."""
 
     def table_weights(self) -> list[torch.Tensor]:
         """One ``[rows, dim]`` view per table into the fused storage."""

@@ -35,6 +35,7 @@ table (never an out-of-bounds read).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Self
 
@@ -247,6 +248,43 @@ class TableBatchedEmbedding(nn.Module):
                             f" {tuple(src.shape)}, expected {tuple(dst.shape)}"
                         )
                     dst.copy_(src)
+
+    # ---- fused optimizer's learning rate --------------------------------------------------------
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate the fused optimizer applies in the next backward.
+
+        Raises ValueError in plain mode (``optimizer=None``: an outside optimizer owns the rate).
+        """
+        config = self._require_fused("learning_rate")
+        for group in self._groups:
+            if isinstance(group, FbgemmGroup) and group.module is not None:
+                return ops.tbe_learning_rate(group.module)
+        return config.learning_rate
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Use ``lr`` in every later fused update (all tables, both backends).
+
+        Optimizer states (Adagrad sums, Adam moments and step count) are kept, so a step after
+        ``set_learning_rate(lr)`` equals a step of a lookup built with ``learning_rate=lr`` and the
+        same states. ``lr`` must be a finite number >= 0; raises ValueError in plain mode.
+        """
+        config = self._require_fused("set_learning_rate")
+        if isinstance(lr, bool) or not isinstance(lr, int | float):
+            raise TypeError(f"learning rate must be a number, got {type(lr).__name__}")
+        updated = dataclasses.replace(config, learning_rate=float(lr))  # validates lr
+        self.optimizer = updated
+        for group in self._groups:
+            group.set_optimizer(updated)
+
+    def _require_fused(self, what: str) -> FusedOptimizerConfig:
+        if self.optimizer is None:
+            raise ValueError(
+                f"{what}: this lookup has no fused optimizer (optimizer=None); its tables are"
+                " trained through .grad by an outside optimizer, whose learning rate applies"
+            )
+        return self.optimizer
 
     # ---- lookup -------------------------------------------------------------------------------
 

@@ -94,6 +94,12 @@ class TorchGroup:
         self._feature_base = self._feature_base.to(device)
         self._mean = self._mean.to(device)
 
+    def set_optimizer(self, optimizer: FusedOptimizerConfig) -> None:
+        # Backward reads ``self.optimizer`` on every update; the states stay as they are.
+        if self.optimizer is None or optimizer.optimizer is not self.optimizer.optimizer:
+            raise ValueError("a group's fused optimizer can change its hyper-parameters only")
+        self.optimizer = optimizer
+
     def table_weights(self) -> list[torch.Tensor]:
         s = self.row_starts
         return [self.storage[s[i] : s[i + 1]] for i in range(len(self.tables))]
