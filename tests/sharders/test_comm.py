@@ -110,3 +110,69 @@ def test_single_process_collectives_are_identity() -> None:
     x = torch.randn(5, 3, requires_grad=True)
     assert comm.all_to_all_single(x, [5], [5], None) is x
     assert comm.reduce_scatter_rows(x, [5], 5, None) is x
+
+
+def _single_owner_model() -> torch.nn.Module:
+    from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    torch.manual_seed(7)
+    configs = [
+        EmbeddingBagConfig(name=f"t{i}", num_embeddings=5 + i, embedding_dim=4, feature_names=[f])
+        for i, f in enumerate(["f0", "f1", "f2"])
+    ]
+    return EmbeddingBagCollection(
+        tables=configs, fused_params={"optimizer": "sgd", "learning_rate": 0.1}
+    )
+
+
+def _single_owner_batch(rank: int | None, world: int) -> Any:
+    from shardrec import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [2 + r for r in range(world)]
+    lengths = torch.randint(0, 3, (3, sum(sizes)), generator=g)
+    ids = [torch.randint(0, 5, (int(n),), generator=g) for n in lengths.reshape(-1)]
+    lo, hi = (0, sum(sizes)) if rank is None else (sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    values = torch.cat(
+        [
+            torch.cat(
+                [*ids[k * sum(sizes) + lo : k * sum(sizes) + hi], torch.zeros(0, dtype=torch.int64)]
+            )
+            for k in range(3)
+        ]
+    )
+    return KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"], values=values, lengths=lengths[:, lo:hi].reshape(-1)
+    )
+
+
+def case_single_owner(env: ShardingEnv) -> dict[str, Any]:
+    """Every table on rank 0: the output needs no reordering (no-copy path) on any rank."""
+    from shardrec.distributed import DistributedModelParallel, ShardingPlan
+    from shardrec.distributed.sharding_plan import table_wise
+
+    model = _single_owner_model()
+    plan = ShardingPlan({"": {f"t{i}": table_wise(0, 5 + i, 4) for i in range(3)}})
+    dmp = DistributedModelParallel(model, env=env, plan=plan)
+    out = dmp(_single_owner_batch(env.rank, env.world_size))
+    coef = torch.arange(1.0, out.values().numel() + 1).view_as(out.values())
+    (out.values() * coef).sum().backward()
+    shards = dmp.local_table_shards()[""]
+    weights = {t: [s.tensor.clone() for s in ts.weight] for t, ts in shards.items()}
+    return {"out": out.values().detach(), "weights": weights}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_single_owner_table_wise_matches_unsharded(dist_pool: Any, world_size: int) -> None:
+    results = dist_pool.run(world_size, case_single_owner)
+    ref = _single_owner_model()
+    out = ref(_single_owner_batch(None, world_size)).values()
+    sizes = [2 + r for r in range(world_size)]
+    coefs = [torch.arange(1.0, b * out.shape[1] + 1).view(b, -1) for b in sizes]
+    (out * torch.cat(coefs)).sum().backward()
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["out"], torch.split(out.detach(), sizes)[r])
+    for table, weight in ref.lookup.table_weights().items():
+        assert len(results[0]["weights"][table]) == 1
+        torch.testing.assert_close(results[0]["weights"][table][0], weight)
+        assert all(not res["weights"][table] for res in results[1:])

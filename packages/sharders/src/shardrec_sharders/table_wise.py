@@ -106,6 +106,25 @@ class _OwnerBlocksToColumns(torch.autograd.Function):
         return out, None, None, None, None
 
 
+class _SingleOwnerColumns(torch.autograd.Function):
+    """One owner already sends the columns in the module's order: the received buffer is the
+    output (a view, no copy); backward hands the gradient back flat (one copy only if strided)."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, batch: int) -> torch.Tensor:
+        return flat.view(batch, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.contiguous().view(-1), None
+
+
+def _single_owner(widths: list[list[int]], order: list[tuple[int, int]]) -> bool:
+    """True when one rank owns every column chunk and sends them in the module's order."""
+    owners = [r for r, w in enumerate(widths) if w]
+    return len(owners) == 1 and order == [(owners[0], i) for i in range(len(widths[owners[0]]))]
+
+
 class ColumnSlicedEmbedding(nn.Module):
     """A sharded EBC/EC part whose tables are placed whole or in column slices on owner ranks."""
 
@@ -173,6 +192,9 @@ class ColumnSlicedEmbedding(nn.Module):
         ]
         self._chunk_order = [(r, i) for _, _, r, i in sorted(order)]
         self._unit_cols = [sum(u.local.cols for u in us) for us in self.units_by_rank]
+        self._widths = [[u.local.cols for u in us] for us in self.units_by_rank]
+        # E.g. every table on one rank (a one-process run): no reordering copy either way.
+        self._identity_columns = _single_owner(self._widths, self._chunk_order)
 
     # -- the three stages ----------------------------------------------------------------------
 
@@ -234,10 +256,13 @@ class ColumnSlicedEmbedding(nn.Module):
         flat = comm.all_to_all_single(
             send, recv_sizes, send_sizes, self.env.pg, differentiable=True
         )
-        widths = [[u.local.cols for u in us] for us in self.units_by_rank]
-        out_t: torch.Tensor = _OwnerBlocksToColumns.apply(  # type: ignore[no-untyped-call]
-            flat, batch, recv_sizes, widths, self._chunk_order
-        )
+        out_t: torch.Tensor
+        if self._identity_columns and batch:
+            out_t = _SingleOwnerColumns.apply(flat, batch)  # type: ignore[no-untyped-call]
+        else:
+            out_t = _OwnerBlocksToColumns.apply(  # type: ignore[no-untyped-call]
+                flat, batch, recv_sizes, self._widths, self._chunk_order
+            )
         return out_t
 
     def output_dist_sequence(

@@ -139,7 +139,7 @@ def all_to_all_jagged(
     world = _world(pg)
     if len(lengths_per_rank) != world or len(values_per_rank) != world:
         raise ValueError(f"all_to_all_jagged: need {world} blocks, got {len(lengths_per_rank)}")
-    if pg is None:
+    if pg is None or world == 1:
         return JaggedAllToAllResult(
             lengths, values, weights, list(lengths_per_rank), list(values_per_rank), [batch_size]
         )
