@@ -238,14 +238,83 @@ def test_preprocessed_data_trains_exactly_as_the_raw_file(tmp_path: Path) -> Non
         assert summary_metrics(pre.output, split) == summary_metrics(raw.output, split)
 
 
-def test_learning_rate_schedule_reaches_tensorboard(tmp_path: Path) -> None:
-    schedule = words(
-        "--learning-rate 0.4 --lr-warmup-steps 2 --lr-decay-start 3 --lr-decay-steps 2"
-    )
-    options = [*TINY, *schedule, "--batch-size", "16", "--quiet", "--sharding", "data_parallel"]
+SCHEDULE = words("--learning-rate 0.4 --lr-warmup-steps 2 --lr-decay-start 3 --lr-decay-steps 2")
+#: LRSchedule(base_lr=0.4, warmup_steps=2, decay_start=3, decay_steps=2).lr(step) for 7 steps.
+SCHEDULED_LRS = [0.2, 0.4, 0.4, 0.4, 0.1, 1e-7, 1e-7]
+
+
+def _record_fused_lrs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, float]]:
+    """After every training step, the learning rate each fused lookup of the model holds (the one
+    that step's backward used), read back from the lookups themselves."""
+    from shardrec.kernels import fused_learning_rates
+    from shardrec_dlrm import train as train_module
+
+    seen: list[dict[str, float]] = []
+    original = train_module._Trainer._train_step
+
+    def recording(self: Any, batch: Any) -> float:
+        loss: float = original(self, batch)
+        seen.append(fused_learning_rates(self.run_state.model))
+        return loss
+
+    monkeypatch.setattr(train_module._Trainer, "_train_step", recording)
+    return seen
+
+
+@pytest.mark.parametrize("sharding", ["auto", "row_wise", "data_parallel"])
+def test_learning_rate_schedule_drives_fused_tables_and_tensorboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sharding: str
+) -> None:
+    fused = _record_fused_lrs(monkeypatch)
+    options = [*TINY, *SCHEDULE, "--batch-size", "16", "--quiet", "--sharding", sharding]
     result = CliRunner().invoke(
         main, ["train", "--data", str(SAMPLE), *options, "--logdir", str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
     lrs = [value for _, value in scalars(tmp_path)["train/lr"]]
-    assert lrs == pytest.approx([0.2, 0.4, 0.4, 0.4, 0.1, 1e-7, 1e-7])
+    assert lrs == pytest.approx(SCHEDULED_LRS)
+    assert len(fused) == len(SCHEDULED_LRS)
+    if sharding == "data_parallel":
+        # No fused tables: the dense optimizer carries the schedule alone.
+        assert all(not step for step in fused)
+        return
+    for step, (expected, lookups) in enumerate(zip(SCHEDULED_LRS, fused, strict=True)):
+        assert lookups, f"step {step}: the model has no fused lookup"
+        for name, lr in lookups.items():
+            assert lr == pytest.approx(expected), f"step {step}: {name} trained at lr {lr}"
+
+
+def test_resume_continues_the_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    # 14 steps in all: warm-up 4, decay over steps 8..11, then the floor.
+    schedule = words(
+        "--learning-rate 0.4 --lr-warmup-steps 4 --lr-decay-start 8 --lr-decay-steps 4"
+    )
+    options = [*TINY, *schedule, "--batch-size", "16", "--quiet", "--sharding", "table_wise"]
+    runner = CliRunner()
+    first = runner.invoke(
+        main, ["train", "--data", str(SAMPLE), *options, *ckpt, "--logdir", str(tmp_path / "a")]
+    )
+    assert first.exit_code == 0, first.output
+    assert "finished after 7 steps" in first.output
+    fused = _record_fused_lrs(monkeypatch)
+    resumed = runner.invoke(
+        main,
+        [
+            "train", "--data", str(SAMPLE), *options, *ckpt, "--epochs", "2", "--resume",
+            "--logdir", str(tmp_path / "b"),
+        ],
+    )  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    assert "finished after 14 steps" in resumed.output
+    from shardrec_dlrm.schedule import LRSchedule
+
+    expected = LRSchedule(base_lr=0.4, warmup_steps=4, decay_start=8, decay_steps=4)
+    logged = scalars(tmp_path / "b")["train/lr"]
+    assert [step for step, _ in logged] == list(range(8, 15))
+    assert [lr for _, lr in logged] == pytest.approx([expected.lr(s - 1) for s in range(8, 15)])
+    assert len(fused) == 7
+    for offset, lookups in enumerate(fused):
+        assert lookups
+        want = expected.lr(7 + offset)
+        assert all(lr == pytest.approx(want) for lr in lookups.values()), (offset, lookups)

@@ -3,11 +3,14 @@ optimizers.
 
 The embedding tables train with a fused optimizer (applied inside backward, on the rows a batch
 touched), the dense layers with the torch optimizer of the same name. Tables that the plan makes
-data-parallel keep plain parameters with ``.grad`` and join the dense optimizer.
+data-parallel keep plain parameters with ``.grad`` and join the dense optimizer. The learning-rate
+schedule drives both: :meth:`ShardedRun.set_lr` sets the dense optimizer's rate and, through
+``shardrec.kernels.set_learning_rate``, every fused lookup's.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardrec.kernels import set_learning_rate
 from shardrec_dlrm.config import ModelConfig, OptimizerName, TrainConfig
-from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.model.build import TABLE_NAMES, build_dlrm
 from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.planning import PlanRequest, discover_sharders, plan_model
@@ -39,14 +42,20 @@ class ShardedRun:
 
     model: nn.Module
     dense_optimizer: torch.optim.Optimizer
-    fused_lr: Callable[[float], None]
+    #: Sets the learning rate of every fused table of ``model`` (returns how many lookups).
+    fused_lr: Callable[[float], int]
     plan_text: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The rate last given to the fused tables (None: not yet, they hold the configured one).
+    fused_lr_now: float | None = None
 
     def set_lr(self, lr: float) -> None:
+        """The learning rate of the next step, for the dense optimizer and the fused tables."""
         for group in self.dense_optimizer.param_groups:
             group["lr"] = lr
-        self.fused_lr(lr)
+        if lr != self.fused_lr_now:
+            self.fused_lr(lr)
+            self.fused_lr_now = lr
 
 
 def fused_params(optimizer: OptimizerName, lr: float, eps: float) -> dict[str, object]:
@@ -94,20 +103,12 @@ def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
     sharded = DistributedModelParallel(model, device=state.device, plan=plan, sharders=sharders)
     dense = list(_trainable_dense(sharded))
     _average_sharded_gradients(sharded, state)
-    fused_lr = _fused_lr_setter(sharded)
-    constant = config.lr_warmup_steps == 0 and config.lr_decay_steps == 0
-    if fused_lr is None and not constant:
-        raise UserError(
-            "--lr-warmup-steps/--lr-decay-steps need fused embedding kernels that can change "
-            "their learning rate (TableBatchedEmbedding.set_learning_rate), which this shardrec "
-            "lacks: train with a constant learning rate"
-        )
     return ShardedRun(
         model=sharded,
         dense_optimizer=dense_optimizer_for(
             dense, config.optimizer, config.learning_rate, config.eps
         ),
-        fused_lr=fused_lr or (lambda lr: None),
+        fused_lr=functools.partial(set_learning_rate, sharded),
         plan_text=report,
     )
 
@@ -147,31 +148,6 @@ def _trainable_dense(model: nn.Module) -> Iterator[nn.Parameter]:
     for param in model.parameters():
         if param.requires_grad:
             yield param
-
-
-def _fused_lr_setter(sharded: Any) -> Callable[[float], None] | None:
-    """Sets the learning rate of the fused tables; None if some fused table cannot change it."""
-    fused = any(
-        str(sharding.compute_kernel) != "dense"
-        for tables in sharded.plan.plan.values()
-        for sharding in tables.values()
-    )
-    # The fused kernels hang off embedding modules as ``lookup`` (not always as submodules).
-    candidates = [
-        c
-        for m in sharded.module.modules()
-        for c in (m, getattr(m, "lookup", None))
-        if c is not None
-    ]
-    owners: list[Any] = [c for c in candidates if callable(getattr(c, "set_learning_rate", None))]
-    if fused and not owners:
-        return None
-
-    def set_lr(lr: float) -> None:
-        for owner in owners:
-            owner.set_learning_rate(lr)
-
-    return set_lr
 
 
 def shard_for_benchmark(
