@@ -154,17 +154,44 @@ def _move_host_storage_to_huge_pages(module: nn.Module) -> None:
     a TLB miss; the forward and backward kernels read them through the module's attributes on every
     call, so swapping the storage under the same ``Parameter``/buffer is seen by every later call.
     """
+    params = [n for n, p in module.named_parameters(recurse=False) if _host(n, p)]
+    buffers = [
+        n
+        for n, b in module.named_buffers(recurse=False)
+        if n.startswith("momentum") and _host(n, b)
+    ]
     with torch.no_grad():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if name.endswith("_host") and param.numel() > 0:
-                moved = empty_rows(tuple(param.shape), param.dtype, param.device)
-                moved.copy_(param)
-                param.data = moved
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if name.startswith("momentum") and name.endswith("_host") and buf.numel() > 0:
-                moved = empty_rows(tuple(buf.shape), buf.dtype, buf.device)
-                moved.copy_(buf)
-                module._buffers[name] = moved
+        for name in params:
+            _rehome(name, module._parameters)
+        for name in buffers:
+            _rehome(name, module._buffers)
+
+
+def _host(name: str, tensor: torch.Tensor) -> bool:
+    return name.endswith("_host") and tensor.numel() > 0
+
+
+def _rehome(name: str, holder: dict[str, Any]) -> None:
+    """Moves ``holder[name]`` onto huge pages. When it is all zeros (a fresh module), its storage
+    is released before the new one is touched: the peak memory is one copy of the tables, not
+    two."""
+    old = holder[name]
+    shape, dtype, device = tuple(old.shape), old.dtype, old.device
+    is_param = isinstance(old, nn.Parameter)
+    if bool(old.any()):
+        moved = empty_rows(shape, dtype, device)
+        moved.copy_(old)
+    else:
+        if is_param:
+            old.data = old.new_empty(0)
+        else:
+            holder[name] = old.new_empty(0)
+        del old
+        moved = empty_rows(shape, dtype, device).zero_()
+    if is_param:
+        holder[name].data = moved
+    else:
+        holder[name] = moved
 
 
 def tbe_forward(
