@@ -125,11 +125,15 @@ def _single_owner_model() -> torch.nn.Module:
     )
 
 
-def _single_owner_batch(rank: int | None, world: int) -> Any:
+def _sizes(world: int, equal: bool) -> list[int]:
+    return [3 if equal else 2 + r for r in range(world)]
+
+
+def _single_owner_batch(rank: int | None, world: int, equal: bool = False) -> Any:
     from shardrec import KeyedJaggedTensor
 
     g = torch.Generator().manual_seed(5)
-    sizes = [2 + r for r in range(world)]
+    sizes = _sizes(world, equal)
     lengths = torch.randint(0, 3, (3, sum(sizes)), generator=g)
     ids = [torch.randint(0, 5, (int(n),), generator=g) for n in lengths.reshape(-1)]
     lo, hi = (0, sum(sizes)) if rank is None else (sum(sizes[:rank]), sum(sizes[: rank + 1]))
@@ -146,33 +150,73 @@ def _single_owner_batch(rank: int | None, world: int) -> Any:
     )
 
 
-def case_single_owner(env: ShardingEnv) -> dict[str, Any]:
-    """Every table on rank 0: the output needs no reordering (no-copy path) on any rank."""
+def case_sharded(env: ShardingEnv, how: str, equal: bool) -> dict[str, Any]:
+    """``tw``: every table on rank 0, so the output needs no reordering (the no-copy path) on
+    any rank. ``rw``: every table on every rank; equal batches sum partial bags by reduce-scatter.
+    """
     from shardrec.distributed import DistributedModelParallel, ShardingPlan
-    from shardrec.distributed.sharding_plan import table_wise
+    from shardrec.distributed.sharding_plan import row_wise, table_wise
 
     model = _single_owner_model()
-    plan = ShardingPlan({"": {f"t{i}": table_wise(0, 5 + i, 4) for i in range(3)}})
+    w = env.world_size
+    plan = ShardingPlan(
+        {
+            "": {
+                f"t{i}": table_wise(0, 5 + i, 4) if how == "tw" else row_wise(5 + i, 4, w)
+                for i in range(3)
+            }
+        }
+    )
     dmp = DistributedModelParallel(model, env=env, plan=plan)
-    out = dmp(_single_owner_batch(env.rank, env.world_size))
+    out = dmp(_single_owner_batch(env.rank, w, equal))
     coef = torch.arange(1.0, out.values().numel() + 1).view_as(out.values())
     (out.values() * coef).sum().backward()
     shards = dmp.local_table_shards()[""]
-    weights = {t: [s.tensor.clone() for s in ts.weight] for t, ts in shards.items()}
+    weights = {t: [(s.tensor.clone(), s.offsets) for s in ts.weight] for t, ts in shards.items()}
     return {"out": out.values().detach(), "weights": weights}
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_single_owner_table_wise_matches_unsharded(dist_pool: Any, world_size: int) -> None:
-    results = dist_pool.run(world_size, case_single_owner)
+@pytest.mark.parametrize(
+    ("world_size", "how", "equal"),
+    [(1, "tw", False), (2, "tw", False), (2, "rw", True), (3, "rw", True), (2, "rw", False)],
+)
+def test_sharded_lookup_matches_unsharded(
+    dist_pool: Any, world_size: int, how: str, equal: bool
+) -> None:
+    results = dist_pool.run(world_size, case_sharded, how=how, equal=equal)
     ref = _single_owner_model()
-    out = ref(_single_owner_batch(None, world_size)).values()
-    sizes = [2 + r for r in range(world_size)]
+    out = ref(_single_owner_batch(None, world_size, equal)).values()
+    sizes = _sizes(world_size, equal)
     coefs = [torch.arange(1.0, b * out.shape[1] + 1).view(b, -1) for b in sizes]
     (out * torch.cat(coefs)).sum().backward()
     for r, res in enumerate(results):
         torch.testing.assert_close(res["out"], torch.split(out.detach(), sizes)[r])
     for table, weight in ref.lookup.table_weights().items():
-        assert len(results[0]["weights"][table]) == 1
-        torch.testing.assert_close(results[0]["weights"][table][0], weight)
-        assert all(not res["weights"][table] for res in results[1:])
+        rebuilt = torch.full_like(weight, float("nan"))
+        for res in results:
+            for tensor, (row, col) in res["weights"][table]:
+                rebuilt[row : row + tensor.shape[0], col : col + tensor.shape[1]] = tensor
+        torch.testing.assert_close(rebuilt, weight)
+        if how == "tw":
+            assert all(not res["weights"][table] for res in results[1:])
+
+
+def case_reduce_scatter_uneven(env: ShardingEnv) -> dict[str, Any]:
+    """Rank ``d`` receives ``d + 1`` rows from each rank: the all-to-all fallback."""
+    w, r = env.world_size, env.rank
+    in_rows = [d + 1 for d in range(w)]
+    x = (torch.arange(float(sum(in_rows))) + 100 * r).unsqueeze(1).requires_grad_()
+    y = comm.reduce_scatter_rows(x, in_rows, r + 1, env.pg)
+    (y * (r + 1)).sum().backward()
+    return {"y": y.detach(), "grad": x.grad}
+
+
+def test_reduce_scatter_uneven_blocks(dist_pool: Any) -> None:
+    w = 3
+    results = dist_pool.run(w, case_reduce_scatter_uneven)
+    for r, res in enumerate(results):
+        start = sum(d + 1 for d in range(r))
+        expected = sum(torch.arange(start, start + r + 1.0) + 100 * s for s in range(w))
+        assert torch.equal(res["y"], expected.unsqueeze(1))
+        grad = torch.cat([torch.full((d + 1, 1), float(d + 1)) for d in range(w)])
+        assert torch.equal(res["grad"], grad)

@@ -206,11 +206,23 @@ class RowShardedEmbedding(nn.Module):
         else:
             send, send_sizes = pooled_send_buffer(out, stacked)
         recv = [batch * self._width_of[r] for r in range(world)]
-        flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
-        if all(self._all_pairs):
-            # Every rank holds a block of every table: a plain sum of the partial bags.
+        if (
+            all(self._all_pairs)
+            and stacked is not None
+            and set(stacked.batches) == {batch}
+            and batch
+        ):
+            # Every rank holds a block of every table and every rank has the same batch (all
+            # ranks see the same ``stacked.batches``): the partial bags are summed by a
+            # reduce-scatter (native where the backend has one).
+            values = comm.reduce_scatter_rows(
+                send.view(world * batch, self._total_dim), [batch] * world, batch, self.env.pg
+            )
+        elif all(self._all_pairs):
+            flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
             values = flat.view(world, batch, self._total_dim).sum(dim=0)
         else:
+            flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
             values = flat.new_zeros((batch, self._total_dim))
             for r, part in enumerate(torch.split(flat, recv)):
                 if self._width_of[r]:

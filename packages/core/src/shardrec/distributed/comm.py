@@ -178,6 +178,43 @@ def all_to_all_jagged(
     )
 
 
+#: Backends with a native reduce-scatter and all-gather of flat tensors (gloo has both in the
+#: torches we support); others use the all-to-all emulation.
+_NATIVE_REDUCE_SCATTER = frozenset({"gloo", "nccl"})
+
+
+def _reduce_scatter_fn() -> Any:
+    # torch 2.13 renamed reduce_scatter_tensor (kept, deprecated); 2.11 has only the old name.
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather_fn() -> Any:
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _raw_reduce_scatter(x: torch.Tensor, world: int, pg: dist.ProcessGroup) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+    _reduce_scatter_fn()(out, x, group=pg)
+    return out
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Native sum-reduce-scatter of equal row blocks; the gradient is all-gathered back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, world: int, pg: dist.ProcessGroup) -> torch.Tensor:
+        ctx.world, ctx.pg = world, pg
+        return _raw_reduce_scatter(x, world, pg)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] * ctx.world, *grad.shape[1:]))
+        _all_gather_fn()(out, grad, group=ctx.pg)
+        return out, None, None
+
+
 def reduce_scatter_rows(
     x: torch.Tensor,
     in_rows: Sequence[int],
@@ -188,11 +225,26 @@ def reduce_scatter_rows(
     ``r``.
 
     Every rank receives ``out_rows`` rows from each rank and returns their sum, shape
-    ``(out_rows, *x.shape[1:])``. Emulated with an all-to-all and a local sum, so it runs on gloo;
-    differentiable (the gradient is the received gradient sent back to every contributor).
+    ``(out_rows, *x.shape[1:])``; differentiable (the gradient is the received gradient sent back
+    to every contributor). Equal blocks on a backend with a native reduce-scatter (gloo, NCCL) use
+    it: one message of ``out_rows`` rows per peer each way, summed in the collective; otherwise an
+    all-to-all and a local sum. Every rank must pass the same ``in_rows``.
     """
     world = _world(pg)
     if pg is None:
         return x
+    if world == 1:
+        return x
+    if (
+        all(n == out_rows for n in in_rows)
+        and x.shape[0] == world * out_rows
+        and dist.get_backend(pg) in _NATIVE_REDUCE_SCATTER
+    ):
+        if torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_()  # backward's all-gather must run on every rank
+        if x.requires_grad and torch.is_grad_enabled():
+            out: torch.Tensor = _ReduceScatter.apply(x, world, pg)  # type: ignore[no-untyped-call]
+            return out
+        return _raw_reduce_scatter(x, world, pg)
     got = all_to_all_single(x, [out_rows] * world, in_rows, pg, differentiable=True)
     return got.view(world, out_rows, *x.shape[1:]).sum(dim=0)
