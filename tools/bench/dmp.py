@@ -10,7 +10,7 @@ EBC, a small dense over-arch (Linear 1664-256-1, DDP), BCE loss, backward with f
 tables, torch SGD for the dense layers. Both sides build the same model and the same plan the way
 their users do; TorchRec gets its optimizer through ``apply_optimizer_in_backward``.
 
-TorchRec does not offer row-wise sharding on CPU (gloo has no reduce-scatter); the script asks for
+TorchRec does not offer row-wise sharding on CPU; the script asks for
 it anyway through a sharder that lists it, and prints ``n/a`` if TorchRec fails.
 
 Printed: samples/s over all ranks, by wall clock (best window of ``--steps`` steps over
