@@ -21,7 +21,7 @@ from shardrec.distributed import (
 )
 from shardrec.distributed.default_plan import default_plan
 from shardrec.distributed.plugins import load_sharder_registry
-from shardrec.distributed.sharding_plan import row_wise, table_wise
+from shardrec.distributed.sharding_plan import data_parallel, row_wise, table_wise
 
 pytestmark = pytest.mark.multiprocess
 
@@ -116,6 +116,31 @@ def test_single_process_without_a_group_matches_unsharded() -> None:
     assert isinstance(out, KeyedTensor)
     assert out.keys() == ["a", "b", "c"]
     torch.testing.assert_close(out.values(), reference(kjt).values())
+
+
+def test_data_parallel_table_of_a_module_with_a_stateful_fused_optimizer() -> None:
+    # Data-parallel tables are trained by the dense optimizer: the module's row-wise Adagrad
+    # state has no place in their lookup, and sharding must not trip over it.
+    def ebc() -> EmbeddingBagCollection:
+        torch.manual_seed(7)
+        return EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name="t", num_embeddings=10, embedding_dim=4, feature_names=["a"]
+                )
+            ],
+            fused_params={"optimizer": "rowwise_adagrad", "learning_rate": 0.1},
+        )
+
+    plan = ShardingPlan({"": {"t": data_parallel(10, 4, 1)}})
+    model = DistributedModelParallel(ebc(), env=ShardingEnv.from_local(1, 0), plan=plan)
+    kjt = KeyedJaggedTensor(
+        keys=["a"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1])
+    )
+    torch.testing.assert_close(model(kjt).values(), ebc()(kjt).values())
+    model(kjt).values().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads, "a data-parallel table leaves .grad for the dense optimizer"
 
 
 def test_bad_plans_are_named() -> None:

@@ -196,10 +196,15 @@ def build_local_lookup(
         local_views = tbe.optimizer_states()
         for lt in local_tables:
             for name, src in view.states.get(lt.table, {}).items():
+                target = local_views.get(lt.name, {}).get(name)
+                if target is None:
+                    # A lookup without that state (a data-parallel table, trained by the dense
+                    # optimizer) keeps none of the fused optimizer's.
+                    continue
                 rows = src[lt.row_offset : lt.row_offset + lt.rows]
-                if src.dim() == 2 and local_views[lt.name][name].dim() == 2:
+                if src.dim() == 2 and target.dim() == 2:
                     rows = rows[:, lt.col_offset : lt.col_offset + lt.cols]
-                if tuple(rows.shape) == tuple(local_views[lt.name][name].shape):
+                if tuple(rows.shape) == tuple(target.shape):
                     states.setdefault(lt.name, {})[name] = rows
         tbe.load_optimizer_states(states)
     return tbe
