@@ -97,7 +97,8 @@ def test_fused_adam_moves_only_touched_rows() -> None:
     moved = (after != before["c"]).any(dim=1).nonzero().flatten()
     assert torch.equal(moved, touched_c)
     states = ec.lookup.optimizer_states()["c"]
-    assert set(states) == {"exp_avg", "exp_avg_sq"}
+    assert set(states) == {"exp_avg", "exp_avg_sq", "step"}
+    assert int(states["step"]) == 1
 
 
 def test_embedding_dim_is_torchrecs_when_dims_agree() -> None:

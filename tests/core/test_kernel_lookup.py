@@ -298,7 +298,8 @@ def test_optimizer_states_are_named_views() -> None:
     module = build("torch", TABLES, FEATURES, optimizer=optimizer)
     states = module.optimizer_states()
     assert set(states) == {"a", "b", "c"}
-    assert set(states["b"]) == {"exp_avg", "exp_avg_sq"}
+    assert set(states["b"]) == {"exp_avg", "exp_avg_sq", "step"}
+    assert states["b"]["step"].shape == ()
     assert states["b"]["exp_avg"].shape == (7, 4)
     module.load_optimizer_states({"b": {"exp_avg": torch.ones(7, 4)}})
     assert torch.equal(module.optimizer_states()["b"]["exp_avg"], torch.ones(7, 4))

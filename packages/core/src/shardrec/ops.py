@@ -221,7 +221,11 @@ def tbe_optimizer_states(
     result: list[dict[str, torch.Tensor]] = []
     for per_table in states:
         if optimizer is OptimizerType.ADAM:
-            result.append({"exp_avg": per_table[0], "exp_avg_sq": per_table[1]})
+            # FBGEMM's checkpointing counter (its host copy starts from it in a fresh module).
+            iteration: torch.Tensor = module.iter  # type: ignore[assignment]
+            result.append(
+                {"exp_avg": per_table[0], "exp_avg_sq": per_table[1], "step": iteration.view(())}
+            )
         else:
             result.append({"sum": per_table[0]})
     return result

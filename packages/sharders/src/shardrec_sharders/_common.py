@@ -201,6 +201,11 @@ def build_local_lookup(
                     # A lookup without that state (a data-parallel table, trained by the dense
                     # optimizer) keeps none of the fused optimizer's.
                     continue
+                if src.dim() == 0:
+                    # A per-table scalar (Adam's step): the same on every shard of the table.
+                    if target.dim() == 0:
+                        states.setdefault(lt.name, {})[name] = src
+                    continue
                 rows = src[lt.row_offset : lt.row_offset + lt.rows]
                 if src.dim() == 2 and target.dim() == 2:
                     rows = rows[:, lt.col_offset : lt.col_offset + lt.cols]
@@ -228,7 +233,10 @@ def table_shards(
         gshape = (lt.global_rows, lt.global_cols)
         entry.weight.append(LocalShard(weights[lt.name], (lt.row_offset, lt.col_offset), gshape))
         for name, tensor in states[lt.name].items():
-            if tensor.dim() == 1:
+            if tensor.dim() == 0:
+                # A per-table scalar (Adam's step): every shard holds the same value.
+                shard = LocalShard(tensor, (), ())
+            elif tensor.dim() == 1:
                 shard = LocalShard(tensor, (lt.row_offset,), (lt.global_rows,))
             else:
                 shard = LocalShard(tensor, (lt.row_offset, lt.col_offset), gshape)

@@ -207,7 +207,9 @@ class TableShards:
 
     ``optimizer_state`` maps a state name (e.g. ``"momentum1"`` for Adagrad's sum of squares) to
     its shards; a row-wise state is 1-D (one value per row), an element-wise one has the weight's
-    shape. ``replicated`` is True for data-parallel tables: every rank holds the same full copy.
+    shape, a per-table scalar (Adam's ``step``) is 0-D with offsets ``()``: every shard of the table
+    holds the same value. ``replicated`` is True for data-parallel tables: every rank holds the
+    same full copy.
     """
 
     weight: list[LocalShard]

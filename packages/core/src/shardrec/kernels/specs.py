@@ -158,11 +158,15 @@ class FusedOptimizerConfig:
         return cls(optimizer=_OPTIMIZER_ALIASES[name], **floats)
 
     def state_names(self) -> tuple[str, ...]:
-        """Names of the per-table optimizer state tensors."""
+        """Names of the per-table optimizer state tensors.
+
+        Adam's ``step`` is a 0-d int64: the number of updates applied (its bias correction), shared
+        by the tables stored together.
+        """
         if self.optimizer in (OptimizerType.EXACT_ADAGRAD, OptimizerType.ROWWISE_ADAGRAD):
             return ("sum",)
         if self.optimizer is OptimizerType.ADAM:
-            return ("exp_avg", "exp_avg_sq")
+            return ("exp_avg", "exp_avg_sq", "step")
         return ()
 
 

@@ -229,8 +229,26 @@ class TableBatchedEmbedding(nn.Module):
                 dst.copy_(src)
 
     def load_optimizer_states(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Copy ``states[table][name]`` into the optimizer state views."""
+        """Copy ``states[table][name]`` into the optimizer state views.
+
+        Adam's ``step`` is shared by the tables stored together: loading it for one table sets it
+        for its group, and two tables of one group given different steps raise ValueError.
+        """
         views = self.optimizer_states()
+        shared: dict[int, tuple[str, int]] = {}
+        for table, named in states.items():
+            src_step = named.get("step")
+            dst_step = views.get(table, {}).get("step")
+            if src_step is None or dst_step is None or src_step.numel() != 1:
+                continue
+            value = int(src_step.reshape(()).item())
+            where = id(dst_step) if dst_step.device.type == "meta" else dst_step.data_ptr()
+            first = shared.setdefault(where, (table, value))
+            if first[1] != value:
+                raise ValueError(
+                    f"tables {first[0]!r} and {table!r} share one Adam step counter (they are"
+                    f" stored together) but were given different steps ({first[1]} and {value})"
+                )
         with torch.no_grad():
             for table, named in states.items():
                 if table not in views:

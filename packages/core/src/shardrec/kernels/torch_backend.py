@@ -60,7 +60,9 @@ class TorchGroup:
         self._mean = torch.tensor(mean, dtype=torch.bool, device=small)
         self._any_mean = any(mean)
         self._all_mean = all(mean)
-        self.step = 0
+        # Updates applied so far (Adam's bias correction): a 0-d int64 on the host, exposed as the
+        # "step" state of every table of the group (they step together), so a load writes into it.
+        self.step_count = torch.zeros((), dtype=torch.int64)
         # Layout of multi-id bags. Key-major (the default, None) reads one table after another,
         # which measured twice as fast in embedding_bag on CPU as interleaving the tables per
         # sample; the pooled rows are then transposed. Sample-major stays for tests.
@@ -106,9 +108,13 @@ class TorchGroup:
 
     def table_states(self) -> list[dict[str, torch.Tensor]]:
         s = self.row_starts
-        return [
+        out = [
             {k: v[s[i] : s[i + 1]] for k, v in self.state.items()} for i in range(len(self.tables))
         ]
+        if self.optimizer is not None and "step" in self.optimizer.state_names():
+            for states in out:
+                states["step"] = self.step_count
+        return out
 
     def _global_ids(self, inp: GroupInput) -> torch.Tensor:
         if self._bases_all_zero:
@@ -301,8 +307,9 @@ class TorchGroup:
                 rest = self._small_table_sgd(grad, sm.length_per_feature, batch)
                 if rest is not None:
                     grad = rest
-            self.step += 1
-            apply_fused_update(self.optimizer, self.storage, self.state, grad, self.step)
+            self.step_count += 1
+            step = int(self.step_count)
+            apply_fused_update(self.optimizer, self.storage, self.state, grad, step)
             return (None,) * num_params
         dense = torch.zeros(self.num_rows, self.dim, dtype=torch.float32, device=grad.ids.device)
         grad.scatter_into(dense, grad.ids, 1.0)

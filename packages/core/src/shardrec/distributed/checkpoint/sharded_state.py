@@ -9,7 +9,8 @@
 - ``optim``: the fused optimizer state of each table, ``<weight key>.<state name>`` (``sum`` of
   Adagrad, ``exp_avg``/``exp_avg_sq`` of Adam), sharded like its table. A row-wise state (one value
   per row) is 1-D; when column shards of one table each hold a copy of it, the copy of the first
-  column shard stands for all of them.
+  column shard stands for all of them. A per-table scalar (Adam's ``step``) is a plain 0-d tensor,
+  the same on every rank (ranks without a shard of the table get the holders' value).
 
 ShardedTensor rather than DTensor: a plan places shards on arbitrary ranks with uneven sizes (a
 table on rank 3 alone, rows 0-4 on rank 1 and 5-6 on rank 0), which a ShardedTensor describes
@@ -229,6 +230,9 @@ def sharded_state_dict(
     # Row-wise states of column-sliced tables: each slice keeps the mean of g² over its own
     # columns, so the unsharded table's state is their column-weighted mean (reduced below).
     sliced: dict[str, list[tuple[LocalShard, LocalShard]]] = {}
+    # Per-table scalar states of sharded tables: key -> (dtype name, value), gathered so that every
+    # rank saves (and loads) the same plain tensor.
+    scalars: dict[str, tuple[str, float | int]] = {}
     for t in tables:
         entries = [(t.key, list(t.shards.weight), "model")]
         entries += [
@@ -241,6 +245,12 @@ def sharded_state_dict(
                 if section == "optim"
                 else shards
             )
+            if section == "optim" and every and all(s.tensor.dim() == 0 for s in every):
+                out[section][key] = take(every[0].tensor)
+                if not t.shards.replicated:
+                    scalar_t = every[0].tensor
+                    scalars[key] = (str(scalar_t.dtype).removeprefix("torch."), scalar_t.item())
+                continue
             if copy and section == "optim" and len(shards) < len(every):
                 # This rank holds a copy of a row-wise state that another column shard saves: load
                 # the whole vector here (a ShardedTensor cannot hold two copies of the same rows).
@@ -268,12 +278,19 @@ def sharded_state_dict(
                 [(tuple(s.offsets), tuple(s.tensor.shape), str(s.tensor.device)) for s in shards],
             )
             local[key] = shards
-    payloads: list[tuple[dict[str, _Holding], list[str]]] = [(mine, sorted(sliced))]
+    payloads: list[_Payload] = [(mine, sorted(sliced), scalars)]
     if world > 1:
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, payloads[0], group=pg)
         payloads = everyone
     gathered = [p[0] for p in payloads]
+    for key in sorted({k for p in payloads for k in p[2]}):
+        values = {p[2][key] for p in payloads if key in p[2]}
+        if len(values) != 1:
+            raise CheckpointError(f"{key}: ranks hold different values of this scalar: {values}")
+        if key not in out["optim"]:
+            dtype_name, number = values.pop()
+            out["optim"][key] = torch.tensor(number, dtype=getattr(torch, dtype_name))
     for key in sorted({k for p in payloads for k in p[1]}):
         shape = next(g[key][2] for g in gathered if key in g)
         local[key] = _weighted_rowwise(key, shape, sliced.get(key, []), local.get(key, []), pg)
@@ -346,6 +363,7 @@ def _weighted_rowwise(
 
 _Box = tuple[tuple[int, ...], tuple[int, ...], str]  # offsets, sizes, device
 _Holding = tuple[str, str, tuple[int, ...], list[_Box]]
+_Payload = tuple[dict[str, _Holding], list[str], dict[str, tuple[str, float | int]]]
 
 
 def _agreed_dtype(key: str, shards: list[LocalShard]) -> torch.dtype:
@@ -477,7 +495,7 @@ def check_shapes(
 
 
 def _section_of(key: str, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> str:
-    for suffix in (".sum", ".exp_avg", ".exp_avg_sq"):
+    for suffix in (".sum", ".exp_avg", ".exp_avg_sq", ".step"):
         if key.endswith(suffix) and key[: -len(suffix)] in expected:
             return "optim"
     return "model"
