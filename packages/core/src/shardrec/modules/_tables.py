@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from shardrec.kernels import FusedOptimizerConfig, KernelBackend, TableBatchedEm
 from shardrec.modules._routing import Routing
 from shardrec.modules.configs import BaseEmbeddingConfig
 
-__all__ = ["FusedParams", "TableWeight", "build_lookup"]
+__all__ = ["FusedParams", "FusedTableCollection", "TableWeight", "build_lookup"]
 
 FusedParams = Mapping[str, object] | FusedOptimizerConfig | None
 
@@ -71,3 +71,73 @@ def init_fns(
     tables: Sequence[BaseEmbeddingConfig],
 ) -> dict[str, Callable[[torch.Tensor], object]]:
     return {t.name: t.init_fn for t in tables if t.init_fn is not None}
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseEmbeddingConfig)
+
+
+class FusedTableCollection(nn.Module, Generic[ConfigT]):
+    """What EmbeddingBagCollection and EmbeddingCollection share: checked configs, the routing of
+    features to tables, and one fused kernel whose per-table weights are registered as
+    ``<weights_attr>.<table>.weight`` (TorchRec's state-dict keys).
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[ConfigT],
+        config_type: type[ConfigT],
+        *,
+        kind: str,
+        weights_attr: str,
+        pooled: bool,
+        is_weighted: bool,
+        fused_params: FusedParams,
+        backend: KernelBackend | str | None,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        self._configs: list[ConfigT] = list(tables)
+        for config in self._configs:
+            if not isinstance(config, config_type):
+                raise TypeError(f"{kind} tables must be {config_type.__name__}, got {config!r}")
+        self._routing = Routing(self._configs, kind=kind)
+        lookup = build_lookup(
+            self._configs,
+            self._routing,
+            pooled=pooled,
+            is_weighted=is_weighted,
+            fused_params=fused_params,
+            backend=backend,
+            device=device,
+        )
+        # Not a registered submodule: the state dict is the per-table weights (TorchRec keys).
+        self.__dict__["_lookup"] = lookup
+        weights = nn.ModuleDict(
+            {name: TableWeight(p) for name, p in lookup.named_table_parameters()}
+        )
+        setattr(self, weights_attr, weights)
+
+    @property
+    def lookup(self) -> TableBatchedEmbedding:
+        """The fused kernel (its tables are this module's per-table weights)."""
+        found: TableBatchedEmbedding = self.__dict__["_lookup"]
+        return found
+
+    @property
+    def device(self) -> torch.device:
+        return self.lookup.device
+
+    def embedding_names(self) -> list[str]:
+        """Output keys, in order (``feature`` or ``feature@table``)."""
+        return list(self._routing.embedding_names)
+
+    def embedding_names_by_table(self) -> list[list[str]]:
+        return [list(names) for names in self._routing.names_by_table]
+
+    def reset_parameters(self) -> None:
+        """Initialise every table with its config's ``init_fn`` (materialising from meta on cpu)."""
+        self.lookup.reset_parameters(init_fns=init_fns(self._configs))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        self.lookup._apply(fn)
+        return self

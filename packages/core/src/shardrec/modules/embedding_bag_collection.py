@@ -11,22 +11,20 @@ in place, so an unsharded TorchRec checkpoint loads as is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Self
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from shardrec.kernels import KernelBackend, TableBatchedEmbedding
-from shardrec.modules._routing import Routing
-from shardrec.modules._tables import FusedParams, TableWeight, build_lookup, init_fns
+from shardrec.kernels import KernelBackend
+from shardrec.modules._tables import FusedParams, FusedTableCollection
 from shardrec.modules.configs import EmbeddingBagConfig
 from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
 
 __all__ = ["EmbeddingBagCollection"]
 
 
-class EmbeddingBagCollection(nn.Module):
+class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
     """Pooled embeddings for a KJT: ``forward(KJT) -> KeyedTensor`` of ``[B, sum of dims]``.
 
     ::
@@ -50,6 +48,8 @@ class EmbeddingBagCollection(nn.Module):
     ``to_empty(device=...)`` followed by ``reset_parameters()``).
     """
 
+    embedding_bags: nn.ModuleDict
+
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
@@ -59,61 +59,25 @@ class EmbeddingBagCollection(nn.Module):
         fused_params: FusedParams = None,
         backend: KernelBackend | str | None = None,
     ) -> None:
-        super().__init__()
-        self._configs = list(tables)
-        for config in self._configs:
-            if not isinstance(config, EmbeddingBagConfig):
-                raise TypeError(
-                    f"EmbeddingBagCollection tables must be EmbeddingBagConfig, got {config!r}"
-                )
-        self._is_weighted = is_weighted
-        self._routing = Routing(self._configs, kind="EmbeddingBagCollection")
-        lookup = build_lookup(
-            self._configs,
-            self._routing,
+        super().__init__(
+            tables,
+            EmbeddingBagConfig,
+            kind="EmbeddingBagCollection",
+            weights_attr="embedding_bags",
             pooled=True,
             is_weighted=is_weighted,
             fused_params=fused_params,
             backend=backend,
             device=device,
         )
-        # Not a registered submodule: the state dict is the per-table weights below (TorchRec keys).
-        self.__dict__["_lookup"] = lookup
-        self.embedding_bags = nn.ModuleDict(
-            {name: TableWeight(p) for name, p in lookup.named_table_parameters()}
-        )
+        self._is_weighted = is_weighted
         self._dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
-
-    @property
-    def lookup(self) -> TableBatchedEmbedding:
-        """The fused kernel (its tables are this module's ``embedding_bags``)."""
-        found: TableBatchedEmbedding = self.__dict__["_lookup"]
-        return found
-
-    @property
-    def device(self) -> torch.device:
-        return self.lookup.device
 
     def is_weighted(self) -> bool:
         return self._is_weighted
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return list(self._configs)
-
-    def embedding_names(self) -> list[str]:
-        """Output keys, in order (``feature`` or ``feature@table``)."""
-        return list(self._routing.embedding_names)
-
-    def embedding_names_by_table(self) -> list[list[str]]:
-        return [list(names) for names in self._routing.names_by_table]
-
-    def reset_parameters(self) -> None:
-        """Initialise every table with its config's ``init_fn`` (materialising from meta on cpu)."""
-        self.lookup.reset_parameters(init_fns=init_fns(self._configs))
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
-        self.lookup._apply(fn)
-        return self
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         inp = self._routing.route(features, weighted=self._is_weighted)

@@ -7,22 +7,20 @@ dims may share one collection, and any dim >= 1 works.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Self
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from shardrec.kernels import KernelBackend, TableBatchedEmbedding
-from shardrec.modules._routing import Routing
-from shardrec.modules._tables import FusedParams, TableWeight, build_lookup, init_fns
+from shardrec.kernels import KernelBackend
+from shardrec.modules._tables import FusedParams, FusedTableCollection
 from shardrec.modules.configs import EmbeddingConfig
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor
 
 __all__ = ["EmbeddingCollection"]
 
 
-class EmbeddingCollection(nn.Module):
+class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
     """Sequence embeddings for a KJT: ``forward(KJT) -> dict[str, JaggedTensor]``.
 
     ::
@@ -37,6 +35,8 @@ class EmbeddingCollection(nn.Module):
     behave as in :class:`~shardrec.modules.embedding_bag_collection.EmbeddingBagCollection`.
     """
 
+    embeddings: nn.ModuleDict
+
     def __init__(
         self,
         tables: Sequence[EmbeddingConfig],
@@ -46,38 +46,18 @@ class EmbeddingCollection(nn.Module):
         fused_params: FusedParams = None,
         backend: KernelBackend | str | None = None,
     ) -> None:
-        super().__init__()
-        self._configs = list(tables)
-        for config in self._configs:
-            if not isinstance(config, EmbeddingConfig):
-                raise TypeError(
-                    f"EmbeddingCollection tables must be EmbeddingConfig, got {config!r}"
-                )
-        self._need_indices = need_indices
-        self._routing = Routing(self._configs, kind="EmbeddingCollection")
-        lookup = build_lookup(
-            self._configs,
-            self._routing,
+        super().__init__(
+            tables,
+            EmbeddingConfig,
+            kind="EmbeddingCollection",
+            weights_attr="embeddings",
             pooled=False,
             is_weighted=False,
             fused_params=fused_params,
             backend=backend,
             device=device,
         )
-        self.__dict__["_lookup"] = lookup
-        self.embeddings = nn.ModuleDict(
-            {name: TableWeight(p) for name, p in lookup.named_table_parameters()}
-        )
-
-    @property
-    def lookup(self) -> TableBatchedEmbedding:
-        """The fused kernel (its tables are this module's ``embeddings``)."""
-        found: TableBatchedEmbedding = self.__dict__["_lookup"]
-        return found
-
-    @property
-    def device(self) -> torch.device:
-        return self.lookup.device
+        self._need_indices = need_indices
 
     def need_indices(self) -> bool:
         return self._need_indices
@@ -94,20 +74,6 @@ class EmbeddingCollection(nn.Module):
                 " use embedding_configs() for per-table dims"
             )
         return dims.pop()
-
-    def embedding_names(self) -> list[str]:
-        return list(self._routing.embedding_names)
-
-    def embedding_names_by_table(self) -> list[list[str]]:
-        return [list(names) for names in self._routing.names_by_table]
-
-    def reset_parameters(self) -> None:
-        """Initialise every table with its config's ``init_fn`` (materialising from meta on cpu)."""
-        self.lookup.reset_parameters(init_fns=init_fns(self._configs))
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
-        self.lookup._apply(fn)
-        return self
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         inp = self._routing.route(features, weighted=False)
