@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import torch
 
 from shardrec.sparse import _validation as check
-from shardrec.sparse._jagged_ops import lengths_to_offsets, offsets_to_lengths, padded_dense
+from shardrec.sparse._jagged_fields import JaggedFields
+from shardrec.sparse._jagged_ops import offsets_to_lengths, padded_dense
 
 _OWNER = "JaggedTensor"
 
 
-class JaggedTensor:
+class JaggedTensor(JaggedFields):
     """Rows of different lengths, stored flat.
 
     ::
@@ -33,7 +34,9 @@ class JaggedTensor:
     at 0 or decrease).
     """
 
-    __slots__ = ("_lengths", "_offsets", "_values", "_weights")
+    _OWNER = "JaggedTensor"
+
+    __slots__ = ()
 
     def __init__(
         self,
@@ -143,35 +146,6 @@ class JaggedTensor:
         return JaggedTensor(values=values[mask], weights=flat_weights, lengths=lengths)
 
     # -- accessors -------------------------------------------------------------------------------
-
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    def weights(self) -> torch.Tensor:
-        if self._weights is None:
-            raise ValueError(f"{_OWNER} has no weights; use weights_or_none()")
-        return self._weights
-
-    def weights_or_none(self) -> torch.Tensor | None:
-        return self._weights
-
-    def lengths(self) -> torch.Tensor:
-        if self._lengths is None:
-            assert self._offsets is not None  # the constructor requires one of the two
-            self._lengths = offsets_to_lengths(self._offsets)
-        return self._lengths
-
-    def lengths_or_none(self) -> torch.Tensor | None:
-        return self._lengths
-
-    def offsets(self) -> torch.Tensor:
-        if self._offsets is None:
-            assert self._lengths is not None
-            self._offsets = lengths_to_offsets(self._lengths)
-        return self._offsets
-
-    def offsets_or_none(self) -> torch.Tensor | None:
-        return self._offsets
 
     def device(self) -> torch.device:
         return self._values.device

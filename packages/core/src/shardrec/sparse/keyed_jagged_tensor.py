@@ -9,14 +9,15 @@ import torch
 
 from shardrec.sparse import _kjt_reshape as _reshape
 from shardrec.sparse import _validation as check
-from shardrec.sparse._jagged_ops import lengths_to_offsets, offsets_to_lengths
+from shardrec.sparse._jagged_fields import JaggedFields
+from shardrec.sparse._jagged_ops import offsets_to_lengths
 from shardrec.sparse.jagged_tensor import JaggedTensor
 
 _OWNER = "KeyedJaggedTensor"
 _REPR_MAX_VALUES = 1000
 
 
-class KeyedJaggedTensor:
+class KeyedJaggedTensor(JaggedFields):
     """Sparse features of one batch: for each key (feature) and each sample, a list of ids.
 
     ::
@@ -51,16 +52,14 @@ class KeyedJaggedTensor:
     ``__getitem__`` then answers with the last of them.
     """
 
+    _OWNER = "KeyedJaggedTensor"
+
     __slots__ = (
         "_key_index",
         "_keys",
         "_length_per_key",
-        "_lengths",
         "_offset_per_key",
-        "_offsets",
         "_stride",
-        "_values",
-        "_weights",
     )
 
     _keys: list[str]
@@ -287,35 +286,6 @@ class KeyedJaggedTensor:
 
     def keys(self) -> list[str]:
         return self._keys
-
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    def weights(self) -> torch.Tensor:
-        if self._weights is None:
-            raise ValueError(f"{_OWNER} has no weights; use weights_or_none()")
-        return self._weights
-
-    def weights_or_none(self) -> torch.Tensor | None:
-        return self._weights
-
-    def lengths(self) -> torch.Tensor:
-        if self._lengths is None:
-            assert self._offsets is not None  # the constructor requires one of the two
-            self._lengths = offsets_to_lengths(self._offsets)
-        return self._lengths
-
-    def lengths_or_none(self) -> torch.Tensor | None:
-        return self._lengths
-
-    def offsets(self) -> torch.Tensor:
-        if self._offsets is None:
-            assert self._lengths is not None
-            self._offsets = lengths_to_offsets(self._lengths)
-        return self._offsets
-
-    def offsets_or_none(self) -> torch.Tensor | None:
-        return self._offsets
 
     def stride(self) -> int:
         """The batch size: ``len(lengths) // len(keys)``."""

@@ -1,0 +1,49 @@
+"""The accessors JaggedTensor and KeyedJaggedTensor share: values, optional per-value weights, and
+lengths/offsets, of which the constructor sets at least one; the other is derived on first use."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from shardrec.sparse._jagged_ops import lengths_to_offsets, offsets_to_lengths
+
+
+class JaggedFields:
+    __slots__ = ("_lengths", "_offsets", "_values", "_weights")
+
+    _OWNER: ClassVar[str]
+    _values: torch.Tensor
+    _weights: torch.Tensor | None
+    _lengths: torch.Tensor | None
+    _offsets: torch.Tensor | None
+
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    def weights(self) -> torch.Tensor:
+        if self._weights is None:
+            raise ValueError(f"{self._OWNER} has no weights; use weights_or_none()")
+        return self._weights
+
+    def weights_or_none(self) -> torch.Tensor | None:
+        return self._weights
+
+    def lengths(self) -> torch.Tensor:
+        if self._lengths is None:
+            assert self._offsets is not None  # the constructor requires one of the two
+            self._lengths = offsets_to_lengths(self._offsets)
+        return self._lengths
+
+    def lengths_or_none(self) -> torch.Tensor | None:
+        return self._lengths
+
+    def offsets(self) -> torch.Tensor:
+        if self._offsets is None:
+            assert self._lengths is not None
+            self._offsets = lengths_to_offsets(self._lengths)
+        return self._offsets
+
+    def offsets_or_none(self) -> torch.Tensor | None:
+        return self._offsets
