@@ -226,7 +226,9 @@ class RowShardedEmbedding(nn.Module):
             values = flat.new_zeros((batch, self._total_dim))
             for r, part in enumerate(torch.split(flat, recv)):
                 if self._width_of[r]:
-                    values = values.index_add(1, self._cols_of[r], part.view(batch, -1))
+                    values = values.index_add(
+                        1, self._cols_of[r], part.view(batch, self._width_of[r])
+                    )
         if any(self.means):
             lengths = routed.lengths().view(len(self.pairs), batch).to(values.dtype)
             scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1), torch.zeros_like(lengths))
