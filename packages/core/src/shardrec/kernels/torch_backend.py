@@ -7,6 +7,8 @@ the first row of its table, so all features of the group are looked up by one ``
 backward never forms a dense gradient of a table: it hands the output gradient (read in place) and
 each id's bag to the fused optimizer, which updates the touched rows in place; with several ids per
 bag and SGD, tables far smaller than their ids are updated by one small dense GEMM instead.
+Per-id weights that require grad (and only those) are an input of the lookup too: each gets the dot
+product of its bag's output gradient with the row it scaled, as FBGEMM's kernel gives it.
 """
 
 from __future__ import annotations
@@ -222,7 +224,14 @@ class TorchGroup:
 
     def pooled(self, inp: GroupInput, params: Sequence[torch.Tensor]) -> torch.Tensor:
         sm = self._sample_major(inp)
-        out: torch.Tensor = _PooledLookup.apply(  # type: ignore[no-untyped-call]
+        out: torch.Tensor
+        if sm.psw is not None and sm.psw.requires_grad:
+            # Per-id weights that need a gradient (e.g. made by a learnable module) are an input.
+            out = _WeightedPooledLookup.apply(  # type: ignore[no-untyped-call]
+                self, sm, inp.batch_size, len(self.feature_tables), sm.psw, *params
+            )
+            return out
+        out = _PooledLookup.apply(  # type: ignore[no-untyped-call]
             self, sm, inp.batch_size, len(self.feature_tables), *params
         )
         return out
@@ -360,25 +369,62 @@ class _PooledLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        group: TorchGroup = ctx.group
-        sm: _SampleMajor = ctx.sm
-        # The output gradient is read in place, sample-major (row ``b * F + f`` is bag (f, b)):
-        # key-major ids point at their bag's row there instead of transposing the gradient.
-        grad_bags = grad.contiguous().view(-1, group.dim)
-        bag = None
-        if sm.key_major:
-            assert sm.lengths is not None
-            batch, nf = ctx.shape
-            bag = group._key_major_bag_rows(sm.lengths, batch, nf, sm.ids.numel())
-        elif sm.lengths is not None:
-            bag = torch.repeat_interleave(
-                group._arange(grad_bags.shape[0], grad_bags.device),
-                sm.lengths,
-                output_size=sm.ids.numel(),
-            )
-        sparse = SparseGrad(ids=sm.ids, grad_bags=grad_bags, bag=bag, psw=sm.psw)
-        param_grads = group.backward_rows(sparse, ctx.num_params, sm, ctx.shape[0])
+        sparse = _sparse_grad(ctx, grad)
+        param_grads = ctx.group.backward_rows(sparse, ctx.num_params, ctx.sm, ctx.shape[0])
         return (None, None, None, None, *param_grads)
+
+
+def _sparse_grad(ctx: Any, grad: torch.Tensor) -> SparseGrad:
+    """The output gradient of a pooled lookup as per-bag rows, with each id's bag."""
+    group: TorchGroup = ctx.group
+    sm: _SampleMajor = ctx.sm
+    # The output gradient is read in place, sample-major (row ``b * F + f`` is bag (f, b)):
+    # key-major ids point at their bag's row there instead of transposing the gradient.
+    grad_bags = grad.contiguous().view(-1, group.dim)
+    bag = None
+    if sm.key_major:
+        assert sm.lengths is not None
+        batch, nf = ctx.shape
+        bag = group._key_major_bag_rows(sm.lengths, batch, nf, sm.ids.numel())
+    elif sm.lengths is not None:
+        bag = torch.repeat_interleave(
+            group._arange(grad_bags.shape[0], grad_bags.device),
+            sm.lengths,
+            output_size=sm.ids.numel(),
+        )
+    return SparseGrad(ids=sm.ids, grad_bags=grad_bags, bag=bag, psw=sm.psw)
+
+
+class _WeightedPooledLookup(torch.autograd.Function):
+    """``_PooledLookup`` whose per-id weights ``psw`` are an input that needs a gradient.
+
+    A bag is ``sum_i psw_i * row_i``, so ``grad psw_i = <grad of i's bag, row_i>``, read from the
+    rows the forward used: before the fused update of backward changes them. (A MEAN bag's
+    ``1 / length`` is already in ``psw``; autograd carries it to the KJT's weights.)
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        group: TorchGroup,
+        sm: _SampleMajor,
+        batch_size: int,
+        num_features: int,
+        psw: torch.Tensor,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        out: torch.Tensor = _PooledLookup.forward(ctx, group, sm, batch_size, num_features, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        group: TorchGroup = ctx.group
+        sparse = _sparse_grad(ctx, grad)
+        per_id = sparse.grad_bags if sparse.bag is None else sparse.grad_bags[sparse.bag]
+        rows = group.storage.index_select(0, sparse.ids).to(per_id.dtype)
+        grad_psw = (per_id * rows).sum(dim=1).to(ctx.sm.psw.dtype)
+        param_grads = group.backward_rows(sparse, ctx.num_params, ctx.sm, ctx.shape[0])
+        return (None, None, None, None, grad_psw, *param_grads)
 
 
 class _SequenceLookup(torch.autograd.Function):
