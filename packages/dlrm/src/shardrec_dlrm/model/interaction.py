@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class InteractionArch(nn.Module):
@@ -21,11 +24,18 @@ class InteractionArch(nn.Module):
         if num_sparse_features <= 0:
             raise ValueError(f"num_sparse_features must be positive, got {num_sparse_features}")
         self.num_sparse_features = num_sparse_features
-        rows, cols = torch.triu_indices(num_sparse_features + 1, num_sparse_features + 1, offset=1)
-        self._rows: torch.Tensor
-        self._cols: torch.Tensor
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
+        n = num_sparse_features + 1
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        # Positions in the flattened (n x n) Gram matrix: the pairs above the diagonal, and for
+        # backward, each position's pair number plus one (0 on the diagonal, read as a zero).
+        pair_of_position = torch.zeros(n * n, dtype=torch.long)
+        numbers = torch.arange(1, rows.numel() + 1)
+        pair_of_position[rows * n + cols] = numbers
+        pair_of_position[cols * n + rows] = numbers
+        self._upper: torch.Tensor
+        self._pair_of_position: torch.Tensor
+        self.register_buffer("_upper", rows * n + cols, persistent=False)
+        self.register_buffer("_pair_of_position", pair_of_position, persistent=False)
 
     @staticmethod
     def output_dim(num_sparse_features: int, embedding_dim: int) -> int:
@@ -36,10 +46,52 @@ class InteractionArch(nn.Module):
             raise ValueError(
                 f"expected {self.num_sparse_features} sparse features, got {sparse.shape[1]}"
             )
+        device_type = dense.device.type
+        if torch.is_autocast_enabled(device_type):
+            # One dtype for the products; autocast would otherwise promote the stack to fp32.
+            dtype = torch.get_autocast_dtype(device_type)
+            dense, sparse = dense.to(dtype), sparse.to(dtype)
+        out: torch.Tensor = _DotInteraction.apply(  # type: ignore[no-untyped-call]
+            dense, sparse, self._upper, self._pair_of_position
+        )
+        return out
+
+
+class _DotInteraction(torch.autograd.Function):
+    """``(B, D), (B, F, D) -> (B, D + P)``: the dense vector, then the ``P`` pairwise dot products.
+
+    Autograd through ``gram[:, rows, cols]`` costs an advanced-indexing gather forward and an
+    accumulating ``index_put_`` plus two ``bmm`` backward (about 21 ms of a DLRM step at batch
+    2048 on 2 CPU cores). The pairs are distinct, so the gradient of the Gram matrix is
+    ``G + G^T`` with ``G`` the scattered pair gradients: one gather builds it and one ``bmm`` with
+    the vectors gives every vector's gradient (about 7 ms forward and backward together).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        dense: torch.Tensor,
+        sparse: torch.Tensor,
+        upper: torch.Tensor,
+        pair_of_position: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, n = dense.shape[0], sparse.shape[1] + 1
         vectors = torch.cat([dense.unsqueeze(1), sparse], dim=1)  # (B, F+1, D)
-        gram = torch.bmm(vectors, vectors.transpose(1, 2))  # (B, F+1, F+1)
-        pairs = gram[:, self._rows, self._cols]
-        return torch.cat([dense, pairs], dim=1)
+        gram = torch.bmm(vectors, vectors.transpose(1, 2)).view(batch, n * n)
+        ctx.save_for_backward(vectors, pair_of_position)
+        return torch.cat([dense, gram.index_select(1, upper)], dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        vectors, pair_of_position = ctx.saved_tensors
+        batch, n, dim = vectors.shape
+        grad_pairs = grad_out[:, dim:].to(vectors.dtype)
+        with_zero = torch.cat([grad_pairs.new_zeros(batch, 1), grad_pairs], dim=1)
+        symmetric = with_zero.index_select(1, pair_of_position).view(batch, n, n)
+        grad_vectors = torch.bmm(symmetric, vectors)
+        grad_dense = grad_vectors[:, 0] + grad_out[:, :dim].to(vectors.dtype)
+        return grad_dense, grad_vectors[:, 1:], None, None
 
 
 class LowRankCrossNet(nn.Module):
