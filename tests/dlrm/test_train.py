@@ -318,3 +318,19 @@ def test_resume_continues_the_schedule(tmp_path: Path, monkeypatch: pytest.Monke
         assert lookups
         want = expected.lr(7 + offset)
         assert all(lr == pytest.approx(want) for lr in lookups.values()), (offset, lookups)
+
+
+def test_bf16_dense_precision_trains_like_fp32(tmp_path: Path) -> None:
+    options = [*TINY, *words("--batch-size 16 --epochs 2 --learning-rate 0.1 --quiet")]
+    results = {
+        precision: CliRunner().invoke(
+            main, ["train", "--data", str(SAMPLE), *options, "--dense-precision", precision]
+        )
+        for precision in ("fp32", "bf16")
+    }
+    for precision, result in results.items():
+        assert result.exit_code == 0, (precision, result.output)
+    exact, mixed = (summary_metrics(results[p].output, "test:") for p in ("fp32", "bf16"))
+    assert mixed != exact  # the option reached the model
+    assert mixed["log_loss"] == pytest.approx(exact["log_loss"], abs=0.01)
+    assert mixed["auc"] == pytest.approx(exact["auc"], abs=0.05)

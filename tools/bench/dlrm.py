@@ -65,7 +65,7 @@ def _synthetic_batches(
     return out
 
 
-def _shardrec_step(world_size: int) -> Any:
+def _shardrec_step(world_size: int, precision: str = "fp32") -> Any:
     from shardrec import KeyedJaggedTensor
     from shardrec_dlrm.config import ModelConfig
     from shardrec_dlrm.model.build import SPARSE_FEATURES
@@ -77,7 +77,12 @@ def _shardrec_step(world_size: int) -> Any:
         dense_arch_layer_sizes=DENSE,
         over_arch_layer_sizes=OVER,
     )
-    model, dense_optimizer = shard_for_benchmark(model_config, BATCH, LR)
+    model, dense_optimizer = shard_for_benchmark(
+        model_config,
+        BATCH,
+        LR,
+        dense_precision=precision,  # type: ignore[arg-type]
+    )
     lengths = torch.ones(26 * BATCH, dtype=torch.int32)
 
     def step(dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> None:
@@ -90,7 +95,7 @@ def _shardrec_step(world_size: int) -> Any:
     return step
 
 
-def _torchrec_step(world_size: int) -> Any:
+def _torchrec_step(world_size: int, precision: str = "fp32") -> Any:
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from torchrec.datasets.utils import Batch
     from torchrec.distributed import DistributedModelParallel
@@ -121,9 +126,13 @@ def _torchrec_step(world_size: int) -> Any:
     )
     lengths = torch.ones(26 * BATCH, dtype=torch.int32)
 
+    # bf16: the forward under torch.autocast, as a TorchRec user would write it.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def step(dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> None:
         kjt = KeyedJaggedTensor(keys=features, values=ids, lengths=lengths)
-        loss, _ = model(Batch(dense_features=dense, sparse_features=kjt, labels=labels))
+        with autocast:
+            loss, _ = model(Batch(dense_features=dense, sparse_features=kjt, labels=labels))
         dense_optimizer.zero_grad()
         loss.backward()
         dense_optimizer.step()
@@ -143,7 +152,7 @@ def _worker(
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.manual_seed(0)
-    step = (_torchrec_step if impl == "torchrec" else _shardrec_step)(world_size)
+    step = (_torchrec_step if impl == "torchrec" else _shardrec_step)(world_size, args.precision)
     batches = _synthetic_batches(rank, 4)
     for i in range(args.warmup):
         step(*batches[i % len(batches)])
@@ -196,6 +205,13 @@ def main() -> None:
         default=["auto", "torch"],
         help="shardrec kernel backends to measure (SHARDREC_KERNEL_BACKEND); auto is the default",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: the dense arches under bf16 autocast on both sides (shardrec: `dlrm train"
+        " --dense-precision bf16`; TorchRec: its forward under torch.autocast)",
+    )
     args = parser.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]:
         print("warning: run under MALLOC_MMAP_THRESHOLD_=33554432 (see docs/benchmarks.md)")
@@ -210,9 +226,13 @@ def main() -> None:
             str(Path(__file__).resolve()), "--impl", "torchrec",
             "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--repeats", str(args.repeats), "--nproc", *map(str, args.nproc),
+            "--precision", args.precision,
         ]  # fmt: skip
         peer = {int(k): v for k, v in json.loads(run_peer(command).splitlines()[-1]).items()}
-    print(f"DLRM training step, batch {BATCH}/rank, CPU gloo, {REPO.name}")
+    print(
+        f"DLRM training step, batch {BATCH}/rank, CPU gloo, dense precision {args.precision},"
+        f" {REPO.name}"
+    )
     header = (
         f"{'backend':>8} {'procs':>5} {'shardrec samples/s':>19} {'peak MiB':>9} "
         f"{'TorchRec samples/s':>19} {'peak MiB':>9} {'speed ratio':>11} {'memory ratio':>12}"

@@ -10,6 +10,7 @@ import click
 from shardrec_dlrm.cli_options import IntList, config_option
 from shardrec_dlrm.config import (
     DATA_FORMATS,
+    DENSE_PRECISIONS,
     DEVICES,
     INTERACTION_TYPES,
     NUM_SPARSE_FEATURES,
@@ -210,6 +211,14 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     default="auto",
     show_default=True,
     help="auto: CUDA (NCCL) when available, else CPU (gloo).",
+)
+@click.option(
+    "--dense-precision",
+    type=click.Choice(DENSE_PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="bf16: run the dense arch, interaction and over arch under bf16 autocast (weights,"
+    " embeddings and loss stay fp32); faster on CPUs with AMX or AVX512-BF16 and on GPUs.",
 )
 @click.option(
     "--nproc",

@@ -15,8 +15,10 @@ OptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
 ShardingName = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 DataFormat = Literal["auto", "tsv", "csv", "preprocessed"]
+DensePrecision = Literal["fp32", "bf16"]
 
 INTERACTION_TYPES: Final = get_args(InteractionType)
+DENSE_PRECISIONS: Final = get_args(DensePrecision)
 OPTIMIZERS: Final = get_args(OptimizerName)
 SHARDINGS: Final = get_args(ShardingName)
 DEVICES: Final = get_args(DeviceName)
@@ -112,6 +114,7 @@ class TrainConfig:
     lr_decay_steps: int = 0
     sharding: ShardingName = "auto"
     device: DeviceName = "auto"
+    dense_precision: DensePrecision = "fp32"
     logdir: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None

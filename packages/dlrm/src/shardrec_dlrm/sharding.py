@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from shardrec.kernels import set_learning_rate
-from shardrec_dlrm.config import ModelConfig, OptimizerName, TrainConfig
+from shardrec_dlrm.config import DensePrecision, ModelConfig, OptimizerName, TrainConfig
 from shardrec_dlrm.model.build import TABLE_NAMES, build_dlrm
 from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.planning import PlanRequest, discover_sharders, plan_model
@@ -89,6 +89,7 @@ def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
         embedding_device=torch.device("cpu" if table_bytes <= GLOBAL_INIT_BYTES else "meta"),
         dense_device=state.device,
         fused_params=fused_params(config.optimizer, config.learning_rate, config.eps),
+        dense_precision=config.dense_precision,
     )
     request = PlanRequest(
         world_size=state.world_size,
@@ -151,10 +152,16 @@ def _trainable_dense(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def shard_for_benchmark(
-    model_config: ModelConfig, batch_size: int, lr: float
+    model_config: ModelConfig, batch_size: int, lr: float, dense_precision: DensePrecision = "fp32"
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The sharded model and dense optimizer ``dlrm train`` would build (tools/bench/dlrm.py)."""
-    config = TrainConfig(data=".", model=model_config, batch_size=batch_size, learning_rate=lr)
+    config = TrainConfig(
+        data=".",
+        model=model_config,
+        batch_size=batch_size,
+        learning_rate=lr,
+        dense_precision=dense_precision,
+    )
     state = ParallelState.init("cpu")
     run = shard_model(config, state)
     return run.model, run.dense_optimizer

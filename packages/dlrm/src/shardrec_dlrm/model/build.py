@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from shardrec_dlrm.config import NUM_DENSE_FEATURES, ModelConfig
+from shardrec_dlrm.config import NUM_DENSE_FEATURES, DensePrecision, ModelConfig
 from shardrec_dlrm.model.dlrm import DLRM, DLRMTrain
 
 #: Feature keys of the batches (``cat_0`` .. ``cat_25``, for C1..C26) and the tables that serve
@@ -21,6 +21,7 @@ def build_dlrm(
     embedding_device: torch.device | None = None,
     dense_device: torch.device | None = None,
     fused_params: Mapping[str, object] | None = None,
+    dense_precision: DensePrecision = "fp32",
 ) -> DLRMTrain:
     """The model with its loss; one table per feature (``t_cat_i`` serves ``cat_i``).
 
@@ -53,5 +54,6 @@ def build_dlrm(
         dcn_num_layers=config.dcn_num_layers,
         dcn_low_rank_dim=config.dcn_low_rank_dim,
         dense_device=dense_device,
+        dense_precision=dense_precision,
     )
     return DLRMTrain(model)

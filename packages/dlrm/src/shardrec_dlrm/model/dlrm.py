@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
+from shardrec_dlrm.config import DENSE_PRECISIONS, DensePrecision
 from shardrec_dlrm.model.arches import DenseArch, OverArch, SparseArch
 from shardrec_dlrm.model.interaction import InteractionArch, InteractionDCNArch, LowRankCrossNet
 
@@ -21,8 +23,12 @@ class DLRM(nn.Module):
     ``forward(dense_features (B, num_dense), sparse_features KJT(F, B, ...)) -> logits (B, 1)``.
 
     The dense arch's last layer size must equal the embedding dimension ``D``: the dense output is
-    the
-    ``F+1``-th vector of the interaction.
+    the ``F+1``-th vector of the interaction.
+
+    ``dense_precision="bf16"`` runs the dense arch, the interaction and the over arch under
+    ``torch.autocast(dtype=torch.bfloat16)``: their weights stay fp32 (autocast casts them per
+    forward), the embedding lookups and the logits stay fp32. Matrix products then use bf16
+    units where the hardware has them (AMX or AVX512-BF16 CPUs, GPUs).
     """
 
     def __init__(
@@ -36,8 +42,15 @@ class DLRM(nn.Module):
         dcn_num_layers: int = 3,
         dcn_low_rank_dim: int = 512,
         dense_device: torch.device | None = None,
+        dense_precision: DensePrecision = "fp32",
     ) -> None:
         super().__init__()
+        if dense_precision not in DENSE_PRECISIONS:
+            raise ValueError(
+                f"dense_precision must be one of {', '.join(DENSE_PRECISIONS)}, "
+                f"got {dense_precision!r}"
+            )
+        self.dense_precision: DensePrecision = dense_precision
         self.sparse_arch = SparseArch(embedding_bag_collection)
         num_features = self.sparse_arch.num_features
         dim = self.sparse_arch.embedding_dim
@@ -69,10 +82,17 @@ class DLRM(nn.Module):
         self.over_arch = OverArch(over_in, over_arch_layer_sizes, device=dense_device)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: object) -> torch.Tensor:
-        dense = self.dense_arch(dense_features)
+        with self._dense_autocast(dense_features.device):
+            dense = self.dense_arch(dense_features)
         sparse = self.sparse_arch(sparse_features)
-        logits: torch.Tensor = self.over_arch(self.inter_arch(dense, sparse))
-        return logits
+        with self._dense_autocast(dense_features.device):
+            logits: torch.Tensor = self.over_arch(self.inter_arch(dense, sparse))
+        return logits.float()
+
+    def _dense_autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        if self.dense_precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class DLRMTrain(nn.Module):
