@@ -229,8 +229,13 @@ class DistributedModelParallel(nn.Module):
             self.init_data_parallel()
 
     def init_data_parallel(self) -> None:
-        """Wrap the unsharded parameters in DDP (a no-op without a process group or such params)."""
-        if isinstance(self._dmp_wrapped, DistributedDataParallel) or self.env.pg is None:
+        """Wrap the unsharded parameters in DDP (a no-op without a process group or such params,
+        and at world size 1, where averaging gradients over one rank changes nothing)."""
+        if (
+            isinstance(self._dmp_wrapped, DistributedDataParallel)
+            or self.env.pg is None
+            or self.env.world_size == 1
+        ):
             return
         ignore = [
             f"{fqn}.{name}" if fqn else name
@@ -248,8 +253,14 @@ class DistributedModelParallel(nn.Module):
             self._module, ignore
         )
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # Gradients as views of DDP's buckets save a copy of every dense gradient per step; buffers
+        # are not broadcast from rank 0 on every forward (TorchRec's defaults too).
         self._dmp_wrapped = DistributedDataParallel(
-            self._module, device_ids=device_ids, process_group=self.env.pg
+            self._module,
+            device_ids=device_ids,
+            process_group=self.env.pg,
+            gradient_as_bucket_view=True,
+            broadcast_buffers=False,
         )
 
     @property
