@@ -253,14 +253,12 @@ class DistributedModelParallel(nn.Module):
             self._module, ignore
         )
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # Gradients as views of DDP's buckets save a copy of every dense gradient per step; buffers
-        # are not broadcast from rank 0 on every forward (TorchRec's defaults too).
+        # Gradients as views of DDP's buckets save a copy of every dense gradient per step.
         self._dmp_wrapped = DistributedDataParallel(
             self._module,
             device_ids=device_ids,
             process_group=self.env.pg,
             gradient_as_bucket_view=True,
-            broadcast_buffers=False,
         )
 
     @property
