@@ -373,6 +373,18 @@ def pooled_send_buffer(out: torch.Tensor, stacked: StackedInput) -> tuple[torch.
     return torch.cat([p.reshape(-1) for p in parts[0::2]]), sizes
 
 
+def nothing_to_send(device: torch.device, received_weights: torch.Tensor | None) -> torch.Tensor:
+    """The (empty) pooled send buffer of a rank that looked nothing up.
+
+    When the per-id weights it received require grad, the buffer is an empty slice of them: their
+    gradient is then zeros and the rank enters the weights' backward all-to-all like its peers,
+    which would otherwise wait for it.
+    """
+    if received_weights is not None and received_weights.requires_grad:
+        return received_weights[:0].to(torch.float32)
+    return torch.zeros(0, device=device)
+
+
 def sequence_send_buffer(
     rows: list[torch.Tensor], stacked: StackedInput
 ) -> tuple[torch.Tensor, list[int]]:

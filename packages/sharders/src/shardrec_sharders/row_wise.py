@@ -31,6 +31,7 @@ from shardrec_sharders._common import (
     PairRouter,
     StackedInput,
     build_local_lookup,
+    nothing_to_send,
     pooled_send_buffer,
     sequence_output,
     sequence_send_buffer,
@@ -197,12 +198,13 @@ class RowShardedEmbedding(nn.Module):
         out: torch.Tensor | None,
         routed: KeyedJaggedTensor,
         stacked: StackedInput | None,
+        received_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Partial sums back to their senders, added up there (reduce-scatter as all-to-all)."""
         world = self.env.world_size
         batch = routed.stride()
         if out is None or stacked is None:
-            send, send_sizes = torch.zeros(0, device=self.device), [0] * world
+            send, send_sizes = nothing_to_send(self.device, received_weights), [0] * world
         else:
             send, send_sizes = pooled_send_buffer(out, stacked)
         recv = [batch * self._width_of[r] for r in range(world)]
@@ -298,7 +300,7 @@ class RowShardedEmbedding(nn.Module):
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
-            values = self.output_dist_pooled(out, routed, stacked)
+            values = self.output_dist_pooled(out, routed, stacked, got.weights)
             return KeyedTensor(
                 keys=[p.name for p in self.pairs],
                 length_per_key=[p.dim for p in self.pairs],

@@ -39,6 +39,7 @@ from shardrec_sharders._common import (
     PairRouter,
     StackedInput,
     build_local_lookup,
+    nothing_to_send,
     pooled_send_buffer,
     sequence_output,
     sequence_send_buffer,
@@ -244,12 +245,16 @@ class ColumnSlicedEmbedding(nn.Module):
         return out, stacked
 
     def output_dist_pooled(
-        self, out: torch.Tensor | None, stacked: StackedInput | None, batch: int
+        self,
+        out: torch.Tensor | None,
+        stacked: StackedInput | None,
+        batch: int,
+        received_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rows back to their senders; columns put back in the module's order (one copy)."""
         world = self.env.world_size
         if out is None or stacked is None:
-            send, send_sizes = torch.zeros(0, device=self.device), [0] * world
+            send, send_sizes = nothing_to_send(self.device, received_weights), [0] * world
         else:
             send, send_sizes = pooled_send_buffer(out, stacked)
         recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
@@ -317,7 +322,7 @@ class ColumnSlicedEmbedding(nn.Module):
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
-            values = self.output_dist_pooled(out, stacked, routed.stride())
+            values = self.output_dist_pooled(out, stacked, routed.stride(), got.weights)
             return KeyedTensor(
                 keys=[p.name for p in self.pairs],
                 length_per_key=[p.dim for p in self.pairs],

@@ -134,7 +134,10 @@ def all_to_all_jagged(
     The blocks are consecutive: block ``r`` holds ``lengths_per_rank[r]`` lengths and
     ``values_per_rank[r]`` ids (and as many weights). Splits are exchanged first, then lengths
     and ids
-    travel together in one int64 all-to-all, then the weights (differentiable) when present.
+    travel together in one int64 all-to-all, then the weights when present. The weights'
+    all-to-all is differentiable on every rank when the weights of any rank require grad (a flag
+    rides with the splits), so every rank enters its backward: a rank that does not use the
+    weights it received must still give them a gradient (zeros), e.g. through an empty slice.
     """
     world = _world(pg)
     if len(lengths_per_rank) != world or len(values_per_rank) != world:
@@ -143,8 +146,12 @@ def all_to_all_jagged(
         return JaggedAllToAllResult(
             lengths, values, weights, list(lengths_per_rank), list(values_per_rank), [batch_size]
         )
+    weights_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
     send_counts = torch.tensor(
-        [[nl, nv, batch_size] for nl, nv in zip(lengths_per_rank, values_per_rank, strict=True)],
+        [
+            [nl, nv, batch_size, int(weights_grad)]
+            for nl, nv in zip(lengths_per_rank, values_per_rank, strict=True)
+        ],
         dtype=torch.int64,
     )
     device = values.device
@@ -152,6 +159,7 @@ def all_to_all_jagged(
     recv_lengths = [int(x) for x in recv_counts[:, 0].tolist()]
     recv_values = [int(x) for x in recv_counts[:, 1].tolist()]
     recv_batch = [int(x) for x in recv_counts[:, 2].tolist()]
+    any_weights_grad = bool(recv_counts[:, 3].any())
 
     # One message per destination: its lengths, then its ids.
     lengths64 = lengths.to(torch.int64)
@@ -172,7 +180,9 @@ def all_to_all_jagged(
     out_values = torch.cat(got_parts[1::2]).to(values.dtype)
     out_weights = None
     if weights is not None:
-        out_weights = all_to_all_single(weights, recv_values, list(values_per_rank), pg)
+        out_weights = all_to_all_single(
+            weights, recv_values, list(values_per_rank), pg, differentiable=any_weights_grad
+        )
     return JaggedAllToAllResult(
         out_lengths, out_values, out_weights, recv_lengths, recv_values, recv_batch
     )
