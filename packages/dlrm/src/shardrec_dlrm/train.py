@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.loggers import MetricLogger, NullLogger, TensorBoardLogger
 from shardrec_dlrm.metrics import BinaryMetrics
 from shardrec_dlrm.parallel import ParallelState
+from shardrec_dlrm.precision import bf16_warning
 from shardrec_dlrm.progress import Progress
 from shardrec_dlrm.run_data import Batch, RunData, open_run_data
 from shardrec_dlrm.schedule import LRSchedule
@@ -93,6 +95,10 @@ class _Trainer:
             self.step = resume_step(self.run_state, config)
             if self.step and state.is_main and not config.quiet:
                 print(f"resuming from step {self.step} of {config.checkpoint_dir}", flush=True)
+        if config.dense_precision == "bf16" and state.is_main:
+            warning = bf16_warning(state.device.type)
+            if warning is not None:
+                print(warning, file=sys.stderr, flush=True)
         write_run_config(config, state)
         self.logger.log_text("config", config.to_json())
         self.logger.log_text("sharding_plan", self.run_state.plan_text)
