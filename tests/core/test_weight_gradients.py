@@ -151,6 +151,23 @@ def run(backend: str, mode: str, pooling: str, layout: str) -> None:
         )
 
 
+def assert_first_weight_grad(ebc: EmbeddingBagCollection, pooling: str, layout: str) -> None:
+    """One forward and backward of ``ebc`` (built with ``pooling``) on step 0's batch: the KJT's
+    weights get the reference's gradient."""
+    values, lengths, base = make_batch(0, layout)
+    weights = base.clone().requires_grad_()
+    ref_tables = {n: w.clone() for n, w in ebc.lookup.table_weights().items()}
+    out = ebc(KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, weights=weights))
+    ref_weights = base.clone().requires_grad_()
+    ref = reference_step(ref_tables, poolings(pooling), values, lengths, ref_weights)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
+    (out.values() * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    assert weights.grad is not None
+    assert ref_weights.grad is not None
+    torch.testing.assert_close(weights.grad, ref_weights.grad, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["one", "multi"])
 @pytest.mark.parametrize("pooling", ["SUM", "MEAN", "mixed"])
 @pytest.mark.parametrize("mode", ["plain", "sgd"])
@@ -166,18 +183,7 @@ def test_torch_backend_sample_major_multi_id_bags(layout: str) -> None:
     ebc = build("torch", "sgd", "mixed")
     for group in ebc.lookup._groups:
         group.key_major = False  # type: ignore[union-attr]
-    values, lengths, base = make_batch(0, layout)
-    weights = base.clone().requires_grad_()
-    ref_tables = {n: w.clone() for n, w in ebc.lookup.table_weights().items()}
-    out = ebc(KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, weights=weights))
-    ref_weights = base.clone().requires_grad_()
-    ref = reference_step(ref_tables, poolings("mixed"), values, lengths, ref_weights)
-    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
-    (out.values() * grad_out).sum().backward()
-    (ref * grad_out).sum().backward()
-    assert weights.grad is not None
-    assert ref_weights.grad is not None
-    torch.testing.assert_close(weights.grad, ref_weights.grad, atol=1e-5, rtol=1e-5)
+    assert_first_weight_grad(ebc, "mixed", layout)
 
 
 @pytest.mark.parametrize("layout", ["one", "multi"])
@@ -189,18 +195,7 @@ def test_fbgemm_backend_weights_get_the_reference_gradient(mode: str, layout: st
         return
     # Adagrad's update is not the reference's SGD step: compare the first gradient only.
     ebc = build("fbgemm", mode, "SUM")
-    values, lengths, base = make_batch(0, layout)
-    weights = base.clone().requires_grad_()
-    ref_tables = {n: w.clone() for n, w in ebc.lookup.table_weights().items()}
-    out = ebc(KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, weights=weights))
-    ref_weights = base.clone().requires_grad_()
-    ref = reference_step(ref_tables, poolings("SUM"), values, lengths, ref_weights)
-    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
-    (out.values() * grad_out).sum().backward()
-    (ref * grad_out).sum().backward()
-    assert weights.grad is not None
-    assert ref_weights.grad is not None
-    torch.testing.assert_close(weights.grad, ref_weights.grad, atol=1e-5, rtol=1e-5)
+    assert_first_weight_grad(ebc, "SUM", layout)
 
 
 def test_fbgemm_refuses_weighted_mean_whose_cpu_backward_is_wrong() -> None:
