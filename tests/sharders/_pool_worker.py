@@ -26,6 +26,18 @@ def _load(path: str, name: str) -> ModuleType:
     return module
 
 
+def _load_case_file(path: str, packages: dict[str, str]) -> ModuleType:
+    """Load a test file as a module of a package over its folder, so that its relative imports of
+    the helpers beside it (``from ._reference import ...``) resolve as they do under pytest."""
+    folder = str(Path(path).parent)
+    if folder not in packages:
+        package = ModuleType(f"_cases{len(packages)}")
+        package.__path__ = [folder]
+        sys.modules[package.__name__] = package
+        packages[folder] = package.__name__
+    return _load(path, f"{packages[folder]}.{Path(path).stem}")
+
+
 def main() -> None:
     rank, world, port, parent_port = (int(x) for x in sys.argv[1:5])
     conn = Client(("127.0.0.1", parent_port), authkey=bytes.fromhex(sys.argv[5]))
@@ -46,6 +58,7 @@ def main() -> None:
     )
     groups = {w: dist.new_group(list(range(w))) for w in range(1, world + 1)}
     modules: dict[str, ModuleType] = {}
+    packages: dict[str, str] = {}
     conn.send_bytes(pickle.dumps(("ready", rank)))
     while True:
         task = pickle.loads(conn.recv_bytes())
@@ -54,7 +67,7 @@ def main() -> None:
         path, fn_name, size, kwargs = task
         try:
             if path not in modules:
-                modules[path] = _load(path, f"_case_module_{len(modules)}")
+                modules[path] = _load_case_file(path, packages)
             env = ShardingEnv.from_process_group(groups[size])
             torch.manual_seed(0)
             result = getattr(modules[path], fn_name)(env, **kwargs)

@@ -3,9 +3,11 @@
 ``dist_pool.run(world_size, fn, **kwargs)`` runs ``fn(env, **kwargs)`` on ranks ``0..world_size-1``
 of a 4-process gloo pool (a sub-group of that size; the other ranks idle) and returns the list of
 per-rank results. ``fn`` must be a module-level function of a test file: each worker loads that file
-by path. A failure on any rank raises here with that rank's traceback; the pool is then rebuilt, so
-a hung collective cannot poison later tests. Workers are plain subprocesses (``_pool_worker.py``)
-that talk to the test process over a local authenticated connection.
+by path, as a module of a package over its folder, so the file may import the helpers beside it
+(``from ._reference import ...``). A failure on any rank raises here with that rank's traceback;
+the pool is then rebuilt, so a hung collective cannot poison later tests. Workers are plain
+subprocesses (``_pool_worker.py``) that talk to the test process over a local authenticated
+connection.
 """
 
 from __future__ import annotations

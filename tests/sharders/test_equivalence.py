@@ -13,18 +13,23 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-from shardrec import (
-    EmbeddingBagCollection,
-    EmbeddingBagConfig,
-    EmbeddingCollection,
-    EmbeddingConfig,
-    KeyedJaggedTensor,
-    PoolingType,
-)
+from shardrec import EmbeddingCollection, KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
+
+from ._reference import (
+    Model,
+    assert_dense_grads_match,
+    assert_outputs_match,
+    assert_tables_match,
+    build_model,
+    ec_configs,
+    local_shards,
+    rank_entries,
+    rank_lengths,
+    rows_per_rank,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,46 +45,12 @@ STEPS = 3
 LR = 0.05
 
 
-def build(kind: str, pooling: str, weighted: bool, optimizer: str | None) -> nn.Module:
-    torch.manual_seed(123)
+def build(kw: dict[str, Any]) -> Model:
+    optimizer = kw["optimizer"]
     fused = None if optimizer is None else {"optimizer": optimizer, "learning_rate": LR}
-    emb: nn.Module
-    if kind == "ebc":
-        configs = [
-            EmbeddingBagConfig(
-                name=n,
-                num_embeddings=r,
-                embedding_dim=d,
-                feature_names=f,
-                pooling=PoolingType(pooling),
-            )
-            for n, r, d, f in TABLES
-        ]
-        emb = EmbeddingBagCollection(tables=configs, is_weighted=weighted, fused_params=fused)
-        width = sum(d * len(f) for _, _, d, f in TABLES)
-    else:
-        configs_ec = [
-            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=4, feature_names=f)
-            for n, r, _, f in TABLES
-        ]
-        emb = EmbeddingCollection(tables=configs_ec, fused_params=fused)
-        width = 4
-    return Model(emb, nn.Linear(width, 1))
-
-
-class Model(nn.Module):
-    def __init__(self, emb: nn.Module, dense: nn.Linear) -> None:
-        super().__init__()
-        self.emb = emb
-        self.dense = dense
-
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.emb(kjt)
-        if isinstance(out, dict):
-            rows = torch.cat([out[k].values() for k in sorted(out)])
-        else:
-            rows = out.values()
-        return rows, self.dense(rows).sum()
+    return build_model(
+        kw["kind"], TABLES, seed=123, fused=fused, pooling=kw["pooling"], weighted=kw["weighted"]
+    )
 
 
 def batch_sizes(world: int, empty_rank: int | None) -> list[int]:
@@ -93,18 +64,18 @@ def make_batch(step: int, sizes: list[int], rank: int | None, weighted: bool) ->
     rows = {f: min(r for _, r, _, fs in TABLES if f in fs) for f in KEYS}
     lengths = torch.randint(0, 4, (len(KEYS), total), generator=g)
     ids = [
-        [torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]]
+        torch.cat([torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]])
         for k, f in enumerate(KEYS)
     ]
-    wts = [[torch.rand(int(n), generator=g) + 0.5 for n in lengths[k]] for k in range(len(KEYS))]
-    lo, hi = (0, total) if rank is None else (sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    empty = [torch.zeros(0, dtype=torch.int64)]
-    values = torch.cat([torch.cat(ids[k][lo:hi] + empty) for k in range(len(KEYS))])
-    w = None
-    if weighted:
-        w = torch.cat([torch.cat([*wts[k][lo:hi], torch.zeros(0)]) for k in range(len(KEYS))])
+    wts = [
+        torch.cat([torch.rand(int(n), generator=g) + 0.5 for n in lengths[k]])
+        for k in range(len(KEYS))
+    ]
     return KeyedJaggedTensor(
-        keys=KEYS, values=values, lengths=lengths[:, lo:hi].reshape(-1), weights=w
+        keys=KEYS,
+        values=rank_entries(lengths, ids, sizes, rank),
+        lengths=rank_lengths(lengths, sizes, rank),
+        weights=rank_entries(lengths, wts, sizes, rank) if weighted else None,
     )
 
 
@@ -126,69 +97,40 @@ def make_plan(spec: dict[str, tuple[str, list[int]]], world: int, kind: str) -> 
 
 def case_train(env: ShardingEnv, **kw: Any) -> dict[str, Any]:
     world, rank = env.world_size, env.rank
-    model = build(kw["kind"], kw["pooling"], kw["weighted"], kw["optimizer"])
+    model = build(kw)
     dmp = DistributedModelParallel(model, env=env, plan=make_plan(kw["spec"], world, kw["kind"]))
     dense = [p for p in dmp.parameters() if p.requires_grad]
     opt = torch.optim.SGD(dense, lr=LR * world)
     sizes = batch_sizes(world, kw["empty_rank"])
-    outputs, grads = [], []
+    outputs, dense_grads = [], []
     for step in range(STEPS):
         rows, loss = dmp(make_batch(step, sizes, rank, kw["weighted"]))
         loss.backward()
         outputs.append(rows.detach().clone())
-        grads.append(model.dense.weight.grad.clone() * world)
+        dense_grads.append(model.dense.weight.grad.clone() * world)
         opt.step()
         opt.zero_grad()
-    shards = {
-        table: [(s.tensor.clone(), s.offsets) for s in ts.weight]
-        for table, ts in dmp.local_table_shards()["emb"].items()
-    }
-    return {"outputs": outputs, "grads": grads, "shards": shards}
+    return {"outputs": outputs, "dense_grads": dense_grads, "shards": local_shards(dmp)}
 
 
 def reference(kw: dict[str, Any], world: int) -> dict[str, Any]:
-    model = build(kw["kind"], kw["pooling"], kw["weighted"], kw["optimizer"])
+    model = build(kw)
     sizes = batch_sizes(world, kw["empty_rank"])
-    outputs, grads = [], []
+    outputs, dense_grads = [], []
     for step in range(STEPS):
         rows, loss = model(make_batch(step, sizes, None, kw["weighted"]))
         loss.backward()
         outputs.append(rows.detach())
-        grads.append(model.dense.weight.grad.clone())
+        dense_grads.append(model.dense.weight.grad.clone())
         with torch.no_grad():
             for p in model.dense.parameters():
                 p -= LR * p.grad
                 p.grad = None
-    return {"outputs": outputs, "grads": grads, "weights": model.emb.lookup.table_weights()}
-
-
-def split_rows(
-    kw: dict[str, Any], rows: torch.Tensor, sizes: list[int], step: int, world: int
-) -> list[torch.Tensor]:
-    """The reference output rows that belong to each rank."""
-    if kw["kind"] == "ebc":
-        return list(torch.split(rows, sizes))
-    # EC: rows are per output name (sorted), each name's ids in sample order.
-    names = sorted(f"{f}@{t}" if _shared(f) else f for t, _, _, fs in TABLES for f in fs)
-    full = make_batch(step, sizes, None, False)
-    features = [n.split("@")[0] for n in names]
-    lpk = dict(zip(full.keys(), full.length_per_key(), strict=True))
-    by_name = torch.split(rows, [lpk[f] for f in features])
-    starts = [sum(sizes[:r]) for r in range(world)]
-    per_rank = []
-    for r in range(world):
-        parts = []
-        for f, block in zip(features, by_name, strict=True):
-            lengths = full[f].lengths()
-            lo = int(lengths[: starts[r]].sum())
-            hi = lo + int(lengths[starts[r] : starts[r] + sizes[r]].sum())
-            parts.append(block[lo:hi])
-        per_rank.append(torch.cat(parts))
-    return per_rank
-
-
-def _shared(feature: str) -> bool:
-    return sum(feature in fs for *_, fs in TABLES) > 1
+    return {
+        "outputs": outputs,
+        "dense_grads": dense_grads,
+        "weights": model.emb.lookup.table_weights(),
+    }
 
 
 def check(dist_pool: Any, world: int, **kw: Any) -> None:
@@ -199,28 +141,13 @@ def check(dist_pool: Any, world: int, **kw: Any) -> None:
     results = dist_pool.run(world, case_train, **kw)
     ref = reference(kw, world)
     sizes = batch_sizes(world, kw["empty_rank"])
-    for step in range(STEPS):
-        expected = split_rows(kw, ref["outputs"][step], sizes, step, world)
-        for r in range(world):
-            got = results[r]["outputs"][step]
-            torch.testing.assert_close(
-                got, expected[r], atol=1e-5, rtol=1e-5, msg=f"output of rank {r} at step {step}"
-            )
-            torch.testing.assert_close(
-                results[r]["grads"][step],
-                ref["grads"][step],
-                atol=1e-5,
-                rtol=1e-5,
-                msg=f"dense grad, rank {r}",
-            )
-    for table, weight in ref["weights"].items():
-        rebuilt = torch.full_like(weight, float("nan"))
-        for r in range(world):
-            for tensor, (row, col) in results[r]["shards"][table]:
-                rebuilt[row : row + tensor.shape[0], col : col + tensor.shape[1]] = tensor
-        torch.testing.assert_close(
-            rebuilt, weight, atol=1e-5, rtol=1e-5, msg=f"table {table} after {STEPS} steps"
-        )
+    expected = [
+        rows_per_rank(kw["kind"], rows, make_batch(step, sizes, None, False), sizes, TABLES)
+        for step, rows in enumerate(ref["outputs"])
+    ]
+    assert_outputs_match(results, expected)
+    assert_dense_grads_match(results, ref["dense_grads"])
+    assert_tables_match(results, ref["weights"])
 
 
 def spec_all(kind: str, world: int) -> dict[str, tuple[str, list[int]]]:
@@ -290,13 +217,7 @@ def test_mixed_plan(dist_pool: Any, kind: str, world: int) -> None:
 
 def _ec_with_indices() -> EmbeddingCollection:
     torch.manual_seed(5)
-    return EmbeddingCollection(
-        tables=[
-            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=4, feature_names=f)
-            for n, r, _, f in TABLES
-        ],
-        need_indices=True,
-    )
+    return EmbeddingCollection(tables=ec_configs(TABLES, 4), need_indices=True)
 
 
 def case_need_indices(env: ShardingEnv) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
