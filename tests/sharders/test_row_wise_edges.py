@@ -21,17 +21,24 @@ import pytest
 import torch
 from torch import nn
 
-from shardrec import (
-    EmbeddingBagCollection,
-    EmbeddingBagConfig,
-    EmbeddingCollection,
-    EmbeddingConfig,
-    KeyedJaggedTensor,
-    PoolingType,
-)
+from shardrec import KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.sharding_plan import row_wise, table_wise
 from shardrec.distributed.types import ParameterSharding, ShardingType, ShardMetadata
+
+from ._reference import (
+    TOL,
+    Model,
+    assemble,
+    assert_dense_grads_match,
+    assert_outputs_match,
+    assert_tables_match,
+    build_model,
+    local_shards,
+    rank_entries,
+    rank_lengths,
+    rows_per_rank,
+)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -52,52 +59,19 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 0.01
 
 
-def build(kind: str, mode: str, pooling: str = "SUM", weighted: bool = False) -> nn.Module:
-    torch.manual_seed(321)
+def build(kind: str, mode: str, pooling: str = "SUM", weighted: bool = False) -> Model:
+    # squash: the tables' gradients depend on the rows looked up, not only on the dense layer.
     fused = None if mode == "plain" else {"optimizer": mode, "learning_rate": LR}
-    emb: nn.Module
-    if kind == "ebc":
-        emb = EmbeddingBagCollection(
-            tables=[
-                EmbeddingBagConfig(
-                    name=n,
-                    num_embeddings=r,
-                    embedding_dim=d,
-                    feature_names=f,
-                    pooling=PoolingType(pooling),
-                )
-                for n, r, d, f in TABLES
-            ],
-            is_weighted=weighted,
-            fused_params=fused,
-        )
-        width = sum(d * len(f) for _, _, d, f in TABLES)
-    else:
-        emb = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=EC_DIM, feature_names=f)
-                for n, r, _, f in TABLES
-            ],
-            fused_params=fused,
-        )
-        width = EC_DIM
-    return Model(emb, nn.Linear(width, 1))
-
-
-class Model(nn.Module):
-    def __init__(self, emb: nn.Module, dense: nn.Linear) -> None:
-        super().__init__()
-        self.emb = emb
-        self.dense = dense
-
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.emb(kjt)
-        if isinstance(out, dict):
-            rows = torch.cat([out[k].values() for k in sorted(out)])
-        else:
-            rows = out.values()
-        # tanh: the tables' gradients depend on the rows looked up, not only on the dense layer.
-        return rows, self.dense(torch.tanh(rows)).sum()
+    return build_model(
+        kind,
+        TABLES,
+        seed=321,
+        fused=fused,
+        pooling=pooling,
+        weighted=weighted,
+        ec_dim=EC_DIM,
+        squash=True,
+    )
 
 
 def make_batch(
@@ -109,11 +83,9 @@ def make_batch(
     of the other row receives no ids; ``silent_rank``'s samples have no "a" ids at all.
     """
     g = torch.Generator().manual_seed(2000 + step)
-    total = sum(sizes)
-    starts = [sum(sizes[:r]) for r in range(len(sizes))]
-    lengths = torch.randint(0, 4, (len(KEYS), total), generator=g)
+    lengths = torch.randint(0, 4, (len(KEYS), sum(sizes)), generator=g)
     if silent_rank is not None:
-        lo = starts[silent_rank]
+        lo = sum(sizes[:silent_rank])
         lengths[KEYS.index("a"), lo : lo + sizes[silent_rank]] = 0
     ids = []
     for k, f in enumerate(KEYS):
@@ -123,18 +95,11 @@ def make_batch(
         else:
             ids.append(torch.randint(0, ROWS[f], (n,), generator=g))
     wts = [torch.rand(x.numel(), generator=g) + 0.5 for x in ids]
-    lo, hi = (0, total) if rank is None else (starts[rank], starts[rank] + sizes[rank])
-    values, weights = [], []
-    for k in range(len(KEYS)):
-        first = int(lengths[k, :lo].sum())
-        last = first + int(lengths[k, lo:hi].sum())
-        values.append(ids[k][first:last])
-        weights.append(wts[k][first:last])
     return KeyedJaggedTensor(
         keys=KEYS,
-        values=torch.cat(values),
-        lengths=lengths[:, lo:hi].reshape(-1),
-        weights=torch.cat(weights) if weighted else None,
+        values=rank_entries(lengths, ids, sizes, rank),
+        lengths=rank_lengths(lengths, sizes, rank),
+        weights=rank_entries(lengths, wts, sizes, rank) if weighted else None,
     )
 
 
@@ -206,15 +171,11 @@ def case_train(env: ShardingEnv, **kw: Any) -> dict[str, Any]:
         )
         opt.step()
         opt.zero_grad()
-    shards = {
-        table: [(s.tensor.clone(), s.offsets) for s in ts.weight]
-        for table, ts in dmp.local_table_shards()["emb"].items()
-    }
     return {
         "outputs": outputs,
         "dense_grads": dense_grads,
         "table_grads": table_grads,
-        "shards": shards,
+        "shards": local_shards(dmp),
     }
 
 
@@ -240,25 +201,23 @@ def reference(kw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def split_rows(kw: dict[str, Any], rows: torch.Tensor, step: int) -> list[torch.Tensor]:
-    """The reference output rows that belong to each rank."""
-    sizes = kw["sizes"]
-    if kw["kind"] == "ebc":
-        return list(torch.split(rows, sizes))
-    # EC: one block per output name (sorted), each name's ids in sample order.
-    full = make_batch(step, sizes, None, kw["silent_rank"])
-    names = sorted(full.keys())
-    by_name = torch.split(rows, [full[n].lengths().sum().item() for n in names])
-    starts = [sum(sizes[:r]) for r in range(len(sizes))]
-    per_rank = []
-    for r, lo in enumerate(starts):
-        parts = []
-        for n, block in zip(names, by_name, strict=True):
-            lengths = full[n].lengths()
-            first = int(lengths[:lo].sum())
-            parts.append(block[first : first + int(lengths[lo : lo + sizes[r]].sum())])
-        per_rank.append(torch.cat(parts))
-    return per_rank
+def assert_table_grads_match(
+    results: list[dict[str, Any]], expected: list[dict[str, torch.Tensor]]
+) -> None:
+    """Every shard of a table the reference gives a gradient at a step must get its rows of it (a
+    zero block where it received no ids, never None), and all shards together cover the table."""
+    for step, grads in enumerate(expected):
+        for table, grad in grads.items():
+            blocks = []
+            for r, result in enumerate(results):
+                for name, row, col, g in result["table_grads"][step]:
+                    if name != table:
+                        continue
+                    assert g is not None, f"table {table}: rank {r}'s shard has no grad at {step}"
+                    blocks.append((g, (row, col)))
+            torch.testing.assert_close(
+                assemble(grad, blocks), grad, **TOL, msg=f"grad of table {table} at step {step}"
+            )
 
 
 def check(dist_pool: Any, world: int, **kw: Any) -> None:
@@ -268,41 +227,18 @@ def check(dist_pool: Any, world: int, **kw: Any) -> None:
     kw.setdefault("weighted", False)
     results = dist_pool.run(world, case_train, **kw)
     ref = reference(kw)
-    tol = {"atol": 1e-5, "rtol": 1e-5}
-    for step in range(STEPS):
-        expected = split_rows(kw, ref["outputs"][step], step)
-        for r in range(world):
-            got = results[r]
-            torch.testing.assert_close(
-                got["outputs"][step], expected[r], **tol, msg=f"output, rank {r}, step {step}"
-            )
-            torch.testing.assert_close(
-                got["dense_grads"][step],
-                ref["dense_grads"][step],
-                **tol,
-                msg=f"dense grad, rank {r}, step {step}",
-            )
-        if kw["mode"] != "plain":
-            continue
-        # Every shard of a table the reference gives a gradient must get its rows of it (a zero
-        # block where it received no ids, never None), and all shards together cover the table.
-        for table, grad in ref["table_grads"][step].items():
-            rebuilt = torch.full_like(grad, float("nan"))
-            for r in range(world):
-                for name, row, col, g in results[r]["table_grads"][step]:
-                    if name != table:
-                        continue
-                    assert g is not None, f"table {table}: rank {r}'s shard has no grad at {step}"
-                    rebuilt[row : row + g.shape[0], col : col + g.shape[1]] = g
-            torch.testing.assert_close(
-                rebuilt, grad, **tol, msg=f"grad of table {table} at step {step}"
-            )
-    for table, weight in ref["weights"].items():
-        rebuilt = torch.full_like(weight, float("nan"))
-        for r in range(world):
-            for tensor, (row, col) in results[r]["shards"][table]:
-                rebuilt[row : row + tensor.shape[0], col : col + tensor.shape[1]] = tensor
-        torch.testing.assert_close(rebuilt, weight, **tol, msg=f"table {table} after {STEPS} steps")
+    sizes = kw["sizes"]
+    expected = [
+        rows_per_rank(
+            kw["kind"], rows, make_batch(step, sizes, None, kw["silent_rank"]), sizes, TABLES
+        )
+        for step, rows in enumerate(ref["outputs"])
+    ]
+    assert_outputs_match(results, expected)
+    assert_dense_grads_match(results, ref["dense_grads"])
+    if kw["mode"] == "plain":
+        assert_table_grads_match(results, ref["table_grads"])
+    assert_tables_match(results, ref["weights"])
 
 
 MODES = ["plain", "sgd"]
