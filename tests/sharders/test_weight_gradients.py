@@ -17,12 +17,22 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from shardrec import KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
 from shardrec.distributed.types import ParameterSharding
+
+from ._reference import (
+    TOL,
+    Model,
+    assert_outputs_match,
+    assert_tables_match,
+    build_model,
+    local_shards,
+    rank_entries,
+    rank_lengths,
+)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -68,35 +78,12 @@ def make_plan(layout: str) -> ShardingPlan:
     return ShardingPlan({"emb": specs[layout]})
 
 
-class Model(nn.Module):
-    def __init__(self, emb: nn.Module, dense: nn.Linear) -> None:
-        super().__init__()
-        self.emb = emb
-        self.dense = dense
-
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.emb(kjt).values()
-        # tanh: the weights' gradient depends on the rows looked up, not only on the dense layer.
-        return rows, self.dense(torch.tanh(rows)).sum()
-
-
 def build(mode: str, pooling: str) -> Model:
-    torch.manual_seed(321)
-    emb = EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(
-                name=n,
-                num_embeddings=r,
-                embedding_dim=d,
-                feature_names=f,
-                pooling=PoolingType(pooling),
-            )
-            for n, r, d, f in TABLES
-        ],
-        is_weighted=True,
-        fused_params=None if mode == "plain" else {"optimizer": mode, "learning_rate": LR},
+    # squash: the weights' gradient depends on the rows looked up, not only on the dense layer.
+    fused = None if mode == "plain" else {"optimizer": mode, "learning_rate": LR}
+    return build_model(
+        "ebc", TABLES, seed=321, fused=fused, pooling=pooling, weighted=True, squash=True
     )
-    return Model(emb, nn.Linear(sum(d * len(f) for _, _, d, f in TABLES), 1))
 
 
 def make_batch(
@@ -105,24 +92,16 @@ def make_batch(
     """The global batch (rank None) or rank ``rank``'s slice of it, with weights that require
     grad (unless ``needs_grad`` is False); the same numbers everywhere."""
     g = torch.Generator().manual_seed(3000 + step)
-    total = sum(sizes)
-    lengths = torch.randint(0, 4, (len(KEYS), total), generator=g)
+    lengths = torch.randint(0, 4, (len(KEYS), sum(sizes)), generator=g)
     ids = [
         torch.randint(0, ROWS[f], (int(lengths[k].sum()),), generator=g) for k, f in enumerate(KEYS)
     ]
     wts = [torch.rand(x.numel(), generator=g) + 0.5 for x in ids]
-    lo, hi = (0, total) if rank is None else (sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    values, weights = [], []
-    for k in range(len(KEYS)):
-        first = int(lengths[k, :lo].sum())
-        last = first + int(lengths[k, lo:hi].sum())
-        values.append(ids[k][first:last])
-        weights.append(wts[k][first:last])
     return KeyedJaggedTensor(
         keys=KEYS,
-        values=torch.cat(values),
-        lengths=lengths[:, lo:hi].reshape(-1),
-        weights=torch.cat(weights).requires_grad_(needs_grad),
+        values=rank_entries(lengths, ids, sizes, rank),
+        lengths=rank_lengths(lengths, sizes, rank),
+        weights=rank_entries(lengths, wts, sizes, rank).requires_grad_(needs_grad),
     )
 
 
@@ -153,11 +132,7 @@ def case_train(env: ShardingEnv, **kw: Any) -> dict[str, Any]:
                 p.grad *= world
         opt.step()
         opt.zero_grad()
-    shards = {
-        table: [(s.tensor.clone(), s.offsets) for s in ts.weight]
-        for table, ts in dmp.local_table_shards()["emb"].items()
-    }
-    return {"outputs": outputs, "weight_grads": weight_grads, "shards": shards}
+    return {"outputs": outputs, "weight_grads": weight_grads, "shards": local_shards(dmp)}
 
 
 def reference(kw: dict[str, Any]) -> dict[str, Any]:
@@ -181,15 +156,8 @@ def reference(kw: dict[str, Any]) -> dict[str, Any]:
 
 def rank_weight_grad(full: torch.Tensor, sizes: list[int], rank: int, step: int) -> torch.Tensor:
     """The entries of the global batch's weight gradient that belong to rank ``rank``'s KJT."""
-    batch = make_batch(step, sizes, None)
-    lengths = batch.lengths().view(len(KEYS), -1)
-    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    parts, at = [], 0
-    for k in range(len(KEYS)):
-        first = at + int(lengths[k, :lo].sum())
-        parts.append(full[first : first + int(lengths[k, lo:hi].sum())])
-        at += int(lengths[k].sum())
-    return torch.cat(parts)
+    lengths = make_batch(step, sizes, None).lengths().view(len(KEYS), -1)
+    return rank_entries(lengths, torch.split(full, lengths.sum(1).tolist()), sizes, rank)
 
 
 def check(dist_pool: Any, **kw: Any) -> None:
@@ -199,17 +167,11 @@ def check(dist_pool: Any, **kw: Any) -> None:
     sizes = kw["sizes"]
     results = dist_pool.run(WORLD, case_train, **kw)
     ref = reference(kw)
-    tol = {"atol": 1e-5, "rtol": 1e-5}
-    for step in range(STEPS):
-        expected = torch.split(ref["outputs"][step], sizes)
-        ref_grad = ref["weight_grads"][step]
+    assert_outputs_match(results, [torch.split(rows, sizes) for rows in ref["outputs"]])
+    for step, ref_grad in enumerate(ref["weight_grads"]):
         assert ref_grad is not None
-        for r in range(WORLD):
-            got = results[r]
-            torch.testing.assert_close(
-                got["outputs"][step], expected[r], **tol, msg=f"output, rank {r}, step {step}"
-            )
-            grad = got["weight_grads"][step]
+        for r, result in enumerate(results):
+            grad = result["weight_grads"][step]
             if r == kw["frozen_rank"]:
                 assert grad is None, f"rank {r}'s weights need no gradient but got one"
                 continue
@@ -217,15 +179,10 @@ def check(dist_pool: Any, **kw: Any) -> None:
             torch.testing.assert_close(
                 grad,
                 rank_weight_grad(ref_grad, sizes, r, step),
-                **tol,
+                **TOL,
                 msg=f"weights' gradient, rank {r}, step {step}",
             )
-    for table, weight in ref["weights"].items():
-        rebuilt = torch.full_like(weight, float("nan"))
-        for r in range(WORLD):
-            for tensor, (row, col) in results[r]["shards"][table]:
-                rebuilt[row : row + tensor.shape[0], col : col + tensor.shape[1]] = tensor
-        torch.testing.assert_close(rebuilt, weight, **tol, msg=f"table {table} after {STEPS} steps")
+    assert_tables_match(results, ref["weights"])
 
 
 @pytest.mark.parametrize("mode", ["plain", "sgd"])
