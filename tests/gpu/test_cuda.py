@@ -17,16 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardrec import (
-    EmbeddingBagCollection,
-    EmbeddingBagConfig,
-    EmbeddingCollection,
-    EmbeddingConfig,
-    KeyedJaggedTensor,
-    PoolingType,
-)
+from shardrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
+
+from ..sharders._reference import ebc_configs, ec_configs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -56,16 +51,7 @@ def ebc(device: torch.device, pooling: str, weighted: bool, optimizer: str | Non
     torch.manual_seed(0)
     fused = None if optimizer is None else {"optimizer": optimizer, "learning_rate": LR}
     module = EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(
-                name=n,
-                num_embeddings=r,
-                embedding_dim=d,
-                feature_names=f,
-                pooling=PoolingType(pooling),
-            )
-            for n, r, d, f in TABLES
-        ],
+        tables=ebc_configs(TABLES, pooling),
         is_weighted=weighted,
         fused_params=fused,
         backend="torch",
@@ -77,10 +63,7 @@ def ec(device: torch.device, optimizer: str | None) -> nn.Module:
     torch.manual_seed(0)
     fused = None if optimizer is None else {"optimizer": optimizer, "learning_rate": LR}
     module = EmbeddingCollection(
-        tables=[
-            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=f)
-            for n, r, d, f in TABLES
-        ],
+        tables=ec_configs(TABLES),
         fused_params=fused,
         backend="torch",
     )
