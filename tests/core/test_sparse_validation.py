@@ -76,6 +76,14 @@ def test_weights_of_wrong_size() -> None:
         KeyedJaggedTensor(KEYS, IDS, lengths=LENGTHS, weights=torch.ones(6, dtype=torch.long))
 
 
+def test_jagged_tensor_weights_may_be_ids_but_not_bools() -> None:
+    ids = torch.tensor([7, 8, 9])
+    jt = JaggedTensor(values=torch.ones(3, 4), weights=ids, lengths=torch.tensor([2, 1]))
+    assert torch.equal(jt.weights(), ids)
+    with pytest.raises(TypeError, match=r"JaggedTensor: weights must be real numbers"):
+        JaggedTensor(values=ids, weights=torch.ones(3, dtype=torch.bool), lengths=torch.tensor([3]))
+
+
 def test_duplicate_keys_named_with_positions() -> None:
     with pytest.raises(ValueError, match=r"duplicate key 'user' at positions 0 and 2"):
         KeyedJaggedTensor(["user", "product", "user"], IDS, lengths=torch.ones(6, dtype=torch.long))

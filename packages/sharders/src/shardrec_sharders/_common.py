@@ -405,7 +405,7 @@ def sequence_output(
     """An EmbeddingCollection output for key ``index`` of ``routed``.
 
     With ``need_indices`` the ids ride in the weights slot (TorchRec's convention, as the
-    unsharded collection does; the public constructor wants float weights, hence ``_trusted``).
+    unsharded collection does).
     """
     batch = routed.stride()
     lengths = routed.lengths()[index * batch : (index + 1) * batch]
@@ -413,4 +413,4 @@ def sequence_output(
         return JaggedTensor(values=values, lengths=lengths)
     per_key = routed.offset_per_key()
     ids = routed.values()[per_key[index] : per_key[index + 1]]
-    return JaggedTensor._trusted(values, ids, lengths, None)
+    return JaggedTensor(values=values, weights=ids, lengths=lengths)

@@ -92,10 +92,9 @@ class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
         for i, (name, values) in enumerate(zip(self._routing.embedding_names, rows, strict=True)):
             lengths = inp.lengths[i * batch : (i + 1) * batch]
             if self._need_indices:
-                # TorchRec's convention puts the int ids in the weights slot, which the public
-                # JaggedTensor constructor rejects (weights must be floating point).
+                # TorchRec's convention: the ids ride in the weights slot.
                 ids = inp.values[starts[i] : starts[i + 1]]
-                out[name] = JaggedTensor._trusted(values, ids, lengths, None)
+                out[name] = JaggedTensor(values=values, weights=ids, lengths=lengths)
             else:
                 out[name] = JaggedTensor(values=values, lengths=lengths)
         return out

@@ -48,12 +48,17 @@ def check_index_tensor(owner: str, name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{owner}: {name} must be 1-D, got shape {tuple(tensor.shape)}")
 
 
-def check_weights(owner: str, weights: torch.Tensor, num_values: int) -> None:
-    """Weights pair one to one with values and are floating point."""
+def check_weights(
+    owner: str, weights: torch.Tensor, num_values: int, *, floating: bool = True
+) -> None:
+    """Weights pair one to one with values and are floating point (``floating=False``: or
+    integer, as the ids an EmbeddingCollection returns with ``need_indices``)."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{owner}: weights must be a torch.Tensor, got {type(weights).__name__}")
-    if not weights.dtype.is_floating_point:
+    if floating and not weights.dtype.is_floating_point:
         raise TypeError(f"{owner}: weights must be floating point, got dtype {weights.dtype}")
+    if weights.dtype.is_complex or weights.dtype == torch.bool:
+        raise TypeError(f"{owner}: weights must be real numbers, got dtype {weights.dtype}")
     if weights.dim() != 1:
         raise ValueError(f"{owner}: weights must be 1-D, got shape {tuple(weights.shape)}")
     if weights.numel() != num_values:

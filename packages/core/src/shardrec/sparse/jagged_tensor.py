@@ -26,7 +26,8 @@ class JaggedTensor(JaggedFields):
     ``values`` may be ids (1-D integers) or anything whose dim 0 is the jagged dim (an embedding
     row per id). Give ``lengths`` or ``offsets`` (or both); the other is derived on first use and
     kept, since deriving it is a kernel launch that callers such as embedding lookups ask for on
-    every batch.
+    every batch. ``weights`` (one per value) may be floating point or integer: an
+    EmbeddingCollection with ``need_indices`` returns the ids there, as TorchRec's does.
 
     Checks: the constructor checks only what it can see without reading tensor contents (types,
     dtypes, dims, sizes), so it never waits on a device. ``validate()`` also reads the contents
@@ -60,7 +61,7 @@ class JaggedTensor(JaggedFields):
                     f"{offsets.numel()}; offsets needs exactly one more"
                 )
         if weights is not None:
-            check.check_weights(_OWNER, weights, values.shape[0])
+            check.check_weights(_OWNER, weights, values.shape[0], floating=False)
         self._values = values
         self._weights = weights
         self._lengths = lengths
