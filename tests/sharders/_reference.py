@@ -10,6 +10,7 @@ of a package over its folder (see ``_pool_worker.py``).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -112,25 +113,42 @@ def _bounds(sizes: Sequence[int], rank: int | None) -> tuple[int, int]:
     return lo, sum(sizes) if rank is None else lo + sizes[rank]
 
 
-def rank_lengths(lengths: torch.Tensor, sizes: Sequence[int], rank: int | None) -> torch.Tensor:
-    """Rank ``rank``'s part (all for None) of a global batch's ``[F, sum(sizes)]`` lengths, as a
-    KJT's key-major lengths; ``sizes[r]`` is rank ``r``'s number of samples."""
-    lo, hi = _bounds(sizes, rank)
-    return lengths[:, lo:hi].reshape(-1)
-
-
 def rank_entries(
     lengths: torch.Tensor, per_key: Sequence[torch.Tensor], sizes: Sequence[int], rank: int | None
 ) -> torch.Tensor:
     """Rank ``rank``'s entries (all for None) of a global batch, key-major: ``per_key[k]`` holds
     feature ``k``'s ids (or weights, or their gradient) in sample order, ``lengths`` is
-    ``[F, sum(sizes)]``."""
+    ``[F, sum(sizes)]`` and ``sizes[r]`` rank ``r``'s number of samples."""
     lo, hi = _bounds(sizes, rank)
     parts = []
     for k, entries in enumerate(per_key):
         first = int(lengths[k, :lo].sum())
         parts.append(entries[first : first + int(lengths[k, lo:hi].sum())])
     return torch.cat(parts)
+
+
+def rank_kjt(
+    keys: list[str],
+    lengths: torch.Tensor,
+    ids: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | None,
+    sizes: Sequence[int],
+    rank: int | None,
+    *,
+    weights_need_grad: bool = False,
+) -> KeyedJaggedTensor:
+    """Rank ``rank``'s KJT (the global batch for None), from the global batch's per-feature ids
+    and per-id weights (``rank_entries``); ``weights`` None gives an unweighted KJT."""
+    lo, hi = _bounds(sizes, rank)
+    w = None
+    if weights is not None:
+        w = rank_entries(lengths, weights, sizes, rank).requires_grad_(weights_need_grad)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=rank_entries(lengths, ids, sizes, rank),
+        lengths=lengths[:, lo:hi].reshape(-1),
+        weights=w,
+    )
 
 
 def rows_per_rank(
@@ -147,8 +165,8 @@ def rows_per_rank(
     """
     if kind == "ebc":
         return list(torch.split(rows, list(sizes)))
-    shared = {f for _, _, _, fs in tables for f in fs if sum(f in t[3] for t in tables) > 1}
-    names = sorted(f"{f}@{t}" if f in shared else f for t, _, _, fs in tables for f in fs)
+    readers = Counter(f for *_, fs in tables for f in fs)
+    names = sorted(f"{f}@{t}" if readers[f] > 1 else f for t, _, _, fs in tables for f in fs)
     features = [n.split("@")[0] for n in names]
     lpk = dict(zip(full.keys(), full.length_per_key(), strict=True))
     by_name = torch.split(rows, [lpk[f] for f in features])

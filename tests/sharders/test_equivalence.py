@@ -26,8 +26,7 @@ from ._reference import (
     build_model,
     ec_configs,
     local_shards,
-    rank_entries,
-    rank_lengths,
+    rank_kjt,
     rows_per_rank,
 )
 
@@ -71,12 +70,7 @@ def make_batch(step: int, sizes: list[int], rank: int | None, weighted: bool) ->
         torch.cat([torch.rand(int(n), generator=g) + 0.5 for n in lengths[k]])
         for k in range(len(KEYS))
     ]
-    return KeyedJaggedTensor(
-        keys=KEYS,
-        values=rank_entries(lengths, ids, sizes, rank),
-        lengths=rank_lengths(lengths, sizes, rank),
-        weights=rank_entries(lengths, wts, sizes, rank) if weighted else None,
-    )
+    return rank_kjt(KEYS, lengths, ids, wts if weighted else None, sizes, rank)
 
 
 def make_plan(spec: dict[str, tuple[str, list[int]]], world: int, kind: str) -> ShardingPlan:

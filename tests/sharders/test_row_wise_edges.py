@@ -35,8 +35,7 @@ from ._reference import (
     assert_tables_match,
     build_model,
     local_shards,
-    rank_entries,
-    rank_lengths,
+    rank_kjt,
     rows_per_rank,
 )
 
@@ -95,12 +94,7 @@ def make_batch(
         else:
             ids.append(torch.randint(0, ROWS[f], (n,), generator=g))
     wts = [torch.rand(x.numel(), generator=g) + 0.5 for x in ids]
-    return KeyedJaggedTensor(
-        keys=KEYS,
-        values=rank_entries(lengths, ids, sizes, rank),
-        lengths=rank_lengths(lengths, sizes, rank),
-        weights=rank_entries(lengths, wts, sizes, rank) if weighted else None,
-    )
+    return rank_kjt(KEYS, lengths, ids, wts if weighted else None, sizes, rank)
 
 
 def rows_with_empty(name: str, rows: int, cols: int, world: int, empty: int) -> ParameterSharding:

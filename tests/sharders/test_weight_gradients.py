@@ -31,7 +31,7 @@ from ._reference import (
     build_model,
     local_shards,
     rank_entries,
-    rank_lengths,
+    rank_kjt,
 )
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
@@ -97,12 +97,7 @@ def make_batch(
         torch.randint(0, ROWS[f], (int(lengths[k].sum()),), generator=g) for k, f in enumerate(KEYS)
     ]
     wts = [torch.rand(x.numel(), generator=g) + 0.5 for x in ids]
-    return KeyedJaggedTensor(
-        keys=KEYS,
-        values=rank_entries(lengths, ids, sizes, rank),
-        lengths=rank_lengths(lengths, sizes, rank),
-        weights=rank_entries(lengths, wts, sizes, rank).requires_grad_(needs_grad),
-    )
+    return rank_kjt(KEYS, lengths, ids, wts, sizes, rank, weights_need_grad=needs_grad)
 
 
 def case_train(env: ShardingEnv, **kw: Any) -> dict[str, Any]:
