@@ -414,3 +414,22 @@ def sequence_output(
     per_key = routed.offset_per_key()
     ids = routed.values()[per_key[index] : per_key[index + 1]]
     return JaggedTensor(values=values, weights=ids, lengths=lengths)
+
+
+def check_tiling(
+    table: str, sharding: str, pieces: str, cuts: Sequence[tuple[int, int, int]], total: int
+) -> None:
+    """``cuts`` (offset, size, rank), sorted by offset, must tile ``[0, total)``: no gap, no
+    overlap, no empty piece. The error names the table and the pieces."""
+    at = 0
+    for offset, size, _ in cuts:
+        if offset != at or size < 1:
+            break
+        at += size
+    else:
+        if at == total:
+            return
+    raise ValueError(
+        f"{sharding} table {table!r}: {pieces} (offset, size, rank) {list(cuts)} do not tile"
+        f" [0, {total})"
+    )

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
-from shardrec_sharders._common import EmbeddingSharderBase, ModuleView
+from shardrec_sharders._common import EmbeddingSharderBase, ModuleView, check_tiling
 from shardrec_sharders.table_wise import ColumnSlicedEmbedding
 
 
@@ -43,22 +43,12 @@ class ColumnWiseSharder(EmbeddingSharderBase):
             rows = view.configs[table].num_embeddings
             if not ps.shards:
                 raise ValueError(f"column-wise table {table!r} needs shard metadata")
-            cuts = sorted((s.offsets[1], s.sizes[1], s.rank) for s in ps.shards)
-            at = 0
             for s in ps.shards:
                 if s.offsets[0] != 0 or s.sizes[0] != rows:
                     raise ValueError(
                         f"column-wise table {table!r}: shard {s} does not span all {rows} rows"
                     )
-            for offset, cols, _ in cuts:
-                if offset != at or cols < 1:
-                    raise ValueError(
-                        f"column-wise table {table!r}: column slices {cuts} do not tile [0, {dim})"
-                    )
-                at += cols
-            if at != dim:
-                raise ValueError(
-                    f"column-wise table {table!r}: column slices {cuts} do not tile [0, {dim})"
-                )
+            cuts = sorted((s.offsets[1], s.sizes[1], s.rank) for s in ps.shards)
+            check_tiling(table, "column-wise", "column slices", cuts, dim)
             slices[table] = cuts
         return ColumnSlicedEmbedding(view, slices, env, device, type(module).__name__)

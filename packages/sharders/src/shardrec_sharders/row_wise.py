@@ -31,6 +31,7 @@ from shardrec_sharders._common import (
     PairRouter,
     StackedInput,
     build_local_lookup,
+    check_tiling,
     nothing_to_send,
     pooled_send_buffer,
     sequence_output,
@@ -347,16 +348,7 @@ class RowWiseSharder(EmbeddingSharderBase):
                 blocks[table] = even_row_blocks(config.num_embeddings, list(ps.ranks))
                 continue
             cuts = sorted((s.offsets[0], s.sizes[0], s.rank) for s in ps.shards if s.sizes[0])
-            at = 0
-            for offset, rows, _ in cuts:
-                if offset != at:
-                    raise ValueError(f"row-wise table {table!r}: row blocks {cuts} leave a gap")
-                at += rows
-            if at != config.num_embeddings:
-                raise ValueError(
-                    f"row-wise table {table!r}: row blocks {cuts} do not cover"
-                    f" {config.num_embeddings} rows"
-                )
+            check_tiling(table, "row-wise", "row blocks", cuts, config.num_embeddings)
             for s in ps.shards:
                 if s.offsets[1] != 0 or s.sizes[1] != config.embedding_dim:
                     raise ValueError(f"row-wise table {table!r}: shard {s} is not full width")
