@@ -6,8 +6,7 @@ from typing import Any
 
 import click
 
-from shardrec_dlrm.cli_options import config_option
-from shardrec_dlrm.config import DATA_FORMATS, DEVICES
+from shardrec_dlrm.cli_options import config_option, data_options, device_option
 
 
 @click.command()
@@ -30,21 +29,8 @@ from shardrec_dlrm.config import DATA_FORMATS, DEVICES
     help="Samples per step per rank.",
 )
 @click.option("--limit-batches", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--data-format",
-    "--format",
-    "data_format",
-    type=click.Choice(DATA_FORMATS),
-    default="auto",
-    show_default=True,
-)
-@click.option(
-    "--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True
-)
-@click.option(
-    "--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True
-)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@data_options
+@device_option
 def evaluate(**params: Any) -> None:  # fmt: skip
     """Score a saved model: AUC, log loss, normalized entropy, accuracy and calibration.
 

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import click
 
+from shardrec_dlrm.config import DATA_FORMATS, DEVICES
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -94,3 +96,46 @@ def apply(function: F, options: Sequence[Callable[[F], F]]) -> F:
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def data_options(function: F) -> F:
+    """How ``--data`` is read and split (shared by ``train`` and ``evaluate``: the same values
+    give the same validation and test rows)."""
+    return apply(
+        function,
+        [
+            click.option(
+                "--data-format",
+                "--format",
+                "data_format",
+                type=click.Choice(DATA_FORMATS),
+                default="auto",
+                show_default=True,
+                help="Force the input format instead of detecting it.",
+            ),
+            click.option(
+                "--val-fraction",
+                type=click.FloatRange(0, 1, max_open=True),
+                default=0.05,
+                show_default=True,
+                help="Validation rows, for inputs other than Kaggle's train.txt and the 1TB days.",
+            ),
+            click.option(
+                "--test-fraction",
+                type=click.FloatRange(0, 1, max_open=True),
+                default=0.05,
+                show_default=True,
+                help="Test rows, likewise (the last rows; validation just before them).",
+            ),
+        ],
+    )
+
+
+def device_option(function: F) -> F:
+    return click.option(
+        "--device",
+        type=click.Choice(DEVICES),
+        default="auto",
+        show_default=True,
+        help="auto: CUDA (NCCL) when available, else CPU (gloo).",
+    )(function)

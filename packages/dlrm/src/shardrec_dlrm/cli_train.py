@@ -7,11 +7,9 @@ from typing import Any
 
 import click
 
-from shardrec_dlrm.cli_options import IntList, config_option
+from shardrec_dlrm.cli_options import IntList, config_option, data_options, device_option
 from shardrec_dlrm.config import (
-    DATA_FORMATS,
     DENSE_PRECISIONS,
-    DEVICES,
     INTERACTION_TYPES,
     NUM_SPARSE_FEATURES,
     OPTIMIZERS,
@@ -119,29 +117,7 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     type=click.Path(exists=True),
     help="Criteo data: raw TSV/CSV (file or directory) or a `dlrm preprocess` output directory.",
 )
-@click.option(
-    "--data-format",
-    "--format",
-    "data_format",
-    type=click.Choice(DATA_FORMATS),
-    default="auto",
-    show_default=True,
-    help="Force the input format instead of detecting it.",
-)
-@click.option(
-    "--val-fraction",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.05,
-    show_default=True,
-    help="Validation rows, for inputs other than Kaggle's train.txt and the 1TB days.",
-)
-@click.option(
-    "--test-fraction",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.05,
-    show_default=True,
-    help="Test rows, likewise (the last rows; validation just before them).",
-)
+@data_options
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -205,13 +181,7 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     show_default=True,
     help="auto: the planner chooses per table; otherwise force one sharding type.",
 )
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default="auto",
-    show_default=True,
-    help="auto: CUDA (NCCL) when available, else CPU (gloo).",
-)
+@device_option
 @click.option(
     "--dense-precision",
     type=click.Choice(DENSE_PRECISIONS),
