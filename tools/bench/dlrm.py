@@ -12,8 +12,9 @@ Both use their planner's default plan for the world size.
 
 shardrec runs once per kernel backend in ``--backends`` (``auto``, what ``dlrm train`` uses: FBGEMM
 when installed; ``torch``: the pure-torch kernels). Printed: total samples/s over all ranks (median
-of ``--repeats`` timed windows of ``--steps`` steps), the peak resident memory of the largest rank
-(ru_maxrss), and TorchRec / shardrec ratios (above 1: shardrec is faster / leaner). ``--impl
+of ``--repeats`` timed windows of ``--steps`` steps; best of ``--rounds`` rounds that alternate
+the two sides), the peak resident memory of the largest rank (ru_maxrss), and TorchRec / shardrec
+ratios (above 1: shardrec is faster / leaner). ``--impl
 torchrec`` runs only TorchRec (it is what this script runs in
 ``.venv-peer``).
 """
@@ -200,6 +201,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds of shardrec then TorchRec"
+    )
+    parser.add_argument(
         "--backends",
         nargs="+",
         default=["auto", "torch"],
@@ -219,16 +223,25 @@ def main() -> None:
         results = {n: measure("torchrec", n, args) for n in args.nproc}
         print(json.dumps(results))
         return
-    ours = {(b, n): measure("shardrec", n, args, b) for b in args.backends for n in args.nproc}
+    # Rounds alternate the two sides so that both see the machine's load of the moment; each
+    # side keeps its best round (fastest, and its lowest peak memory).
+    ours: dict[tuple[str, int], dict[str, float]] = {}
     peer: dict[int, dict[str, float]] = {}
-    if args.impl == "both" and peer_available():
-        command = [
-            str(Path(__file__).resolve()), "--impl", "torchrec",
-            "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats), "--nproc", *map(str, args.nproc),
-            "--precision", args.precision,
-        ]  # fmt: skip
-        peer = {int(k): v for k, v in json.loads(run_peer(command).splitlines()[-1]).items()}
+    with_peer = args.impl == "both" and peer_available()
+    for _ in range(args.rounds):
+        for b in args.backends:
+            for n in args.nproc:
+                _keep_best(ours, (b, n), measure("shardrec", n, args, b))
+        if with_peer:
+            command = [
+                str(Path(__file__).resolve()), "--impl", "torchrec",
+                "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--repeats", str(args.repeats), "--nproc", *map(str, args.nproc),
+                "--precision", args.precision,
+            ]  # fmt: skip
+            got = json.loads(run_peer(command).splitlines()[-1])
+            for n, result in got.items():
+                _keep_best(peer, int(n), result)
     print(
         f"DLRM training step, batch {BATCH}/rank, CPU gloo, dense precision {args.precision},"
         f" {REPO.name}"
@@ -253,6 +266,14 @@ def main() -> None:
         print(row)
     if not peer:
         print("(TorchRec not measured: run `make bench-peer` to build .venv-peer)")
+
+
+def _keep_best(best: dict[Any, dict[str, float]], key: Any, result: dict[str, float]) -> None:
+    if key not in best:
+        best[key] = dict(result)
+        return
+    best[key]["samples_per_s"] = max(best[key]["samples_per_s"], result["samples_per_s"])
+    best[key]["peak_rss"] = min(best[key]["peak_rss"], result["peak_rss"])
 
 
 if __name__ == "__main__":
