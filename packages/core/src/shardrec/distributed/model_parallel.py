@@ -183,7 +183,8 @@ class DistributedModelParallel(nn.Module):
     - ``device``: where shards and dense layers live (default cpu).
     - ``plan``: default :func:`create_plan`. ``sharders``: default, those the entry points offer.
     - ``init_data_parallel``: wrap the unsharded parameters (dense layers, data-parallel tables)
-      in DDP, which all-reduces their gradients.
+      in DDP, which all-reduces their gradients (at world size 1 there is nothing to reduce and
+      nothing is wrapped).
     - ``init_parameters``: materialise parameters left on the meta device (``reset_parameters``).
 
     ``model.plan`` prints as a table (``model.plan_report``: the planner's report, when DMP
