@@ -48,6 +48,19 @@ def check_index_tensor(owner: str, name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{owner}: {name} must be 1-D, got shape {tuple(tensor.shape)}")
 
 
+def check_offsets(owner: str, offsets: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    """Offsets are a 1-D index tensor with at least the leading 0, and one more entry than
+    ``lengths`` when both are given."""
+    check_index_tensor(owner, "offsets", offsets)
+    if offsets.numel() == 0:
+        raise ValueError(f"{owner}: offsets must have at least one entry (0)")
+    if lengths is not None and lengths.numel() + 1 != offsets.numel():
+        raise ValueError(
+            f"{owner}: lengths has {lengths.numel()} entries and offsets "
+            f"{offsets.numel()}; offsets needs exactly one more"
+        )
+
+
 def check_weights(
     owner: str, weights: torch.Tensor, num_values: int, *, floating: bool = True
 ) -> None:

@@ -52,14 +52,7 @@ class JaggedTensor(JaggedFields):
         if lengths is not None:
             check.check_index_tensor(_OWNER, "lengths", lengths)
         if offsets is not None:
-            check.check_index_tensor(_OWNER, "offsets", offsets)
-            if offsets.numel() == 0:
-                raise ValueError(f"{_OWNER}: offsets must have at least one entry (0)")
-            if lengths is not None and lengths.numel() + 1 != offsets.numel():
-                raise ValueError(
-                    f"{_OWNER}: lengths has {lengths.numel()} entries and offsets "
-                    f"{offsets.numel()}; offsets needs exactly one more"
-                )
+            check.check_offsets(_OWNER, offsets, lengths)
         if weights is not None:
             check.check_weights(_OWNER, weights, values.shape[0], floating=False)
         self._values = values

@@ -104,14 +104,7 @@ class KeyedJaggedTensor(JaggedFields):
         elif offsets is None:
             raise ValueError(f"{_OWNER}: give lengths= or offsets=")
         if offsets is not None:
-            check.check_index_tensor(_OWNER, "offsets", offsets)
-            if offsets.numel() == 0:
-                raise ValueError(f"{_OWNER}: offsets must have at least one entry (0)")
-            if lengths is not None and lengths.numel() + 1 != offsets.numel():
-                raise ValueError(
-                    f"{_OWNER}: lengths has {lengths.numel()} entries and offsets "
-                    f"{offsets.numel()}; offsets needs exactly one more"
-                )
+            check.check_offsets(_OWNER, offsets, lengths)
             num_lengths = offsets.numel() - 1
         self._stride = _stride_of(keys, num_lengths, stride)
         self._keys = keys
