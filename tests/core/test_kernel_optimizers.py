@@ -7,8 +7,6 @@ Adagrad and sparse Adam written out, updating only the rows the batch touched).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import torch
 
@@ -23,43 +21,10 @@ from shardrec.kernels import (
     TableSpec,
 )
 
+from ._kernel_reference import random_kjt, reference_pooled
+
 LR, EPS = 0.05, 1e-8
 STEPS = 3
-
-
-def random_kjt(
-    keys: Sequence[str], rows: Sequence[int], batch: int, seed: int
-) -> KeyedJaggedTensor:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, 4, (len(keys) * batch,), generator=gen)
-    values = [
-        torch.randint(0, n, (int(lengths[f * batch : (f + 1) * batch].sum()),), generator=gen)
-        for f, n in enumerate(rows)
-    ]
-    weights = torch.rand(int(lengths.sum()), generator=gen) + 0.5
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(keys), values=torch.cat(values), lengths=lengths, weights=weights
-    )
-
-
-def reference_pooled(
-    kjt: KeyedJaggedTensor,
-    tables: dict[str, torch.Tensor],
-    features: Sequence[tuple[str, str, PoolingType]],
-    weighted: bool,
-) -> torch.Tensor:
-    blocks = []
-    for name, table, pooling in features:
-        jt, w = kjt[name], tables[table]
-        offsets, ids = jt.offsets().tolist(), jt.values()
-        weights = jt.weights() if weighted else torch.ones(ids.numel())
-        rows = []
-        for b in range(len(offsets) - 1):
-            lo, hi = offsets[b], offsets[b + 1]
-            pooled = (w[ids[lo:hi]] * weights[lo:hi].unsqueeze(1)).sum(0)
-            rows.append(pooled / max(hi - lo, 1) if pooling is PoolingType.MEAN else pooled)
-        blocks.append(torch.stack(rows))
-    return torch.cat(blocks, dim=1)
 
 
 class Reference:
