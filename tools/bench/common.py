@@ -7,18 +7,21 @@
 - ``peer_available()`` / ``run_peer(args)`` / ``run_peer_snippet(code)``: run a script or a snippet
   in ``.venv-peer`` (TorchRec 1.8.0 beside shardrec, see ``make bench-peer``) under the shared
   allocator settings.
+- ``free_port()``: a free loopback port for a process group; ``keep_best(...)``: fold one round's
+  result into the best so far.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import socket
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 REPO: Final = Path(__file__).resolve().parents[2]
 PEER_PYTHON: Final = REPO / ".venv-peer" / "bin" / "python"
@@ -112,3 +115,33 @@ def run_peer_snippet(code: str, timeout: float = 1800.0) -> str | None:
     if not peer_available():
         return None
     return run_peer(["-c", code], timeout=timeout)
+
+
+def free_port() -> int:
+    """A loopback port free at the time of the call (for ``MASTER_PORT`` / ``tcp://``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def keep_best(
+    best: dict[Any, dict[str, Any]],
+    key: Any,
+    result: dict[str, Any],
+    higher: Sequence[str],
+    lower: Sequence[str] = (),
+) -> None:
+    """Folds ``result`` into ``best[key]``: the largest of each ``higher`` metric, the smallest of
+    each ``lower`` one. A result with an ``"error"`` is kept only while nothing better is there."""
+    if "error" in result:
+        best.setdefault(key, result)
+        return
+    old = best.get(key)
+    if old is None or "error" in old:
+        best[key] = dict(result)
+        return
+    for metric in higher:
+        old[metric] = max(old[metric], result[metric])
+    for metric in lower:
+        old[metric] = min(old[metric], result[metric])

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import MALLOC_ENV, REPO, peer_available, run_peer
+from common import MALLOC_ENV, REPO, free_port, keep_best, peer_available, run_peer
 
 KAGGLE_ROWS = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
@@ -49,6 +48,8 @@ DENSE = (512, 256, 64)
 OVER = (512, 512, 256, 1)
 BATCH = 2048
 LR = 0.01
+# keep_best: the fastest round, and the lowest peak memory.
+_BEST = (("samples_per_s",), ("peak_rss",))
 
 
 def _synthetic_batches(
@@ -173,19 +174,12 @@ def _worker(
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def measure(impl: str, world_size: int, args: Any, backend: str = "auto") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         mp.spawn(
             _worker,
-            args=(impl, world_size, _free_port(), args, out, backend),
+            args=(impl, world_size, free_port(), args, out, backend),
             nprocs=world_size,
             join=True,
         )
@@ -225,13 +219,13 @@ def main() -> None:
         return
     # Rounds alternate the two sides so that both see the machine's load of the moment; each
     # side keeps its best round (fastest, and its lowest peak memory).
-    ours: dict[tuple[str, int], dict[str, float]] = {}
-    peer: dict[int, dict[str, float]] = {}
+    ours: dict[tuple[str, int], dict[str, Any]] = {}
+    peer: dict[int, dict[str, Any]] = {}
     with_peer = args.impl == "both" and peer_available()
     for _ in range(args.rounds):
         for b in args.backends:
             for n in args.nproc:
-                _keep_best(ours, (b, n), measure("shardrec", n, args, b))
+                keep_best(ours, (b, n), measure("shardrec", n, args, b), *_BEST)
         if with_peer:
             command = [
                 str(Path(__file__).resolve()), "--impl", "torchrec",
@@ -241,7 +235,7 @@ def main() -> None:
             ]  # fmt: skip
             got = json.loads(run_peer(command).splitlines()[-1])
             for n, result in got.items():
-                _keep_best(peer, int(n), result)
+                keep_best(peer, int(n), result, *_BEST)
     print(
         f"DLRM training step, batch {BATCH}/rank, CPU gloo, dense precision {args.precision},"
         f" {REPO.name}"
@@ -266,14 +260,6 @@ def main() -> None:
         print(row)
     if not peer:
         print("(TorchRec not measured: run `make bench-peer` to build .venv-peer)")
-
-
-def _keep_best(best: dict[Any, dict[str, float]], key: Any, result: dict[str, float]) -> None:
-    if key not in best:
-        best[key] = dict(result)
-        return
-    best[key]["samples_per_s"] = max(best[key]["samples_per_s"], result["samples_per_s"])
-    best[key]["peak_rss"] = min(best[key]["peak_rss"], result["peak_rss"])
 
 
 if __name__ == "__main__":

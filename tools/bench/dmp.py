@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import MALLOC_ENV, peer_available, run_peer
+from common import MALLOC_ENV, free_port, keep_best, peer_available, run_peer
 
 KAGGLE_ROWS = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
@@ -45,6 +44,7 @@ DIM = 64
 BATCH = 4096
 LR = 0.01
 FEATURES = [f"cat_{i}" for i in range(len(ROWS))]
+_METRICS = ("samples_per_s", "samples_per_cpu_s")
 
 
 def _over_arch() -> torch.nn.Module:
@@ -202,18 +202,11 @@ def _worker(
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def measure(impl: str, sharding: str, world: int, args: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         mp.spawn(
-            _worker, args=(impl, sharding, world, _free_port(), args, out), nprocs=world, join=True
+            _worker, args=(impl, sharding, world, free_port(), args, out), nprocs=world, join=True
         )
         result: dict[str, Any] = json.loads(Path(out).read_text())
         return result
@@ -241,14 +234,14 @@ def main() -> None:
     with_peer = args.impl == "both" and peer_available()
     for _ in range(args.rounds):
         for s in args.sharding:
-            _keep_best(ours, s, measure("shardrec", s, args.nproc, args))
+            keep_best(ours, s, measure("shardrec", s, args.nproc, args), _METRICS)
             if with_peer:
                 command = [
                     str(Path(__file__).resolve()), "--impl", "torchrec", "--nproc",
                     str(args.nproc), "--steps", str(args.steps), "--warmup", str(args.warmup),
                     "--repeats", str(args.repeats), "--sharding", s,
                 ]  # fmt: skip
-                _keep_best(peer, s, json.loads(run_peer(command).splitlines()[-1])[s])
+                keep_best(peer, s, json.loads(run_peer(command).splitlines()[-1])[s], _METRICS)
     print(f"DMP training step: 26 tables, dim 64, batch {BATCH}/rank, {args.nproc} gloo processes")
     print("samples/s over all ranks: wall clock (best window) | per CPU-second of the busiest rank")
     header = f"{'sharding':>9} {'shardrec':>17} {'TorchRec':>17} {'ratio':>13}"
@@ -269,18 +262,6 @@ def main() -> None:
             if theirs.get("error"):
                 line += f"  (TorchRec failed: {theirs['error'][:200]})"
         print(line)
-
-
-def _keep_best(best: dict[str, dict[str, Any]], key: str, result: dict[str, Any]) -> None:
-    if "error" in result:
-        best.setdefault(key, result)
-        return
-    old = best.get(key)
-    if old is None or "error" in old:
-        best[key] = result
-        return
-    for metric in ("samples_per_s", "samples_per_cpu_s"):
-        old[metric] = max(old[metric], result[metric])
 
 
 if __name__ == "__main__":
