@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
+from shardrec.distributed.sharding_plan import even_splits
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules import PoolingType
@@ -316,15 +317,11 @@ class RowShardedEmbedding(nn.Module):
 
 def even_row_blocks(rows: int, ranks: list[int]) -> list[tuple[int, int, int]]:
     """``(row_offset, rows, rank)`` blocks differing by at most one row; empty blocks dropped."""
-    base, extra = divmod(rows, len(ranks))
-    out: list[tuple[int, int, int]] = []
-    at = 0
-    for i, rank in enumerate(ranks):
-        n = base + (1 if i < extra else 0)
-        if n:
-            out.append((at, n, rank))
-        at += n
-    return out
+    return [
+        (at, n, rank)
+        for rank, (at, n) in zip(ranks, even_splits(rows, len(ranks)), strict=True)
+        if n
+    ]
 
 
 class RowWiseSharder(EmbeddingSharderBase):

@@ -27,6 +27,7 @@ from shardrec.distributed.types import (
 __all__ = [
     "column_wise",
     "data_parallel",
+    "even_splits",
     "row_wise",
     "shardable_modules",
     "table_shapes",
@@ -34,6 +35,19 @@ __all__ = [
 ]
 
 _FUSED = EmbeddingComputeKernel.FUSED.value
+
+
+def even_splits(total: int, parts: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of ``parts`` nearly equal pieces; the first ``total % parts`` get one
+    more."""
+    base, extra = divmod(total, parts)
+    out: list[tuple[int, int]] = []
+    offset = 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append((offset, size))
+        offset += size
+    return out
 
 
 def table_wise(rank: int, rows: int, cols: int, *, kernel: str = _FUSED) -> ParameterSharding:
@@ -48,14 +62,11 @@ def table_wise(rank: int, rows: int, cols: int, *, kernel: str = _FUSED) -> Para
 
 def row_wise(rows: int, cols: int, world_size: int, *, kernel: str = _FUSED) -> ParameterSharding:
     """Blocks of rows differing by at most one, on ranks 0..world_size-1 (empty blocks dropped)."""
-    base, extra = divmod(rows, world_size)
-    shards: list[ShardMetadata] = []
-    at = 0
-    for r in range(world_size):
-        n = base + (1 if r < extra else 0)
-        if n:
-            shards.append(ShardMetadata((at, 0), (n, cols), r))
-        at += n
+    shards = [
+        ShardMetadata((at, 0), (n, cols), r)
+        for r, (at, n) in enumerate(even_splits(rows, world_size))
+        if n
+    ]
     return ParameterSharding(
         sharding_type=ShardingType.ROW_WISE.value,
         compute_kernel=kernel,
@@ -70,13 +81,10 @@ def column_wise(
     """One column slice per entry of ``ranks`` (widths differing by at most one)."""
     if not ranks or len(ranks) > cols:
         raise ValueError(f"column_wise: need 1..{cols} ranks for {cols} columns, got {list(ranks)}")
-    base, extra = divmod(cols, len(ranks))
-    shards: list[ShardMetadata] = []
-    at = 0
-    for i, r in enumerate(ranks):
-        n = base + (1 if i < extra else 0)
-        shards.append(ShardMetadata((0, at), (rows, n), r))
-        at += n
+    shards = [
+        ShardMetadata((0, at), (rows, n), r)
+        for r, (at, n) in zip(ranks, even_splits(cols, len(ranks)), strict=True)
+    ]
     return ParameterSharding(
         sharding_type=ShardingType.COLUMN_WISE.value,
         compute_kernel=kernel,

@@ -15,6 +15,7 @@ from typing import Final, Protocol, runtime_checkable
 
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import TableSpec
+from shardrec.distributed.sharding_plan import even_splits
 
 TABLE_WISE: Final = "table_wise"
 ROW_WISE: Final = "row_wise"
@@ -54,19 +55,6 @@ class ShardLayout(Protocol):
     """Cuts a table for one sharding type; may offer several cuts (e.g. different column widths)."""
 
     def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]: ...
-
-
-def even_splits(total: int, parts: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of ``parts`` nearly equal pieces; the first ``total % parts`` get one
-    more."""
-    base, extra = divmod(total, parts)
-    out: list[tuple[int, int]] = []
-    offset = 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        out.append((offset, size))
-        offset += size
-    return out
 
 
 class TableWiseLayout:
