@@ -1,0 +1,264 @@
+"""How fast could a training step be here? The step's unavoidable work, timed alone, beside both
+libraries' whole steps in the same run.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 \\
+        .venv/bin/python tools/bench/floor.py --workload dlrm dmp --threads 1 2
+    # dlrm: dlrm.py's one-process step at each --threads; dmp: dmp.py's table-wise step on
+    # 2 gloo processes, 1 thread each
+
+The floor of a step is the sum of the parts every implementation of the same model must run:
+
+- the dense layers' matrix products: each ``Linear``'s forward ``addmm`` and its two backward
+  products (weight gradient, and input gradient wherever the input needs one), with the step's
+  shapes, as bare ``torch`` calls (no bias gradient, no activation, no loss);
+- the embedding lookup, forward and backward with the fused SGD update, as one FBGEMM-backed
+  ``shardrec`` call (the kernel TorchRec calls too), on the step's tables and ids;
+- for ``dmp``: the pooled embeddings' all-to-all forward and backward, as bare
+  ``all_to_all_single`` calls of the step's sizes (the transport both libraries use).
+
+Everything else a step does (activations, interaction, loss, column reordering, Python) is left
+out, so ``TorchRec step / floor`` bounds what any implementation can gain over TorchRec here:
+a speed target above it cannot be met on this machine by doing the same arithmetic. Components and
+both libraries' steps are timed in alternating rounds (best round of each, median of ``--iters``).
+Like kjt.py, it re-runs itself in ``.venv-peer`` when this interpreter has no TorchRec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from common import compare, free_port, peer_available, run_peer
+
+Factory = Callable[[], Callable[[], object]]
+
+
+def _gemm_chain(batch: int, widths: Sequence[int], input_grad: bool) -> Factory:
+    """The products of a ``Linear`` stack ``widths[0] -> ... -> widths[-1]``, forward and
+    backward."""
+
+    def factory() -> Callable[[], object]:
+        gen = torch.Generator().manual_seed(0)
+        layers = []
+        for index, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+            x = torch.randn(batch, fan_in, generator=gen)
+            w = torch.randn(fan_out, fan_in, generator=gen)
+            b = torch.randn(fan_out, generator=gen)
+            g = torch.randn(batch, fan_out, generator=gen)
+            layers.append((x, w, b, g, input_grad or index > 0))
+
+        def run() -> None:
+            for x, w, b, _, _ in layers:
+                torch.addmm(b, x, w.t())
+            for x, w, _, g, needs_input_grad in reversed(layers):
+                torch.mm(g.t(), x)
+                if needs_input_grad:
+                    torch.mm(g, w)
+
+        return run
+
+    return factory
+
+
+def _lookup(rows: Sequence[int], dim: int, batch: int, seed: int) -> Factory:
+    """Forward and backward (fused SGD) of one table-batched lookup, one id per bag."""
+    from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+    keys = [f"f{i}" for i in range(len(rows))]
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f"t{i}", num_embeddings=r, embedding_dim=dim, feature_names=[k])
+            for i, (k, r) in enumerate(zip(keys, rows, strict=True))
+        ],
+        fused_params={"optimizer": "sgd", "learning_rate": 0.01},
+        backend="fbgemm",
+    )
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(0, r, (batch,), generator=gen) for r in rows])
+    kjt = KeyedJaggedTensor(
+        keys=keys, values=ids, lengths=torch.ones(len(rows) * batch, dtype=torch.int32)
+    )
+    grad = torch.randn(batch, dim * len(rows), generator=gen)
+
+    def factory() -> Callable[[], object]:
+        def run() -> None:
+            ebc(kjt).values().backward(grad)
+
+        return run
+
+    return factory
+
+
+def _step(step: Callable[..., None], batches: list[Any]) -> Factory:
+    def factory() -> Callable[[], object]:
+        it = iter(range(1 << 62))
+
+        def run() -> None:
+            step(*batches[next(it) % len(batches)])
+
+        return run
+
+    return factory
+
+
+def _report(title: str, times: dict[str, float], floor_parts: Sequence[str]) -> None:
+    floor = sum(times[p] for p in floor_parts)
+    print(title)
+    for name, seconds in times.items():
+        print(f"  {name:34} {seconds * 1e3:8.1f} ms")
+    print(f"  {'floor (' + ' + '.join(floor_parts) + ')':34} {floor * 1e3:8.1f} ms")
+    tr, ours = times.get("TorchRec step"), times.get("shardrec step")
+    if tr is not None:
+        print(f"  TorchRec step / floor: {tr / floor:.2f}x (the most any step could gain)")
+    if tr is not None and ours is not None:
+        print(f"  TorchRec step / shardrec step: {tr / ours:.2f}x")
+
+
+def _dlrm(args: argparse.Namespace) -> None:
+    import dlrm
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+        LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+    )  # fmt: skip
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    batches = dlrm._synthetic_batches(0, 4)
+    over_in = dlrm.DIM + (len(dlrm.TABLE_ROWS) + 1) * len(dlrm.TABLE_ROWS) // 2
+    factories: dict[str, Factory] = {
+        "dense arch GEMMs": _gemm_chain(dlrm.BATCH, (13, *dlrm.DENSE), input_grad=False),
+        "over arch GEMMs": _gemm_chain(dlrm.BATCH, (over_in, *dlrm.OVER), input_grad=True),
+        "lookup fwd+bwd (FBGEMM)": _lookup(dlrm.TABLE_ROWS, dlrm.DIM, dlrm.BATCH, 0),
+        "shardrec step": _step(dlrm._shardrec_step(1), batches),
+    }
+    if args.peer:
+        factories["TorchRec step"] = _step(dlrm._torchrec_step(1), batches)
+    for threads in dict.fromkeys(args.threads):
+        torch.set_num_threads(threads)
+        times = compare(factories, warmup=2, iters=args.iters, rounds=args.rounds)
+        _report(
+            f"dlrm, 1 process, {threads} thread(s), batch {dlrm.BATCH} "
+            f"(best of {args.rounds} rounds, median of {args.iters} calls)",
+            times,
+            ["dense arch GEMMs", "over arch GEMMs", "lookup fwd+bwd (FBGEMM)"],
+        )
+    dist.destroy_process_group()
+
+
+def _all_to_all(numel: int) -> Factory:
+    def factory() -> Callable[[], object]:
+        send = torch.randn(numel)
+
+        def run() -> None:
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send)
+
+        return run
+
+    return factory
+
+
+def _dmp_worker(rank: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    import dmp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    gen = torch.Generator().manual_seed(rank)
+    batches = [
+        (
+            torch.cat([torch.randint(0, r, (dmp.BATCH,), generator=gen) for r in dmp.ROWS]),
+            torch.randint(0, 2, (dmp.BATCH,), generator=gen).float(),
+        )
+        for _ in range(4)
+    ]
+    mine = dmp.ROWS[rank::2]  # table-wise, round-robin: this rank's tables
+    pooled = dmp.BATCH * dmp.DIM * len(dmp.ROWS)  # floats sent and received per rank and step
+    factories: dict[str, Factory] = {
+        "over arch GEMMs": _gemm_chain(dmp.BATCH, (dmp.DIM * len(dmp.ROWS), 256, 1), True),
+        # The owner looks up every rank's ids of its tables: 2 x 4096 bags per table.
+        "lookup fwd+bwd (FBGEMM)": _lookup(mine, dmp.DIM, 2 * dmp.BATCH, rank),
+        "pooled all-to-all fwd+bwd": _twice(_all_to_all(pooled)),
+        "shardrec step": _step(dmp._shardrec_step("tw", 2), batches),
+    }
+    if args.peer:
+        factories["TorchRec step"] = _step(dmp._torchrec_step("tw", 2), batches)
+    # Both ranks run the same contender at the same time: every call is collective or paced by
+    # a barrier, so neither rank times its part while the other idles.
+    paced = {name: _barriered(f) for name, f in factories.items()}
+    times = compare(paced, warmup=2, iters=args.iters, rounds=args.rounds)
+    if rank == 0:
+        queue.put(times)
+    dist.destroy_process_group()
+
+
+def _twice(factory: Factory) -> Factory:
+    def outer() -> Callable[[], object]:
+        run = factory()
+
+        def both() -> None:
+            run()
+            run()
+
+        return both
+
+    return outer
+
+
+def _barriered(factory: Factory) -> Factory:
+    def outer() -> Callable[[], object]:
+        run = factory()
+
+        def paced() -> None:
+            dist.barrier()
+            run()
+
+        return paced
+
+    return outer
+
+
+def _dmp(args: argparse.Namespace) -> None:
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(
+        _dmp_worker, args=(free_port(), args, queue), nprocs=2, join=True, start_method="spawn"
+    )
+    _report(
+        "dmp table-wise, 2 processes x 1 thread, batch 4096 per rank (rank 0; best of "
+        f"{args.rounds} rounds, median of {args.iters} calls, each after a barrier)",
+        queue.get(),
+        ["over arch GEMMs", "lookup fwd+bwd (FBGEMM)", "pooled all-to-all fwd+bwd"],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["dlrm", "dmp"], nargs="+", default=["dlrm", "dmp"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="dlrm only")
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    try:
+        import torchrec  # noqa: F401
+
+        args.peer = True
+    except ImportError:
+        args.peer = False
+    if not args.peer and peer_available():
+        # TorchRec is never our dependency: .venv-peer has it beside shardrec (make bench-peer).
+        print(run_peer([str(Path(__file__).resolve()), *sys.argv[1:]]), end="")
+        return
+    if not args.peer:
+        print("(no TorchRec here or in .venv-peer: the floor and shardrec's step only)")
+    for workload in dict.fromkeys(args.workload):
+        (_dlrm if workload == "dlrm" else _dmp)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
