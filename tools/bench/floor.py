@@ -11,6 +11,8 @@ The floor of a step is the sum of the parts every implementation of the same mod
 - the dense layers' matrix products: each ``Linear``'s forward ``addmm`` and its two backward
   products (weight gradient, and input gradient wherever the input needs one), with the step's
   shapes, as bare ``torch`` calls (no bias gradient, no activation, no loss);
+- for ``dlrm``: the dot interaction's two batched products (every pair's dot product forward,
+  one product of the pair gradients with the vectors backward);
 - the embedding lookup, forward and backward with the fused SGD update, as one FBGEMM-backed
   ``shardrec`` call (the kernel TorchRec calls too), on the step's tables and ids;
 - for ``dmp``: the pooled embeddings' all-to-all forward and backward, as bare
@@ -68,6 +70,23 @@ def _gemm_chain(batch: int, widths: Sequence[int], input_grad: bool) -> Factory:
     return factory
 
 
+def _interaction(batch: int, vectors: int, dim: int) -> Factory:
+    """DLRM's pairwise dot products: the Gram matrix forward, the vectors' gradient backward."""
+
+    def factory() -> Callable[[], object]:
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn(batch, vectors, dim, generator=gen)
+        g = torch.randn(batch, vectors, vectors, generator=gen)
+
+        def run() -> None:
+            torch.bmm(v, v.transpose(1, 2))
+            torch.bmm(g, v)
+
+        return run
+
+    return factory
+
+
 def _lookup(rows: Sequence[int], dim: int, batch: int, seed: int) -> Factory:
     """Forward and backward (fused SGD) of one table-batched lookup, one id per bag."""
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
@@ -112,9 +131,10 @@ def _step(step: Callable[..., None], batches: list[Any]) -> Factory:
 def _report(title: str, times: dict[str, float], floor_parts: Sequence[str]) -> None:
     floor = sum(times[p] for p in floor_parts)
     print(title)
+    print(f"  floor = {' + '.join(floor_parts)}")
     for name, seconds in times.items():
         print(f"  {name:34} {seconds * 1e3:8.1f} ms")
-    print(f"  {'floor (' + ' + '.join(floor_parts) + ')':34} {floor * 1e3:8.1f} ms")
+    print(f"  {'floor':34} {floor * 1e3:8.1f} ms")
     tr, ours = times.get("TorchRec step"), times.get("shardrec step")
     if tr is not None:
         print(f"  TorchRec step / floor: {tr / floor:.2f}x (the most any step could gain)")
@@ -135,6 +155,7 @@ def _dlrm(args: argparse.Namespace) -> None:
     factories: dict[str, Factory] = {
         "dense arch GEMMs": _gemm_chain(dlrm.BATCH, (13, *dlrm.DENSE), input_grad=False),
         "over arch GEMMs": _gemm_chain(dlrm.BATCH, (over_in, *dlrm.OVER), input_grad=True),
+        "interaction products": _interaction(dlrm.BATCH, len(dlrm.TABLE_ROWS) + 1, dlrm.DIM),
         "lookup fwd+bwd (FBGEMM)": _lookup(dlrm.TABLE_ROWS, dlrm.DIM, dlrm.BATCH, 0),
         "shardrec step": _step(dlrm._shardrec_step(1), batches),
     }
@@ -147,7 +168,12 @@ def _dlrm(args: argparse.Namespace) -> None:
             f"dlrm, 1 process, {threads} thread(s), batch {dlrm.BATCH} "
             f"(best of {args.rounds} rounds, median of {args.iters} calls)",
             times,
-            ["dense arch GEMMs", "over arch GEMMs", "lookup fwd+bwd (FBGEMM)"],
+            [
+                "dense arch GEMMs",
+                "over arch GEMMs",
+                "interaction products",
+                "lookup fwd+bwd (FBGEMM)",
+            ],
         )
     dist.destroy_process_group()
 
