@@ -2,20 +2,20 @@
 libraries' whole steps in the same run.
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 \\
-        .venv/bin/python tools/bench/floor.py --workload dlrm dmp --threads 1 2
-    # dlrm: dlrm.py's one-process step at each --threads; dmp: dmp.py's table-wise step on
-    # 2 gloo processes, 1 thread each
+        .venv/bin/python tools/bench/floor.py --workload dlrm dlrm2 dmp --threads 1 2
+    # dlrm: dlrm.py's one-process step at each --threads; dlrm2: dlrm.py's two-process step;
+    # dmp: dmp.py's table-wise step; two-process workloads run 2 gloo processes, 1 thread each
 
 The floor of a step is the sum of the parts every implementation of the same model must run:
 
 - the dense layers' matrix products: each ``Linear``'s forward ``addmm`` and its two backward
   products (weight gradient, and input gradient wherever the input needs one), with the step's
   shapes, as bare ``torch`` calls (no bias gradient, no activation, no loss);
-- for ``dlrm``: the dot interaction's two batched products (every pair's dot product forward,
+- for DLRM: the dot interaction's two batched products (every pair's dot product forward,
   one product of the pair gradients with the vectors backward);
 - the embedding lookup, forward and backward with the fused SGD update, as one FBGEMM-backed
   ``shardrec`` call (the kernel TorchRec calls too), on the step's tables and ids;
-- for ``dmp``: the pooled embeddings' all-to-all forward and backward, as bare
+- on two processes: the pooled embeddings' all-to-all forward and backward, as bare
   ``all_to_all_single`` calls of the step's sizes (the transport both libraries use).
 
 Everything else a step does (activations, interaction, loss, column reordering, Python) is left
@@ -191,11 +191,9 @@ def _all_to_all(numel: int) -> Factory:
     return factory
 
 
-def _dmp_worker(rank: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+def _dmp_parts(rank: int, peer: bool) -> tuple[str, dict[str, Factory], list[str]]:
     import dmp
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     gen = torch.Generator().manual_seed(rank)
     batches = [
         (
@@ -204,23 +202,68 @@ def _dmp_worker(rank: int, port: int, args: argparse.Namespace, queue: Any) -> N
         )
         for _ in range(4)
     ]
-    mine = dmp.ROWS[rank::2]  # table-wise, round-robin: this rank's tables
-    pooled = dmp.BATCH * dmp.DIM * len(dmp.ROWS)  # floats sent and received per rank and step
-    factories: dict[str, Factory] = {
+    floor = {
         "over arch GEMMs": _gemm_chain(dmp.BATCH, (dmp.DIM * len(dmp.ROWS), 256, 1), True),
-        # The owner looks up every rank's ids of its tables: 2 x 4096 bags per table.
-        "lookup fwd+bwd (FBGEMM)": _lookup(mine, dmp.DIM, 2 * dmp.BATCH, rank),
-        "pooled all-to-all fwd+bwd": _twice(_all_to_all(pooled)),
-        "shardrec step": _step(dmp._shardrec_step("tw", 2), batches),
+        # Table-wise, round-robin: the owner looks up every rank's ids of its tables.
+        "lookup fwd+bwd (FBGEMM)": _lookup(dmp.ROWS[rank::2], dmp.DIM, 2 * dmp.BATCH, rank),
+        "pooled all-to-all fwd+bwd": _twice(_all_to_all(dmp.BATCH * dmp.DIM * len(dmp.ROWS))),
     }
-    if args.peer:
-        factories["TorchRec step"] = _step(dmp._torchrec_step("tw", 2), batches)
+    steps = {
+        "shardrec step": lambda: _step(dmp._shardrec_step("tw", 2), batches),
+        "TorchRec step": lambda: _step(dmp._torchrec_step("tw", 2), batches),
+    }
+    title = f"dmp table-wise, 2 processes x 1 thread, batch {dmp.BATCH} per rank"
+    return title, {**floor, **_built(steps, peer)}, list(floor)
+
+
+def _dlrm2_parts(rank: int, peer: bool) -> tuple[str, dict[str, Factory], list[str]]:
+    import dlrm
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+    )  # fmt: skip
+    batches = dlrm._synthetic_batches(rank, 4)
+    over_in = dlrm.DIM + (len(dlrm.TABLE_ROWS) + 1) * len(dlrm.TABLE_ROWS) // 2
+    floor = {
+        "dense arch GEMMs": _gemm_chain(dlrm.BATCH, (13, *dlrm.DENSE), input_grad=False),
+        "over arch GEMMs": _gemm_chain(dlrm.BATCH, (over_in, *dlrm.OVER), input_grad=True),
+        "interaction products": _interaction(dlrm.BATCH, len(dlrm.TABLE_ROWS) + 1, dlrm.DIM),
+        # Whatever the plan, the two ranks share the 2 x 2048 bags of every table; half each.
+        "lookup fwd+bwd (FBGEMM)": _lookup(dlrm.TABLE_ROWS[rank::2], dlrm.DIM, 2 * dlrm.BATCH, 0),
+        "pooled all-to-all fwd+bwd": _twice(
+            _all_to_all(dlrm.BATCH * dlrm.DIM * len(dlrm.TABLE_ROWS))
+        ),
+    }
+    steps = {
+        "shardrec step": lambda: _step(dlrm._shardrec_step(2), batches),
+        "TorchRec step": lambda: _step(dlrm._torchrec_step(2), batches),
+    }
+    title = f"dlrm, 2 processes x 1 thread, batch {dlrm.BATCH} per rank"
+    return title, {**floor, **_built(steps, peer)}, list(floor)
+
+
+def _built(steps: dict[str, Callable[[], Factory]], peer: bool) -> dict[str, Factory]:
+    """Builds each library's step (TorchRec's only where it is importable)."""
+    return {n: build() for n, build in steps.items() if peer or n != "TorchRec step"}
+
+
+_TWO_PROCESS = {"dmp": _dmp_parts, "dlrm2": _dlrm2_parts}
+
+
+def _two_process_worker(
+    rank: int, workload: str, port: int, args: argparse.Namespace, queue: Any
+) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    title, factories, floor_parts = _TWO_PROCESS[workload](rank, args.peer)
     # Both ranks run the same contender at the same time: every call is collective or paced by
     # a barrier, so neither rank times its part while the other idles.
     paced = {name: _barriered(f) for name, f in factories.items()}
     times = compare(paced, warmup=2, iters=args.iters, rounds=args.rounds)
     if rank == 0:
-        queue.put(times)
+        queue.put((title, times, floor_parts))
     dist.destroy_process_group()
 
 
@@ -250,22 +293,29 @@ def _barriered(factory: Factory) -> Factory:
     return outer
 
 
-def _dmp(args: argparse.Namespace) -> None:
+def _two_process(workload: str, args: argparse.Namespace) -> None:
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(
-        _dmp_worker, args=(free_port(), args, queue), nprocs=2, join=True, start_method="spawn"
+        _two_process_worker,
+        args=(workload, free_port(), args, queue),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
     )
+    title, times, floor_parts = queue.get()
     _report(
-        "dmp table-wise, 2 processes x 1 thread, batch 4096 per rank (rank 0; best of "
-        f"{args.rounds} rounds, median of {args.iters} calls, each after a barrier)",
-        queue.get(),
-        ["over arch GEMMs", "lookup fwd+bwd (FBGEMM)", "pooled all-to-all fwd+bwd"],
+        f"{title} (rank 0; best of {args.rounds} rounds, median of {args.iters} calls, each after"
+        " a barrier)",
+        times,
+        floor_parts,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=["dlrm", "dmp"], nargs="+", default=["dlrm", "dmp"])
+    parser.add_argument(
+        "--workload", choices=["dlrm", "dlrm2", "dmp"], nargs="+", default=["dlrm", "dlrm2", "dmp"]
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="dlrm only")
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
@@ -283,7 +333,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.peer:
         print("(no TorchRec here or in .venv-peer: the floor and shardrec's step only)")
     for workload in dict.fromkeys(args.workload):
-        (_dlrm if workload == "dlrm" else _dmp)(args)
+        if workload == "dlrm":
+            _dlrm(args)
+        else:
+            _two_process(workload, args)
 
 
 if __name__ == "__main__":
