@@ -12,7 +12,7 @@ TORCH_PINS := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 # glibc from handing freed memory back to the kernel, which otherwise page-faults fresh tensors back in.
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
-.PHONY: setup test lint typecheck pytest demo bench bench-peer clean
+.PHONY: setup test lint typecheck pytest demo bench bench-peer gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ demo: setup
 BENCHES := kjt ebc dmp criteo dlrm planner_scale gemm floor
 bench: setup
 	@for b in $(BENCHES); do echo "== tools/bench/$$b.py"; $(BENCH_ENV) $(PY) tools/bench/$$b.py || exit 1; done
+
+# Wheels of the three packages in .whl/, for tools/gpu_check.sh on a lent GPU machine (which has no network:
+# the device tool carries .whl/ there).
+gpu-wheels: setup
+	rm -rf .whl
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir .whl packages/core packages/sharders packages/dlrm
 
 # A second environment with TorchRec 1.8.0, our peer in every benchmark. torchrec is installed without its
 # dependencies because its pins would replace torch 2.13.0; the needs it really has are listed here.

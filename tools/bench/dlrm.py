@@ -5,9 +5,10 @@
 Workload (issue 7): DLRM with 26 tables of Criteo Kaggle's cardinalities capped at 1,000,000 rows,
 dimension 64, dense arch 512-256-64, over arch 512-512-256-1, batch 2048 per rank, one id per
 feature drawn uniformly, fused SGD for the tables and torch SGD for the dense layers, on CPU with 1
-and 2 gloo processes. Each side builds its own model the way its users do: shardrec through
-``shardrec_dlrm`` (the model and sharding code of ``dlrm train``), TorchRec through
-``torchrec.models.dlrm`` with ``DistributedModelParallel`` and ``apply_optimizer_in_backward``.
+and 2 gloo processes (``--device cuda``: shardrec alone, NCCL, one process per GPU). Each side
+builds its own model the way its users do: shardrec through ``shardrec_dlrm`` (the model and
+sharding code of ``dlrm train``), TorchRec through ``torchrec.models.dlrm`` with
+``DistributedModelParallel`` and ``apply_optimizer_in_backward``.
 Both use their planner's default plan for the world size.
 
 shardrec runs once per kernel backend in ``--backends`` (``auto``, what ``dlrm train`` uses: FBGEMM
@@ -67,7 +68,7 @@ def _synthetic_batches(
     return out
 
 
-def _shardrec_step(world_size: int, precision: str = "fp32") -> Any:
+def _shardrec_step(world_size: int, precision: str = "fp32", device: str = "cpu") -> Any:
     from shardrec import KeyedJaggedTensor
     from shardrec_dlrm.config import ModelConfig
     from shardrec_dlrm.model.build import SPARSE_FEATURES
@@ -84,8 +85,9 @@ def _shardrec_step(world_size: int, precision: str = "fp32") -> Any:
         BATCH,
         LR,
         dense_precision=precision,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]
     )
-    lengths = torch.ones(26 * BATCH, dtype=torch.int32)
+    lengths = torch.ones(26 * BATCH, dtype=torch.int32, device=device)
 
     def step(dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> None:
         kjt = KeyedJaggedTensor(keys=list(SPARSE_FEATURES), values=ids, lengths=lengths)
@@ -152,26 +154,43 @@ def _worker(
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )  # fmt: skip
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
     torch.manual_seed(0)
-    step = (_torchrec_step if impl == "torchrec" else _shardrec_step)(world_size, args.precision)
-    batches = _synthetic_batches(rank, 4)
+    if impl == "torchrec":
+        step = _torchrec_step(world_size, args.precision)
+    else:
+        step = _shardrec_step(world_size, args.precision, args.device)
+    batches = [tuple(t.to(args.device) for t in batch) for batch in _synthetic_batches(rank, 4)]
     for i in range(args.warmup):
         step(*batches[i % len(batches)])
     windows = []
     for _ in range(args.repeats):
-        dist.barrier()
+        _sync(cuda)
         start = time.perf_counter()
         for i in range(args.steps):
             step(*batches[i % len(batches)])
-        dist.barrier()
+        _sync(cuda)
         windows.append(time.perf_counter() - start)
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
+    # Peak memory: resident host memory on CPU, allocated device memory on CUDA.
+    if cuda:
+        peak = torch.tensor([torch.cuda.max_memory_allocated()], device=args.device)
+    else:
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
         per_s = BATCH * world_size * args.steps / statistics.median(windows)
         Path(out).write_text(json.dumps({"samples_per_s": per_s, "peak_rss": int(peak)}))
     dist.destroy_process_group()
+
+
+def _sync(cuda: bool) -> None:
+    """Every rank at the same point, with its device's queued work done."""
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
 
 
 def measure(impl: str, world_size: int, args: Any, backend: str = "auto") -> dict[str, float]:
@@ -210,7 +229,20 @@ def main() -> None:
         help="bf16: the dense arches under bf16 autocast on both sides (shardrec: `dlrm train"
         " --dense-precision bf16`; TorchRec: its forward under torch.autocast)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: shardrec only, NCCL, one process per GPU (peak memory is then the GPU's"
+        " allocated bytes); TorchRec is measured on the CPU only",
+    )
     args = parser.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch sees no CUDA device")
+        if max(args.nproc) > torch.cuda.device_count():
+            sys.exit(f"--device cuda: {torch.cuda.device_count()} GPU(s), one process each")
+        args.impl = "shardrec"
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]:
         print("warning: run under MALLOC_MMAP_THRESHOLD_=33554432 (see docs/benchmarks.md)")
     if args.impl == "torchrec":
@@ -236,8 +268,9 @@ def main() -> None:
             got = json.loads(run_peer(command).splitlines()[-1])
             for n, result in got.items():
                 keep_best(peer, int(n), result, *_BEST)
+    where = f"CUDA NCCL ({torch.cuda.get_device_name()})" if args.device == "cuda" else "CPU gloo"
     print(
-        f"DLRM training step, batch {BATCH}/rank, CPU gloo, dense precision {args.precision},"
+        f"DLRM training step, batch {BATCH}/rank, {where}, dense precision {args.precision},"
         f" {REPO.name}"
     )
     header = (
@@ -258,7 +291,9 @@ def main() -> None:
                 f" {theirs['peak_rss'] / mine['peak_rss']:>11.2f}x"
             )
         print(row)
-    if not peer:
+    if args.device == "cuda":
+        print("(peak MiB: GPU memory allocated; TorchRec is not measured on CUDA)")
+    elif not peer:
         print("(TorchRec not measured: run `make bench-peer` to build .venv-peer)")
 
 

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from shardrec.kernels import set_learning_rate
-from shardrec_dlrm.config import DensePrecision, ModelConfig, OptimizerName, TrainConfig
+from shardrec_dlrm.config import (
+    DensePrecision,
+    DeviceName,
+    ModelConfig,
+    OptimizerName,
+    TrainConfig,
+)
 from shardrec_dlrm.model.build import TABLE_NAMES, build_dlrm
 from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.planning import PlanRequest, discover_sharders, plan_model
@@ -152,7 +158,11 @@ def _trainable_dense(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def shard_for_benchmark(
-    model_config: ModelConfig, batch_size: int, lr: float, dense_precision: DensePrecision = "fp32"
+    model_config: ModelConfig,
+    batch_size: int,
+    lr: float,
+    dense_precision: DensePrecision = "fp32",
+    device: DeviceName = "cpu",
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The sharded model and dense optimizer ``dlrm train`` would build (tools/bench/dlrm.py)."""
     config = TrainConfig(
@@ -161,7 +171,8 @@ def shard_for_benchmark(
         batch_size=batch_size,
         learning_rate=lr,
         dense_precision=dense_precision,
+        device=device,
     )
-    state = ParallelState.init("cpu")
+    state = ParallelState.init(device)
     run = shard_model(config, state)
     return run.model, run.dense_optimizer
