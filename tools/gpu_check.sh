@@ -10,6 +10,7 @@
 set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 failed=0
 
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, keep its output, note failure
@@ -22,13 +23,15 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, keep its ou
         echo "!! $name failed (exit $?)"
         tail -n 40 "$OUT/$name.txt"
         failed=1
+        return 1
     fi
 }
 
 ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make gpu-wheels' here first"; exit 2; }
 # Our three wheels only: their dependencies (pluggy, click, tqdm, tensorboard, numpy) are in the image.
 $PY -m pip install --quiet --no-deps --no-index --force-reinstall .whl/*.whl || exit 2
-step device 30 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+step device 30 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" \
+    || exit 2  # no GPU: every CUDA test below would only skip
 # The modules and every sharding on CUDA against the CPU; the containers on CUDA.
 step cuda_tests 240 $PY -m pytest -q -p no:cacheprovider tests/gpu tests/core/test_kernel_cuda.py \
     tests/core/test_sparse_cuda.py
