@@ -20,8 +20,14 @@ The floor of a step is the sum of the parts every implementation of the same mod
 
 Everything else a step does (activations, interaction, loss, column reordering, Python) is left
 out, so ``TorchRec step / floor`` bounds what any implementation can gain over TorchRec here:
-a speed target above it cannot be met on this machine by doing the same arithmetic. Components and
-both libraries' steps are timed in alternating rounds (best round of each, median of ``--iters``).
+a speed target above it cannot be met on this machine by doing the same arithmetic. On two
+processes the parts are timed with both ranks running them at once, as they do in a step; a
+second floor leaves the all-to-alls out (a step that hid every byte of communication behind its
+computation); and the local parts are timed again on rank 0 while rank 1 idles, to show how much
+two processes computing at once slow each other down on this machine (taking turns would not
+help: it leaves one core idle, which costs more than the slowdown).
+Components and both libraries' steps are timed in alternating rounds (best round of each, median
+of ``--iters``).
 Like kjt.py, it re-runs itself in ``.venv-peer`` when this interpreter has no TorchRec.
 """
 
@@ -128,16 +134,34 @@ def _step(step: Callable[..., None], batches: list[Any]) -> Factory:
     return factory
 
 
-def _report(title: str, times: dict[str, float], floor_parts: Sequence[str]) -> None:
+def _report(
+    title: str,
+    times: dict[str, float],
+    floor_parts: Sequence[str],
+    alone: dict[str, float] | None = None,
+) -> None:
+    """Prints the parts, the floor and the ratios; ``alone``: the local parts timed on rank 0
+    while rank 1 idled (two processes), which gives a second, lower floor."""
     floor = sum(times[p] for p in floor_parts)
     print(title)
     print(f"  floor = {' + '.join(floor_parts)}")
     for name, seconds in times.items():
-        print(f"  {name:34} {seconds * 1e3:8.1f} ms")
+        extra = f"   alone: {alone[name] * 1e3:6.1f} ms" if alone and name in alone else ""
+        print(f"  {name:34} {seconds * 1e3:8.1f} ms{extra}")
     print(f"  {'floor':34} {floor * 1e3:8.1f} ms")
     tr, ours = times.get("TorchRec step"), times.get("shardrec step")
     if tr is not None:
         print(f"  TorchRec step / floor: {tr / floor:.2f}x (the most any step could gain)")
+    hidden = sum(times[p] for p in floor_parts if "all-to-all" not in p)
+    if hidden < floor:
+        print(f"  {'floor, communication hidden':34} {hidden * 1e3:8.1f} ms")
+        if tr is not None:
+            print(
+                f"  TorchRec step / that floor: {tr / hidden:.2f}x (every byte sent during compute)"
+            )
+    if alone:
+        low = sum(alone.get(p, times[p]) for p in floor_parts if "all-to-all" not in p)
+        print(f"  {'local parts, rank 0 alone':34} {low * 1e3:8.1f} ms")
     if tr is not None and ours is not None:
         print(f"  TorchRec step / shardrec step: {tr / ours:.2f}x")
 
@@ -262,8 +286,17 @@ def _two_process_worker(
     # a barrier, so neither rank times its part while the other idles.
     paced = {name: _barriered(f) for name, f in factories.items()}
     times = compare(paced, warmup=2, iters=args.iters, rounds=args.rounds)
+    # The same local parts on rank 0 while rank 1 waits: on this machine two processes computing
+    # at once slow each other down, and a step whose ranks took turns would not pay that.
+    local = [p for p in floor_parts if "all-to-all" not in p]
+    alone = {}
     if rank == 0:
-        queue.put((title, times, floor_parts))
+        alone = compare(
+            {p: factories[p] for p in local}, warmup=2, iters=args.iters, rounds=args.rounds
+        )
+    dist.barrier()
+    if rank == 0:
+        queue.put((title, times, floor_parts, alone))
     dist.destroy_process_group()
 
 
@@ -302,12 +335,13 @@ def _two_process(workload: str, args: argparse.Namespace) -> None:
         join=True,
         start_method="spawn",
     )
-    title, times, floor_parts = queue.get()
+    title, times, floor_parts, alone = queue.get()
     _report(
         f"{title} (rank 0; best of {args.rounds} rounds, median of {args.iters} calls, each after"
         " a barrier)",
         times,
         floor_parts,
+        alone,
     )
 
 
