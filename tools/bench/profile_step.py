@@ -3,13 +3,15 @@
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 \\
         .venv-peer/bin/python tools/bench/profile_step.py --workload dlrm
     # --workload dmp: the table-wise DMP step of dmp.py on 2 processes (rank 0's profile)
+    # --workload dlrm2: the DLRM step of dlrm.py on 2 processes (rank 0's profile)
 
 The steps are the ones ``dlrm.py`` and ``dmp.py`` time (same models, plans and batches). Runs in
 ``.venv-peer``, where both libraries are installed. ``dlrm``: one process, 1 intra-op thread, the
-two libraries built in the same process and profiled in alternating rounds. ``dmp``: two gloo
-processes, 1 thread each, one library after the other. Printed: milliseconds per step of each
-operator's self CPU time (the profiler's clock: waiting inside a collective counts), the largest
-first, and their sum; plus each side's wall and CPU time per step outside the profiler.
+two libraries built in the same process and profiled in alternating rounds. ``dmp`` and
+``dlrm2``: two gloo processes, 1 thread each, one library after the other. Printed: milliseconds
+per step of each operator's self CPU time (the profiler's clock: waiting inside a collective
+counts), the largest first, and their sum; plus each side's wall and CPU time per step outside the
+profiler.
 """
 
 from __future__ import annotations
@@ -86,21 +88,32 @@ def _dlrm(args: Any) -> None:
     dist.destroy_process_group()
 
 
-def _dmp_worker(rank: int, impl: str, port: int, args: Any, queue: Any) -> None:
-    import dmp
-
+def _two_process_worker(
+    rank: int, workload: str, impl: str, port: int, args: Any, queue: Any
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    build = dmp._torchrec_step if impl == "torchrec" else dmp._shardrec_step
-    step = build("tw", 2)
-    gen = torch.Generator().manual_seed(rank)
-    batches = [
-        (
-            torch.cat([torch.randint(0, r, (dmp.BATCH,), generator=gen) for r in dmp.ROWS]),
-            torch.randint(0, 2, (dmp.BATCH,), generator=gen).float(),
-        )
-        for _ in range(4)
-    ]
+    if workload == "dmp":
+        import dmp
+
+        step = (dmp._torchrec_step if impl == "torchrec" else dmp._shardrec_step)("tw", 2)
+        gen = torch.Generator().manual_seed(rank)
+        batches = [
+            (
+                torch.cat([torch.randint(0, r, (dmp.BATCH,), generator=gen) for r in dmp.ROWS]),
+                torch.randint(0, 2, (dmp.BATCH,), generator=gen).float(),
+            )
+            for _ in range(4)
+        ]
+    else:
+        import dlrm
+
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+            LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        )  # fmt: skip
+        step = (dlrm._torchrec_step if impl == "torchrec" else dlrm._shardrec_step)(2)
+        batches = dlrm._synthetic_batches(rank, 4)
     _timed(step, batches, args.warmup)
     dist.barrier()
     timed = _timed(step, batches, args.steps)
@@ -110,15 +123,15 @@ def _dmp_worker(rank: int, impl: str, port: int, args: Any, queue: Any) -> None:
     dist.destroy_process_group()
 
 
-def _dmp(args: Any) -> None:
+def _two_process(args: Any) -> None:
     totals: dict[str, dict[str, float]] = {}
     timed: dict[str, tuple[float, float]] = {}
     ctx = mp.get_context("spawn")
     for impl in ("shardrec", "torchrec"):
         queue = ctx.SimpleQueue()
         mp.start_processes(
-            _dmp_worker, args=(impl, free_port(), args, queue), nprocs=2, join=True,
-            start_method="spawn",
+            _two_process_worker, args=(args.workload, impl, free_port(), args, queue), nprocs=2,
+            join=True, start_method="spawn",
         )  # fmt: skip
         timed[impl], totals[impl] = queue.get()
     _print(totals, timed, args.top)
@@ -126,7 +139,7 @@ def _dmp(args: Any) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=["dlrm", "dmp"], default="dlrm")
+    parser.add_argument("--workload", choices=["dlrm", "dlrm2", "dmp"], default="dlrm")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="dlrm only")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
@@ -139,7 +152,7 @@ def main() -> None:
         sys.exit(
             "profile_step.py needs TorchRec: run it with .venv-peer/bin/python (make bench-peer)"
         )
-    (_dlrm if args.workload == "dlrm" else _dmp)(args)
+    (_dlrm if args.workload == "dlrm" else _two_process)(args)
 
 
 if __name__ == "__main__":
