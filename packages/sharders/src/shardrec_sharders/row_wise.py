@@ -202,30 +202,22 @@ class RowShardedEmbedding(nn.Module):
         stacked: StackedInput | None,
         received_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Partial sums back to their senders, added up there (reduce-scatter as all-to-all)."""
+        """Partial sums back to their senders, added up there (a reduce-scatter when every rank
+        holds a block of every table, else an all-to-all and a sum per owner's columns)."""
         world = self.env.world_size
         batch = routed.stride()
         if out is None or stacked is None:
             send, send_sizes = nothing_to_send(self.device, received_weights), [0] * world
         else:
             send, send_sizes = pooled_send_buffer(out, stacked)
-        recv = [batch * self._width_of[r] for r in range(world)]
-        if (
-            all(self._all_pairs)
-            and stacked is not None
-            and set(stacked.batches) == {batch}
-            and batch
-        ):
-            # Every rank holds a block of every table and every rank has the same batch (all
-            # ranks see the same ``stacked.batches``): the partial bags are summed by a
-            # reduce-scatter (native where the backend has one).
+        if all(self._all_pairs) and stacked is not None:
+            # Rows for rank s are its batch, ``stacked.batches[s]``, the same list on every rank;
+            # the collective picks the native reduce-scatter when those batches are equal.
             values = comm.reduce_scatter_rows(
-                send.view(world * batch, self._total_dim), [batch] * world, batch, self.env.pg
+                send.view(-1, self._total_dim), stacked.batches, batch, self.env.pg
             )
-        elif all(self._all_pairs):
-            flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
-            values = flat.view(world, batch, self._total_dim).sum(dim=0)
         else:
+            recv = [batch * self._width_of[r] for r in range(world)]
             flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
             values = flat.new_zeros((batch, self._total_dim))
             for r, part in enumerate(torch.split(flat, recv)):

@@ -238,15 +238,15 @@ def reduce_scatter_rows(
     ``(out_rows, *x.shape[1:])``; differentiable (the gradient is the received gradient sent back
     to every contributor). Equal blocks on a backend with a native reduce-scatter (gloo, NCCL) use
     it: one message of ``out_rows`` rows per peer each way, summed in the collective; otherwise an
-    all-to-all and a local sum. Every rank must pass the same ``in_rows``.
+    all-to-all and a local sum (also when the blocks are empty). Every rank must pass the same
+    ``in_rows``.
     """
     world = _world(pg)
-    if pg is None:
-        return x
-    if world == 1:
+    if pg is None or world == 1:
         return x
     if (
-        all(n == out_rows for n in in_rows)
+        out_rows > 0
+        and all(n == out_rows for n in in_rows)
         and x.shape[0] == world * out_rows
         and dist.get_backend(pg) in _NATIVE_REDUCE_SCATTER
     ):
