@@ -23,6 +23,8 @@ from shardrec.distributed import DistributedModelParallel, ShardingEnv, Sharding
 from shardrec.distributed.checkpoint import load, save
 from shardrec.distributed.sharding_plan import column_wise, row_wise, table_wise
 
+from ._reference import rank_kjt
+
 pytestmark = pytest.mark.multiprocess
 
 TABLES = [("t0", 7, 4, ["f0"]), ("t1", 10, 8, ["f1", "f2"]), ("t2", 13, 4, ["f3"])]
@@ -54,13 +56,10 @@ def make_batch(seed: int, rank: int, world: int) -> KeyedJaggedTensor:
     rows = {f: r for _, r, _, fs in TABLES for f in fs}
     lengths = torch.randint(1, 4, (len(KEYS), GLOBAL_BATCH), generator=g)
     ids = [
-        [torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]]
+        torch.cat([torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]])
         for k, f in enumerate(KEYS)
     ]
-    per = GLOBAL_BATCH // world
-    lo, hi = rank * per, (rank + 1) * per
-    values = torch.cat([torch.cat(ids[k][lo:hi]) for k in range(len(KEYS))])
-    return KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths[:, lo:hi].reshape(-1))
+    return rank_kjt(KEYS, lengths, ids, None, [GLOBAL_BATCH // world] * world, rank)
 
 
 def train_step(model: nn.Module, seed: int, rank: int, world: int) -> None:

@@ -27,6 +27,8 @@ from shardrec.distributed import DistributedModelParallel, ShardingEnv, Sharding
 from shardrec.distributed.checkpoint import load, save
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
 
+from ._reference import rank_kjt
+
 pytestmark = pytest.mark.multiprocess
 
 TABLES = [("t0", 7, 4, ["f0"]), ("t1", 10, 8, ["f1", "f2"]), ("t2", 13, 4, ["f3"])]
@@ -58,15 +60,10 @@ def make_batch(seed: int, rank: int, world: int) -> KeyedJaggedTensor:
     rows = {f: r for _, r, _, fs in TABLES for f in fs}
     lengths = torch.randint(0, 4, (len(KEYS), GLOBAL_BATCH), generator=g)
     ids = [
-        [torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]]
+        torch.cat([torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]])
         for k, f in enumerate(KEYS)
     ]
-    per = GLOBAL_BATCH // world
-    lo, hi = rank * per, (rank + 1) * per
-    values = torch.cat(
-        [torch.cat([*ids[k][lo:hi], torch.zeros(0, dtype=torch.int64)]) for k in range(len(KEYS))]
-    )
-    return KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths[:, lo:hi].reshape(-1))
+    return rank_kjt(KEYS, lengths, ids, None, [GLOBAL_BATCH // world] * world, rank)
 
 
 def make_plan(spec: dict[str, tuple[str, list[int]]], world: int) -> ShardingPlan:
