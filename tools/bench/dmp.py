@@ -47,6 +47,18 @@ FEATURES = [f"cat_{i}" for i in range(len(ROWS))]
 _METRICS = ("samples_per_s", "samples_per_cpu_s")
 
 
+def _synthetic_batches(rank: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of (ids [26 * BATCH] key-major, labels [BATCH]); one id per feature."""
+    gen = torch.Generator().manual_seed(rank)
+    return [
+        (
+            torch.cat([torch.randint(0, r, (BATCH,), generator=gen) for r in ROWS]),
+            torch.randint(0, 2, (BATCH,), generator=gen).float(),
+        )
+        for _ in range(count)
+    ]
+
+
 def _over_arch() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -168,14 +180,7 @@ def _worker(
     )
     try:
         step = (_torchrec_step if impl == "torchrec" else _shardrec_step)(sharding, world)
-        gen = torch.Generator().manual_seed(rank)
-        batches = [
-            (
-                torch.cat([torch.randint(0, r, (BATCH,), generator=gen) for r in ROWS]),
-                torch.randint(0, 2, (BATCH,), generator=gen).float(),
-            )
-            for _ in range(4)
-        ]
+        batches = _synthetic_batches(rank, 4)
         for i in range(args.warmup):
             step(*batches[i % 4])
         windows, cpu = [], []

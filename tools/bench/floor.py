@@ -47,6 +47,8 @@ import torch.multiprocessing as mp
 from common import compare, free_port, peer_available, run_peer
 
 Factory = Callable[[], Callable[[], object]]
+#: The one part of a two-process floor that is communication, not computation.
+ALL_TO_ALL = "pooled all-to-all fwd+bwd"
 
 
 def _gemm_chain(batch: int, widths: Sequence[int], input_grad: bool) -> Factory:
@@ -124,14 +126,28 @@ def _lookup(rows: Sequence[int], dim: int, batch: int, seed: int) -> Factory:
 
 def _step(step: Callable[..., None], batches: list[Any]) -> Factory:
     def factory() -> Callable[[], object]:
-        it = iter(range(1 << 62))
+        cycle = itertools.cycle(batches)
 
         def run() -> None:
-            step(*batches[next(it) % len(batches)])
+            step(*next(cycle))
 
         return run
 
     return factory
+
+
+def _dlrm_floor(table_rows: Sequence[int], lookup_batch: int) -> dict[str, Factory]:
+    """The computing parts of dlrm.py's step: the rank looks up ``lookup_batch`` bags of each of
+    ``table_rows``."""
+    import dlrm
+
+    over_in = dlrm.DIM + (len(dlrm.TABLE_ROWS) + 1) * len(dlrm.TABLE_ROWS) // 2
+    return {
+        "dense arch GEMMs": _gemm_chain(dlrm.BATCH, (13, *dlrm.DENSE), input_grad=False),
+        "over arch GEMMs": _gemm_chain(dlrm.BATCH, (over_in, *dlrm.OVER), input_grad=True),
+        "interaction products": _interaction(dlrm.BATCH, len(dlrm.TABLE_ROWS) + 1, dlrm.DIM),
+        "lookup fwd+bwd (FBGEMM)": _lookup(table_rows, dlrm.DIM, lookup_batch, 0),
+    }
 
 
 def _report(
@@ -152,7 +168,7 @@ def _report(
     tr, ours = times.get("TorchRec step"), times.get("shardrec step")
     if tr is not None:
         print(f"  TorchRec step / floor: {tr / floor:.2f}x (the most any step could gain)")
-    hidden = sum(times[p] for p in floor_parts if "all-to-all" not in p)
+    hidden = sum(times[p] for p in floor_parts if p != ALL_TO_ALL)
     if hidden < floor:
         print(f"  {'floor, communication hidden':34} {hidden * 1e3:8.1f} ms")
         if tr is not None:
@@ -160,7 +176,7 @@ def _report(
                 f"  TorchRec step / that floor: {tr / hidden:.2f}x (every byte sent during compute)"
             )
     if alone:
-        low = sum(alone.get(p, times[p]) for p in floor_parts if "all-to-all" not in p)
+        low = sum(alone.get(p, times[p]) for p in floor_parts if p != ALL_TO_ALL)
         print(f"  {'local parts, rank 0 alone':34} {low * 1e3:8.1f} ms")
     if tr is not None and ours is not None:
         print(f"  TorchRec step / shardrec step: {tr / ours:.2f}x")
@@ -175,14 +191,8 @@ def _dlrm(args: argparse.Namespace) -> None:
     )  # fmt: skip
     dist.init_process_group("gloo", rank=0, world_size=1)
     batches = dlrm._synthetic_batches(0, 4)
-    over_in = dlrm.DIM + (len(dlrm.TABLE_ROWS) + 1) * len(dlrm.TABLE_ROWS) // 2
-    factories: dict[str, Factory] = {
-        "dense arch GEMMs": _gemm_chain(dlrm.BATCH, (13, *dlrm.DENSE), input_grad=False),
-        "over arch GEMMs": _gemm_chain(dlrm.BATCH, (over_in, *dlrm.OVER), input_grad=True),
-        "interaction products": _interaction(dlrm.BATCH, len(dlrm.TABLE_ROWS) + 1, dlrm.DIM),
-        "lookup fwd+bwd (FBGEMM)": _lookup(dlrm.TABLE_ROWS, dlrm.DIM, dlrm.BATCH, 0),
-        "shardrec step": _step(dlrm._shardrec_step(1), batches),
-    }
+    floor = _dlrm_floor(dlrm.TABLE_ROWS, dlrm.BATCH)
+    factories = {**floor, "shardrec step": _step(dlrm._shardrec_step(1), batches)}
     if args.peer:
         factories["TorchRec step"] = _step(dlrm._torchrec_step(1), batches)
     for threads in dict.fromkeys(args.threads):
@@ -192,12 +202,7 @@ def _dlrm(args: argparse.Namespace) -> None:
             f"dlrm, 1 process, {threads} thread(s), batch {dlrm.BATCH} "
             f"(best of {args.rounds} rounds, median of {args.iters} calls)",
             times,
-            [
-                "dense arch GEMMs",
-                "over arch GEMMs",
-                "interaction products",
-                "lookup fwd+bwd (FBGEMM)",
-            ],
+            list(floor),
         )
     dist.destroy_process_group()
 
@@ -218,19 +223,12 @@ def _all_to_all(numel: int) -> Factory:
 def _dmp_parts(rank: int, peer: bool) -> tuple[str, dict[str, Factory], list[str]]:
     import dmp
 
-    gen = torch.Generator().manual_seed(rank)
-    batches = [
-        (
-            torch.cat([torch.randint(0, r, (dmp.BATCH,), generator=gen) for r in dmp.ROWS]),
-            torch.randint(0, 2, (dmp.BATCH,), generator=gen).float(),
-        )
-        for _ in range(4)
-    ]
+    batches = dmp._synthetic_batches(rank, 4)
     floor = {
         "over arch GEMMs": _gemm_chain(dmp.BATCH, (dmp.DIM * len(dmp.ROWS), 256, 1), True),
         # Table-wise, round-robin: the owner looks up every rank's ids of its tables.
         "lookup fwd+bwd (FBGEMM)": _lookup(dmp.ROWS[rank::2], dmp.DIM, 2 * dmp.BATCH, rank),
-        "pooled all-to-all fwd+bwd": _twice(_all_to_all(dmp.BATCH * dmp.DIM * len(dmp.ROWS))),
+        ALL_TO_ALL: _twice(_all_to_all(dmp.BATCH * dmp.DIM * len(dmp.ROWS))),
     }
     steps = {
         "shardrec step": lambda: _step(dmp._shardrec_step("tw", 2), batches),
@@ -248,16 +246,10 @@ def _dlrm2_parts(rank: int, peer: bool) -> tuple[str, dict[str, Factory], list[s
         LOCAL_WORLD_SIZE="2",
     )  # fmt: skip
     batches = dlrm._synthetic_batches(rank, 4)
-    over_in = dlrm.DIM + (len(dlrm.TABLE_ROWS) + 1) * len(dlrm.TABLE_ROWS) // 2
     floor = {
-        "dense arch GEMMs": _gemm_chain(dlrm.BATCH, (13, *dlrm.DENSE), input_grad=False),
-        "over arch GEMMs": _gemm_chain(dlrm.BATCH, (over_in, *dlrm.OVER), input_grad=True),
-        "interaction products": _interaction(dlrm.BATCH, len(dlrm.TABLE_ROWS) + 1, dlrm.DIM),
         # Whatever the plan, the two ranks share the 2 x 2048 bags of every table; half each.
-        "lookup fwd+bwd (FBGEMM)": _lookup(dlrm.TABLE_ROWS[rank::2], dlrm.DIM, 2 * dlrm.BATCH, 0),
-        "pooled all-to-all fwd+bwd": _twice(
-            _all_to_all(dlrm.BATCH * dlrm.DIM * len(dlrm.TABLE_ROWS))
-        ),
+        **_dlrm_floor(dlrm.TABLE_ROWS[rank::2], 2 * dlrm.BATCH),
+        ALL_TO_ALL: _twice(_all_to_all(dlrm.BATCH * dlrm.DIM * len(dlrm.TABLE_ROWS))),
     }
     steps = {
         "shardrec step": lambda: _step(dlrm._shardrec_step(2), batches),
@@ -288,7 +280,7 @@ def _two_process_worker(
     times = compare(paced, warmup=2, iters=args.iters, rounds=args.rounds)
     # The same local parts on rank 0 while rank 1 waits: on this machine two processes computing
     # at once slow each other down, and a step whose ranks took turns would not pay that.
-    local = [p for p in floor_parts if "all-to-all" not in p]
+    local = [p for p in floor_parts if p != ALL_TO_ALL]
     alone = {}
     if rank == 0:
         alone = compare(

@@ -97,14 +97,7 @@ def _two_process_worker(
         import dmp
 
         step = (dmp._torchrec_step if impl == "torchrec" else dmp._shardrec_step)("tw", 2)
-        gen = torch.Generator().manual_seed(rank)
-        batches = [
-            (
-                torch.cat([torch.randint(0, r, (dmp.BATCH,), generator=gen) for r in dmp.ROWS]),
-                torch.randint(0, 2, (dmp.BATCH,), generator=gen).float(),
-            )
-            for _ in range(4)
-        ]
+        batches = dmp._synthetic_batches(rank, 4)
     else:
         import dlrm
 
