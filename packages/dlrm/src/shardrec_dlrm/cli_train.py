@@ -188,7 +188,8 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     default="fp32",
     show_default=True,
     help="bf16: run the dense arch, interaction and over arch under bf16 autocast (weights,"
-    " embeddings and loss stay fp32); faster on CPUs with AMX or AVX512-BF16 and on GPUs.",
+    " embeddings, loss and the dot interaction's products stay fp32); faster on CPUs with AMX or"
+    " AVX512-BF16 and on GPUs.",
 )
 @click.option(
     "--nproc",

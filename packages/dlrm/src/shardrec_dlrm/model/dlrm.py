@@ -27,8 +27,9 @@ class DLRM(nn.Module):
 
     ``dense_precision="bf16"`` runs the dense arch, the interaction and the over arch under
     ``torch.autocast(dtype=torch.bfloat16)``: their weights stay fp32 (autocast casts them per
-    forward), the embedding lookups and the logits stay fp32. Matrix products then use bf16
-    units where the hardware has them (AMX or AVX512-BF16 CPUs, GPUs).
+    forward), the embedding lookups and the logits stay fp32, and so do the dot interaction's
+    products (:class:`InteractionArch` opts out). Matrix products then use bf16 units where the
+    hardware has them (AMX or AVX512-BF16 CPUs, GPUs).
     """
 
     def __init__(
