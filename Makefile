@@ -45,7 +45,7 @@ demo: setup
 		--batch-size 256 --optimizer adagrad --learning-rate 0.05 --validation-freq 200
 
 # Every benchmark, each against TorchRec in the same run when .venv-peer exists (make bench-peer first).
-BENCHES := kjt ebc dmp criteo dlrm planner_scale gemm floor
+BENCHES := kjt ebc dmp criteo dlrm planner_scale gemm floor overlap
 bench: setup
 	@for b in $(BENCHES); do echo "== tools/bench/$$b.py"; $(BENCH_ENV) $(PY) tools/bench/$$b.py || exit 1; done
 
