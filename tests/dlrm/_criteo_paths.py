@@ -1,4 +1,4 @@
-"""Where the real Criteo sample rows live: ``<repo>/../shared/data/criteo_sample/`` (CI too)."""
+"""Where the real Criteo sample rows live: ``tests/data/criteo_sample/`` (see its SOURCE.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "criteo_sample"
+SAMPLE_DIR = REPO / "tests" / "data" / "criteo_sample"
 SAMPLE_TSV = SAMPLE_DIR / "sample_train.txt"
 SAMPLE_CSV = SAMPLE_DIR / "criteo_sample.txt"
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from shardrec_dlrm.cli import main
 
-SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "criteo_sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "tests" / "data" / "criteo_sample"
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:

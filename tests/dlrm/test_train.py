@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from shardrec_dlrm.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / ".." / "shared" / "data" / "criteo_sample" / "criteo_sample.txt"
+SAMPLE = REPO / "tests" / "data" / "criteo_sample" / "criteo_sample.txt"
 DLRM = Path(sys.executable).parent / "dlrm"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
