@@ -15,8 +15,8 @@ from shardrec_dlrm.data import open_dataset
 from ._criteo_paths import SAMPLE_TSV, require_samples
 
 
-def _one_line_error(result: Result, pattern: str) -> None:
-    assert result.exit_code == 1, result.output
+def _one_line_error(result: Result, pattern: str, exit_code: int = 1) -> None:
+    assert result.exit_code == exit_code, result.output
     assert isinstance(result.exception, SystemExit)  # click's error exit, not an escaped exception
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
@@ -68,7 +68,6 @@ def test_bad_rows_skip_reports_per_file(tmp_path: Path) -> None:
         ("empty_dir", "empty directory (no data files)"),
         ("truncated_gzip", "truncated gzip file"),
         ("bad_metadata", "does not match the files"),
-        ("missing", "no such file or directory"),
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, case: str, message: str) -> None:
@@ -107,3 +106,84 @@ def test_synth_rejects_too_few_rows(tmp_path: Path) -> None:
     result = CliRunner().invoke(synth, [str(tmp_path), "--rows", "5"])
     assert result.exit_code == 2
     assert "5 is not in the range x>=14" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("preprocess", ["{tmp}/absent", "{tmp}/dst"], "'SRC': Path '{tmp}/absent' does not exist"),
+        ("preprocess", ["{raw}", "{tmp}/a_file/dst"], "cannot create {tmp}/a_file/dst"),
+        ("preprocess", ["{raw}", "{tmp}/a_file"], "'DST': Directory '{tmp}/a_file' is a file"),
+        ("preprocess", ["{raw}", "/proc/no_such_dir/dst"], "cannot create /proc/no_such_dir/dst"),
+        ("preprocess", ["{raw}", "{tmp}/dst", "--workers", "0"], "'--workers': 0 is not in"),
+        ("preprocess", ["{raw}", "{tmp}/dst", "--workers", "9999"], "'--workers': 9999 is not"),
+        ("preprocess", ["{raw}", "{tmp}/dst", "--chunk-mib", "x"], "'x' is not a valid integer"),
+        ("preprocess", ["{raw}", "{tmp}/dst", "--chunk-mib", "0"], "'--chunk-mib': 0 is not"),
+        ("synth", ["{tmp}/a_file/dst", "--rows", "100"], "cannot create {tmp}/a_file/dst"),
+        ("synth", ["{tmp}/s", "--rows", "1e5"], "'1e5' is not a valid integer"),
+        ("synth", ["{tmp}/s", "--rows", "-3"], "'--rows': -3 is not in the range x>=14"),
+        ("synth", ["{tmp}/s", "--rows", "100", "--seed", "-1"], "'--seed': -1 is not in the range"),
+        ("synth", ["{tmp}/s"], "Missing option '--rows'"),
+    ],
+)
+def test_command_line_mistakes_are_usage_errors(
+    tmp_path: Path, command: str, args: list[str], message: str
+) -> None:
+    require_samples()
+    (tmp_path / "a_file").write_text("not a directory\n")
+    names = {"tmp": str(tmp_path), "raw": str(SAMPLE_TSV)}
+    result = CliRunner().invoke(
+        {"preprocess": preprocess, "synth": synth}[command], [a.format(**names) for a in args]
+    )
+    _one_line_error(result, message.format(**names), exit_code=2)
+    assert not (tmp_path / "dst").exists()
+    assert not (tmp_path / "s").exists()
+
+
+def test_synth_never_overwrites_without_force(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "data"
+    assert runner.invoke(synth, [str(out), "--rows", "100", "--seed", "1"]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = runner.invoke(synth, [str(out), "--rows", "200", "--seed", "2"])
+    _one_line_error(result, f"{out}: not empty (")
+    assert "--force" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    result = runner.invoke(synth, [str(out), "--rows", "200", "--seed", "2", "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "synth.json").read_text())["rows"] == 200
+    assert open_dataset(out).num_rows == 200
+
+
+def test_preprocess_never_writes_into_other_files_without_force(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for name, seed in (("a", "1"), ("b", "2")):
+        assert (
+            runner.invoke(synth, [str(tmp_path / name), "--rows", "140", "--seed", seed]).exit_code
+            == 0
+        )
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    args = [str(tmp_path / "a"), str(dst), "--workers", "1", "--quiet"]
+    _one_line_error(runner.invoke(preprocess, args), f"{dst}: not empty (notes.txt)")
+    assert sorted(p.name for p in dst.iterdir()) == [".dlrm.lock", "notes.txt"]
+
+    assert runner.invoke(preprocess, [*args, "--force"]).exit_code == 0
+    assert runner.invoke(preprocess, args).exit_code == 0  # its own output: resumed, no --force
+    other = [str(tmp_path / "b"), str(dst), "--workers", "1", "--quiet"]
+    _one_line_error(
+        runner.invoke(preprocess, other), "holds the preprocessed output of other sources"
+    )
+    assert (
+        open_dataset(dst).part(0).sparse.tolist()
+        == open_dataset(tmp_path / "a").part(0).sparse.tolist()
+    )
+    result = runner.invoke(preprocess, [*other, "--force"])
+    assert result.exit_code == 0, result.output
+    assert (dst / "notes.txt").read_text() == "mine"
+    assert (
+        open_dataset(dst).part(0).sparse.tolist()
+        == open_dataset(tmp_path / "b").part(0).sparse.tolist()
+    )

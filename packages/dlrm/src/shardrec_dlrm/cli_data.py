@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from shardrec_dlrm.data.errors import DataError
 
+#: More parsing threads than this gain nothing (see the preprocess docs) and multiply the memory
+#: bound.
+MAX_WORKERS = 64
+
+_FORCE = click.option(
+    "--force",
+    is_flag=True,
+    help="Write into DST even though it holds other files (same-named outputs are replaced).",
+)
+
+
+def _output_dir(dst: Path) -> None:
+    """DST must be a directory this process can create and write: else a usage error (exit 2)."""
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise click.BadParameter(
+            f"{dst} exists and is not a directory", param_hint="'DST'"
+        ) from None
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot create {dst}: {e.strerror or e}", param_hint="'DST'"
+        ) from None
+    if not os.access(dst, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{dst} is not writable", param_hint="'DST'")
+
 
 @click.command()
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path(exists=True, readable=True, path_type=Path))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--format",
     "format_",
@@ -29,7 +56,7 @@ from shardrec_dlrm.data.errors import DataError
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_WORKERS),
     default=None,
     help="Parsing threads [default: every core, at most 8].",
 )
@@ -41,6 +68,7 @@ from shardrec_dlrm.data.errors import DataError
     help="MiB of text per chunk; memory stays within about 42 x workers x chunk.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_FORCE
 def preprocess(
     src: Path,
     dst: Path,
@@ -49,12 +77,15 @@ def preprocess(
     workers: int | None,
     chunk_mib: int,
     quiet: bool,
+    force: bool,
 ) -> None:
     """Convert raw Criteo (Kaggle train.txt, 1TB day_N, plain or gzip; or CSV) at SRC into the
     memory-mapped layout at DST, streaming with bounded memory on every core.
 
-    An interrupted run resumes: run the same command again; finished files are kept, and the
-    file that was being read continues from its last checkpoint (every 256 MiB of text).
+    DST must be new, empty, or the output of an earlier run on the same SRC: an interrupted run
+    resumes when the same command runs again (finished files are kept, and the file that was
+    being read continues from its last checkpoint, every 256 MiB of text). A second run on the
+    same DST while one is running is refused.
 
     \b
       dlrm preprocess criteo_kaggle/train.txt criteo_pre/
@@ -62,6 +93,7 @@ def preprocess(
     """
     from shardrec_dlrm.data.preprocess import preprocess as run
 
+    _output_dir(dst)
     try:
         report = run(
             src,
@@ -71,6 +103,7 @@ def preprocess(
             workers=workers,
             chunk_bytes=chunk_mib << 20,
             progress=not quiet,
+            force=force,
             log=click.echo,
         )
     except DataError as e:
@@ -92,12 +125,20 @@ def preprocess(
 
 
 @click.command()
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rows", type=click.IntRange(min=14), required=True, help="Rows to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of model and data.")
-def synth(dst: Path, rows: int, seed: int) -> None:
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of model and data.",
+)
+@_FORCE
+def synth(dst: Path, rows: int, seed: int, force: bool) -> None:
     """Write synthetic Criteo-format TSV drawn from a planted click model to DST/train.txt, and
-    the best AUC and log loss any model can reach on it to DST/synth.json.
+    the best AUC and log loss any model can reach on it to DST/synth.json. DST must be new or
+    empty (or pass --force).
 
     \b
       dlrm synth demo_data/ --rows 200000 --seed 1
@@ -105,7 +146,8 @@ def synth(dst: Path, rows: int, seed: int) -> None:
     """
     from shardrec_dlrm.data.synth import synth as run
 
+    _output_dir(dst)
     try:
-        run(dst, rows=rows, seed=seed, log=click.echo)
+        run(dst, rows=rows, seed=seed, force=force, log=click.echo)
     except (DataError, ValueError) as e:
         raise click.ClickException(str(e)) from None

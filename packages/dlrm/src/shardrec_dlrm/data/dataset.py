@@ -25,7 +25,7 @@ import numpy as np
 
 from .batch import Batch, make_batch
 from .errors import DataError
-from .layout import PreprocessedMeta, open_part, read_metadata
+from .layout import PreprocessedMeta, check_values, open_part, read_metadata
 from .reader import read_file
 from .schema import Rows, parse_num_embeddings
 from .sources import Format, Layout, SourceFile, discover
@@ -60,6 +60,7 @@ class Dataset:
         test_fraction: float,
         sources: Sequence[SourceFile] = (),
         bad_rows: BadRows = "error",
+        meta: PreprocessedMeta | None = None,
     ) -> None:
         self.path = path
         self.format = format
@@ -72,12 +73,13 @@ class Dataset:
         self._bad_rows_mode: BadRows = bad_rows
         self._parts: dict[int, Rows] = {}
         self._sizes: tuple[int, ...] | None = None
-        self._meta: PreprocessedMeta | None = None
+        self._meta = meta
         self.bad_rows: dict[str, int] = {}
         """Rows skipped per raw file (``bad_rows="skip"``), filled as files are read."""
 
     def part(self, index: int) -> Rows:
-        """All rows of part ``index`` (a memory map for preprocessed data)."""
+        """All rows of part ``index`` (a memory map for preprocessed data, whose values are not
+        checked here: read through :meth:`checked_rows` or :class:`Split`)."""
         if index not in self._parts:
             if self.format == "preprocessed":
                 if self._meta is None:
@@ -89,6 +91,15 @@ class Dataset:
                 self.bad_rows[str(src.path)] = skipped
                 self._parts[index] = rows
         return self._parts[index]
+
+    def checked_rows(self, index: int, start: int, stop: int) -> Rows:
+        """Rows ``[start, stop)`` of part ``index``; for preprocessed data, with their values
+        checked (:func:`.layout.check_values`: raw rows were checked when parsed)."""
+        part = self.part(index)
+        rows = Rows(part.labels[start:stop], part.dense[start:stop], part.sparse[start:stop])
+        if self._meta is not None:
+            check_values(self.path, self._meta.parts[index], start, rows)
+        return rows
 
     def part_rows(self) -> tuple[int, ...]:
         """Row count of every part (reads raw files on first call)."""
@@ -126,15 +137,15 @@ class Split:
         return int(self._offsets[-1])
 
     def rows(self, start: int = 0, stop: int | None = None) -> Rows:
-        """Rows ``[start, stop)`` of the split (not hashed, dense already transformed)."""
+        """Rows ``[start, stop)`` of the split (not hashed, dense already transformed); a value a
+        preprocessed file should not hold is a :class:`DataError` naming its file and row."""
         stop = self.num_rows if stop is None else min(stop, self.num_rows)
         pieces = []
         for seg, offset in zip(self.segments, self._offsets[:-1], strict=True):
             lo, hi = max(start, int(offset)), min(stop, int(offset) + seg.rows)
             if lo < hi:
-                part = self.dataset.part(seg.part)
                 a, b = seg.start + lo - int(offset), seg.start + hi - int(offset)
-                pieces.append(Rows(part.labels[a:b], part.dense[a:b], part.sparse[a:b]))
+                pieces.append(self.dataset.checked_rows(seg.part, a, b))
         return Rows.concat(pieces) if pieces else Rows.empty()
 
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
@@ -255,6 +266,7 @@ def open_dataset(
             num_embeddings_per_feature=sizes,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
+            meta=meta,
         )
         for i in range(len(meta.parts)):
             dataset.part(i)  # checks every file against the metadata now, not mid-training

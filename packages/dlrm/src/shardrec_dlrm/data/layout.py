@@ -10,9 +10,10 @@
 
 ``<part>`` is ``day_N`` for the 1TB logs, ``train`` for Kaggle's train.txt, else the source file's
 stem. The files hold no header: their shapes come from the metadata, and :func:`open_part` checks
-each file's size against it (a mismatch is a one-line error). Files are read with ``np.memmap``
-(nothing loaded up front), and every file, ``metadata.json`` included, is written to a temporary
-name and renamed into place.
+each file's size against it (a mismatch is a one-line error), after :mod:`.files` checked that it
+is a regular file inside the directory. Files are read with ``np.memmap`` (nothing loaded up
+front); the values are checked batch by batch as they are read (:func:`check_values`). Every file,
+``metadata.json`` included, is written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -26,7 +27,27 @@ from typing import Any, Final
 import numpy as np
 
 from .errors import DataError
-from .schema import DENSE_TRANSFORM, HASHING, NUM_DENSE, NUM_SPARSE, SPARSE_TRANSFORM, Rows
+from .files import (
+    MAX_METADATA_BYTES,
+    atomic_write_bytes,
+    inside,
+    open_regular,
+    plain_name,
+    read_small,
+)
+from .schema import (
+    DENSE_MAX,
+    DENSE_NAMES,
+    DENSE_TRANSFORM,
+    HASHING,
+    MAX_ID,
+    MISSING_ID,
+    NUM_DENSE,
+    NUM_SPARSE,
+    SPARSE_NAMES,
+    SPARSE_TRANSFORM,
+    Rows,
+)
 from .sources import METADATA_NAME, Layout
 
 LAYOUT_NAME: Final = "shardrec-criteo-preprocessed"
@@ -76,27 +97,23 @@ class PreprocessedMeta:
         return sum(p.rows for p in self.parts)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_metadata(root: Path, meta: PreprocessedMeta) -> None:
     text = json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(root / METADATA_NAME, text.encode())
 
 
 def read_metadata(root: Path) -> PreprocessedMeta:
-    """Read and check ``metadata.json``; errors are one line naming the file."""
+    """Read and check ``metadata.json``; errors are one line naming the file.
+
+    The file must be a regular file inside ``root`` of at most :data:`.files.MAX_METADATA_BYTES`,
+    and every part name a plain file name (see :mod:`.files`).
+    """
     path = root / METADATA_NAME
+    text = read_small(inside(root, METADATA_NAME), MAX_METADATA_BYTES)
     try:
-        raw: Any = json.loads(path.read_text())
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        raw: Any = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != LAYOUT_NAME:
@@ -106,19 +123,19 @@ def read_metadata(root: Path) -> PreprocessedMeta:
             f"{path}: layout version {raw.get('version')!r}, this shardrec reads {LAYOUT_VERSION}"
         )
     try:
-        parts = tuple(PartMeta(**p) for p in raw["parts"])
+        parts = tuple(_part_meta(p, path) for p in raw["parts"])
         meta = PreprocessedMeta(
             source_format=str(raw["source_format"]),
             layout=raw["layout"],
             parts=parts,
             complete=bool(raw["complete"]),
-            sources=tuple(raw["sources"]),
+            sources=tuple(str(s) for s in raw["sources"]),
             dense_transform=str(raw["dense_transform"]),
             sparse_transform=str(raw["sparse_transform"]),
             hashing=str(raw["hashing"]),
             columns=dict(raw["columns"]),
         )
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: malformed metadata ({e})") from None
     if meta.layout not in ("kaggle", "terabyte", "files"):
         raise DataError(f"{path}: unknown layout {meta.layout!r}")
@@ -129,37 +146,100 @@ def read_metadata(root: Path) -> PreprocessedMeta:
         )
     if meta.columns != {s: d.str for s, d, _ in COLUMNS}:
         raise DataError(f"{path}: column dtypes {meta.columns} differ from this shardrec's layout")
-    for p in parts:
-        rows: object = p.rows
-        if not isinstance(rows, int) or rows < 0:
-            raise DataError(f"{path}: part {p.name!r} has an invalid row count {p.rows!r}")
+    names = [p.name for p in parts]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: a part is listed twice")
     return meta
 
 
+def _count(value: object) -> int:
+    """A non-negative integer from JSON (``true`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _part_meta(raw: object, path: Path) -> PartMeta:
+    if not isinstance(raw, dict):
+        raise TypeError(f"a part is {type(raw).__name__}, not an object")
+    name = plain_name(raw.get("name"), source=path, what="part name")
+    try:
+        rows = _count(raw["rows"])
+    except ValueError:
+        raise DataError(f"{path}: part {name!r} has an invalid row count {raw['rows']!r}") from None
+    return PartMeta(
+        name=name,
+        rows=rows,
+        bad_rows=_count(raw["bad_rows"]),
+        source=str(raw["source"]),
+        source_size=_count(raw["source_size"]),
+        source_mtime_ns=int(raw["source_mtime_ns"]),
+    )
+
+
 def open_part(root: Path, part: PartMeta) -> Rows:
-    """Memory-map one part's three files after checking their sizes against the metadata."""
+    """Memory-map one part's three files after checking that each is a regular file inside
+    ``root`` whose size matches the metadata."""
     arrays = []
     for suffix, dtype, width in COLUMNS:
-        path = part.file(root, suffix)
+        path = inside(root, f"{part.name}.{suffix}")
         expected = part.rows * width * dtype.itemsize
         try:
-            size = path.stat().st_size
-        except OSError as e:
+            fd = open_regular(path)
+        except DataError as e:
+            reason = str(e).removeprefix(f"{path}: ")
             raise DataError(
-                f"{path}: metadata lists part {part.name!r} but the file cannot be read "
-                f"({e.strerror or e})"
+                f"{path}: metadata lists part {part.name!r} but the file cannot be used ({reason})"
             ) from None
-        if size != expected:
-            raise DataError(
-                f"{path}: {size} bytes, but {METADATA_NAME} says {part.rows} rows "
-                f"({expected} bytes): the metadata does not match the files"
-            )
-        shape = (part.rows,) if width == 1 else (part.rows, width)
-        if part.rows == 0:
-            arrays.append(np.zeros(shape, dtype=dtype))
-            continue
         try:
-            arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=shape))
+            size = os.fstat(fd).st_size
+            if size != expected:
+                raise DataError(
+                    f"{path}: {size} bytes, but {METADATA_NAME} says {part.rows} rows "
+                    f"({expected} bytes): the metadata does not match the files"
+                )
+            shape = (part.rows,) if width == 1 else (part.rows, width)
+            if part.rows == 0:
+                arrays.append(np.zeros(shape, dtype=dtype))
+                continue
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=shape))
         except OSError as e:
             raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
     return Rows(arrays[0], arrays[1], arrays[2])
+
+
+def check_values(root: Path, part: PartMeta, start: int, rows: Rows) -> None:
+    """Check rows ``start..`` of a part as they are read: labels 0/1, dense values those of the
+    transform (finite, in ``[0, DENSE_MAX]``), ids -1 (missing) or in ``[0, 2**32)``.
+
+    The first bad value is a :class:`DataError` naming the file, the row (counted from 0 in the
+    part) and the column. A few min/max reductions per batch: the reader benchmark
+    (``tools/bench/criteo.py``) measures the cost.
+    """
+    if not len(rows):
+        return
+    labels, dense, sparse = rows.labels, rows.dense, rows.sparse
+    if labels.max() > 1:
+        i = int(np.argmax(labels > 1))
+        raise DataError(
+            f"{part.file(root, 'labels.u8')}: row {start + i}: label {int(labels[i])}, "
+            "expected 0 or 1"
+        )
+    # not (lo <= x <= hi) also catches NaN
+    if not (dense.min() >= 0.0 and dense.max() <= DENSE_MAX):
+        bad = ~((dense >= 0.0) & (dense <= DENSE_MAX))
+        i, j = (int(k) for k in np.argwhere(bad)[0])
+        raise DataError(
+            f"{part.file(root, 'dense.f32')}: row {start + i}: {DENSE_NAMES[j]} is "
+            f"{float(dense[i, j])!r}, not a value of the dense transform (0 to {DENSE_MAX})"
+        )
+    if sparse.min() < MISSING_ID or sparse.max() > MAX_ID:
+        bad = (sparse < MISSING_ID) | (sparse > MAX_ID)
+        i, j = (int(k) for k in np.argwhere(bad)[0])
+        raise DataError(
+            f"{part.file(root, 'sparse.i64')}: row {start + i}: {SPARSE_NAMES[j]} id "
+            f"{int(sparse[i, j])}, expected {MISSING_ID} (missing) or 0 <= id < 2**32"
+        )

@@ -37,17 +37,12 @@ from typing import Any, BinaryIO, Final
 import numpy as np
 
 from .errors import DataError
-from .layout import (
-    COLUMNS,
-    PartMeta,
-    PreprocessedMeta,
-    atomic_write_bytes,
-    read_metadata,
-    write_metadata,
-)
+from .files import MAX_RECORD_BYTES, atomic_write_bytes, create_new, read_small
+from .layout import COLUMNS, PartMeta, PreprocessedMeta, read_metadata, write_metadata
+from .outdir import OutputDir, claim_output, refuse_non_empty
 from .reader import DEFAULT_CHUNK_BYTES, ChunkJob, iter_jobs, parse_job
 from .schema import Rows
-from .sources import METADATA_NAME, Chunk, Format, SourceFile, discover
+from .sources import METADATA_NAME, Chunk, Discovered, Format, SourceFile, discover
 from .tsv import BadRows
 
 #: Peak bytes allocated while parsing a TSV chunk, per byte of chunk (checked by
@@ -117,6 +112,14 @@ class _Checkpoint:
     bad_rows: int
 
 
+def _reopen(path: Path) -> int:
+    """A partial output of an earlier run, opened to continue it (never through a symlink)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
 class _PartWriter:
     """Appends parsed rows to the three ``.partial`` files of one part; ``commit`` renames them.
 
@@ -135,20 +138,24 @@ class _PartWriter:
         self.bad_rows = self.start.bad_rows if self.start else 0
         self.files: list[BinaryIO] = []
         for tmp, (_, dtype, width) in zip(self.temps, COLUMNS, strict=True):
-            f = tmp.open("r+b" if self.start else "wb")
+            f = os.fdopen(_reopen(tmp) if self.start else create_new(tmp), "r+b")
             f.truncate(self.rows * width * dtype.itemsize)
             f.seek(0, os.SEEK_END)
             self.files.append(f)
 
     def _load(self) -> _Checkpoint | None:
-        try:
-            cp = _Checkpoint(**json.loads(self.resume_file.read_text()))
-        except (OSError, ValueError, TypeError):
+        if not os.path.lexists(self.resume_file):
             return None
+        try:
+            cp = _Checkpoint(**json.loads(read_small(self.resume_file, MAX_RECORD_BYTES)))
+        except (DataError, ValueError, TypeError, RecursionError):
+            return None  # not a checkpoint this shardrec wrote: start the part again
         if (cp.source, cp.source_size, cp.source_mtime_ns) != self.key:
             return None
         for tmp, (_, dtype, width) in zip(self.temps, COLUMNS, strict=True):
-            if not tmp.is_file() or tmp.stat().st_size < cp.rows * width * dtype.itemsize:
+            if tmp.is_symlink() or not tmp.is_file():
+                return None
+            if tmp.stat().st_size < cp.rows * width * dtype.itemsize:
                 return None
         return cp
 
@@ -257,14 +264,19 @@ def preprocess(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
     progress: bool = True,
+    force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> PreprocessReport:
     """Convert raw Criteo at ``src`` into the preprocessed layout at ``dst`` (see the module
     docstring).
 
-    ``workers`` (parsing threads) defaults to every core, at most 8; 1 parses in the calling
-    thread. Errors are :class:`DataError` (the finished parts stay, the unfinished one is removed,
-    and ``metadata.json`` says ``complete: false``).
+    ``dst`` must be new, empty, or the output of an earlier run on the same sources (which is
+    resumed); anything else is refused unless ``force``, which writes there anyway and first
+    removes the files an earlier run on other sources listed. The run holds ``dst``'s lock
+    (:mod:`.outdir`): a second run on the same ``dst`` is refused at once. ``workers`` (parsing
+    threads) defaults to every core, at most 8; 1 parses in the calling thread. Errors are
+    :class:`DataError` (the finished parts stay, the unfinished one is removed, and
+    ``metadata.json`` says ``complete: false``).
     """
     start = time.perf_counter()
     found = discover(src, format)
@@ -278,19 +290,65 @@ def preprocess(
         raise DataError(
             f"{root}: write the preprocessed output to another directory than the source"
         )
+    with claim_output(root) as out:
+        earlier = _earlier_parts(out, tuple(str(f.path.resolve()) for f in found.files), force)
+        report = _run(
+            found,
+            root,
+            earlier,
+            bad_rows=bad_rows,
+            workers=workers,
+            chunk_bytes=chunk_bytes,
+            checkpoint_bytes=checkpoint_bytes,
+            progress=progress,
+            log=log,
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _earlier_parts(out: OutputDir, sources: tuple[str, ...], force: bool) -> dict[str, PartMeta]:
+    """The parts an earlier run on the same sources left in ``out`` (to resume); refuses any other
+    content unless ``force``."""
+    root = out.root
+    if METADATA_NAME not in out.entries:
+        if out.entries and not force:
+            refuse_non_empty(out, "preprocess")
+        return {}
     try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{root}: cannot create the output directory: {e.strerror or e}") from None
-    sources = tuple(str(f.path.resolve()) for f in found.files)
-    earlier: dict[str, PartMeta] = {}
-    if (root / METADATA_NAME).exists():
         old = read_metadata(root)
-        if old.sources != sources:
-            raise DataError(
-                f"{root}: holds the preprocessed output of other sources; use an empty directory"
-            )
-        earlier = {p.name: p for p in old.parts}
+    except DataError:
+        if not force:
+            raise
+        return {}  # unreadable: its metadata.json is replaced, other files are left alone
+    if old.sources == sources:
+        return {p.name: p for p in old.parts}
+    if not force:
+        raise DataError(
+            f"{root}: holds the preprocessed output of other sources; use an empty directory, "
+            "or --force (force=True) to replace it"
+        )
+    for part in old.parts:
+        for suffix, _, _ in COLUMNS:
+            for name in (f"{part.name}.{suffix}", f"{part.name}.{suffix}.partial"):
+                (root / name).unlink(missing_ok=True)
+        (root / f"{part.name}.resume.json").unlink(missing_ok=True)
+    return {}
+
+
+def _run(
+    found: Discovered,
+    root: Path,
+    earlier: dict[str, PartMeta],
+    *,
+    bad_rows: BadRows,
+    workers: int,
+    chunk_bytes: int,
+    checkpoint_bytes: int,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> PreprocessReport:
+    sources = tuple(str(f.path.resolve()) for f in found.files)
     report = PreprocessReport(root)
     done: dict[str, PartMeta] = {}
     todo: list[SourceFile] = []
@@ -351,5 +409,4 @@ def preprocess(
     finally:
         bar.close()
     report.rows = sum(p.rows for p in done.values())
-    report.seconds = time.perf_counter() - start
     return report

@@ -26,6 +26,10 @@ COLUMN_NAMES: Final = ("label", *DENSE_NAMES, *SPARSE_NAMES)
 SPARSE_KEYS: Final = tuple(f"cat_{i}" for i in range(NUM_SPARSE))
 #: Stored for an empty categorical field; never a valid id (ids are unsigned 32-bit hashes).
 MISSING_ID: Final = -1
+#: The largest id a categorical may hold: Criteo's ids are 32-bit hashes (8 hex digits).
+MAX_ID: Final = (1 << 32) - 1
+#: The largest dense value the transform gives: log(1 + x) of the largest 18-digit count.
+DENSE_MAX: Final = 41.5
 #: Row 0 of every table is reserved for a missing categorical value.
 RESERVED_ROW: Final = 0
 

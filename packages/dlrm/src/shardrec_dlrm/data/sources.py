@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import BinaryIO, Final, Literal
 
 from .errors import DataError
+from .files import open_regular
 from .schema import COLUMN_NAMES, NUM_FIELDS
 
 Format = Literal["auto", "tsv", "csv", "preprocessed"]
 FORMATS: Final = ("auto", "tsv", "csv", "preprocessed")
 Layout = Literal["kaggle", "terabyte", "files"]
 METADATA_NAME: Final = "metadata.json"
+#: The longest raw line read: Criteo rows are a few hundred bytes, a CSV header about as long.
+MAX_LINE_BYTES: Final = 64 << 10
 _DAY = re.compile(r"^day_(\d+)(\.gz)?$")
 _KAGGLE = ("train.txt", "train.txt.gz")
 _IGNORED_SUFFIXES = (".json", ".md")
@@ -71,19 +74,26 @@ def _part_name(path: Path) -> str:
 
 
 def _check_readable(path: Path) -> None:
+    fd = open_regular(path)
     try:
-        with path.open("rb") as f:
-            f.read(1)
+        os.read(fd, 1)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _open_raw(path: Path) -> BinaryIO:
+    """A raw source opened for reading: a regular file (a FIFO or a device is refused)."""
+    return os.fdopen(open_regular(path), "rb")
 
 
 def is_gzip(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
+    with _open_raw(path) as f:
+        try:
             return f.read(2) == _GZIP_MAGIC
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def _first_line(path: Path) -> bytes:
@@ -119,7 +129,7 @@ def discover(path: str | os.PathLike[str], format: Format = "auto") -> Discovere
     if not root.exists():
         raise DataError(f"{root}: no such file or directory")
     if root.is_dir():
-        if (root / METADATA_NAME).exists() and format in ("auto", "preprocessed"):
+        if os.path.lexists(root / METADATA_NAME) and format in ("auto", "preprocessed"):
             return Discovered(root, "preprocessed", "files", ())
         if format == "preprocessed":
             raise DataError(f"{root}: not a preprocessed directory (no {METADATA_NAME})")
@@ -166,11 +176,7 @@ def discover(path: str | os.PathLike[str], format: Format = "auto") -> Discovere
 @contextmanager
 def open_binary(path: Path) -> Iterator[BinaryIO]:
     """Open a plain or gzip file for binary reading; an unreadable file is a :class:`DataError`."""
-    try:
-        raw = path.open("rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    with raw:
+    with _open_raw(path) as raw:
         if raw.read(2) == _GZIP_MAGIC:
             raw.seek(0)
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
@@ -224,21 +230,30 @@ def iter_chunks(
     skip_lines: int = 0,
     start_offset: int = 0,
     first_line: int = 1,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[Chunk]:
     """Stream ``path`` in chunks of about ``chunk_bytes``, each holding whole lines.
 
-    Memory: one chunk plus the tail of the line that straddles two reads (a line longer than
-    ``chunk_bytes`` grows the buffer to that line). ``skip_lines`` drops leading lines (a CSV
-    header). ``start_offset``/``first_line`` resume after a chunk's ``end_offset``.
+    Memory: one chunk plus the start of the line that straddles two reads. That line may be at
+    most ``max(max_line_bytes, chunk_bytes)`` long: a longer one is a :class:`DataError` as soon as
+    that many bytes passed without a newline, so a file without newlines costs no more memory than
+    a good one. ``skip_lines`` drops leading lines (a CSV header). ``start_offset``/``first_line``
+    resume after a chunk's ``end_offset``.
     """
     line_no = first_line
     offset = start_offset
-    carry = b""
-    try:
-        raw = path.open("rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    with raw:
+    limit = max(max_line_bytes, chunk_bytes)
+    # the start of the line that straddles reads, in pieces (joined once, when its newline comes)
+    carry: list[bytes] = []
+    carried = 0
+
+    def too_long() -> DataError:
+        return DataError(
+            f"{path}:{line_no}: a line longer than {limit} bytes (no newline in them); Criteo "
+            "rows are a few hundred bytes: is this a text file of rows?"
+        )
+
+    with _open_raw(path) as raw:
         gz = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
         stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw  # type: ignore[assignment]
@@ -248,13 +263,21 @@ def iter_chunks(
                 block = stream.read(chunk_bytes)
                 if not block:
                     break
-                data = carry + block if carry else block
-                cut = data.rfind(b"\n") + 1
+                cut = block.rfind(b"\n") + 1
                 if cut == 0:
-                    carry = data
+                    carry.append(block)
+                    carried += len(block)
+                    if carried > limit:
+                        raise too_long()
                     continue
-                carry = data[cut:]
-                data = data[:cut]
+                if carry:
+                    if carried + block.find(b"\n") > limit:
+                        raise too_long()
+                    data = b"".join([*carry, block[:cut]])
+                else:
+                    data = block[:cut] if cut < len(block) else block
+                carry = [block[cut:]] if cut < len(block) else []
+                carried = len(block) - cut
                 while skip_lines and data:
                     nl = data.find(b"\n") + 1
                     data = data[nl:]
@@ -269,4 +292,4 @@ def iter_chunks(
         except (EOFError, OSError, zlib.error) as e:
             raise _stream_error(path, e) from None
         if carry and not skip_lines:  # a last line without its newline
-            yield Chunk(line_no, carry + b"\n", raw.tell(), offset + len(carry), 1)
+            yield Chunk(line_no, b"".join([*carry, b"\n"]), raw.tell(), offset + carried, 1)

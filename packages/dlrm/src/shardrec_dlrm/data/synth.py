@@ -36,8 +36,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import DataError
-from .layout import atomic_write_bytes
+from .files import MAX_RECORD_BYTES, atomic_write_bytes, create_new, read_small
 from .metrics import log_loss, roc_auc
+from .outdir import claim_output, refuse_non_empty
 from .schema import NUM_DENSE, NUM_SPARSE
 from .splits import Segment, SplitName, split_segments
 from .textwrite import format_tsv
@@ -98,7 +99,8 @@ class PlantedModel:
             arrays[f"ids_{j}"] = self.ids[j]
             arrays[f"weights_{j}"] = self.weights[j]
         tmp = path.with_name(path.name + ".partial.npz")
-        np.savez(tmp, allow_pickle=False, **arrays)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            np.savez(f, allow_pickle=False, **arrays)
         os.replace(tmp, path)
 
 
@@ -219,18 +221,27 @@ def synth(
     *,
     rows: int,
     seed: int = 0,
+    force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> SynthInfo:
-    """Write ``rows`` planted rows to ``dst/train.txt`` and the optimum to ``dst/synth.json``."""
+    """Write ``rows`` planted rows to ``dst/train.txt`` and the optimum to ``dst/synth.json``.
+
+    ``dst`` must be new or empty unless ``force`` (which replaces the three files, and leaves any
+    other file there alone); the run holds ``dst``'s lock (:mod:`.outdir`).
+    """
     if rows < 14:
         raise ValueError(
             f"rows must be at least 14 (7 Kaggle parts with a val and a test row), got {rows}"
         )
-    root = Path(dst)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{root}: cannot create the output directory: {e.strerror or e}") from None
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    with claim_output(Path(dst)) as out:
+        if out.entries and not force:
+            refuse_non_empty(out, "synth")
+        return _synth(out.root, rows, seed, log)
+
+
+def _synth(root: Path, rows: int, seed: int, log: Callable[[str], None] | None) -> SynthInfo:
     start = time.perf_counter()
     cards = scaled_cardinalities(rows)
     rng = np.random.default_rng([seed, 0])
@@ -254,7 +265,7 @@ def synth(
     }
     positives = 0
     tmp = root / (DATA_NAME + ".partial")
-    with tmp.open("wb") as out:
+    with os.fdopen(create_new(tmp), "wb") as out:
         for index, lo in enumerate(range(0, rows, CHUNK_ROWS)):
             n = min(CHUNK_ROWS, rows - lo)
             chunk_rng = np.random.default_rng([seed, 2, index])
@@ -295,10 +306,14 @@ def synth(
 
 
 def read_synth_info(root: str | os.PathLike[str]) -> SynthInfo:
-    """Read ``synth.json`` back (the trainer prints its optimum beside the AUC it reached)."""
+    """Read ``synth.json`` back (the trainer prints its optimum beside the AUC it reached).
+
+    It must be a regular file of at most 1 MiB; anything else is a one-line :class:`DataError`.
+    """
     path = Path(root) / INFO_NAME
+    text = read_small(path, MAX_RECORD_BYTES)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
         return SynthInfo(
             rows=int(raw["rows"]),
             seed=int(raw["seed"]),
@@ -309,7 +324,5 @@ def read_synth_info(root: str | os.PathLike[str]) -> SynthInfo:
             data_file=str(raw["data_file"]),
             model_file=str(raw["model_file"]),
         )
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise DataError(f"{path}: malformed synth.json ({e})") from None

@@ -2,9 +2,9 @@
 
 No Python loop runs per row: field boundaries come from one scan for tabs and newlines, and numbers
 are assembled digit by digit over all fields at once (right-aligned, one pass per digit position). A
-row with the wrong number of fields, a label other than 0/1, a dense value that is not an integer or
-a categorical that is not hex is an error naming the file and line, or is dropped and counted with
-``bad_rows="skip"``.
+row with the wrong number of fields, a label other than 0/1, a dense value that is not an integer of
+at most 18 digits, or a categorical that is not a 32-bit hex id (at most 15 digits, leading zeros
+allowed) is an error naming the file and line, or is dropped and counted with ``bad_rows="skip"``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy.typing as npt
 from .errors import row_error
 from .schema import (
     DENSE_NAMES,
+    MAX_ID,
     MISSING_ID,
     NUM_DENSE,
     NUM_FIELDS,
@@ -152,6 +153,8 @@ def _describe(line: bytes, sep: str) -> str:
     for name, value in zip(SPARSE_NAMES, fields[1 + NUM_DENSE :], strict=True):
         if value and (len(value) > _MAX_HEX_DIGITS or not set(value) <= _HEX_DIGITS):
             return f"{name} is not a hex id: {value!r}"
+        if value and int(value, 16) > MAX_ID:
+            return f"{name} is not a 32-bit hex id: {value!r}"
     return "malformed row"
 
 
@@ -194,6 +197,7 @@ def parse_tsv(
     )
     sparse_lens = lens[:, 1 + NUM_DENSE :]
     sparse, sparse_bad = _parse_numbers(buf, words, ends[:, 1 + NUM_DENSE :], sparse_lens, base=16)
+    sparse_bad |= sparse > MAX_ID
     sparse[sparse_lens == 0] = MISSING_ID
     bad = ~label_ok | dense_bad.any(axis=1) | sparse_bad.any(axis=1)
     rows = Rows((label_char == ord("1")).view(np.uint8), transform_dense(dense), sparse)
