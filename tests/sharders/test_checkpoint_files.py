@@ -27,36 +27,7 @@ from shardrec.distributed.checkpoint import (
 from shardrec.modules import EmbeddingBagCollection
 from shardrec.modules.configs import EmbeddingBagConfig
 
-
-def make_model(seed: int, optimizer: str = "rowwise_adagrad") -> nn.Module:
-    torch.manual_seed(seed)
-    configs = [
-        EmbeddingBagConfig(num_embeddings=50, embedding_dim=8, name="t0", feature_names=["f0"]),
-        EmbeddingBagConfig(num_embeddings=30, embedding_dim=4, name="t1", feature_names=["f1"]),
-    ]
-    model = nn.Sequential()
-    model.add_module("ebc", EmbeddingBagCollection(configs, fused_params={"optimizer": optimizer}))
-    model.add_module("top", nn.Linear(12, 1))
-    model.ebc.reset_parameters()
-    with torch.no_grad():
-        for states in model.ebc.lookup.optimizer_states().values():
-            for t in states.values():
-                t.uniform_(0, 1)
-    return model
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for table, states in model.ebc.lookup.optimizer_states().items():
-        for name, t in states.items():
-            out[f"state.{table}.{name}"] = t.clone()
-    return out
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from ._checkpoint_helpers import assert_same, make_model, reseal, snapshot
 
 
 def test_round_trip_with_fused_and_dense_optimizer_state(tmp_path: Path) -> None:
@@ -135,6 +106,9 @@ class _Boom:
 def test_metadata_that_would_run_code_is_refused(tmp_path: Path) -> None:
     path = save(tmp_path, make_model(0), step=1)
     (path / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(CheckpointError, match=r"\.metadata: wrong size"):
+        load(tmp_path, make_model(1))  # verification sees the change first...
+    reseal(path)  # ...and a forger who recomputes the checksums meets the allow-list
     with pytest.raises(CheckpointError, match=r"refusing to unpickle (posix|os|nt)\.system"):
         load(tmp_path, make_model(1))
     assert not (Path.cwd() / "pwned.txt").exists()

@@ -1,17 +1,29 @@
 """Sharded checkpoints that load at any world size, through torch.distributed.checkpoint.
 
-``save(root, model, step=..., optimizer=...)`` writes ``root/step-N`` atomically; ``load(path,
-model)`` loads the newest (or a given) checkpoint into a model sharded by any plan, at any world
-size, or into the unsharded model; ``latest(root)`` finds the newest complete one.
-``sharded_state_dict`` /
-``load_sharded_state_dict`` are the in-memory halves (what ``DistributedModelParallel.state_dict``
-returns). See docs/checkpoints.md.
+``save(root, model, step=..., optimizer=...)`` writes ``root/step-N`` atomically, with the size and
+SHA-256 of every file in its ``shardrec.json``; ``load(path, model)`` verifies, then loads the
+newest (or a given) checkpoint into a model sharded by any plan, at any world size, or into the
+unsharded model. ``verify(path)`` checks a checkpoint's files, ``checkpoints(root)`` lists the
+complete ones newest first, ``latest(root)`` is the newest, and ``prune(root, keep)`` deletes old
+ones. ``sharded_state_dict`` / ``load_sharded_state_dict`` are the in-memory halves (what
+``DistributedModelParallel.state_dict`` returns). See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
-from shardrec.distributed.checkpoint.errors import CheckpointError
-from shardrec.distributed.checkpoint.files import latest, load, read_sidecar, save, step_dir
+from shardrec.distributed.checkpoint.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    UnverifiedCheckpointWarning,
+)
+from shardrec.distributed.checkpoint.files import load, save, step_dir
+from shardrec.distributed.checkpoint.integrity import (
+    checkpoints,
+    latest,
+    prune,
+    read_sidecar,
+    verify,
+)
 from shardrec.distributed.checkpoint.safe_reader import SafeFileSystemReader, read_metadata_file
 from shardrec.distributed.checkpoint.sharded_state import (
     load_sharded_state_dict,
@@ -20,13 +32,18 @@ from shardrec.distributed.checkpoint.sharded_state import (
 
 __all__ = [
     "CheckpointError",
+    "CorruptCheckpointError",
     "SafeFileSystemReader",
+    "UnverifiedCheckpointWarning",
+    "checkpoints",
     "latest",
     "load",
     "load_sharded_state_dict",
+    "prune",
     "read_metadata_file",
     "read_sidecar",
     "save",
     "sharded_state_dict",
     "step_dir",
+    "verify",
 ]

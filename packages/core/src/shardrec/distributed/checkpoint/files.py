@@ -1,5 +1,4 @@
-"""Checkpoint directories on disk: ``save``, ``load`` and ``latest`` over
-torch.distributed.checkpoint.
+"""Checkpoint directories on disk: ``save`` and ``load`` over torch.distributed.checkpoint.
 
 Layout under a root directory::
 
@@ -8,51 +7,71 @@ Layout under a root directory::
       step-00000200/
       .tmp-step-00000300/   a save in progress (or one that crashed): never read
 
-A save writes everything into ``.tmp-step-N`` (DCP fsyncs each file), then rank 0 writes
-``shardrec.json`` (step, format, shapes, dense optimizer hyper-parameters), fsyncs it and the
-directory, and renames the directory to ``step-N`` in one atomic ``rename``. A crash at any point
-leaves the earlier ``step-*`` directories untouched, and :func:`latest` only sees complete ones. All
-ranks must see the same file system (one host, or a shared mount).
+A save writes everything into ``.tmp-step-N`` (DCP fsyncs each file; every file is created with
+``O_EXCL | O_NOFOLLOW``), then rank 0 hashes every file, writes ``shardrec.json`` (step, format,
+shapes, dense optimizer hyper-parameters, the file list with sizes and SHA-256, its own checksum),
+fsyncs it and the directory, and renames the directory to ``step-N`` in one atomic ``rename``. A
+crash at any point leaves the earlier ``step-*`` directories untouched, and ``latest`` only sees
+complete ones. All ranks must see the same file system (one host, or a shared mount).
 
-Loading never unpickles code: tensors come back through ``torch.load(weights_only=True)`` inside
-DCP, DCP's metadata through an allow-listed unpickler, and ours from JSON. Every key and shape is
-checked against the model before any weight is written.
+A load first verifies the checkpoint (rank 0 hashes its files; every rank checks its structure and
+the verdicts are agreed, so all ranks raise together or none does). Loading never unpickles code:
+tensors come back through ``torch.load(weights_only=True)`` inside DCP, DCP's metadata through an
+allow-listed unpickler, and ours from JSON; only tensor entries the model expects are read, each
+checked against the model's shape before anything is allocated.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from shardrec.distributed.checkpoint.errors import CheckpointError
-from shardrec.distributed.checkpoint.safe_reader import SafeFileSystemReader, read_metadata_file
+from shardrec.distributed.checkpoint.dense_optim import (
+    DENSE,
+    dense_optimizer_state,
+    dense_tables,
+    dense_targets,
+    load_dense,
+)
+from shardrec.distributed.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from shardrec.distributed.checkpoint.integrity import (
+    FILES,
+    FORMAT,
+    SIDECAR,
+    fsync_dir,
+    latest,
+    list_files,
+    read_sidecar,
+    sealed_sidecar,
+    verify,
+)
+from shardrec.distributed.checkpoint.safe_files import SafeFileSystem, create_member
+from shardrec.distributed.checkpoint.safe_reader import (
+    METADATA,
+    SafeFileSystemReader,
+    read_metadata_file,
+    tensor_entries,
+    tensor_only_planner,
+)
 from shardrec.distributed.checkpoint.sharded_state import (
     check_shapes,
     load_sharded_state_dict,
     quiet_sharded_tensor,
     sharded_state_dict,
-    sharded_tables,
     state_shapes,
-    unwrap,
 )
-
-FORMAT: Final = "shardrec-dcp/1"
-SIDECAR: Final = "shardrec.json"
-_STEP_DIR: Final = re.compile(r"^(\.old-)?step-(\d+)$")
-_DENSE: Final = "dense_optim"
 
 
 def _dist_on(pg: dist.ProcessGroup | None) -> bool:
@@ -63,101 +82,31 @@ def _rank(pg: dist.ProcessGroup | None) -> int:
     return dist.get_rank(pg) if _dist_on(pg) else 0
 
 
-def _barrier(pg: dist.ProcessGroup | None) -> None:
-    if _dist_on(pg):
-        dist.barrier(group=pg)
+def _agree(pg: dist.ProcessGroup | None, error: CheckpointError | None) -> None:
+    """A collective in place of a barrier: if any rank failed, every rank raises the first
+    failure (by rank), so no rank is left waiting in a later collective."""
+    if not _dist_on(pg) or dist.get_world_size(pg) == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (isinstance(error, CorruptCheckpointError), str(error))
+    verdicts: list[Any] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(verdicts, mine, group=pg)
+    for verdict in verdicts:
+        if verdict is not None:
+            corrupt, message = verdict
+            raise (CorruptCheckpointError if corrupt else CheckpointError)(message) from error
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _remove(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
-
-
-def _complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / SIDECAR).is_file()
-
-
-def latest(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, or None if there is none.
-
-    A re-save of step N moves the old ``step-N`` aside as ``.old-step-N`` for a moment; a crash in
-    that moment leaves no ``step-N``, and the old one is found there.
-    """
-    base = Path(root)
-    if not base.is_dir():
-        return None
-    best: tuple[int, int, Path] | None = None
-    for child in sorted(base.iterdir()):
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and _complete(child):
-            rank = (int(m.group(2)), 0 if m.group(1) else 1)  # step-N before .old-step-N
-            if best is None or rank > best[:2]:
-                best = (*rank, child)
-    return best[2] if best else None
-
-
-def param_names(model: nn.Module) -> dict[int, str]:
-    """``id(param)`` -> its name; a data-parallel table's weight is named by its unsharded key, so
-    its optimizer state follows it to any plan where the table is data-parallel again."""
-    root = unwrap(model)
-    names = {id(p): n for n, p in root.named_parameters()}
-    tables, _ = sharded_tables(root)
-    by_ptr = {
-        (t.shards.weight[0].tensor.data_ptr(), tuple(t.shards.weight[0].tensor.shape)): t.key
-        for t in tables
-        if t.shards.replicated and t.shards.weight
-    }
-    for p in root.parameters():
-        key = by_ptr.get((p.data_ptr(), tuple(p.shape)))
-        if key is not None:
-            names[id(p)] = key
-    return names
-
-
-def _dense_tables(model: nn.Module) -> list[str]:
-    """Tables trained by a torch optimizer (data-parallel: replicated, no fused state)."""
-    tables, _ = sharded_tables(unwrap(model))
-    return sorted(t.key for t in tables if t.shards.replicated and not t.shards.optimizer_state)
-
-
-def _dense_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors keyed ``<param name>.<state>``, and the JSON part (hyper-parameters, scalar
-    states)."""
-    names = param_names(model)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    missing = [i for i, p in enumerate(params) if id(p) not in names]
-    if missing:
-        raise CheckpointError(
-            f"the optimizer holds {len(missing)} parameter(s) that are not the model's "
-            f"(positions {missing[:5]}): give the optimizer of this model"
-        )
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, state in sd["state"].items():
-        fqn = names[id(params[index])]
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{fqn}.{key}"] = value
-            else:
-                scalars.setdefault(fqn, {})[key] = value
-    groups = []
-    flat = 0
-    for group in sd["param_groups"]:
-        entry = {k: v for k, v in group.items() if k != "params"}
-        entry["params"] = [names[id(params[flat + i])] for i in range(len(group["params"]))]
-        flat += len(group["params"])
-        groups.append(entry)
-    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def save(
@@ -172,78 +121,79 @@ def save(
 
     Collective: every rank calls it with the same ``root`` and ``step``. The fused optimizer state
     of sharded tables is always saved; ``optimizer`` adds a torch optimizer's state (dense
-    parameters), keyed by parameter name. Returns the checkpoint directory.
+    parameters), keyed by parameter name. The sidecar ``shardrec.json`` lists every file written,
+    with its size and SHA-256 (see :func:`verify`). Returns the checkpoint directory.
     """
     if step < 0:
         raise CheckpointError(f"step must be >= 0, got {step}")
     base = Path(root)
     final = step_dir(base, step)
     tmp = base / f".tmp-{final.name}"
+    old = base / f".old-{final.name}"
     rank = _rank(pg)
+    error: CheckpointError | None = None
     if rank == 0:
-        base.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a crashed save of the same step
-        old = base / f".old-{final.name}"
-        if old.exists() and final.exists():
-            shutil.rmtree(old)  # a crash after a re-save completed, before its cleanup
-    _barrier(pg)
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)  # a crashed save of the same step
+            if final.exists():
+                _remove(old)  # a crash after a re-save completed, before its cleanup
+            os.mkdir(tmp)
+        except OSError as exc:
+            error = CheckpointError(f"{tmp}: cannot prepare the checkpoint directory ({exc})")
+    _agree(pg, error)
 
     state: dict[str, Any] = dict(sharded_state_dict(model, pg))
-    sidecar: dict[str, Any] = {
+    body: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
         "shapes": {k: list(shape) for k, (shape, _) in state_shapes(state).items()},
-        "dense_tables": _dense_tables(model),
+        "dense_tables": dense_tables(model),
     }
     if optimizer is not None:
-        tensors, meta = _dense_optimizer_state(model, optimizer)
-        state[_DENSE] = tensors
-        sidecar["dense_optimizer"] = meta
+        tensors, meta = dense_optimizer_state(model, optimizer)
+        state[DENSE] = tensors
+        body["dense_optimizer"] = meta
     try:
-        text = json.dumps(sidecar, indent=1, sort_keys=True)
-    except TypeError as exc:
+        json.dumps(body)
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"optimizer hyper-parameters are not JSON values: {exc}") from exc
 
     writer = FileSystemWriter(tmp, sync_files=True)
+    writer.fs = SafeFileSystem(tmp)
+    writer.path = tmp
     with quiet_sharded_tensor():
         dcp_save(state, storage_writer=writer, process_group=pg, no_dist=not _dist_on(pg))
-    _barrier(pg)
+    _agree(pg, None)  # every rank's files are written and fsynced
     if rank == 0:
-        with (tmp / SIDECAR).open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = base / f".old-{final.name}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(base)
-        if old.exists():
-            shutil.rmtree(old)
-    _barrier(pg)
+        try:
+            body[FILES] = list_files(tmp)
+            with create_member(tmp, SIDECAR) as f:
+                f.write(sealed_sidecar(body).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            fsync_dir(base)
+            _remove(old)
+        except OSError as exc:
+            error = CheckpointError(f"{tmp}: cannot complete the checkpoint ({exc})")
+        except CheckpointError as exc:
+            error = exc
+    _agree(pg, error)
     return final
 
 
 def _resolve(path: str | Path) -> Path:
     p = Path(path)
-    if _complete(p):
+    if (p / METADATA).is_file() and (p / SIDECAR).is_file():
         return p
     found = latest(p)
     if found is None:
         raise CheckpointError(f"{p}: no complete checkpoint here (nor a step-* directory with one)")
     return found
-
-
-def read_sidecar(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((path / SIDECAR).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path / SIDECAR}: unreadable ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path / SIDECAR}: not a {FORMAT} checkpoint")
-    return data
 
 
 def load(
@@ -256,30 +206,82 @@ def load(
 ) -> int:
     """Load a checkpoint into ``model`` (any plan, any world size, or unsharded); returns its step.
 
-    ``path`` is a checkpoint directory or a root (then its :func:`latest`). Collective when a
-    process group is up. Raises :class:`CheckpointError` naming each missing table and each shape
-    mismatch, before anything is written. With ``strict=False`` keys missing on either side are
-    skipped (shapes are still checked).
+    ``path`` is a checkpoint directory or a root (then its newest complete checkpoint). Collective
+    when a process group is up. The checkpoint is verified first (:func:`verify`, on rank 0; a
+    :class:`CorruptCheckpointError` on every rank if it fails). Raises :class:`CheckpointError`
+    naming each missing table and each shape mismatch, before anything is written. With
+    ``strict=False`` keys missing on either side are skipped (shapes are still checked, and only
+    tensor entries the model expects are read).
     """
-    ckpt = _resolve(path)
-    sidecar = read_sidecar(ckpt)
-    metadata = read_metadata_file(ckpt)
     target: dict[str, Any] = dict(sharded_state_dict(model, pg, copy=True))
+    error: CheckpointError | None = None
+    ckpt = Path(path)
+    sidecar: dict[str, Any] = {}
+    dense_plan: dict[str, torch.Tensor] | None = None
+    try:
+        ckpt = _resolve(path)
+        if _rank(pg) == 0:
+            verify(ckpt)
+        sidecar = read_sidecar(ckpt)
+        metadata = read_metadata_file(ckpt)
+        _select(ckpt, sidecar, metadata, target, model, strict)
+        dense_plan = dense_targets(ckpt, sidecar, tensor_entries(metadata), model, optimizer)
+    except CheckpointError as exc:
+        error = exc
+    _agree(pg, error)
+    if dense_plan is not None:
+        target[DENSE] = dense_plan
+    try:
+        with quiet_sharded_tensor():
+            dcp_load(
+                target,
+                storage_reader=SafeFileSystemReader(ckpt),
+                planner=tensor_only_planner(ckpt),
+                process_group=pg,
+                no_dist=not _dist_on(pg),
+            )
+    except CheckpointException as exc:
+        raise CheckpointError(_first_failure(ckpt, exc)) from None
+    load_sharded_state_dict(
+        model,
+        {k: v for k, v in target.items() if k in ("model", "optim")},
+        strict=False,  # checked above against the checkpoint as a whole
+    )
+    if optimizer is not None and dense_plan is not None:
+        load_dense(model, optimizer, sidecar["dense_optimizer"], dense_plan)
+    return int(sidecar["step"])
+
+
+def _select(
+    ckpt: Path,
+    sidecar: dict[str, Any],
+    metadata: Metadata,
+    target: dict[str, Any],
+    model: nn.Module,
+    strict: bool,
+) -> None:
+    """Check the checkpoint's entries against ``target`` and cut ``target`` to what is read."""
     expected = state_shapes(target)
     has_fused = bool(target.get("optim"))
     sections = ("model", "optim") if has_fused else ("model",)
     if not has_fused:
         target.pop("optim", None)
+    entries = tensor_entries(metadata)
+    for key, (_, section) in expected.items():
+        if isinstance(metadata.state_dict_metadata.get(f"{section}.{key}"), BytesStorageMetadata):
+            raise CheckpointError(
+                f"{ckpt / METADATA}: entry {section}.{key} is stored as pickled bytes, not a "
+                "tensor; shardrec loads only tensors"
+            )
     found: dict[str, tuple[int, ...]] = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata):
-            for section in sections:
-                if key.startswith(f"{section}."):
-                    found[key[len(section) + 1 :]] = tuple(md.size)
+    for key, md in entries.items():
+        for section in sections:
+            if key.startswith(f"{section}."):
+                found[key[len(section) + 1 :]] = tuple(md.size)
     # A table data-parallel when saved had no fused state: under a fused sharding now, its state
     # starts fresh. A table data-parallel now takes no fused state: what was saved is left out.
     was_dense = set(sidecar.get("dense_tables", []))
-    now_dense = set(_dense_tables(model))
+    now_dense = set(dense_tables(model))
     for key in [k for k, (_, sec) in expected.items() if sec == "optim" and k not in found]:
         if key.rpartition(".")[0] in was_dense:
             del expected[key]
@@ -290,88 +292,15 @@ def load(
     if not strict:
         for section in list(target):
             target[section] = {
-                k: v
-                for k, v in target[section].items()
-                if f"{section}.{k}" in metadata.state_dict_metadata
+                k: v for k, v in target[section].items() if f"{section}.{k}" in entries
             }
-    dense_plan = _dense_targets(sidecar, metadata.state_dict_metadata, model, optimizer)
-    if dense_plan is not None:
-        target[_DENSE] = dense_plan
-    with quiet_sharded_tensor():
-        dcp_load(
-            target,
-            storage_reader=SafeFileSystemReader(ckpt),
-            process_group=pg,
-            no_dist=not _dist_on(pg),
-        )
-    load_sharded_state_dict(
-        model,
-        {k: v for k, v in target.items() if k in ("model", "optim")},
-        strict=False,  # checked above against the checkpoint as a whole
-    )
-    if optimizer is not None and dense_plan is not None:
-        _load_dense(model, optimizer, sidecar["dense_optimizer"], dense_plan)
-    return int(sidecar["step"])
 
 
-def _dense_targets(
-    sidecar: Mapping[str, Any],
-    md: Mapping[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-) -> dict[str, torch.Tensor] | None:
-    if optimizer is None:
-        return None
-    if sidecar.get("dense_optimizer") is None:
-        raise CheckpointError(
-            "the checkpoint holds no dense optimizer state, but an optimizer was given"
-        )
-    names = param_names(model)
-    current = {names.get(id(p)) for group in optimizer.param_groups for p in group["params"]}
-    out: dict[str, torch.Tensor] = {}
-    prefix = f"{_DENSE}."
-    for key, entry in md.items():
-        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata):
-            inner = key[len(prefix) :]
-            if inner.rpartition(".")[0] in current:
-                out[inner] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-    return out
-
-
-def _load_dense(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    meta: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-) -> None:
-    """Parameters are matched by name: state of a parameter the checkpoint lacks stays fresh (a
-    table that was not data-parallel when saved), and saved state of a parameter this model lacks
-    is left out (a table that is no longer data-parallel). Group ``i`` takes saved group ``i``'s
-    hyper-parameters."""
-    names = param_names(model)
-    if len(meta["param_groups"]) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"the optimizer has {len(optimizer.param_groups)} parameter group(s), the "
-            f"checkpoint's had {len(meta['param_groups'])}"
-        )
-    current = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
-    index = {fqn: i for i, fqn in enumerate(current) if fqn is not None}
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        fqn, _, name = key.rpartition(".")
-        if fqn in index:
-            state.setdefault(index[fqn], {})[name] = tensor
-    for fqn, values in meta.get("scalars", {}).items():
-        if fqn in index:
-            state.setdefault(index[fqn], {}).update(values)
-    groups = []
-    flat = 0
-    for group, live in zip(meta["param_groups"], optimizer.param_groups, strict=True):
-        entry = {k: v for k, v in group.items() if k != "params"}
-        for k, v in live.items():
-            if isinstance(v, tuple) and isinstance(entry.get(k), list):
-                entry[k] = tuple(entry[k])
-        entry["params"] = list(range(flat, flat + len(live["params"])))
-        flat += len(live["params"])
-        groups.append(entry)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+def _first_failure(ckpt: Path, exc: CheckpointException) -> str:
+    """One line for the first rank's failure inside DCP (the same on every rank)."""
+    for _, (error, _) in sorted(exc.failures.items()):
+        if isinstance(error, CheckpointError):
+            return str(error)
+        text = str(error).splitlines()[0] if str(error) else ""
+        return f"{ckpt}: could not be read ({type(error).__name__}: {text})"
+    return f"{ckpt}: could not be read"
