@@ -130,3 +130,102 @@ def test_plugins_lists_the_builtin_sharders() -> None:
     assert "shardrec-sharders" in output
     for sharding in ("table_wise", "row_wise", "column_wise", "data_parallel"):
         assert sharding in output
+
+
+def assert_usage_error(code: int, output: str, *fragments: str) -> None:
+    """A click usage error: exit status 2, one ``Error:`` line naming what is wrong."""
+    assert code == 2, output
+    assert_one_line_error(code, output, *fragments)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "0.0", "1e-x"])
+def test_learning_rate_must_be_a_positive_number(value: str) -> None:
+    code, output = invoke("train", "--data", str(SAMPLE), "--learning-rate", value)
+    assert_usage_error(code, output, "--learning-rate", value)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--eps", "nan"),
+        ("--eps", "-1e-8"),
+        ("--val-fraction", "nan"),
+        ("--test-fraction", "1"),
+        ("--seed", "-1"),
+        ("--batch-size", "0"),
+        ("--epochs", "0"),
+        ("--keep-checkpoints", "0"),
+        ("--embedding-dim", "0"),
+    ],
+)
+def test_train_options_out_of_range_are_usage_errors(option: str, value: str) -> None:
+    code, output = invoke("train", "--data", str(SAMPLE), option, value)
+    assert_usage_error(code, output, option)
+
+
+def test_a_schedule_that_decays_before_warming_up_is_a_usage_error() -> None:
+    code, output = invoke(
+        "train", "--data", str(SAMPLE), "--lr-warmup-steps", "4", "--lr-decay-start", "2",
+        "--lr-decay-steps", "3",
+    )  # fmt: skip
+    assert_usage_error(code, output, "decay_start (2)")
+
+
+@pytest.mark.parametrize("option", ["--logdir", "--checkpoint-dir"])
+def test_output_directories_that_cannot_be_directories_are_usage_errors(
+    tmp_path: Path, option: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, output = invoke("train", "--data", str(SAMPLE), option, str(blocker))
+    assert_usage_error(code, output, option, "not a directory")
+    code, output = invoke("train", "--data", str(SAMPLE), option, str(blocker / "sub" / "dir"))
+    assert_usage_error(code, output, option, f"lies under {blocker}")
+
+
+def test_resume_and_overwrite_together_are_a_usage_error(tmp_path: Path) -> None:
+    code, output = invoke(
+        "train", "--data", str(SAMPLE), "--checkpoint-dir", str(tmp_path), "--resume", "--overwrite"
+    )
+    assert_usage_error(code, output, "choose one")
+    code, output = invoke("train", "--data", str(SAMPLE), "--overwrite")
+    assert_usage_error(code, output, "overwrite needs a checkpoint_dir")
+
+
+def test_a_config_file_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    code, output = invoke("train", "--config", str(fifo), "--data", str(SAMPLE))
+    assert_usage_error(code, output, "not a regular file")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--checkpoint", "nope/"], "--checkpoint"),
+        (["--data", "nope/"], "--data"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--val-fraction", "nan"], "--val-fraction"),
+        (["--limit-batches", "-3"], "--limit-batches"),
+        (["--split", "train"], "--split"),
+    ],
+)
+def test_evaluate_mistakes_are_usage_errors(tmp_path: Path, args: list[str], fragment: str) -> None:
+    defaults = {"--checkpoint": str(tmp_path), "--data": str(SAMPLE)}
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    merged = [item for pair in {**defaults, **given}.items() for item in pair]
+    code, output = invoke("evaluate", *merged)
+    assert_usage_error(code, output, fragment)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--world-size", "0"), ("--embedding-dim", "-4"), ("--over-arch-layer-sizes", "4,2")],
+)
+def test_plan_mistakes_are_usage_errors(option: str, value: str) -> None:
+    code, output = invoke("plan", "--world-size", "2", option, value)
+    assert_usage_error(
+        code, output, option if option != "--over-arch-layer-sizes" else "end with 1"
+    )

@@ -1,43 +1,128 @@
-"""Checkpoints of a training run, through shardrec's sharded checkpoints
+"""The checkpoint directory of a training run, through shardrec's sharded checkpoints
 (torch.distributed.checkpoint).
 
 ::
 
     CHECKPOINT_DIR/
-      run_config.json       the run's TrainConfig (what ``dlrm evaluate`` rebuilds the model from)
+      run_config.json       what the run was started with (see :mod:`.run_record`)
       step-00000100/        one checkpoint: tables and their fused optimizer state, sharded as
       step-00000200/        trained; dense layers and the dense optimizer's state; the step
 
+A directory holds one run. A run claims an empty (or new) directory by creating
+``run_config.json``; training into a directory that holds another run is refused unless the run
+resumes it (``--resume``, checked against ``run_config.json``) or replaces it (``--overwrite``).
 A checkpoint loads at any world size and with any plan (the tables are resharded as they load).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Final
 
 from torch import nn
 
-from shardrec_dlrm.config import ModelConfig, TrainConfig, load_model_config
+from shardrec_dlrm.config import ModelConfig, TrainConfig
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.parallel import ParallelState
+from shardrec_dlrm.run_record import (
+    RUN_CONFIG,
+    RunFacts,
+    read_record,
+    record_json,
+    resume_conflicts,
+    saved_model,
+)
+from shardrec_dlrm.safe_files import write_text_atomic
 from shardrec_dlrm.sharding import ShardedRun
 
-RUN_CONFIG: Final = "run_config.json"
+__all__ = [
+    "RUN_CONFIG",
+    "load_for_evaluation",
+    "prepare_checkpoint_dir",
+    "resume_step",
+    "save_checkpoint",
+    "saved_model_config",
+]
+
+#: What a run leaves in its directory besides run_config.json: checkpoints, saves in progress,
+#: checkpoints being replaced, pruned or deleted, and temporary copies of run_config.json.
+_RUN_ENTRY: Final = re.compile(
+    r"^(\.(old|tmp|pruned)-)?step-\d+$|^\.deleting-.+$|^\." + re.escape(RUN_CONFIG) + r"\..+\.tmp$"
+)
+_DELETING: Final = ".deleting-"
 
 
-def write_run_config(config: TrainConfig, state: ParallelState) -> None:
-    """Rank 0 records the run's configuration beside its checkpoints (atomically)."""
-    if config.checkpoint_dir is None or not state.is_main:
-        return
+def prepare_checkpoint_dir(config: TrainConfig, facts: RunFacts) -> None:
+    """Rank 0, before anything is loaded or saved: claims ``--checkpoint-dir`` for this run, or
+    checks that ``--resume`` continues the run it holds, or (``--overwrite``) deletes that run.
+
+    Raises :class:`UserError` naming the directory and the ways on when the directory holds
+    another run, and naming every option that a resume would change.
+    """
+    assert config.checkpoint_dir is not None
     root = Path(config.checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / RUN_CONFIG
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(config.to_json())
-    os.replace(partial, target)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --checkpoint-dir {root}: {error.strerror}") from error
+    record = root / RUN_CONFIG
+    has_record = os.path.lexists(record)
+    if config.resume and has_record:
+        conflicts = resume_conflicts(read_record(record), record, config, facts)
+        if conflicts:
+            raise UserError(
+                f"{root}: --resume would not continue its run: {'; '.join(conflicts)}. Resume "
+                "with the run's options, or train into another --checkpoint-dir"
+            )
+        return
+    entries = _run_entries(root)
+    if config.resume and entries:
+        raise UserError(
+            f"{root}: holds checkpoints but no {RUN_CONFIG}, so what they were trained with is "
+            "unknown: train into another --checkpoint-dir, or replace them with --overwrite"
+        )
+    text = record_json(config, facts)
+    if entries or has_record:
+        if not config.overwrite:
+            raise UserError(
+                f"{root} holds the checkpoints of another run: continue it with --resume, train "
+                "into another --checkpoint-dir, or delete it with --overwrite"
+            )
+        _remove(entries)
+        write_text_atomic(record, text, exclusive=False)
+        return
+    try:
+        write_text_atomic(record, text, exclusive=True)
+    except FileExistsError as error:
+        raise UserError(f"{root}: another run claimed this directory just now") from error
+
+
+def _run_entries(root: Path) -> list[Path]:
+    return sorted(path for path in root.iterdir() if _RUN_ENTRY.match(path.name))
+
+
+def _remove(entries: list[Path]) -> None:
+    """Deletes a run's entries so that no half-deleted checkpoint is ever seen as one: each is
+    first renamed out of the ``step-N`` namespace, then removed (a symlink itself, never what it
+    points to)."""
+    for path in entries:
+        doomed = path
+        if not path.name.startswith(_DELETING):
+            doomed = path.with_name(_DELETING + path.name.removeprefix("."))
+            _delete(doomed)
+            os.replace(path, doomed)
+        _delete(doomed)
+
+
+def _delete(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def save_checkpoint(run: ShardedRun, config: TrainConfig, step: int) -> Path:
@@ -51,30 +136,27 @@ def save_checkpoint(run: ShardedRun, config: TrainConfig, step: int) -> Path:
         raise UserError(f"cannot save a checkpoint in {config.checkpoint_dir}: {error}") from error
 
 
-def resume_step(run: ShardedRun, config: TrainConfig) -> int:
-    """Loads the newest checkpoint of ``--checkpoint-dir`` (collective); 0 when there is none
-    yet."""
-    from shardrec.distributed.checkpoint import CheckpointError, latest, load
+def resume_step(run: ShardedRun, config: TrainConfig, state: ParallelState) -> int:
+    """Loads the newest checkpoint of ``--checkpoint-dir`` (collective) and returns its step; 0
+    when there is none yet. Call after :func:`prepare_checkpoint_dir`."""
+    from shardrec.distributed.checkpoint import CheckpointError, load
 
     assert config.checkpoint_dir is not None
     root = Path(config.checkpoint_dir)
-    if latest(root) is None:
+    chosen = state.decide_on_main(lambda: _newest_intact(root))
+    if chosen is None:
         return 0
-    saved = root / RUN_CONFIG
-    if saved.exists():
-        try:
-            previous = load_model_config(saved)
-        except ValueError as error:
-            raise UserError(str(error)) from error
-        if previous != config.model:
-            raise UserError(
-                f"{root}: its checkpoints are of another model ({_diff(previous, config.model)}); "
-                "resume with the same model options, or use another --checkpoint-dir"
-            )
     try:
-        return load(root, run.model, optimizer=run.dense_optimizer)
+        return load(chosen, run.model, optimizer=run.dense_optimizer)
     except CheckpointError as error:
         raise UserError(str(error)) from error
+
+
+def _newest_intact(root: Path) -> str | None:
+    from shardrec.distributed.checkpoint import latest
+
+    found = latest(root)
+    return None if found is None else str(found)
 
 
 def load_for_evaluation(checkpoint: str, model: nn.Module) -> int:
@@ -91,20 +173,12 @@ def saved_model_config(checkpoint: str) -> ModelConfig:
     """The model options a checkpoint was trained with, from ``run_config.json`` beside it."""
     path = Path(checkpoint)
     for candidate in (path / RUN_CONFIG, path.parent / RUN_CONFIG):
-        if candidate.exists():
-            try:
-                return load_model_config(candidate)
-            except ValueError as error:
-                raise UserError(str(error)) from error
+        if os.path.lexists(candidate):
+            return saved_model(read_record(candidate), candidate)
     raise UserError(
         f"{path}: no {RUN_CONFIG} here or in the parent directory (not a dlrm checkpoint?)"
     )
 
 
-def _diff(old: ModelConfig, new: ModelConfig) -> str:
-    changed = [
-        f"{name} {getattr(old, name)} -> {getattr(new, name)}"
-        for name in (field.name for field in dataclasses.fields(old))
-        if getattr(old, name) != getattr(new, name)
-    ]
-    return ", ".join(changed)
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -3,6 +3,8 @@ sets."""
 
 from __future__ import annotations
 
+import math
+import os
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any, TypeVar
 import click
 
 from shardrec_dlrm.config import DATA_FORMATS, DEVICES
+from shardrec_dlrm.errors import UserError
+from shardrec_dlrm.safe_files import read_small_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,16 +54,68 @@ class IntList(click.ParamType[tuple[int, ...]]):
         return tuple(numbers)
 
 
+class Number(click.ParamType[float]):
+    """A finite float in a range: click's FloatRange lets ``nan`` and ``inf`` through."""
+
+    name = "FLOAT"
+
+    def __init__(
+        self,
+        *,
+        above: float | None = None,
+        at_least: float | None = None,
+        below: float | None = None,
+    ) -> None:
+        self.above, self.at_least, self.below = above, at_least, below
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.above is not None and not number > self.above:
+            self.fail(f"{number} is not above {self.above}", param, ctx)
+        if self.at_least is not None and not number >= self.at_least:
+            self.fail(f"{number} is below {self.at_least}", param, ctx)
+        if self.below is not None and not number < self.below:
+            self.fail(f"{number} is not below {self.below}", param, ctx)
+        return number
+
+
+class WritableDir(click.ParamType[str]):
+    """A directory ``dlrm`` may write into: one that exists and is writable, or one it can create
+    (the nearest existing ancestor is a writable directory). Checked before any process starts,
+    so that a typo costs one line, not a run that fails at its first save."""
+
+    name = "DIRECTORY"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        path = os.path.abspath(os.fspath(value))
+        probe = path
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            what = "is" if probe == path else f"lies under {probe}, which is"
+            self.fail(f"{value} {what} not a directory", param, ctx)
+        if not os.access(probe, os.W_OK | os.X_OK):
+            what = "" if probe == path else f" ({probe}, where it would be created)"
+            self.fail(f"{value} is not writable{what}", param, ctx)
+        return str(value)
+
+
 def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Reads ``--config`` into the command's defaults: the command line and ``DLRM_*`` still win."""
     if value is None:
         return None
     path = Path(value)
     try:
-        with path.open("rb") as file:
-            table = tomllib.load(file)
-    except OSError as error:
-        raise click.BadParameter(f"cannot read {path}: {error.strerror}", ctx, param) from error
+        table = tomllib.loads(read_small_text(path))
+    except UserError as error:
+        raise click.BadParameter(str(error), ctx, param) from error
     except tomllib.TOMLDecodeError as error:
         raise click.BadParameter(f"{path}: {error}", ctx, param) from error
     # A [train] (or [evaluate]...) table applies to that command; top-level keys apply to all.
@@ -115,14 +171,14 @@ def data_options(function: F) -> F:
             ),
             click.option(
                 "--val-fraction",
-                type=click.FloatRange(0, 1, max_open=True),
+                type=Number(at_least=0, below=1),
                 default=0.05,
                 show_default=True,
                 help="Validation rows, for inputs other than Kaggle's train.txt and the 1TB days.",
             ),
             click.option(
                 "--test-fraction",
-                type=click.FloatRange(0, 1, max_open=True),
+                type=Number(at_least=0, below=1),
                 default=0.05,
                 show_default=True,
                 help="Test rows, likewise (the last rows; validation just before them).",

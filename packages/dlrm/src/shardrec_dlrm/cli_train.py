@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from shardrec_dlrm.cli_options import IntList, config_option, data_options, device_option
+from shardrec_dlrm.cli_options import (
+    IntList,
+    Number,
+    WritableDir,
+    config_option,
+    data_options,
+    device_option,
+)
 from shardrec_dlrm.config import (
     DENSE_PRECISIONS,
     INTERACTION_TYPES,
@@ -146,7 +153,13 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     default=None,
     help="Validate every N steps (and always at the end).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Initial weights and the order of the training samples.",
+)
 @model_options
 @click.option(
     "--optimizer",
@@ -155,12 +168,10 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     show_default=True,
     help="For the embedding tables (fused) and the dense layers alike.",
 )
-@click.option(
-    "--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
-)
+@click.option("--learning-rate", type=Number(above=0), default=1.0, show_default=True)
 @click.option(
     "--eps",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Number(above=0),
     default=1e-8,
     show_default=True,
     help="Adagrad/Adam epsilon.",
@@ -200,19 +211,35 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
 )
 @click.option(
     "--logdir",
-    type=click.Path(file_okay=False),
+    type=WritableDir(),
     default=None,
     help="Write TensorBoard event files here.",
 )
 @click.option(
     "--checkpoint-dir",
-    type=click.Path(file_okay=False),
+    type=WritableDir(),
     default=None,
-    help="Write checkpoints here (at the end, and every --checkpoint-every steps).",
+    help="Write checkpoints here (at the end, and every --checkpoint-every steps). A directory"
+    " holds one run: one that holds another is refused unless --resume or --overwrite.",
 )
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None)
 @click.option(
-    "--resume", is_flag=True, help="Continue from the latest checkpoint in --checkpoint-dir."
+    "--keep-checkpoints",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Keep this many newest checkpoints; older ones are deleted after each save.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --checkpoint-dir from its newest intact checkpoint (refused if an"
+    " option would change what it trains).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Delete the run that --checkpoint-dir holds and start a new one there.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar; only the final metrics.")
 def train(**params: Any) -> None:

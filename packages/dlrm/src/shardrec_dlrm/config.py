@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Literal, get_args
+
+from shardrec_dlrm.schedule import LRSchedule
 
 InteractionType = Literal["dot", "dcn"]
 OptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
@@ -118,7 +120,9 @@ class TrainConfig:
     logdir: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
     resume: bool = False
+    overwrite: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -135,8 +139,18 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _positive(name, value)
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        _positive("keep_checkpoints", self.keep_checkpoints)
+        for name in ("learning_rate", "eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        # The schedule checks how its three step counts fit together.
+        LRSchedule(
+            base_lr=self.learning_rate,
+            warmup_steps=self.lr_warmup_steps,
+            decay_start=self.lr_decay_start,
+            decay_steps=self.lr_decay_steps,
+        )
         for name, allowed in (
             ("optimizer", OPTIMIZERS),
             ("sharding", SHARDINGS),
@@ -151,6 +165,12 @@ class TrainConfig:
             raise ValueError("resume needs a checkpoint_dir to resume from")
         if self.checkpoint_every is not None and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
+        if self.overwrite and self.checkpoint_dir is None:
+            raise ValueError("overwrite needs a checkpoint_dir whose run it replaces")
+        if self.overwrite and self.resume:
+            raise ValueError(
+                "resume continues the run in checkpoint_dir, overwrite deletes it: choose one"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -171,19 +191,6 @@ def model_config_from_dict(values: dict[str, Any], *, source: str) -> ModelConfi
         return ModelConfig(**fixed)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from error
-
-
-def load_model_config(path: Path) -> ModelConfig:
-    """The model section of a run config saved as JSON (``run_config.json`` beside a checkpoint)."""
-    try:
-        saved = json.loads(path.read_text())
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror}") from error
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
-    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-        raise ValueError(f"{path}: no 'model' section")
-    return model_config_from_dict(saved["model"], source=str(path))
 
 
 def _positive(name: str, value: int) -> None:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 class MetricLogger(Protocol):
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
 
-    def log_text(self, tag: str, text: str) -> None: ...
+    def log_text(self, tag: str, text: str, step: int = 0) -> None: ...
 
     def close(self) -> None: ...
 
@@ -25,7 +25,7 @@ class NullLogger:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
-    def log_text(self, tag: str, text: str) -> None:
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
         pass
 
     def close(self) -> None:
@@ -34,21 +34,28 @@ class NullLogger:
 
 class TensorBoardLogger:
     """Scalars (``train/loss``, ``val/auc``...) and text (config, plan) as TensorBoard event
-    files."""
+    files.
 
-    def __init__(self, logdir: str | Path) -> None:
+    ``purge_from``: the first step this logger will write, for a run resumed from the checkpoint
+    of step ``purge_from - 1``. Points that the interrupted run logged at that step or later were
+    never part of the weights being resumed; TensorBoard (and every reader of the event files
+    that honours restarts) drops them, so each step keeps one point, in order.
+    """
+
+    def __init__(self, logdir: str | Path, *, purge_from: int | None = None) -> None:
         # Imported here: tensorboard is slow to import and most commands never log.
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer: SummaryWriter = SummaryWriter(log_dir=str(logdir))
+        self._writer: SummaryWriter = SummaryWriter(log_dir=str(logdir), purge_step=purge_from)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for tag, value in metrics.items():
             self._writer.add_scalar(tag, value, global_step=step)
 
-    def log_text(self, tag: str, text: str) -> None:
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Markdown: indent by four spaces so that tables and plans keep their alignment.
-        self._writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
+        lines = "\n".join("    " + line for line in text.splitlines())
+        self._writer.add_text(tag, lines, global_step=step)
 
     def close(self) -> None:
         self._writer.flush()

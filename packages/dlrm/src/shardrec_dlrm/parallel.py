@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -13,6 +15,9 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import HashStore
 
 from shardrec_dlrm.config import DeviceName
+from shardrec_dlrm.errors import UserError
+
+T = TypeVar("T")
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -79,6 +84,27 @@ class ParallelState:
             backend=backend,
             owns_group=True,
         )
+
+    def decide_on_main(self, decide: Callable[[], T]) -> T:
+        """Runs ``decide`` on rank 0 alone (file-system decisions: one process looks, so all agree)
+        and returns its result on every rank; a :class:`UserError` (or ``OSError``) it raises is
+        raised on every rank, so that no rank waits for the others at the next collective."""
+        outcome: list[tuple[bool, object] | None] = [None]
+        if self.is_main:
+            try:
+                outcome[0] = (True, decide())
+            except UserError as error:
+                outcome[0] = (False, str(error))
+            except OSError as error:
+                outcome[0] = (False, f"{error.filename or 'file system'}: {error.strerror}")
+        if self.world_size > 1:
+            dist.broadcast_object_list(outcome, src=0)
+        received = outcome[0]
+        assert received is not None
+        done, value = received
+        if not done:
+            raise UserError(str(value))
+        return cast(T, value)
 
     def barrier(self) -> None:
         if dist.is_initialized():

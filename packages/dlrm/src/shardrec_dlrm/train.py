@@ -18,7 +18,7 @@ from typing import Final
 import torch
 from torch import nn
 
-from shardrec_dlrm.checkpointing import resume_step, save_checkpoint, write_run_config
+from shardrec_dlrm.checkpointing import prepare_checkpoint_dir, resume_step, save_checkpoint
 from shardrec_dlrm.config import TrainConfig
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.loggers import MetricLogger, NullLogger, TensorBoardLogger
@@ -27,6 +27,7 @@ from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.precision import bf16_warning
 from shardrec_dlrm.progress import Progress
 from shardrec_dlrm.run_data import Batch, RunData, open_run_data
+from shardrec_dlrm.run_record import RunFacts
 from shardrec_dlrm.schedule import LRSchedule
 from shardrec_dlrm.sharding import ShardedRun, shard_model
 
@@ -42,13 +43,9 @@ def train(config: TrainConfig) -> dict[str, float]:
         state = ParallelState.init(config.device)
     except ValueError as error:
         raise UserError(str(error)) from error
-    logger: MetricLogger = NullLogger()
     try:
-        if state.is_main and config.logdir is not None:
-            logger = TensorBoardLogger(config.logdir)
-        return _Trainer(config, state, logger).run()
+        return _Trainer(config, state).run()
     finally:
-        logger.close()
         state.close()
 
 
@@ -74,10 +71,10 @@ def evaluate_batches(
 
 
 class _Trainer:
-    def __init__(self, config: TrainConfig, state: ParallelState, logger: MetricLogger) -> None:
+    def __init__(self, config: TrainConfig, state: ParallelState) -> None:
         self.config = config
         self.state = state
-        self.logger = logger
+        self.logger: MetricLogger = NullLogger()
         torch.manual_seed(config.seed)
         self.data: RunData = open_run_data(config, state)
         self.run_state: ShardedRun = shard_model(config, state)
@@ -90,18 +87,35 @@ class _Trainer:
         self.step = 0
 
     def run(self) -> dict[str, float]:
+        try:
+            self._start()
+            return self._train_and_test()
+        finally:
+            self.logger.close()
+
+    def _start(self) -> None:
+        """Claims or checks the checkpoint directory, loads the checkpoint to resume from, then
+        opens the logger at the step training goes on from."""
         config, state = self.config, self.state
+        if config.checkpoint_dir is not None:
+            facts = run_facts(self.data, state)
+            state.decide_on_main(lambda: prepare_checkpoint_dir(config, facts))
         if config.resume:
-            self.step = resume_step(self.run_state, config)
+            self.step = resume_step(self.run_state, config, state)
             if self.step and state.is_main and not config.quiet:
                 print(f"resuming from step {self.step} of {config.checkpoint_dir}", flush=True)
         if config.dense_precision == "bf16" and state.is_main:
             warning = bf16_warning(state.device.type)
             if warning is not None:
                 print(warning, file=sys.stderr, flush=True)
-        write_run_config(config, state)
-        self.logger.log_text("config", config.to_json())
-        self.logger.log_text("sharding_plan", self.run_state.plan_text)
+        if state.is_main and config.logdir is not None:
+            purge_from = self.step + 1 if config.resume else None
+            self.logger = TensorBoardLogger(config.logdir, purge_from=purge_from)
+        self.logger.log_text("config", config.to_json(), self.step)
+        self.logger.log_text("sharding_plan", self.run_state.plan_text, self.step)
+
+    def _train_and_test(self) -> dict[str, float]:
+        config, state = self.config, self.state
         steps_per_epoch = self.data.train_steps(config.limit_train_batches)
         total = steps_per_epoch * config.epochs
         progress = Progress(
@@ -187,6 +201,14 @@ class _Trainer:
             + f" ({time.perf_counter() - started:.1f}s)"
         )
         return tagged
+
+
+def run_facts(data: RunData, state: ParallelState) -> RunFacts:
+    return RunFacts(
+        world_size=state.world_size,
+        data_path=str(Path(data.dataset.path).resolve()),
+        train_segments=tuple((s.part, s.start, s.stop) for s in data.train.segments),
+    )
 
 
 def format_summary(
