@@ -252,12 +252,12 @@ def test_unknown_key_missing_feature_and_bad_ids_are_named() -> None:
     bad = KeyedJaggedTensor.from_lengths_sync(
         keys=["f1", "f2", "f3"], values=torch.tensor([1, 2, 5]), lengths=torch.tensor([1, 1, 1])
     )
-    with pytest.raises(ValueError, match=r"id 5 of feature 'f3' is out of range for table 't3'"):
+    with pytest.raises(ValueError, match=r"id 5 of feature 'f3' .* is out of range for table 't3'"):
         ebc(bad)
     negative = KeyedJaggedTensor.from_lengths_sync(
         keys=["f1", "f2", "f3"], values=torch.tensor([-1, 2, 1]), lengths=torch.tensor([1, 1, 1])
     )
-    with pytest.raises(ValueError, match=r"id -1 of feature 'f1@t1' .* table 't1'"):
+    with pytest.raises(ValueError, match=r"id -1 of feature 'f1' .* table 't1'"):
         ebc(negative)
 
 

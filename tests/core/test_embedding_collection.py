@@ -122,7 +122,7 @@ def test_errors_name_feature_and_table() -> None:
     bad = KeyedJaggedTensor.from_lengths_sync(
         keys=["x", "y", "z"], values=torch.tensor([0, 6, 1]), lengths=torch.tensor([1, 1, 1])
     )
-    with pytest.raises(ValueError, match=r"id 6 of feature 'y' is out of range for table 'b'"):
+    with pytest.raises(ValueError, match=r"id 6 of feature 'y' .* is out of range for table 'b'"):
         ec(bad)
     dup = [EmbeddingConfig(name="a", num_embeddings=2, embedding_dim=2, feature_names=["x"])] * 2
     with pytest.raises(ValueError, match="duplicate table name 'a'"):

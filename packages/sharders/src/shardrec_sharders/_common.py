@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import nn
 
+from shardrec.distributed import comm
 from shardrec.distributed.types import (
     EmbeddingComputeKernel,
     LocalShard,
@@ -23,6 +25,8 @@ from shardrec.distributed.types import (
 )
 from shardrec.kernels import FeatureSpec, FusedOptimizerConfig, TableBatchedEmbedding, TableSpec
 from shardrec.modules import (
+    BadBatchError,
+    BatchChecker,
     EmbeddingBagCollection,
     EmbeddingCollection,
     PoolingType,
@@ -53,6 +57,7 @@ class ModuleView:
     optimizer: FusedOptimizerConfig | None
     weights: dict[str, torch.Tensor] | None  # None: the module is on meta
     states: dict[str, dict[str, torch.Tensor]] | None
+    check_inputs: bool  # the module's setting: check every batch before distributing it
 
     @staticmethod
     def of(module: nn.Module, tables: Sequence[str]) -> ModuleView:
@@ -88,6 +93,7 @@ class ModuleView:
             optimizer=lookup.optimizer,
             weights=None if on_meta else lookup.table_weights(),
             states=None if on_meta else lookup.optimizer_states(),
+            check_inputs=module.check_inputs,
         )
 
     def pooling(self, table: str) -> PoolingType:
@@ -122,6 +128,76 @@ class PairRouter:
         return kjt if order is None else kjt.permute(order)
 
 
+class BatchGuard:
+    """Checks this rank's batch before it is distributed, and makes a bad batch on any rank
+    raise on every rank.
+
+    ``local_flag`` reduces the routed batch to a 0-d tensor with no host read; the sharded module
+    folds it into a collective every rank runs anyway (the split exchange of its input
+    all-to-all) or, when it has none, into :func:`comm.flagged_ranks`. When a rank flagged,
+    ``raise_for`` gathers each flagging rank's description (feature, table, the user's id, sample)
+    and every rank raises the same :class:`BadBatchError`: no rank returns output, none waits.
+    ``sources``/``tables``/``rows`` describe the routed KJT's keys, in order.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        sources: Sequence[str],
+        tables: Sequence[str],
+        rows: Sequence[int],
+        *,
+        enabled: bool,
+        env: ShardingEnv,
+    ) -> None:
+        self.kind = kind
+        self.checker = BatchChecker(kind, sources, tables, rows)
+        self.enabled = enabled
+        self.env = env
+
+    @staticmethod
+    def of(view: ModuleView, pairs: Sequence[Pair], kind: str, env: ShardingEnv) -> BatchGuard:
+        return BatchGuard(
+            kind,
+            [p.source for p in pairs],
+            [p.table for p in pairs],
+            [view.configs[p.table].num_embeddings for p in pairs],
+            enabled=view.check_inputs,
+            env=env,
+        )
+
+    def local_flag(self, routed: KeyedJaggedTensor) -> torch.Tensor:
+        """Nonzero when this rank's batch is bad: the dtype always, the contents when enabled."""
+        values = routed.values()
+        if self.checker.dtype_problem(values) is not None:
+            return torch.ones((), dtype=torch.bool, device=values.device)
+        if not self.enabled:
+            return torch.zeros((), dtype=torch.bool, device=values.device)
+        return self.checker.problem_flag(values, routed.lengths(), routed.length_per_key())
+
+    def check_alone(self, routed: KeyedJaggedTensor) -> None:
+        """Checks disabled, no collective to carry a flag: the free dtype check, on this rank."""
+        problem = self.checker.dtype_problem(routed.values())
+        if problem is not None:
+            raise BadBatchError(f"rank {self.env.rank}: {problem}", ranks=(self.env.rank,))
+
+    def raise_for(self, routed: KeyedJaggedTensor, ranks: Sequence[int]) -> NoReturn:
+        """Raise on every rank (all of them call this with the same ``ranks``)."""
+        mine: str | None = None
+        if self.env.rank in ranks:
+            mine = self.checker.find_problem(
+                routed.values(), routed.lengths(), routed.length_per_key(), routed.stride()
+            )
+            mine = mine or f"{self.kind}: the batch failed its checks"
+        problems = comm.gather_objects(mine, self.env.pg)
+        lines = [f"rank {r}: {p}" for r, p in enumerate(problems) if p is not None]
+        raise BadBatchError(
+            f"{self.kind}: the batch of rank(s) {list(ranks)} failed its checks (every rank"
+            " raises this error; no rank returned output):\n  " + "\n  ".join(lines),
+            ranks=ranks,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class LocalTable:
     """One table this rank holds: a rectangle of a global table."""
@@ -144,11 +220,14 @@ def build_local_lookup(
     pooling_sum: bool,
     device: torch.device,
     optimizer: FusedOptimizerConfig | None,
+    check_inputs: bool = True,
 ) -> TableBatchedEmbedding | None:
     """The fused kernel over this rank's shards, filled from the unsharded module.
 
     ``features`` are (kernel feature name, local table name). Returns None when the rank holds
     nothing. ``pooling_sum`` forces SUM pooling (row-wise: partial sums, MEAN applied after).
+    ``check_inputs``: whether the kernel checks the (shard-local) ids it gets; a sharded module
+    that checks the user's batch with a :class:`BatchGuard` before distributing it passes False.
     """
     if not local_tables:
         return None
@@ -174,6 +253,7 @@ def build_local_lookup(
         is_weighted=view.is_weighted,
         optimizer=optimizer,
         device=device,
+        check_inputs=check_inputs,
     )
     if view.weights is None:
         init = {}

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from shardrec.distributed import comm
 from shardrec.distributed.types import (
     EmbeddingComputeKernel,
     ParameterSharding,
@@ -25,6 +26,7 @@ from shardrec.distributed.types import (
 )
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from shardrec_sharders._common import (
+    BatchGuard,
     EmbeddingSharderBase,
     LocalTable,
     ModuleView,
@@ -40,8 +42,10 @@ class ReplicatedEmbedding(nn.Module):
 
     replicated = True  # DistributedModelParallel leaves these parameters to DDP
 
-    def __init__(self, view: ModuleView, device: torch.device, kind: str) -> None:
+    def __init__(self, view: ModuleView, device: torch.device, kind: str, env: ShardingEnv) -> None:
         super().__init__()
+        self.env = env
+        self.guard = BatchGuard.of(view, view.pairs, kind, env)
         self.pooled = view.pooled
         self.need_indices = view.need_indices
         self.pairs = view.pairs
@@ -67,12 +71,20 @@ class ReplicatedEmbedding(nn.Module):
             pooling_sum=False,
             device=device,
             optimizer=None,
+            check_inputs=False,  # the guard checks the user's batch
         )
         assert lookup is not None
         self.lookup = lookup
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
         routed = self.router.route(kjt)
+        if self.guard.enabled:
+            # No collective runs in this forward to carry the check's flag: one tiny all-reduce.
+            bad = comm.flagged_ranks(self.guard.local_flag(routed), self.env.pg)
+            if bad:
+                self.guard.raise_for(routed, bad)
+        else:
+            self.guard.check_alone(routed)
         out = self.lookup.lookup(
             values=routed.values(),
             offsets=routed.offsets(),
@@ -93,6 +105,15 @@ class ReplicatedEmbedding(nn.Module):
             for i, (p, rows) in enumerate(zip(self.pairs, out, strict=True))
         }
 
+    @property
+    def check_inputs(self) -> bool:
+        """Whether each batch is checked, and the ranks agree on it (one all-reduce)."""
+        return self.guard.enabled
+
+    @check_inputs.setter
+    def check_inputs(self, enabled: bool) -> None:
+        self.guard.enabled = enabled
+
     def local_table_shards(self) -> dict[str, TableShards]:
         return table_shards(self.lookup, self.local_tables, self.tables, replicated=True)
 
@@ -112,5 +133,5 @@ class DataParallelSharder(EmbeddingSharderBase):
     ) -> nn.Module:
         self.check_plan(params, env)
         return ReplicatedEmbedding(
-            ModuleView.of(module, list(params)), device, type(module).__name__
+            ModuleView.of(module, list(params)), device, type(module).__name__, env
         )

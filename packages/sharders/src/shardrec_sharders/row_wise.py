@@ -26,6 +26,7 @@ from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules import PoolingType
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from shardrec_sharders._common import (
+    BatchGuard,
     EmbeddingSharderBase,
     LocalTable,
     ModuleView,
@@ -62,6 +63,7 @@ class RowShardedEmbedding(nn.Module):
         self.pairs = view.pairs
         self.tables = list(view.configs)
         self.router = PairRouter([p.source for p in view.pairs], owner=f"{kind} (row_wise)")
+        self.guard = BatchGuard.of(view, view.pairs, kind, env)
         world = env.world_size
         self.means = [view.pooling(p.table) is PoolingType.MEAN for p in view.pairs]
         # Per pair: the block boundaries, and the rank of each block.
@@ -102,6 +104,7 @@ class RowShardedEmbedding(nn.Module):
             pooling_sum=True,
             device=device,
             optimizer=view.optimizer,
+            check_inputs=False,  # the guard checks the user's batch before it moves
         )
         dims = [p.dim for p in view.pairs]
         starts = [0]
@@ -143,7 +146,26 @@ class RowShardedEmbedding(nn.Module):
         world = self.env.world_size
         batch = routed.stride()
         n_pairs = len(self.pairs)
+        reject = self.guard.local_flag(routed)
+        # Bucketing is safe on any integers (out-of-range ids land in the first or last block).
         dest, local = self.bucketize(routed)
+        per_rank = torch.bincount(dest, minlength=world)
+        # The split sizes are read on the host here anyway; the check's flag comes with them.
+        host = torch.cat([per_rank, reject.view(1).to(per_rank.dtype)]).tolist()
+        if host[-1]:
+            # A bad batch (negative lengths would break the bag numbering below): send nothing,
+            # and let the split exchange tell every rank.
+            got = comm.all_to_all_jagged(
+                routed.lengths()[:0],
+                local[:0],
+                None,
+                lengths_per_rank=[0] * world,
+                values_per_rank=[0] * world,
+                batch_size=batch,
+                pg=self.env.pg,
+                reject=reject,
+            )
+            self.guard.raise_for(routed, got.rejected_by)
         # Bag of every id, in the routed (pair-major) layout: pair * batch + sample.
         bag = torch.repeat_interleave(
             torch.arange(n_pairs * batch, device=dest.device), routed.lengths().to(torch.int64)
@@ -159,17 +181,19 @@ class RowShardedEmbedding(nn.Module):
                 for r in range(world)
             ]
         )
-        per_rank = torch.bincount(dest, minlength=world)
         weights = routed.weights_or_none()
         got = comm.all_to_all_jagged(
             lengths,
             local[order],
             None if weights is None else weights[order],
             lengths_per_rank=[len(self.pairs_of[r]) * batch for r in range(world)],
-            values_per_rank=[int(x) for x in per_rank.tolist()],
+            values_per_rank=[int(x) for x in host[:-1]],
             batch_size=batch,
             pg=self.env.pg,
+            reject=reject,
         )
+        if got.rejected_by:
+            self.guard.raise_for(routed, got.rejected_by)
         return routed, order, dest, got
 
     def compute(
@@ -302,6 +326,15 @@ class RowShardedEmbedding(nn.Module):
             )
         assert out is None or isinstance(out, list)
         return self.output_dist_sequence(out, routed, order, dest, stacked)
+
+    @property
+    def check_inputs(self) -> bool:
+        """Whether each batch is checked before it is distributed (from the unsharded module)."""
+        return self.guard.enabled
+
+    @check_inputs.setter
+    def check_inputs(self, enabled: bool) -> None:
+        self.guard.enabled = enabled
 
     def local_table_shards(self) -> dict[str, TableShards]:
         return table_shards(self.lookup, self.local_tables, self.tables)

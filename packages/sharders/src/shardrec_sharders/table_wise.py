@@ -33,6 +33,7 @@ from shardrec.distributed.types import (
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from shardrec_sharders._common import (
+    BatchGuard,
     EmbeddingSharderBase,
     LocalTable,
     ModuleView,
@@ -167,10 +168,10 @@ class ColumnSlicedEmbedding(nn.Module):
                 units.append(Unit(p, local_by_key[key], rank))
         self.units_by_rank = [[u for u in units if u.rank == r] for r in range(world)]
         self.mine = self.units_by_rank[env.rank]
-        self.router = PairRouter(
-            [view.pairs[u.pair].source for r in range(world) for u in self.units_by_rank[r]],
-            owner=f"{kind} ({ShardingType.TABLE_WISE}/{ShardingType.COLUMN_WISE})",
-        )
+        routed_pairs = [view.pairs[u.pair] for r in range(world) for u in self.units_by_rank[r]]
+        owner = f"{kind} ({ShardingType.TABLE_WISE}/{ShardingType.COLUMN_WISE})"
+        self.router = PairRouter([p.source for p in routed_pairs], owner=owner)
+        self.guard = BatchGuard.of(view, routed_pairs, kind, env)
         self.local_tables: list[LocalTable] = []
         for u in self.mine:
             if u.local not in self.local_tables:
@@ -183,6 +184,7 @@ class ColumnSlicedEmbedding(nn.Module):
             pooling_sum=False,
             device=device,
             optimizer=view.optimizer,
+            check_inputs=False,  # the guard checks the user's batch before it moves
         )
         # Received column chunks come owner by owner; this order puts them in pair order, each
         # pair's slices side by side.
@@ -210,6 +212,7 @@ class ColumnSlicedEmbedding(nn.Module):
         for n in n_units:
             values_per_rank.append(sum(lpk[k : k + n]))
             k += n
+        # The batch's check rides with the split exchange: no collective, no host read of its own.
         got = comm.all_to_all_jagged(
             routed.lengths(),
             routed.values(),
@@ -218,7 +221,10 @@ class ColumnSlicedEmbedding(nn.Module):
             values_per_rank=values_per_rank,
             batch_size=batch,
             pg=self.env.pg,
+            reject=self.guard.local_flag(routed),
         )
+        if got.rejected_by:
+            self.guard.raise_for(routed, got.rejected_by)
         return routed, got
 
     def compute(
@@ -330,6 +336,15 @@ class ColumnSlicedEmbedding(nn.Module):
             )
         assert out is None or isinstance(out, list)
         return self.output_dist_sequence(out, routed, stacked)
+
+    @property
+    def check_inputs(self) -> bool:
+        """Whether each batch is checked before it is distributed (from the unsharded module)."""
+        return self.guard.enabled
+
+    @check_inputs.setter
+    def check_inputs(self, enabled: bool) -> None:
+        self.guard.enabled = enabled
 
     def local_table_shards(self) -> dict[str, TableShards]:
         return table_shards(self.lookup, self.local_tables, self.tables)

@@ -21,6 +21,8 @@ __all__ = [
     "all_to_all_jagged",
     "all_to_all_single",
     "exchange_counts",
+    "flagged_ranks",
+    "gather_objects",
     "reduce_scatter_rows",
 ]
 
@@ -117,6 +119,9 @@ class JaggedAllToAllResult:
     lengths_per_rank: list[int]
     values_per_rank: list[int]
     batch_per_rank: list[int]
+    #: Ranks that flagged their batch as bad (``reject=``); when any did, nothing was sent and
+    #: the tensors are empty, on every rank alike.
+    rejected_by: tuple[int, ...] = ()
 
 
 def all_to_all_jagged(
@@ -128,8 +133,14 @@ def all_to_all_jagged(
     values_per_rank: Sequence[int],
     batch_size: int,
     pg: dist.ProcessGroup | None,
+    reject: torch.Tensor | None = None,
 ) -> JaggedAllToAllResult:
     """Send the ``r``-th block of ``lengths``/``values``/``weights`` to rank ``r``.
+
+    ``reject``: a 0-d tensor on ``values``' device, nonzero when this rank's batch failed its
+    checks. It rides with the splits (no collective and no host read of its own); when any rank
+    rejects, no id moves and every rank gets a result with ``rejected_by`` set, so that all of
+    them can raise together instead of some waiting for the others.
 
     The blocks are consecutive: block ``r`` holds ``lengths_per_rank[r]`` lengths and
     ``values_per_rank[r]`` ids (and as many weights). Splits are exchanged first, then lengths
@@ -143,6 +154,8 @@ def all_to_all_jagged(
     if len(lengths_per_rank) != world or len(values_per_rank) != world:
         raise ValueError(f"all_to_all_jagged: need {world} blocks, got {len(lengths_per_rank)}")
     if pg is None or world == 1:
+        if reject is not None and bool(reject):
+            return _rejected(lengths, values, weights, world, (0,))
         return JaggedAllToAllResult(
             lengths, values, weights, list(lengths_per_rank), list(values_per_rank), [batch_size]
         )
@@ -155,7 +168,17 @@ def all_to_all_jagged(
         dtype=torch.int64,
     )
     device = values.device
-    recv_counts = exchange_counts(send_counts.to(device), pg).cpu()
+    send_counts = send_counts.to(device)
+    if reject is not None:
+        flag = reject.reshape(1, 1).to(device=device, dtype=torch.int64).expand(world, 1)
+        send_counts = torch.cat([send_counts, flag], dim=1)
+    else:
+        send_counts = torch.cat([send_counts, send_counts.new_zeros(world, 1)], dim=1)
+    # The one host read of the exchange: split sizes, and whether any rank rejected its batch.
+    recv_counts = exchange_counts(send_counts, pg).cpu()
+    rejected_by = tuple(int(r) for r in torch.nonzero(recv_counts[:, 4]).view(-1).tolist())
+    if rejected_by:
+        return _rejected(lengths, values, weights, world, rejected_by)
     recv_lengths = [int(x) for x in recv_counts[:, 0].tolist()]
     recv_values = [int(x) for x in recv_counts[:, 1].tolist()]
     recv_batch = [int(x) for x in recv_counts[:, 2].tolist()]
@@ -186,6 +209,48 @@ def all_to_all_jagged(
     return JaggedAllToAllResult(
         out_lengths, out_values, out_weights, recv_lengths, recv_values, recv_batch
     )
+
+
+def _rejected(
+    lengths: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor | None,
+    world: int,
+    ranks: tuple[int, ...],
+) -> JaggedAllToAllResult:
+    return JaggedAllToAllResult(
+        lengths[:0],
+        values[:0],
+        None if weights is None else weights[:0],
+        [0] * world,
+        [0] * world,
+        [0] * world,
+        rejected_by=ranks,
+    )
+
+
+def flagged_ranks(flag: torch.Tensor, pg: dist.ProcessGroup | None) -> list[int]:
+    """The ranks whose ``flag`` (a 0-d tensor) is nonzero, known on every rank: one all-reduce of
+    ``world`` int32 and one host read. For a module with no collective of its own to carry a flag
+    (a data-parallel table's lookup)."""
+    if pg is None:
+        return [0] if bool(flag) else []
+    world = dist.get_world_size(pg)
+    votes = torch.zeros(world, dtype=torch.int32, device=flag.device)
+    votes[dist.get_rank(pg)] = flag.to(torch.int32)
+    dist.all_reduce(votes, group=pg)
+    return [int(r) for r in torch.nonzero(votes.cpu()).view(-1).tolist()]
+
+
+def gather_objects(obj: object, pg: dist.ProcessGroup | None) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank. Slow (pickles, two
+    collectives): for error paths, such as putting every rank's description of a bad batch into
+    the error each rank raises."""
+    if pg is None:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(out, obj, group=pg)
+    return out
 
 
 #: Backends with a native reduce-scatter and all-gather of flat tensors (gloo has both in the

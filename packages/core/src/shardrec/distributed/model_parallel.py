@@ -275,6 +275,12 @@ class DistributedModelParallel(nn.Module):
             **_no_per_forward_buffer_sync(),
         )
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> DistributedModelParallel:
+        raise TypeError(_NO_COPY)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(_NO_COPY)
+
     @property
     def module(self) -> nn.Module:
         """The model with its sharded parts in place (not wrapped in DDP)."""
@@ -311,6 +317,15 @@ class DistributedModelParallel(nn.Module):
             if isinstance(m, ShardedEmbeddingModule):
                 out[fqn] = m.local_table_shards()
         return out
+
+
+_NO_COPY = (
+    "DistributedModelParallel cannot be copied or pickled: its shards are bound to this process"
+    " group's ranks and its dense layers to DistributedDataParallel, so a copy could not train"
+    " on its own. Copy the unsharded model and wrap the copy in a new DistributedModelParallel"
+    " (on every rank), or save a checkpoint (shardrec.distributed.checkpoint) and load it into"
+    " one."
+)
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ when importable). Choose with the ``backend=`` argument or ``$SHARDREC_KERNEL_BA
 rate in every lookup of a model (plain or ``DistributedModelParallel``), e.g. for a schedule.
 """
 
+from shardrec.kernels.input_checks import BadBatchError, BatchChecker
 from shardrec.kernels.learning_rate import fused_learning_rates, set_learning_rate
 from shardrec.kernels.specs import (
     BACKEND_ENV_VAR,
@@ -21,6 +22,8 @@ from shardrec.kernels.table_batched import TableBatchedEmbedding
 
 __all__ = [
     "BACKEND_ENV_VAR",
+    "BadBatchError",
+    "BatchChecker",
     "DataType",
     "FeatureSpec",
     "FusedOptimizerConfig",

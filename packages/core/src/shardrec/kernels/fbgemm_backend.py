@@ -39,6 +39,37 @@ class FbgemmGroup:
         if device.type != "meta":
             self.module = self._build(device)
 
+    def __getstate__(self) -> dict[str, object]:
+        # FBGEMM's module does not pickle (it holds local functions), and a deep copy of it would
+        # keep FBGEMM's internal pointers consistent only by luck: copy the tables and states out,
+        # and rebuild the module on the other side.
+        state = dict(self.__dict__)
+        state["module"] = None
+        if self.module is not None:
+            state["_device"] = self.device
+            state["_weights"] = [w.clone() for w in self.table_weights()]
+            state["_states"] = [
+                {name: t.clone() for name, t in per_table.items()}
+                for per_table in self.table_states()
+            ]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        weights = state.pop("_weights", None)
+        states = state.pop("_states", None)
+        device = state.pop("_device", None)
+        self.__dict__.update(state)
+        if isinstance(device, torch.device):
+            self.module = self._build(device)
+            assert isinstance(weights, list)
+            assert isinstance(states, list)
+            with torch.no_grad():
+                for new, old in zip(self.table_weights(), weights, strict=True):
+                    new.copy_(old)
+                for new_s, old_s in zip(self.table_states(), states, strict=True):
+                    for name, tensor in new_s.items():
+                        tensor.copy_(old_s[name])
+
     def _build(self, device: torch.device) -> nn.Module:
         return ops.make_table_batched_embedding(
             shapes=[(t.num_embeddings, t.embedding_dim) for t in self.tables],

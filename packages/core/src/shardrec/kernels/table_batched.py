@@ -29,15 +29,20 @@ inputs' consumers. ``table_weights()``/``optimizer_states()`` return views,
 (``.to(device)``, ``to_empty``) moves the fused storage and re-points the parameters;
 ``.half()``/``.double()`` leave the tables' data types as configured.
 
-Ids are checked: an id < 0 or >= the table's rows raises a ValueError naming the feature and the
-table (never an out-of-bounds read).
+Batches are checked (``check_inputs=True``, the default; see ``shardrec.kernels.input_checks``):
+ids that are not integers, a negative length, or an id < 0 or >= the table's rows raise
+:class:`~shardrec.kernels.input_checks.BadBatchError` (a ValueError) naming the feature, the table,
+the id and its sample, never an out-of-bounds read. ``check_inputs=False`` keeps only the dtype
+check (free); a bad id is then undefined behaviour (FBGEMM's kernel reads out of bounds).
+
+``device=None`` is torch's default device, so ``with torch.device("meta"):`` builds on meta.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch import nn
@@ -45,6 +50,7 @@ from torch import nn
 from shardrec import ops
 from shardrec.kernels.fbgemm_backend import FbgemmGroup
 from shardrec.kernels.group import GroupInput, LookupGroup
+from shardrec.kernels.input_checks import BadBatchError, BatchChecker
 from shardrec.kernels.specs import (
     FeatureSpec,
     FusedOptimizerConfig,
@@ -76,6 +82,7 @@ class TableBatchedEmbedding(nn.Module):
         optimizer: FusedOptimizerConfig | None = None,
         backend: KernelBackend | str | None = None,
         device: torch.device | str | None = None,
+        check_inputs: bool = True,
     ) -> None:
         super().__init__()
         self.tables: tuple[TableSpec, ...] = tuple(tables)
@@ -86,7 +93,17 @@ class TableBatchedEmbedding(nn.Module):
         self.feature_names: tuple[str, ...] = tuple(f.name for f in self.features)
         table_index = _validate(self.tables, self.features, pooled)
         self._feature_table = [table_index[f.name] for f in self.features]
-        target = torch.device(device) if device is not None else torch.device("cpu")
+        #: Whether each lookup checks its batch (lengths >= 0, ids inside their tables): one pass
+        #: over the ids and one host read. Callers that checked the batch already turn it off.
+        self.check_inputs = check_inputs
+        self._checker = BatchChecker(
+            "TableBatchedEmbedding",
+            self.feature_names,
+            [f.table for f in self.features],
+            [self.tables[t].num_embeddings for t in self._feature_table],
+        )
+        # None: the default device (``with torch.device("meta"):`` builds on meta, as torch does).
+        target = torch.device(device) if device is not None else torch.get_default_device()
         self.backend = _resolve_backend(
             requested_backend(backend), self.tables, pooled, is_weighted, optimizer, target
         )
@@ -156,6 +173,13 @@ class TableBatchedEmbedding(nn.Module):
                     # keeps the same Parameter object, so holders of it (the collections) follow.
                     fresh = nn.Parameter(view, requires_grad=param.requires_grad)
                     torch.utils.swap_tensors(param, fresh)  # type: ignore[no-untyped-call]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # ``copy.deepcopy`` and unpickling copy the fused storage and every parameter separately:
+        # re-point the copied parameters at the copied storage, or the copy's lookups would read
+        # tables that its parameters (state_dict, checkpoints, optimizers) no longer see.
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._repoint_parameters()
 
     # ---- device handling ----------------------------------------------------------------------
 
@@ -339,10 +363,6 @@ class TableBatchedEmbedding(nn.Module):
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """The lookup on raw KJT tensors (key-major ``offsets``, ``F * batch_size + 1`` entries)."""
-        if self.device.type == "meta":
-            raise RuntimeError(
-                "the tables are on the meta device: call reset_parameters() or to_empty() first"
-            )
         num_f = len(self.features)
         lpk = [int(n) for n in length_per_feature]
         if len(lpk) != num_f or offsets.numel() != num_f * batch_size + 1:
@@ -351,11 +371,23 @@ class TableBatchedEmbedding(nn.Module):
                 f" ({num_f * batch_size + 1} offsets),"
                 f" got {len(lpk)} lengths per feature and {offsets.numel()} offsets"
             )
+        if self.device.type == "meta":
+            return self._meta_output(values, lpk, batch_size)
+        if values.device.type == "meta":
+            raise ValueError(
+                f"the batch is on the meta device but the tables are on {self.device}: a meta"
+                " batch has no ids to look up (move the batch, or build the module on meta)"
+            )
+        if self.check_inputs:
+            self._checker.check(values, offsets.diff(), lpk, batch_size)
+        else:
+            problem = self._checker.dtype_problem(values)  # free: the dtype is host metadata
+            if problem is not None:
+                raise BadBatchError(problem)
         values = values.to(torch.int64)
         offsets = offsets.to(torch.int64)
         if weights is not None and weights.dtype != torch.float32:
             weights = weights.float()
-        self._check_ids(values, lpk)
         starts = [0]
         for n in lpk:
             starts.append(starts[-1] + n)
@@ -368,38 +400,24 @@ class TableBatchedEmbedding(nn.Module):
             return self._assemble_pooled(outs)
         return self._assemble_sequence(outs, lpk)
 
+    def _meta_output(
+        self, values: torch.Tensor, lpk: list[int], batch_size: int
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """What a lookup on meta tables gives: outputs of the right shapes, no data (for
+        shape propagation while planning a model built on meta)."""
+        problem = self._checker.dtype_problem(values)
+        if problem is not None:
+            raise BadBatchError(problem)
+        dims = [self.tables[t].embedding_dim for t in self._feature_table]
+        if self.pooled:
+            return torch.empty(batch_size, sum(dims), device="meta")
+        return [torch.empty(n, d, device="meta") for n, d in zip(lpk, dims, strict=True)]
+
     def _params_for(self, group: LookupGroup) -> list[torch.Tensor]:
         if self.optimizer is not None:
             return [self._trigger]
         idx = self._groups.index(group)
         return [self.weights[self.tables[t].name] for t in self._group_tables[idx]]
-
-    def _check_ids(self, values: torch.Tensor, lpk: list[int]) -> None:
-        if values.numel() == 0:
-            return
-        # Per-feature min and max: one reduction when the features hold as many ids each (fixed
-        # batches), else one small reduction per feature; a single device-to-host copy either way.
-        if len(set(lpk)) == 1:
-            lows, highs = values.view(len(lpk), -1).aminmax(dim=1)
-            present = list(range(len(lpk)))
-        else:
-            present = [f for f, n in enumerate(lpk) if n]
-            starts = [0]
-            for n in lpk:
-                starts.append(starts[-1] + n)
-            pairs = [values[starts[f] : starts[f + 1]].aminmax() for f in present]
-            lows = torch.stack([p.min for p in pairs])
-            highs = torch.stack([p.max for p in pairs])
-        bounds = torch.stack([lows, highs]).tolist()
-        for f, low, high in zip(present, bounds[0], bounds[1], strict=True):
-            spec = self.tables[self._feature_table[f]]
-            if low < 0 or high >= spec.num_embeddings:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"id {bad} of feature {self.features[f].name!r} is out of range for table"
-                    f" {spec.name!r} (num_embeddings={spec.num_embeddings}; ids must be in"
-                    f" [0, {spec.num_embeddings}))"
-                )
 
     def _assemble_pooled(self, outs: list[torch.Tensor]) -> torch.Tensor:
         if len(outs) == 1:

@@ -1,5 +1,6 @@
 """Embedding modules (TorchRec's names): configs, EmbeddingBagCollection, EmbeddingCollection."""
 
+from shardrec.kernels.input_checks import BadBatchError, BatchChecker
 from shardrec.modules.configs import (
     BaseEmbeddingConfig,
     DataType,
@@ -11,7 +12,9 @@ from shardrec.modules.embedding_bag_collection import EmbeddingBagCollection
 from shardrec.modules.embedding_collection import EmbeddingCollection
 
 __all__ = [
+    "BadBatchError",
     "BaseEmbeddingConfig",
+    "BatchChecker",
     "DataType",
     "EmbeddingBagCollection",
     "EmbeddingBagConfig",

@@ -125,7 +125,9 @@ class Routing:
         self._cache[key] = result
         return result
 
-    def route(self, features: KeyedJaggedTensor, *, weighted: bool) -> KernelInput:
+    def check_keys(self, features: KeyedJaggedTensor, *, weighted: bool) -> list[int] | None:
+        """Check what the KJT's metadata says (type, keys, weights); return the permutation
+        that puts its keys in pair order (None: already in order)."""
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(
                 f"{self.kind}.forward expects a KeyedJaggedTensor, got {type(features).__name__}"
@@ -136,7 +138,16 @@ class Routing:
             raise ValueError(
                 f"{self.kind} is weighted (is_weighted=True) but the KJT has no weights"
             )
-        order = self._permutation(features.keys())
+        return self._permutation(features.keys())
+
+    def route(self, features: KeyedJaggedTensor, *, weighted: bool) -> KernelInput:
+        order = self.check_keys(features, weighted=weighted)
+        if features.device().type == "meta" and features.length_per_key_or_none() is None:
+            raise ValueError(
+                f"{self.kind}: the KJT is on the meta device and has no length_per_key; a meta"
+                " batch has no lengths to count ids from, so give them"
+                " (KeyedJaggedTensor(..., length_per_key=[...])) to get the output shapes"
+            )
         if order is not None:
             features = features.permute(order)
         return KernelInput(

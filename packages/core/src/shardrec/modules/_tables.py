@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from shardrec.kernels import FusedOptimizerConfig, KernelBackend, TableBatchedEmbedding
-from shardrec.modules._routing import Routing
+from shardrec.kernels.input_checks import BadBatchError, BatchChecker
+from shardrec.modules._routing import KernelInput, Routing
 from shardrec.modules.configs import BaseEmbeddingConfig
+from shardrec.sparse import KeyedJaggedTensor
 
 __all__ = ["FusedParams", "FusedTableCollection", "TableWeight", "build_lookup"]
 
@@ -47,6 +49,7 @@ def build_lookup(
     fused_params: FusedParams,
     backend: KernelBackend | str | None,
     device: torch.device | str | None,
+    check_inputs: bool = True,
 ) -> TableBatchedEmbedding:
     if isinstance(fused_params, FusedOptimizerConfig) or fused_params is None:
         optimizer = fused_params
@@ -61,6 +64,7 @@ def build_lookup(
         optimizer=optimizer,
         backend=backend,
         device=device,
+        check_inputs=check_inputs,
     )
     if lookup.device.type != "meta":
         lookup.reset_parameters(init_fns=init_fns(tables))
@@ -94,13 +98,28 @@ class FusedTableCollection(nn.Module, Generic[ConfigT]):
         fused_params: FusedParams,
         backend: KernelBackend | str | None,
         device: torch.device | str | None,
+        check_inputs: bool,
     ) -> None:
         super().__init__()
         self._configs: list[ConfigT] = list(tables)
         for config in self._configs:
             if not isinstance(config, config_type):
                 raise TypeError(f"{kind} tables must be {config_type.__name__}, got {config!r}")
+        if not isinstance(check_inputs, bool):
+            raise TypeError(f"{kind}: check_inputs must be a bool, got {check_inputs!r}")
         self._routing = Routing(self._configs, kind=kind)
+        rows = {c.name: c.num_embeddings for c in self._configs}
+        self._checker = BatchChecker(
+            kind,
+            self._routing.sources,
+            self._routing.tables_of_pairs,
+            [rows[t] for t in self._routing.tables_of_pairs],
+        )
+        #: Whether forward checks each batch (lengths >= 0, ids inside their tables; the dtype is
+        #: always checked). Sharded copies of this module (DistributedModelParallel) inherit it.
+        self.check_inputs = check_inputs
+        # The module checks the batch in its own terms (the user's feature, table and row), so
+        # the kernel does not check it a second time.
         lookup = build_lookup(
             self._configs,
             self._routing,
@@ -109,6 +128,7 @@ class FusedTableCollection(nn.Module, Generic[ConfigT]):
             fused_params=fused_params,
             backend=backend,
             device=device,
+            check_inputs=False,
         )
         # Not a registered submodule: the state dict is the per-table weights (TorchRec keys).
         self.__dict__["_lookup"] = lookup
@@ -137,6 +157,27 @@ class FusedTableCollection(nn.Module, Generic[ConfigT]):
     def reset_parameters(self) -> None:
         """Initialise every table with its config's ``init_fn`` (materialising from meta on cpu)."""
         self.lookup.reset_parameters(init_fns=init_fns(self._configs))
+
+    @property
+    def batch_checker(self) -> BatchChecker:
+        """The checks of :attr:`check_inputs`, over this module's (feature, table) pairs in
+        output order; the sharders run them before they distribute a batch."""
+        return self._checker
+
+    def _route_checked(self, features: KeyedJaggedTensor, *, weighted: bool) -> KernelInput:
+        """The batch in kernel order, checked (one host read when :attr:`check_inputs`)."""
+        inp = self._routing.route(features, weighted=weighted)
+        if inp.values.device.type == "meta":
+            # Nothing to read: a meta batch only has shapes (the lookup then gives meta outputs).
+            problem = self._checker.dtype_problem(inp.values)
+        elif self.check_inputs:
+            self._checker.check(inp.values, inp.lengths, inp.length_per_feature, inp.batch_size)
+            return inp
+        else:
+            problem = self._checker.dtype_problem(inp.values)
+        if problem is not None:
+            raise BadBatchError(problem)
+        return inp
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
         self.lookup._apply(fn)

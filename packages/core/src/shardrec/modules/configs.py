@@ -21,11 +21,24 @@ __all__ = [
     "EmbeddingBagConfig",
     "EmbeddingConfig",
     "PoolingType",
+    "UniformInit",
     "data_type_to_dtype",
 ]
 
 
 InitFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+@dataclass(frozen=True, slots=True)
+class UniformInit:
+    """The default ``init_fn``: a uniform draw in ``[low, high]``, in place. A class rather than a
+    closure so that configs, and the modules holding them, can be pickled."""
+
+    low: float
+    high: float
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.uniform_(weight, self.low, self.high)
 
 
 @dataclass
@@ -71,12 +84,7 @@ class BaseEmbeddingConfig:
                 f" ({self.weight_init_max}) in {where}"
             )
         if self.init_fn is None:
-            low, high = self.weight_init_min, self.weight_init_max
-
-            def uniform(weight: torch.Tensor) -> torch.Tensor:
-                return torch.nn.init.uniform_(weight, low, high)
-
-            self.init_fn = uniform
+            self.init_fn = UniformInit(self.weight_init_min, self.weight_init_max)
 
     def num_features(self) -> int:
         """Number of features that read this table."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from shardrec.kernels import KernelBackend
+from shardrec.kernels.input_checks import BadBatchError
 from shardrec.modules._tables import FusedParams, FusedTableCollection
 from shardrec.modules.configs import EmbeddingBagConfig
 from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
@@ -44,8 +45,17 @@ class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
     ``backend`` picks the kernel (``"torch"``, ``"fbgemm"``, ``"auto"``; default
     ``$SHARDREC_KERNEL_BACKEND`` or auto).
 
-    ``device="meta"`` allocates nothing; ``reset_parameters()`` then materialises on cpu (or use
-    ``to_empty(device=...)`` followed by ``reset_parameters()``).
+    ``device="meta"`` (or ``device=None`` under ``with torch.device("meta"):``) allocates nothing;
+    a forward then gives a meta output of the right shape, and ``reset_parameters()`` materialises
+    on cpu (or use ``to_empty(device=...)`` followed by ``reset_parameters()``).
+
+    Every forward checks its batch (``check_inputs=True``, the default): ids that are not integers,
+    a negative length, or an id outside its table raise
+    :class:`~shardrec.kernels.input_checks.BadBatchError` (a ValueError) naming the feature, the
+    table, the id and its sample. The check costs one pass over the ids and one host read (see
+    ``docs/benchmarks.md``); ``check_inputs=False`` (or setting the attribute) keeps only the
+    dtype check, and a bad id is then undefined behaviour. Under DistributedModelParallel the
+    sharded module inherits the setting, and a bad batch on any rank raises on every rank.
     """
 
     embedding_bags: nn.ModuleDict
@@ -58,6 +68,7 @@ class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
         *,
         fused_params: FusedParams = None,
         backend: KernelBackend | str | None = None,
+        check_inputs: bool = True,
     ) -> None:
         super().__init__(
             tables,
@@ -69,6 +80,7 @@ class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
             fused_params=fused_params,
             backend=backend,
             device=device,
+            check_inputs=check_inputs,
         )
         self._is_weighted = is_weighted
         self._dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
@@ -80,7 +92,17 @@ class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
         return list(self._configs)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        inp = self._routing.route(features, weighted=self._is_weighted)
+        if self.lookup.device.type == "meta":
+            # Tables on meta (a model being planned): the output's shape needs only the batch size.
+            self._routing.check_keys(features, weighted=self._is_weighted)
+            problem = self.batch_checker.dtype_problem(features.values())
+            if problem is not None:
+                raise BadBatchError(problem)
+            values = torch.empty(features.stride(), sum(self._dims), device="meta")
+            return KeyedTensor(
+                keys=self._routing.embedding_names, length_per_key=self._dims, values=values
+            )
+        inp = self._route_checked(features, weighted=self._is_weighted)
         pooled = self.lookup.lookup(
             values=inp.values,
             offsets=inp.offsets,

@@ -31,8 +31,10 @@ class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
 
     Each output JaggedTensor has the feature's lengths and one row per id; with
     ``need_indices=True`` its weights hold the ids (TorchRec's convention). A feature read by
-    several tables is named ``feature@table``. ``fused_params``, ``backend`` and ``device="meta"``
-    behave as in :class:`~shardrec.modules.embedding_bag_collection.EmbeddingBagCollection`.
+    several tables is named ``feature@table``. ``fused_params``, ``backend``, ``device="meta"`` and
+    ``check_inputs`` behave as in
+    :class:`~shardrec.modules.embedding_bag_collection.EmbeddingBagCollection` (a forward on meta
+    tables needs the KJT's ``length_per_key`` for the output shapes).
     """
 
     embeddings: nn.ModuleDict
@@ -45,6 +47,7 @@ class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
         *,
         fused_params: FusedParams = None,
         backend: KernelBackend | str | None = None,
+        check_inputs: bool = True,
     ) -> None:
         super().__init__(
             tables,
@@ -56,6 +59,7 @@ class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
             fused_params=fused_params,
             backend=backend,
             device=device,
+            check_inputs=check_inputs,
         )
         self._need_indices = need_indices
 
@@ -76,7 +80,7 @@ class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
         return dims.pop()
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        inp = self._routing.route(features, weighted=False)
+        inp = self._route_checked(features, weighted=False)
         rows = self.lookup.lookup(
             values=inp.values,
             offsets=inp.offsets,
