@@ -66,9 +66,8 @@ class BatchChecker:
         """Why ``values`` cannot be ids (a host-side look at the dtype only), or None."""
         dtype = values.dtype
         if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-            names = ", ".join(
-                f"{f!r} (table {t!r})" for f, t in zip(self.features, self.tables, strict=True)
-            )
+            pairs = dict.fromkeys(zip(self.features, self.tables, strict=True))
+            names = ", ".join(f"{f!r} (table {t!r})" for f, t in pairs)
             return (
                 f"{self.owner}: the KJT's values have dtype {dtype}, but the ids of features"
                 f" {names} must be integers (a float tensor of ids would be truncated into rows"
