@@ -175,3 +175,57 @@ def test_tensorboard_after_a_resume_keeps_one_point_per_step_in_order(tmp_path: 
     assert [step for step, _ in found["val/auc"]] == [2, 4, 6, 7]
     assert [step for step, _ in found["test/auc"]] == [7]
     assert len(list(Path(logdir).iterdir())) == 2  # the two runs' event files, read as one
+
+
+def step_dirs(root: Path) -> list[str]:
+    return sorted(path.name for path in root.iterdir() if path.name.startswith("step-"))
+
+
+def damage(file: Path, how: str) -> None:
+    data = bytearray(file.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[len(data) // 2 :]
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_latest_checkpoint_is_refused_by_evaluate_and_passed_over_by_resume(
+    tmp_path: Path, how: str
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    options = ["--batch-size", "16", "--checkpoint-every", "2", "--checkpoint-dir", str(ckpt)]
+    first = train(*options)
+    assert first.exit_code == 0, first.output
+    # Saved at steps 2, 4, 6 and 7; the default --keep-checkpoints 3 deleted step 2.
+    assert step_dirs(ckpt) == ["step-00000004", "step-00000006", "step-00000007"]
+    victim = max((ckpt / "step-00000007").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    damage(victim, how)
+
+    scoring = words("--val-fraction 0.2 --test-fraction 0.2 --device cpu")
+    scored = CliRunner().invoke(
+        main, ["evaluate", "--checkpoint", str(ckpt), "--data", str(SAMPLE), *scoring]
+    )
+    assert scored.exit_code == 1
+    assert "Traceback" not in scored.output
+    [line] = scored.output.strip().splitlines()
+    assert str(victim) in line
+
+    resumed = train(*options, "--resume", "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    [warning] = [line for line in resumed.output.splitlines() if line.startswith("warning:")]
+    assert str(victim) in warning
+    assert "resuming from the older step-00000006" in warning
+    assert "finished after 14 steps" in resumed.output
+    # Pruned as it went on: the damaged checkpoint is gone, the three newest remain.
+    assert step_dirs(ckpt) == ["step-00000010", "step-00000012", "step-00000014"]
+
+
+def test_keep_checkpoints_bounds_what_a_run_leaves(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    options = ["--batch-size", "16", "--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    result = train(*options, "--checkpoint-dir", str(ckpt))
+    assert result.exit_code == 0, result.output
+    assert step_dirs(ckpt) == ["step-00000006", "step-00000007"]
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # nothing half-deleted

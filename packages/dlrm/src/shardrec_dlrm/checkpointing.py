@@ -125,46 +125,77 @@ def _delete(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def save_checkpoint(run: ShardedRun, config: TrainConfig, step: int) -> Path:
-    """Collective: every rank saves its shards of step ``step``."""
-    from shardrec.distributed.checkpoint import CheckpointError, save
+def save_checkpoint(run: ShardedRun, config: TrainConfig, state: ParallelState, step: int) -> Path:
+    """Collective: every rank saves its shards of step ``step``; then rank 0 deletes all but the
+    ``--keep-checkpoints`` newest (never the newest intact one)."""
+    from shardrec.distributed.checkpoint import CheckpointError, prune, save
 
     assert config.checkpoint_dir is not None
+    root = config.checkpoint_dir
     try:
-        return save(config.checkpoint_dir, run.model, step=step, optimizer=run.dense_optimizer)
+        saved = save(root, run.model, step=step, optimizer=run.dense_optimizer)
     except (CheckpointError, OSError) as error:
-        raise UserError(f"cannot save a checkpoint in {config.checkpoint_dir}: {error}") from error
+        raise UserError(f"cannot save a checkpoint in {root}: {error}") from error
+
+    def prune_old() -> None:
+        try:
+            prune(root, config.keep_checkpoints)
+        except CheckpointError as error:
+            raise UserError(f"cannot delete old checkpoints in {root}: {error}") from error
+
+    state.decide_on_main(prune_old)
+    return saved
 
 
 def resume_step(run: ShardedRun, config: TrainConfig, state: ParallelState) -> int:
-    """Loads the newest checkpoint of ``--checkpoint-dir`` (collective) and returns its step; 0
-    when there is none yet. Call after :func:`prepare_checkpoint_dir`."""
-    from shardrec.distributed.checkpoint import CheckpointError, load
+    """Loads the newest intact checkpoint of ``--checkpoint-dir`` (collective) and returns its
+    step; 0 when there is none yet. Call after :func:`prepare_checkpoint_dir`.
+
+    A checkpoint whose files do not match the checksums its save recorded is passed over with a
+    one-line warning naming the bad file; when none is intact, the resume is refused.
+    """
+    from shardrec.distributed.checkpoint import (
+        CheckpointError,
+        CorruptCheckpointError,
+        checkpoints,
+        load,
+    )
 
     assert config.checkpoint_dir is not None
     root = Path(config.checkpoint_dir)
-    chosen = state.decide_on_main(lambda: _newest_intact(root))
-    if chosen is None:
-        return 0
-    try:
-        return load(chosen, run.model, optimizer=run.dense_optimizer)
-    except CheckpointError as error:
-        raise UserError(str(error)) from error
-
-
-def _newest_intact(root: Path) -> str | None:
-    from shardrec.distributed.checkpoint import latest
-
-    found = latest(root)
-    return None if found is None else str(found)
+    candidates = state.decide_on_main(lambda: [str(path) for path in checkpoints(root)])
+    bad: list[str] = []
+    for candidate in candidates:
+        try:
+            step = load(candidate, run.model, optimizer=run.dense_optimizer)
+        except CorruptCheckpointError as error:
+            bad.append(str(error))
+            continue  # verified before anything was loaded: the model is untouched
+        except CheckpointError as error:
+            raise UserError(str(error)) from error
+        if state.is_main:
+            for message in bad:
+                warn(f"{message}; resuming from the older {Path(candidate).name} instead")
+        return step
+    if bad:
+        raise UserError(
+            f"{root}: no intact checkpoint to resume from (newest: {bad[0]}): train into another "
+            "--checkpoint-dir, or start again with --overwrite"
+        )
+    return 0
 
 
 def load_for_evaluation(checkpoint: str, model: nn.Module) -> int:
-    """Loads the weights of ``checkpoint`` (a directory of checkpoints, or one) into ``model``."""
-    from shardrec.distributed.checkpoint import CheckpointError, load
+    """Loads the weights of ``checkpoint`` (a directory of checkpoints: its newest; or one) into
+    ``model``, after verifying every file against the checksums its save recorded."""
+    from shardrec.distributed.checkpoint import CheckpointError, CorruptCheckpointError, load
 
     try:
         return load(checkpoint, model)
+    except CorruptCheckpointError as error:
+        raise UserError(
+            f"{error} (not scored: name an older checkpoint with --checkpoint DIR/step-N)"
+        ) from error
     except CheckpointError as error:
         raise UserError(str(error)) from error
 

@@ -148,7 +148,7 @@ class _Trainer:
                         validated_at = self.step
                         progress.pause_rate()
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                        save_checkpoint(self.run_state, config, self.step)
+                        save_checkpoint(self.run_state, config, state, self.step)
                         saved_at = self.step
                         progress.pause_rate()
         finally:
@@ -164,7 +164,7 @@ class _Trainer:
         results.update({f"test/{name}": value for name, value in test.items()})
         self.logger.log({f"test/{name}": value for name, value in test.items()}, self.step)
         if config.checkpoint_dir is not None and saved_at != self.step:
-            save_checkpoint(self.run_state, config, self.step)
+            save_checkpoint(self.run_state, config, state, self.step)
         if state.is_main:
             print(format_summary(results, self.step, planted_optimum(config.data)), flush=True)
         return results
