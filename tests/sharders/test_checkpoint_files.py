@@ -151,16 +151,16 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None
     # The child builds the same model as this file: its source travels with the script.
     source = inspect.getsource(make_model)
     script.write_text(_CHILD.format(root=str(root), make_model=source))
-    child = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line.strip() == "WROTE ONE ITEM", child.stderr.read() if child.stderr else line
-        os.kill(child.pid, signal.SIGKILL)  # midway through writing step 2
-    finally:
-        child.wait(timeout=60)
+    ) as child:
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line.strip() == "WROTE ONE ITEM", child.stderr.read() if child.stderr else line
+            os.kill(child.pid, signal.SIGKILL)  # midway through writing step 2
+        finally:
+            child.wait(timeout=60)
     assert (root / ".tmp-step-00000002").is_dir()  # the half-written save is there...
     assert latest(root) == root / "step-00000001"  # ...but never taken for a checkpoint
     fresh = make_model(7)

@@ -188,8 +188,8 @@ def save(
 
 def _resolve(path: str | Path) -> Path:
     p = Path(path)
-    if (p / METADATA).is_file() and (p / SIDECAR).is_file():
-        return p
+    if any(os.path.lexists(p / name) for name in (METADATA, SIDECAR)):
+        return p  # a checkpoint directory: its files are checked as they are read
     found = latest(p)
     if found is None:
         raise CheckpointError(f"{p}: no complete checkpoint here (nor a step-* directory with one)")
