@@ -109,12 +109,12 @@ def test_empty_and_to() -> None:
     ("kwargs", "error", "message"),
     [
         (
-            {"values": torch.tensor([1.0, 2.0]), "lengths": torch.tensor([1, 1])},
+            {"values": torch.tensor([1, 2]), "lengths": torch.tensor([1.0, 1.0])},
             TypeError,
             "integer",
         ),
         (
-            {"values": torch.ones(2, 2, dtype=torch.long), "lengths": torch.tensor([1, 1])},
+            {"values": torch.tensor([1, 2]), "lengths": torch.ones(1, 2, dtype=torch.long)},
             ValueError,
             "1-D",
         ),

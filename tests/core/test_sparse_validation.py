@@ -1,6 +1,8 @@
 """Bad input to the containers gets a ValueError/TypeError that names the key and position.
 
-Constructor checks read only metadata (no device sync); ``validate()`` reads contents.
+Constructor checks read only metadata (no device sync); ``validate()`` reads contents. The
+containers refuse only what no container can hold: what the values are (ids, floats, rows) is
+for the consumer to check, as in TorchRec.
 """
 
 from __future__ import annotations
@@ -9,20 +11,25 @@ import pytest
 import torch
 
 from shardrec import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec.sparse import IndexDtypeError
 
 KEYS = ["product", "user"]
 IDS = torch.tensor([101, 202, 303, 404, 505, 606])
 LENGTHS = torch.tensor([2, 0, 1, 1, 1, 1])
 
 
-def test_float_ids() -> None:
-    with pytest.raises(TypeError, match=r"integer ids, got dtype torch.float32"):
-        KeyedJaggedTensor(KEYS, IDS.float(), lengths=LENGTHS)
+def test_values_of_any_dtype_and_shape_are_accepted() -> None:
+    # The embedding lookup checks for integer ids; the container holds whatever it is given.
+    floats = KeyedJaggedTensor(KEYS, IDS.float(), lengths=LENGTHS)
+    assert floats["product"].values().tolist() == [101.0, 202.0, 303.0]
+    rows = KeyedJaggedTensor(KEYS, IDS.view(6, 1).expand(6, 3), lengths=LENGTHS)
+    assert rows["user"].values().shape == (3, 3)
+    assert rows.validate() is rows
 
 
-def test_two_dimensional_values() -> None:
-    with pytest.raises(ValueError, match=r"values must be 1-D, got shape \(3, 2\)"):
-        KeyedJaggedTensor(KEYS, IDS.view(3, 2), lengths=LENGTHS)
+def test_scalar_values() -> None:
+    with pytest.raises(ValueError, match=r"values must have at least one dimension"):
+        KeyedJaggedTensor(KEYS, torch.tensor(3), lengths=LENGTHS)
 
 
 def test_lengths_not_a_multiple_of_keys() -> None:
@@ -36,8 +43,19 @@ def test_stride_disagrees_with_lengths() -> None:
 
 
 def test_float_lengths() -> None:
-    with pytest.raises(TypeError, match=r"lengths must be int32 or int64"):
+    with pytest.raises(IndexDtypeError, match=r"lengths must be of integer type, got dtype"):
         KeyedJaggedTensor(KEYS, IDS, lengths=LENGTHS.float())
+    with pytest.raises(IndexDtypeError, match=r"offsets must be of integer type"):
+        JaggedTensor(IDS, offsets=torch.tensor([0.0, 6.0]))
+    # The error is a TypeError, and the AssertionError TorchRec raises for the same input.
+    assert issubclass(IndexDtypeError, TypeError)
+    assert issubclass(IndexDtypeError, AssertionError)
+
+
+def test_empty_lengths_of_any_dtype_are_accepted() -> None:
+    kjt = KeyedJaggedTensor(KEYS, torch.tensor([]), lengths=torch.tensor([]))
+    assert kjt.stride() == 0
+    assert kjt.to_dict()["user"].lengths().numel() == 0
 
 
 def test_negative_length_names_key_and_sample() -> None:
@@ -72,16 +90,27 @@ def test_bad_offsets() -> None:
 def test_weights_of_wrong_size() -> None:
     with pytest.raises(ValueError, match=r"weights has 5 entries but values has 6"):
         KeyedJaggedTensor(KEYS, IDS, lengths=LENGTHS, weights=torch.ones(5))
-    with pytest.raises(TypeError, match=r"weights must be floating point"):
-        KeyedJaggedTensor(KEYS, IDS, lengths=LENGTHS, weights=torch.ones(6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"weights has 2 entries but values has 3"):
+        JaggedTensor(torch.ones(3, 4), lengths=torch.tensor([3]), weights=torch.ones(2, 4))
 
 
-def test_jagged_tensor_weights_may_be_ids_but_not_bools() -> None:
-    ids = torch.tensor([7, 8, 9])
-    jt = JaggedTensor(values=torch.ones(3, 4), weights=ids, lengths=torch.tensor([2, 1]))
-    assert torch.equal(jt.weights(), ids)
-    with pytest.raises(TypeError, match=r"JaggedTensor: weights must be real numbers"):
-        JaggedTensor(values=ids, weights=torch.ones(3, dtype=torch.bool), lengths=torch.tensor([3]))
+def test_weights_of_any_dtype_are_accepted() -> None:
+    # Integer weights are how an EmbeddingCollection with need_indices returns ids.
+    kjt = KeyedJaggedTensor(KEYS, IDS, lengths=LENGTHS, weights=IDS * 2)
+    assert kjt["user"].weights().tolist() == [808, 1010, 1212]
+    jt = JaggedTensor(values=torch.ones(3, 4), weights=IDS[:3], lengths=torch.tensor([2, 1]))
+    assert torch.equal(jt.weights(), IDS[:3])
+
+
+def test_neither_lengths_nor_offsets() -> None:
+    # Accepted, as in TorchRec; only asking for what is not there fails, and says why.
+    kjt = KeyedJaggedTensor(KEYS, torch.empty(0))
+    assert kjt.stride() == 0
+    assert str(kjt) == "KeyedJaggedTensor()\n"
+    with pytest.raises(ValueError, match=r"has neither lengths nor offsets"):
+        kjt.lengths()
+    with pytest.raises(ValueError, match=r"has neither lengths nor offsets"):
+        kjt.validate()
 
 
 def test_duplicate_keys_named_with_positions() -> None:

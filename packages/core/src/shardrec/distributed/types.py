@@ -24,6 +24,7 @@ from typing import Final, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch import nn
+from typing_extensions import TypeVar
 
 __all__ = [
     "EmbeddingComputeKernel",
@@ -226,13 +227,18 @@ class ShardedEmbeddingModule(Protocol):
         ...
 
 
+# The module type a sharder shards; a bare ``ModuleSharder`` means ``ModuleSharder[nn.Module]``.
+M = TypeVar("M", bound=nn.Module, default=nn.Module)
+
+
 @runtime_checkable
-class ModuleSharder(Protocol):
+class ModuleSharder(Protocol[M]):
     """What a plugin registers: something that shards one module type with some sharding types.
 
     Several sharders may serve one module type, each owning different sharding-type names; a module
     whose tables use several sharding types is sharded by each owning sharder for its own tables,
-    and the host stitches the parts together.
+    and the host stitches the parts together. Generic in the module type, as TorchRec's is:
+    ``ModuleSharder[EmbeddingBagCollection]``.
 
     ``shard`` receives only the tables in ``params`` (a subset of the module's tables) and returns a
     module whose ``forward(kjt)`` takes the unsharded module's input KJT (it picks its tables'
@@ -243,7 +249,7 @@ class ModuleSharder(Protocol):
     """
 
     @property
-    def module_type(self) -> type[nn.Module]:
+    def module_type(self) -> type[M]:
         """The module class this sharder shards (exact type: subclasses need their own sharder)."""
         ...
 
@@ -263,7 +269,7 @@ class ModuleSharder(Protocol):
 
     def shard(
         self,
-        module: nn.Module,
+        module: M,
         params: Mapping[str, ParameterSharding],
         env: ShardingEnv,
         device: torch.device,

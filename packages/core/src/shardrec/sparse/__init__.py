@@ -1,6 +1,7 @@
 """Typed sparse containers: JaggedTensor, KeyedJaggedTensor, KeyedTensor (TorchRec's meanings)."""
 
 from shardrec.sparse._pytree import register as _register_pytrees
+from shardrec.sparse._validation import IndexDtypeError
 from shardrec.sparse.jagged_tensor import JaggedTensor
 from shardrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor
 from shardrec.sparse.keyed_tensor import KeyedTensor
@@ -8,4 +9,4 @@ from shardrec.sparse.keyed_tensor import KeyedTensor
 # Registering is a few dict inserts, and must precede any container reaching torch.compile/export.
 _register_pytrees()
 
-__all__ = ["JaggedTensor", "KeyedJaggedTensor", "KeyedTensor"]
+__all__ = ["IndexDtypeError", "JaggedTensor", "KeyedJaggedTensor", "KeyedTensor"]

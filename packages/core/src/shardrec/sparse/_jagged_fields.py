@@ -1,5 +1,5 @@
 """The accessors JaggedTensor and KeyedJaggedTensor share: values, optional per-value weights, and
-lengths/offsets, of which the constructor sets at least one; the other is derived on first use."""
+lengths/offsets, of which the constructor usually sets one; the other is derived on first use."""
 
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ class JaggedFields:
 
     def lengths(self) -> torch.Tensor:
         if self._lengths is None:
-            assert self._offsets is not None  # the constructor requires one of the two
-            self._lengths = offsets_to_lengths(self._offsets)
+            self._lengths = offsets_to_lengths(self._offsets_or_raise())
         return self._lengths
 
     def lengths_or_none(self) -> torch.Tensor | None:
@@ -41,9 +40,28 @@ class JaggedFields:
 
     def offsets(self) -> torch.Tensor:
         if self._offsets is None:
-            assert self._lengths is not None
+            if self._lengths is None:
+                raise self._no_lengths()
             self._offsets = lengths_to_offsets(self._lengths)
         return self._offsets
+
+    def _offsets_or_raise(self) -> torch.Tensor:
+        if self._offsets is None:
+            raise self._no_lengths()
+        return self._offsets
+
+    def _no_lengths(self) -> ValueError:
+        # A KeyedJaggedTensor may be built without either (TorchRec allows it); only asking for
+        # them fails.
+        return ValueError(f"{self._OWNER} has neither lengths nor offsets")
+
+    def size_in_bytes(self) -> int:
+        """Bytes held by the tensors this object has (derived lengths/offsets included)."""
+        return sum(
+            t.element_size() * t.numel()
+            for t in (self._values, self._weights, self._lengths, self._offsets)
+            if t is not None
+        )
 
     def offsets_or_none(self) -> torch.Tensor | None:
         return self._offsets

@@ -26,7 +26,8 @@ def padded_dense(
 ) -> torch.Tensor:
     """Rows of a jagged tensor, truncated or padded to one width: ``(B, N, *values.shape[1:])``.
 
-    One scatter of all kept values instead of a Python loop over rows.
+    One scatter of all kept values instead of a Python loop over rows. Values past the last row
+    (``values`` longer than the lengths add up to) belong to no row and are left out.
     """
     num_rows = lengths.numel()
     width = (
@@ -35,8 +36,10 @@ def padded_dense(
     out = values.new_full((num_rows, width, *values.shape[1:]), padding_value)
     if num_rows == 0 or width == 0 or values.shape[0] == 0:
         return out
+    total = int(offsets[-1].item())
+    values = values.narrow(0, 0, total)
     rows = torch.repeat_interleave(
-        torch.arange(num_rows, device=values.device), lengths.long(), output_size=values.shape[0]
+        torch.arange(num_rows, device=values.device), lengths.long(), output_size=total
     )
     columns = torch.arange(values.shape[0], device=values.device) - offsets[:-1].long()[rows]
     keep = columns < width

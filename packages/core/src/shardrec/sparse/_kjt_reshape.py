@@ -23,23 +23,31 @@ if TYPE_CHECKING:
     from shardrec.sparse.keyed_jagged_tensor import KeyedJaggedTensor
 
 
-def to_dict(kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+def to_dict(kjt: KeyedJaggedTensor, compute_offsets: bool) -> dict[str, JaggedTensor]:
     keys = kjt.keys()
     if not keys:
         return {}
     per_key = kjt.length_per_key()
     values = torch.split(kjt.values(), per_key)
-    lengths = kjt.lengths().view(len(keys), kjt.stride()).unbind(0)
+    lengths_2d = kjt.lengths().view(len(keys), kjt.stride())
+    lengths = lengths_2d.unbind(0)
+    offsets: Sequence[torch.Tensor | None]
+    if compute_offsets and kjt.stride() == 0:
+        offsets = lengths  # no rows: empty offsets, as TorchRec gives
+    elif compute_offsets:
+        # Two kernels for all keys; a strided out= would be one, but Dynamo cannot trace it.
+        sums = torch.cumsum(lengths_2d, dim=1, dtype=lengths_2d.dtype)
+        offsets = torch.nn.functional.pad(sums, (1, 0)).unbind(0)
+    else:
+        offsets = [None] * len(keys)
     weights = kjt.weights_or_none()
+    split_weights: Sequence[torch.Tensor | None] = (
+        [None] * len(keys) if weights is None else torch.split(weights, per_key)
+    )
     trusted = JaggedTensor._trusted
-    if weights is None:
-        return {
-            key: trusted(v, None, n, None) for key, v, n in zip(keys, values, lengths, strict=True)
-        }
-    split_weights = torch.split(weights, per_key)
     return {
-        key: trusted(v, w, n, None)
-        for key, v, w, n in zip(keys, values, split_weights, lengths, strict=True)
+        key: trusted(v, w, n, o)
+        for key, v, w, n, o in zip(keys, values, split_weights, lengths, offsets, strict=True)
     }
 
 
@@ -162,14 +170,16 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> list[KeyedJaggedTe
         end = start + size
         lo, hi = offset_per_key[start], offset_per_key[end]
         sub_per_key = per_key[start:end]
+        sub_lengths = lengths[start * stride : end * stride]
         out.append(
             cls._trusted(
                 keys[start:end],
                 None,
                 values[lo:hi],
                 None if weights is None else weights[lo:hi],
-                lengths[start * stride : end * stride],
-                None,
+                sub_lengths,
+                # An empty segment: empty offsets too (TorchRec's), a valid "no rows" form.
+                sub_lengths if size == 0 else None,
                 stride,
                 sub_per_key,
                 [o - lo for o in offset_per_key[start : end + 1]],

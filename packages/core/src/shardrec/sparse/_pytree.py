@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from shardrec.sparse.jagged_tensor import JaggedTensor
@@ -106,6 +107,38 @@ def _kt_unflatten(children: Any, context: _KtContext) -> KeyedTensor:
     return KeyedTensor(list(keys), list(per_key), next(iter(children)), key_dim=key_dim)
 
 
+def _spec_fields(obj: JaggedTensor | KeyedJaggedTensor, present: _Present) -> list[torch.Tensor]:
+    """The tensors a recorded spec expects, derived when this object lacks them (lengths from
+    offsets or the reverse); a spec with weights needs an object with weights."""
+    getters = {
+        "_values": obj.values,
+        "_weights": obj.weights,
+        "_lengths": obj.lengths,
+        "_offsets": obj.offsets,
+    }
+    return [getters[name]() for name in present]
+
+
+def _jt_flatten_spec(jt: JaggedTensor, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    present: _JtContext = spec.context
+    return _spec_fields(jt, present)
+
+
+def _kjt_flatten_spec(kjt: KeyedJaggedTensor, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    context: _KjtContext = spec.context
+    return _spec_fields(kjt, context[0])
+
+
+def _kt_flatten_spec(kt: KeyedTensor, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    """The values in the key order the spec recorded: an exported program was traced with one
+    order, and a KeyedTensor built elsewhere may come with its keys in another."""
+    context: _KtContext = spec.context
+    keys = context[0]
+    if tuple(kt.keys()) == keys:
+        return [kt.values()]
+    return [KeyedTensor.regroup([kt], [list(keys)])[0]]
+
+
 def register() -> None:
     """Register the three containers (idempotent)."""
     if JaggedTensor in pytree.SUPPORTED_NODES:
@@ -131,3 +164,6 @@ def register() -> None:
         serialized_type_name="shardrec.KeyedTensor",
         flatten_with_keys_fn=_kt_flatten_with_keys,
     )
+    fx_pytree.register_pytree_flatten_spec(JaggedTensor, _jt_flatten_spec)
+    fx_pytree.register_pytree_flatten_spec(KeyedJaggedTensor, _kjt_flatten_spec)
+    fx_pytree.register_pytree_flatten_spec(KeyedTensor, _kt_flatten_spec)

@@ -1,9 +1,12 @@
 """Input checks shared by the sparse containers.
 
 Two tiers. The ``check_*`` functions read only host-side metadata (dtype, dim, numel, Python
-lists): they are cheap, never copy from the device, and run in every public constructor. The
-``find_*`` functions read tensor contents, which on an accelerator means a device-to-host copy:
-they run only in the explicit ``validate()`` methods (and, where the answer is free, in ``sync()``).
+lists): they are cheap, never copy from the device, and run in every public constructor. They
+refuse only what no container can hold (lengths that are not integers, one weight per value
+missing); what values hold is the consumer's business (an embedding lookup needs integer ids,
+a JaggedTensor of embedding rows does not). The ``find_*`` functions read tensor contents,
+which on an accelerator means a device-to-host copy: they run only in the explicit
+``validate()`` methods (and, where the answer is free, in ``sync()``).
 """
 
 from __future__ import annotations
@@ -13,25 +16,20 @@ from typing import Final
 
 import torch
 
-INDEX_DTYPES: Final = frozenset({torch.int32, torch.int64})
-ID_DTYPES: Final = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8})
+# TorchRec accepts these for lengths and offsets; anything else (floats above all) is refused.
+INDEX_DTYPES: Final = frozenset({torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64})
 
 
-def check_ids(owner: str, values: torch.Tensor) -> None:
-    """Ids must be a 1-D tensor of integers."""
-    if not isinstance(values, torch.Tensor):
-        raise TypeError(f"{owner}: values must be a torch.Tensor, got {type(values).__name__}")
-    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-        raise TypeError(
-            f"{owner}: values must hold integer ids, got dtype {values.dtype} "
-            "(float values belong in weights=)"
-        )
-    if values.dim() != 1:
-        raise ValueError(f"{owner}: values must be 1-D, got shape {tuple(values.shape)}")
+class IndexDtypeError(TypeError, AssertionError):
+    """Lengths or offsets of a non-integer dtype.
+
+    A TypeError, and also an AssertionError: TorchRec asserts on this, so code written against
+    TorchRec that catches AssertionError keeps working.
+    """
 
 
-def check_values_1d(owner: str, values: torch.Tensor) -> None:
-    """A JaggedTensor may hold any dtype (ids or embeddings rows), but the jagged dim is dim 0."""
+def check_values(owner: str, values: torch.Tensor) -> None:
+    """Values may be of any dtype (ids, floats, embedding rows); dim 0 is the jagged dim."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"{owner}: values must be a torch.Tensor, got {type(values).__name__}")
     if values.dim() == 0:
@@ -39,44 +37,54 @@ def check_values_1d(owner: str, values: torch.Tensor) -> None:
 
 
 def check_index_tensor(owner: str, name: str, tensor: torch.Tensor) -> None:
-    """Lengths and offsets: a 1-D tensor of int32 or int64."""
+    """Lengths and offsets: a 1-D tensor of integers (any dtype while it is empty)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{owner}: {name} must be int32 or int64, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{owner}: {name} must be 1-D, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in INDEX_DTYPES and tensor.numel() != 0:
+        raise IndexDtypeError(f"{owner}: {name} must be of integer type, got dtype {tensor.dtype}")
+
+
+def as_lengths(owner: str, lengths: torch.Tensor) -> torch.Tensor:
+    """Check ``lengths``; an empty one of another shape (TorchRec's ``torch.tensor([[], []])``)
+    becomes 1-D."""
+    if isinstance(lengths, torch.Tensor) and lengths.numel() == 0 and lengths.dim() != 1:  # type: ignore[redundant-expr]  # callers may pass anything
+        return lengths.reshape(0)
+    check_index_tensor(owner, "lengths", lengths)
+    return lengths
+
+
+def is_index_tensor(tensor: object) -> bool:
+    """The common case of :func:`check_index_tensor`, as one cheap test for the hot path."""
+    return isinstance(tensor, torch.Tensor) and tensor.dtype in INDEX_DTYPES and tensor.dim() == 1
 
 
 def check_offsets(owner: str, offsets: torch.Tensor, lengths: torch.Tensor | None) -> None:
-    """Offsets are a 1-D index tensor with at least the leading 0, and one more entry than
-    ``lengths`` when both are given."""
-    check_index_tensor(owner, "offsets", offsets)
-    if offsets.numel() == 0:
-        raise ValueError(f"{owner}: offsets must have at least one entry (0)")
-    if lengths is not None and lengths.numel() + 1 != offsets.numel():
-        raise ValueError(
-            f"{owner}: lengths has {lengths.numel()} entries and offsets "
-            f"{offsets.numel()}; offsets needs exactly one more"
-        )
+    """Offsets are a 1-D index tensor with one more entry than ``lengths`` when both are given
+    (an empty offsets tensor, as TorchRec's ``empty()`` makes, also means "no rows")."""
+    if not is_index_tensor(offsets):
+        check_index_tensor(owner, "offsets", offsets)
+    if lengths is None or offsets.numel() == lengths.numel() + 1:
+        return
+    if offsets.numel() == 0 and lengths.numel() == 0:
+        return
+    raise ValueError(
+        f"{owner}: lengths has {lengths.numel()} entries and offsets "
+        f"{offsets.numel()}; offsets needs exactly one more"
+    )
 
 
-def check_weights(
-    owner: str, weights: torch.Tensor, num_values: int, *, floating: bool = True
-) -> None:
-    """Weights pair one to one with values and are floating point (``floating=False``: or
-    integer, as the ids an EmbeddingCollection returns with ``need_indices``)."""
+def check_weights(owner: str, weights: torch.Tensor, values: torch.Tensor) -> None:
+    """One weight per value along the jagged dim 0; any real dtype (integer weights are how an
+    EmbeddingCollection with ``need_indices`` returns ids), any trailing shape."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{owner}: weights must be a torch.Tensor, got {type(weights).__name__}")
-    if floating and not weights.dtype.is_floating_point:
-        raise TypeError(f"{owner}: weights must be floating point, got dtype {weights.dtype}")
-    if weights.dtype.is_complex or weights.dtype == torch.bool:
-        raise TypeError(f"{owner}: weights must be real numbers, got dtype {weights.dtype}")
-    if weights.dim() != 1:
-        raise ValueError(f"{owner}: weights must be 1-D, got shape {tuple(weights.shape)}")
-    if weights.numel() != num_values:
+    if weights.dim() == 0:
+        raise ValueError(f"{owner}: weights must have at least one dimension, got a scalar")
+    if weights.shape[0] != values.shape[0]:
         raise ValueError(
-            f"{owner}: weights has {weights.numel()} entries but values has {num_values}; "
+            f"{owner}: weights has {weights.shape[0]} entries but values has {values.shape[0]}; "
             "there must be one weight per value"
         )
 
@@ -148,8 +156,8 @@ def find_negative_length(lengths: torch.Tensor) -> int | None:
 
 def find_bad_offset(offsets: torch.Tensor, num_values: int) -> str | None:
     """Describe the first problem with an offsets tensor, or None. Reads tensor contents."""
-    if offsets.numel() == 0:
-        return "offsets is empty; it needs at least one entry (0)"
+    if offsets.numel() == 0:  # no rows
+        return None if num_values == 0 else f"offsets is empty but values has {num_values} entries"
     first = int(offsets[0].item())
     if first != 0:
         return f"offsets[0] is {first}, expected 0"

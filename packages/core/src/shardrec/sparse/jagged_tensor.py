@@ -23,16 +23,18 @@ class JaggedTensor(JaggedFields):
         lengths  [2, 0, 1]
         offsets  [0, 2, 2, 3]
 
-    ``values`` may be ids (1-D integers) or anything whose dim 0 is the jagged dim (an embedding
-    row per id). Give ``lengths`` or ``offsets`` (or both); the other is derived on first use and
-    kept, since deriving it is a kernel launch that callers such as embedding lookups ask for on
-    every batch. ``weights`` (one per value) may be floating point or integer: an
+    ``values`` may be of any dtype, and dim 0 is the jagged dim: ids, floats, or an embedding row
+    per id ``(N, D)``. Give ``lengths`` or ``offsets`` (or both); the other is derived on first
+    use and kept, since deriving it is a kernel launch that callers such as embedding lookups ask
+    for on every batch. ``weights`` pair one to one with values along dim 0, of any dtype: an
     EmbeddingCollection with ``need_indices`` returns the ids there, as TorchRec's does.
 
-    Checks: the constructor checks only what it can see without reading tensor contents (types,
-    dtypes, dims, sizes), so it never waits on a device. ``validate()`` also reads the contents
-    (negative lengths, lengths that do not sum to the number of values, offsets that do not start
-    at 0 or decrease).
+    Checks. The constructor checks only what it can see without reading tensor contents, so it
+    never waits on a device: values and weights are tensors with a dim 0 of the same size,
+    lengths/offsets are 1-D integer tensors (``IndexDtypeError``, a TypeError that is also the
+    AssertionError TorchRec raises) and agree in count. ``validate()`` also reads the contents:
+    negative lengths, lengths that do not sum to the number of values, offsets that do not start
+    at 0 or decrease. Both raise ValueError naming the row.
     """
 
     _OWNER = "JaggedTensor"
@@ -46,15 +48,15 @@ class JaggedTensor(JaggedFields):
         lengths: torch.Tensor | None = None,
         offsets: torch.Tensor | None = None,
     ) -> None:
-        check.check_values_1d(_OWNER, values)
+        check.check_values(_OWNER, values)
         if lengths is None and offsets is None:
             raise ValueError(f"{_OWNER}: give lengths= or offsets=")
-        if lengths is not None:
-            check.check_index_tensor(_OWNER, "lengths", lengths)
+        if lengths is not None and not check.is_index_tensor(lengths):
+            lengths = check.as_lengths(_OWNER, lengths)
         if offsets is not None:
             check.check_offsets(_OWNER, offsets, lengths)
         if weights is not None:
-            check.check_weights(_OWNER, weights, values.shape[0], floating=False)
+            check.check_weights(_OWNER, weights, values)
         self._values = values
         self._weights = weights
         self._lengths = lengths
@@ -94,7 +96,34 @@ class JaggedTensor(JaggedFields):
             else None
         )
         lengths = torch.empty(0, dtype=lengths_dtype, device=device)
-        return JaggedTensor(values=values, weights=weights, lengths=lengths)
+        # Empty offsets as well, as TorchRec's empty() has: "no rows" either way.
+        return JaggedTensor._trusted(values, weights, lengths, torch.empty_like(lengths))
+
+    @staticmethod
+    def empty_like(jt: JaggedTensor, device: torch.device | str | None = None) -> JaggedTensor:
+        """A JaggedTensor with no rows and the dtypes (and weightedness) of ``jt``.
+
+        With ``device``, TorchRec's meaning: uninitialised tensors of ``jt``'s shapes on that
+        device (a buffer to ``copy_`` into), lengths and offsets as ``jt`` has them.
+        """
+        weights = jt._weights
+        if device is None:
+            return JaggedTensor._trusted(
+                jt._values.new_empty((0, *jt._values.shape[1:])),
+                None if weights is None else weights.new_empty((0, *weights.shape[1:])),
+                jt.lengths().new_empty(0),
+                None,
+            )
+
+        def like(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty_like(t, device=device)
+
+        return JaggedTensor._trusted(
+            torch.empty_like(jt._values, device=device),
+            like(weights),
+            like(jt._lengths),
+            like(jt._offsets),
+        )
 
     @staticmethod
     def from_dense(
@@ -149,18 +178,18 @@ class JaggedTensor(JaggedFields):
         if self._lengths is not None:
             return self._lengths.numel()
         assert self._offsets is not None
-        return self._offsets.numel() - 1
+        return max(self._offsets.numel() - 1, 0)
 
     # -- conversions -----------------------------------------------------------------------------
 
     def to_dense(self) -> list[torch.Tensor]:
         """One tensor per row (views into ``values``). Copies lengths to the host."""
-        return list(torch.split(self._values, self.lengths().tolist()))
+        return _rows(self._values, self.lengths())
 
     def to_dense_weights(self) -> list[torch.Tensor] | None:
         if self._weights is None:
             return None
-        return list(torch.split(self._weights, self.lengths().tolist()))
+        return _rows(self._weights, self.lengths())
 
     def to_padded_dense(
         self, desired_length: int | None = None, padding_value: float = 0.0
@@ -227,6 +256,15 @@ class JaggedTensor(JaggedFields):
             if t is not None:
                 t.record_stream(stream)
 
+    def __str__(self) -> str:
+        """TorchRec's printed form; ``repr()`` gives a compact one."""
+        rows = str([t.tolist() for t in self.to_dense()])
+        weights = self.to_dense_weights()
+        if weights is None:
+            return f"JaggedTensor({{\n    {rows}\n}})\n"
+        weight_rows = str([w.tolist() for w in weights])
+        return f'JaggedTensor({{\n    "values": {rows},\n    "weights": {weight_rows}\n}})\n'
+
     def __repr__(self) -> str:
         if self._values.numel() > 1000:
             return (
@@ -238,3 +276,13 @@ class JaggedTensor(JaggedFields):
         if weights is None:
             return f"JaggedTensor({rows})"
         return f"JaggedTensor({rows}, weights={[w.tolist() for w in weights]})"
+
+
+def _rows(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    # Values past the last row are not part of any row (TorchRec reads rows by offsets, so a
+    # longer values tensor is tolerated outside validate()).
+    sizes = lengths.tolist()
+    total = sum(sizes)
+    if total != flat.shape[0]:
+        flat = flat.narrow(0, 0, total)
+    return list(torch.split(flat, sizes))

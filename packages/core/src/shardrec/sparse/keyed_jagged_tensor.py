@@ -39,14 +39,18 @@ class KeyedJaggedTensor(JaggedFields):
     ``split`` and ``__getitem__`` on an unsynced KJT call ``sync()`` once and keep the result
     (measured: recomputing the sizes would cost each of those operations a device-to-host copy).
 
+    Values may be of any dtype and shape (dim 0 is the jagged dim), as in TorchRec: integer ids
+    are what an embedding lookup needs, and the lookup is where that is checked. Weights pair one
+    to one with values, of any dtype.
+
     Checks. The constructor checks everything it can see without reading tensor contents, so it
-    never waits on a device: ids are a 1-D integer tensor, lengths/offsets are 1-D int32/int64,
-    the number of lengths is a multiple of the number of keys (and agrees with ``stride=``),
-    weights are floating point with one per value, keys are distinct. ``sync()`` also checks, for
-    free, that the lengths add up to the number of values. ``validate()`` reads the contents (a
-    device sync) and checks the rest: no negative lengths (naming the key and sample), per-key
-    sizes, well-formed offsets, keys that are strings, all tensors on one device. Call it on
-    untrusted input.
+    never waits on a device: lengths/offsets are 1-D integer tensors (``IndexDtypeError``, a
+    TypeError that is also the AssertionError TorchRec raises), the number of lengths is a
+    multiple of the number of keys (and agrees with ``stride=``), there is one weight per value,
+    keys are distinct. ``sync()`` also checks, for free, that the lengths add up to the number of
+    values. ``validate()`` reads the contents (a device sync) and checks the rest: no negative
+    lengths (naming the key and sample), per-key sizes, well-formed offsets, keys that are
+    strings, all tensors on one device. Call it on untrusted input.
 
     Operations that pick keys (``permute`` with repeated indices) may produce repeated keys;
     ``__getitem__`` then answers with the last of them.
@@ -88,25 +92,23 @@ class KeyedJaggedTensor(JaggedFields):
         keys = list(keys)
         if len(set(keys)) != len(keys):
             check.key_index(_OWNER, keys)
-        if not _is_tensor(values) or values.dtype not in check.ID_DTYPES or values.dim() != 1:
-            check.check_ids(_OWNER, values)
-        num_values = values.shape[0]
+        if not _is_tensor(values) or values.dim() == 0:
+            check.check_values(_OWNER, values)
         if weights is not None:
-            check.check_weights(_OWNER, weights, num_values)
+            check.check_weights(_OWNER, weights, values)
         if lengths is not None:
-            if (
-                not _is_tensor(lengths)
-                or lengths.dtype not in check.INDEX_DTYPES
-                or lengths.dim() != 1
-            ):
-                check.check_index_tensor(_OWNER, "lengths", lengths)
-            num_lengths = lengths.numel()
-        elif offsets is None:
-            raise ValueError(f"{_OWNER}: give lengths= or offsets=")
+            if not check.is_index_tensor(lengths):
+                lengths = check.as_lengths(_OWNER, lengths)
+            num_lengths: int | None = lengths.numel()
+        else:
+            num_lengths = None
         if offsets is not None:
             check.check_offsets(_OWNER, offsets, lengths)
-            num_lengths = offsets.numel() - 1
-        self._stride = _stride_of(keys, num_lengths, stride)
+            num_lengths = max(offsets.numel() - 1, 0)
+        # Neither lengths nor offsets: TorchRec allows such a KJT (only asking for them fails).
+        self._stride = (
+            (stride or 0) if num_lengths is None else _stride_of(keys, num_lengths, stride)
+        )
         self._keys = keys
         self._key_index = None
         self._values = values
@@ -255,15 +257,40 @@ class KeyedJaggedTensor(JaggedFields):
         )
 
     @staticmethod
-    def empty_like(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """A KJT with no keys and the same stride, device and dtypes as ``kjt``."""
+    def empty_like(
+        kjt: KeyedJaggedTensor, device: torch.device | str | None = None
+    ) -> KeyedJaggedTensor:
+        """A KJT with no keys and the same stride, device and dtypes as ``kjt``.
+
+        With ``device``, TorchRec's meaning: ``kjt``'s keys and per-key sizes over uninitialised
+        tensors of ``kjt``'s shapes on that device (a buffer to copy into).
+        """
         weights = kjt._weights
+        if device is not None:
+
+            def like(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else torch.empty_like(t, device=device)
+
+            return KeyedJaggedTensor._trusted(
+                kjt._keys,
+                kjt._key_index,
+                torch.empty_like(kjt._values, device=device),
+                like(weights),
+                like(kjt._lengths),
+                like(kjt._offsets),
+                kjt._stride,
+                kjt._length_per_key,
+                kjt._offset_per_key,
+            )
+        lengths = kjt._lengths if kjt._lengths is not None else kjt._offsets
         return KeyedJaggedTensor._trusted(
             [],
             {},
-            kjt._values.new_empty(0),
-            None if weights is None else weights.new_empty(0),
-            kjt.lengths().new_empty(0),
+            kjt._values.new_empty((0, *kjt._values.shape[1:])),
+            None if weights is None else weights.new_empty((0, *weights.shape[1:])),
+            kjt._values.new_empty(0, dtype=torch.int32)
+            if lengths is None
+            else lengths.new_empty(0),
             None,
             kjt._stride,
             [],
@@ -341,12 +368,17 @@ class KeyedJaggedTensor(JaggedFields):
         if self._stride == 0:
             self._set_length_per_key([0] * num_keys)
             return self
+        if self._values.is_meta:
+            # A meta tensor has no contents to count: placeholder sizes that cover the values
+            # (TorchRec's choice too), so that shapes can still be traced through to_dict etc.
+            share, rest = divmod(self._values.shape[0], num_keys)
+            self._set_length_per_key([share + rest] + [share] * (num_keys - 1))
+            return self
         if self._lengths is not None:
             per_key = self._lengths.view(num_keys, self._stride).sum(dim=1).tolist()
             self._set_length_per_key(per_key)
             return self
-        assert self._offsets is not None
-        bounds = self._offsets[:: self._stride].tolist()
+        bounds = self._offsets_or_raise()[:: self._stride].tolist()
         if bounds[0] != 0:
             raise ValueError(f"{_OWNER}: offsets[0] is {bounds[0]}, expected 0")
         self._set_length_per_key([b - a for a, b in itertools.pairwise(bounds)])
@@ -424,9 +456,13 @@ class KeyedJaggedTensor(JaggedFields):
             None,
         )
 
-    def to_dict(self) -> dict[str, JaggedTensor]:
-        """One JaggedTensor per key; views into this KJT's tensors, no copies."""
-        return _reshape.to_dict(self)
+    def to_dict(self, compute_offsets: bool = True) -> dict[str, JaggedTensor]:
+        """One JaggedTensor per key; views into this KJT's values, weights and lengths.
+
+        ``compute_offsets`` (TorchRec's default): each JaggedTensor also gets its offsets, all
+        keys' computed in one cumulative sum; ``False`` leaves them to be derived on first use.
+        """
+        return _reshape.to_dict(self, compute_offsets)
 
     def permute(
         self, indices: Sequence[int], indices_tensor: torch.Tensor | None = None
@@ -486,6 +522,41 @@ class KeyedJaggedTensor(JaggedFields):
         for t in (self._values, self._weights, self._lengths, self._offsets):
             if t is not None:
                 t.record_stream(stream)
+
+    def clear_storage(self) -> int:
+        """Free the memory of this KJT's tensors now (their storages shrink to nothing), for
+        example to return accelerator memory before the object dies. Returns the bytes freed.
+
+        Every tensor sharing that storage (views, per-key JaggedTensors) is emptied too; the KJT
+        must not be used afterwards.
+        """
+        freed = self.size_in_bytes()
+        for t in (self._values, self._weights, self._lengths, self._offsets):
+            if t is not None:
+                t.untyped_storage().resize_(0)
+        return freed
+
+    def __str__(self) -> str:
+        """TorchRec's printed form; ``repr()`` gives a compact one."""
+        if not self._keys or (self._lengths is None and self._offsets is None):
+            return "KeyedJaggedTensor()\n"
+        per_key = self.length_per_key()
+        lengths = self.lengths().view(len(self._keys), self._stride)
+        values = torch.split(self._values, per_key)
+        weights = None if self._weights is None else torch.split(self._weights, per_key)
+        lines = []
+        for index, key in enumerate(self._keys):
+            sizes = lengths[index].tolist()
+            rows = str([t.tolist() for t in torch.split(values[index], sizes)])
+            if weights is None:
+                lines.append(f'    "{key}": {rows}')
+                continue
+            rows_w = str([t.tolist() for t in torch.split(weights[index], sizes)])
+            lines.append(
+                f'    "{key}": {{\n        "values": {rows},\n        "weights": {rows_w}\n    }}'
+            )
+        body = ",\n".join(lines)
+        return f"KeyedJaggedTensor({{\n{body}\n}})\n"
 
     def __repr__(self) -> str:
         if self._values.numel() > _REPR_MAX_VALUES:

@@ -23,8 +23,9 @@ class KeyedTensor:
         values          (B, 6)      columns 0..3 are "product", 4..5 are "user"
 
     The constructor checks keys (distinct strings) and that ``length_per_key`` covers ``values``
-    along ``key_dim``; all of it is host-side metadata, so nothing waits on a device and there is
-    nothing left for a ``validate()``.
+    along ``key_dim`` (ValueError; TorchRec checks neither); all of it is host-side metadata, so
+    nothing waits on a device and there is nothing left for a ``validate()``. With no keys, any
+    ``values`` are accepted.
     """
 
     __slots__ = ("_key_dim", "_key_index", "_keys", "_length_per_key", "_offset_per_key", "_values")
@@ -50,18 +51,10 @@ class KeyedTensor:
                 raise ValueError(
                     f"{_OWNER}: length for key {key!r} is {size!r}, expected an int >= 0"
                 )
-        if not -values.dim() <= key_dim < values.dim():
-            raise ValueError(
-                f"{_OWNER}: key_dim {key_dim} is out of range for values of shape "
-                f"{tuple(values.shape)}"
-            )
-        key_dim %= values.dim()
-        total = sum(per_key)
-        if total != values.shape[key_dim]:
-            raise ValueError(
-                f"{_OWNER}: length_per_key sums to {total} but values has {values.shape[key_dim]} "
-                f"entries along key_dim {key_dim} (shape {tuple(values.shape)})"
-            )
+        # With no keys there is nothing to slice, and any values do (TorchRec's empty
+        # KeyedTensor holds ``torch.Tensor()``).
+        if keys:
+            key_dim = _checked_key_dim(values, key_dim, sum(per_key))
         self._keys = keys
         self._key_index = key_index
         self._length_per_key = per_key
@@ -102,6 +95,9 @@ class KeyedTensor:
 
     def length_per_key(self) -> list[int]:
         return self._length_per_key
+
+    def size_in_bytes(self) -> int:
+        return self._values.element_size() * self._values.numel()
 
     def offset_per_key(self) -> list[int]:
         return self._offset_per_key
@@ -152,8 +148,30 @@ class KeyedTensor:
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         self._values.record_stream(stream)
 
+    def __str__(self) -> str:
+        """TorchRec's printed form; ``repr()`` gives one with tensors."""
+        if not self._keys:
+            return "KeyedTensor()\n"
+        body = ",\n".join(f'    "{key}": {value.tolist()}' for key, value in self.to_dict().items())
+        return f"KeyedTensor({{\n{body}\n}})\n"
+
     def __repr__(self) -> str:
         if not self._keys:
             return f"KeyedTensor({{}}, values={tuple(self._values.shape)})"
         body = ",\n".join(f'    "{key}": {value!r}' for key, value in self.to_dict().items())
         return f"KeyedTensor(key_dim={self._key_dim}, {{\n{body}\n}})"
+
+
+def _checked_key_dim(values: torch.Tensor, key_dim: int, total: int) -> int:
+    """``key_dim`` made non-negative, once it is in range and ``total`` covers values along it."""
+    if not -values.dim() <= key_dim < values.dim():
+        raise ValueError(
+            f"{_OWNER}: key_dim {key_dim} is out of range for values of shape {tuple(values.shape)}"
+        )
+    key_dim %= values.dim()
+    if total != values.shape[key_dim]:
+        raise ValueError(
+            f"{_OWNER}: length_per_key sums to {total} but values has {values.shape[key_dim]} "
+            f"entries along key_dim {key_dim} (shape {tuple(values.shape)})"
+        )
+    return key_dim
