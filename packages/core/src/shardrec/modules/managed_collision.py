@@ -1,0 +1,332 @@
+"""``MCHManagedCollisionModule``: one table's raw ids mapped to rows without collisions.
+
+::
+
+    zch_size = 5: rows 0..3 for ids, row 4 the default row
+    step 1   raw ids   9137702141, 42, 9137702141, -7, 555
+             rows      3,          1,  3,          0,  2     new ids take free rows in id order
+    step 2   raw ids   42, 8
+             rows      1,  4     table full, eviction every 2 steps: 8 reads the default row
+
+The module owns ``zch_size - 1`` rows for ids (its capacity) and reserves the last row,
+``zch_size - 1``, as the *default row*: every id without a row of its own reads it (ids not yet
+admitted, ids rejected by a full table, unknown ids in eval mode). No two ids held by the module
+share a row. A training step (``forward`` in training mode), vectorised over the batch:
+
+1. look the ids up in the id map (:class:`~shardrec.modules.mc_id_map.IdRowMap`); each row read
+   records the step and one more read;
+2. the distinct ids without a row pass admission (every id, or :class:`CountThresholdAdmission`);
+3. every ``eviction_interval`` steps the policy frees rows (:mod:`shardrec.modules.mc_policies`);
+   rows the batch reads are never evicted by it;
+4. admitted ids take free rows, lowest row first, the ids seen most often in the batch first;
+   those that find none read the default row and are counted as rejected.
+
+Rows freed by eviction are listed by :meth:`evict` so that the embedding module resets their
+weights and optimizer state before the batch's lookup. In eval mode ``forward`` only looks up.
+All state (id map, per-row activity, free rows, sketch, counters) is in buffers, so a checkpoint of
+the model holds it and a loaded module continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+import torch
+from torch import nn
+
+from shardrec.modules.mc_admission import CountMinSketch, CountThresholdAdmission
+from shardrec.modules.mc_id_map import IdRowMap
+from shardrec.modules.mc_policies import EvictionPolicy, LRU_EvictionPolicy, require_int
+
+__all__ = ["MCHManagedCollisionModule", "ManagedTableStats"]
+
+logger = logging.getLogger(__name__)
+
+# Indices into the ``_counters`` buffer.
+_STEP: Final = 0
+_ADMITTED: Final = 1
+_EVICTED: Final = 2
+_REJECTED: Final = 3
+_BELOW: Final = 4
+_FREE: Final = 5
+_DEMAND: Final = 6  # ids admitted or rejected since the last eviction run
+_NUM_COUNTERS: Final = 7
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedTableStats:
+    """Counters of one managed table (training lookups only; ``*_total`` since creation).
+
+    ``rejected_total`` counts lookups of admitted ids that found the table full and read the
+    default row: if it grows, the table is too small or eviction too rare.
+    ``below_threshold_total`` counts lookups of ids not yet admitted (they read the default row).
+    """
+
+    capacity: int
+    occupancy: int
+    steps: int
+    admitted_total: int
+    evicted_total: int
+    rejected_total: int
+    below_threshold_total: int
+
+    @property
+    def open_slots(self) -> int:
+        return self.capacity - self.occupancy
+
+
+class MCHManagedCollisionModule(nn.Module):
+    """Maps raw ids to the rows of a table of ``zch_size`` rows (TorchRec's name and arguments).
+
+    ``zch_size`` must equal the table's ``num_embeddings``; ``eviction_policy`` defaults to LRU,
+    ``eviction_interval`` (training steps between eviction runs) to 1. ``admission`` None admits
+    every id on first sight. ``forward(ids) -> rows`` takes and returns 1-D int64 tensors.
+    """
+
+    _counters: torch.Tensor
+    _last_read: torch.Tensor
+    _reads: torch.Tensor
+    _free_rows: torch.Tensor
+
+    def __init__(
+        self,
+        zch_size: int,
+        device: torch.device | str | None = None,
+        eviction_policy: EvictionPolicy | None = None,
+        eviction_interval: int = 1,
+        *,
+        admission: CountThresholdAdmission | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        where = f"MCHManagedCollisionModule {name!r}" if name else "MCHManagedCollisionModule"
+        require_int(zch_size, 2, f"{where}: zch_size (the last row is the default row)")
+        require_int(eviction_interval, 1, f"{where}: eviction_interval")
+        policy = eviction_policy if eviction_policy is not None else LRU_EvictionPolicy()
+        if not isinstance(policy, EvictionPolicy):
+            raise TypeError(f"{where}: eviction_policy must be an EvictionPolicy, got {policy!r}")
+        if admission is not None and not isinstance(admission, CountThresholdAdmission):
+            raise TypeError(
+                f"{where}: admission must be a CountThresholdAdmission or None, got {admission!r}"
+            )
+        self._name = name
+        self._zch_size = zch_size
+        self._eviction_policy = policy
+        self._eviction_interval = eviction_interval
+        self._admission = admission
+        capacity = zch_size - 1
+        self._map = IdRowMap(capacity, device=device)
+        self._sketch: CountMinSketch | None = None
+        if admission is not None and admission.threshold > 1:
+            self._sketch = CountMinSketch(
+                admission.sketch_bits(capacity), admission.depth, device=device
+            )
+        self.register_buffer("_last_read", torch.zeros(capacity, dtype=torch.int64, device=device))
+        self.register_buffer("_reads", torch.zeros(capacity, dtype=torch.int64, device=device))
+        # A stack of free rows: the top (the end of the used part) is popped first.
+        self.register_buffer(
+            "_free_rows", torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=device)
+        )
+        counters = torch.zeros(_NUM_COUNTERS, dtype=torch.int64, device=device)
+        counters[_FREE] = capacity
+        self.register_buffer("_counters", counters)
+        self._pending_resets: list[torch.Tensor] = []
+        self._warned_full = False
+
+    # ---- TorchRec's queries -----------------------------------------------------------------
+
+    def output_size(self) -> int:
+        """Rows of the table this module maps into (``zch_size``)."""
+        return self._zch_size
+
+    @property
+    def capacity(self) -> int:
+        """Rows ids can hold: ``zch_size - 1``."""
+        return self._zch_size - 1
+
+    @property
+    def default_row(self) -> int:
+        """The row read by every id that holds none: the last row, ``zch_size - 1``."""
+        return self._zch_size - 1
+
+    @property
+    def eviction_policy(self) -> EvictionPolicy:
+        return self._eviction_policy
+
+    @property
+    def eviction_interval(self) -> int:
+        return self._eviction_interval
+
+    @property
+    def admission(self) -> CountThresholdAdmission | None:
+        return self._admission
+
+    def open_slots(self) -> int:
+        """Rows no id holds."""
+        return int(self._counters[_FREE])
+
+    def stats(self) -> ManagedTableStats:
+        c = self._counters.tolist()
+        return ManagedTableStats(
+            capacity=self.capacity,
+            occupancy=self.capacity - c[_FREE],
+            steps=c[_STEP],
+            admitted_total=c[_ADMITTED],
+            evicted_total=c[_EVICTED],
+            rejected_total=c[_REJECTED],
+            below_threshold_total=c[_BELOW],
+        )
+
+    def held_ids(self) -> dict[int, int]:
+        """``{raw id: row}`` of every id holding a row (for inspection and tests; reads it all)."""
+        used = self._map.occupied().nonzero().squeeze(1)
+        ids = self._map.held_ids().index_select(0, used)
+        return dict(zip(ids.tolist(), used.tolist(), strict=True))
+
+    # ---- remapping ----------------------------------------------------------------------------
+
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` without changing any state (unknown ids read the default row)."""
+        rows = self._map.find(self._check_ids(ids))
+        return torch.where(rows >= 0, rows, self.default_row)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids``; when training also record reads, admit, evict (see the module doc)."""
+        if not self.training:
+            return self.remap(ids)
+        ids = self._check_ids(ids)
+        with torch.no_grad():
+            return self._train_step(ids)
+
+    def evict(self) -> torch.Tensor | None:
+        """Rows evicted since the last call (distinct, int64), or None: their weights and
+        optimizer state must be reset before the next lookup (the embedding modules do it)."""
+        if not self._pending_resets:
+            return None
+        rows = self._pending_resets
+        self._pending_resets = []
+        return rows[0] if len(rows) == 1 else torch.unique(torch.cat(rows))
+
+    def _check_ids(self, ids: object) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+            raise ValueError(f"{self._where()}: ids must be a 1-D tensor, got {ids!r}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{self._where()}: ids must be int64 or int32, got {ids.dtype}")
+        return ids.to(torch.int64)
+
+    def _where(self) -> str:
+        return f"managed table {self._name!r}" if self._name else "MCHManagedCollisionModule"
+
+    def _train_step(self, ids: torch.Tensor) -> torch.Tensor:
+        c = self._counters.tolist()
+        step = c[_STEP] + 1
+        c[_STEP] = step
+        rows = self._map.find(ids)
+        held = rows >= 0
+        hit_rows = rows[held]
+        self._last_read.index_fill_(0, hit_rows, step)
+        self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
+        miss_at = (~held).nonzero().squeeze(1)
+        uniq = inverse = counts = chosen = None
+        demand = 0
+        if miss_at.numel() > 0:
+            uniq, inverse, counts = torch.unique(
+                ids.index_select(0, miss_at), return_inverse=True, return_counts=True
+            )
+            if self._sketch is not None and self._admission is not None:
+                seen = self._sketch.add(uniq, counts)
+                admitted = seen >= self._admission.threshold
+                c[_BELOW] += int(counts[~admitted].sum())
+                chosen = admitted.nonzero().squeeze(1)
+            else:
+                chosen = torch.arange(uniq.numel(), device=ids.device)
+            demand = chosen.numel()
+        c[_DEMAND] += demand
+        if step % self._eviction_interval == 0:
+            self._run_eviction(c, step, hit_rows)
+        if miss_at.numel() == 0:
+            self._counters.copy_(torch.tensor(c))
+            return rows
+        assert uniq is not None
+        assert inverse is not None
+        assert counts is not None
+        assert chosen is not None
+        take = min(demand, c[_FREE])
+        if take < demand:
+            # The ids seen most often in this batch first; ties in id order (unique sorts them).
+            order = torch.argsort(counts.index_select(0, chosen), descending=True, stable=True)
+            chosen = chosen.index_select(0, order)
+            c[_REJECTED] += int(counts.index_select(0, chosen[take:]).sum())
+            chosen = chosen[:take]
+            self._warn_full()
+        uniq_rows = torch.full_like(uniq, self.default_row)
+        if take > 0:
+            top = c[_FREE]
+            new_rows = self._free_rows[top - take : top].flip(0)
+            c[_FREE] = top - take
+            c[_ADMITTED] += take
+            self._map.insert(uniq.index_select(0, chosen), new_rows)
+            self._last_read.index_fill_(0, new_rows, step)
+            self._reads.index_copy_(0, new_rows, counts.index_select(0, chosen))
+            uniq_rows.index_copy_(0, chosen, new_rows)
+        rows.index_copy_(0, miss_at, uniq_rows.index_select(0, inverse))
+        self._counters.copy_(torch.tensor(c))
+        return rows
+
+    def _run_eviction(self, c: list[int], step: int, hit_rows: torch.Tensor) -> None:
+        policy = self._eviction_policy
+        occupied = self._map.occupied()
+        expired = policy.expired(self._last_read, step)
+        victims: torch.Tensor | None = None
+        if expired is not None:
+            victims = (expired & occupied).nonzero().squeeze(1)
+        if policy.makes_room:
+            need = c[_DEMAND] - c[_FREE]
+            if need > 0:
+                evictable = occupied.clone()
+                evictable[hit_rows] = False
+                if victims is not None:
+                    evictable[victims] = False
+                    need -= victims.numel()
+                need = min(need, int(evictable.sum()))
+                if need > 0:
+                    # Unique keys (score, then row) so the choice is a pure function of the state.
+                    capacity = self.capacity
+                    limit = (2**62) // capacity
+                    key = policy.score(self._last_read, self._reads).clamp(max=limit) * capacity
+                    key += torch.arange(capacity, device=key.device)
+                    key[~evictable] = torch.iinfo(torch.int64).max
+                    worst = torch.topk(key, need, largest=False, sorted=True).indices
+                    victims = worst if victims is None else torch.cat([victims, worst])
+        c[_DEMAND] = 0
+        if victims is None or victims.numel() == 0:
+            return
+        self._map.remove_rows(victims)
+        n = victims.numel()
+        top = c[_FREE]
+        # Push in reverse so that the lowest evicted row is popped first.
+        self._free_rows[top : top + n] = victims.sort(descending=True).values
+        c[_FREE] = top + n
+        c[_EVICTED] += n
+        self._last_read.index_fill_(0, victims, 0)
+        self._reads.index_fill_(0, victims, 0)
+        self._pending_resets.append(victims)
+
+    def _warn_full(self) -> None:
+        if not self._warned_full:
+            self._warned_full = True
+            logger.warning(
+                "%s is full: admitted ids read the default row (row %d) and are counted in"
+                " stats().rejected_total; enlarge the table or run eviction more often",
+                self._where(),
+                self.default_row,
+            )
+
+    def extra_repr(self) -> str:
+        admission = f", admission threshold {self._admission.threshold}" if self._admission else ""
+        return (
+            f"zch_size={self._zch_size}, policy={self._eviction_policy},"
+            f" eviction_interval={self._eviction_interval}{admission}"
+        )

@@ -1,0 +1,155 @@
+"""``ManagedCollisionCollection``: one managed-id module per table, applied to a KJT's raw ids.
+
+::
+
+    tables    t0 (features f0, f1)   t1 (feature f2)
+    input     KJT f0: [[9137702141], [42]]  f1: [[42, 7]]  f2: [[-5]]   raw int64 ids
+    output    KJT f0: [[0], [1]]            f1: [[1, 2]]    f2: [[0]]    rows of t0 / t1
+
+The features of one table share its module, so an id means the same row in all of them. Lengths,
+weights and the batch size pass through unchanged; keys no table reads pass through as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from shardrec.modules.configs import BaseEmbeddingConfig
+from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedCollisionModule
+from shardrec.sparse import KeyedJaggedTensor
+
+__all__ = ["ManagedCollisionCollection"]
+
+
+class ManagedCollisionCollection(nn.Module):
+    """Remaps each table's features with that table's :class:`MCHManagedCollisionModule`.
+
+    ``managed_collision_modules[table]`` must exist for every config, with ``output_size()``
+    equal to the table's ``num_embeddings``; a feature may be read by one managed table only.
+    ``forward(KJT) -> KJT`` (rows instead of raw ids).
+    """
+
+    _managed_collision_modules: nn.ModuleDict
+
+    def __init__(
+        self,
+        managed_collision_modules: Mapping[str, MCHManagedCollisionModule],
+        embedding_configs: Sequence[BaseEmbeddingConfig],
+    ) -> None:
+        super().__init__()
+        configs = list(embedding_configs)
+        names = [c.name for c in configs]
+        extra = sorted(set(managed_collision_modules) - set(names))
+        if extra:
+            raise ValueError(
+                f"ManagedCollisionCollection: modules for tables {extra} that no embedding config"
+                f" names (tables: {names})"
+            )
+        owner: dict[str, str] = {}
+        for config in configs:
+            module = managed_collision_modules.get(config.name)
+            if module is None:
+                raise ValueError(
+                    f"ManagedCollisionCollection: table {config.name!r} has no managed collision"
+                    " module"
+                )
+            if not isinstance(module, MCHManagedCollisionModule):
+                raise TypeError(
+                    f"ManagedCollisionCollection: the module of table {config.name!r} must be an"
+                    f" MCHManagedCollisionModule, got {type(module).__name__}"
+                )
+            if module.output_size() != config.num_embeddings:
+                raise ValueError(
+                    f"ManagedCollisionCollection: table {config.name!r} has num_embeddings"
+                    f" {config.num_embeddings} but its module maps into {module.output_size()}"
+                    " rows (zch_size must equal num_embeddings)"
+                )
+            for feature in config.feature_names:
+                if feature in owner:
+                    raise ValueError(
+                        f"ManagedCollisionCollection: feature {feature!r} is read by tables"
+                        f" {owner[feature]!r} and {config.name!r}; each managed table maps ids its"
+                        " own way, so a feature can feed one managed table only"
+                    )
+                owner[feature] = config.name
+        self._embedding_configs = configs
+        self._managed_collision_modules = nn.ModuleDict(
+            {c.name: managed_collision_modules[c.name] for c in configs}
+        )
+        self._table_features = {c.name: list(c.feature_names) for c in configs}
+
+    def embedding_configs(self) -> list[BaseEmbeddingConfig]:
+        return list(self._embedding_configs)
+
+    def modules_by_table(self) -> dict[str, MCHManagedCollisionModule]:
+        out: dict[str, MCHManagedCollisionModule] = {}
+        for name, module in self._managed_collision_modules.items():
+            assert isinstance(module, MCHManagedCollisionModule)
+            out[name] = module
+        return out
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(
+                "ManagedCollisionCollection.forward expects a KeyedJaggedTensor, got"
+                f" {type(features).__name__}"
+            )
+        keys = features.keys()
+        index = {k: i for i, k in enumerate(keys)}
+        offsets = features.offset_per_key()
+        values = features.values()
+        out = values.to(torch.int64, copy=True)
+        for table, module in self.modules_by_table().items():
+            spans: list[tuple[int, int]] = []
+            for feature in self._table_features[table]:
+                if feature not in index:
+                    raise ValueError(
+                        f"ManagedCollisionCollection: feature {feature!r} of table {table!r} is"
+                        f" missing from the KJT (keys: {keys})"
+                    )
+                i = index[feature]
+                spans.append((offsets[i], offsets[i + 1]))
+            spans = _merge(sorted(spans))
+            if len(spans) == 1:
+                a, b = spans[0]
+                out[a:b] = module(out[a:b])
+                continue
+            rows = module(torch.cat([out[a:b] for a, b in spans]))
+            start = 0
+            for a, b in spans:
+                out[a:b] = rows[start : start + b - a]
+                start += b - a
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=out,
+            weights=features.weights_or_none(),
+            lengths=features.lengths(),
+            stride=features.stride(),
+            offset_per_key=offsets,
+        )
+
+    def evict(self) -> dict[str, torch.Tensor | None]:
+        """Per table, the rows evicted since the last call (see
+        :meth:`MCHManagedCollisionModule.evict`)."""
+        return {name: m.evict() for name, m in self.modules_by_table().items()}
+
+    def open_slots(self) -> dict[str, int]:
+        return {name: m.open_slots() for name, m in self.modules_by_table().items()}
+
+    def stats(self) -> dict[str, ManagedTableStats]:
+        """Per table: capacity, occupancy, admitted, evicted, rejected, below threshold."""
+        return {name: m.stats() for name, m in self.modules_by_table().items()}
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent value ranges joined (a table's features are usually next to each other)."""
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
