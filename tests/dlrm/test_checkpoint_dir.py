@@ -31,8 +31,10 @@ def config(root: Path, **changes: object) -> TrainConfig:
     return TrainConfig(**values)  # type: ignore[arg-type]
 
 
-def facts(world_size: int = 1, data: str = "/data/criteo") -> RunFacts:
-    return RunFacts(world_size=world_size, data_path=data, train_segments=((0, 0, 120),))
+def facts(world_size: int = 1, data: str = "/data/criteo", sample: str = "abc") -> RunFacts:
+    return RunFacts(
+        world_size=world_size, data_path=data, train_segments=((0, 0, 120),), train_sample=sample
+    )
 
 
 def make_checkpoint(root: Path, step: int) -> Path:
@@ -111,7 +113,6 @@ def test_resume_of_the_same_run_leaves_its_record_untouched(tmp_path: Path) -> N
     [
         ({"batch_size": 8}, 1, "/data/criteo", "--batch-size 16"),
         ({"batch_size": 4}, 2, "/data/criteo", "--batch-size x processes"),
-        ({}, 2, "/data/other", "--data"),
         ({"seed": 3}, 2, "/data/criteo", "--seed was 0, now 3"),
         ({"learning_rate": 0.5}, 2, "/data/criteo", "--learning-rate was 1.0, now 0.5"),
         ({"limit_train_batches": 3}, 2, "/data/criteo", "--limit-train-batches"),
@@ -139,11 +140,17 @@ def test_a_resume_that_would_change_the_training_is_refused_naming_the_field(
     assert (tmp_path / RUN_CONFIG).read_bytes() == record
 
 
-def test_the_data_changing_under_the_same_path_is_refused(tmp_path: Path) -> None:
+def test_other_training_rows_are_refused_wherever_they_are(tmp_path: Path) -> None:
     prepare_checkpoint_dir(config(tmp_path), facts())
-    grown = RunFacts(world_size=1, data_path="/data/criteo", train_segments=((0, 0, 240),))
-    with pytest.raises(UserError, match="not the data the run trained on"):
-        prepare_checkpoint_dir(config(tmp_path, resume=True), grown)
+    grown = RunFacts(
+        world_size=1, data_path="/data/criteo", train_segments=((0, 0, 240),), train_sample="abc"
+    )
+    redrawn = facts(sample="def")
+    for other in (grown, redrawn):
+        with pytest.raises(UserError, match="--data: /data/criteo does not hold the training rows"):
+            prepare_checkpoint_dir(config(tmp_path, resume=True), other)
+    # The same rows elsewhere (moved, or preprocessed from the same file) continue the run.
+    prepare_checkpoint_dir(config(tmp_path, resume=True), facts(data="/moved/criteo"))
 
 
 def test_checkpoints_without_a_record_are_not_resumed_blindly(tmp_path: Path) -> None:

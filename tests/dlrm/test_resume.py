@@ -229,3 +229,31 @@ def test_keep_checkpoints_bounds_what_a_run_leaves(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert step_dirs(ckpt) == ["step-00000006", "step-00000007"]
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # nothing half-deleted
+
+
+def test_a_resume_follows_the_rows_not_the_path(tmp_path: Path) -> None:
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = train("--batch-size", "16", *ckpt)
+    assert first.exit_code == 0, first.output
+    # The same rows, preprocessed elsewhere: the run goes on.
+    done = CliRunner().invoke(main, ["preprocess", str(SAMPLE), str(tmp_path / "pre"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    moved = CliRunner().invoke(
+        main,
+        ["train", "--data", str(tmp_path / "pre"), *TINY, "--quiet", "--batch-size", "16", *ckpt,
+         "--resume", "--epochs", "2"],
+    )  # fmt: skip
+    assert moved.exit_code == 0, moved.output
+    assert "finished after 14 steps" in moved.output
+    # As many rows, two of them swapped: other data, refused.
+    lines = SAMPLE.read_text().splitlines(keepends=True)
+    lines[10], lines[11] = lines[11], lines[10]
+    (tmp_path / "other.txt").write_text("".join(lines))
+    other = CliRunner().invoke(
+        main,
+        ["train", "--data", str(tmp_path / "other.txt"), *TINY, "--quiet", "--batch-size", "16",
+         *ckpt, "--resume", "--epochs", "3"],
+    )  # fmt: skip
+    assert other.exit_code == 1
+    assert "--data: " in other.output
+    assert "does not hold the training rows the run trained on" in other.output

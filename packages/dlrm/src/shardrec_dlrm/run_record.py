@@ -12,12 +12,16 @@ very sample the old run would have trained next.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+
 from shardrec_dlrm.config import ModelConfig, TrainConfig, model_config_from_dict
+from shardrec_dlrm.data import Split
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.safe_files import read_small_text
 
@@ -48,6 +52,8 @@ class RunFacts:
     data_path: str
     train_segments: tuple[tuple[int, int, int], ...]
     """``(part, start, stop)`` of every piece of the training split."""
+    train_sample: str
+    """SHA-256 of the training split's first and last rows (see :func:`train_sample_digest`)."""
 
     def to_dict(self, config: TrainConfig) -> dict[str, Any]:
         return {
@@ -55,7 +61,24 @@ class RunFacts:
             "global_batch_size": config.batch_size * self.world_size,
             "data_path": self.data_path,
             "train_segments": [list(segment) for segment in self.train_segments],
+            "train_sample": self.train_sample,
         }
+
+
+#: Rows hashed at each end of the training split to tell one data set from another.
+SAMPLE_ROWS: Final = 1024
+
+
+def train_sample_digest(split: Split) -> str:
+    """SHA-256 of the first and last :data:`SAMPLE_ROWS` rows of ``split`` (labels, transformed
+    dense features, raw ids): cheap to compute, and different for other data of the same size."""
+    digest = hashlib.sha256()
+    ends = ((0, SAMPLE_ROWS), (max(split.num_rows - SAMPLE_ROWS, 0), split.num_rows))
+    for start, stop in ends:
+        rows = split.rows(start, stop)
+        for column in (rows.labels, rows.dense, rows.sparse):
+            digest.update(np.ascontiguousarray(column).tobytes())
+    return digest.hexdigest()
 
 
 def record_json(config: TrainConfig, facts: RunFacts) -> str:
@@ -117,12 +140,15 @@ def resume_conflicts(
             f"this one would train {global_batch} (--batch-size {config.batch_size} x "
             f"{facts.world_size}){hint}"
         )
-    if run.get("data_path") != facts.data_path:
+    # The rows decide, not the path: data moved, or preprocessed from the same file, continues.
+    if (
+        run.get("train_segments") != [list(s) for s in facts.train_segments]
+        or run.get("train_sample") != facts.train_sample
+    ):
         conflicts.append(
-            f"--data: the run trained on {run.get('data_path')}, not {facts.data_path}"
+            f"--data: {facts.data_path} does not hold the training rows the run trained on "
+            f"(from {run.get('data_path')})"
         )
-    elif run.get("train_segments") != [list(s) for s in facts.train_segments]:
-        conflicts.append(f"--data: {facts.data_path} is not the data the run trained on any more")
     for name in RESUME_FIXED:
         now = getattr(config, name)
         if saved.get(name) != now:

@@ -27,7 +27,7 @@ from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.precision import bf16_warning
 from shardrec_dlrm.progress import Progress
 from shardrec_dlrm.run_data import Batch, RunData, open_run_data
-from shardrec_dlrm.run_record import RunFacts
+from shardrec_dlrm.run_record import RunFacts, train_sample_digest
 from shardrec_dlrm.schedule import LRSchedule
 from shardrec_dlrm.sharding import ShardedRun, shard_model
 
@@ -98,8 +98,8 @@ class _Trainer:
         opens the logger at the step training goes on from."""
         config, state = self.config, self.state
         if config.checkpoint_dir is not None:
-            facts = run_facts(self.data, state)
-            state.decide_on_main(lambda: prepare_checkpoint_dir(config, facts))
+            data = self.data
+            state.decide_on_main(lambda: prepare_checkpoint_dir(config, run_facts(data, state)))
         if config.resume:
             self.step = resume_step(self.run_state, config, state)
             if self.step and state.is_main and not config.quiet:
@@ -208,6 +208,7 @@ def run_facts(data: RunData, state: ParallelState) -> RunFacts:
         world_size=state.world_size,
         data_path=str(Path(data.dataset.path).resolve()),
         train_segments=tuple((s.part, s.start, s.stop) for s in data.train.segments),
+        train_sample=train_sample_digest(data.train),
     )
 
 
