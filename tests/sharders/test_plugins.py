@@ -16,7 +16,9 @@ from torch import nn
 from shardrec import EmbeddingBagCollection
 from shardrec.distributed import PluginError, ShardingType, hookimpl, load_sharder_registry
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "plugins" / "shardrec_example_sharder"
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+EXAMPLE = PLUGINS / "shardrec_example_sharder"
+EVIL_TWIN = PLUGINS / "shardrec_evil_twin"
 
 
 class _Sharder:
@@ -96,10 +98,11 @@ def test_block_and_allow_lists() -> None:
     assert [p.name for p in allowed.plugins()] == ["builtin"]
 
 
-def _install(tmp_path: Path) -> Path:
-    """pip-install the example into a fresh folder (built from a copy: the tree stays clean)."""
+def _install(tmp_path: Path, distribution: Path = EXAMPLE) -> Path:
+    """pip-install a test distribution into a fresh folder (built from a copy: the tree stays
+    clean)."""
     source = tmp_path / "src"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    shutil.copytree(distribution, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -166,3 +169,99 @@ def test_third_party_plugin_import_error_names_it(tmp_path: Path) -> None:
     assert "example_local_copy" in run.stderr
     assert "shardrec-example-sharder" in run.stderr
     assert "no_such_module" in run.stderr
+
+
+def _listing(site: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shardrec", "plugins"],
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_a_disabled_distribution_is_never_imported(tmp_path: Path) -> None:
+    site = _install(tmp_path, EVIL_TWIN)  # its entry point is also named "builtin"
+    mark = tmp_path / "imported"
+    for filters in (
+        {"SHARDREC_DISABLE_PLUGINS": "shardrec-evil-twin"},
+        {"SHARDREC_PLUGINS": "shardrec-sharders"},
+    ):
+        run = _listing(site, SHARDREC_EVIL_TWIN_MARK=str(mark), **filters)
+        assert run.returncode == 0, run.stderr
+        assert "builtin  (shardrec-sharders" in run.stdout
+        assert "table_wise" in run.stdout
+        assert "evil" not in run.stdout
+        assert not mark.exists(), filters
+
+
+def test_entry_points_sharing_a_name_are_refused_before_either_loads(tmp_path: Path) -> None:
+    site = _install(tmp_path, EVIL_TWIN)
+    mark = tmp_path / "imported"
+    run = _listing(site, SHARDREC_EVIL_TWIN_MARK=str(mark))
+    assert run.returncode == 1
+    assert "'shardrec-evil-twin'" in run.stderr
+    assert "'shardrec-sharders'" in run.stderr
+    assert "must be unique" in run.stderr
+    assert not mark.exists()
+
+
+def _hooks(**functions: Any) -> object:
+    class Plugin:
+        pass
+
+    plugin = Plugin()
+    for name, function in functions.items():
+        setattr(plugin, name, function)
+    return plugin
+
+
+def test_a_misspelled_hook_names_the_nearest_one() -> None:
+    @hookimpl
+    def register_one(register: Any) -> None:
+        pass
+
+    with pytest.raises(PluginError) as err:
+        load_sharder_registry(
+            entry_points=False, plugins=[_hooks(shardrec_register_sharder=register_one)]
+        )
+    assert str(err.value) == (
+        "plugin '_hooks.<locals>.Plugin#0': hook 'shardrec_register_sharder' is not a shardrec hook "
+        "(did you mean 'shardrec_register_sharders'?)"
+    )
+
+
+def test_a_wrong_hook_argument_names_the_one_shardrec_passes() -> None:
+    @hookimpl
+    def hook(registr: Any) -> None:
+        pass
+
+    with pytest.raises(PluginError, match=r"argument 'registr'.*\(did you mean 'register'\?\)"):
+        load_sharder_registry(entry_points=False, plugins=[_hooks(shardrec_register_sharders=hook)])
+
+
+def test_an_unmarked_hook_is_refused() -> None:
+    def hook(register: Any) -> None:
+        pass
+
+    with pytest.raises(
+        PluginError, match=r"'shardrec_register_sharders' .*not marked with @hookimpl"
+    ):
+        load_sharder_registry(entry_points=False, plugins=[_hooks(shardrec_register_sharders=hook)])
+
+
+def test_a_misspelled_hook_of_an_installed_plugin_names_its_distribution(tmp_path: Path) -> None:
+    site = _install(tmp_path)
+    plugin = site / "shardrec_example_sharder" / "plugin.py"
+    plugin.write_text(
+        plugin.read_text().replace(
+            "def shardrec_register_sharders(", "def shardrec_register_sharder("
+        )
+    )
+    run = _listing(site)
+    assert run.returncode == 1
+    line = run.stderr.strip()
+    assert "\n" not in line
+    assert "entry point 'example_local_copy = shardrec_example_sharder.plugin'" in line
+    assert "distribution 'shardrec-example-sharder' 0.0.1" in line
+    assert "did you mean 'shardrec_register_sharders'" in line

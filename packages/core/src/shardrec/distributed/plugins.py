@@ -12,7 +12,9 @@ Every fault of a plugin is a :class:`PluginError` that names its entry point and
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+import inspect
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -164,7 +166,8 @@ def load_sharder_registry(
 
     ``plugins`` are extra in-process plugin objects (modules or instances with ``@hookimpl``
     functions), registered before the entry points; tests use them. ``entry_points=False`` skips
-    discovery. ``env`` defaults to ``os.environ`` (for the two filter variables).
+    discovery. ``env`` defaults to ``os.environ`` (for the two filter variables). An entry point
+    the filters leave out is never imported.
     """
     environ = os.environ if env is None else env
     enabled = _names(environ, ENABLE_ENV)
@@ -176,16 +179,79 @@ def load_sharder_registry(
 
     for i, plugin in enumerate(plugins):
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__qualname__}#{i}"
-        try:
-            pm.register(plugin, name=name)
-        except Exception as exc:
-            raise PluginError(f"plugin {name!r} could not be registered: {exc}") from exc
-        registry._add_plugin(PluginInfo(name, None, None, None), plugin)
+        info = PluginInfo(name, None, None, None)
+        _register(pm, info, plugin)
+        registry._add_plugin(info, plugin)
 
     if entry_points:
         _load_entry_points(pm, registry, _entry_points(), enabled, disabled)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:  # pragma: no cover - _check_hooks sees these first
+        raise PluginError(" ".join(str(exc).split())) from None
     return registry
+
+
+def _spec_args() -> dict[str, list[str]]:
+    """Each hook of :mod:`hookspecs` and the arguments shardrec passes it."""
+    return {
+        name: list(inspect.signature(getattr(hookspecs, name)).parameters)
+        for name in hookspecs.__all__
+        if name.startswith(f"{PROJECT_NAME}_")
+    }
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_hooks(pm: pluggy.PluginManager, info: PluginInfo, plugin: object) -> None:
+    """Refuse a misspelled hook, an unmarked function named like a hook, or a hook argument that
+    shardrec does not pass, naming the plugin, the hook and the nearest valid name."""
+    specs = _spec_args()
+    where = info.describe()
+    for attr in dir(plugin):
+        if not attr.startswith(f"{PROJECT_NAME}_"):
+            continue
+        try:
+            function = getattr(plugin, attr)
+        except Exception:  # a property that raises is not a hook
+            continue
+        marked = pm.parse_hookimpl_opts(plugin, attr) is not None
+        if not marked:
+            if callable(function) and difflib.get_close_matches(attr, specs, n=1, cutoff=0.8):
+                raise PluginError(
+                    f"{where}: {attr!r} looks like a shardrec hook but is not marked with "
+                    f"@hookimpl{_suggest(attr, specs)}"
+                )
+            continue
+        if attr not in specs:
+            raise PluginError(
+                f"{where}: hook {attr!r} is not a shardrec hook{_suggest(attr, specs)}"
+            )
+        args = [
+            name
+            for name, p in inspect.signature(function).parameters.items()
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
+        for arg in args:
+            if arg not in specs[attr]:
+                raise PluginError(
+                    f"{where}: hook {attr!r} takes an argument {arg!r} that shardrec does not "
+                    f"pass{_suggest(arg, specs[attr])}; it passes: {', '.join(specs[attr])}"
+                )
+
+
+def _register(pm: pluggy.PluginManager, info: PluginInfo, plugin: object) -> None:
+    _check_hooks(pm, info, plugin)
+    try:
+        pm.register(plugin, name=info.name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"{info.describe()}: {' '.join(str(exc).split())}") from None
+    except ValueError as exc:  # a name or object already registered
+        raise PluginError(f"{info.describe()} could not be registered: {exc}") from None
 
 
 def _load_entry_points(
@@ -195,6 +261,9 @@ def _load_entry_points(
     enabled: frozenset[str],
     disabled: frozenset[str],
 ) -> None:
+    """Import each entry point that passes the filters, from its own distribution (the
+    ``EntryPoint`` object itself is loaded, never looked up again by name), and register it."""
+    selected: list[tuple[importlib.metadata.EntryPoint, PluginInfo]] = []
     seen: dict[str, PluginInfo] = {}
     for ep in eps:
         dist = ep.dist
@@ -206,20 +275,20 @@ def _load_entry_points(
         if tags & disabled:
             continue
         info = PluginInfo(ep.name, dist_name, version, f"{ep.name} = {ep.value}")
-        if ep.name in seen:
+        if ep.name in seen:  # refused before anything is imported
             raise PluginError(
                 f"{info.describe()} has the same name as {seen[ep.name].describe()}; "
-                "entry-point names in the 'shardrec' group must be unique"
+                "entry-point names in the 'shardrec' group must be unique (disable one by its "
+                f"distribution name in {DISABLE_ENV})"
             )
         seen[ep.name] = info
-        before = len(pm.get_plugins())
+        selected.append((ep, info))
+    for ep, info in selected:
         try:
-            pm.load_setuptools_entrypoints(PROJECT_NAME, name=ep.name)
+            plugin = ep.load()
         except Exception as exc:
             raise PluginError(
                 f"{info.describe()} failed to load: {type(exc).__name__}: {exc}"
             ) from exc
-        plugin = pm.get_plugin(ep.name)
-        if plugin is None or len(pm.get_plugins()) == before:
-            raise PluginError(f"{info.describe()} was found but not loaded")
+        _register(pm, info, plugin)
         registry._add_plugin(info, plugin)

@@ -1,0 +1,1 @@
+"""A hostile shardrec plugin for the tests (see plugin.py)."""
