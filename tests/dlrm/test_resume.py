@@ -160,6 +160,11 @@ def test_a_resume_on_another_process_count_trains_the_next_sample(
 
 def test_tensorboard_after_a_resume_keeps_one_point_per_step_in_order(tmp_path: Path) -> None:
     ckpt, logdir = str(tmp_path / "ckpt"), str(tmp_path / "tb")
+    # An unrelated earlier run logged into the same directory: 3 epochs, validated every step.
+    earlier = train(
+        "--batch-size", "32", "--epochs", "3", "--validation-freq", "1", "--logdir", logdir
+    )
+    assert earlier.exit_code == 0, earlier.output
     options = ["--batch-size", "16", "--checkpoint-every", "2", "--validation-freq", "2"]
     first = train(*options, "--checkpoint-dir", ckpt, "--logdir", logdir)
     assert first.exit_code == 0, first.output
@@ -174,7 +179,7 @@ def test_tensorboard_after_a_resume_keeps_one_point_per_step_in_order(tmp_path: 
         assert [step for step, _ in found[tag]] == list(range(1, 8)), tag
     assert [step for step, _ in found["val/auc"]] == [2, 4, 6, 7]
     assert [step for step, _ in found["test/auc"]] == [7]
-    assert len(list(Path(logdir).iterdir())) == 2  # the two runs' event files, read as one
+    assert len(list(Path(logdir).iterdir())) == 3  # three runs' event files, read as one
 
 
 def step_dirs(root: Path) -> list[str]:

@@ -88,9 +88,11 @@ def prepare_checkpoint_dir(config: TrainConfig, facts: RunFacts) -> None:
     text = record_json(config, facts)
     if entries or has_record:
         if not config.overwrite:
+            found = sum(1 for path in entries if path.name.startswith("step-"))
+            what = f"{RUN_CONFIG} and " if has_record else ""
             raise UserError(
-                f"{root} holds the checkpoints of another run: continue it with --resume, train "
-                "into another --checkpoint-dir, or delete it with --overwrite"
+                f"{root} holds another run ({what}{found} checkpoint(s)): continue it with "
+                "--resume, train into another --checkpoint-dir, or delete it with --overwrite"
             )
         _remove(entries)
         write_text_atomic(record, text, exclusive=False)

@@ -36,10 +36,11 @@ class TensorBoardLogger:
     """Scalars (``train/loss``, ``val/auc``...) and text (config, plan) as TensorBoard event
     files.
 
-    ``purge_from``: the first step this logger will write, for a run resumed from the checkpoint
-    of step ``purge_from - 1``. Points that the interrupted run logged at that step or later were
-    never part of the weights being resumed; TensorBoard (and every reader of the event files
-    that honours restarts) drops them, so each step keeps one point, in order.
+    ``purge_from``: the first step this logger will write (1 for a new run; ``N + 1`` for a run
+    resumed from the checkpoint of step ``N``). Points that earlier runs logged into ``logdir`` at
+    that step or later (an interrupted run's, past the checkpoint being resumed) are dropped by
+    TensorBoard and every reader of event files that honours restarts, so each step keeps one
+    point, this run's, in order. The older event files stay on disk.
     """
 
     def __init__(self, logdir: str | Path, *, purge_from: int | None = None) -> None:

@@ -109,8 +109,9 @@ class _Trainer:
             if warning is not None:
                 print(warning, file=sys.stderr, flush=True)
         if state.is_main and config.logdir is not None:
-            purge_from = self.step + 1 if config.resume else None
-            self.logger = TensorBoardLogger(config.logdir, purge_from=purge_from)
+            # Whatever an earlier run logged after the step this one starts from is hidden, so
+            # that each step shows one point: this run's.
+            self.logger = TensorBoardLogger(config.logdir, purge_from=self.step + 1)
         self.logger.log_text("config", config.to_json(), self.step)
         self.logger.log_text("sharding_plan", self.run_state.plan_text, self.step)
 
