@@ -48,3 +48,16 @@ def test_unusual_values_are_still_written(tmp_path: Path, value: float) -> None:
     [event] = events.Scalars("val/auc")
     assert event.step == 3
     assert (event.value != event.value) if value != value else event.value == pytest.approx(value)
+
+
+def test_a_resumed_logger_replaces_what_was_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    interrupted = TensorBoardLogger(tmp_path)
+    for step in range(1, 6):
+        interrupted.log({"train/loss": float(step)}, step=step)
+    interrupted.close()
+    resumed = TensorBoardLogger(tmp_path, purge_from=3)  # from the checkpoint of step 2
+    for step in (3, 4):
+        resumed.log({"train/loss": 10.0 * step}, step=step)
+    resumed.close()
+    loss = read_events(tmp_path).Scalars("train/loss")
+    assert [(e.step, e.value) for e in loss] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
