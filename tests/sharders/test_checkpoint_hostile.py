@@ -212,3 +212,22 @@ def test_save_does_not_write_through_a_planted_link(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="link: already exists"):
         create_member(tmp_path, "link")
     assert not (victim / "x").exists()
+
+
+def test_bytes_of_another_tensor_are_refused_in_one_line(tmp_path: Path) -> None:
+    path = save(tmp_path, make_model(0), step=1)
+
+    def swap(metadata: Any) -> None:
+        infos = {index.fqn: info for index, info in metadata.storage_data.items()}
+        weight, bias = infos["model.top.weight"], infos["model.top.bias"]
+        weight.offset, bias.offset = bias.offset, weight.offset
+        weight.length, bias.length = bias.length, weight.length
+
+    _rewrite_metadata(path, swap)
+    fresh = make_model(1)
+    before = snapshot(fresh)
+    with pytest.raises(CheckpointError) as err:
+        load(path, fresh)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{path}: could not be read")
+    assert_same(before, snapshot(fresh))

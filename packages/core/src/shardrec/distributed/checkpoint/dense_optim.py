@@ -92,10 +92,21 @@ def dense_targets(
     scalar such as ``step``, a per-element moment, or a factor of one)."""
     if optimizer is None:
         return None
-    if not isinstance(sidecar.get("dense_optimizer"), dict):
+    meta = sidecar.get("dense_optimizer")
+    if not isinstance(meta, dict):
         raise CheckpointError(
             f"{where}: the checkpoint holds no dense optimizer state, but an optimizer was given"
         )
+    groups = meta.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"{where / 'shardrec.json'}: malformed dense optimizer groups")
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{where}: the optimizer has {len(optimizer.param_groups)} parameter group(s), the "
+            f"checkpoint's had {len(groups)}"
+        )
+    if not isinstance(meta.get("scalars", {}), dict):
+        raise CheckpointError(f"{where / 'shardrec.json'}: malformed dense optimizer scalars")
     names = param_names(model)
     current = {
         names[id(p)]: p
@@ -131,13 +142,8 @@ def load_dense(
     """Parameters are matched by name: state of a parameter the checkpoint lacks stays fresh (a
     table that was not data-parallel when saved), and saved state of a parameter this model lacks
     is left out (a table that is no longer data-parallel). Group ``i`` takes saved group ``i``'s
-    hyper-parameters."""
+    hyper-parameters (the group count was checked by :func:`dense_targets`)."""
     names = param_names(model)
-    if len(meta["param_groups"]) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"the optimizer has {len(optimizer.param_groups)} parameter group(s), the "
-            f"checkpoint's had {len(meta['param_groups'])}"
-        )
     current = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
     index = {fqn: i for i, fqn in enumerate(current) if fqn is not None}
     state: dict[int, dict[str, Any]] = {}
@@ -158,4 +164,9 @@ def load_dense(
         entry["params"] = list(range(flat, flat + len(live["params"])))
         flat += len(live["params"])
         groups.append(entry)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's dense optimizer state does not fit this optimizer ({exc})"
+        ) from None

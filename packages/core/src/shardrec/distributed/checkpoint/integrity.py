@@ -95,7 +95,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         data = json.loads(read_member(directory, SIDECAR, SIDECAR_CAP))
     except CheckpointError as exc:
         raise CorruptCheckpointError(str(exc)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{file}: unreadable ({exc})") from None
     if not isinstance(data, dict) or data.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise CorruptCheckpointError(f"{file}: not a {FORMAT} checkpoint sidecar")
