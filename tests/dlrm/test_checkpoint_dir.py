@@ -14,7 +14,7 @@ import pytest
 from shardrec_dlrm.checkpointing import prepare_checkpoint_dir, saved_model_config
 from shardrec_dlrm.config import ModelConfig, TrainConfig
 from shardrec_dlrm.errors import UserError
-from shardrec_dlrm.run_record import RUN_CONFIG, RunFacts
+from shardrec_dlrm.run_record import RESUME_FIXED, RUN_CONFIG, RunFacts
 from shardrec_dlrm.safe_files import read_small_text, write_text_atomic
 
 MODEL = ModelConfig(embedding_dim=4, num_embeddings=64, dense_arch_layer_sizes=(8, 4))
@@ -138,6 +138,32 @@ def test_a_resume_that_would_change_the_training_is_refused_naming_the_field(
     assert named in str(refused.value)
     assert "\n" not in str(refused.value)
     assert (tmp_path / RUN_CONFIG).read_bytes() == record
+
+
+#: Another value for every option a resume must keep.
+OTHER_VALUES: dict[str, object] = {
+    "seed": 7,
+    "limit_train_batches": 3,
+    "val_fraction": 0.1,
+    "test_fraction": 0.1,
+    "optimizer": "adagrad",
+    "learning_rate": 0.5,
+    "eps": 1e-6,
+    "lr_warmup_steps": 2,
+    "lr_decay_start": 4,
+    "lr_decay_steps": 4,
+    "dense_precision": "bf16",
+}
+
+
+def test_every_option_a_resume_must_keep_is_named_when_changed(tmp_path: Path) -> None:
+    assert set(OTHER_VALUES) == set(RESUME_FIXED)
+    prepare_checkpoint_dir(config(tmp_path), facts())
+    for name, value in OTHER_VALUES.items():
+        with pytest.raises(UserError) as refused:
+            prepare_checkpoint_dir(config(tmp_path, resume=True, **{name: value}), facts())
+        option = "--" + name.replace("_", "-")
+        assert f"{option} was {getattr(config(tmp_path), name)}, now {value}" in str(refused.value)
 
 
 def test_other_training_rows_are_refused_wherever_they_are(tmp_path: Path) -> None:

@@ -234,6 +234,15 @@ def test_keep_checkpoints_bounds_what_a_run_leaves(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert step_dirs(ckpt) == ["step-00000006", "step-00000007"]
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # nothing half-deleted
+    # With every checkpoint damaged there is nothing to resume from: refused, not restarted.
+    for step in (6, 7):
+        damage(next((ckpt / f"step-{step:08d}").glob("*.distcp")), "flip")
+    refused = train(*options, "--checkpoint-dir", str(ckpt), "--resume", "--epochs", "2")
+    assert refused.exit_code == 1
+    errors = [line for line in refused.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1
+    assert "no intact checkpoint to resume from" in errors[0]
+    assert "--overwrite" in errors[0]
 
 
 def test_a_resume_follows_the_rows_not_the_path(tmp_path: Path) -> None:
