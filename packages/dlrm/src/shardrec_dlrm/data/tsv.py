@@ -182,6 +182,9 @@ def parse_tsv(
         newlines = seps[newline_rank] - _PAD
         first = int(np.flatnonzero(wrong)[0])
         if bad_rows == "error":
+            if first:  # a bad value in an earlier line is the first error, whatever the chunking
+                start = int(newlines[first - 1]) + 1
+                parse_tsv(data[:start], path=path, first_line=first_line, bad_rows="error")
             raise row_error(path, first_line + first, _describe(_line(data, newlines, first), "\t"))
         keep = np.flatnonzero(~wrong)
         good = b"".join(_line(data, newlines, int(i)) + b"\n" for i in keep)
