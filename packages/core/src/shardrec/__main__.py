@@ -14,6 +14,9 @@ def _plugins() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     plugins = registry.plugins()
+    for info, reason in registry.skipped():
+        origin = f"{info.distribution} {info.version}" if info.distribution else "unknown"
+        print(f"skipped {info.name}  ({origin}; entry point: {info.entry_point}): {reason}")
     if not plugins:
         print("no shardrec plugins loaded (install shardrec-sharders for the built-in sharders)")
         return 0

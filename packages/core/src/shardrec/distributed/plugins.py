@@ -80,12 +80,17 @@ class SharderRegistry:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._plugins: list[PluginInfo] = []
+        self._skipped: list[tuple[PluginInfo, str]] = []
         # (module type, sharding type) -> (sharder, plugin that registered it)
         self._owners: dict[tuple[type[nn.Module], str], tuple[ModuleSharder, PluginInfo]] = {}
 
     # -- queries -------------------------------------------------------------------------------
     def plugins(self) -> list[PluginInfo]:
         return list(self._plugins)
+
+    def skipped(self) -> list[tuple[PluginInfo, str]]:
+        """Entry points the filters left out (never imported), each with the reason."""
+        return list(self._skipped)
 
     def sharders(self) -> list[ModuleSharder]:
         """Every registered sharder, in registration order."""
@@ -270,11 +275,13 @@ def _load_entry_points(
         dist_name = dist.name if dist is not None else None
         version = dist.version if dist is not None else None
         tags = {ep.name} | ({dist_name} if dist_name else set())
+        info = PluginInfo(ep.name, dist_name, version, f"{ep.name} = {ep.value}")
         if enabled and not tags & enabled:
+            registry._skipped.append((info, f"not listed in {ENABLE_ENV}"))
             continue
         if tags & disabled:
+            registry._skipped.append((info, f"disabled by {DISABLE_ENV}"))
             continue
-        info = PluginInfo(ep.name, dist_name, version, f"{ep.name} = {ep.value}")
         if ep.name in seen:  # refused before anything is imported
             raise PluginError(
                 f"{info.describe()} has the same name as {seen[ep.name].describe()}; "
