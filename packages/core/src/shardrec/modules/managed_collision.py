@@ -53,6 +53,7 @@ _BELOW: Final = 4
 _FREE: Final = 5
 _DEMAND: Final = 6  # ids admitted or rejected since the last eviction run
 _NUM_COUNTERS: Final = 7
+_NEVER: Final = 2**63 - 1  # eviction key of a row that must not be evicted
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +226,7 @@ class MCHManagedCollisionModule(nn.Module):
         c[_STEP] = step
         rows = self._map.find(ids)
         held = rows >= 0
-        hit_rows = rows[held]
+        hit_rows = rows.index_select(0, held.nonzero().squeeze(1))
         self._last_read.index_fill_(0, hit_rows, step)
         self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
         miss_at = (~held).nonzero().squeeze(1)
@@ -238,7 +239,7 @@ class MCHManagedCollisionModule(nn.Module):
             if self._sketch is not None and self._admission is not None:
                 seen = self._sketch.add(uniq, counts)
                 admitted = seen >= self._admission.threshold
-                c[_BELOW] += int(counts[~admitted].sum())
+                c[_BELOW] += int(counts.masked_fill(admitted, 0).sum())
                 chosen = admitted.nonzero().squeeze(1)
             else:
                 chosen = torch.arange(uniq.numel(), device=ids.device)
@@ -285,20 +286,20 @@ class MCHManagedCollisionModule(nn.Module):
         if policy.makes_room:
             need = c[_DEMAND] - c[_FREE]
             if need > 0:
-                evictable = occupied.clone()
-                evictable[hit_rows] = False
+                # Unique keys (score, then row) so the choice is a pure function of the state;
+                # rows without an id, and rows this batch reads, get the largest key: never picked.
+                capacity = self.capacity
+                limit = (2**62) // capacity
+                score = policy.score(self._last_read, self._reads).clamp(max=limit)
+                key = score * capacity + torch.arange(capacity, device=score.device)
+                key = torch.where(occupied, key, _NEVER)
+                key.index_fill_(0, hit_rows, _NEVER)
                 if victims is not None:
-                    evictable[victims] = False
+                    key.index_fill_(0, victims, _NEVER)
                     need -= victims.numel()
-                need = min(need, int(evictable.sum()))
+                need = min(need, int((key != _NEVER).sum()))
                 if need > 0:
-                    # Unique keys (score, then row) so the choice is a pure function of the state.
-                    capacity = self.capacity
-                    limit = (2**62) // capacity
-                    key = policy.score(self._last_read, self._reads).clamp(max=limit) * capacity
-                    key += torch.arange(capacity, device=key.device)
-                    key[~evictable] = torch.iinfo(torch.int64).max
-                    worst = torch.topk(key, need, largest=False, sorted=True).indices
+                    worst = torch.topk(key, need, largest=False, sorted=False).indices
                     victims = worst if victims is None else torch.cat([victims, worst])
         c[_DEMAND] = 0
         if victims is None or victims.numel() == 0:

@@ -26,6 +26,7 @@ EMPTY: Final = -1
 DELETED: Final = -2
 # Fibonacci hashing: the top bits of ``id * odd constant`` (2^64 / golden ratio, as an int64).
 _GOLDEN: Final = -7046029254386353131
+_NO_CLAIM: Final = 2**63 - 1
 
 
 def hash_slots(ids: torch.Tensor, bits: int, multiplier: int = _GOLDEN) -> torch.Tensor:
@@ -41,6 +42,7 @@ class IdRowMap(nn.Module):
     slot_rows: torch.Tensor
     row_slots: torch.Tensor
     tombstones: torch.Tensor
+    _claims: torch.Tensor
 
     def __init__(self, rows: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -56,6 +58,12 @@ class IdRowMap(nn.Module):
             "row_slots", torch.full((rows,), EMPTY, dtype=torch.int64, device=device)
         )
         self.register_buffer("tombstones", torch.zeros((), dtype=torch.int64, device=device))
+        # Scratch for resolving inserts that probe the same slot; all _NO_CLAIM between calls.
+        self.register_buffer(
+            "_claims",
+            torch.full((slots,), _NO_CLAIM, dtype=torch.int64, device=device),
+            persistent=False,
+        )
 
     @property
     def num_slots(self) -> int:
@@ -92,30 +100,29 @@ class IdRowMap(nn.Module):
         pending = torch.arange(ids.numel(), device=ids.device)
         pos = hash_slots(ids, self.bits)
         while pending.numel() > 0:
-            occupant = self.slot_rows[pos]
-            open_ = occupant < 0
-            cand = open_.nonzero().squeeze(1)
-            won = torch.zeros_like(open_)
+            cand = (self.slot_rows.index_select(0, pos) < 0).nonzero().squeeze(1)
+            won = torch.zeros(pending.numel(), dtype=torch.bool, device=ids.device)
             if cand.numel() > 0:
                 # Several ids may probe the same open slot: the first of them in ``pending``
                 # order takes it (a deterministic choice), the others probe on.
-                cand_pos = pos[cand]
-                slots, inverse = torch.unique(cand_pos, return_inverse=True)
-                first = torch.full_like(slots, cand.numel()).scatter_reduce_(
-                    0, inverse, torch.arange(cand.numel(), device=ids.device), "amin"
-                )
-                winners = cand[first]
-                reused = int((self.slot_rows[slots] == DELETED).sum())
+                cand_pos = pos.index_select(0, cand)
+                self._claims.scatter_reduce_(0, cand_pos, cand, "amin")
+                first = (self._claims.index_select(0, cand_pos) == cand).nonzero().squeeze(1)
+                self._claims.index_fill_(0, cand_pos, _NO_CLAIM)
+                winners = cand.index_select(0, first)
+                slots = cand_pos.index_select(0, first)
+                reused = int((self.slot_rows.index_select(0, slots) == DELETED).sum())
                 if reused:
                     self.tombstones -= reused
-                who = pending[winners]
-                self.slot_ids[slots] = ids[who]
-                self.slot_rows[slots] = rows[who]
-                self.row_slots[rows[who]] = slots
-                won[winners] = True
-            keep = ~won
-            pending = pending[keep]
-            pos = (pos[keep] + 1) & mask
+                who = pending.index_select(0, winners)
+                won_rows = rows.index_select(0, who)
+                self.slot_ids.index_copy_(0, slots, ids.index_select(0, who))
+                self.slot_rows.index_copy_(0, slots, won_rows)
+                self.row_slots.index_copy_(0, won_rows, slots)
+                won.index_fill_(0, winners, True)
+            keep = (~won).nonzero().squeeze(1)
+            pending = pending.index_select(0, keep)
+            pos = (pos.index_select(0, keep) + 1) & mask
 
     def remove_rows(self, rows: torch.Tensor) -> None:
         """Drop the ids held by ``rows`` (occupied rows, distinct); the rows become free."""
