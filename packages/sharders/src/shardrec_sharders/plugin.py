@@ -11,6 +11,7 @@ from shardrec.modules import EmbeddingBagCollection, EmbeddingCollection
 from shardrec_sharders.column_wise import ColumnWiseSharder
 from shardrec_sharders.data_parallel import DataParallelSharder
 from shardrec_sharders.row_wise import RowWiseSharder
+from shardrec_sharders.table_row_wise import TableRowWiseSharder
 from shardrec_sharders.table_wise import TableWiseSharder
 
 
@@ -24,3 +25,5 @@ def shardrec_register_sharders(register: RegisterSharder) -> None:
             DataParallelSharder,
         ):
             register(sharder_type(module_type))
+    # Two-level sharding reduces pooled partial sums inside a node: bags only.
+    register(TableRowWiseSharder(EmbeddingBagCollection))

@@ -1,0 +1,402 @@
+"""Table-wise-row-wise sharding: each table lives on one node, its rows split across that node's
+ranks.
+
+With ``L`` ranks per node (``LOCAL_WORLD_SIZE``), ``N`` nodes and ``W = N * L`` ranks, for a batch
+of ``B_s`` samples on each rank ``s``::
+
+    input dist   each id goes to the rank of its table's node whose row block holds it, as an id
+                 local to that block (bucketize, then one jagged all-to-all over all W ranks)
+    lookup       the owner SUM-pools what it received: partial bags [W senders x B_max, node cols]
+    output dist  1. reduce-scatter inside the node: local rank l ends up with the full sums of its
+                    node's tables for the samples of ranks (m, l), m = 0..N-1
+                 2. all-to-all across nodes between ranks of the same local rank: each sends those
+                    rows to their sample's rank; the receiver lays the nodes' columns side by side
+                    and puts them in the module's order (MEAN divides by the bag length after)
+
+So the cross-node links carry each pooled embedding once, where row-wise sends every rank's
+partial sums across them. Grid sharding (``grid.py``) is the same machine with each table cut
+into column slices first, one node per slice: a slice plays the part of a table here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import torch
+from torch import nn
+
+from shardrec.distributed import comm
+from shardrec.distributed.node_groups import NodeGroups, NodeLayout, node_groups
+from shardrec.distributed.sharding_plan import even_splits
+from shardrec.distributed.types import ParameterSharding, ShardingEnv, TableShards
+from shardrec.kernels import TableBatchedEmbedding
+from shardrec.modules import EmbeddingBagCollection, PoolingType
+from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
+from shardrec_sharders._common import (
+    EmbeddingSharderBase,
+    LocalTable,
+    ModuleView,
+    PairRouter,
+    build_local_lookup,
+    check_tiling,
+    nothing_to_send,
+    stack_senders,
+    table_shards,
+)
+
+TABLE_ROW_WISE: Final = "table_row_wise"
+
+Block = tuple[int, int, int]  # (row_offset, rows, rank)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSlice:
+    """Columns ``[col_offset, col_offset + cols)`` of a table, kept on one node and split there
+    into row blocks, at most one per rank."""
+
+    col_offset: int
+    cols: int
+    node: int
+    blocks: tuple[Block, ...]  # row order
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """One (pair, column slice): the ids of the pair go to the slice's row blocks."""
+
+    pair: int
+    table: str
+    slice: NodeSlice
+
+
+def divide_mean_bags(
+    values: torch.Tensor, lengths: torch.Tensor, dims: Sequence[int], means: Sequence[bool]
+) -> torch.Tensor:
+    """Pooled SUMs ``[B, sum(dims)]`` -> MEANs for the pairs flagged in ``means`` (an empty bag
+    stays zero). ``lengths`` is ``[pairs, B]``."""
+    lengths = lengths.to(values.dtype)
+    scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1), torch.zeros_like(lengths))
+    flags = torch.tensor(list(means), device=values.device).unsqueeze(1)
+    scale = torch.where(flags, scale, 1.0)
+    per_col = torch.repeat_interleave(scale, torch.tensor(list(dims), device=values.device), dim=0)
+    return values * per_col.t()
+
+
+class NodeRowShardedEmbedding(nn.Module):
+    """A sharded EmbeddingBagCollection part whose tables (or column slices of them) each live on
+    one node, split by rows across its ranks."""
+
+    def __init__(
+        self,
+        view: ModuleView,
+        slices: Mapping[str, Sequence[NodeSlice]],
+        groups: NodeGroups,
+        env: ShardingEnv,
+        device: torch.device,
+        kind: str,
+    ) -> None:
+        """``slices[table]``: the table's column slices in column order."""
+        super().__init__()
+        if not view.pooled:
+            raise TypeError(f"{kind}: two-level sharding is for pooled (bag) modules only")
+        self.env = env
+        self.groups = groups
+        self.device = device
+        self.pairs = view.pairs
+        self.tables = list(view.configs)
+        self.router = PairRouter([p.source for p in view.pairs], owner=kind)
+        layout = groups.layout
+        world = env.world_size
+        self.units = [
+            _Unit(p, pair.table, s) for p, pair in enumerate(view.pairs) for s in slices[pair.table]
+        ]
+        self.units_of = [
+            [i for i, u in enumerate(self.units) if any(b[2] == r for b in u.slice.blocks)]
+            for r in range(world)
+        ]
+        self._starts = [
+            torch.tensor([b[0] for b in u.slice.blocks], dtype=torch.int64, device=device)
+            for u in self.units
+        ]
+        self._owners = [
+            torch.tensor([b[2] for b in u.slice.blocks], dtype=torch.int64, device=device)
+            for u in self.units
+        ]
+        # This rank's blocks, one local table per (table, column slice).
+        local: dict[tuple[str, int], LocalTable] = {}
+        for table, table_slices in slices.items():
+            config = view.configs[table]
+            for s in table_slices:
+                for row_offset, rows, rank in s.blocks:
+                    if rank == env.rank:
+                        local[(table, s.col_offset)] = LocalTable(
+                            name=f"{table}__c{s.col_offset}",
+                            table=table,
+                            row_offset=row_offset,
+                            col_offset=s.col_offset,
+                            rows=rows,
+                            cols=s.cols,
+                            global_rows=config.num_embeddings,
+                            global_cols=config.embedding_dim,
+                        )
+        self.local_tables = list(local.values())
+        mine = self.units_of[env.rank]
+        features = [
+            (f"u{i}", local[(self.units[i].table, self.units[i].slice.col_offset)].name)
+            for i in mine
+        ]
+        self.lookup: TableBatchedEmbedding | None = build_local_lookup(
+            view,
+            self.local_tables,
+            features,
+            pooling_sum=True,
+            device=device,
+            optimizer=view.optimizer,
+        )
+        # Columns per node: the units of the node's slices, in unit order.
+        node_units = [
+            [i for i, u in enumerate(self.units) if u.slice.node == n] for n in range(layout.nodes)
+        ]
+        self._node_width = [sum(self.units[i].slice.cols for i in us) for us in node_units]
+        col_in_node: dict[int, int] = {}
+        for us in node_units:
+            at = 0
+            for i in us:
+                col_in_node[i] = at
+                at += self.units[i].slice.cols
+        # Our lookup's columns inside our node's partial sums (None: they are the same).
+        ours = node_units[groups.node]
+        self._widen: torch.Tensor | None = None
+        if mine != ours:
+            self._widen = torch.tensor(
+                [col_in_node[i] + c for i in mine for c in range(self.units[i].slice.cols)],
+                dtype=torch.int64,
+                device=device,
+            )
+        # Received node blocks side by side -> the module's column order.
+        node_start = [0]
+        for w in self._node_width:
+            node_start.append(node_start[-1] + w)
+        order = [
+            node_start[u.slice.node] + col_in_node[i] + c
+            for i, u in enumerate(self.units)
+            for c in range(u.slice.cols)
+        ]
+        self._to_module: torch.Tensor | None = None
+        if order != list(range(len(order))):
+            self._to_module = torch.tensor(order, dtype=torch.int64, device=device)
+        self.means = [view.pooling(p.table) is PoolingType.MEAN for p in view.pairs]
+
+    # -- the three stages ----------------------------------------------------------------------
+
+    def input_dist(
+        self, kjt: KeyedJaggedTensor
+    ) -> tuple[KeyedJaggedTensor, comm.JaggedAllToAllResult]:
+        routed = self.router.route(kjt)
+        world = self.env.world_size
+        batch = routed.stride()
+        n_units = len(self.units)
+        values = routed.values()
+        lpk = routed.length_per_key()
+        first = [0]
+        for n in lpk:
+            first.append(first[-1] + n)
+        # Sample of every id, in the routed (pair-major) layout.
+        sample = torch.repeat_interleave(
+            torch.arange(batch, device=values.device).repeat(len(self.pairs)),
+            routed.lengths().to(torch.int64),
+        )
+        dests, locals_, bags, sources = [], [], [], []
+        for i, u in enumerate(self.units):
+            lo, hi = first[u.pair], first[u.pair + 1]
+            ids = values[lo:hi].to(torch.int64)
+            block = (torch.bucketize(ids, self._starts[i], right=True) - 1).clamp_(min=0)
+            dests.append(self._owners[i][block])
+            locals_.append(ids - self._starts[i][block])
+            bags.append(sample[lo:hi] + i * batch)
+            sources.append(torch.arange(lo, hi, device=values.device))
+        dest = torch.cat(dests) if dests else values.new_zeros(0, dtype=torch.int64)
+        local = torch.cat(locals_) if locals_ else dest
+        bag = torch.cat(bags) if bags else dest
+        order = torch.argsort(dest, stable=True)
+        counts = torch.bincount(dest * (n_units * batch) + bag, minlength=world * n_units * batch)
+        counts = counts.view(world, n_units, batch)
+        lengths = torch.cat([counts[r, self.units_of[r]].reshape(-1) for r in range(world)])
+        per_rank = torch.bincount(dest, minlength=world)
+        weights = routed.weights_or_none()
+        if weights is not None:
+            weights = weights[torch.cat(sources)[order]] if sources else weights[:0]
+        got = comm.all_to_all_jagged(
+            lengths,
+            local[order],
+            weights,
+            lengths_per_rank=[len(self.units_of[r]) * batch for r in range(world)],
+            values_per_rank=[int(x) for x in per_rank.tolist()],
+            batch_size=batch,
+            pg=self.env.pg,
+        )
+        return routed, got
+
+    def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | None:
+        """Partial SUMs of every sender's bags over our blocks: ``[W * B_max, our columns]``."""
+        if self.lookup is None:
+            return None
+        stacked = stack_senders(
+            got.lengths,
+            got.values,
+            got.weights,
+            got.lengths_per_rank,
+            got.batch_per_rank,
+            len(self.units_of[self.env.rank]),
+        )
+        out = self.lookup.lookup(
+            values=stacked.values,
+            offsets=stacked.offsets,
+            length_per_feature=stacked.length_per_feature,
+            batch_size=len(stacked.batches) * stacked.batch,
+            weights=stacked.weights,
+        )
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def output_dist(
+        self, out: torch.Tensor | None, got: comm.JaggedAllToAllResult, batch: int
+    ) -> torch.Tensor:
+        """Reduce-scatter the partial sums inside the node, then all-to-all the full sums across
+        nodes; ``[batch, sum of dims]`` in the module's column order."""
+        layout = self.groups.layout
+        nodes, local_size = layout.nodes, layout.local_world_size
+        batches = list(got.batch_per_rank)
+        b_max = max(batches)
+        width = self._node_width[self.groups.node]
+        received = got.weights
+        link = nothing_to_send(self.device, received)  # empty; carries the weights' gradient
+        if width == 0:
+            send = link
+        else:
+            rows = nodes * local_size * b_max
+            if out is None:
+                partial = link.sum() + torch.zeros((rows, width), device=self.device)
+            elif self._widen is not None:
+                partial = out.new_zeros((rows, width)).index_copy(1, self._widen, out)
+            else:
+                partial = out
+            # Sender (m, l)'s rows to local rank l: blocks ordered by local rank, then node.
+            grouped = partial.view(nodes, local_size, b_max, width).transpose(0, 1)
+            summed = comm.reduce_scatter_rows(
+                grouped.reshape(rows, width),
+                [nodes * b_max] * local_size,
+                nodes * b_max,
+                self.groups.intra,
+            )
+            mine = [batches[m * local_size + self.groups.local_rank] for m in range(nodes)]
+            if all(b == b_max for b in mine):
+                send = summed.reshape(-1)
+            else:
+                blocks = summed.view(nodes, b_max, width)
+                send = torch.cat([blocks[m, : mine[m]].reshape(-1) for m in range(nodes)])
+        send_sizes = [
+            batches[m * local_size + self.groups.local_rank] * width for m in range(nodes)
+        ]
+        recv_sizes = [batch * w for w in self._node_width]
+        flat = comm.all_to_all_single(
+            send, recv_sizes, send_sizes, self.groups.cross, differentiable=True
+        )
+        parts = [
+            part.view(batch, w)
+            for part, w in zip(torch.split(flat, recv_sizes), self._node_width, strict=True)
+            if w
+        ]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if self._to_module is not None:
+            values = values.index_select(1, self._to_module)
+        return values
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        routed, got = self.input_dist(kjt)
+        batch = routed.stride()
+        values = self.output_dist(self.compute(got), got, batch)
+        dims = [p.dim for p in self.pairs]
+        if any(self.means):
+            lengths = routed.lengths().view(len(self.pairs), batch)
+            values = divide_mean_bags(values, lengths, dims, self.means)
+        return KeyedTensor(keys=[p.name for p in self.pairs], length_per_key=dims, values=values)
+
+    def local_table_shards(self) -> dict[str, TableShards]:
+        return table_shards(self.lookup, self.local_tables, self.tables)
+
+
+def node_row_blocks(
+    table: str,
+    sharding: str,
+    blocks: Sequence[Block],
+    rows: int,
+    layout: NodeLayout,
+) -> int:
+    """Checks that ``blocks`` tile ``rows`` on ranks of one node, one block per rank; returns
+    the node."""
+    check_tiling(table, sharding, "row blocks", blocks, rows)
+    ranks = [b[2] for b in blocks]
+    nodes = {layout.node_of(r) for r in ranks}
+    if len(nodes) != 1:
+        raise ValueError(
+            f"{sharding} table {table!r}: row blocks on ranks {ranks} span nodes {sorted(nodes)};"
+            f" with {layout.local_world_size} ranks per node (LOCAL_WORLD_SIZE) they must share"
+            " one node"
+        )
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"{sharding} table {table!r}: a rank holds two row blocks: {ranks}")
+    return nodes.pop()
+
+
+class TableRowWiseSharder(EmbeddingSharderBase):
+    """Shards EmbeddingBagCollection tables onto one node each, split by rows across its ranks.
+
+    ``local_world_size``: ranks per node; None reads the launcher's ``LOCAL_WORLD_SIZE`` (one node
+    when it is unset).
+    """
+
+    sharding_type = TABLE_ROW_WISE
+
+    def __init__(
+        self,
+        module_type: type[nn.Module] = EmbeddingBagCollection,
+        *,
+        local_world_size: int | None = None,
+    ) -> None:
+        if module_type is not EmbeddingBagCollection:
+            raise TypeError(f"{self.sharding_type} shards EmbeddingBagCollection only")
+        super().__init__(module_type)
+        self.local_world_size = local_world_size
+
+    def shard(
+        self,
+        module: nn.Module,
+        params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> nn.Module:
+        self.check_plan(params, env)
+        view = ModuleView.of(module, list(params))
+        groups = node_groups(env, self.local_world_size)
+        slices: dict[str, list[NodeSlice]] = {}
+        for table, ps in params.items():
+            config = view.configs[table]
+            if ps.shards:
+                for s in ps.shards:
+                    if s.offsets[1] != 0 or s.sizes[1] != config.embedding_dim:
+                        raise ValueError(
+                            f"{self.sharding_type} table {table!r}: shard {s} is not full width"
+                        )
+                blocks = sorted((s.offsets[0], s.sizes[0], s.rank) for s in ps.shards if s.sizes[0])
+            else:
+                splits = even_splits(config.num_embeddings, len(ps.ranks))
+                blocks = [(at, n, r) for r, (at, n) in zip(ps.ranks, splits, strict=True) if n]
+            node = node_row_blocks(
+                table, self.sharding_type, blocks, config.num_embeddings, groups.layout
+            )
+            slices[table] = [NodeSlice(0, config.embedding_dim, node, tuple(blocks))]
+        kind = f"{type(module).__name__} ({self.sharding_type})"
+        return NodeRowShardedEmbedding(view, slices, groups, env, device, kind)
