@@ -46,11 +46,13 @@ def test_table_wise_shard_matches_hand_computation() -> None:
     assert est.io == ids * 8 + 2 * out * 4  # 1920 + 10240
     assert est.fwd_compute == pytest.approx((ids * 16 + out) * 4 / 1e9)
     assert est.bwd_compute == pytest.approx(2 * est.fwd_compute)
-    # One host of 4 ranks: the intra-host bandwidth prices the all-to-all.
-    assert est.fwd_comms == pytest.approx((8 * ids + 4 * out) / 1e8)
-    assert est.bwd_comms == pytest.approx(4 * out / 1e8)
+    # Each peer sends its 60 ids and, backward, its 320-element output gradient; gets 320 back.
+    assert est.cost.to_owner == 8 * 60 + 4 * 320
+    assert est.cost.from_owner == 4 * 320
+    assert est.cost.read_bytes == ids * 16 * 4
+    # One host of 4 ranks: the owner's 3 peers are all inside it (intra-host bandwidth).
+    assert est.perf == pytest.approx(est.fwd_compute * 3 + 3 * (8 * 60 + 4 * 320) / 1e8)
     assert est.storage == 64000 + 12160
-    assert est.perf == pytest.approx(est.fwd_compute * 3 + est.fwd_comms + est.bwd_comms)
 
 
 def test_row_wise_shard_sees_its_share_of_ids_and_sends_full_width_partials() -> None:
@@ -59,13 +61,15 @@ def test_row_wise_shard_sees_its_share_of_ids_and_sends_full_width_partials() ->
     out = 10 * 4 * 2 * 16  # partial sums over the whole dimension for the global batch
     assert est.weights == 250 * 16 * 4
     assert est.io == round(ids * 8 + 2 * out * 4)
-    assert est.fwd_comms == pytest.approx((8 * ids + 4 * out) / 1e8)
+    assert est.cost.to_owner == pytest.approx(8 * 15 + 4 * 320)  # 15 ids per peer
+    assert est.cost.from_owner == 4 * 320
 
 
 def test_column_wise_shard_prices_only_its_columns() -> None:
     est = estimate_shard(TABLE, 1000, 8, Traffic.ALL_IDS, TOPO, SGD)
     assert est.weights == 1000 * 8 * 4
-    assert est.bwd_comms == pytest.approx(4 * (10 * 4 * 2 * 8) / 1e8)
+    assert est.cost.from_owner == 4 * (10 * 2 * 8)
+    assert est.cost.to_owner == 8 * 60 + 4 * (10 * 2 * 8)  # every id, half the columns
 
 
 def test_data_parallel_replica_allreduces_its_gradient() -> None:
@@ -73,23 +77,39 @@ def test_data_parallel_replica_allreduces_its_gradient() -> None:
     weights = 1000 * 16 * 4
     ids = 10 * 2 * 3  # local batch only
     out = 10 * 2 * 16
-    assert est.fwd_comms == 0.0
-    assert est.bwd_comms == pytest.approx(2 * 3 / 4 * weights / 1e8)
+    assert est.cost.to_owner == est.cost.from_owner == 0.0
+    # One host of 4: reduce-scatter + all-gather inside it, 2·3/4 of the gradient each way.
+    assert est.cost.allreduce_intra == pytest.approx(2 * 3 / 4 * weights)
+    assert est.cost.allreduce_inter == 0.0
+    assert est.perf == pytest.approx(3 * est.fwd_compute + 2 * 3 / 4 * weights / 1e8)
     assert est.io == ids * 8 + 2 * out * 4 + weights  # plus the dense gradient
 
 
-def test_cross_host_all_to_all_uses_the_inter_host_bandwidth() -> None:
+def test_cross_host_peers_use_the_inter_host_bandwidth() -> None:
     two_hosts = Topology(
         world_size=4, local_world_size=2, hbm_mem_bw=1e9, intra_host_bw=1e8, inter_host_bw=1e7
     )
     est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, two_hosts, SGD)
-    assert est.bwd_comms == pytest.approx(4 * 1280 / 1e7)
+    # One peer on the owner's host, two on the other host.
+    per_peer = 8 * 60 + 4 * 320
+    assert est.perf == pytest.approx(3 * est.fwd_compute + per_peer / 1e8 + 2 * per_peer / 1e7)
+
+
+def test_table_row_wise_reduces_inside_the_host_before_crossing() -> None:
+    two_hosts = Topology(
+        world_size=4, local_world_size=2, hbm_mem_bw=1e9, intra_host_bw=1e8, inter_host_bw=1e7
+    )
+    est = estimate_shard(TABLE, 500, 16, Traffic.HOST_ROW_SPLIT, two_hosts, SGD)
+    # Half the rows: 30 ids per peer; the pooled row (320 elements) crosses once, half per owner.
+    assert est.cost.to_owner == pytest.approx(8 * 30 + 4 * 320 / 2)
+    assert est.cost.from_owner == pytest.approx(4 * 320 / 2)
+    # Reduce-scatter of the partial sums of all 4 ranks' samples, and the all-gather backward.
+    assert est.cost.owner_intra == pytest.approx(2 * (1 / 2) * 4 * 1280)
 
 
 def test_single_rank_has_no_comms() -> None:
     est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, Topology(world_size=1), SGD)
-    assert est.fwd_comms == 0.0
-    assert est.bwd_comms == 0.0
+    assert est.perf == pytest.approx(est.fwd_compute + est.bwd_compute)
 
 
 @pytest.mark.parametrize(
@@ -138,6 +158,15 @@ def test_layouts_cut_uneven_rows_and_columns() -> None:
     cws = ColumnWiseLayout().cuts(odd, TOPO, 16)
     assert [len(c.pieces) for c in cws] == [2, 4]
     assert sum(p[3] for p in cws[1].pieces) == 64
+    # As many column shards as the ranks and the narrowest slice allow, in multiples of 4 columns.
+    wide = Topology(world_size=64)
+    table = TableSpec(
+        module_path="", param_name="t", num_embeddings=10, embedding_dim=100, module_type=nn.Module
+    )
+    cuts = ColumnWiseLayout().cuts(table, wide, 8)
+    assert [len(c.pieces) for c in cuts] == [2, 4, 8]
+    assert all(p[3] % 4 == 0 for c in cuts for p in c.pieces)
+    assert [p[3] for p in cuts[2].pieces] == [16, 12, 12, 12, 12, 12, 12, 12]
 
 
 def test_bad_inputs_are_named() -> None:

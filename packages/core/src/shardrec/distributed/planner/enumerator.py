@@ -9,7 +9,7 @@ from typing import Final, Protocol
 import torch
 
 from shardrec.distributed.planner.constraints import ParameterConstraints
-from shardrec.distributed.planner.estimators import Workload, estimate_shard
+from shardrec.distributed.planner.estimators import ShardEstimate, Workload, estimate_shard
 from shardrec.distributed.planner.layouts import (
     COLUMN_WISE,
     DATA_PARALLEL,
@@ -64,6 +64,16 @@ class _WholeTableLayout:
         return [Cut(((0, 0, table.num_embeddings, table.embedding_dim),), Traffic.ALL_IDS, None)]
 
 
+def withholds_data_parallel(table: TableSpec, offered: Sequence[str]) -> bool:
+    """Whether data-parallel is left out for ``table`` unless a constraint asks for it.
+
+    Data-parallel replicas are trained by the dense optimizer through DDP (the data-parallel sharder
+    applies no fused optimizer), so choosing it for a module with a fused optimizer would silently
+    change how those tables train.
+    """
+    return table.optimizer not in (None, "none") and DATA_PARALLEL in offered and len(offered) > 1
+
+
 def sharders_by_type(
     sharders: Sequence[ModuleSharder], module_type: type, device: str
 ) -> dict[str, ModuleSharder]:
@@ -105,9 +115,7 @@ def enumerate_options(
             f"{sorted({s.module_type.__qualname__ for s in sharders}) or 'nothing'})"
         )
     types = list(offered)
-    if table.optimizer not in (None, "none") and len(types) > 1:
-        # Data-parallel tables are trained by the dense optimizer through DDP: choosing it would
-        # silently drop the module's fused optimizer. Only an explicit constraint picks it.
+    if withholds_data_parallel(table, types):
         types = [t for t in types if t != DATA_PARALLEL]
     if constraints is not None and constraints.sharding_types is not None:
         wanted = [str(t) for t in constraints.sharding_types]
@@ -136,9 +144,19 @@ def enumerate_options(
             kind = _storage_kind(sharder, table, kernel, topology)
             for cut in layout.cuts(table, topology, min_partition):
                 shards = []
+                # Pieces of one shape cost the same: estimate each shape once (row-wise and
+                # data-parallel cut one piece per rank).
+                estimates: dict[tuple[int, int], ShardEstimate] = {}
                 for row_off, col_off, rows, cols in cut.pieces:
-                    est = estimate_shard(table, rows, cols, cut.traffic, topology, workload)
-                    shards.append(ShardSpec(row_off, col_off, rows, cols, est.storage, est.perf))
+                    est = estimates.get((rows, cols))
+                    if est is None:
+                        est = estimate_shard(table, rows, cols, cut.traffic, topology, workload)
+                        estimates[(rows, cols)] = est
+                    shards.append(
+                        ShardSpec(
+                            row_off, col_off, rows, cols, est.storage, est.perf, cost=est.cost
+                        )
+                    )
                 if cut.ranks is not None:
                     shards = [s.placed(r) for s, r in zip(shards, cut.ranks, strict=True)]
                 options.append(
@@ -151,6 +169,7 @@ def enumerate_options(
                         storage_kind=kind,
                         note=cut.note,
                         estimated_by=estimated_by,
+                        one_host=cut.one_host,
                     )
                 )
     if not options:

@@ -1,22 +1,32 @@
-"""Storage and time estimates of one shard. Simple, documented formulas that a reader can check by
-hand.
+"""Storage, bytes moved and time of one shard: simple, documented formulas to check by hand.
 
-Notation (per step): B samples per rank, W ranks, F features reading the table, P ids per sample per
-feature (pooling factor), e bytes per weight element, ``cols`` the shard's columns, ``rows`` its
-rows.
+Notation (per step): B samples per rank, W ranks, L ranks per host, F features reading the table, P
+ids per sample per feature (pooling factor), e bytes per weight element, ``cols`` the shard's
+columns, ``rows`` its rows, N the table's rows, D its dimension. A *peer* is any other rank.
 
-- ids routed to a shard: ALL_IDS: B·W·F·P; ROW_SPLIT: B·W·F·P · rows/num_embeddings; REPLICATED:
-  B·F·P.
-- output elements of a shard: pooled ALL_IDS: B·W·F·cols; ROW_SPLIT: B·W·F·dim (partial sums);
-  REPLICATED: B·F·cols; sequence (unpooled) tables: ids · cols.
+- ids a peer sends the shard, per peer: ALL_IDS B·F·P, ROW_SPLIT B·F·P · rows/N (ids spread evenly
+  over the rows); the shard looks up W times that (its own rank's ids included).
+- output a peer gets back, per peer: pooled ALL_IDS B·F·cols, ROW_SPLIT B·F·D (partial sums over the
+  full width), sequence tables one row per id (ids · cols); the gradient of the same size comes back
+  in the backward pass.
+- so each peer sends the owner ``to_owner`` = 8·ids + e·output bytes and receives ``from_owner`` =
+  e·output bytes; the owner receives ``to_owner`` from, and sends ``from_owner`` to, every peer.
+- HOST_ROW_SPLIT (table-row-wise, rows over the L ranks of one host): ids as ROW_SPLIT; the partial
+  sums are reduce-scattered inside the host (the gradients all-gathered back), 2·(L-1)/L · W·B·F·D·e
+  bytes each way on the owner's host links, and each pooled row then crosses once: per peer
+  e·B·F·D/L each way on average.
+- REPLICATED (data-parallel): nothing is exchanged forward; the dense gradient S = rows·cols·e is
+  all-reduced in two levels: 2·(L-1)/L · S inside the host, 2·(H-1)/H · S/L between the H hosts,
+  sent and received by every rank.
 - storage = weights (rows·cols·e) + optimizer state (see OPTIMIZER_STATE) + input ids (8 bytes each)
-  + output and its gradient (2 · output elements · e); REPLICATED adds a dense gradient
-  (rows·cols·e).
-- forward compute = (ids · cols + output elements) · e / memory bandwidth; backward = forward × the
-  topology's ``bwd_compute_multiplier``.
-- forward comms (none on one rank) = (8 · ids + e · output elements) / comm bandwidth, backward
-  comms = e · output elements / comm bandwidth; REPLICATED has no forward comms and an all-reduce of
-  its gradient backward, 2·(W-1)/W · rows·cols·e / comm bandwidth.
+  + output and its gradient (2 · output elements · e); REPLICATED adds its dense gradient.
+- compute: forward = (ids looked up · cols + output elements) · e / memory bandwidth, backward =
+  forward × the topology's ``bwd_compute_multiplier``.
+- ``perf``, the shard alone on an idle rank: compute + the owner's bytes over each link class:
+  (L-1)·to_owner / intra-host bandwidth + (W-L)·to_owner / inter-host bandwidth (an owner receives
+  at least what it sends, so receiving bounds its time on a full-duplex link). Where the rank also
+  sends ids to other tables' shards, the partitioner's per-rank model adds that (see
+  ``rank_model.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from typing import Final
 
 from shardrec.distributed.planner.layouts import Traffic
 from shardrec.distributed.planner.topology import Topology
-from shardrec.distributed.planner.types import TableSpec
+from shardrec.distributed.planner.types import ShardCost, TableSpec
 
 INDEX_BYTES: Final = 8
 
@@ -74,9 +84,8 @@ class ShardEstimate:
     optimizer_state: int
     io: int
     fwd_compute: float
-    fwd_comms: float
     bwd_compute: float
-    bwd_comms: float
+    cost: ShardCost
 
     @property
     def storage(self) -> int:
@@ -84,7 +93,22 @@ class ShardEstimate:
 
     @property
     def perf(self) -> float:
-        return self.fwd_compute + self.fwd_comms + self.bwd_compute + self.bwd_comms
+        """Seconds per step of the shard alone on an otherwise idle rank."""
+        return self.cost.alone
+
+
+def owner_seconds_per_byte(topology: Topology) -> float:
+    """Seconds an owner spends per byte each peer sends it: (L-1) peers on its host, W-L beyond."""
+    w, local = topology.world_size, topology.ranks_per_host
+    return (local - 1) / topology.intra_host_bw + (w - local) / topology.inter_host_bw
+
+
+def allreduce_bytes(topology: Topology, size: float) -> tuple[float, float]:
+    """Bytes every rank sends (and receives) inside its host and between hosts to all-reduce
+    ``size`` bytes: reduce-scatter and all-gather in the host, all-reduce of 1/L across hosts."""
+    w, local = topology.world_size, topology.ranks_per_host
+    hosts = w // local
+    return 2 * (local - 1) / local * size, 2 * (hosts - 1) / hosts * size / local
 
 
 def estimate_shard(
@@ -102,33 +126,61 @@ def estimate_shard(
         workload.pooling_factor,
         table.element_size,
     )
-    if traffic is Traffic.ALL_IDS:
-        ids = b * w * f * p
-    elif traffic is Traffic.ROW_SPLIT:
-        ids = b * w * f * p * rows / table.num_embeddings if table.num_embeddings else 0.0
-    else:
-        ids = b * f * p
+    share = rows / table.num_embeddings if table.num_embeddings else 0.0
+    split = traffic in (Traffic.ROW_SPLIT, Traffic.HOST_ROW_SPLIT)
+    ids_per_rank = b * f * p * (share if split else 1.0)
     if not table.pooled:
-        out_elems = ids * cols
-    elif traffic is Traffic.ALL_IDS:
-        out_elems = b * w * f * cols
-    elif traffic is Traffic.ROW_SPLIT:
-        out_elems = b * w * f * table.embedding_dim
+        out_per_rank = ids_per_rank * cols
+    elif split:
+        out_per_rank = b * f * table.embedding_dim
     else:
-        out_elems = b * f * cols
+        out_per_rank = b * f * cols
+    senders = 1 if traffic is Traffic.REPLICATED else w
+    ids, out_elems = ids_per_rank * senders, out_per_rank * senders
 
     weights = rows * cols * e
     state = optimizer_state_bytes(workload.optimizer, rows, cols)
     io = round(ids * INDEX_BYTES + 2 * out_elems * e)
     fwd_compute = (ids * cols + out_elems) * e / topology.memory_bw
     bwd_compute = fwd_compute * topology.bwd_compute_multiplier
+    compute = fwd_compute + bwd_compute
+    read = ids * cols * e
     if traffic is Traffic.REPLICATED:
         io += weights  # the dense gradient
-        fwd_comms = 0.0
-        bwd_comms = 2 * (w - 1) / w * weights / topology.comm_bw
-    elif w == 1:
-        fwd_comms = bwd_comms = 0.0
+        intra, inter = allreduce_bytes(topology, weights)
+        comm = intra / topology.intra_host_bw + inter / topology.inter_host_bw
+        cost = ShardCost(
+            compute=compute,
+            read_bytes=read,
+            allreduce_intra=intra,
+            allreduce_inter=inter,
+            alone=compute + comm,
+        )
+    elif traffic is Traffic.HOST_ROW_SPLIT:
+        # Partial sums are reduce-scattered inside the host (and the gradients all-gathered back),
+        # then each pooled row crosses once: per peer, 1/L of a row each way on average.
+        local = topology.ranks_per_host
+        row = e * out_per_rank / local
+        owner_intra = 2 * (local - 1) / local * e * out_elems
+        to_owner = INDEX_BYTES * ids_per_rank + row
+        cost = ShardCost(
+            compute=compute,
+            read_bytes=read,
+            to_owner=to_owner,
+            from_owner=row,
+            owner_intra=owner_intra,
+            alone=compute
+            + to_owner * owner_seconds_per_byte(topology)
+            + owner_intra / topology.intra_host_bw,
+        )
     else:
-        fwd_comms = (INDEX_BYTES * ids + e * out_elems) / topology.comm_bw
-        bwd_comms = e * out_elems / topology.comm_bw
-    return ShardEstimate(weights, state, io, fwd_compute, fwd_comms, bwd_compute, bwd_comms)
+        to_owner = INDEX_BYTES * ids_per_rank + e * out_per_rank
+        from_owner = e * out_per_rank
+        cost = ShardCost(
+            compute=compute,
+            read_bytes=read,
+            to_owner=to_owner,
+            from_owner=from_owner,
+            alone=compute + to_owner * owner_seconds_per_byte(topology),
+        )
+    return ShardEstimate(weights, state, io, fwd_compute, bwd_compute, cost)

@@ -22,7 +22,10 @@ ROW_WISE: Final = "row_wise"
 COLUMN_WISE: Final = "column_wise"
 DATA_PARALLEL: Final = "data_parallel"
 TABLE_ROW_WISE: Final = "table_row_wise"
-DEFAULT_MIN_COLUMN_PARTITION: Final = 32
+# Narrowest column slice by default: 8 fp32 columns are 32 bytes, one sector of GPU memory; a
+# narrower slice reads no fewer bytes per row, so it would only multiply the ids sent.
+DEFAULT_MIN_COLUMN_PARTITION: Final = 8
+COLUMN_ALIGNMENT: Final = 4
 
 
 class Traffic(StrEnum):
@@ -32,22 +35,27 @@ class Traffic(StrEnum):
       pooled output (table-wise, column-wise).
     - ``ROW_SPLIT``: the ids that fall in its rows; sends back partial sums over all its columns
       that are reduced across shards (row-wise).
+    - ``HOST_ROW_SPLIT``: like ``ROW_SPLIT`` over the ranks of one host, whose partial sums are
+      reduced inside the host first, so each pooled row crosses hosts once (table-row-wise).
     - ``REPLICATED``: only local ids, no output exchange; gradients are all-reduced (data-parallel).
     """
 
     ALL_IDS = "all_ids"
     ROW_SPLIT = "row_split"
+    HOST_ROW_SPLIT = "host_row_split"
     REPLICATED = "replicated"
 
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """One candidate cut of a table. ``ranks`` is None when the partitioner chooses the ranks."""
+    """One candidate cut of a table. ``ranks`` is None when the partitioner chooses the ranks;
+    with ``one_host`` the partitioner chooses a host and piece i goes to its local rank i."""
 
     pieces: tuple[tuple[int, int, int, int], ...]  # (row_offset, col_offset, rows, cols)
     traffic: Traffic
     ranks: tuple[int, ...] | None
     note: str = ""
+    one_host: bool = False
 
 
 @runtime_checkable
@@ -73,7 +81,7 @@ class RowWiseLayout:
 
 
 class TableRowWiseLayout:
-    """Rows split across the ranks of one host; the partitioner is not asked, host 0 is used."""
+    """Rows split across the ranks of one host; the partitioner chooses the host."""
 
     def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
         local = topology.ranks_per_host
@@ -81,20 +89,25 @@ class TableRowWiseLayout:
             (off, 0, size, table.embedding_dim)
             for off, size in even_splits(table.num_embeddings, local)
         )
-        return [Cut(pieces, Traffic.ROW_SPLIT, tuple(range(local)))]
+        return [Cut(pieces, Traffic.HOST_ROW_SPLIT, None, one_host=True)]
 
 
 class ColumnWiseLayout:
-    """One cut per shard count k = 2, 4, 8, ... while each shard keeps >= ``min_partition``
-    columns."""
+    """One cut per shard count k = 2, 4, 8, ... up to the world size while each shard keeps at least
+    ``min_partition`` columns; the search prices every k and keeps the one that pays.
+
+    Where the dimension is a multiple of 4, slices are too (the FBGEMM kernels want that).
+    """
 
     def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
         dim = table.embedding_dim
+        unit = COLUMN_ALIGNMENT if dim % COLUMN_ALIGNMENT == 0 else 1
         out: list[Cut] = []
         k = 2
-        while k <= topology.world_size and dim // k >= min_partition:
+        while k <= topology.world_size and dim // k >= min_partition and dim // unit >= k:
             pieces = tuple(
-                (0, off, table.num_embeddings, size) for off, size in even_splits(dim, k)
+                (0, off * unit, table.num_embeddings, size * unit)
+                for off, size in even_splits(dim // unit, k)
             )
             out.append(Cut(pieces, Traffic.ALL_IDS, None, note=f"{k} column shards"))
             k *= 2

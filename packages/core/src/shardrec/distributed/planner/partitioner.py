@@ -3,39 +3,52 @@
 Greedy and deterministic: shards whose layout fixes their ranks (row-wise, data-parallel) go first;
 the others are taken from slowest to fastest (then largest, then by name) and each goes to the rank
 with the least estimated time so far that still has room, preferring a rank that holds no other
-shard of the same table (column-wise shards spread out).
+shard of the same table (column-wise shards spread out), then the lowest rank. The placed plan is
+then priced exactly by the per-rank model (``rank_model.py``), which ``rebalance_memory`` uses to
+move shards off the fullest rank where that does not slow the step.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from shardrec.distributed.planner.rank_model import RankLoad, evaluate
 from shardrec.distributed.planner.topology import GB, Topology
 from shardrec.distributed.planner.types import ShardingOption, ShardSpec
 
-
-@dataclass(frozen=True, slots=True)
-class RankLoad:
-    """Estimated bytes (HBM, DDR) and seconds per step on every rank."""
-
-    hbm: tuple[int, ...]
-    ddr: tuple[int, ...]
-    perf: tuple[float, ...]
+__all__ = [
+    "FixedLoads",
+    "Placement",
+    "PlacementFailure",
+    "RankLoad",
+    "capacities",
+    "partition",
+    "rebalance_memory",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Every option of a proposal with its shards placed; ``load`` sums them per rank."""
+    """Every option of a proposal with its shards placed; ``load`` is the per-rank model of it."""
 
     options: tuple[ShardingOption, ...]
     load: RankLoad
 
     @property
     def max_perf(self) -> float:
-        return max(self.load.perf)
+        return self.load.step
+
+    @property
+    def max_memory(self) -> int:
+        return max(max(self.load.hbm), max(self.load.ddr))
+
+    def score(self) -> tuple[float, int, tuple[float, ...]]:
+        """Slowest rank first, then the fullest rank, then the next slowest ranks in turn."""
+        return (self.max_perf, self.max_memory, tuple(sorted(self.load.perf, reverse=True)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,51 +125,166 @@ def partition(
             free_max = int(cap[option.storage_kind] - (mem - add_mem).min())
             return PlacementFailure(i, option.max_shard_storage, option.storage_kind, free_max)
 
+    # One-host options are placed whole (j = -1), ranked by their slowest and largest piece.
     free = [
         (i, j)
         for i, option in enumerate(proposal)
         if not option.fixed_ranks
-        for j in range(len(option.shards))
+        for j in ((-1,) if option.one_host else range(len(option.shards)))
     ]
-    free.sort(
-        key=lambda ij: (
-            -proposal[ij[0]].shards[ij[1]].perf,
-            -proposal[ij[0]].shards[ij[1]].storage,
-            proposal[ij[0]].table.fqn,
-            ij[1],
-        )
-    )
-    holds: dict[int, np.ndarray] = {}
+
+    def order(ij: tuple[int, int]) -> tuple[float, int, str, int]:
+        option = proposal[ij[0]]
+        if ij[1] < 0:
+            return (-option.max_shard_perf, -option.max_shard_storage, option.table.fqn, -1)
+        shard = option.shards[ij[1]]
+        return (-shard.perf, -shard.storage, option.table.fqn, ij[1])
+
+    free.sort(key=order)
+    # Least-loaded rank first: a heap of (time so far, rank); entries go stale when a rank is
+    # loaded and are skipped then. Ranks popped but not taken go back.
+    heap = [(float(perf[r]), r) for r in range(w)]
+    heapq.heapify(heap)
+    holds: dict[int, set[int]] = {}
     for i, j in free:
         option = proposal[i]
+        if j < 0:
+            kind = option.storage_kind
+            host = _place_on_a_host(option, used[kind], cap[kind], perf, topology)
+            if host is None:
+                free_max = int(cap[kind] - used[kind].min())
+                return PlacementFailure(i, option.max_shard_storage, kind, free_max)
+            for k, shard in enumerate(option.shards):
+                rank = host * topology.ranks_per_host + k
+                used[kind][rank] += shard.storage
+                perf[rank] += shard.perf
+                heapq.heappush(heap, (float(perf[rank]), rank))
+                placed[i][k] = shard.placed(rank)
+            continue
         shard = option.shards[j]
         mem = used[option.storage_kind]
-        fits = mem + shard.storage <= cap[option.storage_kind]
-        if not fits.any():
+        room = cap[option.storage_kind] - shard.storage
+        taken = holds.setdefault(i, set())
+        skipped: list[tuple[float, int]] = []
+        rank = -1
+        fallback = -1
+        while heap:
+            entry = heapq.heappop(heap)
+            load, r = entry
+            if load != perf[r]:
+                continue  # stale
+            skipped.append(entry)
+            if mem[r] > room:
+                continue
+            if r in taken:
+                if fallback < 0:
+                    fallback = r
+                continue
+            rank = r
+            break
+        if rank < 0:
+            rank = fallback
+        if rank < 0:
             free_max = int(cap[option.storage_kind] - mem.min())
             return PlacementFailure(i, shard.storage, option.storage_kind, free_max)
-        taken = holds.setdefault(i, np.zeros(w, dtype=bool))
-        candidates = fits & ~taken
-        if not candidates.any():
-            candidates = fits
-        # argmin returns the first (lowest) rank among equals: deterministic.
-        score = np.where(candidates, perf, np.inf)
-        rank = int(np.argmin(score))
+        for entry in skipped:
+            if entry[1] != rank:
+                heapq.heappush(heap, entry)
         mem[rank] += shard.storage
         perf[rank] += shard.perf
-        taken[rank] = True
+        heapq.heappush(heap, (float(perf[rank]), rank))
+        taken.add(rank)
         placed[i][j] = shard.placed(rank)
 
     options = tuple(
         option if option.fixed_ranks else _with_shards(option, tuple(shards))
         for option, shards in zip(proposal, placed, strict=True)
     )
-    load = RankLoad(
-        hbm=tuple(int(x) for x in used["hbm"]),
-        ddr=tuple(int(x) for x in used["ddr"]),
-        perf=tuple(float(x) for x in perf),
-    )
-    return Placement(options, load)
+    return Placement(options, evaluate(options, topology, used["hbm"], used["ddr"]))
+
+
+def _place_on_a_host(
+    option: ShardingOption, used: np.ndarray, cap: int, perf: np.ndarray, topology: Topology
+) -> int | None:
+    """The host whose slowest rank stays fastest with piece k on its local rank k (room allowing);
+    the lowest such host on ties."""
+    local = topology.ranks_per_host
+    hosts = topology.world_size // local
+    add_mem = np.zeros(local, dtype=np.int64)
+    add_perf = np.zeros(local)
+    for k, shard in enumerate(option.shards):
+        add_mem[k] += shard.storage
+        add_perf[k] += shard.perf
+    fits = ((used.reshape(hosts, local) + add_mem) <= cap).all(axis=1)
+    if not fits.any():
+        return None
+    slowest = (perf.reshape(hosts, local) + add_perf).max(axis=1)
+    return int(np.argmin(np.where(fits, slowest, np.inf)))
+
+
+def rebalance_memory(
+    placement: Placement,
+    topology: Topology,
+    reserved_fraction: float,
+    max_moves: int,
+    max_step: float,
+) -> Placement:
+    """Moves shards off the fullest rank to an emptier one that can take them, one at a time,
+    while each move lowers the fullest rank's memory and keeps the step within ``max_step``."""
+    hbm_cap, ddr_cap = capacities(topology, reserved_fraction)
+    cap = {"hbm": hbm_cap, "ddr": ddr_cap}
+    best = placement
+    for _ in range(max_moves):
+        moved = _one_move(best, topology, cap, max_step)
+        if moved is None:
+            break
+        best = moved
+    return best
+
+
+def _one_move(
+    placement: Placement, topology: Topology, cap: dict[str, int], max_step: float
+) -> Placement | None:
+    load = placement.load
+    for kind, used_t in (("hbm", load.hbm), ("ddr", load.ddr)):
+        used = np.array(used_t, dtype=np.int64)
+        if not used.any():
+            continue
+        fullest = int(np.argmax(used))
+        # Candidate shards on the fullest rank, largest first.
+        pieces = [
+            (shard.storage, i, j)
+            for i, option in enumerate(placement.options)
+            if not option.fixed_ranks and not option.one_host and option.storage_kind == kind
+            for j, shard in enumerate(option.shards)
+            if shard.rank == fullest
+        ]
+        pieces.sort(key=lambda p: (-p[0], p[1], p[2]))
+        order = np.argsort(used, kind="stable")
+        for size, i, j in pieces:
+            option = placement.options[i]
+            holding = {s.rank for s in option.shards}
+            for target in order[:8]:
+                target = int(target)
+                if target == fullest or target in holding:
+                    continue
+                if used[target] + size >= used[fullest] or used[target] + size > cap[kind]:
+                    continue
+                shards = list(option.shards)
+                shards[j] = shards[j].placed(target)
+                options = list(placement.options)
+                options[i] = _with_shards(option, tuple(shards))
+                hbm = np.array(load.hbm, dtype=np.int64)
+                ddr = np.array(load.ddr, dtype=np.int64)
+                moved = hbm if kind == "hbm" else ddr
+                moved[fullest] -= size
+                moved[target] += size
+                candidate = Placement(tuple(options), evaluate(options, topology, hbm, ddr))
+                if candidate.max_perf <= max(max_step, placement.max_perf) and (
+                    candidate.max_memory < placement.max_memory
+                ):
+                    return candidate
+    return None
 
 
 def _with_shards(option: ShardingOption, shards: tuple[ShardSpec, ...]) -> ShardingOption:
@@ -169,4 +297,5 @@ def _with_shards(option: ShardingOption, shards: tuple[ShardSpec, ...]) -> Shard
         storage_kind=option.storage_kind,
         note=option.note,
         estimated_by=option.estimated_by,
+        one_host=option.one_host,
     )

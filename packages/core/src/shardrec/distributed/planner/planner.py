@@ -10,7 +10,12 @@ import torch.distributed as dist
 from torch import nn
 
 from shardrec.distributed.planner.constraints import ParameterConstraints
-from shardrec.distributed.planner.enumerator import enumerate_options, resolve_workload
+from shardrec.distributed.planner.enumerator import (
+    enumerate_options,
+    resolve_workload,
+    sharders_by_type,
+    withholds_data_parallel,
+)
 from shardrec.distributed.planner.partitioner import capacities
 from shardrec.distributed.planner.proposer import search
 from shardrec.distributed.planner.report import PlanReport, build_report
@@ -139,8 +144,27 @@ class EmbeddingShardingPlanner:
             result.proposals,
             result.feasible,
             time.perf_counter() - start,
+            notes=self._notes(tables, sharders, topology),
         )
         return to_sharding_plan(result.placement.options)
+
+    def _notes(
+        self, tables: Sequence[TableSpec], sharders: Sequence[ModuleSharder], topology: Topology
+    ) -> tuple[str, ...]:
+        withheld: dict[str, list[str]] = {}
+        for table in tables:
+            constraint = self.constraints.get(table.param_name) or self.constraints.get(table.fqn)
+            if constraint is not None and constraint.sharding_types is not None:
+                continue
+            offered = sharders_by_type(sharders, table.module_type, topology.compute_device)
+            if withholds_data_parallel(table, list(offered)):
+                withheld.setdefault(str(table.optimizer), []).append(table.fqn)
+        return tuple(
+            f"data_parallel not offered for {len(names)} table(s) trained by the fused optimizer "
+            f"{optimizer!r}: the data-parallel sharder trains replicas with the dense optimizer "
+            "(a constraint sharding_types=['data_parallel'] still picks it)"
+            for optimizer, names in sorted(withheld.items())
+        )
 
     def _check_constraint_names(self, tables: Sequence[TableSpec]) -> None:
         known = {t.param_name for t in tables} | {t.fqn for t in tables}

@@ -1,30 +1,35 @@
-"""Searches proposals (one option per table) and keeps the placed one with the fastest slowest rank.
+"""Searches proposals (one option per table) and keeps the placed one with the fastest step.
 
 A proposal is made for a cap T on the time of any one shard: each table takes its cheapest option
-(in total step time) whose slowest shard stays within T, or its fastest-shard option if none does.
-Every distinct shard time of every option is tried as T, from loose to tight (so the first proposal
-is each table's cheapest option). A proposal that does not fit is repaired: the table that found no
-room moves to its next option with smaller shards, until it fits or runs out of options. Of the
-proposals that fit, the best has the fastest slowest rank, then the least memory on the fullest
-rank, then the least total time. Each choice records why, for the report.
+(in total time, the bytes it makes every rank send included) whose slowest shard stays within T, or
+its fastest-shard option if none does. Every distinct shard time of every option is tried as T,
+from loose to tight (so the first proposal is each table's cheapest option). A proposal that does
+not fit is repaired: the table that found no room moves to its next option with smaller shards,
+until it fits or runs out of options. Each placed proposal is priced by the per-rank model
+(``rank_model.py``): its step is the slowest rank's compute plus communication. Of the proposals
+whose step is within STEP_TOLERANCE of the fastest, the best has the emptiest fullest rank, then the
+fastest second-slowest rank, and so on; shards then move off the fullest rank while the step stays
+within that bound. Each choice records why, for the report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from shardrec.distributed.planner.partitioner import (
     FixedLoads,
     Placement,
     PlacementFailure,
     partition,
+    rebalance_memory,
 )
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import ShardingOption
 
-# Tables of the slowest rank tried per step, heaviest first; bounds the cost of one step.
-_TABLES_PER_STEP = 6
+# Estimated steps this close to the fastest are ties (the estimates are a model): memory decides.
+STEP_TOLERANCE: Final = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +58,6 @@ def _initial_reason(options: Sequence[ShardingOption]) -> str:
         f"{_label(chosen)}: least total step time ({_ms(chosen.total_perf)} vs "
         f"{_ms(runner.total_perf)} {_label(runner)})"
     )
-
-
-def _score(p: Placement) -> tuple[float, int, float, int]:
-    perf = p.load.perf
-    worst = max(perf)
-    at_worst = sum(1 for x in perf if x >= worst * (1 - 1e-9))
-    return (worst, at_worst, sum(perf), max(max(p.load.hbm), max(p.load.ddr)))
 
 
 class _Search:
@@ -127,14 +125,16 @@ def _fix(
 
 
 def _capped_choice(
-    options: Sequence[Sequence[ShardingOption]], cap: float
+    options: Sequence[Sequence[ShardingOption]],
+    max_perf: Sequence[Sequence[float]],
+    cap: float,
 ) -> tuple[list[int], list[str]]:
     choice: list[int] = []
     reasons: list[str] = []
-    for opts in options:
-        k = next((k for k, o in enumerate(opts) if o.max_shard_perf <= cap), None)
+    for opts, perfs in zip(options, max_perf, strict=True):
+        k = next((k for k, m in enumerate(perfs) if m <= cap), None)
         if k is None:
-            k = min(range(len(opts)), key=lambda j: (opts[j].max_shard_perf, j))
+            k = min(range(len(opts)), key=lambda j: (perfs[j], j))
         choice.append(k)
         if k == 0:
             reasons.append(_initial_reason(opts))
@@ -154,25 +154,77 @@ def search(
     max_proposals: int,
 ) -> SearchResult:
     s = _Search(options, topology, reserved_fraction, max_proposals)
-    caps = sorted({o.max_shard_perf for opts in options for o in opts}, reverse=True)
-    best: tuple[tuple[float, int, float], Placement, tuple[str, ...]] | None = None
+    max_perf = [[o.max_shard_perf for o in opts] for opts in options]
+    caps = sorted({m for perfs in max_perf for m in perfs}, reverse=True)
+    found: list[tuple[Placement, tuple[str, ...], tuple[int, ...]]] = []
     first_failure: tuple[PlacementFailure, ShardingOption] | None = None
     for cap in caps:
         if not s.budget_left():
             break
-        choice, reasons = _capped_choice(options, cap)
+        choice, reasons = _capped_choice(options, max_perf, cap)
         placement, failure = _fix(s, choice, reasons)
         if first_failure is None:
             first_failure = failure
-        if placement is None:
-            continue
-        score = (
-            placement.max_perf,
-            max(max(placement.load.hbm), max(placement.load.ddr)),
-            sum(placement.load.perf),
-        )
-        if best is None or score < best[0]:
-            best = (score, placement, tuple(reasons))
-    if best is None:
+        if placement is not None:
+            found.append((placement, tuple(reasons), tuple(choice)))
+    if not found:
         return SearchResult(None, (), s.proposals, s.feasible, first_failure)
-    return SearchResult(best[1], best[2], s.proposals, s.feasible, None)
+    # Steps within STEP_TOLERANCE of the fastest are ties: the fullest rank decides, then the
+    # slowest ranks one after the other (so the ranks behind the bottleneck are balanced too).
+    limit = min(f[0].max_perf for f in found) * (1 + STEP_TOLERANCE)
+    picked, why, picked_choice = min(
+        (f for f in found if f[0].max_perf <= limit),
+        key=lambda f: (f[0].max_memory, tuple(sorted(f[0].load.perf, reverse=True))),
+    )
+    s.max_proposals += 2 * len(options)
+    shrunk, why = _shrink_fullest(s, list(picked_choice), picked, list(why), limit)
+    shards = sum(len(o.shards) for o in shrunk.options)
+    balanced = rebalance_memory(shrunk, topology, reserved_fraction, shards, limit)
+    return SearchResult(balanced, why, s.proposals, s.feasible, None)
+
+
+def _shrink_fullest(
+    s: _Search, choice: list[int], placement: Placement, reasons: list[str], limit: float
+) -> tuple[Placement, tuple[str, ...]]:
+    """While the step stays within ``limit``: a table on the fullest rank moves to its cheapest
+    option with smaller shards, if that empties the fullest rank."""
+    options = s.options
+    while s.budget_left():
+        load = placement.load
+        fullest = max(range(len(load.hbm)), key=lambda r: (max(load.hbm[r], load.ddr[r]), -r))
+        held: dict[int, int] = {}
+        for i, option in enumerate(placement.options):
+            for shard in option.shards:
+                if shard.rank == fullest:
+                    held[i] = held.get(i, 0) + shard.storage
+        improved = False
+        for i in sorted(held, key=lambda i: (-held[i], i)):
+            current = options[i][choice[i]]
+            k = next(
+                (
+                    k
+                    for k, o in enumerate(options[i])
+                    if o.max_shard_storage < current.max_shard_storage
+                ),
+                None,
+            )
+            if k is None or not s.budget_left():
+                continue
+            trial = list(choice)
+            trial[i] = k
+            result = s.place(trial)
+            if (
+                isinstance(result, Placement)
+                and result.max_perf <= limit
+                and result.max_memory < placement.max_memory
+            ):
+                choice, placement = trial, result
+                reasons[i] = (
+                    f"{_label(options[i][k])}: less memory on the fullest rank than "
+                    f"{_label(current)}, the step within {STEP_TOLERANCE:.0%}"
+                )
+                improved = True
+                break
+        if not improved:
+            break
+    return placement, tuple(reasons)

@@ -24,11 +24,19 @@ class TableReport:
 
 @dataclass(frozen=True, slots=True)
 class RankReport:
+    """One rank in the per-rank model: storage, embedding bytes read per step, bytes sent per step
+    inside its host and to other hosts, and its estimated step (``perf``: compute + ``comm``)."""
+
     rank: int
     hbm: int
     ddr: int
     perf: float
     shards: tuple[str, ...]
+    read: float = 0.0
+    sent_intra: float = 0.0
+    sent_inter: float = 0.0
+    compute: float = 0.0
+    comm: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,12 @@ class PlanReport:
     seconds: float
     ranks: tuple[RankReport, ...]
     tables: tuple[TableReport, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def step(self) -> float:
+        """The estimated step: the slowest rank's compute plus communication, in seconds."""
+        return max(r.perf for r in self.ranks)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -65,6 +79,7 @@ def build_report(
     proposals: int,
     feasible: int,
     seconds: float,
+    notes: tuple[str, ...] = (),
 ) -> PlanReport:
     per_rank: list[list[str]] = [[] for _ in range(topology.world_size)]
     tables: list[TableReport] = []
@@ -88,7 +103,18 @@ def build_report(
         )
     load = placement.load
     ranks_out = tuple(
-        RankReport(r, load.hbm[r], load.ddr[r], load.perf[r], tuple(per_rank[r]))
+        RankReport(
+            r,
+            load.hbm[r],
+            load.ddr[r],
+            load.perf[r],
+            tuple(per_rank[r]),
+            read=load.read[r],
+            sent_intra=load.sent_intra[r],
+            sent_inter=load.sent_inter[r],
+            compute=load.compute[r],
+            comm=load.comm(r, topology),
+        )
         for r in range(topology.world_size)
     )
     return PlanReport(
@@ -101,6 +127,7 @@ def build_report(
         seconds=seconds,
         ranks=ranks_out,
         tables=tuple(tables),
+        notes=notes,
     )
 
 
@@ -121,6 +148,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
 
 
+def _step_line(report: PlanReport) -> str:
+    slowest = max(report.ranks, key=lambda r: (r.perf, -r.rank))
+    busy = sum(1 for r in report.ranks if r.shards)
+    return (
+        f"estimated step: {slowest.perf * 1e3:.3f} ms on rank {slowest.rank} (compute "
+        f"{slowest.compute * 1e3:.3f} ms + communication {slowest.comm * 1e3:.3f} ms); "
+        f"{busy} of {len(report.ranks)} ranks hold shards"
+    )
+
+
 def format_report(report: PlanReport, max_ranks: int = 64) -> str:
     t = report.topology
     lines = [
@@ -129,8 +166,11 @@ def format_report(report: PlanReport, max_ranks: int = 64) -> str:
         f"DDR {report.ddr_cap / GB:.2f} GiB",
         f"evaluated {report.proposals} proposal(s), {report.feasible} fit; "
         f"planned in {report.seconds:.2f} s",
+        _step_line(report),
+        *report.notes,
         "",
-        "per rank:",
+        "per rank (read: embedding bytes read per step; sent: bytes sent per step inside the "
+        "host / to other hosts; step: compute + communication):",
     ]
     shown = report.ranks
     if len(shown) > max_ranks:
@@ -145,6 +185,9 @@ def format_report(report: PlanReport, max_ranks: int = 64) -> str:
             str(r.rank),
             f"{r.hbm / GB:.3f}",
             f"{r.ddr / GB:.3f}",
+            f"{r.read / 1e9:.3f}",
+            f"{r.sent_intra / 1e6:.1f}",
+            f"{r.sent_inter / 1e6:.1f}",
             f"{r.perf * 1e3:.3f}",
             " ".join(r.shards)
             if len(r.shards) <= 6
@@ -152,7 +195,19 @@ def format_report(report: PlanReport, max_ranks: int = 64) -> str:
         )
         for r in shown
     ]
-    lines += _table(("rank", "HBM (GiB)", "DDR (GiB)", "time (ms)", "shards"), rank_rows)
+    lines += _table(
+        (
+            "rank",
+            "HBM (GiB)",
+            "DDR (GiB)",
+            "read (GB)",
+            "sent intra (MB)",
+            "sent inter (MB)",
+            "step (ms)",
+            "shards",
+        ),
+        rank_rows,
+    )
     if len(shown) < len(report.ranks):
         lines.append(
             f"({len(report.ranks) - len(shown)} ranks not shown: neither among the slowest "

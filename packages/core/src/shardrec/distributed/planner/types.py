@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 
 class PlannerError(ValueError):
@@ -34,13 +35,39 @@ class TableSpec:
         return f"{self.module_path}.{self.param_name}" if self.module_path else self.param_name
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardCost:
+    """What one shard costs per step, split the way the per-rank model adds it up (see
+    ``estimators.py`` for the formulas and ``rank_model.py`` for the sums).
+
+    ``compute``: seconds of lookup, forward and backward, on the owner. ``read_bytes``: embedding
+    bytes the owner reads per step (forward). ``to_owner`` / ``from_owner``: bytes each peer sends
+    the owner (ids, output gradients) and receives from it (outputs). ``allreduce_intra`` /
+    ``allreduce_inter``: bytes every rank sends for a replica's gradient, inside / between hosts.
+    ``owner_intra``: bytes the owner also sends and receives inside its host (a reduction there).
+    ``alone``: seconds of the shard alone on an idle rank (compute + the owner's traffic).
+    """
+
+    compute: float = 0.0
+    read_bytes: float = 0.0
+    to_owner: float = 0.0
+    from_owner: float = 0.0
+    allreduce_intra: float = 0.0
+    allreduce_inter: float = 0.0
+    owner_intra: float = 0.0
+    alone: float = 0.0
+
+
+NO_COST: Final = ShardCost()
+
+
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
     """One piece of a table: rows ``[row_offset, row_offset + rows)`` × columns ``[col_offset,
     ...)``.
 
     ``rank`` is None until the partitioner places it. ``storage`` is bytes, ``perf`` seconds per
-    step.
+    step of the shard alone on an idle rank; ``cost`` splits that up for the per-rank model.
     """
 
     row_offset: int
@@ -50,10 +77,18 @@ class ShardSpec:
     storage: int
     perf: float
     rank: int | None = None
+    cost: ShardCost = NO_COST
 
     def placed(self, rank: int) -> ShardSpec:
         return ShardSpec(
-            self.row_offset, self.col_offset, self.rows, self.cols, self.storage, self.perf, rank
+            self.row_offset,
+            self.col_offset,
+            self.rows,
+            self.cols,
+            self.storage,
+            self.perf,
+            rank,
+            self.cost,
         )
 
 
@@ -62,7 +97,8 @@ class ShardingOption:
     """One way to shard one table: a sharding type, a kernel, and the shards it cuts the table into.
 
     ``fixed_ranks`` is True when the layout itself decides each shard's rank (row-wise: shard i on
-    rank i; data-parallel: a replica on every rank); otherwise the partitioner chooses.
+    rank i; data-parallel: a replica on every rank); otherwise the partitioner chooses, for
+    ``one_host`` options a host (shard i on its local rank i).
     """
 
     table: TableSpec
@@ -73,6 +109,7 @@ class ShardingOption:
     storage_kind: str  # "hbm" or "ddr"
     note: str = ""
     estimated_by: str = field(default="shardrec")
+    one_host: bool = False
 
     @property
     def total_perf(self) -> float:
