@@ -4,8 +4,8 @@ table-row-wise placed on the host that suits it; what `dlrm plan` reads in the r
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from shardrec.distributed.planner import (
@@ -18,7 +18,8 @@ from shardrec.distributed.planner import (
 )
 from shardrec.distributed.planner.rank_model import evaluate
 from shardrec.distributed.planner.types import ShardCost
-from tests.core.test_planner_plan import CRITEO_1TB_40M, FakeSharder, Model, configs
+
+from .test_planner_plan import CRITEO_1TB_40M, FakeSharder, Model, configs
 
 # The MLPerf DLRM-DCNv2 multi-hot sizes (ids per sample of each table).
 POOLING = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
@@ -40,7 +41,7 @@ def test_rank_model_adds_owner_and_peer_traffic_per_link_class() -> None:
         fixed_ranks=False,
         storage_kind="hbm",
     )
-    zeros = torch.zeros(4, dtype=torch.int64).numpy()
+    zeros = np.zeros(4, dtype=np.int64)
     load = evaluate([option], topo, zeros, zeros)
     # Rank 0 receives 100 from its host peer (rank 1) and 2 x 100 across hosts; sends 10 / 2 x 10.
     assert (load.received_intra[0], load.received_inter[0]) == (100, 200)
