@@ -14,11 +14,14 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from shardrec.distributed.checkpoint import (
     CheckpointError,
+    SafeFileSystemReader,
     load,
     read_metadata_file,
     save,
@@ -79,6 +82,20 @@ def test_a_bytes_entry_for_a_tensor_is_never_unpickled(tmp_path: Path, strict: b
     _refused(
         f"{path}/.metadata: entry model.top.bias is stored as pickled bytes", path, strict=strict
     )
+    assert not pwned.exists()
+
+
+def test_the_public_reader_refuses_bytes_under_any_planner(tmp_path: Path) -> None:
+    path = save(tmp_path, make_model(0), step=1)
+    pwned = tmp_path / "pwned"
+    _replace_with_dcp(path, {"model": {"top.bias": _Touch(pwned)}})
+    target: dict[str, Any] = {"model": {"top.bias": torch.zeros(1)}}
+    reader = SafeFileSystemReader(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP's note on one process
+        with pytest.raises(CheckpointException) as err:
+            dcp_load(target, storage_reader=reader, no_dist=True)  # with DCP's own planner
+    assert "'model.top.bias' is stored as pickled bytes" in str(err.value)
     assert not pwned.exists()
 
 
@@ -165,6 +182,7 @@ def test_dense_optimizer_state_is_checked_against_its_parameter(
     fresh = make_model(1)
     with pytest.raises(CheckpointError) as err:
         load(path, fresh, optimizer=torch.optim.Adam(fresh.top.parameters()))
+    assert "\n" not in str(err.value)
     assert f"{path}/.metadata: optimizer state 'top.weight.exp_avg' declares shape {size}" in str(
         err.value
     )

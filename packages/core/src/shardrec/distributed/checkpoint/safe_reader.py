@@ -7,7 +7,7 @@ with a :class:`CheckpointError` naming the class and the file. The unpickled met
 checked as data (:func:`check_metadata`): every file it names is a regular file inside the
 checkpoint directory, every byte range lies inside its file, every tensor's chunks inside the
 tensor. DCP's "bytes" entries (``torch.load`` without ``weights_only``) are never read: the
-planner of :func:`tensor_only_planner` refuses them.
+reader and the planner of :func:`tensor_only_planner` both refuse them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.metadata import (
     StorageMeta,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 from shardrec.distributed.checkpoint.errors import CheckpointError
 from shardrec.distributed.checkpoint.safe_files import (
@@ -186,6 +187,17 @@ class SafeFileSystemReader(FileSystemReader):
         self._root = Path(path)
         self.fs = SafeFileSystem(self._root)
         self.path = self._root
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        # Refused here as well as by shardrec's planner: this reader is public, and DCP's default
+        # planner would unpickle a bytes entry without weights_only.
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                raise CheckpointError(
+                    f"{self._root}: entry {item.dest_index.fqn!r} is stored as pickled bytes; "
+                    "shardrec reads only tensors"
+                )
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
