@@ -5,6 +5,7 @@ bit-identically."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,19 @@ def test_mismatches_are_named() -> None:
                 keys=["u", "i"], values=torch.tensor([1]), lengths=torch.tensor([1, 0])
             )
         )
+
+
+def test_the_project_checkpoint_saves_and_resumes_a_managed_model(tmp_path: Path) -> None:
+    from shardrec.distributed import checkpoint
+
+    straight = managed_ebc(optimizer="rowwise_adagrad", admission=2)
+    expected = train(straight, range(8))
+    first = managed_ebc(optimizer="rowwise_adagrad", admission=2)
+    train(first, range(5))
+    checkpoint.save(tmp_path, first, step=5)
+    resumed = managed_ebc(optimizer="rowwise_adagrad", admission=2, seed=99)
+    assert checkpoint.load(tmp_path, resumed) == 5
+    got = train(resumed, range(5, 8))
+    for a, b in zip(got, expected[5:], strict=True):
+        assert torch.equal(a, b)
+    assert resumed.stats() == straight.stats()
