@@ -221,3 +221,26 @@ def test_the_project_checkpoint_saves_and_resumes_a_managed_model(tmp_path: Path
     for a, b in zip(got, expected[5:], strict=True):
         assert torch.equal(a, b)
     assert resumed.stats() == straight.stats()
+
+
+def test_the_collection_keeps_lengths_weights_and_other_keys_and_takes_int32_ids() -> None:
+    tables = [EmbeddingBagConfig(name="t", num_embeddings=5, embedding_dim=4, feature_names=["f"])]
+    mcc = ManagedCollisionCollection({"t": MCHManagedCollisionModule(5)}, tables)
+    kjt = KeyedJaggedTensor(
+        keys=["g", "f"],
+        values=torch.tensor([70, 71, 9, 8, 9], dtype=torch.int32),
+        weights=torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0]),
+        lengths=torch.tensor([1, 1, 2, 1]),
+    )
+    out = mcc(kjt)
+    assert out.keys() == ["g", "f"]
+    assert out.values().tolist() == [70, 71, 1, 0, 1]  # g passes through; f: 8 -> 0, 9 -> 1
+    assert torch.equal(out.weights(), kjt.weights())
+    assert torch.equal(out.lengths(), kjt.lengths())
+    empty = KeyedJaggedTensor(
+        keys=["f"],
+        values=torch.zeros(0, dtype=torch.int64),
+        lengths=torch.zeros(2, dtype=torch.int64),
+    )
+    assert mcc(empty).values().numel() == 0
+    assert mcc.stats()["t"].steps == 2
