@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def test_a_resumed_logger_replaces_what_was_logged_after_its_checkpoint(tmp_path
     for step in range(1, 6):
         interrupted.log({"train/loss": float(step)}, step=step)
     interrupted.close()
+    # Event files are read in name order, which starts with the second they were created in; a
+    # resumed run starts seconds after the one it resumes, never within the same second.
+    time.sleep(1.1)
     resumed = TensorBoardLogger(tmp_path, purge_from=3)  # from the checkpoint of step 2
     for step in (3, 4):
         resumed.log({"train/loss": 10.0 * step}, step=step)
