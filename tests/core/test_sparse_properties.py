@@ -233,6 +233,53 @@ def test_pytree_round_trip(model: Model) -> None:
     assert_matches(torch.utils._pytree.tree_unflatten(leaves, spec), model)
 
 
+VALUE_FORMS = ("ids", "float", "rows")
+
+
+def as_form(ids: torch.Tensor, form: str) -> torch.Tensor:
+    """The same jagged layout holding something else: floats, or a row ``[id, -id]`` per id."""
+    if form == "float":
+        return ids.to(torch.float64)
+    if form == "rows":
+        return torch.stack([ids, -ids], dim=1)
+    return ids
+
+
+@FAST
+@given(models(min_keys=1), st.sampled_from(VALUE_FORMS), st.data())
+def test_operations_do_not_depend_on_what_values_hold(
+    model: Model, form: str, data: st.DataObject
+) -> None:
+    """Every operation moves values the same way whatever their dtype or trailing shape."""
+    ids = model.kjt()
+    held = KeyedJaggedTensor(
+        ids.keys(),
+        as_form(ids.values(), form),
+        weights=ids.weights_or_none(),
+        lengths=ids.lengths(),
+    )
+    k = len(model.keys)
+    indices = data.draw(st.lists(st.integers(0, k - 1), max_size=2 * k))
+    cuts = sorted(data.draw(st.lists(st.integers(0, k), max_size=3)))
+    segments = [b - a for a, b in itertools.pairwise([0, *cuts, k])]
+    pairs = [
+        (ids.permute(indices), held.permute(indices)),
+        *zip(ids.split(segments), held.split(segments), strict=True),
+        (
+            KeyedJaggedTensor.concat(ids.split(segments)),
+            KeyedJaggedTensor.concat(held.split(segments)),
+        ),
+    ]
+    for a, b in pairs:
+        assert a.keys() == b.keys()
+        assert torch.equal(a.lengths(), b.lengths())
+        assert torch.equal(as_form(a.values(), form), b.values())
+    for key, jt in held.to_dict(compute_offsets=data.draw(st.booleans())).items():
+        assert torch.equal(as_form(ids[key].values(), form), jt.values())
+        assert jt.offsets().tolist() in expected_offsets(jt.lengths().tolist())
+    held.validate()
+
+
 # -- JaggedTensor ----------------------------------------------------------------------------------
 
 jagged_rows = st.lists(st.lists(st.integers(-100, 100), max_size=5), max_size=6)

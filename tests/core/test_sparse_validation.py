@@ -80,11 +80,19 @@ def test_length_per_key_disagrees_with_lengths_names_key() -> None:
 
 def test_bad_offsets() -> None:
     kjt = KeyedJaggedTensor(KEYS, IDS, offsets=torch.tensor([0, 2, 1, 3, 4, 5, 6]))
-    with pytest.raises(ValueError, match=r"offsets decrease at position 2 \(2 -> 1\)"):
+    with pytest.raises(
+        ValueError, match=r"offsets decrease at position 2 \(2 -> 1\), key 'product' at sample 1"
+    ):
         kjt.validate()
     short = KeyedJaggedTensor(KEYS, IDS, offsets=torch.tensor([0, 2, 2, 3, 4, 5, 5]))
-    with pytest.raises(ValueError, match=r"offsets ends at 5 but values has 6"):
+    with pytest.raises(ValueError, match=r"sum to 5 but values has 6 entries; 1 values follow"):
         short.validate()
+    long = KeyedJaggedTensor(KEYS, IDS[:4], offsets=torch.tensor([0, 2, 2, 3, 4, 5, 6]))
+    with pytest.raises(ValueError, match=r"key 'user' runs past the end of values"):
+        long.validate()
+    shifted = KeyedJaggedTensor(KEYS, IDS, offsets=torch.tensor([1, 2, 2, 3, 4, 5, 6]))
+    with pytest.raises(ValueError, match=r"offsets\[0\] is 1, expected 0"):
+        shifted.validate()
 
 
 def test_weights_of_wrong_size() -> None:

@@ -89,14 +89,20 @@ def check_weights(owner: str, weights: torch.Tensor, values: torch.Tensor) -> No
         )
 
 
-def key_index(owner: str, keys: Sequence[str]) -> dict[str, int]:
-    """Map each key to its position; reject non-strings and duplicates, naming the positions."""
-    index: dict[str, int] = {}
+def key_types(owner: str, keys: Sequence[str]) -> None:
+    """Every key is a string; the error names the first that is not, and its position."""
     for position, key in enumerate(keys):
         if not isinstance(key, str):
             raise TypeError(
                 f"{owner}: key at position {position} is {type(key).__name__} {key!r}, expected str"
             )
+
+
+def key_index(owner: str, keys: Sequence[str]) -> dict[str, int]:
+    """Map each key to its position; reject non-strings and duplicates, naming the positions."""
+    key_types(owner, keys)
+    index: dict[str, int] = {}
+    for position, key in enumerate(keys):
         first = index.setdefault(key, position)
         if first != position:
             raise ValueError(f"{owner}: duplicate key {key!r} at positions {first} and {position}")

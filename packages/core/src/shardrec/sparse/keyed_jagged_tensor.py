@@ -394,7 +394,8 @@ class KeyedJaggedTensor(JaggedFields):
         """Check the contents (a device sync); ValueError names the key and sample. Returns self."""
         num_keys = len(self._keys)
         num_values = self._values.shape[0]
-        check.key_index(_OWNER, self._keys)  # key types (the constructor only checks repeats)
+        # Key types only: repeats are refused by the constructor but made on purpose by permute.
+        check.key_types(_OWNER, self._keys)
         for name in ("_weights", "_lengths", "_offsets"):
             tensor = getattr(self, name)
             if tensor is not None and tensor.device != self._values.device:
@@ -402,21 +403,26 @@ class KeyedJaggedTensor(JaggedFields):
                     f"{_OWNER}: {name[1:]} is on {tensor.device} but values on "
                     f"{self._values.device}"
                 )
-        if self._offsets is not None:
-            problem = check.find_bad_offset(self._offsets, num_values)
-            if problem is not None:
-                raise ValueError(f"{_OWNER}: {problem}")
+        if self._offsets is not None and self._offsets.numel() and int(self._offsets[0]) != 0:
+            raise ValueError(f"{_OWNER}: offsets[0] is {int(self._offsets[0])}, expected 0")
+        lengths_given = self._lengths is not None
         lengths = self.lengths()
         bad = check.find_negative_length(lengths)
         if bad is not None:
             position, sample = divmod(bad, self._stride)
+            where = f"key {self._keys[position]!r} at sample {sample}"
+            if not lengths_given and self._offsets is not None:
+                before, after = int(self._offsets[bad]), int(self._offsets[bad + 1])
+                raise ValueError(
+                    f"{_OWNER}: offsets decrease at position {bad + 1} ({before} -> {after}), "
+                    f"{where}"
+                )
             raise ValueError(
-                f"{_OWNER}: negative length {int(lengths[bad].item())} for key "
-                f"{self._keys[position]!r} at sample {sample} (lengths[{bad}])"
+                f"{_OWNER}: negative length {int(lengths[bad].item())} for {where} (lengths[{bad}])"
             )
         if (
-            self._offsets is not None
-            and self._lengths is not None
+            lengths_given
+            and self._offsets is not None
             and not torch.equal(offsets_to_lengths(self._offsets), lengths.to(self._offsets.dtype))
         ):
             raise ValueError(f"{_OWNER}: lengths and offsets disagree")
@@ -429,6 +435,7 @@ class KeyedJaggedTensor(JaggedFields):
         if total != num_values:
             raise ValueError(
                 f"{_OWNER}: lengths sum to {total} but values has {num_values} entries"
+                + _overrun(self._keys, actual, num_values)
             )
         if self._length_per_key is not None:
             for key, want, got in zip(self._keys, self._length_per_key, actual, strict=True):
@@ -459,8 +466,9 @@ class KeyedJaggedTensor(JaggedFields):
     def to_dict(self, compute_offsets: bool = True) -> dict[str, JaggedTensor]:
         """One JaggedTensor per key; views into this KJT's values, weights and lengths.
 
-        ``compute_offsets`` (TorchRec's default): each JaggedTensor also gets its offsets, all
-        keys' computed in one cumulative sum; ``False`` leaves them to be derived on first use.
+        ``compute_offsets`` is accepted for TorchRec's signature; either way each JaggedTensor's
+        ``offsets()`` is derived on first use (``offsets_or_none()`` is None until then), which
+        measured cheaper than computing every key's upfront.
         """
         return _reshape.to_dict(self, compute_offsets)
 
@@ -527,13 +535,19 @@ class KeyedJaggedTensor(JaggedFields):
         """Free the memory of this KJT's tensors now (their storages shrink to nothing), for
         example to return accelerator memory before the object dies. Returns the bytes freed.
 
-        Every tensor sharing that storage (views, per-key JaggedTensors) is emptied too; the KJT
-        must not be used afterwards.
+        This KJT's own tensors become empty, leaving a KJT of the same keys with no samples.
+        Other tensors that shared the storage (per-key JaggedTensors, views taken earlier) are
+        left pointing at freed memory: do not read them afterwards.
         """
         freed = self.size_in_bytes()
-        for t in (self._values, self._weights, self._lengths, self._offsets):
-            if t is not None:
-                t.untyped_storage().resize_(0)
+        with torch.no_grad():  # set_ on a tensor that requires grad
+            for t in (self._values, self._weights, self._lengths, self._offsets):
+                if t is not None:
+                    storage = t.untyped_storage()
+                    storage.resize_(0)
+                    t.set_(storage, 0, (0, *t.shape[1:]), t.stride())
+        self._stride = 0
+        self._set_length_per_key([0] * len(self._keys))
         return freed
 
     def __str__(self) -> str:
@@ -583,6 +597,17 @@ class KeyedJaggedTensor(JaggedFields):
                 lines.append(f'    "{key}": {{"values": {rows}, "weights": {rows_w}}}')
         body = ",\n".join(lines)
         return f"KeyedJaggedTensor({{\n{body}\n}})"
+
+
+def _overrun(keys: list[str], per_key: list[int], num_values: int) -> str:
+    """Which key the mismatch shows in: the first whose ids run past the end of values, or the
+    values left over after the last key."""
+    end = 0
+    for key, count in zip(keys, per_key, strict=True):
+        end += count
+        if end > num_values:
+            return f"; key {key!r} runs past the end of values"
+    return f"; {num_values - end} values follow the last key's ids"
 
 
 def _is_tensor(value: object) -> bool:
