@@ -10,7 +10,9 @@ from shardrec.distributed.hookspecs import RegisterSharder, hookimpl
 from shardrec.modules import EmbeddingBagCollection, EmbeddingCollection
 from shardrec_sharders.column_wise import ColumnWiseSharder
 from shardrec_sharders.data_parallel import DataParallelSharder
+from shardrec_sharders.grid import GridSharder
 from shardrec_sharders.row_wise import RowWiseSharder
+from shardrec_sharders.table_column_wise import TableColumnWiseSharder
 from shardrec_sharders.table_row_wise import TableRowWiseSharder
 from shardrec_sharders.table_wise import TableWiseSharder
 
@@ -25,5 +27,7 @@ def shardrec_register_sharders(register: RegisterSharder) -> None:
             DataParallelSharder,
         ):
             register(sharder_type(module_type))
-    # Two-level sharding reduces pooled partial sums inside a node: bags only.
+        register(TableColumnWiseSharder(module_type))
+    # Row splits inside a node reduce pooled partial sums there: bags only.
     register(TableRowWiseSharder(EmbeddingBagCollection))
+    register(GridSharder(EmbeddingBagCollection))

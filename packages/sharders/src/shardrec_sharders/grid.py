@@ -1,0 +1,88 @@
+"""Grid sharding: each table is cut into column slices, each slice kept on one node and split
+there by rows across the node's ranks.
+
+A column slice is a table of its own to table-wise-row-wise sharding (``table_row_wise.py``): its
+ids go to the rank of its node whose row block holds them, partial sums are reduce-scattered
+inside the node and the finished ones sent across nodes; the receiver lays a table's slices side
+by side. A node may hold several slices of one table. With a row-wise Adagrad fused optimizer each
+slice keeps its own per-row state (as column-wise sharding does), so training differs slightly
+from the unsharded table; SGD, exact Adagrad and Adam are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+import torch
+from torch import nn
+
+from shardrec.distributed.node_groups import node_groups
+from shardrec.distributed.types import ParameterSharding, ShardingEnv
+from shardrec.modules import EmbeddingBagCollection
+from shardrec_sharders._common import EmbeddingSharderBase, ModuleView, check_tiling
+from shardrec_sharders.table_row_wise import (
+    Block,
+    NodeRowShardedEmbedding,
+    NodeSlice,
+    node_row_blocks,
+)
+
+GRID_SHARD: Final = "grid_shard"
+
+
+class GridSharder(EmbeddingSharderBase):
+    """Shards EmbeddingBagCollection tables into column slices, one node each, split by rows.
+
+    ``local_world_size``: ranks per node; None reads the launcher's ``LOCAL_WORLD_SIZE`` (one node
+    when it is unset).
+    """
+
+    sharding_type = GRID_SHARD
+
+    def __init__(
+        self,
+        module_type: type[nn.Module] = EmbeddingBagCollection,
+        *,
+        local_world_size: int | None = None,
+    ) -> None:
+        if module_type is not EmbeddingBagCollection:
+            raise TypeError(f"{self.sharding_type} shards EmbeddingBagCollection only")
+        super().__init__(module_type)
+        self.local_world_size = local_world_size
+
+    def shard(
+        self,
+        module: nn.Module,
+        params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> nn.Module:
+        self.check_plan(params, env)
+        view = ModuleView.of(module, list(params))
+        groups = node_groups(env, self.local_world_size)
+        slices: dict[str, list[NodeSlice]] = {}
+        for table, ps in params.items():
+            config = view.configs[table]
+            if not ps.shards:
+                raise ValueError(f"{self.sharding_type} table {table!r} needs shard metadata")
+            by_columns: dict[tuple[int, int], list[Block]] = {}
+            for s in ps.shards:
+                by_columns.setdefault((s.offsets[1], s.sizes[1]), []).append(
+                    (s.offsets[0], s.sizes[0], s.rank)
+                )
+            columns = sorted((c0, nc, blocks[0][2]) for (c0, nc), blocks in by_columns.items())
+            check_tiling(table, self.sharding_type, "column slices", columns, config.embedding_dim)
+            slices[table] = []
+            for c0, nc, _ in columns:
+                blocks = sorted(b for b in by_columns[(c0, nc)] if b[1])
+                node = node_row_blocks(
+                    f"{table}[:, {c0}:{c0 + nc}]",
+                    self.sharding_type,
+                    blocks,
+                    config.num_embeddings,
+                    groups.layout,
+                )
+                slices[table].append(NodeSlice(c0, nc, node, tuple(blocks)))
+        kind = f"{type(module).__name__} ({self.sharding_type})"
+        return NodeRowShardedEmbedding(view, slices, groups, env, device, kind)
