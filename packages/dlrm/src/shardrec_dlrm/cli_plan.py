@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from shardrec_dlrm.cli_options import config_option
+from shardrec_dlrm.cli_options import IntList, config_option
 from shardrec_dlrm.cli_train import model_config_from, model_options
 from shardrec_dlrm.config import OPTIMIZERS, SHARDINGS
 
@@ -44,6 +44,13 @@ GIB = 1 << 30
     show_default=True,
     help="Samples per step per rank.",
 )
+@click.option(
+    "--pooling-factors",
+    type=IntList(),
+    default=None,
+    help="Ids per sample of each table: one value for all, or one per table "
+    "(MLPerf DLRMv2: 3,2,1,2,6,1,1,1,1,7,3,8,1,6,9,5,1,1,1,12,100,27,10,3,1,1) [default: 1].",
+)
 @click.option("--sharding", type=click.Choice(SHARDINGS), default="auto", show_default=True)
 @click.option(
     "--optimizer",
@@ -54,15 +61,18 @@ GIB = 1 << 30
 )
 @model_options
 def plan(**params: Any) -> None:  # fmt: skip
-    """Print the sharding plan and the memory and time per rank for a run on --world-size ranks.
+    """Print the sharding plan for a run on --world-size ranks: per rank its memory, the embedding
+    bytes it reads per step, the bytes it sends inside its host and to other hosts, and its
+    estimated step; per table its sharding and why.
 
     The model is built on the meta device, so no memory is taken: plan a 1024-rank job on a laptop.
 
     \b
     Examples:
       dlrm plan --world-size 8
-      dlrm plan --world-size 64 --embedding-dim 128 --num-embeddings 40000000 \\
-        --optimizer rowwise_adagrad --hbm-gib 80
+      dlrm plan --world-size 64 --local-world-size 8 --embedding-dim 128 \\
+        --num-embeddings 40000000 --optimizer rowwise_adagrad --hbm-gib 80 --batch-size 8192 \\
+        --pooling-factors 3,2,1,2,6,1,1,1,1,7,3,8,1,6,9,5,1,1,1,12,100,27,10,3,1,1
     """
     import torch
 
@@ -83,6 +93,7 @@ def plan(**params: Any) -> None:  # fmt: skip
         optimizer=params["optimizer"],
         hbm_cap=int(hbm * GIB) if hbm is not None else None,
         ddr_cap=int(ddr * GIB) if ddr is not None else None,
+        pooling_factors=tuple(float(p) for p in params["pooling_factors"] or ()),
     )
     try:
         _, report = plan_model(model, request, discover_sharders())

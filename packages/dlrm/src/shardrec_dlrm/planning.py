@@ -37,6 +37,7 @@ class PlanRequest:
     local_world_size: int | None = None
     hbm_cap: int | None = None
     ddr_cap: int | None = None
+    pooling_factors: tuple[float, ...] = ()  # ids per sample: one for every table, or one each
 
 
 def discover_sharders() -> list[ModuleSharder]:
@@ -71,10 +72,20 @@ def plan_model(
         format_report,
     )
 
+    factors = request.pooling_factors or (1.0,)
+    if len(factors) not in (1, len(TABLE_NAMES)):
+        raise UserError(
+            f"pooling factors: give one for every table or one per table ({len(TABLE_NAMES)}), "
+            f"got {len(factors)}"
+        )
+    if len(factors) == 1:
+        factors = factors * len(TABLE_NAMES)
+    sharding_types = None if request.sharding == "auto" else [request.sharding]
     constraints = None
-    if request.sharding != "auto":
+    if sharding_types is not None or request.pooling_factors:
         constraints = {
-            name: ParameterConstraints(sharding_types=[request.sharding]) for name in TABLE_NAMES
+            name: ParameterConstraints(sharding_types=sharding_types, pooling_factor=float(factor))
+            for name, factor in zip(TABLE_NAMES, factors, strict=True)
         }
     try:
         topology = Topology(
