@@ -10,13 +10,17 @@ it, so an interrupted run resumes at the first unfinished file: finished files w
 same size and mtime are not redone. Inside a file, every ``checkpoint_bytes`` of text (256 MiB) the
 partial outputs are fsynced and ``<part>.resume.json`` records the offset, line and rows they hold:
 a rerun on an unchanged source truncates the partial files to that point and continues from there.
+The output directory is claimed first (:mod:`.outdir`): created, locked against a second run, and
+refused if it holds anything but an earlier run's output on the same sources, unless ``force``.
 
 Memory bound (independent of the input size): at most ``2 * workers`` chunks of C = ``chunk_bytes``
 are in flight, each parsed or waiting to be written. Parsing one chunk peaks at
 :data:`PARSE_PEAK_FACTOR` x C (about 18 x C measured with tracemalloc), a parsed chunk holds about
-1.1 x C, and the reader one more chunk: in total at most ``(2 * workers + 1) * 21 * C`` plus a few
-MiB of fixed overhead, whatever the size of the input. With the defaults (C = 1 MiB, at most 8
-workers) that is under 400 MiB, and about 110 MiB with 2 workers.
+1.1 x C, and the reader one more chunk, plus the start of a line that straddles two reads (at most
+max(64 KiB, C): :func:`.sources.iter_chunks` refuses a longer line as it comes). In total that is
+at most ``(2 * workers + 1) * 21 * C`` plus a few MiB of fixed overhead, whatever the size of the
+input. With the defaults (C = 1 MiB, at most 8 workers) that is under 400 MiB, and about 110 MiB
+with 2 workers.
 ``tests/dlrm/test_data_preprocess.py`` checks the bound with tracemalloc on an input almost three
 times its size.
 """
