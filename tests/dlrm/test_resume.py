@@ -131,6 +131,15 @@ def test_a_resume_on_another_process_count_trains_the_next_sample(
     )  # fmt: skip
     assert two.returncode == 0, two.stderr
     record = (ckpt / "run_config.json").read_bytes()
+    # Rank 0 looks at the directory and every rank refuses with its words: no rank is left waiting.
+    again = _run(
+        [str(DLRM), "train", "--data", str(SAMPLE), *TINY, *options, "--nproc", "2",
+         "--batch-size", "4", "--checkpoint-dir", str(ckpt)]
+    )  # fmt: skip
+    assert again.returncode == 1
+    assert "Traceback" not in again.stderr
+    [line] = [line for line in again.stderr.splitlines() if line.startswith("Error")]
+    assert f"{ckpt} holds another run" in line
     # As if the run had stopped after step 5: its later checkpoints never happened.
     for step in (10, 15):
         shutil.rmtree(ckpt / f"step-{step:08d}")
