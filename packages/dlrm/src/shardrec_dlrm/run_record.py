@@ -2,8 +2,9 @@
 
 Written once, when a run claims its directory, and never rewritten by a resume: it is the contract
 that every later ``--resume`` is checked against. Beside the options (``TrainConfig``) it records
-what the order of the samples depends on: the data (its absolute path and the rows of its
-training split) and the global batch (``batch_size x world_size``). A step ``s`` of the run has
+what the order of the samples depends on: the training split (its pieces, and a digest of its
+first and last rows; the path is kept for messages only) and the global batch
+(``batch_size x world_size``). A step ``s`` of the run has
 then trained exactly the first ``s`` global batches of the sample order, whatever the number of
 processes, so a resume at another process count with the same global batch continues with the
 very sample the old run would have trained next.
@@ -71,7 +72,8 @@ SAMPLE_ROWS: Final = 1024
 
 def train_sample_digest(split: Split) -> str:
     """SHA-256 of the first and last :data:`SAMPLE_ROWS` rows of ``split`` (labels, transformed
-    dense features, raw ids): cheap to compute, and different for other data of the same size."""
+    dense features, raw ids): cheap at any size, and it tells apart data sets of the same size
+    that differ in those rows (not data changed only in between)."""
     digest = hashlib.sha256()
     ends = ((0, SAMPLE_ROWS), (max(split.num_rows - SAMPLE_ROWS, 0), split.num_rows))
     for start, stop in ends:
