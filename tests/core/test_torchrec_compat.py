@@ -301,3 +301,33 @@ def test_split_with_empty_segments(segments: list[int]) -> None:
             assert part.offset_per_key() == [0]
     rebuilt = KeyedJaggedTensor.concat(parts)
     assert kjt_is_equal(rebuilt, kjt)
+
+
+# -- copy_ into a buffer --------------------------------------------------------------------------
+
+
+def test_copy_into_an_empty_like_buffer() -> None:
+    source = float_kjt(weights=torch.arange(6.0)).sync()
+    buffer = KeyedJaggedTensor.empty_like(source, device="cpu")
+    assert buffer.copy_(source) is buffer
+    assert kjt_is_equal(buffer, source)
+    assert buffer.length_per_key() == [3, 3]
+    jt = source["user"]
+    jt_buffer = JaggedTensor.empty_like(jt, device="cpu")
+    assert jt_is_equal(jt_buffer.copy_(jt), jt)
+
+
+def test_copy_refuses_what_would_broadcast() -> None:
+    target = float_kjt()
+    smaller = KeyedJaggedTensor(KEYS, torch.ones(1), lengths=torch.tensor([1, 0, 0, 0, 0, 0]))
+    before = target.values().clone()
+    with pytest.raises(ValueError, match=r"copy_: values has shape \(6,\) here but \(1,\)"):
+        target.copy_(smaller)
+    assert torch.equal(target.values(), before)  # nothing copied
+    with pytest.raises(ValueError, match=r"the source has keys \['user'\]"):
+        target.copy_(
+            KeyedJaggedTensor(["user"], torch.ones(3), lengths=torch.ones(3, dtype=torch.long))
+        )
+    weighted = KeyedJaggedTensor.empty_like(float_kjt(torch.ones(6)), device="cpu")
+    with pytest.raises(ValueError, match=r"this has weights but the source has none"):
+        weighted.copy_(float_kjt())

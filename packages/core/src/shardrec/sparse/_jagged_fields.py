@@ -65,3 +65,40 @@ class JaggedFields:
 
     def offsets_or_none(self) -> torch.Tensor | None:
         return self._offsets
+
+    def _copy_from(self, source: JaggedFields, non_blocking: bool) -> None:
+        """Copy ``source``'s tensors into this object's, in place (TorchRec's ``copy_``): every
+        tensor this object has, derived on the source side if it only has the other form.
+        Shapes must match exactly (``Tensor.copy_`` would broadcast); nothing is copied unless
+        every pair matches."""
+        pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for name, mine in (
+            ("values", self._values),
+            ("weights", self._weights),
+            ("lengths", self._lengths),
+            ("offsets", self._offsets),
+        ):
+            if mine is None:
+                continue
+            theirs = _source_field(source, name)
+            if theirs is None:
+                raise ValueError(f"{self._OWNER}.copy_: this has {name} but the source has none")
+            if theirs.shape != mine.shape:
+                raise ValueError(
+                    f"{self._OWNER}.copy_: {name} has shape {tuple(mine.shape)} here but "
+                    f"{tuple(theirs.shape)} in the source"
+                )
+            pairs.append((name, mine, theirs))
+        for _, mine, theirs in pairs:
+            mine.copy_(theirs, non_blocking=non_blocking)
+
+
+def _source_field(source: JaggedFields, name: str) -> torch.Tensor | None:
+    if name == "values":
+        return source._values
+    if name == "weights":
+        return source._weights
+    has_rows = source._lengths is not None or source._offsets is not None
+    if not has_rows:
+        return None
+    return source.lengths() if name == "lengths" else source.offsets()

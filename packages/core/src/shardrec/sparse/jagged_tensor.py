@@ -251,6 +251,12 @@ class JaggedTensor(JaggedFields):
             move(self._offsets),
         )
 
+    def copy_(self, jt: JaggedTensor, non_blocking: bool = False) -> JaggedTensor:
+        """Copy ``jt``'s contents into this JaggedTensor's tensors in place (for example into a
+        buffer from ``empty_like(jt, device=...)``); shapes must match. Returns self."""
+        self._copy_from(jt, non_blocking)
+        return self
+
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         for t in (self._values, self._weights, self._lengths, self._offsets):
             if t is not None:

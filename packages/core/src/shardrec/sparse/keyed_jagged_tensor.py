@@ -526,6 +526,20 @@ class KeyedJaggedTensor(JaggedFields):
             self._offset_per_key,
         )
 
+    def copy_(self, kjt: KeyedJaggedTensor, non_blocking: bool = False) -> KeyedJaggedTensor:
+        """Copy ``kjt``'s contents into this KJT's tensors in place (for example into a buffer
+        from ``empty_like(kjt, device=...)``), with its host-side per-key sizes. Keys, stride and
+        shapes must match (ValueError); nothing is copied otherwise. Returns self."""
+        if kjt._keys != self._keys or kjt._stride != self._stride:
+            raise ValueError(
+                f"{_OWNER}.copy_: the source has keys {kjt._keys} and stride {kjt._stride}, "
+                f"this KJT {self._keys} and {self._stride}"
+            )
+        self._copy_from(kjt, non_blocking)
+        self._length_per_key = kjt._length_per_key
+        self._offset_per_key = kjt._offset_per_key
+        return self
+
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         for t in (self._values, self._weights, self._lengths, self._offsets):
             if t is not None:
