@@ -8,8 +8,9 @@ not fit is repaired: the table that found no room moves to its next option with 
 until it fits or runs out of options. Each placed proposal is priced by the per-rank model
 (``rank_model.py``): its step is the slowest rank's compute plus communication. Of the proposals
 whose step is within STEP_TOLERANCE of the fastest, the best has the emptiest fullest rank, then the
-fastest second-slowest rank, and so on; shards then move off the fullest rank while the step stays
-within that bound. Each choice records why, for the report.
+fewest bytes sent across hosts by any one rank, then the fastest second-slowest rank, and so on.
+Then, within that bound, tables on the fullest rank move to options with smaller shards and shards
+move off the fullest rank. Each choice records why, for the report.
 """
 
 from __future__ import annotations
@@ -169,12 +170,17 @@ def search(
             found.append((placement, tuple(reasons), tuple(choice)))
     if not found:
         return SearchResult(None, (), s.proposals, s.feasible, first_failure)
-    # Steps within STEP_TOLERANCE of the fastest are ties: the fullest rank decides, then the
-    # slowest ranks one after the other (so the ranks behind the bottleneck are balanced too).
+    # Steps within STEP_TOLERANCE of the fastest are ties: the fullest rank decides, then the most
+    # bytes any rank sends across hosts (the scarcest link), then the slowest ranks one after the
+    # other (so the ranks behind the bottleneck are balanced too).
     limit = min(f[0].max_perf for f in found) * (1 + STEP_TOLERANCE)
     picked, why, picked_choice = min(
         (f for f in found if f[0].max_perf <= limit),
-        key=lambda f: (f[0].max_memory, tuple(sorted(f[0].load.perf, reverse=True))),
+        key=lambda f: (
+            f[0].max_memory,
+            max(f[0].load.sent_inter),
+            tuple(sorted(f[0].load.perf, reverse=True)),
+        ),
     )
     s.max_proposals += 2 * len(options)
     shrunk, why = _shrink_fullest(s, list(picked_choice), picked, list(why), limit)
