@@ -230,3 +230,20 @@ def test_every_good_value_reads(pre: Path) -> None:
     ds = open_dataset(pre, num_embeddings=1000)
     rows = sum(b.batch_size for name in ("train", "val", "test") for b in ds.split(name).batches(7))
     assert rows == n
+
+
+def test_training_stops_at_a_bad_value_with_one_line(pre: Path) -> None:
+    """What `dlrm train` does with the label 7 it meets mid-epoch: exit 1 and the one line."""
+    from click.testing import CliRunner
+
+    from shardrec_dlrm.cli import main
+
+    labels = np.fromfile(pre / "train.labels.u8", dtype=np.uint8)
+    labels[100] = 7  # in the training split, read after the first batches
+    labels.tofile(pre / "train.labels.u8")
+    args = ["train", "--data", str(pre), "--batch-size", "16", "--num-embeddings", "100"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if "Error: " in line]
+    assert errors == [f"Error: {pre / 'train.labels.u8'}: row 100: label 7, expected 0 or 1"]

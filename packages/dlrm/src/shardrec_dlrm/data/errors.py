@@ -3,11 +3,15 @@ line)."""
 
 from __future__ import annotations
 
+from shardrec_dlrm.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data: the message names the file and, for a malformed row, its line number.
 
-    The CLI turns it into a one-line ``click.ClickException``; library callers can catch it as
+    A :class:`~shardrec_dlrm.errors.UserError`, so that one raised while training (a bad value
+    found as a batch is read) ends the run with that one line, as one raised at open does. The CLI
+    turns it into a one-line ``click.ClickException``; library callers can catch it as
     ``ValueError``.
     """
 
