@@ -7,14 +7,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from shardrec.sparse import _kjt_checks as _checks
 from shardrec.sparse import _kjt_reshape as _reshape
+from shardrec.sparse import _kjt_text as _text
 from shardrec.sparse import _validation as check
 from shardrec.sparse._jagged_fields import JaggedFields
-from shardrec.sparse._jagged_ops import offsets_to_lengths
 from shardrec.sparse.jagged_tensor import JaggedTensor
 
 _OWNER = "KeyedJaggedTensor"
-_REPR_MAX_VALUES = 1000
 
 
 class KeyedJaggedTensor(JaggedFields):
@@ -392,58 +392,7 @@ class KeyedJaggedTensor(JaggedFields):
 
     def validate(self) -> KeyedJaggedTensor:
         """Check the contents (a device sync); ValueError names the key and sample. Returns self."""
-        num_keys = len(self._keys)
-        num_values = self._values.shape[0]
-        # Key types only: repeats are refused by the constructor but made on purpose by permute.
-        check.key_types(_OWNER, self._keys)
-        for name in ("_weights", "_lengths", "_offsets"):
-            tensor = getattr(self, name)
-            if tensor is not None and tensor.device != self._values.device:
-                raise ValueError(
-                    f"{_OWNER}: {name[1:]} is on {tensor.device} but values on "
-                    f"{self._values.device}"
-                )
-        if self._offsets is not None and self._offsets.numel() and int(self._offsets[0]) != 0:
-            raise ValueError(f"{_OWNER}: offsets[0] is {int(self._offsets[0])}, expected 0")
-        lengths_given = self._lengths is not None
-        lengths = self.lengths()
-        bad = check.find_negative_length(lengths)
-        if bad is not None:
-            position, sample = divmod(bad, self._stride)
-            where = f"key {self._keys[position]!r} at sample {sample}"
-            if not lengths_given and self._offsets is not None:
-                before, after = int(self._offsets[bad]), int(self._offsets[bad + 1])
-                raise ValueError(
-                    f"{_OWNER}: offsets decrease at position {bad + 1} ({before} -> {after}), "
-                    f"{where}"
-                )
-            raise ValueError(
-                f"{_OWNER}: negative length {int(lengths[bad].item())} for {where} (lengths[{bad}])"
-            )
-        if (
-            lengths_given
-            and self._offsets is not None
-            and not torch.equal(offsets_to_lengths(self._offsets), lengths.to(self._offsets.dtype))
-        ):
-            raise ValueError(f"{_OWNER}: lengths and offsets disagree")
-        actual = (
-            lengths.view(num_keys, self._stride).sum(dim=1).tolist()
-            if num_keys and self._stride
-            else [0] * num_keys
-        )
-        total = sum(actual)
-        if total != num_values:
-            raise ValueError(
-                f"{_OWNER}: lengths sum to {total} but values has {num_values} entries"
-                + _overrun(self._keys, actual, num_values)
-            )
-        if self._length_per_key is not None:
-            for key, want, got in zip(self._keys, self._length_per_key, actual, strict=True):
-                if want != got:
-                    raise ValueError(
-                        f"{_OWNER}: key {key!r} has {got} ids by its lengths but "
-                        f"length_per_key says {want}"
-                    )
+        _checks.validate(self)
         return self
 
     # -- views and reshaping ---------------------------------------------------------------------
@@ -566,62 +515,10 @@ class KeyedJaggedTensor(JaggedFields):
 
     def __str__(self) -> str:
         """TorchRec's printed form; ``repr()`` gives a compact one."""
-        if not self._keys or (self._lengths is None and self._offsets is None):
-            return "KeyedJaggedTensor()\n"
-        per_key = self.length_per_key()
-        lengths = self.lengths().view(len(self._keys), self._stride)
-        values = torch.split(self._values, per_key)
-        weights = None if self._weights is None else torch.split(self._weights, per_key)
-        lines = []
-        for index, key in enumerate(self._keys):
-            sizes = lengths[index].tolist()
-            rows = str([t.tolist() for t in torch.split(values[index], sizes)])
-            if weights is None:
-                lines.append(f'    "{key}": {rows}')
-                continue
-            rows_w = str([t.tolist() for t in torch.split(weights[index], sizes)])
-            lines.append(
-                f'    "{key}": {{\n        "values": {rows},\n        "weights": {rows_w}\n    }}'
-            )
-        body = ",\n".join(lines)
-        return f"KeyedJaggedTensor({{\n{body}\n}})\n"
+        return _text.torchrec_str(self)
 
     def __repr__(self) -> str:
-        if self._values.numel() > _REPR_MAX_VALUES:
-            return (
-                f"KeyedJaggedTensor(keys={self._keys}, stride={self._stride}, "
-                f"values={tuple(self._values.shape)} {self._values.dtype}, "
-                f"weighted={self._weights is not None})"
-            )
-        if not self._keys:
-            return "KeyedJaggedTensor({})"
-        # By position, not through to_dict(): a permuted KJT may repeat a key.
-        per_key = self.length_per_key()
-        values = torch.split(self._values, per_key)
-        weights = None if self._weights is None else torch.split(self._weights, per_key)
-        lengths = self.lengths().view(len(self._keys), self._stride)
-        lines = []
-        for index, key in enumerate(self._keys):
-            sizes = lengths[index].tolist()
-            rows = [t.tolist() for t in torch.split(values[index], sizes)]
-            if weights is None:
-                lines.append(f'    "{key}": {rows}')
-            else:
-                rows_w = [t.tolist() for t in torch.split(weights[index], sizes)]
-                lines.append(f'    "{key}": {{"values": {rows}, "weights": {rows_w}}}')
-        body = ",\n".join(lines)
-        return f"KeyedJaggedTensor({{\n{body}\n}})"
-
-
-def _overrun(keys: list[str], per_key: list[int], num_values: int) -> str:
-    """Which key the mismatch shows in: the first whose ids run past the end of values, or the
-    values left over after the last key."""
-    end = 0
-    for key, count in zip(keys, per_key, strict=True):
-        end += count
-        if end > num_values:
-            return f"; key {key!r} runs past the end of values"
-    return f"; {num_values - end} values follow the last key's ids"
+        return _text.compact_repr(self)
 
 
 def _is_tensor(value: object) -> bool:
