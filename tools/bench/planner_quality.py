@@ -100,7 +100,7 @@ def plan_shardrec(
     for name, ps in plan.plan[""].items():
         out[name] = (
             ps.sharding_type,
-            [(*s.offsets, *s.sizes, s.rank) for s in ps.shards],  # type: ignore[misc]
+            [(*s.offsets, *s.sizes, s.rank) for s in ps.shards],
         )
     return out, seconds
 
@@ -140,14 +140,13 @@ def plan_torchrec(world: int) -> tuple[Plan, float]:  # runs in .venv-peer
     plan = planner.plan(ebc, [sharder])
     seconds = time.perf_counter() - start
     out: Plan = {}
-    for name, ps in plan.plan[""].items():  # type: ignore[union-attr]
+    for name, ps in plan.plan[""].items():
         n = CRITEO_1TB_40M[int(name[1:])]
         if ps.sharding_spec is None:  # data-parallel: a whole replica on every rank
             out[name] = (ps.sharding_type, [(0, 0, n, DIM, r) for r in ps.ranks or []])
             continue
         shards = [
-            (*s.shard_offsets, *s.shard_sizes, s.placement.rank())
-            for s in ps.sharding_spec.shards  # type: ignore[attr-defined]
+            (*s.shard_offsets, *s.shard_sizes, s.placement.rank()) for s in ps.sharding_spec.shards
         ]
         out[name] = (ps.sharding_type, shards)
     return out, seconds
