@@ -45,7 +45,8 @@ class Dataset:
 
     Attributes: ``path``, ``format`` (``tsv``, ``csv`` or ``preprocessed``), ``layout`` (``kaggle``,
     ``terabyte``, ``files``: which split rule applies, see :mod:`.splits`), ``part_names``,
-    ``num_embeddings_per_feature`` (26 table sizes, or None for unhashed ids + 1).
+    ``num_embeddings_per_feature`` (26 table sizes, or None for unhashed ids + 1). ``meta``: the
+    already checked metadata of a preprocessed dataset (read from ``path`` when not given).
     """
 
     def __init__(
