@@ -263,7 +263,7 @@ def case_collective_plan_error(env: ShardingEnv) -> str:
     from shardrec.distributed.plugins import load_sharder_registry
 
     # Only rank 0 plans: its error reaches every rank, which all raise the same PlannerError.
-    wanted = ["grid_shard"] if env.rank == 0 else ["row_wise"]
+    wanted = ["no_such_sharding"] if env.rank == 0 else ["row_wise"]
     planner = EmbeddingShardingPlanner(
         Topology(world_size=env.world_size, compute_device="cpu"),
         constraints={"t1": ParameterConstraints(sharding_types=wanted)},
@@ -279,4 +279,4 @@ def test_collective_plan_error_reaches_every_rank(dist_pool: Any) -> None:
     messages = dist_pool.run(2, case_collective_plan_error)
     for message in messages:
         assert "'ebc.t1'" in message
-        assert "grid_shard" in message
+        assert "no_such_sharding" in message
