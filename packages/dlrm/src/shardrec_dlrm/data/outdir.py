@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 from .errors import DataError
 
@@ -62,7 +62,7 @@ def claim_output(root: Path) -> Iterator[OutputDir]:
         os.close(fd)
 
 
-def refuse_non_empty(out: OutputDir, command: str) -> None:
+def refuse_non_empty(out: OutputDir, command: str) -> NoReturn:
     """The error for writing into a directory that already holds files, without ``force``."""
     shown = ", ".join(out.entries[:3]) + (", ..." if len(out.entries) > 3 else "")
     raise DataError(
