@@ -78,7 +78,7 @@ def test_size_in_bytes() -> None:
     assert kjt.size_in_bytes() == 24 + 48 + 24
     kjt.offsets()  # derived offsets count once they exist: 7 x 4
     assert kjt.size_in_bytes() == 24 + 48 + 24 + 28
-    jt = JaggedTensor(torch.ones(3, 2), lengths=torch.tensor([3]))
+    jt = JaggedTensor(torch.ones(3, 2), lengths=torch.tensor([3])).validate()
     assert jt.size_in_bytes() == 3 * 2 * 4 + 8
     assert KeyedTensor(["a"], [2], torch.zeros(4, 2)).size_in_bytes() == 32
 

@@ -216,8 +216,9 @@ class JaggedTensor(JaggedFields):
 
     # -- checks and movement ---------------------------------------------------------------------
 
-    def validate(self) -> None:
-        """Check the contents (a device sync): lengths non-negative and consistent with values."""
+    def validate(self) -> JaggedTensor:
+        """Check the contents (a device sync): lengths non-negative and consistent with values.
+        Returns self."""
         num_values = self._values.shape[0]
         if self._lengths is not None:
             bad = check.find_negative_length(self._lengths)
@@ -239,6 +240,7 @@ class JaggedTensor(JaggedFields):
                 offsets_to_lengths(self._offsets), self._lengths.to(self._offsets.dtype)
             ):
                 raise ValueError(f"{_OWNER}: lengths and offsets disagree")
+        return self
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> JaggedTensor:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
