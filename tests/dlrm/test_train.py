@@ -181,12 +181,16 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path: Path) -
     )
     common = [str(DLRM), "train", "--data", str(SAMPLE), *TINY, *options]
     steps = 2 * (120 // 4)
-    whole = _run([*common, "--checkpoint-dir", str(tmp_path / "whole")])
+    whole_logs, killed_logs = tmp_path / "whole-tb", tmp_path / "killed-tb"
+    whole = _run(
+        [*common, "--checkpoint-dir", str(tmp_path / "whole"), "--logdir", str(whole_logs)]
+    )
     assert whole.returncode == 0, whole.stderr
 
     killed_dir = tmp_path / "killed"
+    logged = ["--logdir", str(killed_logs)]
     process = subprocess.Popen(
-        [*common, "--checkpoint-dir", str(killed_dir)],
+        [*common, "--checkpoint-dir", str(killed_dir), *logged],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -200,7 +204,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path: Path) -
     process.wait()
     assert not (killed_dir / f"step-{steps:08d}").exists()
 
-    resumed = _run([*common, "--checkpoint-dir", str(killed_dir), "--resume"])
+    resumed = _run([*common, "--checkpoint-dir", str(killed_dir), "--resume", *logged])
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"resuming from step \d+", resumed.stdout) is None  # --quiet
     for split in ("val:", "test:"):
@@ -210,6 +214,11 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path: Path) -
     assert expected.keys() == got.keys()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    # TensorBoard: every step once, in order, with the values of the run never interrupted.
+    uninterrupted, interrupted = scalars(whole_logs), scalars(killed_logs)
+    for tag in ("train/loss", "train/lr", "val/auc", "test/auc"):
+        assert interrupted[tag] == uninterrupted[tag], tag
+    assert [step for step, _ in interrupted["train/loss"]] == list(range(1, steps + 1))
 
 
 def test_resume_refuses_checkpoints_of_another_model(tmp_path: Path) -> None:

@@ -16,6 +16,9 @@ class MetricLogger(Protocol):
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None: ...
 
+    def flush(self) -> None:
+        """Puts everything logged so far on disk."""
+
     def close(self) -> None: ...
 
 
@@ -26,6 +29,9 @@ class NullLogger:
         pass
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:
@@ -57,6 +63,9 @@ class TensorBoardLogger:
         # Markdown: indent by four spaces so that tables and plans keep their alignment.
         lines = "\n".join("    " + line for line in text.splitlines())
         self._writer.add_text(tag, lines, global_step=step)
+
+    def flush(self) -> None:
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.flush()

@@ -149,7 +149,7 @@ class _Trainer:
                         validated_at = self.step
                         progress.pause_rate()
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                        save_checkpoint(self.run_state, config, state, self.step)
+                        self._checkpoint()
                         saved_at = self.step
                         progress.pause_rate()
         finally:
@@ -165,10 +165,16 @@ class _Trainer:
         results.update({f"test/{name}": value for name, value in test.items()})
         self.logger.log({f"test/{name}": value for name, value in test.items()}, self.step)
         if config.checkpoint_dir is not None and saved_at != self.step:
-            save_checkpoint(self.run_state, config, state, self.step)
+            self._checkpoint()
         if state.is_main:
             print(format_summary(results, self.step, planted_optimum(config.data)), flush=True)
         return results
+
+    def _checkpoint(self) -> None:
+        # Logged points first: once step-N exists, every point up to step N is on disk, so a run
+        # killed after it and resumed from it shows each step once, with no gap.
+        self.logger.flush()
+        save_checkpoint(self.run_state, self.config, self.state, self.step)
 
     def _train_step(self, batch: Batch) -> float:
         self.run_state.set_lr(self.schedule.lr(self.step))
