@@ -74,6 +74,8 @@ def test_another_runs_directory_is_refused_naming_the_ways_on(
         assert way in message
     assert "\n" not in message
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if leftover == RUN_CONFIG:
+        assert "no checkpoint yet: stopped before its first save, or still running" in message
 
 
 def test_a_directory_of_other_files_is_not_another_run(tmp_path: Path) -> None:

@@ -280,3 +280,13 @@ def test_a_resume_follows_the_rows_not_the_path(tmp_path: Path) -> None:
     assert other.exit_code == 1
     assert "--data: " in other.output
     assert "does not hold the training rows the run trained on" in other.output
+
+
+def test_a_run_that_cannot_start_leaves_its_checkpoint_directory_unclaimed(tmp_path: Path) -> None:
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    too_large = train("--batch-size", "4096", *ckpt)
+    assert too_large.exit_code == 1
+    assert "lower --batch-size" in too_large.output
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+    fixed = train("--batch-size", "32", *ckpt)  # the same directory, no --overwrite needed
+    assert fixed.exit_code == 0, fixed.output

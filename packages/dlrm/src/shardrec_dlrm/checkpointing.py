@@ -90,9 +90,14 @@ def prepare_checkpoint_dir(config: TrainConfig, facts: RunFacts) -> None:
         if not config.overwrite:
             found = sum(1 for path in entries if path.name.startswith("step-"))
             what = f"{RUN_CONFIG} and " if has_record else ""
+            if found:
+                what += f"{found} checkpoint(s)"
+            else:
+                # Refused all the same: that run may still be on its way to its first save.
+                what += "no checkpoint yet: stopped before its first save, or still running"
             raise UserError(
-                f"{root} holds another run ({what}{found} checkpoint(s)): continue it with "
-                "--resume, train into another --checkpoint-dir, or delete it with --overwrite"
+                f"{root} holds another run ({what}): continue it with --resume, train into "
+                "another --checkpoint-dir, or delete it with --overwrite"
             )
         _remove(entries)
         write_text_atomic(record, text, exclusive=False)

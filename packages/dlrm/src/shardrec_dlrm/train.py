@@ -77,6 +77,9 @@ class _Trainer:
         self.logger: MetricLogger = NullLogger()
         torch.manual_seed(config.seed)
         self.data: RunData = open_run_data(config, state)
+        # Checked before the checkpoint directory is claimed: a run that cannot take one step
+        # leaves nothing behind.
+        self.steps_per_epoch = self.data.train_steps(config.limit_train_batches)
         self.run_state: ShardedRun = shard_model(config, state)
         self.schedule = LRSchedule(
             base_lr=config.learning_rate,
@@ -117,7 +120,7 @@ class _Trainer:
 
     def _train_and_test(self) -> dict[str, float]:
         config, state = self.config, self.state
-        steps_per_epoch = self.data.train_steps(config.limit_train_batches)
+        steps_per_epoch = self.steps_per_epoch
         total = steps_per_epoch * config.epochs
         progress = Progress(
             total=total,
