@@ -174,7 +174,8 @@ def data_options(function: F) -> F:
                 type=Number(at_least=0, below=1),
                 default=0.05,
                 show_default=True,
-                help="Validation rows, for inputs other than Kaggle's train.txt and the 1TB days.",
+                help="Validation rows, in [0, 1), for inputs other than Kaggle's train.txt and the"
+                " 1TB days.",
             ),
             click.option(
                 "--test-fraction",

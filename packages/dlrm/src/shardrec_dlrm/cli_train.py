@@ -168,13 +168,19 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     show_default=True,
     help="For the embedding tables (fused) and the dense layers alike.",
 )
-@click.option("--learning-rate", type=Number(above=0), default=1.0, show_default=True)
+@click.option(
+    "--learning-rate",
+    type=Number(above=0),
+    default=1.0,
+    show_default=True,
+    help="Base learning rate (> 0), of the tables and the dense layers.",
+)
 @click.option(
     "--eps",
     type=Number(above=0),
     default=1e-8,
     show_default=True,
-    help="Adagrad/Adam epsilon.",
+    help="Adagrad/Adam epsilon (> 0).",
 )
 @click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--lr-decay-start", type=click.IntRange(min=0), default=0, show_default=True)
@@ -228,7 +234,8 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     type=click.IntRange(min=1),
     default=3,
     show_default=True,
-    help="Keep this many newest checkpoints; older ones are deleted after each save.",
+    help="Keep this many newest checkpoints (and the newest intact one); older ones are deleted"
+    " after each save.",
 )
 @click.option(
     "--resume",
