@@ -5,6 +5,7 @@ original's, and the other way round (their parameters are views of their own fus
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,7 @@ def ec(fused: dict[str, Any] | None, backend: str = "torch") -> nn.Module:
 def tbe(fused: dict[str, Any] | None, backend: str = "torch") -> nn.Module:
     from shardrec.kernels import FusedOptimizerConfig
 
-    return TableBatchedEmbedding(
+    lookup = TableBatchedEmbedding(
         tables=[
             TableSpec(name="t1", num_embeddings=6, embedding_dim=4),
             TableSpec(name="t2", num_embeddings=5, embedding_dim=4),
@@ -57,6 +58,8 @@ def tbe(fused: dict[str, Any] | None, backend: str = "torch") -> nn.Module:
         optimizer=None if fused is None else FusedOptimizerConfig.from_fused_params(fused),
         backend=backend,
     )
+    lookup.reset_parameters()  # a bare lookup's tables are uninitialised until then
+    return lookup
 
 
 def output_sum(module: nn.Module) -> torch.Tensor:
@@ -91,9 +94,18 @@ def changed(before: dict[str, torch.Tensor], module: nn.Module) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def torch_save_load(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded: nn.Module = torch.load(buffer, weights_only=False)
+    return loaded
+
+
 COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "deepcopy": copy.deepcopy,
     "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    "torch.save": torch_save_load,
 }
 BUILDERS = {"ebc": ebc, "ec": ec, "tbe": tbe}
 CASES = [

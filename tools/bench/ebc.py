@@ -10,6 +10,10 @@ batch 4096, one id per feature and 20 ids per feature (uniform random ids). Meas
 gradient, and the SGD update: fused into backward for shardrec and TorchRec, a sparse
 ``torch.optim.SGD`` step for the ``nn.EmbeddingBag`` loop), in samples/s.
 
+Each shardrec backend is timed twice over the same module: with its batch checks (the default:
+lengths >= 0 and every id inside its table) and with ``check_inputs=False``; the report prints the
+checks' cost from calls of the two alternated one by one (medians), same run.
+
 Bytes moved: a forward reads ``ids × 256`` bytes of rows, a step reads them and reads and writes
 them again (``3 × ids × 256``). The baseline is ``index_select`` of the same number of random rows
 from one 1,000,000-row table, measured in the same run; ``of gather`` is the fraction of the
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -74,7 +79,9 @@ def _cycle(items: list[Any]) -> Callable[[], Any]:
     return nxt
 
 
-def _shardrec(backend: str, batch: int) -> dict[int, tuple[Timed, Timed]]:
+def _shardrec(backend: str, batch: int) -> dict[str, dict[int, tuple[Timed, Timed]]]:
+    """Two contenders over one module (one copy of the tables): with the batch checks (the
+    default) and with ``check_inputs=False``; each call sets the flag it is timed with."""
     import shardrec
 
     tables = [
@@ -90,7 +97,20 @@ def _shardrec(backend: str, batch: int) -> dict[int, tuple[Timed, Timed]]:
         device=DEVICE,
     )
     assert ebc.lookup.backend.value == backend, ebc.lookup.backend
-    return _pair(lambda kjt: ebc(kjt).values(), shardrec.KeyedJaggedTensor, batch, None)
+
+    def run(check: bool) -> Callable[[Any], torch.Tensor]:
+        def call(kjt: Any) -> torch.Tensor:
+            ebc.check_inputs = check
+            values: torch.Tensor = ebc(kjt).values()
+            return values
+
+        return call
+
+    kjt_cls = shardrec.KeyedJaggedTensor
+    return {
+        f"shardrec-{backend}": _pair(run(True), kjt_cls, batch, None),
+        f"shardrec-{backend} unchecked": _pair(run(False), kjt_cls, batch, None),
+    }
 
 
 def _loop(batch: int) -> dict[int, tuple[Timed, Timed]]:
@@ -241,6 +261,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--iters", type=int, default=10, help="timed calls per measure (1 id)")
+    parser.add_argument(
+        "--pairs", type=int, default=30, help="interleaved calls per side for the checks' cost"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
@@ -274,9 +297,9 @@ def main() -> int:
 
     contenders: dict[str, dict[int, tuple[Timed, Timed]]] = {}
     if not only or "torch" in only:
-        contenders["shardrec-torch"] = _shardrec("torch", args.batch)
+        contenders.update(_shardrec("torch", args.batch))
     if ops.fbgemm_available() and DEVICE.type == "cpu" and (not only or "fbgemm" in only):
-        contenders["shardrec-fbgemm"] = _shardrec("fbgemm", args.batch)
+        contenders.update(_shardrec("fbgemm", args.batch))
     if not only or "loop" in only:
         contenders["nn.EmbeddingBag loop"] = _loop(args.batch)
     peer = has_torchrec and not args.no_peer and DEVICE.type == "cpu"
@@ -287,7 +310,42 @@ def main() -> int:
     for r in range(args.rounds):
         _measure_all(contenders, gathers, iters, best, reverse=r % 2 == 1)
     _report(best, args, list(contenders))
+    _report_checks(contenders, args.pairs)
     return 0
+
+
+def _interleaved(a: Timed, b: Timed, pairs: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, called alternately (``a b b a a b ...``): on a shared
+    machine, load that drifts between two blocks of calls would be charged to one of them."""
+    times: tuple[list[float], list[float]] = ([], [])
+    fns = (_synced(a), _synced(b))
+    for fn in fns:
+        fn()
+    for i in range(pairs):
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            start = CLOCK()
+            fns[k]()
+            times[k].append(CLOCK() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _report_checks(contenders: dict[str, dict[int, tuple[Timed, Timed]]], pairs: int) -> None:
+    """The batch checks' cost, checked against unchecked calls of the same module, interleaved."""
+    print(f"\nbatch checks (check_inputs=True vs False, same module, {pairs} interleaved pairs,"
+          " medians):")  # fmt: skip
+    print("| backend | ids per feature | forward with / without | step with / without |")
+    print("|---|---|---|---|")
+    for name in contenders:
+        if f"{name} unchecked" not in contenders:
+            continue
+        for ids in CASES:
+            ratios = []
+            for mode in (0, 1):
+                on = contenders[name][ids][mode]
+                off = contenders[f"{name} unchecked"][ids][mode]
+                t_on, t_off = _interleaved(on, off, pairs)
+                ratios.append(f"{t_on * 1e3:.2f} / {t_off * 1e3:.2f} ms ({t_on / t_off - 1:+.1%})")
+            print(f"| {name} | {ids} | {ratios[0]} | {ratios[1]} |")
 
 
 def _report(best: dict[str, float], args: argparse.Namespace, names: list[str]) -> None:

@@ -36,6 +36,11 @@ the id and its sample, never an out-of-bounds read. ``check_inputs=False`` keeps
 check (free); a bad id is then undefined behaviour (FBGEMM's kernel reads out of bounds).
 
 ``device=None`` is torch's default device, so ``with torch.device("meta"):`` builds on meta.
+
+``copy.deepcopy``, ``torch.save``/``torch.load`` and ``pickle`` give a lookup whose parameters are
+views of its own copied storage (it trains and checkpoints its own tables). Plain ``pickle`` writes
+the fused storage once per table view (torch's storages are only shared within ``torch.save``):
+prefer ``torch.save`` for big tables.
 """
 
 from __future__ import annotations
