@@ -49,7 +49,9 @@ def check_index_tensor(owner: str, name: str, tensor: torch.Tensor) -> None:
 def as_lengths(owner: str, lengths: torch.Tensor) -> torch.Tensor:
     """Check ``lengths``; an empty one of another shape (TorchRec's ``torch.tensor([[], []])``)
     becomes 1-D."""
-    if isinstance(lengths, torch.Tensor) and lengths.numel() == 0 and lengths.dim() != 1:  # type: ignore[redundant-expr]  # callers may pass anything
+    # The isinstance is for callers that pass something else, which check_index_tensor names.
+    empty = isinstance(lengths, torch.Tensor) and lengths.numel() == 0  # type: ignore[redundant-expr]
+    if empty and lengths.dim() != 1:
         return lengths.reshape(0)
     check_index_tensor(owner, "lengths", lengths)
     return lengths
@@ -76,7 +78,7 @@ def check_offsets(owner: str, offsets: torch.Tensor, lengths: torch.Tensor | Non
 
 
 def check_weights(owner: str, weights: torch.Tensor, values: torch.Tensor) -> None:
-    """One weight per value along the jagged dim 0; any real dtype (integer weights are how an
+    """One weight per value along the jagged dim 0; any dtype (integer weights are how an
     EmbeddingCollection with ``need_indices`` returns ids), any trailing shape."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{owner}: weights must be a torch.Tensor, got {type(weights).__name__}")
