@@ -1,0 +1,221 @@
+"""How much injected network latency shows up in a DistributedModelParallel training step.
+
+    .venv/bin/python tools/bench/latency.py [--nproc 2] [--latency-ms 0 1 5 20]
+
+Every collective of the step (the sharders' all-to-alls and reduce-scatters, DDP's all-reduce of
+the dense gradients) runs on a ``shardrec.distributed.latency`` delayed group: gloo, with each
+collective completing a fixed latency after gloo's. For each latency the step is timed and
+compared with the step at 0 ms:
+
+    exposed = (step(latency) - step(0)) / (latency x collectives per step)
+
+100 % means every collective waited out its full latency (a blocking step, whose collectives wait
+one after another); a step that computes while its collectives are in flight shows less. Steps are
+named in ``STEPS``: a pipelined training loop is one more entry there, and one more column.
+
+Workload: an EmbeddingBagCollection of 8 tables (100,000 rows, dim 64, one id per feature),
+batch 1024 per rank, every table table-wise (round-robin over the ranks) or row-wise
+(``--sharding``), a Linear 512-256-1 over-arch under DDP, fused SGD, on ``--nproc`` gloo
+processes on CPU. Printed: the step (ms; the slowest rank's median over ``--steps`` steps, best
+of ``--rounds`` rounds that alternate the order of the latencies), the latency it added, the
+collectives per step, and the exposed share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from common import free_port
+
+TABLES: Final = 8
+ROWS: Final = 100_000
+DIM: Final = 64
+BATCH: Final = 1024
+LR: Final = 0.01
+FEATURES: Final = [f"f{i}" for i in range(TABLES)]
+
+Step = Callable[[], None]
+
+
+def _model(sharding: str, world: int, group: dist.ProcessGroup) -> torch.nn.Module:
+    from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
+    from shardrec.distributed.sharding_plan import row_wise, table_wise
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=f"t_{f}", num_embeddings=ROWS, embedding_dim=DIM, feature_names=[f]
+                    )
+                    for f in FEATURES
+                ],
+                device="meta",
+                fused_params={"optimizer": "sgd", "learning_rate": LR},
+            )
+            torch.manual_seed(0)
+            self.over = torch.nn.Sequential(
+                torch.nn.Linear(DIM * TABLES, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
+            )
+
+        def forward(self, kjt: Any, labels: torch.Tensor) -> torch.Tensor:
+            logits = self.over(self.ebc(kjt).values()).squeeze(1)
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+    plan = {
+        f"t_{f}": table_wise(i % world, ROWS, DIM)
+        if sharding == "tw"
+        else row_wise(ROWS, DIM, world)
+        for i, f in enumerate(FEATURES)
+    }
+    return DistributedModelParallel(
+        Model(), env=ShardingEnv.from_process_group(group), plan=ShardingPlan({"ebc": plan})
+    )
+
+
+def blocking_step(model: torch.nn.Module, rank: int) -> Step:
+    """Today's step: forward, backward, optimizer; each collective waited for when issued."""
+    from shardrec import KeyedJaggedTensor
+
+    dense = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    gen = torch.Generator().manual_seed(rank)
+    batches = [
+        (
+            KeyedJaggedTensor(
+                keys=FEATURES,
+                values=torch.randint(0, ROWS, (TABLES * BATCH,), generator=gen),
+                lengths=torch.ones(TABLES * BATCH, dtype=torch.int32),
+            ),
+            torch.randint(0, 2, (BATCH,), generator=gen).float(),
+        )
+        for _ in range(4)
+    ]
+    at = [0]
+
+    def step() -> None:
+        kjt, labels = batches[at[0] % len(batches)]
+        at[0] += 1
+        loss = model(kjt, labels)
+        dense.zero_grad(set_to_none=True)
+        loss.backward()
+        dense.step()
+
+    return step
+
+
+# Step name -> builder. A pipelined loop (input dist of batch i+1 in flight during batch i) goes
+# here; the table gets a column for it.
+STEPS: Final[dict[str, Callable[[torch.nn.Module, int], Step]]] = {"blocking": blocking_step}
+
+
+def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
+    from shardrec.distributed.latency import new_delayed_group
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    result: dict[str, Any] = {}
+    try:
+        group = new_delayed_group(0.0)
+        assert group is not None
+        for name, build in STEPS.items():
+            step = build(_model(args.sharding, world, group), rank)
+            for _ in range(args.warmup):
+                step()
+            best = {ms: float("inf") for ms in args.latency_ms}
+            per_step = dict.fromkeys(args.latency_ms, 0.0)
+            # Rounds alternate the order of the latencies: the machine's bursts of load hit each
+            # latency alike, and the best round of each is kept.
+            for round_index in range(args.rounds):
+                order = args.latency_ms if round_index % 2 == 0 else args.latency_ms[::-1]
+                for latency_ms in order:
+                    group.latency_s = latency_ms / 1000
+                    step()
+                    times, issued = [], group.issued
+                    for _ in range(args.steps):
+                        dist.barrier()  # on the default (undelayed) group
+                        start = time.perf_counter()
+                        step()
+                        times.append(time.perf_counter() - start)
+                    per_step[latency_ms] = (group.issued - issued) / args.steps
+                    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
+                    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                    best[latency_ms] = min(best[latency_ms], float(slowest))
+            result[name] = [
+                {"latency_ms": ms, "step_s": best[ms], "collectives": per_step[ms]}
+                for ms in args.latency_ms
+            ]
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def run(args: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.spawn(_worker, args=(args.nproc, free_port(), args, out), nprocs=args.nproc, join=True)
+        result: dict[str, Any] = json.loads(Path(out).read_text())
+        return result
+
+
+def table(result: dict[str, Any]) -> str:
+    names = list(STEPS)
+    head = ["latency ms", "collectives/step"]
+    for name in names:
+        head += [f"{name} step ms", f"{name} added ms", f"{name} exposed"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    base = {name: result[name][0]["step_s"] for name in names}
+    for i, row in enumerate(result[names[0]]):
+        latency = row["latency_ms"]
+        cells = [f"{latency:g}", f"{row['collectives']:.0f}"]
+        for name in names:
+            got = result[name][i]
+            added = (got["step_s"] - base[name]) * 1000
+            injected = latency * got["collectives"]
+            exposed = f"{100 * added / injected:.0f} %" if injected else "-"
+            cells += [f"{got['step_s'] * 1000:.1f}", f"{added:.1f}" if injected else "-", exposed]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--sharding", choices=["tw", "rw"], default="tw")
+    parser.add_argument(
+        "--latency-ms", type=float, nargs="+", default=[0.0, 1.0, 5.0, 20.0],
+        help="latencies to inject; the first is the baseline (0 unless you mean otherwise)",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per latency and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    result = run(args)
+    if "error" in result:
+        raise SystemExit(f"latency benchmark failed: {result['error']}\n{result['trace']}")
+    print(
+        f"DMP step under injected latency: {args.nproc} gloo processes, {TABLES} tables x {ROWS}"
+        f" rows x {DIM}, batch {BATCH} per rank, {args.sharding}"
+    )
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
