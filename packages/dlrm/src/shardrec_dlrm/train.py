@@ -7,19 +7,19 @@ by all ranks in the same order.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Final
 
 import torch
 from torch import nn
 
 from shardrec_dlrm.checkpointing import prepare_checkpoint_dir, resume_step, save_checkpoint
 from shardrec_dlrm.config import TrainConfig
+from shardrec_dlrm.data import DataError, read_synth_info
+from shardrec_dlrm.data.synth import INFO_NAME
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.loggers import MetricLogger, NullLogger, TensorBoardLogger
 from shardrec_dlrm.metrics import BinaryMetrics
@@ -32,9 +32,6 @@ from shardrec_dlrm.schedule import LRSchedule
 from shardrec_dlrm.sharding import ShardedRun, shard_model
 
 __all__ = ["UserError", "evaluate_batches", "train"]
-
-#: What ``dlrm synth`` writes beside its data: the planted model's optimum per split.
-SYNTH_RECORD: Final = "synth.json"
 
 
 def train(config: TrainConfig) -> dict[str, float]:
@@ -244,16 +241,18 @@ def format_summary(
 
 
 def planted_optimum(data: str) -> dict[str, float] | None:
-    """The Bayes-optimal AUC per split that ``dlrm synth`` recorded beside the data, if any."""
+    """The Bayes-optimal AUC per split that ``dlrm synth`` recorded beside the data, if any.
+
+    The record is read as any dataset file is (a small regular file); one that cannot be trusted
+    costs only this line of the summary, with a warning, never the run's results.
+    """
     root = Path(data)
-    path = (root if root.is_dir() else root.parent) / SYNTH_RECORD
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    root = root if root.is_dir() else root.parent
+    if not (root / INFO_NAME).exists():
         return None
-    found: dict[str, float] = {}
-    for split in ("val", "test"):
-        value = record.get(split, {}).get("auc") if isinstance(record, dict) else None
-        if isinstance(value, int | float):
-            found[split] = float(value)
-    return found or None
+    try:
+        info = read_synth_info(root)
+    except DataError as error:
+        print(f"warning: no planted optimum: {error}", file=sys.stderr, flush=True)
+        return None
+    return {"val": info.val.auc, "test": info.test.auc}
