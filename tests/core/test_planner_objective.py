@@ -9,12 +9,15 @@ import pytest
 from torch import nn
 
 from shardrec.distributed.planner import (
+    Cut,
     EmbeddingShardingPlanner,
     ParameterConstraints,
+    PlannerError,
     ShardingOption,
     ShardSpec,
     TableSpec,
     Topology,
+    Traffic,
 )
 from shardrec.distributed.planner.rank_model import evaluate
 from shardrec.distributed.planner.types import ShardCost
@@ -125,3 +128,28 @@ def test_report_shows_rows_read_bytes_sent_and_the_step() -> None:
     busiest = max(report.ranks, key=lambda r: r.perf)
     assert busiest.perf == pytest.approx(busiest.compute + busiest.comm)
     assert any(r.sent_inter > 0 for r in report.ranks)  # two hosts: some bytes cross
+
+
+class TooManyPieces:
+    """A plugin layout that asks for one host but cuts more pieces than a host has ranks."""
+
+    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> list[Cut]:
+        pieces = tuple((i, 0, 1, table.embedding_dim) for i in range(table.num_embeddings))
+        return [Cut(pieces, Traffic.HOST_ROW_SPLIT, None, one_host=True)]
+
+
+class OneHostPlugin(FakeSharder):
+    def __init__(self) -> None:
+        super().__init__(types=["per_host"])
+
+    def planner_layout(self, sharding_type: str) -> TooManyPieces:
+        return TooManyPieces()
+
+
+def test_a_one_host_layout_with_more_pieces_than_ranks_is_named() -> None:
+    planner = EmbeddingShardingPlanner(
+        Topology(world_size=4, local_world_size=2, compute_device="cpu"),
+        constraints={"t0": ParameterConstraints(sharding_types=["per_host"])},
+    )
+    with pytest.raises(PlannerError, match=r"'sparse.t0'.*3 pieces for one host of 2 ranks"):
+        planner.plan(Model(configs([3])), [FakeSharder(), OneHostPlugin()])

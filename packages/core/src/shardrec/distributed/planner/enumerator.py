@@ -143,6 +143,11 @@ def enumerate_options(
         for kernel in kernels:
             kind = _storage_kind(sharder, table, kernel, topology)
             for cut in layout.cuts(table, topology, min_partition):
+                if cut.one_host and len(cut.pieces) > topology.ranks_per_host:
+                    raise PlannerError(
+                        f"table {table.fqn!r}: the {st} layout ({estimated_by}) cut "
+                        f"{len(cut.pieces)} pieces for one host of {topology.ranks_per_host} ranks"
+                    )
                 shards = []
                 # Pieces of one shape cost the same: estimate each shape once (row-wise and
                 # data-parallel cut one piece per rank).
