@@ -13,7 +13,7 @@ import torch
 
 from shardrec.modules.managed_collision import MCHManagedCollisionModule
 from shardrec.modules.mc_admission import CountThresholdAdmission
-from shardrec.modules.mc_id_map import IdRowMap
+from shardrec.modules.mc_id_map import IdRowMap, hash_slots
 from shardrec.modules.mc_policies import (
     EvictionPolicy,
     LFU_EvictionPolicy,
@@ -280,3 +280,20 @@ def test_the_id_map_survives_heavy_churn_and_rebuilds() -> None:
         expected = [held.get(i, -1) for i in probe.tolist()]
         assert table.find(probe).tolist() == expected
     assert int(table.tombstones) * 4 <= table.num_slots
+
+
+def test_a_rebuild_keeps_every_id_even_when_a_run_wraps_past_the_last_slot() -> None:
+    table = IdRowMap(8)  # 16 slots
+    candidates = torch.arange(100_000)
+    homes = hash_slots(candidates, table.bits)
+    near_end = candidates[homes >= table.num_slots - 2][:6]  # six ids homed on the last 2 slots
+    others = candidates[homes == 3][:2]
+    ids_ = torch.cat([near_end, others])
+    table.insert(ids_, torch.arange(8))
+    table.remove_rows(torch.tensor([0]))
+    table.rebuild()
+    expected = [-1, *range(1, 8)]
+    assert table.find(ids_).tolist() == expected
+    assert int(table.tombstones) == 0
+    # Some of the near-end ids now sit in the first slots of the table.
+    assert bool((table.row_slots[1:6] < 4).any())

@@ -13,10 +13,11 @@ second with profiling and eviction amortised. Cases: LRU and LFU, eviction every
 100 steps. Contenders: shardrec (admit on first sight; and with a count threshold of 2), TorchRec
 1.8.0's ``MCHManagedCollisionModule`` (which admits new ids only at its eviction runs).
 
-Step workload: 8 tables of ``--step-rows`` rows (default 100,000), dim 64, batch 4096, 4 ids per
-feature, fused SGD, forward + backward of the pooled sum. ``plain``: an EmbeddingBagCollection fed
-``raw id % rows``; ``managed``: the same behind a ManagedCollisionEmbeddingBagCollection (LRU,
-eviction every step) fed the raw ids.
+Step workload: 8 tables of ``--step-rows`` rows (100,000: every id of the pool fits, so a step
+mostly looks up; 20,000: the tables are too small, so every step admits and evicts), dim 64,
+batch 4096, 4 ids per feature, fused SGD, forward + backward of the pooled sum. ``plain``: an
+EmbeddingBagCollection fed ``raw id % rows``; ``managed``: the same behind a
+ManagedCollisionEmbeddingBagCollection (LRU, eviction every step) fed the raw ids.
 
 TorchRec is imported only when this interpreter has it: when ``.venv-peer`` exists (``make
 bench-peer``) the script re-runs itself there, so that both libraries are timed in one process in
@@ -42,6 +43,8 @@ BATCH_IDS = 65_536
 UNIVERSE = 2_000_000
 POOL = 16
 Timed = Callable[[], object]
+# The last managed step module built per row count, for its stats in the report.
+_managed_modules: dict[int, Any] = {}
 
 
 def _raw_ids(n: int, universe: int, seed: int) -> torch.Tensor:
@@ -158,9 +161,10 @@ def _step_factories(rows: int) -> dict[str, Callable[[], Timed]]:
             pooled, _ = module(batches())
             pooled.values().sum().backward()
 
+        _managed_modules[rows] = module
         return step
 
-    return {"plain EBC step": plain, "managed EBC step": managed}
+    return {f"plain EBC step/{rows}": plain, f"managed EBC step/{rows}": managed}
 
 
 def _mean_time(fn: Timed, warmup: int, calls: int, clock: Callable[[], float]) -> float:
@@ -184,7 +188,11 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--zch-size", type=int, default=200_000)
-    parser.add_argument("--step-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--step-rows",
+        default="100000,20000",
+        help="rows per table of the step cases, comma-separated",
+    )
     parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
     parser.add_argument(
@@ -214,7 +222,10 @@ def main() -> int:
             )
             if peer:
                 remap[f"torchrec/{case}"] = _torchrec_remap(policy, interval, args.zch_size)
-    steps = _step_factories(args.step_rows)
+    step_rows = [int(r) for r in args.step_rows.split(",")]
+    steps: dict[str, Callable[[], Timed]] = {}
+    for rows in step_rows:
+        steps.update(_step_factories(rows))
     contenders = {**remap, **steps}
     # Rounds alternate the order; each round builds fresh modules and warms them up for two
     # passes over the pool (the table fills, eviction reaches its steady state), then times
@@ -253,14 +264,21 @@ def _report(times: dict[str, list[float]], args: argparse.Namespace, peer: bool)
                 print(f"| {case} | {who} | {BATCH_IDS / best:,.0f} | {max(ts) / best:.2f} | {vs} |")
     if not peer:
         print("(TorchRec not run: no .venv-peer, or --no-peer)")
-    plain, managed = times["plain EBC step"], times["managed EBC step"]
-    print(f"\nstep: 8 tables x {args.step_rows:,} rows, dim 64, batch 4096, 4 ids per feature,"
-          " fused SGD")  # fmt: skip
-    print("| contender | ms/step (best) | spread |")
-    print("|---|---|---|")
-    for name, ts in (("plain EBC step", plain), ("managed EBC step", managed)):
-        print(f"| {name} | {min(ts) * 1e3:.1f} | {max(ts) / min(ts):.2f} |")
-    print(f"managed / plain: {min(managed) / min(plain):.2f}x (best rounds)")
+    print("\nstep: 8 tables, dim 64, batch 4096, 4 ids per feature (Zipf 1.05 over 500,000 ids per"
+          " table), fused SGD")  # fmt: skip
+    print("| rows per table | plain EBC ms/step (spread) | managed EBC ms/step (spread) |"
+          " managed / plain |")  # fmt: skip
+    print("|---|---|---|---|")
+    for rows in [int(r) for r in args.step_rows.split(",")]:
+        plain, managed = times[f"plain EBC step/{rows}"], times[f"managed EBC step/{rows}"]
+        print(f"| {rows:,} | {min(plain) * 1e3:.1f} ({max(plain) / min(plain):.2f}) |"
+              f" {min(managed) * 1e3:.1f} ({max(managed) / min(managed):.2f}) |"
+              f" {min(managed) / min(plain):.2f}x |")  # fmt: skip
+    for rows, module in sorted(_managed_modules.items()):
+        s = module.stats()["t0"]
+        print(f"managed, {rows:,} rows, table t0 after its last round: occupancy {s.occupancy:,},"
+              f" {s.steps} steps, admitted {s.admitted_total:,}, evicted {s.evicted_total:,},"
+              f" rejected {s.rejected_total:,}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ admitted, ids rejected by a full table, unknown ids in eval mode). No two ids he
 share a row. A training step (``forward`` in training mode), vectorised over the batch:
 
 1. look the ids up in the id map (:class:`~shardrec.modules.mc_id_map.IdRowMap`); each row read
-   records the step and one more read;
+   records the step (and, if the policy counts reads, one more read);
 2. the distinct ids without a row pass admission (every id, or :class:`CountThresholdAdmission`);
 3. every ``eviction_interval`` steps the policy frees rows (:mod:`shardrec.modules.mc_policies`);
    rows the batch reads are never evicted by it;
@@ -228,8 +228,12 @@ class MCHManagedCollisionModule(nn.Module):
         held = rows >= 0
         hit_rows = rows.index_select(0, held.nonzero().squeeze(1))
         self._last_read.index_fill_(0, hit_rows, step)
-        self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
-        miss_at = (~held).nonzero().squeeze(1)
+        if self._eviction_policy.counts_reads:
+            self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
+        if hit_rows.numel() == ids.numel():
+            miss_at = hit_rows[:0]
+        else:
+            miss_at = (~held).nonzero().squeeze(1)
         uniq = inverse = counts = chosen = None
         demand = 0
         if miss_at.numel() > 0:
@@ -278,14 +282,14 @@ class MCHManagedCollisionModule(nn.Module):
 
     def _run_eviction(self, c: list[int], step: int, hit_rows: torch.Tensor) -> None:
         policy = self._eviction_policy
-        occupied = self._map.occupied()
         expired = policy.expired(self._last_read, step)
         victims: torch.Tensor | None = None
         if expired is not None:
-            victims = (expired & occupied).nonzero().squeeze(1)
+            victims = (expired & self._map.occupied()).nonzero().squeeze(1)
         if policy.makes_room:
             need = c[_DEMAND] - c[_FREE]
             if need > 0:
+                occupied = self._map.occupied()
                 # Unique keys (score, then row) so the choice is a pure function of the state;
                 # rows without an id, and rows this batch reads, get the largest key: never picked.
                 capacity = self.capacity

@@ -45,6 +45,11 @@ class EvictionPolicy(Protocol):
         """True: rows give way, lowest :meth:`score` first, when admitted ids find no free row."""
         ...
 
+    @property
+    def counts_reads(self) -> bool:
+        """True: :meth:`score` reads the per-row read counts (only then kept up to date)."""
+        ...
+
     def score(self, last_read: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
         """Per row, an int64 >= 0: lower scores give way first."""
         ...
@@ -61,6 +66,10 @@ class LRU_EvictionPolicy:
     @property
     def makes_room(self) -> bool:
         return True
+
+    @property
+    def counts_reads(self) -> bool:
+        return False
 
     def score(self, last_read: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
         return last_read
@@ -79,6 +88,10 @@ class LFU_EvictionPolicy:
 
     @property
     def makes_room(self) -> bool:
+        return True
+
+    @property
+    def counts_reads(self) -> bool:
         return True
 
     def score(self, last_read: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
@@ -101,6 +114,10 @@ class TTL_EvictionPolicy:
 
     @property
     def makes_room(self) -> bool:
+        return False
+
+    @property
+    def counts_reads(self) -> bool:
         return False
 
     def score(self, last_read: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
