@@ -230,10 +230,8 @@ class MCHManagedCollisionModule(nn.Module):
         self._last_read.index_fill_(0, hit_rows, step)
         if self._eviction_policy.counts_reads:
             self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
-        if hit_rows.numel() == ids.numel():
-            miss_at = hit_rows[:0]
-        else:
-            miss_at = (~held).nonzero().squeeze(1)
+        all_held = hit_rows.numel() == ids.numel()
+        miss_at = hit_rows[:0] if all_held else (~held).nonzero().squeeze(1)
         uniq = inverse = counts = chosen = None
         demand = 0
         if miss_at.numel() > 0:
