@@ -13,10 +13,17 @@ from shardrec.distributed.planner.estimators import OPTIMIZER_STATE, Workload, e
 from shardrec.distributed.planner.for_dmp import live_topology, plan_with_report
 from shardrec.distributed.planner.layouts import Cut, ShardLayout, Traffic
 from shardrec.distributed.planner.planner import EmbeddingShardingPlanner, to_sharding_plan
+from shardrec.distributed.planner.rank_model import RankLoad
 from shardrec.distributed.planner.report import PlanReport, format_report
 from shardrec.distributed.planner.tables import tables_of
 from shardrec.distributed.planner.topology import GB, Topology
-from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
+from shardrec.distributed.planner.types import (
+    PlannerError,
+    ShardCost,
+    ShardingOption,
+    ShardSpec,
+    TableSpec,
+)
 
 __all__ = [
     "GB",
@@ -26,6 +33,8 @@ __all__ = [
     "ParameterConstraints",
     "PlanReport",
     "PlannerError",
+    "RankLoad",
+    "ShardCost",
     "ShardLayout",
     "ShardSpec",
     "ShardingOption",

@@ -46,10 +46,6 @@ class Placement:
     def max_memory(self) -> int:
         return max(max(self.load.hbm), max(self.load.ddr))
 
-    def score(self) -> tuple[float, int, tuple[float, ...]]:
-        """Slowest rank first, then the fullest rank, then the next slowest ranks in turn."""
-        return (self.max_perf, self.max_memory, tuple(sorted(self.load.perf, reverse=True)))
-
 
 @dataclass(frozen=True, slots=True)
 class PlacementFailure:
