@@ -53,15 +53,18 @@ EC_DIM = 4
 
 
 @contextmanager
-def ranks_per_node(n: int) -> Iterator[None]:
-    """What torchrun tells each process: ``LOCAL_WORLD_SIZE``."""
+def ranks_per_node(n: int | None) -> Iterator[None]:
+    """What torchrun tells each process: ``LOCAL_WORLD_SIZE`` (None: not set, one node)."""
     old = os.environ.get("LOCAL_WORLD_SIZE")
-    os.environ["LOCAL_WORLD_SIZE"] = str(n)
+    if n is None:
+        os.environ.pop("LOCAL_WORLD_SIZE", None)
+    else:
+        os.environ["LOCAL_WORLD_SIZE"] = str(n)
     try:
         yield
     finally:
         if old is None:
-            del os.environ["LOCAL_WORLD_SIZE"]
+            os.environ.pop("LOCAL_WORLD_SIZE", None)
         else:
             os.environ["LOCAL_WORLD_SIZE"] = old
 
@@ -82,8 +85,8 @@ def dims(kind: str) -> dict[str, tuple[int, int]]:
     return {n: (r, d if kind == "ebc" else EC_DIM) for n, r, d, _ in TABLES}
 
 
-def batch_sizes(empty_rank: int | None) -> list[int]:
-    return [0 if r == empty_rank else 2 + r for r in range(WORLD)]
+def batch_sizes(empty_rank: int | None, world: int = WORLD) -> list[int]:
+    return [0 if r == empty_rank else 2 + r for r in range(world)]
 
 
 def make_batch(step: int, sizes: list[int], rank: int | None, weighted: bool) -> KeyedJaggedTensor:
@@ -112,17 +115,18 @@ def build(kw: dict[str, Any]) -> Model:
 
 
 def case_train(env: ShardingEnv, plan: ShardingPlan, **kw: Any) -> dict[str, Any]:
-    with ranks_per_node(LOCAL):
+    world = env.world_size
+    with ranks_per_node(kw["local"]):
         model = build(kw)
         dmp = DistributedModelParallel(model, env=env, plan=plan)
-    opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR * WORLD)
-    sizes = batch_sizes(kw["empty_rank"])
+    opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR * world)
+    sizes = batch_sizes(kw["empty_rank"], world)
     outputs, dense_grads = [], []
     for step in range(STEPS):
         rows, loss = dmp(make_batch(step, sizes, env.rank, kw["weighted"]))
         loss.backward()
         outputs.append(rows.detach().clone())
-        dense_grads.append(model.dense.weight.grad.clone() * WORLD)
+        dense_grads.append(model.dense.weight.grad.clone() * world)
         opt.step()
         opt.zero_grad()
     return {"outputs": outputs, "dense_grads": dense_grads, "shards": local_shards(dmp)}
@@ -130,7 +134,7 @@ def case_train(env: ShardingEnv, plan: ShardingPlan, **kw: Any) -> dict[str, Any
 
 def reference(kw: dict[str, Any]) -> dict[str, Any]:
     model = build(kw)
-    sizes = batch_sizes(kw["empty_rank"])
+    sizes = batch_sizes(kw["empty_rank"], kw["world"])
     outputs, dense_grads = [], []
     for step in range(STEPS):
         rows, loss = model(make_batch(step, sizes, None, kw["weighted"]))
@@ -155,16 +159,20 @@ def defaults(kw: dict[str, Any]) -> dict[str, Any]:
         "weighted": False,
         "empty_rank": None,
         "optimizer": "sgd",
+        "world": WORLD,
+        "local": LOCAL,
         **kw,
     }
 
 
 def check(dist_pool: Any, plan: ShardingPlan, **kw: Any) -> None:
-    """Trains ``STEPS`` steps sharded by ``plan`` and unsharded; everything must agree."""
+    """Trains ``STEPS`` steps sharded by ``plan`` and unsharded; everything must agree. ``world``
+    processes (default 4), ``local`` of them per node (default 2; None: ``LOCAL_WORLD_SIZE``
+    unset)."""
     kw = defaults(kw)
-    results = dist_pool.run(WORLD, case_train, plan=plan, **kw)
+    results = dist_pool.run(kw["world"], case_train, plan=plan, **kw)
     ref = reference(kw)
-    sizes = batch_sizes(kw["empty_rank"])
+    sizes = batch_sizes(kw["empty_rank"], kw["world"])
     expected = [
         rows_per_rank(kw["kind"], rows, make_batch(step, sizes, None, False), sizes, TABLES)
         for step, rows in enumerate(ref["outputs"])

@@ -30,10 +30,10 @@ from ._two_nodes import (
 pytestmark = pytest.mark.multiprocess
 
 
-def twrw(rows: int, cols: int, node: int) -> ParameterSharding:
-    """Rows split evenly over the ranks of ``node``."""
-    ranks = range(node * LOCAL, (node + 1) * LOCAL)
-    splits = even_splits(rows, LOCAL)
+def twrw(rows: int, cols: int, node: int, local: int = LOCAL) -> ParameterSharding:
+    """Rows split evenly over the ``local`` ranks of ``node``."""
+    ranks = range(node * local, (node + 1) * local)
+    splits = even_splits(rows, local)
     return sharding(
         "table_row_wise",
         [(at, 0, n, cols, r) for r, (at, n) in zip(ranks, splits, strict=True) if n],
@@ -74,6 +74,22 @@ def test_table_row_wise_mean_weighted_empty_rank_rowwise_adagrad(dist_pool: Any)
 
 def test_table_row_wise_beside_table_wise_in_one_module(dist_pool: Any) -> None:
     check(dist_pool, make_plan(SPEC_MIXED), empty_rank=3)
+
+
+def test_one_node_of_three_without_local_world_size(dist_pool: Any) -> None:
+    # No LOCAL_WORLD_SIZE: one node, whose group is the sharding group itself (a sub-group of the
+    # test pool's four processes here).
+    d = dims("ebc")
+    plan = ShardingPlan({"emb": {t: twrw(*d[t], node=0, local=3) for t in d}})
+    check(dist_pool, plan, world=3, local=None, empty_rank=0)
+
+
+def test_two_nodes_of_one(dist_pool: Any) -> None:
+    # One rank per node: the cross-node group is the sharding group, nothing is reduced inside.
+    d = dims("ebc")
+    nodes = {"t0": 1, "t1": 0, "t2": 1, "t3": 0}
+    plan = ShardingPlan({"emb": {t: twrw(*d[t], node=nodes[t], local=1) for t in d}})
+    check(dist_pool, plan, world=2, local=1, pooling="MEAN")
 
 
 def test_checkpoint_round_trip_and_reshard(dist_pool: Any, tmp_path: Path) -> None:
