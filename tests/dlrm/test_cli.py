@@ -222,7 +222,14 @@ def test_evaluate_mistakes_are_usage_errors(tmp_path: Path, args: list[str], fra
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--world-size", "0"), ("--embedding-dim", "-4"), ("--over-arch-layer-sizes", "4,2")],
+    [
+        ("--world-size", "0"),
+        ("--embedding-dim", "-4"),
+        ("--over-arch-layer-sizes", "4,2"),
+        ("--hbm-gib", "nan"),
+        ("--hbm-gib", "0"),
+        ("--ddr-gib", "inf"),
+    ],
 )
 def test_plan_mistakes_are_usage_errors(option: str, value: str) -> None:
     code, output = invoke("plan", "--world-size", "2", option, value)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from shardrec_dlrm.cli_options import IntList, config_option
+from shardrec_dlrm.cli_options import IntList, Number, config_option
 from shardrec_dlrm.cli_train import model_config_from, model_options
 from shardrec_dlrm.config import OPTIMIZERS, SHARDINGS
 
@@ -27,13 +27,13 @@ GIB = 1 << 30
 )
 @click.option(
     "--hbm-gib",
-    type=click.FloatRange(min=0),
+    type=Number(above=0),
     default=None,
     help="Accelerator memory per rank, GiB [default: the planner's].",
 )
 @click.option(
     "--ddr-gib",
-    type=click.FloatRange(min=0),
+    type=Number(above=0),
     default=None,
     help="Host memory per rank, GiB [default: the planner's].",
 )
