@@ -13,9 +13,10 @@ second with profiling and eviction amortised. Cases: LRU and LFU, eviction every
 100 steps. Contenders: shardrec (admit on first sight; and with a count threshold of 2), TorchRec
 1.8.0's ``MCHManagedCollisionModule`` (which admits new ids only at its eviction runs).
 
-Step workload: 8 tables of ``--step-rows`` rows (100,000: every id of the pool fits, so a step
-mostly looks up; 20,000: the tables are too small, so every step admits and evicts), dim 64,
-batch 4096, 4 ids per feature, fused SGD, forward + backward of the pooled sum. ``plain``: an
+Step workload: 8 tables of ``--step-rows`` rows (default 100,000), dim 64, batch 4096, 4 ids per
+feature: per table Zipf-like ids from a population of 500,000, and one id in 100 (or in 10) brand
+new, so that every step admits new ids and, once a table is full, evicts as many rows; fused SGD,
+forward + backward of the pooled sum. ``plain``: an
 EmbeddingBagCollection fed ``raw id % rows``; ``managed``: the same behind a
 ManagedCollisionEmbeddingBagCollection (LRU, eviction every step) fed the raw ids.
 
@@ -44,7 +45,7 @@ UNIVERSE = 2_000_000
 POOL = 16
 Timed = Callable[[], object]
 # The last managed step module built per row count, for its stats in the report.
-_managed_modules: dict[int, Any] = {}
+_managed_modules: dict[tuple[int, int], Any] = {}
 
 
 def _raw_ids(n: int, universe: int, seed: int) -> torch.Tensor:
@@ -114,7 +115,7 @@ def _torchrec_remap(policy: str, interval: int, zch: int) -> Callable[[], Timed]
     return factory
 
 
-def _step_factories(rows: int) -> dict[str, Callable[[], Timed]]:
+def _step_factories(rows: int, length: int, new_every: int) -> dict[str, Callable[[], Timed]]:
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from shardrec.modules.managed_collision import MCHManagedCollisionModule
     from shardrec.modules.mc_collection import ManagedCollisionCollection
@@ -129,10 +130,19 @@ def _step_factories(rows: int) -> dict[str, Callable[[], Timed]]:
     ]
     keys = [f"f{i}" for i in range(tables)]
     lengths = torch.full((tables * batch,), per, dtype=torch.int64)
-    raw = [
-        torch.cat([_raw_ids(batch * per, UNIVERSE // 4, 1000 * s + t) for t in range(tables)])
-        for s in range(POOL)
-    ]
+    # ``length`` batches, never cycled within a round: per table, Zipf ids from a stable
+    # population, and one id in ``new_every`` brand new (a stream in which new ids keep arriving).
+    n = batch * per
+    gen = torch.Generator().manual_seed(rows)
+    raw = []
+    for s in range(length):
+        per_table = []
+        for t in range(tables):
+            ids = _raw_ids(n, UNIVERSE // 4, 1000 * s + t)
+            fresh = len(range(0, n, new_every))
+            ids[::new_every] = torch.randint(0, 2**62, (fresh,), generator=gen)
+            per_table.append(ids)
+        raw.append(torch.cat(per_table))
 
     def ebc() -> EmbeddingBagCollection:
         return EmbeddingBagCollection(
@@ -161,10 +171,11 @@ def _step_factories(rows: int) -> dict[str, Callable[[], Timed]]:
             pooled, _ = module(batches())
             pooled.values().sum().backward()
 
-        _managed_modules[rows] = module
+        _managed_modules[(rows, new_every)] = module
         return step
 
-    return {f"plain EBC step/{rows}": plain, f"managed EBC step/{rows}": managed}
+    case = f"{rows}/{new_every}"
+    return {f"plain EBC step/{case}": plain, f"managed EBC step/{case}": managed}
 
 
 def _mean_time(fn: Timed, warmup: int, calls: int, clock: Callable[[], float]) -> float:
@@ -175,6 +186,10 @@ def _mean_time(fn: Timed, warmup: int, calls: int, clock: Callable[[], float]) -
     for _ in range(calls):
         fn()
     return (clock() - start) / calls
+
+
+def _step_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
+    return [(args.step_rows, int(n)) for n in args.step_new.split(",")]
 
 
 def main() -> int:
@@ -222,10 +237,9 @@ def main() -> int:
             )
             if peer:
                 remap[f"torchrec/{case}"] = _torchrec_remap(policy, interval, args.zch_size)
-    step_rows = [int(r) for r in args.step_rows.split(",")]
     steps: dict[str, Callable[[], Timed]] = {}
-    for rows in step_rows:
-        steps.update(_step_factories(rows))
+    for rows, new_every in _step_cases(args):
+        steps.update(_step_factories(rows, 2 * POOL + args.iters, new_every))
     contenders = {**remap, **steps}
     # Rounds alternate the order; each round builds fresh modules and warms them up for two
     # passes over the pool (the table fills, eviction reaches its steady state), then times
@@ -265,20 +279,22 @@ def _report(times: dict[str, list[float]], args: argparse.Namespace, peer: bool)
     if not peer:
         print("(TorchRec not run: no .venv-peer, or --no-peer)")
     print("\nstep: 8 tables, dim 64, batch 4096, 4 ids per feature (Zipf 1.05 over 500,000 ids per"
-          " table), fused SGD")  # fmt: skip
-    print("| rows per table | plain EBC ms/step (spread) | managed EBC ms/step (spread) |"
+          " table, one id in ten new), fused SGD")  # fmt: skip
+    print("| rows per table | new ids | plain EBC ms/step (spread) | managed EBC ms/step (spread) |"
           " managed / plain |")  # fmt: skip
-    print("|---|---|---|---|")
-    for rows in [int(r) for r in args.step_rows.split(",")]:
-        plain, managed = times[f"plain EBC step/{rows}"], times[f"managed EBC step/{rows}"]
-        print(f"| {rows:,} | {min(plain) * 1e3:.1f} ({max(plain) / min(plain):.2f}) |"
+    print("|---|---|---|---|---|")
+    for rows, new_every in _step_cases(args):
+        case = f"{rows}/{new_every}"
+        plain, managed = times[f"plain EBC step/{case}"], times[f"managed EBC step/{case}"]
+        print(f"| {rows:,} | 1 in {new_every} |"
+              f" {min(plain) * 1e3:.1f} ({max(plain) / min(plain):.2f}) |"
               f" {min(managed) * 1e3:.1f} ({max(managed) / min(managed):.2f}) |"
               f" {min(managed) / min(plain):.2f}x |")  # fmt: skip
-    for rows, module in sorted(_managed_modules.items()):
-        s = module.stats()["t0"]
-        print(f"managed, {rows:,} rows, table t0 after its last round: occupancy {s.occupancy:,},"
-              f" {s.steps} steps, admitted {s.admitted_total:,}, evicted {s.evicted_total:,},"
-              f" rejected {s.rejected_total:,}")  # fmt: skip
+    for (rows, new_every), module in sorted(_managed_modules.items()):
+        st = module.stats()["t0"]
+        print(f"managed, {rows:,} rows, 1 in {new_every} new, table t0 after its last round:"
+              f" occupancy {st.occupancy:,}, {st.steps} steps, admitted {st.admitted_total:,},"
+              f" evicted {st.evicted_total:,}, rejected {st.rejected_total:,}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ _GOLDEN: Final = -7046029254386353131
 _NO_CLAIM: Final = 2**63 - 1
 # Slots an insert reads at once while it looks for an open slot.
 _INSERT_WINDOW: Final = 16
-# Most slots a lookup reads at once per unsettled id (longer walks take several passes).
+# Slots a lookup reads at once per id not settled at home: first a few, then up to 64 at a time.
+_SHORT_WINDOW: Final = 4
 _LOOKUP_WINDOW: Final = 64
 
 
@@ -96,16 +97,26 @@ class IdRowMap(nn.Module):
             return found
         act_ids = ids.index_select(0, active).unsqueeze(1)
         pos = pos.index_select(0, active)
-        for first in range(1, reach + 1, _LOOKUP_WINDOW):
-            width = min(_LOOKUP_WINDOW, reach + 1 - first)
+        # A short window first: it settles nearly every id (its own slot, or an empty slot that
+        # proves it absent: an id never sits past an empty slot of its run); the rest of the
+        # reach only for those it does not.
+        first = 1
+        while active.numel() > 0 and first <= reach:
+            width = min(_SHORT_WINDOW if first == 1 else _LOOKUP_WINDOW, reach + 1 - first)
             steps = torch.arange(first, first + width, device=ids.device)
-            window = (pos.unsqueeze(1) + steps) & mask
-            flat = window.view(-1)
+            flat = ((pos.unsqueeze(1) + steps) & mask).view(-1)
             w_rows = self.slot_rows.index_select(0, flat).view(-1, width)
             match = (self.slot_ids.index_select(0, flat).view(-1, width) == act_ids) & (w_rows >= 0)
             # At most one slot matches (ids are distinct); -1 where none does.
             row = torch.where(match, w_rows, EMPTY).amax(dim=1)
-            found.index_copy_(0, active, torch.maximum(found.index_select(0, active), row))
+            found.index_copy_(0, active, row)
+            first += width
+            if first > reach:
+                break
+            go_on = ((row < 0) & (w_rows != EMPTY).all(dim=1)).nonzero().squeeze(1)
+            active = active.index_select(0, go_on)
+            act_ids = act_ids.index_select(0, go_on)
+            pos = pos.index_select(0, go_on)
         return found
 
     def insert(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
