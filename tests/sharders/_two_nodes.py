@@ -28,12 +28,14 @@ from shardrec.distributed import (
 from shardrec.distributed.checkpoint import load, save
 
 from ._reference import (
+    TOL,
     Model,
     assert_dense_grads_match,
     assert_outputs_match,
     assert_tables_match,
     build_model,
     local_shards,
+    rank_entries,
     rank_kjt,
     rows_per_rank,
 )
@@ -89,7 +91,9 @@ def batch_sizes(empty_rank: int | None, world: int = WORLD) -> list[int]:
     return [0 if r == empty_rank else 2 + r for r in range(world)]
 
 
-def make_batch(step: int, sizes: list[int], rank: int | None, weighted: bool) -> KeyedJaggedTensor:
+def make_batch(
+    step: int, sizes: list[int], rank: int | None, weighted: bool, weights_grad: bool = False
+) -> KeyedJaggedTensor:
     g = torch.Generator().manual_seed(2000 + step)
     rows = {f: min(r for _, r, _, fs in TABLES if f in fs) for f in KEYS}
     lengths = torch.randint(0, 4, (len(KEYS), sum(sizes)), generator=g)
@@ -98,7 +102,9 @@ def make_batch(step: int, sizes: list[int], rank: int | None, weighted: bool) ->
         for k, f in enumerate(KEYS)
     ]
     wts = [torch.rand(int(lengths[k].sum()), generator=g) + 0.5 for k in range(len(KEYS))]
-    return rank_kjt(KEYS, lengths, ids, wts if weighted else None, sizes, rank)
+    return rank_kjt(
+        KEYS, lengths, ids, wts if weighted else None, sizes, rank, weights_need_grad=weights_grad
+    )
 
 
 def build(kw: dict[str, Any]) -> Model:
@@ -121,26 +127,40 @@ def case_train(env: ShardingEnv, plan: ShardingPlan, **kw: Any) -> dict[str, Any
         dmp = DistributedModelParallel(model, env=env, plan=plan)
     opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR * world)
     sizes = batch_sizes(kw["empty_rank"], world)
-    outputs, dense_grads = [], []
+    outputs, dense_grads, weight_grads = [], [], []
     for step in range(STEPS):
-        rows, loss = dmp(make_batch(step, sizes, env.rank, kw["weighted"]))
+        kjt = make_batch(step, sizes, env.rank, kw["weighted"], kw["weights_grad"])
+        rows, loss = dmp(kjt)
         loss.backward()
         outputs.append(rows.detach().clone())
         dense_grads.append(model.dense.weight.grad.clone() * world)
+        if kw["weights_grad"]:
+            weight_grads.append(kjt.weights().grad.clone())
         opt.step()
         opt.zero_grad()
-    return {"outputs": outputs, "dense_grads": dense_grads, "shards": local_shards(dmp)}
+    return {
+        "outputs": outputs,
+        "dense_grads": dense_grads,
+        "weight_grads": weight_grads,
+        "shards": local_shards(dmp),
+    }
 
 
 def reference(kw: dict[str, Any]) -> dict[str, Any]:
     model = build(kw)
     sizes = batch_sizes(kw["empty_rank"], kw["world"])
-    outputs, dense_grads = [], []
+    outputs, dense_grads, weight_grads = [], [], []
     for step in range(STEPS):
-        rows, loss = model(make_batch(step, sizes, None, kw["weighted"]))
+        kjt = make_batch(step, sizes, None, kw["weighted"], kw["weights_grad"])
+        rows, loss = model(kjt)
         loss.backward()
         outputs.append(rows.detach())
         dense_grads.append(model.dense.weight.grad.clone())
+        if kw["weights_grad"]:
+            # Per rank: its entries of the global batch's weight gradient.
+            grads = torch.split(kjt.weights().grad, kjt.length_per_key())
+            lengths = kjt.lengths().view(len(KEYS), -1)
+            weight_grads.append([rank_entries(lengths, grads, sizes, r) for r in range(len(sizes))])
         with torch.no_grad():
             for p in model.dense.parameters():
                 p -= LR * p.grad
@@ -148,6 +168,7 @@ def reference(kw: dict[str, Any]) -> dict[str, Any]:
     return {
         "outputs": outputs,
         "dense_grads": dense_grads,
+        "weight_grads": weight_grads,
         "weights": model.emb.lookup.table_weights(),
     }
 
@@ -161,6 +182,7 @@ def defaults(kw: dict[str, Any]) -> dict[str, Any]:
         "optimizer": "sgd",
         "world": WORLD,
         "local": LOCAL,
+        "weights_grad": False,
         **kw,
     }
 
@@ -180,6 +202,11 @@ def check(dist_pool: Any, plan: ShardingPlan, **kw: Any) -> None:
     assert_outputs_match(results, expected)
     assert_dense_grads_match(results, ref["dense_grads"])
     assert_tables_match(results, ref["weights"])
+    for step, per_rank in enumerate(ref["weight_grads"]):
+        for r, result in enumerate(results):
+            torch.testing.assert_close(
+                result["weight_grads"][step], per_rank[r], **TOL, msg=f"weights' grad, rank {r}"
+            )
 
 
 # -- checkpoints -------------------------------------------------------------------------------

@@ -76,6 +76,20 @@ def test_table_row_wise_beside_table_wise_in_one_module(dist_pool: Any) -> None:
     check(dist_pool, make_plan(SPEC_MIXED), empty_rank=3)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        # Rank 3 holds no block (t3's one row is on rank 2), yet must return the weights' grad.
+        {"t0": "node0", "t1": "node0", "t2": "node0", "t3": "node1"},
+        # Node 1 holds no table at all.
+        {"t0": "node0", "t1": "node0", "t2": "node0", "t3": "node0"},
+    ],
+    ids=["rank-without-blocks", "node-without-tables"],
+)
+def test_gradients_reach_weights_that_require_grad(dist_pool: Any, spec: dict[str, str]) -> None:
+    check(dist_pool, make_plan(spec), weighted=True, weights_grad=True, pooling="MEAN")
+
+
 def test_one_node_of_three_without_local_world_size(dist_pool: Any) -> None:
     # No LOCAL_WORLD_SIZE: one node, whose group is the sharding group itself (a sub-group of the
     # test pool's four processes here).
