@@ -284,7 +284,7 @@ class NodeRowShardedEmbedding(nn.Module):
             else:
                 partial = out
             # Sender (m, l)'s rows to local rank l: blocks ordered by local rank, then node.
-            grouped = partial.view(nodes, local_size, b_max, width).transpose(0, 1)
+            grouped = partial.reshape(nodes, local_size, b_max, width).transpose(0, 1)
             summed = comm.reduce_scatter_rows(
                 grouped.reshape(rows, width),
                 [nodes * b_max] * local_size,
