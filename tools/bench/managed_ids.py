@@ -14,9 +14,10 @@ second with profiling and eviction amortised. Cases: LRU and LFU, eviction every
 1.8.0's ``MCHManagedCollisionModule`` (which admits new ids only at its eviction runs).
 
 Step workload: 8 tables of ``--step-rows`` rows (default 100,000), dim 64, batch 4096, 4 ids per
-feature: per table Zipf-like ids from a population of 500,000, and one id in 100 (or in 10) brand
-new, so that every step admits new ids and, once a table is full, evicts as many rows; fused SGD,
-forward + backward of the pooled sum. ``plain``: an
+feature: per table Zipf-like ids from a population (50,000: it fits in the table; 500,000: five
+times the table, so the tail keeps missing), and one id in 100 brand new; every step admits new
+ids and, once a table is full, evicts as many rows; fused SGD, forward + backward of the pooled
+sum. ``plain``: an
 EmbeddingBagCollection fed ``raw id % rows``; ``managed``: the same behind a
 ManagedCollisionEmbeddingBagCollection (LRU, eviction every step) fed the raw ids.
 
@@ -115,7 +116,9 @@ def _torchrec_remap(policy: str, interval: int, zch: int) -> Callable[[], Timed]
     return factory
 
 
-def _step_factories(rows: int, length: int, new_every: int) -> dict[str, Callable[[], Timed]]:
+def _step_factories(
+    rows: int, length: int, population: int, new_every: int
+) -> dict[str, Callable[[], Timed]]:
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from shardrec.modules.managed_collision import MCHManagedCollisionModule
     from shardrec.modules.mc_collection import ManagedCollisionCollection
@@ -131,14 +134,15 @@ def _step_factories(rows: int, length: int, new_every: int) -> dict[str, Callabl
     keys = [f"f{i}" for i in range(tables)]
     lengths = torch.full((tables * batch,), per, dtype=torch.int64)
     # ``length`` batches, never cycled within a round: per table, Zipf ids from a stable
-    # population, and one id in ``new_every`` brand new (a stream in which new ids keep arriving).
+    # population of ``population`` ids, and one id in ``new_every`` brand new (a stream in which
+    # new ids keep arriving).
     n = batch * per
     gen = torch.Generator().manual_seed(rows)
     raw = []
     for s in range(length):
         per_table = []
         for t in range(tables):
-            ids = _raw_ids(n, UNIVERSE // 4, 1000 * s + t)
+            ids = _raw_ids(n, population, 1000 * s + t)
             fresh = len(range(0, n, new_every))
             ids[::new_every] = torch.randint(0, 2**62, (fresh,), generator=gen)
             per_table.append(ids)
@@ -171,10 +175,10 @@ def _step_factories(rows: int, length: int, new_every: int) -> dict[str, Callabl
             pooled, _ = module(batches())
             pooled.values().sum().backward()
 
-        _managed_modules[(rows, new_every)] = module
+        _managed_modules[(population, new_every)] = module
         return step
 
-    case = f"{rows}/{new_every}"
+    case = f"{population}/{new_every}"
     return {f"plain EBC step/{case}": plain, f"managed EBC step/{case}": managed}
 
 
@@ -189,7 +193,12 @@ def _mean_time(fn: Timed, warmup: int, calls: int, clock: Callable[[], float]) -
 
 
 def _step_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
-    return [(args.step_rows, int(n)) for n in args.step_new.split(",")]
+    """(population per table, one id in N new) of each step case."""
+    cases = []
+    for case in args.step_cases.split(","):
+        population, new_every = case.split(":")
+        cases.append((int(population), int(new_every)))
+    return cases
 
 
 def main() -> int:
@@ -203,10 +212,11 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--zch-size", type=int, default=200_000)
+    parser.add_argument("--step-rows", type=int, default=100_000, help="rows per table (step)")
     parser.add_argument(
-        "--step-rows",
-        default="100000,20000",
-        help="rows per table of the step cases, comma-separated",
+        "--step-cases",
+        default="50000:100,500000:100",
+        help="step cases, comma-separated POPULATION:N (ids per table, one id in N new)",
     )
     parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
@@ -238,8 +248,8 @@ def main() -> int:
             if peer:
                 remap[f"torchrec/{case}"] = _torchrec_remap(policy, interval, args.zch_size)
     steps: dict[str, Callable[[], Timed]] = {}
-    for rows, new_every in _step_cases(args):
-        steps.update(_step_factories(rows, 2 * POOL + args.iters, new_every))
+    for population, new_every in _step_cases(args):
+        steps.update(_step_factories(args.step_rows, 2 * POOL + args.iters, population, new_every))
     contenders = {**remap, **steps}
     # Rounds alternate the order; each round builds fresh modules and warms them up for two
     # passes over the pool (the table fills, eviction reaches its steady state), then times
@@ -278,23 +288,25 @@ def _report(times: dict[str, list[float]], args: argparse.Namespace, peer: bool)
                 print(f"| {case} | {who} | {BATCH_IDS / best:,.0f} | {max(ts) / best:.2f} | {vs} |")
     if not peer:
         print("(TorchRec not run: no .venv-peer, or --no-peer)")
-    print("\nstep: 8 tables, dim 64, batch 4096, 4 ids per feature (Zipf 1.05 over 500,000 ids per"
-          " table, one id in ten new), fused SGD")  # fmt: skip
-    print("| rows per table | new ids | plain EBC ms/step (spread) | managed EBC ms/step (spread) |"
-          " managed / plain |")  # fmt: skip
-    print("|---|---|---|---|---|")
-    for rows, new_every in _step_cases(args):
-        case = f"{rows}/{new_every}"
+    print("\nstep: 8 tables, dim 64, batch 4096, 4 ids per feature (Zipf 1.05 over a population of"
+          " ids per table, and new ids), LRU evicting every step, fused SGD")  # fmt: skip
+    print("| rows per table | ids per table | new ids | plain EBC ms/step (spread) |"
+          " managed EBC ms/step (spread) | managed / plain |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    rows = args.step_rows
+    for population, new_every in _step_cases(args):
+        case = f"{population}/{new_every}"
         plain, managed = times[f"plain EBC step/{case}"], times[f"managed EBC step/{case}"]
-        print(f"| {rows:,} | 1 in {new_every} |"
+        print(f"| {rows:,} | {population:,} | 1 in {new_every} |"
               f" {min(plain) * 1e3:.1f} ({max(plain) / min(plain):.2f}) |"
               f" {min(managed) * 1e3:.1f} ({max(managed) / min(managed):.2f}) |"
               f" {min(managed) / min(plain):.2f}x |")  # fmt: skip
-    for (rows, new_every), module in sorted(_managed_modules.items()):
+    for (population, new_every), module in sorted(_managed_modules.items()):
         st = module.stats()["t0"]
-        print(f"managed, {rows:,} rows, 1 in {new_every} new, table t0 after its last round:"
-              f" occupancy {st.occupancy:,}, {st.steps} steps, admitted {st.admitted_total:,},"
-              f" evicted {st.evicted_total:,}, rejected {st.rejected_total:,}")  # fmt: skip
+        print(f"managed, population {population:,}, 1 in {new_every} new, table t0 after its last"
+              f" round: occupancy {st.occupancy:,}, {st.steps} steps, admitted"
+              f" {st.admitted_total:,}, evicted {st.evicted_total:,},"
+              f" rejected {st.rejected_total:,}")  # fmt: skip
 
 
 if __name__ == "__main__":

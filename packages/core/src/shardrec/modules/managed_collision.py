@@ -54,6 +54,8 @@ _FREE: Final = 5
 _DEMAND: Final = 6  # ids admitted or rejected since the last eviction run
 _NUM_COUNTERS: Final = 7
 _NEVER: Final = 2**63 - 1  # eviction key of a row that must not be evicted
+# Last read and read count of a free row: above any real score, so no policy picks it.
+_FREE_MARK: Final = 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +126,10 @@ class MCHManagedCollisionModule(nn.Module):
             self._sketch = CountMinSketch(
                 admission.sketch_bits(capacity), admission.depth, device=device
             )
-        self.register_buffer("_last_read", torch.zeros(capacity, dtype=torch.int64, device=device))
-        self.register_buffer("_reads", torch.zeros(capacity, dtype=torch.int64, device=device))
+        for name in ("_last_read", "_reads"):
+            self.register_buffer(
+                name, torch.full((capacity,), _FREE_MARK, dtype=torch.int64, device=device)
+            )
         # A stack of free rows: the top (the end of the used part) is popped first.
         self.register_buffer(
             "_free_rows", torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=device)
@@ -283,25 +287,27 @@ class MCHManagedCollisionModule(nn.Module):
         expired = policy.expired(self._last_read, step)
         victims: torch.Tensor | None = None
         if expired is not None:
-            victims = (expired & self._map.occupied()).nonzero().squeeze(1)
+            victims = expired.nonzero().squeeze(1)  # free rows carry _FREE_MARK: never expired
         if policy.makes_room:
-            need = c[_DEMAND] - c[_FREE]
+            need = min(c[_DEMAND], self.capacity) - c[_FREE]
             if need > 0:
-                occupied = self._map.occupied()
-                # Unique keys (score, then row) so the choice is a pure function of the state;
-                # rows without an id, and rows this batch reads, get the largest key: never picked.
+                # Unique keys (score, then row) so the choice is a pure function of the state.
+                # Free rows (their score is _FREE_MARK, clamped to ``limit``) and the rows this
+                # batch reads (_NEVER) sort last; picks among them are dropped below. A real score
+                # would only reach ``limit`` after about 2^62 / capacity reads or steps.
                 capacity = self.capacity
                 limit = (2**62) // capacity
                 score = policy.score(self._last_read, self._reads).clamp(max=limit)
                 key = score * capacity + torch.arange(capacity, device=score.device)
-                key = torch.where(occupied, key, _NEVER)
                 key.index_fill_(0, hit_rows, _NEVER)
                 if victims is not None:
                     key.index_fill_(0, victims, _NEVER)
                     need -= victims.numel()
-                need = min(need, int((key != _NEVER).sum()))
+                need = min(need, capacity - c[_FREE])
                 if need > 0:
                     worst = torch.topk(key, need, largest=False, sorted=False).indices
+                    real = (key.index_select(0, worst) < limit * capacity).nonzero().squeeze(1)
+                    worst = worst.index_select(0, real)
                     victims = worst if victims is None else torch.cat([victims, worst])
         c[_DEMAND] = 0
         if victims is None or victims.numel() == 0:
@@ -313,8 +319,8 @@ class MCHManagedCollisionModule(nn.Module):
         self._free_rows[top : top + n] = victims.sort(descending=True).values
         c[_FREE] = top + n
         c[_EVICTED] += n
-        self._last_read.index_fill_(0, victims, 0)
-        self._reads.index_fill_(0, victims, 0)
+        self._last_read.index_fill_(0, victims, _FREE_MARK)
+        self._reads.index_fill_(0, victims, _FREE_MARK)
         self._pending_resets.append(victims)
 
     def _warn_full(self) -> None:
