@@ -14,11 +14,12 @@ one after another); a step that computes while its collectives are in flight sho
 named in ``STEPS``: a pipelined training loop is one more entry there, and one more column.
 
 Workload: an EmbeddingBagCollection of 8 tables (100,000 rows, dim 64, one id per feature),
-batch 1024 per rank, every table table-wise (round-robin over the ranks) or row-wise
-(``--sharding``), a Linear 512-256-1 over-arch under DDP, fused SGD, on ``--nproc`` gloo
-processes on CPU. Printed: the step (ms; the slowest rank's median over ``--steps`` steps, best
-of ``--rounds`` rounds that alternate the order of the latencies), the latency it added, the
-collectives per step, and the exposed share.
+batch 1024 per rank, every table table-wise (round-robin over the ranks), row-wise, or
+table-row-wise (``--sharding tw|rw|twrw``; twrw: tables alternate between the nodes of ``--local``
+ranks, rows split inside, its node groups delayed alike), a Linear 512-256-1 over-arch under DDP,
+fused SGD, on ``--nproc`` gloo processes on CPU. Printed: the step (ms; the slowest rank's median
+over ``--steps`` steps, best of ``--rounds`` rounds that alternate the order of the latencies), the
+latency it added, the collectives per step, and the exposed share.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ Step = Callable[[], None]
 
 def _model(sharding: str, world: int, group: dist.ProcessGroup) -> torch.nn.Module:
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
-    from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
+    from shardrec.distributed import (
+        DistributedModelParallel,
+        ParameterSharding,
+        ShardingEnv,
+        ShardingPlan,
+        ShardMetadata,
+    )
+    from shardrec.distributed.node_groups import NodeLayout
     from shardrec.distributed.sharding_plan import row_wise, table_wise
 
     class Model(torch.nn.Module):
@@ -76,12 +84,26 @@ def _model(sharding: str, world: int, group: dist.ProcessGroup) -> torch.nn.Modu
             logits = self.over(self.ebc(kjt).values()).squeeze(1)
             return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
-    plan = {
-        f"t_{f}": table_wise(i % world, ROWS, DIM)
-        if sharding == "tw"
-        else row_wise(ROWS, DIM, world)
-        for i, f in enumerate(FEATURES)
-    }
+    layout = NodeLayout.from_env(world)
+
+    def one(i: int) -> ParameterSharding:
+        if sharding == "tw":
+            return table_wise(i % world, ROWS, DIM)
+        if sharding == "rw":
+            return row_wise(ROWS, DIM, world)
+        # Table-row-wise: tables alternate between the nodes, rows split evenly inside.
+        ranks = layout.ranks_of_node(i % layout.nodes)
+        block = ROWS // len(ranks)
+        return ParameterSharding(
+            sharding_type="table_row_wise",
+            compute_kernel="fused",
+            ranks=tuple(ranks),
+            shards=tuple(
+                ShardMetadata((k * block, 0), (block, DIM), r) for k, r in enumerate(ranks)
+            ),
+        )
+
+    plan = {f"t_{f}": one(i) for i, f in enumerate(FEATURES)}
     return DistributedModelParallel(
         Model(), env=ShardingEnv.from_process_group(group), plan=ShardingPlan({"ebc": plan})
     )
@@ -122,8 +144,24 @@ def blocking_step(model: torch.nn.Module, rank: int) -> Step:
 STEPS: Final[dict[str, Callable[[torch.nn.Module, int], Step]]] = {"blocking": blocking_step}
 
 
+def _delayed_groups(group: Any, sharding: str) -> list[Any]:
+    """The main delayed group and, for table-row-wise, the node groups made on its backend."""
+    from shardrec.distributed import ShardingEnv
+    from shardrec.distributed.latency import DelayedProcessGroup
+    from shardrec.distributed.node_groups import node_groups
+
+    groups = [group]
+    if sharding == "twrw":
+        made = node_groups(ShardingEnv.from_process_group(group))
+        groups += [g for g in (made.intra, made.cross) if isinstance(g, DelayedProcessGroup)]
+    return groups
+
+
 def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
     from shardrec.distributed.latency import new_delayed_group
+
+    if args.local is not None:
+        os.environ["LOCAL_WORLD_SIZE"] = str(args.local)
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(
@@ -135,6 +173,7 @@ def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
         assert group is not None
         for name, build in STEPS.items():
             step = build(_model(args.sharding, world, group), rank)
+            delayed = _delayed_groups(group, args.sharding)
             for _ in range(args.warmup):
                 step()
             best = {ms: float("inf") for ms in args.latency_ms}
@@ -144,15 +183,16 @@ def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
             for round_index in range(args.rounds):
                 order = args.latency_ms if round_index % 2 == 0 else args.latency_ms[::-1]
                 for latency_ms in order:
-                    group.latency_s = latency_ms / 1000
+                    for g in delayed:
+                        g.latency_s = latency_ms / 1000
                     step()
-                    times, issued = [], group.issued
+                    times, issued = [], sum(g.issued for g in delayed)
                     for _ in range(args.steps):
                         dist.barrier()  # on the default (undelayed) group
                         start = time.perf_counter()
                         step()
                         times.append(time.perf_counter() - start)
-                    per_step[latency_ms] = (group.issued - issued) / args.steps
+                    per_step[latency_ms] = (sum(g.issued for g in delayed) - issued) / args.steps
                     slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
                     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                     best[latency_ms] = min(best[latency_ms], float(slowest))
@@ -198,7 +238,13 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--sharding", choices=["tw", "rw"], default="tw")
+    parser.add_argument("--sharding", choices=["tw", "rw", "twrw"], default="tw")
+    parser.add_argument(
+        "--local",
+        type=int,
+        default=None,
+        help="ranks per node (LOCAL_WORLD_SIZE) for twrw; default: one node",
+    )
     parser.add_argument(
         "--latency-ms", type=float, nargs="+", default=[0.0, 1.0, 5.0, 20.0],
         help="latencies to inject; the first is the baseline (0 unless you mean otherwise)",
@@ -213,6 +259,7 @@ def main() -> None:
     print(
         f"DMP step under injected latency: {args.nproc} gloo processes, {TABLES} tables x {ROWS}"
         f" rows x {DIM}, batch {BATCH} per rank, {args.sharding}"
+        + (f", {args.local} ranks per node" if args.local else "")
     )
     print(table(result))
 

@@ -89,12 +89,12 @@ class NodeGroups:
 
 # Groups are made by every rank of the default group together (torch requires it), once per
 # process and layout: a second set would only hold more sockets open.
-_CACHE: dict[tuple[tuple[int, ...], int], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+_CACHE: dict[tuple[tuple[int, ...], int, str], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 _CACHE_WORLD: list[object] = []
 
 
-def _subgroup(sets: list[list[int]]) -> dist.ProcessGroup:
-    group, _ = dist.new_subgroups_by_enumeration(sets)  # type: ignore[no-untyped-call]
+def _subgroup(sets: list[list[int]], backend: str) -> dist.ProcessGroup:
+    group, _ = dist.new_subgroups_by_enumeration(sets, backend=backend)  # type: ignore[no-untyped-call]
     assert isinstance(group, dist.ProcessGroup)
     return group
 
@@ -128,11 +128,13 @@ def node_groups(env: ShardingEnv, local_world_size: int | None = None) -> NodeGr
     if not _CACHE_WORLD or _CACHE_WORLD[0] is not world:
         _CACHE.clear()
         _CACHE_WORLD[:] = [world]
-    key = (tuple(members), local)
+    # The node groups run on the sharding group's backend (a latency simulator's too).
+    backend = str(dist.get_backend(env.pg))
+    key = (tuple(members), local, backend)
     if key not in _CACHE:
         _CACHE[key] = (
-            _subgroup([list(layout.ranks_of_node(n)) for n in range(nodes)]),
-            _subgroup([[n * local + i for n in range(nodes)] for i in range(local)]),
+            _subgroup([list(layout.ranks_of_node(n)) for n in range(nodes)], backend),
+            _subgroup([[n * local + i for n in range(nodes)] for i in range(local)], backend),
         )
     intra, cross = _CACHE[key]
     return NodeGroups(layout, env.rank, intra, cross)
