@@ -270,6 +270,7 @@ def _report(times: dict[str, list[float]], args: argparse.Namespace, peer: bool)
         f"\ncpu, torch {torch.__version__}, threads {args.threads}, rounds {args.rounds},"
         f" clock {'thread CPU time' if args.cpu_time else 'wall'},"
         f" MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}"
+        f" MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_')}"
     )
     print(f"\nremap: zch_size {args.zch_size:,}, {BATCH_IDS:,} ids per batch (Zipf 1.05 over"
           f" {UNIVERSE:,} ids), training mode")  # fmt: skip
