@@ -297,3 +297,10 @@ def test_a_rebuild_keeps_every_id_even_when_a_run_wraps_past_the_last_slot() -> 
     assert int(table.tombstones) == 0
     # Some of the near-end ids now sit in the first slots of the table.
     assert bool((table.row_slots[1:6] < 4).any())
+
+
+def test_the_module_docstring_example() -> None:
+    module = MCHManagedCollisionModule(5, eviction_interval=3)
+    assert module(ids(9137702141, 42, 9137702141, -7, 555)).tolist() == [3, 1, 3, 0, 2]
+    assert module(ids(42, 8)).tolist() == [1, 4]
+    assert module.stats().rejected_total == 1

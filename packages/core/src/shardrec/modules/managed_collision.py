@@ -2,11 +2,11 @@
 
 ::
 
-    zch_size = 5: rows 0..3 for ids, row 4 the default row
+    zch_size = 5, eviction_interval = 3: rows 0..3 for ids, row 4 the default row
     step 1   raw ids   9137702141, 42, 9137702141, -7, 555
              rows      3,          1,  3,          0,  2     new ids take free rows in id order
     step 2   raw ids   42, 8
-             rows      1,  4     table full, eviction every 2 steps: 8 reads the default row
+             rows      1,  4     table full, no eviction run at step 2: 8 reads the default row
 
 The module owns ``zch_size - 1`` rows for ids (its capacity) and reserves the last row,
 ``zch_size - 1``, as the *default row*: every id without a row of its own reads it (ids not yet
@@ -126,9 +126,9 @@ class MCHManagedCollisionModule(nn.Module):
             self._sketch = CountMinSketch(
                 admission.sketch_bits(capacity), admission.depth, device=device
             )
-        for name in ("_last_read", "_reads"):
+        for buffer in ("_last_read", "_reads"):
             self.register_buffer(
-                name, torch.full((capacity,), _FREE_MARK, dtype=torch.int64, device=device)
+                buffer, torch.full((capacity,), _FREE_MARK, dtype=torch.int64, device=device)
             )
         # A stack of free rows: the top (the end of the used part) is popped first.
         self.register_buffer(
