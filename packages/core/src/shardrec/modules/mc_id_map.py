@@ -147,17 +147,17 @@ class IdRowMap(nn.Module):
                 self._claims.index_fill_(0, cand_pos, _NO_CLAIM)
                 winners = cand.index_select(0, at)
                 slots = cand_pos.index_select(0, at)
-                reused = int((self.slot_rows.index_select(0, slots) == DELETED).sum())
-                if reused:
-                    self.tombstones -= reused
+                self.tombstones -= (self.slot_rows.index_select(0, slots) == DELETED).sum()
                 who = pending.index_select(0, winners)
                 won_rows = rows.index_select(0, who)
                 self.slot_ids.index_copy_(0, slots, ids.index_select(0, who))
                 self.slot_rows.index_copy_(0, slots, won_rows)
                 self.row_slots.index_copy_(0, won_rows, slots)
-                won.index_fill_(0, winners, True)
                 moved = (slots - home.index_select(0, who)) & mask
                 farthest = max(farthest, int(moved.max()))
+                if winners.numel() == pending.numel():
+                    break  # every id placed (the usual case: new ids rarely race for a slot)
+                won.index_fill_(0, winners, True)
             keep = (~won).nonzero().squeeze(1)
             pending = pending.index_select(0, keep)
             offset = offset.index_select(0, keep)
