@@ -13,6 +13,10 @@ their users do; TorchRec gets its optimizer through ``apply_optimizer_in_backwar
 TorchRec does not offer row-wise sharding on CPU; the script asks for
 it anyway through a sharder that lists it, and prints ``n/a`` if TorchRec fails.
 
+Also timed: the same shardrec step with ``check_inputs=False`` (the batch checks' cost: table- and
+row-wise fold the check's flag into the split exchange of their input all-to-all), and the one
+all-reduce that a data-parallel table's check adds per forward.
+
 Printed: samples/s over all ranks, by wall clock (best window of ``--steps`` steps over
 ``--repeats`` windows and ``--rounds`` rounds that alternate shardrec and TorchRec) and per
 CPU-second of the busiest rank (what a step costs on an idle machine: this machine is shared), and
@@ -78,7 +82,7 @@ class _Model(torch.nn.Module):
         return loss
 
 
-def _shardrec_step(sharding: str, world: int) -> Any:
+def _shardrec_step(sharding: str, world: int, check_inputs: bool = True) -> Any:
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from shardrec.distributed import DistributedModelParallel, ShardingPlan
     from shardrec.distributed.sharding_plan import row_wise, table_wise
@@ -92,6 +96,7 @@ def _shardrec_step(sharding: str, world: int) -> Any:
         ],
         device="meta",
         fused_params={"optimizer": "sgd", "learning_rate": LR},
+        check_inputs=check_inputs,
     )
     plan = {
         f"t_{f}": table_wise(i % world, r, DIM) if sharding == "tw" else row_wise(r, DIM, world)
@@ -107,6 +112,19 @@ def _shardrec_step(sharding: str, world: int) -> Any:
         loss.backward()
         dense.step()
 
+    def check_us(ids: torch.Tensor, calls: int = 50) -> float:
+        """Median time of the sharded module's local batch check alone, flag read on the host
+        included (table- and row-wise do not read it alone: it rides with the split exchange)."""
+        sharded = model.module.ebc
+        routed = sharded.router.route(KeyedJaggedTensor(keys=FEATURES, values=ids, lengths=lengths))
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            bool(sharded.guard.local_flag(routed))
+            times.append(time.perf_counter() - start)
+        return sorted(times)[calls // 2] * 1e6
+
+    step.check_us = check_us  # type: ignore[attr-defined]
     return step
 
 
@@ -179,7 +197,10 @@ def _worker(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        step = (_torchrec_step if impl == "torchrec" else _shardrec_step)(sharding, world)
+        if impl == "torchrec":
+            step = _torchrec_step(sharding, world)
+        else:
+            step = _shardrec_step(sharding, world, check_inputs=impl == "shardrec")
         batches = _synthetic_batches(rank, 4)
         for i in range(args.warmup):
             step(*batches[i % 4])
@@ -200,11 +221,30 @@ def _worker(
             "samples_per_s": samples / min(windows),
             "samples_per_cpu_s": samples / min(cpu),
         }
+        if impl == "shardrec":
+            result["flag_all_reduce_us"] = _flag_all_reduce_us()
+            result["check_us"] = step.check_us(batches[0][0])
+            result["step_ms"] = min(windows) / args.steps * 1e3
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _flag_all_reduce_us(calls: int = 200) -> float:
+    """Median time of the one collective a data-parallel table's batch check adds per forward
+    (table-, row- and column-wise fold the check into their input all-to-all's split exchange)."""
+    from shardrec.distributed import comm
+
+    flag = torch.zeros((), dtype=torch.bool)
+    group = dist.group.WORLD
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        comm.flagged_ranks(flag, group)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e6
 
 
 def measure(impl: str, sharding: str, world: int, args: Any) -> dict[str, Any]:
@@ -220,6 +260,11 @@ def measure(impl: str, sharding: str, world: int, args: Any) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", choices=["shardrec", "torchrec", "both"], default="both")
+    parser.add_argument(
+        "--no-unchecked",
+        action="store_true",
+        help="skip the shardrec run with check_inputs=False (the batch checks' cost)",
+    )
     parser.add_argument("--sharding", choices=["tw", "rw"], nargs="+", default=["tw", "rw"])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
@@ -235,11 +280,16 @@ def main() -> None:
     # Alternating rounds, best of each: the machine is shared, and alternating puts both sides
     # through the same bursts of load.
     ours: dict[str, dict[str, Any]] = {}
+    unchecked: dict[str, dict[str, Any]] = {}
     peer: dict[str, dict[str, Any]] = {}
     with_peer = args.impl == "both" and peer_available()
     for _ in range(args.rounds):
         for s in args.sharding:
-            keep_best(ours, s, measure("shardrec", s, args.nproc, args), _METRICS)
+            got = measure("shardrec", s, args.nproc, args)
+            keep_best(ours, s, got, _METRICS, ("flag_all_reduce_us", "check_us", "step_ms"))
+            if not args.no_unchecked:
+                got = measure("shardrec-unchecked", s, args.nproc, args)
+                keep_best(unchecked, s, got, _METRICS)
             if with_peer:
                 command = [
                     str(Path(__file__).resolve()), "--impl", "torchrec", "--nproc",
@@ -267,6 +317,30 @@ def main() -> None:
             if theirs.get("error"):
                 line += f"  (TorchRec failed: {theirs['error'][:200]})"
         print(line)
+    for s in args.sharding:
+        mine, off = ours[s], unchecked.get(s, {})
+        if "samples_per_s" in mine and "samples_per_s" in off:
+            wall = off["samples_per_s"] / mine["samples_per_s"] - 1
+            cpu = off["samples_per_cpu_s"] / mine["samples_per_cpu_s"] - 1
+            print(
+                f"{s}: batch checks cost {wall:+.1%} of a step by wall clock, {cpu:+.1%} by CPU"
+                f" time (check_inputs=False: {off['samples_per_s']:.0f} |"
+                f" {off['samples_per_cpu_s']:.0f} samples/s)"
+            )
+    for s in args.sharding:
+        if "check_us" in ours[s]:
+            us, ms = ours[s]["check_us"], ours[s]["step_ms"]
+            print(
+                f"{s}: the local batch check alone takes {us:.0f} us per forward (median),"
+                f" {us / 1e3 / ms:.2%} of the fastest step ({ms:.1f} ms)"
+            )
+    flags = [ours[s].get("flag_all_reduce_us") for s in args.sharding]
+    timed = [f for f in flags if f is not None]
+    if timed:
+        print(
+            f"data-parallel tables' check: one all-reduce of {args.nproc} int32 per forward,"
+            f" median {min(timed):.0f} us (gloo, {args.nproc} processes)"
+        )
 
 
 if __name__ == "__main__":
