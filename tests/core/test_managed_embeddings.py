@@ -244,3 +244,28 @@ def test_the_collection_keeps_lengths_weights_and_other_keys_and_takes_int32_ids
     )
     assert mcc(empty).values().numel() == 0
     assert mcc.stats()["t"].steps == 2
+
+
+def test_torchrec_style_construction_with_keywords_works_unchanged() -> None:
+    from shardrec.modules.mc_policies import LFU_EvictionPolicy
+
+    tables = configs()
+    mc_modules = {
+        t.name: MCHManagedCollisionModule(
+            zch_size=t.num_embeddings,
+            device=torch.device("cpu"),
+            eviction_policy=LFU_EvictionPolicy(),
+            eviction_interval=1,
+        )
+        for t in tables
+    }
+    mcc = ManagedCollisionCollection(managed_collision_modules=mc_modules, embedding_configs=tables)
+    model = ManagedCollisionEmbeddingBagCollection(
+        embedding_bag_collection=EmbeddingBagCollection(tables),
+        managed_collision_collection=mcc,
+        return_remapped_features=True,
+    )
+    pooled, remapped = model(raw_batch(3))
+    assert pooled.keys() == ["u", "i", "j"]
+    assert remapped is not None
+    assert mcc.open_slots()["user"] == 8 - len(raw_batch(3)["u"].values().unique())
