@@ -344,6 +344,7 @@ class ColumnSlicedEmbedding(nn.Module):
 
     @check_inputs.setter
     def check_inputs(self, enabled: bool) -> None:
+        # Set it alike on every rank: the ranks must run the same collectives.
         self.guard.enabled = enabled
 
     def local_table_shards(self) -> dict[str, TableShards]:
