@@ -187,6 +187,12 @@ class DistributedModelParallel(nn.Module):
       nothing is wrapped).
     - ``init_parameters``: materialise parameters left on the meta device (``reset_parameters``).
 
+    A bad batch on any rank (an id outside its table, a negative length, ids that are not
+    integers) raises the same :class:`~shardrec.kernels.BadBatchError` on every rank, naming the
+    rank, the feature, the table and the user's id, before any id is distributed (the sharded
+    modules inherit ``check_inputs`` from the modules they shard). A DMP cannot be deep-copied or
+    pickled (TypeError): copy the unsharded model and shard the copy.
+
     ``model.plan`` prints as a table (``model.plan_report``: the planner's report, when DMP
     planned); ``model.module`` is the model with its sharded parts in
     place; ``model.local_table_shards()`` gives, per sharded module and table, this rank's weight
