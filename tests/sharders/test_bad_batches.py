@@ -17,11 +17,18 @@ import torch
 
 from shardrec import KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
-from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
+from shardrec.distributed.sharding_plan import (
+    column_wise,
+    data_parallel,
+    even_splits,
+    row_wise,
+    table_wise,
+)
 from shardrec.distributed.types import ParameterSharding
 from shardrec.kernels import BadBatchError
 
 from ._reference import build_model
+from ._two_nodes import sharding as sharding_of
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
@@ -31,6 +38,23 @@ KEYS = ["a", "b", "c"]
 WORLD = 2
 EC_DIM = 4  # build_model's EmbeddingCollection puts every table at this dim
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel"]
+# The two-level types on one node of two ranks (LOCAL_WORLD_SIZE unset): bags only.
+TWO_LEVEL = ["table_row_wise", "grid_shard", "table_column_wise"]
+
+
+def two_level(sharding: str, rows: int, dim: int) -> ParameterSharding:
+    """(row offset, col offset, rows, cols, rank) boxes over ranks 0 and 1 of the one node."""
+    row_blocks = even_splits(rows, WORLD)
+    col_blocks = even_splits(dim, WORLD)
+    if sharding == "table_row_wise":
+        boxes = [(r0, 0, n, dim, r) for r, (r0, n) in enumerate(row_blocks)]
+    elif sharding == "table_column_wise":
+        boxes = [(0, c0, rows, n, r) for r, (c0, n) in enumerate(col_blocks)]
+    else:  # grid: every column slice row-split over the node's ranks
+        boxes = [
+            (r0, c0, n, nc, r) for c0, nc in col_blocks for r, (r0, n) in enumerate(row_blocks)
+        ]
+    return sharding_of(sharding, boxes)
 
 
 def plan_for(sharding: str, kind: str = "ebc") -> dict[str, ParameterSharding]:
@@ -43,6 +67,8 @@ def plan_for(sharding: str, kind: str = "ebc") -> dict[str, ParameterSharding]:
             plans[name] = row_wise(rows, dim, WORLD)
         elif sharding == "column_wise":
             plans[name] = column_wise(rows, dim, list(range(WORLD)))
+        elif sharding in TWO_LEVEL:
+            plans[name] = two_level(sharding, rows, dim)
         else:
             plans[name] = data_parallel(rows, dim, WORLD)
     return plans
@@ -127,6 +153,17 @@ def test_an_id_out_of_range_on_one_rank_raises_on_every_rank(
         WORLD, bad_batch_case, kind=kind, sharding=sharding, problem="out_of_range", bad_ranks=[1]
     )
     check_everyone_raised(results, "out_of_range", [1])
+
+
+@pytest.mark.parametrize("problem", ["out_of_range", "negative_length", "float"])
+@pytest.mark.parametrize("sharding", TWO_LEVEL)
+def test_two_level_shardings_raise_on_every_rank(
+    dist_pool: Any, sharding: str, problem: str
+) -> None:
+    results = dist_pool.run(
+        WORLD, bad_batch_case, kind="ebc", sharding=sharding, problem=problem, bad_ranks=[1]
+    )
+    check_everyone_raised(results, problem, [1])
 
 
 @pytest.mark.parametrize("problem", ["negative_length", "float"])

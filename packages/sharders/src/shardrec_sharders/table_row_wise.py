@@ -35,6 +35,7 @@ from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules import EmbeddingBagCollection, PoolingType
 from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
 from shardrec_sharders._common import (
+    BatchGuard,
     EmbeddingSharderBase,
     LocalTable,
     ModuleView,
@@ -107,6 +108,7 @@ class NodeRowShardedEmbedding(nn.Module):
         self.pairs = view.pairs
         self.tables = list(view.configs)
         self.router = PairRouter([p.source for p in view.pairs], owner=kind)
+        self.guard = BatchGuard.of(view, view.pairs, kind, env)
         layout = groups.layout
         world = env.world_size
         self.units = [
@@ -154,6 +156,7 @@ class NodeRowShardedEmbedding(nn.Module):
             pooling_sum=True,
             device=device,
             optimizer=view.optimizer,
+            check_inputs=False,  # the guard checks the user's batch before it moves
         )
         # Columns per node: the units of the node's slices, in unit order.
         node_units = [
@@ -197,34 +200,54 @@ class NodeRowShardedEmbedding(nn.Module):
         routed = self.router.route(kjt)
         world = self.env.world_size
         batch = routed.stride()
+        reject = self.guard.local_flag(routed)
         n_units = len(self.units)
         values = routed.values()
         lpk = routed.length_per_key()
         first = [0]
         for n in lpk:
             first.append(first[-1] + n)
-        # Sample of every id, in the routed (pair-major) layout.
-        sample = torch.repeat_interleave(
-            torch.arange(batch, device=values.device).repeat(len(self.pairs)),
-            routed.lengths().to(torch.int64),
-        )
-        dests, locals_, bags, sources = [], [], [], []
+        # Bucketing is safe on any integers (out-of-range ids land in the first or last block).
+        dests, locals_, sources = [], [], []
         for i, u in enumerate(self.units):
             lo, hi = first[u.pair], first[u.pair + 1]
             ids = values[lo:hi].to(torch.int64)
             block = (torch.bucketize(ids, self._starts[i], right=True) - 1).clamp_(min=0)
             dests.append(self._owners[i][block])
             locals_.append(ids - self._starts[i][block])
-            bags.append(sample[lo:hi] + i * batch)
             sources.append(torch.arange(lo, hi, device=values.device))
         dest = torch.cat(dests) if dests else values.new_zeros(0, dtype=torch.int64)
         local = torch.cat(locals_) if locals_ else dest
+        per_rank = torch.bincount(dest, minlength=world)
+        # The split sizes are read on the host here anyway; the check's flag comes with them.
+        host = torch.cat([per_rank, reject.view(1).to(per_rank.dtype)]).tolist()
+        if host[-1]:
+            # A bad batch (negative lengths would break the bag numbering below): send nothing,
+            # and let the split exchange tell every rank.
+            got = comm.all_to_all_jagged(
+                routed.lengths()[:0],
+                local[:0],
+                None,
+                lengths_per_rank=[0] * world,
+                values_per_rank=[0] * world,
+                batch_size=batch,
+                pg=self.env.pg,
+                reject=reject,
+            )
+            self.guard.raise_for(routed, got.rejected_by)
+        # Sample of every id, in the routed (pair-major) layout.
+        sample = torch.repeat_interleave(
+            torch.arange(batch, device=values.device).repeat(len(self.pairs)),
+            routed.lengths().to(torch.int64),
+        )
+        bags = [
+            sample[first[u.pair] : first[u.pair + 1]] + i * batch for i, u in enumerate(self.units)
+        ]
         bag = torch.cat(bags) if bags else dest
         order = torch.argsort(dest, stable=True)
         counts = torch.bincount(dest * (n_units * batch) + bag, minlength=world * n_units * batch)
         counts = counts.view(world, n_units, batch)
         lengths = torch.cat([counts[r, self.units_of[r]].reshape(-1) for r in range(world)])
-        per_rank = torch.bincount(dest, minlength=world)
         weights = routed.weights_or_none()
         if weights is not None:
             weights = weights[torch.cat(sources)[order]] if sources else weights[:0]
@@ -233,10 +256,13 @@ class NodeRowShardedEmbedding(nn.Module):
             local[order],
             weights,
             lengths_per_rank=[len(self.units_of[r]) * batch for r in range(world)],
-            values_per_rank=[int(x) for x in per_rank.tolist()],
+            values_per_rank=[int(x) for x in host[:-1]],
             batch_size=batch,
             pg=self.env.pg,
+            reject=reject,
         )
+        if got.rejected_by:
+            self.guard.raise_for(routed, got.rejected_by)
         return routed, got
 
     def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | None:
