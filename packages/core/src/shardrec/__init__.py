@@ -9,14 +9,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# --- sparse containers (issue 2) ---
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-# --- end sparse containers ---
-
-# --- embedding modules (issue 3) ---
 # isort: split
 from shardrec.modules import (
+    BadBatchError,
     DataType,
     EmbeddingBagCollection,
     EmbeddingBagConfig,
@@ -24,8 +21,6 @@ from shardrec.modules import (
     EmbeddingConfig,
     PoolingType,
 )
-
-# --- end embedding modules ---
 
 _LAZY_SUBMODULES = frozenset({"distributed"})
 
@@ -36,18 +31,15 @@ def __getattr__(name: str) -> ModuleType:
     raise AttributeError(f"module 'shardrec' has no attribute {name!r}")
 
 
-__all__: list[str] = [  # noqa: RUF022 (sorted within each section)
-    # --- sparse containers (issue 2) ---
+__all__: list[str] = [  # noqa: RUF022 (sparse containers first, then the modules)
     "JaggedTensor",
     "KeyedJaggedTensor",
     "KeyedTensor",
-    # --- end sparse containers ---
-    # --- embedding modules (issue 3) ---
+    "BadBatchError",
     "DataType",
     "EmbeddingBagCollection",
     "EmbeddingBagConfig",
     "EmbeddingCollection",
     "EmbeddingConfig",
     "PoolingType",
-    # --- end embedding modules ---
 ]
