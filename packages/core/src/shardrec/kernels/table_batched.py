@@ -24,8 +24,11 @@ pooling); each group holds one fused tensor, and ``weights[<table>]`` is an ``nn
 a view into it. In plain mode the parameters get ``.grad`` (dense, like ``nn.EmbeddingBag``); with a
 fused optimizer backward updates the touched rows in place, the parameters have
 ``requires_grad=False``, and autograd still flows through the output to whatever produced its
-inputs' consumers. ``table_weights()``/``optimizer_states()`` return views,
-``load_table_weights()``/``load_optimizer_states()`` copy into them. Moving the module
+inputs' consumers. ``deferred_update=True`` (with an optimizer; torch backend) splits the two:
+backward fills ``.grad`` as plain mode does, and :meth:`TableBatchedEmbedding.apply_update` later
+applies the fused optimizer to the rows it is given from the gradients it is given (a data-parallel
+replica sums its gradients over ranks in between). ``table_weights()``/``optimizer_states()``
+return views, ``load_table_weights()``/``load_optimizer_states()`` copy into them. Moving the module
 (``.to(device)``, ``to_empty``) moves the fused storage and re-points the parameters;
 ``.half()``/``.double()`` leave the tables' data types as configured.
 
@@ -88,6 +91,7 @@ class TableBatchedEmbedding(nn.Module):
         backend: KernelBackend | str | None = None,
         device: torch.device | str | None = None,
         check_inputs: bool = True,
+        deferred_update: bool = False,
     ) -> None:
         super().__init__()
         self.tables: tuple[TableSpec, ...] = tuple(tables)
@@ -109,8 +113,13 @@ class TableBatchedEmbedding(nn.Module):
         )
         # None: the default device (``with torch.device("meta"):`` builds on meta, as torch does).
         target = torch.device(device) if device is not None else torch.get_default_device()
-        self.backend = _resolve_backend(
-            requested_backend(backend), self.tables, pooled, is_weighted, optimizer, target
+        self.deferred_update = _check_deferred(deferred_update, optimizer, backend)
+        self.backend = (
+            KernelBackend.TORCH
+            if deferred_update
+            else _resolve_backend(
+                requested_backend(backend), self.tables, pooled, is_weighted, optimizer, target
+            )
         )
         self._groups: list[LookupGroup] = []
         # Per group: its module-level table indices and feature indices (ascending).
@@ -118,10 +127,11 @@ class TableBatchedEmbedding(nn.Module):
         self._group_features: list[list[int]] = []
         self._build_groups(target)
         self.weights = nn.ParameterDict()
+        dense_grads = optimizer is None or deferred_update
         for name, view in self._table_views().items():
-            self.weights[name] = nn.Parameter(view, requires_grad=optimizer is None)
+            self.weights[name] = nn.Parameter(view, requires_grad=dense_grads)
         # Fused mode: a placeholder that requires grad makes autograd call our backward.
-        self._trigger = torch.zeros(0, requires_grad=optimizer is not None)
+        self._trigger = torch.zeros(0, requires_grad=not dense_grads)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -146,6 +156,7 @@ class TableBatchedEmbedding(nn.Module):
                     feature_tables=feature_tables,
                     optimizer=self.optimizer,
                     device=device,
+                    deferred_update=self.deferred_update,
                 )
             else:
                 assert self.optimizer is not None  # _resolve_backend guarantees it
@@ -333,6 +344,55 @@ class TableBatchedEmbedding(nn.Module):
             )
         return self.optimizer
 
+    # ---- deferred update ----------------------------------------------------------------------
+
+    def apply_update(
+        self, grads: Mapping[str, torch.Tensor], rows: Mapping[str, torch.Tensor]
+    ) -> None:
+        """One step of the fused optimizer from given gradients (``deferred_update=True`` only).
+
+        ``rows[table]``: distinct int64 row ids of the table to update; ``grads[table]``: the
+        table's ``[rows, dim]`` gradient (dense, as backward left it in ``.grad``, or summed over
+        ranks), read at those rows only. A table missing from ``rows`` is not updated. Each group
+        of tables stored together counts one update (Adam's step), as one backward in fused mode
+        does; a row left out keeps its weight and its state, as a row no id touched does.
+        """
+        self._require_fused("apply_update")
+        if not self.deferred_update:
+            raise ValueError(
+                "apply_update: this lookup applies its optimizer in backward; build it with"
+                " deferred_update=True to apply updates from given gradients"
+            )
+        names = {spec.name for spec in self.tables}
+        unknown = sorted((set(grads) | set(rows)) - names)
+        if unknown:
+            raise KeyError(f"apply_update: no tables named {unknown}; tables: {sorted(names)}")
+        for group, table_ids in zip(self._groups, self._group_tables, strict=True):
+            assert isinstance(group, TorchGroup)  # deferred lookups run the torch backend
+            ids: list[torch.Tensor] = []
+            values: list[torch.Tensor] = []
+            for local, t in enumerate(table_ids):
+                spec = self.tables[t]
+                picked = rows.get(spec.name)
+                if picked is None or picked.numel() == 0:
+                    continue
+                grad = grads.get(spec.name)
+                expected = (spec.num_embeddings, spec.embedding_dim)
+                if grad is None or tuple(grad.shape) != expected:
+                    got = None if grad is None else tuple(grad.shape)
+                    raise ValueError(
+                        f"apply_update: table {spec.name!r} needs a gradient of shape {expected}"
+                        f" for its rows, got {got}"
+                    )
+                picked = picked.to(device=group.device, dtype=torch.int64)
+                ids.append(picked + group.row_starts[local])
+                values.append(grad.to(group.device).index_select(0, picked).float())
+            if ids:
+                group.apply_rows(torch.cat(ids), torch.cat(values))
+            else:
+                empty = torch.zeros(0, group.dim, device=group.device)
+                group.apply_rows(torch.zeros(0, dtype=torch.int64, device=group.device), empty)
+
     # ---- lookup -------------------------------------------------------------------------------
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor | list[torch.Tensor]:
@@ -419,7 +479,7 @@ class TableBatchedEmbedding(nn.Module):
         return [torch.empty(n, d, device="meta") for n, d in zip(lpk, dims, strict=True)]
 
     def _params_for(self, group: LookupGroup) -> list[torch.Tensor]:
-        if self.optimizer is not None:
+        if self.optimizer is not None and not self.deferred_update:
             return [self._trigger]
         idx = self._groups.index(group)
         return [self.weights[self.tables[t].name] for t in self._group_tables[idx]]
@@ -480,6 +540,21 @@ def _validate(
             raise ValueError(f"feature {f.name!r} reads unknown table {f.table!r}")
         by_feature[f.name] = index[f.table]
     return by_feature
+
+
+def _check_deferred(
+    deferred: bool, optimizer: FusedOptimizerConfig | None, backend: KernelBackend | str | None
+) -> bool:
+    if not deferred:
+        return False
+    if optimizer is None:
+        raise ValueError("deferred_update=True needs a fused optimizer (optimizer=None given)")
+    if backend is not None and requested_backend(backend) is KernelBackend.FBGEMM:
+        raise ValueError(
+            "deferred_update=True runs the torch backend (FBGEMM applies its optimizer only"
+            " inside its own backward); backend='fbgemm' was asked for"
+        )
+    return True
 
 
 def _resolve_backend(

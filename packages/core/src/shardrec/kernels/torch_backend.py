@@ -36,6 +36,8 @@ __all__ = ["TorchGroup"]
 class TorchGroup:
     """Tables that share one data type and one dim, stored in one tensor."""
 
+    deferred_update: bool = False  # a class default, so lookups pickled before it still load
+
     def __init__(
         self,
         *,
@@ -43,10 +45,13 @@ class TorchGroup:
         feature_tables: Sequence[int],
         optimizer: FusedOptimizerConfig | None,
         device: torch.device,
+        deferred_update: bool = False,
     ) -> None:
         self.tables = tuple(tables)
         self.feature_tables = tuple(feature_tables)
         self.optimizer = optimizer
+        # Deferred: backward gives dense gradients (as plain mode); ``apply_rows`` updates later.
+        self.deferred_update = deferred_update
         self.dim = self.tables[0].embedding_dim
         self.dtype = data_type_to_dtype(self.tables[0].data_type)
         starts = [0]
@@ -303,8 +308,9 @@ class TorchGroup:
     def backward_rows(
         self, grad: SparseGrad, num_params: int, sm: _SampleMajor | None = None, batch: int = 0
     ) -> tuple[torch.Tensor | None, ...]:
-        """Apply the fused update (fused mode) or build the tables' dense gradients (plain mode)."""
-        if self.optimizer is not None:
+        """Apply the fused update (fused mode) or build the tables' dense gradients (plain mode,
+        and fused mode with a deferred update)."""
+        if self.optimizer is not None and not self.deferred_update:
             if (
                 sm is not None
                 and sm.key_major
@@ -325,6 +331,15 @@ class TorchGroup:
         dense = dense.to(self.dtype)
         s = self.row_starts
         return tuple(dense[s[i] : s[i + 1]] for i in range(len(self.tables)))
+
+    def apply_rows(self, ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        """One fused-optimizer step: distinct storage rows ``ids`` get the gradients ``grad_rows``
+        (``[len(ids), dim]`` fp32). The step counter advances even when ``ids`` is empty, as one
+        backward of the group does."""
+        assert self.optimizer is not None
+        self.step_count += 1
+        grad = SparseGrad(ids=ids, grad_bags=grad_rows, bag=None, psw=None)
+        apply_fused_update(self.optimizer, self.storage, self.state, grad, int(self.step_count))
 
 
 class _SampleMajor(NamedTuple):
