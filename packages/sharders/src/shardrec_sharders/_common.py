@@ -128,6 +128,15 @@ class PairRouter:
         return kjt if order is None else kjt.permute(order)
 
 
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What an input distribution leaves for the lookup: this rank's routed batch (its own
+    samples, in the order the sharded module reads them) and the ids every rank sent here."""
+
+    routed: KeyedJaggedTensor
+    got: comm.JaggedAllToAllResult
+
+
 class BatchGuard:
     """Checks this rank's batch before it is distributed, and makes a bad batch on any rank
     raise on every rank.
@@ -180,6 +189,12 @@ class BatchGuard:
         problem = self.checker.dtype_problem(routed.values())
         if problem is not None:
             raise BadBatchError(f"rank {self.env.rank}: {problem}", ranks=(self.env.rank,))
+
+    def received(self, routed: KeyedJaggedTensor, got: comm.JaggedAllToAllResult) -> Received:
+        """The context of a finished input distribution; raises on every rank if any rejected."""
+        if got.rejected_by:
+            self.raise_for(routed, got.rejected_by)
+        return Received(routed, got)
 
     def raise_for(self, routed: KeyedJaggedTensor, ranks: Sequence[int]) -> NoReturn:
         """Raise on every rank (all of them call this with the same ``ranks``)."""

@@ -16,8 +16,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from shardrec.distributed import comm
+from shardrec.distributed.async_comm import start_flagged_ranks
+from shardrec.distributed.awaitables import Mapped, Ready
 from shardrec.distributed.types import (
+    Awaitable,
     EmbeddingComputeKernel,
     ParameterSharding,
     ShardingEnv,
@@ -77,14 +79,29 @@ class ReplicatedEmbedding(nn.Module):
         self.lookup = lookup
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
+        return self.compute_and_output_dist(self.input_dist(kjt).wait())
+
+    def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[KeyedJaggedTensor]:
+        """No ids move: only the ranks' agreement on the batch's check is in flight."""
         routed = self.router.route(kjt)
-        if self.guard.enabled:
-            # No collective runs in this forward to carry the check's flag: one tiny all-reduce.
-            bad = comm.flagged_ranks(self.guard.local_flag(routed), self.env.pg)
-            if bad:
-                self.guard.raise_for(routed, bad)
-        else:
-            self.guard.check_alone(routed)
+        if not self.guard.enabled:
+            return Mapped(Ready(routed), self._checked_alone)
+        # No collective runs in this forward to carry the check's flag: one tiny all-reduce.
+        flagged = start_flagged_ranks(self.guard.local_flag(routed), self.env.pg)
+        return Mapped(flagged, lambda bad: self._checked(routed, bad))
+
+    def _checked_alone(self, routed: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        self.guard.check_alone(routed)
+        return routed
+
+    def _checked(self, routed: KeyedJaggedTensor, bad: list[int]) -> KeyedJaggedTensor:
+        if bad:
+            self.guard.raise_for(routed, bad)
+        return routed
+
+    def compute_and_output_dist(
+        self, routed: KeyedJaggedTensor
+    ) -> KeyedTensor | dict[str, JaggedTensor]:
         out = self.lookup.lookup(
             values=routed.values(),
             offsets=routed.offsets(),

@@ -15,13 +15,22 @@ fewer rows than ranks has blocks on some ranks only.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from shardrec.distributed import comm
+from shardrec.distributed.async_comm import start_all_to_all_jagged
+from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.sharding_plan import even_splits
-from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
+from shardrec.distributed.types import (
+    Awaitable,
+    ParameterSharding,
+    ShardingEnv,
+    ShardingType,
+    TableShards,
+)
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules import PoolingType
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -41,6 +50,16 @@ from shardrec_sharders._common import (
     stack_senders,
     table_shards,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RowReceived:
+    """The routed batch, the owner-sorted order of its ids and their owners, the ids received."""
+
+    routed: KeyedJaggedTensor
+    order: torch.Tensor
+    dest: torch.Tensor
+    got: comm.JaggedAllToAllResult
 
 
 class RowShardedEmbedding(nn.Module):
@@ -139,9 +158,8 @@ class RowShardedEmbedding(nn.Module):
             at += n
         return dest, local
 
-    def input_dist(
-        self, kjt: KeyedJaggedTensor
-    ) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor, comm.JaggedAllToAllResult]:
+    def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[RowReceived]:
+        """Bucket the batch's ids by owner block; returns with the split exchange in flight."""
         routed = self.router.route(kjt)
         world = self.env.world_size
         batch = routed.stride()
@@ -155,7 +173,7 @@ class RowShardedEmbedding(nn.Module):
         if host[-1]:
             # A bad batch (negative lengths would break the bag numbering below): send nothing,
             # and let the split exchange tell every rank.
-            got = comm.all_to_all_jagged(
+            rejected = start_all_to_all_jagged(
                 routed.lengths()[:0],
                 local[:0],
                 None,
@@ -165,7 +183,7 @@ class RowShardedEmbedding(nn.Module):
                 pg=self.env.pg,
                 reject=reject,
             )
-            self.guard.raise_for(routed, got.rejected_by)
+            return Mapped(rejected, lambda got: self._received(routed, dest, dest, got))
         # Bag of every id, in the routed (pair-major) layout: pair * batch + sample.
         bag = torch.repeat_interleave(
             torch.arange(n_pairs * batch, device=dest.device), routed.lengths().to(torch.int64)
@@ -182,7 +200,7 @@ class RowShardedEmbedding(nn.Module):
             ]
         )
         weights = routed.weights_or_none()
-        got = comm.all_to_all_jagged(
+        pending = start_all_to_all_jagged(
             lengths,
             local[order],
             None if weights is None else weights[order],
@@ -192,9 +210,17 @@ class RowShardedEmbedding(nn.Module):
             pg=self.env.pg,
             reject=reject,
         )
-        if got.rejected_by:
-            self.guard.raise_for(routed, got.rejected_by)
-        return routed, order, dest, got
+        return Mapped(pending, lambda got: self._received(routed, order, dest, got))
+
+    def _received(
+        self,
+        routed: KeyedJaggedTensor,
+        order: torch.Tensor,
+        dest: torch.Tensor,
+        got: comm.JaggedAllToAllResult,
+    ) -> RowReceived:
+        self.guard.received(routed, got)  # raises on every rank when any rank's batch was bad
+        return RowReceived(routed, order, dest, got)
 
     def compute(
         self, got: comm.JaggedAllToAllResult
@@ -314,7 +340,10 @@ class RowShardedEmbedding(nn.Module):
         return result
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
-        routed, order, dest, got = self.input_dist(kjt)
+        return self.compute_and_output_dist(self.input_dist(kjt).wait())
+
+    def compute_and_output_dist(self, ctx: RowReceived) -> KeyedTensor | dict[str, JaggedTensor]:
+        routed, order, dest, got = ctx.routed, ctx.order, ctx.dest, ctx.got
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)

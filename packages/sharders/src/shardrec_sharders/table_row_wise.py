@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
+from shardrec.distributed.async_comm import start_all_to_all_jagged
+from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.node_groups import NodeGroups, NodeLayout, node_groups
 from shardrec.distributed.sharding_plan import even_splits
-from shardrec.distributed.types import ParameterSharding, ShardingEnv, TableShards
+from shardrec.distributed.types import Awaitable, ParameterSharding, ShardingEnv, TableShards
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules import EmbeddingBagCollection, PoolingType
 from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
@@ -40,6 +42,7 @@ from shardrec_sharders._common import (
     LocalTable,
     ModuleView,
     PairRouter,
+    Received,
     build_local_lookup,
     check_tiling,
     nothing_to_send,
@@ -194,9 +197,8 @@ class NodeRowShardedEmbedding(nn.Module):
 
     # -- the three stages ----------------------------------------------------------------------
 
-    def input_dist(
-        self, kjt: KeyedJaggedTensor
-    ) -> tuple[KeyedJaggedTensor, comm.JaggedAllToAllResult]:
+    def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[Received]:
+        """Bucket the batch's ids by owner block; returns with the split exchange in flight."""
         routed = self.router.route(kjt)
         world = self.env.world_size
         batch = routed.stride()
@@ -224,7 +226,7 @@ class NodeRowShardedEmbedding(nn.Module):
         if host[-1]:
             # A bad batch (negative lengths would break the bag numbering below): send nothing,
             # and let the split exchange tell every rank.
-            got = comm.all_to_all_jagged(
+            rejected = start_all_to_all_jagged(
                 routed.lengths()[:0],
                 local[:0],
                 None,
@@ -234,7 +236,7 @@ class NodeRowShardedEmbedding(nn.Module):
                 pg=self.env.pg,
                 reject=reject,
             )
-            self.guard.raise_for(routed, got.rejected_by)
+            return Mapped(rejected, lambda got: self.guard.received(routed, got))
         # Sample of every id, in the routed (pair-major) layout.
         sample = torch.repeat_interleave(
             torch.arange(batch, device=values.device).repeat(len(self.pairs)),
@@ -251,7 +253,7 @@ class NodeRowShardedEmbedding(nn.Module):
         weights = routed.weights_or_none()
         if weights is not None:
             weights = weights[torch.cat(sources)[order]] if sources else weights[:0]
-        got = comm.all_to_all_jagged(
+        pending = start_all_to_all_jagged(
             lengths,
             local[order],
             weights,
@@ -261,9 +263,7 @@ class NodeRowShardedEmbedding(nn.Module):
             pg=self.env.pg,
             reject=reject,
         )
-        if got.rejected_by:
-            self.guard.raise_for(routed, got.rejected_by)
-        return routed, got
+        return Mapped(pending, lambda got: self.guard.received(routed, got))
 
     def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | None:
         """Partial SUMs of every sender's bags over our blocks: ``[W * B_max, our columns]``."""
@@ -341,7 +341,10 @@ class NodeRowShardedEmbedding(nn.Module):
         return values
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
-        routed, got = self.input_dist(kjt)
+        return self.compute_and_output_dist(self.input_dist(kjt).wait())
+
+    def compute_and_output_dist(self, ctx: Received) -> KeyedTensor:
+        routed, got = ctx.routed, ctx.got
         batch = routed.stride()
         values = self.output_dist(self.compute(got), got, batch)
         dims = [p.dim for p in self.pairs]

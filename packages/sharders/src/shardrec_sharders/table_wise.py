@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
+from shardrec.distributed.async_comm import start_all_to_all_jagged
+from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.types import (
+    Awaitable,
     ParameterSharding,
     ShardingEnv,
     ShardingType,
@@ -38,6 +41,7 @@ from shardrec_sharders._common import (
     LocalTable,
     ModuleView,
     PairRouter,
+    Received,
     StackedInput,
     build_local_lookup,
     nothing_to_send,
@@ -201,9 +205,8 @@ class ColumnSlicedEmbedding(nn.Module):
 
     # -- the three stages ----------------------------------------------------------------------
 
-    def input_dist(
-        self, kjt: KeyedJaggedTensor
-    ) -> tuple[KeyedJaggedTensor, comm.JaggedAllToAllResult]:
+    def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[Received]:
+        """Route the batch's ids to their owners; returns with the split exchange in flight."""
         routed = self.router.route(kjt)
         batch = routed.stride()
         lpk = routed.length_per_key()
@@ -213,7 +216,7 @@ class ColumnSlicedEmbedding(nn.Module):
             values_per_rank.append(sum(lpk[k : k + n]))
             k += n
         # The batch's check rides with the split exchange: no collective, no host read of its own.
-        got = comm.all_to_all_jagged(
+        pending = start_all_to_all_jagged(
             routed.lengths(),
             routed.values(),
             routed.weights_or_none(),
@@ -223,9 +226,7 @@ class ColumnSlicedEmbedding(nn.Module):
             pg=self.env.pg,
             reject=self.guard.local_flag(routed),
         )
-        if got.rejected_by:
-            self.guard.raise_for(routed, got.rejected_by)
-        return routed, got
+        return Mapped(pending, lambda got: self.guard.received(routed, got))
 
     def compute(
         self, got: comm.JaggedAllToAllResult
@@ -324,7 +325,10 @@ class ColumnSlicedEmbedding(nn.Module):
         return result
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
-        routed, got = self.input_dist(kjt)
+        return self.compute_and_output_dist(self.input_dist(kjt).wait())
+
+    def compute_and_output_dist(self, ctx: Received) -> KeyedTensor | dict[str, JaggedTensor]:
+        routed, got = ctx.routed, ctx.got
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)

@@ -26,13 +26,17 @@ import torch.distributed as dist
 from torch import nn
 from typing_extensions import TypeVar
 
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
 __all__ = [
+    "Awaitable",
     "EmbeddingComputeKernel",
     "EmbeddingModuleShardingPlan",
     "LocalShard",
     "ModuleSharder",
     "ParameterSharding",
     "ParameterStorage",
+    "PipelinableModule",
     "ShardMetadata",
     "ShardedEmbeddingModule",
     "ShardingEnv",
@@ -225,6 +229,45 @@ class ShardedEmbeddingModule(Protocol):
     def local_table_shards(self) -> dict[str, TableShards]:
         """Table name -> this rank's shards (weights, fused optimizer state)."""
         ...
+
+
+T_co = TypeVar("T_co", covariant=True)
+C = TypeVar("C")
+
+
+@runtime_checkable
+class Awaitable(Protocol[T_co]):
+    """Communication in flight: ``advance()`` moves it on, ``wait()`` returns its result.
+
+    An input distribution is often two dependent collectives (the split exchange, then the ids it
+    sized): ``advance()`` waits for what must arrive before the next collective can be issued and
+    issues it, without waiting for that one; a pipeline calls it between a batch's forward and
+    backward so the ids travel during the backward. ``wait()`` finishes (calling ``advance()``
+    itself when needed) and may raise: a bad batch raises here, on every rank alike. Both are
+    collective in the sense that every rank calls them, in the same order.
+    """
+
+    def advance(self) -> None: ...
+
+    def wait(self) -> T_co: ...
+
+
+@runtime_checkable
+class PipelinableModule(Protocol[C]):
+    """A sharded module whose forward splits into input distribution and the rest.
+
+    ``forward(kjt)`` must equal ``compute_and_output_dist(input_dist(kjt).wait())``. A training
+    pipeline (:class:`shardrec.distributed.train_pipeline.TrainPipelineSparseDist`) calls
+    ``input_dist`` on the next batch's KJT while the current batch trains, and
+    ``compute_and_output_dist`` in the next batch's forward. ``input_dist`` must not read or
+    change the module's weights (the current batch's backward updates them in between); ``C``,
+    the context, carries whatever ``compute_and_output_dist`` needs (the routed KJT, the ids
+    received). A sharded module without these two methods still works: it is not pipelined.
+    """
+
+    def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[C]: ...
+
+    def compute_and_output_dist(self, ctx: C) -> KeyedTensor | dict[str, JaggedTensor]: ...
 
 
 # The module type a sharder shards; a bare ``ModuleSharder`` means ``ModuleSharder[nn.Module]``.

@@ -1,0 +1,66 @@
+"""Small building blocks for :class:`~shardrec.distributed.types.Awaitable` results.
+
+``Ready(x)`` is a result that needs no communication; ``Mapped(a, fn)`` applies ``fn`` to ``a``'s
+result once (a sharded module's input distribution turns the ids it received into its context
+this way); ``AllOf([a, b])`` advances and waits several, in order (every rank in the same order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Generic
+
+from typing_extensions import TypeVar
+
+from shardrec.distributed.types import Awaitable
+
+__all__ = ["AllOf", "Mapped", "Ready"]
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+
+class Ready(Generic[T]):
+    """An :class:`Awaitable` whose value is already here."""
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+
+    def advance(self) -> None:
+        pass
+
+    def wait(self) -> T:
+        return self._value
+
+
+class Mapped(Generic[S, T]):
+    """``fn`` of ``source``'s result, computed on the first ``wait()`` and kept."""
+
+    def __init__(self, source: Awaitable[S], fn: Callable[[S], T]) -> None:
+        self._source = source
+        self._fn = fn
+        self._done = False
+        self._value: T | None = None
+
+    def advance(self) -> None:
+        self._source.advance()
+
+    def wait(self) -> T:
+        if not self._done:
+            self._value = self._fn(self._source.wait())
+            self._done = True
+        return self._value  # type: ignore[return-value]  # set above; T may include None
+
+
+class AllOf(Generic[T]):
+    """Several awaitables as one: advanced and waited in the order given."""
+
+    def __init__(self, parts: Sequence[Awaitable[T]]) -> None:
+        self._parts = list(parts)
+
+    def advance(self) -> None:
+        for part in self._parts:
+            part.advance()
+
+    def wait(self) -> list[T]:
+        return [part.wait() for part in self._parts]
