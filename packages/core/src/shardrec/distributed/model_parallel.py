@@ -22,12 +22,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from shardrec.distributed.awaitables import AllOf
 from shardrec.distributed.planner import PlanReport, plan_with_report
 from shardrec.distributed.plugins import load_sharder_registry
 from shardrec.distributed.sharding_plan import shardable_modules
 from shardrec.distributed.types import (
+    Awaitable,
     ModuleSharder,
     ParameterSharding,
+    PipelinableModule,
     ShardedEmbeddingModule,
     ShardingEnv,
     ShardingPlan,
@@ -63,9 +66,32 @@ class ShardedModuleGroup(nn.Module):
         self._columns: torch.Tensor | None = None
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
-        outs = [part(kjt) for part in self.parts]
+        return self._merge([part(kjt) for part in self.parts])
+
+    def parts_not_pipelinable(self) -> list[str]:
+        """The type names of parts without the :class:`PipelinableModule` split."""
+        return [type(p).__name__ for p in self.parts if not isinstance(p, PipelinableModule)]
+
+    def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[list[Any]]:
+        """Every part's input distribution, started in part order (raises TypeError when a part
+        has none: see :meth:`parts_not_pipelinable`)."""
+        missing = self.parts_not_pipelinable()
+        if missing:
+            raise TypeError(f"parts {missing} have no input_dist/compute_and_output_dist")
+        parts: list[PipelinableModule[Any]] = list(self.parts)  # type: ignore[arg-type]
+        return AllOf([part.input_dist(kjt) for part in parts])
+
+    def compute_and_output_dist(self, ctx: list[Any]) -> KeyedTensor | dict[str, JaggedTensor]:
+        parts: list[PipelinableModule[Any]] = list(self.parts)  # type: ignore[arg-type]
+        return self._merge(
+            [part.compute_and_output_dist(c) for part, c in zip(parts, ctx, strict=True)]
+        )
+
+    def _merge(
+        self, outs: list[KeyedTensor | dict[str, JaggedTensor]]
+    ) -> KeyedTensor | dict[str, JaggedTensor]:
         if all(isinstance(o, KeyedTensor) for o in outs):
-            kts: list[KeyedTensor] = outs
+            kts: list[KeyedTensor] = outs  # type: ignore[assignment]
             keys = [k for kt in kts for k in kt.keys()]  # noqa: SIM118
             dims = [d for kt in kts for d in kt.length_per_key()]
             values = torch.cat([kt.values() for kt in kts], dim=1)
@@ -87,6 +113,7 @@ class ShardedModuleGroup(nn.Module):
             return KeyedTensor(keys=self.output_names, length_per_key=dims, values=values)
         merged: dict[str, JaggedTensor] = {}
         for o in outs:
+            assert isinstance(o, dict)
             merged.update(o)
         return {name: merged[name] for name in self.output_names}
 
@@ -298,6 +325,23 @@ class DistributedModelParallel(nn.Module):
     def named_sharded_modules(self) -> Iterator[tuple[str, nn.Module]]:
         for fqn in self._sharded_fqns:
             yield fqn, self._module.get_submodule(fqn) if fqn else self._module
+
+    def pipelinable_modules(self) -> tuple[dict[str, PipelinableModule[Any]], dict[str, str]]:
+        """The sharded modules whose forward splits into input distribution and the rest (FQN ->
+        module), and why each other one cannot be pipelined (FQN -> reason)."""
+        able: dict[str, PipelinableModule[Any]] = {}
+        unable: dict[str, str] = {}
+        for fqn, m in self.named_sharded_modules():
+            if isinstance(m, ShardedModuleGroup):
+                missing = m.parts_not_pipelinable()
+                if missing:
+                    unable[fqn] = f"its parts {missing} have no input_dist/compute_and_output_dist"
+                    continue
+            if isinstance(m, PipelinableModule):
+                able[fqn] = m
+            else:
+                unable[fqn] = f"{type(m).__name__} has no input_dist/compute_and_output_dist"
+        return able, unable
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """The unsharded model's keys (``ebc.embedding_bags.t0.weight`` ...); a sharded table's

@@ -1,0 +1,311 @@
+"""Training loops that hide the sparse input distribution behind the previous batch's compute.
+
+::
+
+    pipeline = TrainPipelineSparseDist(dmp, dense_optimizer, device)
+    it = iter(dataloader)
+    while True:
+        try:
+            output = pipeline.progress(it)    # one training step
+        except StopIteration:
+            break
+
+``model(batch)`` must return ``(loss, output)`` (or pass ``forward=``). One step of
+:class:`TrainPipelineSparseDist`, with batch ``i`` current::
+
+    1. next(it) -> batch i+1, copied to the device; for every pipelined sharded module,
+       input_dist(batch i+1's KJT): its split exchange is now in flight
+    2. forward(batch i): each pipelined module waits for batch i's ids (sent a step ago) and runs
+       compute_and_output_dist
+    3. advance batch i+1's input distributions: wait for the splits, issue the ids' all-to-all
+    4. backward(batch i), optimizer step: batch i+1's ids travel meanwhile
+
+The weights each batch sees are the plain loop's (:class:`TrainPipelineBase`): an input
+distribution moves ids only, and batch ``i+1``'s lookup runs in its own forward, after batch
+``i``'s update. A bad batch raises its :class:`~shardrec.kernels.BadBatchError` on every rank in
+that batch's forward, as in the plain loop; the pipeline can go on with the following batch.
+
+Which modules are pipelined is learnt on the first step, which runs unpipelined: a sharded module
+of a :class:`~shardrec.distributed.DistributedModelParallel` in the model is pipelined when it
+implements :class:`~shardrec.distributed.types.PipelinableModule` and the forward called it once,
+with a KJT that the batch holds as it came from the dataloader (a field of a dataclass batch, an
+item of a tuple, list or dict, or the batch itself). Any other (the model builds or transforms the
+KJT first, a plugin sharder without the split) runs as before, and the pipeline says so with one
+:class:`PipelineFallbackWarning` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Protocol, Self
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import TypeVar
+
+from shardrec.distributed.model_parallel import DistributedModelParallel
+from shardrec.distributed.types import Awaitable, PipelinableModule
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+__all__ = [
+    "PipelineFallbackWarning",
+    "Pipelineable",
+    "TrainPipeline",
+    "TrainPipelineBase",
+    "TrainPipelineSparseDist",
+]
+
+
+class Pipelineable(Protocol):
+    """A batch: it copies itself to a device (``non_blocking`` from pinned memory)."""
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Self: ...
+
+
+B = TypeVar("B", bound=Pipelineable)
+Out = TypeVar("Out")
+ModelForward = Callable[[nn.Module, B], tuple[torch.Tensor, Out]]
+
+
+class PipelineFallbackWarning(UserWarning):
+    """A sharded module that the pipeline runs unpipelined (its message says which and why)."""
+
+
+def _call_model(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+    loss, output = model(batch)
+    return loss, output
+
+
+Out_co = TypeVar("Out_co", covariant=True)
+
+
+class TrainPipeline(Protocol[Out_co]):
+    """One training step per ``progress``; StopIteration when the iterator is exhausted."""
+
+    def progress(self, dataloader_iter: Iterator[Any]) -> Out_co: ...
+
+
+class TrainPipelineBase(Generic[B, Out]):
+    """The plain loop: copy, forward, backward, optimizer step; one batch at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        device: torch.device,
+        *,
+        forward: ModelForward[B, Out] = _call_model,
+    ) -> None:
+        self._model = model
+        self._optimizer = optimizer
+        self._device = device
+        self._forward = forward
+
+    def progress(self, dataloader_iter: Iterator[B]) -> Out:
+        batch = next(dataloader_iter).to(self._device, non_blocking=True)
+        loss, output = self._forward(self._model, batch)
+        self._backward_and_step(loss)
+        return output
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        if self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        if self._optimizer is not None:
+            self._optimizer.step()
+
+
+Output = KeyedTensor | dict[str, JaggedTensor]
+
+
+class _PipelinedForward:
+    """Installed as a pipelined module's ``forward``: given the KJT whose input distribution the
+    pipeline started, it finishes that one; any other call (an evaluation between steps) runs the
+    module's own forward."""
+
+    def __init__(self, module: PipelinableModule[Any], original: Callable[..., Output]) -> None:
+        self.module = module
+        self.original = original
+        self.slot: tuple[KeyedJaggedTensor, Awaitable[Any]] | None = None
+
+    def __call__(self, kjt: KeyedJaggedTensor, *args: Any, **kwargs: Any) -> Output:
+        slot = self.slot
+        if slot is not None and kjt is slot[0] and not args and not kwargs:
+            self.slot = None
+            return self.module.compute_and_output_dist(slot[1].wait())
+        return self.original(kjt, *args, **kwargs)
+
+
+@dataclasses.dataclass(slots=True)
+class _Staged(Generic[B]):
+    """A batch on the device and its modules' input distributions in flight (FQN -> KJT, work)."""
+
+    batch: B
+    pending: dict[str, tuple[KeyedJaggedTensor, Awaitable[Any]]]
+
+
+def _kjts(batch: object) -> dict[str, KeyedJaggedTensor]:
+    """The KJTs a batch holds directly, by where they sit in it."""
+    if isinstance(batch, KeyedJaggedTensor):
+        return {"": batch}
+    items: list[tuple[str, object]]
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        items = [(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)]
+    elif isinstance(batch, tuple | list):
+        items = [(str(i), v) for i, v in enumerate(batch)]
+    elif isinstance(batch, dict):
+        items = [(str(k), v) for k, v in batch.items()]
+    else:
+        return {}
+    return {k: v for k, v in items if isinstance(v, KeyedJaggedTensor)}
+
+
+class TrainPipelineSparseDist(Generic[B, Out]):
+    """Distributes batch ``i+1``'s ids while batch ``i`` trains (see the module docstring).
+
+    ``model``: a :class:`DistributedModelParallel`, or a module holding one; ``model(batch)``
+    returns ``(loss, output)`` unless ``forward(model, batch)`` says otherwise. ``optimizer``:
+    the dense optimizer (None when every parameter is fused). ``progress`` returns the step's
+    output and reads nothing back to the host.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        device: torch.device,
+        *,
+        forward: ModelForward[B, Out] = _call_model,
+    ) -> None:
+        self._plain: TrainPipelineBase[B, Out] = TrainPipelineBase(
+            model, optimizer, device, forward=forward
+        )
+        self._model = model
+        self._device = device
+        self._forward = forward
+        self._candidates: dict[str, PipelinableModule[Any]] = {}
+        self._unable: dict[str, str] = {}
+        for prefix, sub in model.named_modules():
+            if isinstance(sub, DistributedModelParallel):
+                able, unable = sub.pipelinable_modules()
+                dot = f"{prefix}." if prefix else ""
+                self._candidates.update({f"{dot}{k}": m for k, m in able.items()})
+                self._unable.update({f"{dot}{k or '<root>'}": r for k, r in unable.items()})
+        self._sources: dict[str, str] = {}  # pipelined module -> where its KJT sits in a batch
+        self._forwards: dict[str, _PipelinedForward] = {}
+        self._probed = False
+        self._exhausted = False
+        self._next: _Staged[B] | None = None
+
+    @property
+    def pipelined_modules(self) -> list[str]:
+        """The sharded modules whose input distribution runs ahead (known after one step)."""
+        return list(self._sources)
+
+    def progress(self, dataloader_iter: Iterator[B]) -> Out:
+        if not self._probed:
+            output = self._probe_step(next(dataloader_iter).to(self._device, non_blocking=True))
+            self._next = self._stage(dataloader_iter)
+            return output
+        current, self._next = self._next, None
+        if current is None:
+            self.close()
+            raise StopIteration
+        # Started before this batch's forward, so that its split exchange overlaps the forward;
+        # kept before the forward runs, so that a bad batch's error leaves the pipeline able to go
+        # on with the next one.
+        upcoming = self._stage(dataloader_iter)
+        self._next = upcoming
+        for fqn, (kjt, work) in current.pending.items():
+            self._forwards[fqn].slot = (kjt, work)
+        try:
+            loss, output = self._forward(self._model, current.batch)
+        finally:
+            for pf in self._forwards.values():
+                pf.slot = None
+        if upcoming is not None:
+            for _, work in upcoming.pending.values():
+                work.advance()
+        self._plain._backward_and_step(loss)
+        return output
+
+    def close(self) -> None:
+        """Give the pipelined modules their own forward back (done when the data runs out)."""
+        for pf in self._forwards.values():
+            module = pf.module
+            assert isinstance(module, nn.Module)
+            if module.__dict__.get("forward") is pf:
+                del module.__dict__["forward"]
+        self._forwards.clear()
+        self._next = None
+        self._exhausted = True
+
+    def _stage(self, dataloader_iter: Iterator[B]) -> _Staged[B] | None:
+        if self._exhausted:
+            return None
+        try:
+            batch = next(dataloader_iter).to(self._device, non_blocking=True)
+        except StopIteration:
+            self._exhausted = True
+            return None
+        kjts = _kjts(batch)
+        pending: dict[str, tuple[KeyedJaggedTensor, Awaitable[Any]]] = {}
+        for fqn, source in self._sources.items():
+            kjt = kjts[source]
+            pending[fqn] = (kjt, self._candidates[fqn].input_dist(kjt))
+        return _Staged(batch, pending)
+
+    def _probe_step(self, batch: B) -> Out:
+        """One plain step that records what each sharded module is called with."""
+        calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {
+            fqn: [] for fqn in self._candidates
+        }
+        handles: list[RemovableHandle] = []
+        for fqn, module in self._candidates.items():
+            assert isinstance(module, nn.Module)
+
+            def record(
+                _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], fqn: str = fqn
+            ) -> None:
+                calls[fqn].append((args, kwargs))
+
+            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+        try:
+            loss, output = self._forward(self._model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._plain._backward_and_step(loss)
+        self._probed = True
+        by_identity = {id(kjt): key for key, kjt in _kjts(batch).items()}
+        reasons = dict(self._unable)
+        for fqn, seen in calls.items():
+            if len(seen) != 1:
+                reasons[fqn] = f"the forward called it {len(seen)} times, not once"
+                continue
+            args, kwargs = seen[0]
+            if len(args) != 1 or kwargs or id(args[0]) not in by_identity:
+                reasons[fqn] = (
+                    "it is not called with a KeyedJaggedTensor of the batch as the dataloader"
+                    " gave it (the model builds or transforms its KJT first)"
+                )
+                continue
+            self._sources[fqn] = by_identity[id(args[0])]
+        for fqn in self._sources:
+            module = self._candidates[fqn]
+            assert isinstance(module, nn.Module)
+            pf = _PipelinedForward(module, module.forward)
+            # An instance attribute shadows the class's forward for nn.Module.__call__.
+            module.__dict__["forward"] = pf
+            self._forwards[fqn] = pf
+        for fqn, reason in reasons.items():
+            warnings.warn(
+                f"TrainPipelineSparseDist: sharded module {fqn!r} is not pipelined: {reason};"
+                " its input distribution runs, blocking, inside the forward",
+                PipelineFallbackWarning,
+                stacklevel=3,
+            )
+        return output
