@@ -236,6 +236,7 @@ def build_local_lookup(
     device: torch.device,
     optimizer: FusedOptimizerConfig | None,
     check_inputs: bool = True,
+    deferred_update: bool = False,
 ) -> TableBatchedEmbedding | None:
     """The fused kernel over this rank's shards, filled from the unsharded module.
 
@@ -243,6 +244,8 @@ def build_local_lookup(
     nothing. ``pooling_sum`` forces SUM pooling (row-wise: partial sums, MEAN applied after).
     ``check_inputs``: whether the kernel checks the (shard-local) ids it gets; a sharded module
     that checks the user's batch with a :class:`BatchGuard` before distributing it passes False.
+    ``deferred_update``: backward leaves the gradients to the caller, which applies the fused
+    optimizer later (a data-parallel replica, after summing them over ranks).
     """
     if not local_tables:
         return None
@@ -269,6 +272,7 @@ def build_local_lookup(
         optimizer=optimizer,
         device=device,
         check_inputs=check_inputs,
+        deferred_update=deferred_update,
     )
     if view.weights is None:
         init = {}

@@ -1,12 +1,19 @@
 """Data-parallel sharding: every rank holds a full replica of each table.
 
     input dist   nothing: each rank looks up its own batch
-    lookup       the fused kernel in plain mode: the tables are ordinary parameters with ``.grad``
+    lookup       the fused kernel over the replica
     output dist  nothing
 
-DistributedModelParallel wraps these parameters in DistributedDataParallel with the dense layers,
-so their gradients are all-reduced and a torch optimizer (the one training the dense layers)
-steps them: replicas stay identical. Fused optimizers do not apply to data-parallel tables.
+Without a fused optimizer (the module's ``fused_params`` name none) the replica's tables are
+ordinary parameters with ``.grad``: DistributedModelParallel wraps them in DistributedDataParallel
+with the dense layers, so their gradients are all-reduced and the torch optimizer that trains the
+dense layers steps them.
+
+With a fused optimizer (SGD, Adagrad, row-wise Adagrad, Adam) the replica is a lookup with a
+deferred update: after backward one all-reduce sums every table's gradient and touched rows over
+the ranks, and every rank applies the fused optimizer to the rows any rank touched (see
+``replica_sync``). DDP and the torch optimizer leave these tables alone (their ``.grad`` is None
+after backward), and the replicas stay bit-identical.
 """
 
 from __future__ import annotations
@@ -37,15 +44,20 @@ from shardrec_sharders._common import (
     sequence_output,
     table_shards,
 )
+from shardrec_sharders.replica_sync import ReplicaSync
 
 
 class ReplicatedEmbedding(nn.Module):
-    """A replica of some tables of an EBC/EC; its weights are trained through DDP."""
+    """A replica of some tables of an EBC/EC: trained by the module's fused optimizer after one
+    all-reduce per backward, or (no fused optimizer) through DDP and the dense optimizer."""
 
     replicated = True  # DistributedModelParallel leaves these parameters to DDP
 
     def __init__(self, view: ModuleView, device: torch.device, kind: str, env: ShardingEnv) -> None:
         super().__init__()
+        fused = view.optimizer is not None
+        # A fused replica syncs itself: DDP must not average its (dropped) gradients too.
+        self.replicated = not fused
         self.env = env
         self.guard = BatchGuard.of(view, view.pairs, kind, env)
         self.pooled = view.pooled
@@ -72,11 +84,16 @@ class ReplicatedEmbedding(nn.Module):
             [(p.name, p.table) for p in view.pairs],
             pooling_sum=False,
             device=device,
-            optimizer=None,
+            optimizer=view.optimizer,
             check_inputs=False,  # the guard checks the user's batch
+            deferred_update=fused,
         )
         assert lookup is not None
         self.lookup = lookup
+        self.sync: ReplicaSync | None = None
+        if fused:
+            self.sync = ReplicaSync(lookup, env.pg)
+            self.sync.broadcast_from_first_rank()
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
         return self.compute_and_output_dist(self.input_dist(kjt).wait())

@@ -346,6 +346,22 @@ class TableBatchedEmbedding(nn.Module):
 
     # ---- deferred update ----------------------------------------------------------------------
 
+    def take_touched_rows(self) -> dict[str, torch.Tensor]:
+        """``{table: [rows] bool mask}``: the rows whose ids some backward read since the last
+        call (``deferred_update=True`` only), then forgotten. With per-id weights of 0 or a zero
+        output gradient a row can be touched with a zero gradient: Adam still updates it, as in
+        fused mode."""
+        if not self.deferred_update:
+            raise ValueError("take_touched_rows: this lookup has no deferred update")
+        out: dict[str, torch.Tensor] = {}
+        for group, table_ids in zip(self._groups, self._group_tables, strict=True):
+            assert isinstance(group, TorchGroup)  # deferred lookups run the torch backend
+            mask = group.take_touched()
+            s = group.row_starts
+            for local, t in enumerate(table_ids):
+                out[self.tables[t].name] = mask[s[local] : s[local + 1]]
+        return {spec.name: out[spec.name] for spec in self.tables}
+
     def apply_update(
         self, grads: Mapping[str, torch.Tensor], rows: Mapping[str, torch.Tensor]
     ) -> None:

@@ -36,7 +36,9 @@ __all__ = ["TorchGroup"]
 class TorchGroup:
     """Tables that share one data type and one dim, stored in one tensor."""
 
-    deferred_update: bool = False  # a class default, so lookups pickled before it still load
+    # Class defaults, so lookups pickled before deferred updates existed still load.
+    deferred_update: bool = False
+    touched: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -52,6 +54,8 @@ class TorchGroup:
         self.optimizer = optimizer
         # Deferred: backward gives dense gradients (as plain mode); ``apply_rows`` updates later.
         self.deferred_update = deferred_update
+        # Deferred: the rows some backward read an id of since the last ``take_touched``.
+        self.touched: torch.Tensor | None = None
         self.dim = self.tables[0].embedding_dim
         self.dtype = data_type_to_dtype(self.tables[0].data_type)
         starts = [0]
@@ -326,11 +330,24 @@ class TorchGroup:
             step = int(self.step_count)
             apply_fused_update(self.optimizer, self.storage, self.state, grad, step)
             return (None,) * num_params
+        if self.deferred_update:
+            if self.touched is None or self.touched.device != grad.ids.device:
+                self.touched = torch.zeros(self.num_rows, dtype=torch.bool, device=grad.ids.device)
+            self.touched[grad.ids] = True
         dense = torch.zeros(self.num_rows, self.dim, dtype=torch.float32, device=grad.ids.device)
         grad.scatter_into(dense, grad.ids, 1.0)
         dense = dense.to(self.dtype)
         s = self.row_starts
         return tuple(dense[s[i] : s[i + 1]] for i in range(len(self.tables)))
+
+    def take_touched(self) -> torch.Tensor:
+        """Deferred mode: a ``[num_rows]`` bool mask of the rows backward saw an id of since the
+        last call (then cleared)."""
+        touched = self.touched
+        self.touched = None
+        if touched is None:
+            return torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
+        return touched
 
     def apply_rows(self, ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """One fused-optimizer step: distinct storage rows ``ids`` get the gradients ``grad_rows``
