@@ -124,7 +124,7 @@ def test_report_shows_rows_read_bytes_sent_and_the_step() -> None:
     for column in ("read (GB)", "sent intra (MB)", "sent inter (MB)", "step (ms)"):
         assert column in text
     assert f"estimated step: {report.step * 1e3:.3f} ms" in text
-    assert "data_parallel not offered for 2 table(s) trained by the fused optimizer 'adam'" in text
+    assert "not offered" not in text  # the data-parallel sharder applies fused Adam
     busiest = max(report.ranks, key=lambda r: r.perf)
     assert busiest.perf == pytest.approx(busiest.compute + busiest.comm)
     assert any(r.sent_inter > 0 for r in report.ranks)  # two hosts: some bytes cross

@@ -321,23 +321,49 @@ def test_mlperf_dcnv2_tables_on_meta(world_size: int) -> None:
     print(f"planned {world_size} ranks in {elapsed:.2f} s")
 
 
-def test_fused_optimizer_tables_are_not_made_data_parallel_unless_asked() -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_fused_optimizer_tables_are_made_data_parallel_when_cheapest(optimizer: str) -> None:
     from shardrec.modules import EmbeddingBagCollection
 
-    tables = configs([3, 5])  # tiny: data-parallel would be cheapest
-    fused = EmbeddingBagCollection(tables, device="meta", fused_params={"optimizer": "adam"})
-    plain = EmbeddingBagCollection(tables, device="meta")
+    tables = configs([3, 5])  # tiny: data-parallel is cheapest
+    fused = EmbeddingBagCollection(tables, device="meta", fused_params={"optimizer": optimizer})
+    planner = EmbeddingShardingPlanner(Topology(world_size=4))
+    plan = planner.plan(fused, [FakeSharder(module_type=EmbeddingBagCollection)]).plan[""]
+    assert {ps.sharding_type for ps in plan.values()} == {"data_parallel"}
+    assert planner.last_report is not None
+    assert "not offered" not in str(planner.last_report)
 
-    def plan_of(module: nn.Module, **constraints: ParameterConstraints) -> dict[str, str]:
-        planner = EmbeddingShardingPlanner(Topology(world_size=4), constraints=constraints)
-        sharder = FakeSharder(module_type=EmbeddingBagCollection)
-        out = planner.plan(module, [sharder]).plan[""]
-        return {t: ps.sharding_type for t, ps in out.items()}
 
-    assert set(plan_of(plain).values()) == {"data_parallel"}
-    assert "data_parallel" not in plan_of(fused).values()
-    forced = plan_of(fused, t0=ParameterConstraints(sharding_types=["data_parallel"]))
-    assert forced["t0"] == "data_parallel"
+def test_an_optimizer_the_data_parallel_sharder_cannot_apply_withholds_it() -> None:
+    from shardrec.distributed.planner.enumerator import withholds_data_parallel
+    from shardrec.distributed.planner.types import TableSpec
+    from shardrec.modules import EmbeddingBagCollection
+
+    offered = ["data_parallel", "table_wise"]
+
+    def spec(optimizer: str | None) -> TableSpec:
+        return TableSpec(
+            module_path="",
+            param_name="t0",
+            num_embeddings=3,
+            embedding_dim=16,
+            module_type=EmbeddingBagCollection,
+            optimizer=optimizer,
+        )
+
+    assert withholds_data_parallel(spec("lamb"), offered)
+    assert not withholds_data_parallel(spec("lamb"), ["data_parallel"])  # nothing else offered
+    for name in ("sgd", "exact_adagrad", "rowwise_adagrad", "row_wise_adagrad", "adam", "none"):
+        assert not withholds_data_parallel(spec(name), offered), name
+    assert not withholds_data_parallel(spec(None), offered)
+
+
+def test_fused_adam_state_is_priced_for_data_parallel_tables() -> None:
+    from shardrec.modules import EmbeddingBagCollection
+
+    fused = EmbeddingBagCollection(
+        configs([3, 5]), device="meta", fused_params={"optimizer": "adam"}
+    )
     # The module's own fused optimizer prices the state: Adam keeps two floats per weight.
     planner = EmbeddingShardingPlanner(Topology(world_size=4))
     planner.plan(fused, [FakeSharder(module_type=EmbeddingBagCollection)])

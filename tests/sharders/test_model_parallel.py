@@ -119,8 +119,8 @@ def test_single_process_without_a_group_matches_unsharded() -> None:
 
 
 def test_data_parallel_table_of_a_module_with_a_stateful_fused_optimizer() -> None:
-    # Data-parallel tables are trained by the dense optimizer: the module's row-wise Adagrad
-    # state has no place in their lookup, and sharding must not trip over it.
+    # Data-parallel tables are trained by the module's fused optimizer (row-wise Adagrad here),
+    # state included, as the unsharded module trains them; no .grad is left for a dense optimizer.
     def ebc() -> EmbeddingBagCollection:
         torch.manual_seed(7)
         return EmbeddingBagCollection(
@@ -134,13 +134,19 @@ def test_data_parallel_table_of_a_module_with_a_stateful_fused_optimizer() -> No
 
     plan = ShardingPlan({"": {"t": data_parallel(10, 4, 1)}})
     model = DistributedModelParallel(ebc(), env=ShardingEnv.from_local(1, 0), plan=plan)
+    reference = ebc()
     kjt = KeyedJaggedTensor(
         keys=["a"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1])
     )
-    torch.testing.assert_close(model(kjt).values(), ebc()(kjt).values())
+    torch.testing.assert_close(model(kjt).values(), reference(kjt).values())
     model(kjt).values().sum().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads, "a data-parallel table leaves .grad for the dense optimizer"
+    reference(kjt).values().sum().backward()
+    assert not [p.grad for p in model.parameters() if p.grad is not None]
+    shards = model.local_table_shards()[""]["t"]
+    torch.testing.assert_close(shards.weight[0].tensor, reference.lookup.table_weights()["t"])
+    torch.testing.assert_close(
+        shards.optimizer_state["sum"][0].tensor, reference.lookup.optimizer_states()["t"]["sum"]
+    )
 
 
 def test_bad_plans_are_named() -> None:

@@ -24,6 +24,7 @@ from shardrec.distributed.planner.layouts import (
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
 from shardrec.distributed.types import ModuleSharder
+from shardrec.kernels import FusedOptimizerConfig
 
 # On equal estimates, the simpler layout wins: fewer collectives, fewer pieces.
 _PREFERENCE: Final[dict[str, int]] = {
@@ -67,11 +68,22 @@ class _WholeTableLayout:
 def withholds_data_parallel(table: TableSpec, offered: Sequence[str]) -> bool:
     """Whether data-parallel is left out for ``table`` unless a constraint asks for it.
 
-    Data-parallel replicas are trained by the dense optimizer through DDP (the data-parallel sharder
-    applies no fused optimizer), so choosing it for a module with a fused optimizer would silently
-    change how those tables train.
+    The data-parallel sharder trains replicas with every fused optimizer shardrec has (SGD,
+    Adagrad, row-wise Adagrad, Adam: one all-reduce of the gradient, then the same fused update on
+    every replica) and, without one, through DDP. An optimizer name it does not know could not be
+    applied to the replicas, so choosing data-parallel would silently change how the table trains.
     """
-    return table.optimizer not in (None, "none") and DATA_PARALLEL in offered and len(offered) > 1
+    if table.optimizer in (None, "none") or DATA_PARALLEL not in offered or len(offered) == 1:
+        return False
+    return not _fused_optimizer_known(table.optimizer)
+
+
+def _fused_optimizer_known(name: str) -> bool:
+    try:
+        FusedOptimizerConfig.from_fused_params({"optimizer": name})
+    except ValueError:
+        return False
+    return True
 
 
 def sharders_by_type(

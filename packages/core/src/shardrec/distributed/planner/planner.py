@@ -160,8 +160,8 @@ class EmbeddingShardingPlanner:
             if withholds_data_parallel(table, list(offered)):
                 withheld.setdefault(str(table.optimizer), []).append(table.fqn)
         return tuple(
-            f"data_parallel not offered for {len(names)} table(s) trained by the fused optimizer "
-            f"{optimizer!r}: the data-parallel sharder trains replicas with the dense optimizer "
+            f"data_parallel not offered for {len(names)} table(s) trained by the optimizer "
+            f"{optimizer!r}: the data-parallel sharder cannot apply it to replicas "
             "(a constraint sharding_types=['data_parallel'] still picks it)"
             for optimizer, names in sorted(withheld.items())
         )
