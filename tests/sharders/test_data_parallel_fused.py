@@ -283,3 +283,20 @@ def test_checkpoint_round_trip_across_world_sizes(
                 full = truth[name]
                 expected = full if full.dim() == 0 else full[first : first + value.shape[0]]
                 torch.testing.assert_close(value, expected, atol=0, rtol=0, msg=f"{how}: {name}")
+
+
+def case_built_apart(env: ShardingEnv) -> dict[str, torch.Tensor]:
+    # Every rank initialises its module differently (no common seed).
+    model = build_model("ebc", TABLES, seed=100 + env.rank, fused={"optimizer": "adam"})
+    before = {t: w.clone() for t, w in model.emb.lookup.table_weights().items()}
+    dmp = DistributedModelParallel(model, env=env, plan=dp_plan("ebc", env.world_size))
+    after = {t: s.weight[0].tensor.clone() for t, s in dmp.local_table_shards()["emb"].items()}
+    return {**{f"before.{t}": w for t, w in before.items()}, **after}
+
+
+def test_replicas_start_as_rank_zeros_tables(dist_pool: Any) -> None:
+    results = dist_pool.run(3, case_built_apart)
+    for table, *_ in TABLES:
+        assert not torch.equal(results[1][f"before.{table}"], results[0][f"before.{table}"])
+        for r, result in enumerate(results):
+            assert torch.equal(result[table], results[0][f"before.{table}"]), (table, r)
