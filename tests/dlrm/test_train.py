@@ -283,10 +283,7 @@ def test_learning_rate_schedule_drives_fused_tables_and_tensorboard(
     lrs = [value for _, value in scalars(tmp_path)["train/lr"]]
     assert lrs == pytest.approx(SCHEDULED_LRS)
     assert len(fused) == len(SCHEDULED_LRS)
-    if sharding == "data_parallel":
-        # No fused tables: the dense optimizer carries the schedule alone.
-        assert all(not step for step in fused)
-        return
+    # Data-parallel tables are fused too: their replicas apply the schedule like every sharding.
     for step, (expected, lookups) in enumerate(zip(SCHEDULED_LRS, fused, strict=True)):
         assert lookups, f"step {step}: the model has no fused lookup"
         for name, lr in lookups.items():
