@@ -57,9 +57,7 @@ Plan = dict[str, tuple[str, list[tuple[int, int, int, int, int]]]]
 # -- the two planners ----------------------------------------------------------------------------
 
 
-def plan_shardrec(
-    world: int, without: frozenset[str] = frozenset(), offer_data_parallel: bool = False
-) -> tuple[Plan, float]:
+def plan_shardrec(world: int, without: frozenset[str] = frozenset()) -> tuple[Plan, float]:
     import torch
 
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -76,10 +74,9 @@ def plan_shardrec(
         )
         for i, n in enumerate(CRITEO_1TB_40M)
     ]
-    # The planner withholds data-parallel from a module with a fused optimizer (the data-parallel
-    # sharder applies none); --offer-data-parallel builds the module without one, and the planner
-    # still prices row-wise Adagrad state: what a plan would be once that sharder applied it.
-    fused = None if offer_data_parallel else {"optimizer": "rowwise_adagrad"}
+    # Fused row-wise Adagrad, as MLPerf trains these tables; the data-parallel sharder applies it
+    # to replicas, so the planner may make small tables data-parallel.
+    fused = {"optimizer": "rowwise_adagrad"}
     ebc = EmbeddingBagCollection(tables, device=torch.device("meta"), fused_params=fused)
     constraints = {
         f"t{i}": ParameterConstraints(pooling_factor=float(p)) for i, p in enumerate(POOLING)
@@ -279,12 +276,6 @@ def main() -> None:
     )
     parser.add_argument("--no-peer", action="store_true", help="shardrec's side only")
     parser.add_argument(
-        "--offer-data-parallel",
-        action="store_true",
-        help="let shardrec's planner choose data-parallel (as if its sharder applied fused "
-        "optimizers, which it does not yet)",
-    )
-    parser.add_argument(
         "--peer", action="store_true", help="(internal) plan with TorchRec, print JSON"
     )
     args = parser.parse_args()
@@ -309,7 +300,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     verdicts = []
     for world in args.ranks:
-        ours, seconds = plan_shardrec(world, frozenset(args.without), args.offer_data_parallel)
+        ours, seconds = plan_shardrec(world, frozenset(args.without))
         mine = judge(ours, world)
         print(_row(world, "shardrec", mine, seconds, _kinds(ours)))
         if str(world) in theirs:
