@@ -175,22 +175,16 @@ class Split:
         batch, so that every rank yields the same number of batches and every row is read exactly
         once over all ranks).
         """
-        _check_batching(batch_size, rank, world_size)
-        if shuffle is None:
-            shuffle = self.name == "train"
-        g = batch_size * world_size
-        full, rest = divmod(self.num_rows, g)
-        order = np.arange(full)
-        if shuffle:
-            order = np.random.default_rng([seed, epoch]).permutation(full)
-        ranges = [
-            (int(k) * g + rank * batch_size, int(k) * g + (rank + 1) * batch_size) for k in order
-        ]
-        if rest and not drop_last:
-            base, extra = divmod(rest, world_size)
-            lo = full * g + rank * base + min(rank, extra)
-            ranges.append((lo, lo + base + (1 if rank < extra else 0)))
-        return ranges
+        return rank_batch_ranges(
+            self.num_rows,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            epoch=epoch,
+            shuffle=self.name == "train" if shuffle is None else shuffle,
+            drop_last=drop_last,
+        )
 
     def batches(
         self,
@@ -221,6 +215,33 @@ class Split:
         sizes = self.dataset.num_embeddings_per_feature
         for lo, hi in ranges[start_batch:]:
             yield make_batch(self.rows(lo, hi), sizes)
+
+
+def rank_batch_ranges(
+    num_rows: int,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    drop_last: bool,
+) -> list[tuple[int, int]]:
+    """The row ranges of ``num_rows`` rows that rank ``rank`` reads in one epoch (the rule is
+    described in :meth:`Split.batch_ranges`; every split-like reader shares it)."""
+    _check_batching(batch_size, rank, world_size)
+    g = batch_size * world_size
+    full, rest = divmod(num_rows, g)
+    order = np.arange(full)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(full)
+    ranges = [(int(k) * g + rank * batch_size, int(k) * g + (rank + 1) * batch_size) for k in order]
+    if rest and not drop_last:
+        base, extra = divmod(rest, world_size)
+        lo = full * g + rank * base + min(rank, extra)
+        ranges.append((lo, lo + base + (1 if rank < extra else 0)))
+    return ranges
 
 
 def _check_batching(batch_size: int, rank: int, world_size: int) -> None:
