@@ -179,3 +179,23 @@ def test_reader_checks_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"day_0_dense\.npy: dense features must be float"):
         open_multihot(tmp_path)
     assert zipfile.is_zipfile(tmp_path / "day_0_sparse_multi_hot.npz")
+
+
+def test_cli_multihot(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from shardrec_dlrm.cli import main
+
+    pre = _raw_days(tmp_path, days=2)
+    sizes = ",".join(map(str, SIZES))
+    args = ["multihot", str(pre), str(tmp_path / "mh"), "--num-embeddings-per-feature", sizes]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "2 day(s) of multi-hot data (214 ids per sample)" in result.output
+    assert open_multihot(tmp_path / "mh").multi_hot == MLPERF_MULTI_HOT
+    bad = CliRunner().invoke(main, [*args, "--multi-hot", "1,2"])
+    assert bad.exit_code == 2
+    assert "26 values" in bad.output
+    other = CliRunner().invoke(main, [*args, "--seed", "1"])
+    assert other.exit_code == 1
+    assert "--force" in other.output

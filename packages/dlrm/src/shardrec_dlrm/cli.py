@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from shardrec_dlrm.cli_data import preprocess, synth
+from shardrec_dlrm.cli_data import multihot, preprocess, synth
 from shardrec_dlrm.cli_evaluate import evaluate
 from shardrec_dlrm.cli_plan import plan
 from shardrec_dlrm.cli_plugins import plugins
@@ -40,7 +40,7 @@ def main() -> None:
     """
 
 
-for command in (train, evaluate, plan, preprocess, synth, plugins):
+for command in (train, evaluate, plan, preprocess, multihot, synth, plugins):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -151,3 +151,88 @@ def synth(dst: Path, rows: int, seed: int, force: bool) -> None:
         run(dst, rows=rows, seed=seed, force=force, log=click.echo)
     except (DataError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--multi-hot",
+    default="mlperf",
+    show_default=True,
+    help="Ids per sample of the 26 tables: 'mlperf' (3,2,1,2,6,...,100,27,10,3,1,1) or 26 "
+    "comma-separated integers.",
+)
+@click.option(
+    "--num-embeddings-per-feature",
+    default="mlperf",
+    show_default=True,
+    help="Rows of the 26 tables the ids are hashed to and drawn from: 'mlperf' (the 1TB "
+    "cardinalities capped at 40M) or 26 comma-separated integers; train with the same sizes.",
+)
+@click.option(
+    "--distribution",
+    type=click.Choice(["uniform", "pareto"]),
+    default="uniform",
+    show_default=True,
+    help="How the extra ids are drawn (MLPerf uses uniform).",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="MLPerf uses 0."
+)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    default=1 << 16,
+    show_default=True,
+    help="Rows handled at once; memory stays within a few x chunk-rows x 428 bytes.",
+)
+@_FORCE
+def multihot(
+    src: Path,
+    dst: Path,
+    multi_hot: str,
+    num_embeddings_per_feature: str,
+    distribution: str,
+    seed: int,
+    chunk_rows: int,
+    force: bool,
+) -> None:
+    """Materialise MLPerf DLRMv2-style multi-hot data at DST from one-hot Criteo preprocessed
+    by `dlrm preprocess` at SRC: per table a seeded lookup maps each row to itself plus random
+    rows, as the MLPerf reference does with the same seed. DST gets the reference's own files
+    (day_N_dense.npy, day_N_labels.npy, day_N_sparse_multi_hot.npz), so data made here and by
+    the reference read alike. An interrupted run resumes when run again.
+
+    \b
+      dlrm preprocess criteo_1tb/ criteo_1tb_pre/
+      dlrm multihot criteo_1tb_pre/ criteo_1tb_multihot/
+    """
+    from shardrec_dlrm.data.multihot import materialize
+    from shardrec_dlrm.data.multihot_lookup import MLPERF_NUM_EMBEDDINGS
+
+    _output_dir(dst)
+    sizes = MLPERF_NUM_EMBEDDINGS if num_embeddings_per_feature == "mlperf" else None
+    try:
+        meta = materialize(
+            src,
+            dst,
+            multi_hot=multi_hot,
+            num_embeddings_per_feature=sizes or num_embeddings_per_feature,
+            distribution="pareto" if distribution == "pareto" else "uniform",
+            seed=seed,
+            chunk_rows=chunk_rows,
+            force=force,
+            log=click.echo,
+        )
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            "interrupted: finished days are kept; run the same command again to resume"
+        ) from None
+    click.echo(
+        f"{dst}: {len(meta.parts)} day(s) of multi-hot data ({sum(meta.multi_hot)} ids per sample)"
+    )
