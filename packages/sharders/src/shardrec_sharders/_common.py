@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
+from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.types import (
     EmbeddingComputeKernel,
     LocalShard,
@@ -385,6 +386,19 @@ class EmbeddingSharderBase:
                 raise ValueError(
                     f"table {table!r}: ranks {bad} outside world size {env.world_size}"
                 )
+
+    def qcomms_of(self, params: Mapping[str, ParameterSharding]) -> QCommsConfig | None:
+        """The wire dtypes of the part's pooled outputs: its tables share one output collective,
+        so their plans must agree (None, or all fp32: no compression)."""
+        configs = {table: ps.qcomms for table, ps in params.items()}
+        chosen = {c for c in configs.values() if c is not None and not c.is_fp32}
+        if len(chosen) > 1 or (chosen and None in configs.values()):
+            listed = ", ".join(f"{t}: {c}" for t, c in configs.items())
+            raise ValueError(
+                f"{self.sharding_type} tables of one module share their output collective, so"
+                f" their qcomms must agree; got {listed}"
+            )
+        return next(iter(chosen), None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._module_type.__name__})"

@@ -51,4 +51,6 @@ class ColumnWiseSharder(EmbeddingSharderBase):
             cuts = sorted((s.offsets[1], s.sizes[1], s.rank) for s in ps.shards)
             check_tiling(table, "column-wise", "column slices", cuts, dim)
             slices[table] = cuts
-        return ColumnSlicedEmbedding(view, slices, env, device, type(module).__name__)
+        return ColumnSlicedEmbedding(
+            view, slices, env, device, type(module).__name__, qcomms=self.qcomms_of(params)
+        )

@@ -85,4 +85,6 @@ class GridSharder(EmbeddingSharderBase):
                 )
                 slices[table].append(NodeSlice(c0, nc, node, tuple(blocks)))
         kind = f"{type(module).__name__} ({self.sharding_type})"
-        return NodeRowShardedEmbedding(view, slices, groups, env, device, kind)
+        return NodeRowShardedEmbedding(
+            view, slices, groups, env, device, kind, qcomms=self.qcomms_of(params)
+        )

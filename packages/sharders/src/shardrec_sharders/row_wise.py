@@ -23,6 +23,7 @@ from torch import nn
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
 from shardrec.distributed.awaitables import Mapped
+from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.sharding_plan import even_splits
 from shardrec.distributed.types import (
     Awaitable,
@@ -72,10 +73,14 @@ class RowShardedEmbedding(nn.Module):
         env: ShardingEnv,
         device: torch.device,
         kind: str,
+        *,
+        qcomms: QCommsConfig | None = None,
     ) -> None:
-        """``blocks[table]`` = [(row_offset, rows, rank), ...] in row order."""
+        """``blocks[table]`` = [(row_offset, rows, rank), ...] in row order; ``qcomms``: the wire
+        dtypes of the output collectives (None: fp32)."""
         super().__init__()
         self.env = env
+        self.qcomms = qcomms
         self.device = device
         self.pooled = view.pooled
         self.need_indices = view.need_indices
@@ -264,11 +269,17 @@ class RowShardedEmbedding(nn.Module):
             # Rows for rank s are its batch, ``stacked.batches[s]``, the same list on every rank;
             # the collective picks the native reduce-scatter when those batches are equal.
             values = comm.reduce_scatter_rows(
-                send.view(-1, self._total_dim), stacked.batches, batch, self.env.pg
+                send.view(-1, self._total_dim),
+                stacked.batches,
+                batch,
+                self.env.pg,
+                qcomms=self.qcomms,
             )
         else:
             recv = [batch * self._width_of[r] for r in range(world)]
-            flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
+            flat = comm.all_to_all_single(
+                send, recv, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
+            )
             values = flat.new_zeros((batch, self._total_dim))
             for r, part in enumerate(torch.split(flat, recv)):
                 if self._width_of[r]:
@@ -315,7 +326,9 @@ class RowShardedEmbedding(nn.Module):
             sum(int(counts[r, p]) * self.pairs[p].dim for p in self.pairs_of[r])
             for r in range(world)
         ]
-        flat = comm.all_to_all_single(send, recv, send_sizes, self.env.pg, differentiable=True)
+        flat = comm.all_to_all_single(
+            send, recv, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
+        )
         # Rows arrive in sorted-id order (owner-major, then pair, then position): undo the sort,
         # pair by pair (pairs may differ in dim).
         per_pair_rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(self.pairs))}
@@ -405,4 +418,6 @@ class RowWiseSharder(EmbeddingSharderBase):
                 if s.offsets[1] != 0 or s.sizes[1] != config.embedding_dim:
                     raise ValueError(f"row-wise table {table!r}: shard {s} is not full width")
             blocks[table] = cuts
-        return RowShardedEmbedding(view, blocks, env, device, type(module).__name__)
+        return RowShardedEmbedding(
+            view, blocks, env, device, type(module).__name__, qcomms=self.qcomms_of(params)
+        )

@@ -72,4 +72,6 @@ class TableColumnWiseSharder(EmbeddingSharderBase):
                     " per node (LOCAL_WORLD_SIZE) they must share one node"
                 )
             slices[table] = cuts
-        return ColumnSlicedEmbedding(view, slices, env, device, type(module).__name__)
+        return ColumnSlicedEmbedding(
+            view, slices, env, device, type(module).__name__, qcomms=self.qcomms_of(params)
+        )

@@ -31,6 +31,7 @@ from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
 from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.node_groups import NodeGroups, NodeLayout, node_groups
+from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.sharding_plan import even_splits
 from shardrec.distributed.types import Awaitable, ParameterSharding, ShardingEnv, TableShards
 from shardrec.kernels import TableBatchedEmbedding
@@ -100,9 +101,13 @@ class NodeRowShardedEmbedding(nn.Module):
         env: ShardingEnv,
         device: torch.device,
         kind: str,
+        *,
+        qcomms: QCommsConfig | None = None,
     ) -> None:
-        """``slices[table]``: the table's column slices in column order."""
+        """``slices[table]``: the table's column slices in column order; ``qcomms``: the wire
+        dtypes of both output collectives (None: fp32)."""
         super().__init__()
+        self.qcomms = qcomms
         if not view.pooled:
             raise TypeError(f"{kind}: two-level sharding is for pooled (bag) modules only")
         self.env = env
@@ -316,6 +321,7 @@ class NodeRowShardedEmbedding(nn.Module):
                 [nodes * b_max] * local_size,
                 nodes * b_max,
                 self.groups.intra,
+                qcomms=self.qcomms,
             )
             mine = [batches[m * local_size + self.groups.local_rank] for m in range(nodes)]
             if all(b == b_max for b in mine):
@@ -328,7 +334,7 @@ class NodeRowShardedEmbedding(nn.Module):
         ]
         recv_sizes = [batch * w for w in self._node_width]
         flat = comm.all_to_all_single(
-            send, recv_sizes, send_sizes, self.groups.cross, differentiable=True
+            send, recv_sizes, send_sizes, self.groups.cross, differentiable=True, qcomms=self.qcomms
         )
         parts = [
             part.view(batch, w)
@@ -428,4 +434,6 @@ class TableRowWiseSharder(EmbeddingSharderBase):
             )
             slices[table] = [NodeSlice(0, config.embedding_dim, node, tuple(blocks))]
         kind = f"{type(module).__name__} ({self.sharding_type})"
-        return NodeRowShardedEmbedding(view, slices, groups, env, device, kind)
+        return NodeRowShardedEmbedding(
+            view, slices, groups, env, device, kind, qcomms=self.qcomms_of(params)
+        )

@@ -26,6 +26,7 @@ from torch import nn
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
 from shardrec.distributed.awaitables import Mapped
+from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.types import (
     Awaitable,
     ParameterSharding,
@@ -141,10 +142,14 @@ class ColumnSlicedEmbedding(nn.Module):
         env: ShardingEnv,
         device: torch.device,
         kind: str,
+        *,
+        qcomms: QCommsConfig | None = None,
     ) -> None:
-        """``slices[table]`` = [(col_offset, cols, rank), ...] in column order."""
+        """``slices[table]`` = [(col_offset, cols, rank), ...] in column order; ``qcomms``: the
+        wire dtypes of the output all-to-all (None: fp32)."""
         super().__init__()
         self.env = env
+        self.qcomms = qcomms
         self.device = device
         self.pooled = view.pooled
         self.need_indices = view.need_indices
@@ -266,7 +271,7 @@ class ColumnSlicedEmbedding(nn.Module):
             send, send_sizes = pooled_send_buffer(out, stacked)
         recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
         flat = comm.all_to_all_single(
-            send, recv_sizes, send_sizes, self.env.pg, differentiable=True
+            send, recv_sizes, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
         )
         out_t: torch.Tensor
         if self._identity_columns and batch:
@@ -297,7 +302,7 @@ class ColumnSlicedEmbedding(nn.Module):
             )
             k += len(self.units_by_rank[r])
         flat = comm.all_to_all_single(
-            send, recv_sizes, send_sizes, self.env.pg, differentiable=True
+            send, recv_sizes, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
         )
         per_pair: dict[int, list[tuple[int, torch.Tensor]]] = {}
         k = 0
@@ -376,4 +381,6 @@ class TableWiseSharder(EmbeddingSharderBase):
                     f"table-wise table {table!r} needs exactly one rank, got {ps.ranks}"
                 )
             slices[table] = [(0, view.configs[table].embedding_dim, ps.ranks[0])]
-        return ColumnSlicedEmbedding(view, slices, env, device, type(module).__name__)
+        return ColumnSlicedEmbedding(
+            view, slices, env, device, type(module).__name__, qcomms=self.qcomms_of(params)
+        )

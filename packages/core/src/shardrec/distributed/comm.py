@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardrec.distributed.qcomm import QCommsConfig, quantized_all_to_all
+
 __all__ = [
     "JaggedAllToAllResult",
     "all_to_all_jagged",
@@ -73,9 +75,13 @@ def all_to_all_single(
     pg: dist.ProcessGroup | None,
     *,
     differentiable: bool = False,
+    qcomms: QCommsConfig | None = None,
 ) -> torch.Tensor:
     """Send ``in_rows[r]`` leading-dimension rows of ``x`` to rank ``r``; receive
     ``out_rows[r]`` from it.
+
+    ``qcomms``: send ``x`` and its gradient in these wire dtypes (see :mod:`.qcomm`); the result
+    keeps ``x``'s dtype. None or fp32 both ways: ``x`` travels as it is.
 
     Differentiable: the gradient is sent back along the reverse route. A collective's backward
     must run on every rank, so ``differentiable=True`` puts it in the autograd graph (when grad
@@ -86,6 +92,8 @@ def all_to_all_single(
         return x
     if differentiable and torch.is_grad_enabled() and not x.requires_grad:
         x = x.detach().requires_grad_()
+    if qcomms is not None and not qcomms.is_fp32 and len(in_rows) > 1:
+        return quantized_all_to_all(x, out_rows, in_rows, pg, qcomms)
     if x.requires_grad and torch.is_grad_enabled():
         out: torch.Tensor = _AllToAll.apply(x, list(out_rows), list(in_rows), pg)  # type: ignore[no-untyped-call]
         return out
@@ -295,6 +303,8 @@ def reduce_scatter_rows(
     in_rows: Sequence[int],
     out_rows: int,
     pg: dist.ProcessGroup | None,
+    *,
+    qcomms: QCommsConfig | None = None,
 ) -> torch.Tensor:
     """Sum-reduce-scatter by rows: block ``r`` of ``x`` (``in_rows[r]`` rows) is added into rank
     ``r``.
@@ -305,12 +315,18 @@ def reduce_scatter_rows(
     it: one message of ``out_rows`` rows per peer each way, summed in the collective; otherwise an
     all-to-all and a local sum (also when the blocks are empty). Every rank must pass the same
     ``in_rows``.
+
+    ``qcomms`` (not fp32): every block is sent rounded to the wire dtype by an all-to-all and the
+    blocks are summed on the receiver in ``x``'s dtype, so each partial sum is rounded once (a
+    reduce-scatter in the wire dtype would round the running sums again at every hop).
     """
     world = _world(pg)
     if pg is None or world == 1:
         return x
+    quantized = qcomms is not None and not qcomms.is_fp32
     if (
-        out_rows > 0
+        not quantized
+        and out_rows > 0
         and all(n == out_rows for n in in_rows)
         and x.shape[0] == world * out_rows
         and dist.get_backend(pg) in _NATIVE_REDUCE_SCATTER
@@ -321,5 +337,5 @@ def reduce_scatter_rows(
             out: torch.Tensor = _ReduceScatter.apply(x, world, pg)  # type: ignore[no-untyped-call]
             return out
         return _raw_reduce_scatter(x, world, pg)
-    got = all_to_all_single(x, [out_rows] * world, in_rows, pg, differentiable=True)
+    got = all_to_all_single(x, [out_rows] * world, in_rows, pg, differentiable=True, qcomms=qcomms)
     return got.view(world, out_rows, *x.shape[1:]).sum(dim=0)

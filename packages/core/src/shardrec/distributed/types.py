@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from torch import nn
 from typing_extensions import TypeVar
 
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+if TYPE_CHECKING:
+    from shardrec.distributed.qcomm import QCommsConfig
 
 __all__ = [
     "Awaitable",
@@ -92,13 +95,15 @@ class ParameterSharding:
 
     ``ranks`` lists the ranks that hold a shard, in shard order. ``shards`` gives each shard's
     rectangle. For data-parallel every rank holds a full replica: ``shards`` has one full-size
-    rectangle per rank.
+    rectangle per rank. ``qcomms``: the wire dtypes of the table's pooled outputs and their
+    gradients (None: fp32); the tables of one module that share a sharding type must agree.
     """
 
     sharding_type: str
     compute_kernel: str
     ranks: tuple[int, ...]
     shards: tuple[ShardMetadata, ...] = ()
+    qcomms: QCommsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.ranks:
