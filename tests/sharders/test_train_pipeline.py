@@ -42,6 +42,7 @@ from ._two_nodes import EC_DIM, TABLES, make_batch, ranks_per_node, sharding
 pytestmark = pytest.mark.multiprocess
 
 STEPS = 5
+EPOCHS = 2
 LR = 0.05
 LOCAL = 2
 
@@ -154,14 +155,15 @@ def train(env: ShardingEnv, how: str, kind: str, pipelined: bool, n: int) -> dic
     cls = TrainPipelineSparseDist if pipelined else TrainPipelineBase
     pipeline: Any = cls(dmp, opt, torch.device("cpu"), forward=model_forward)
     outputs = []
-    it = batches(env, n)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        while True:
-            try:
-                outputs.append(pipeline.progress(it))
-            except StopIteration:
-                break
+        for _ in range(EPOCHS):  # a new iterator per epoch, the same pipeline
+            it = batches(env, n)
+            while True:
+                try:
+                    outputs.append(pipeline.progress(it))
+                except StopIteration:
+                    break
     got = {"state": state_of(dmp, model), "outputs": outputs}
     got["warnings"] = [str(w.message) for w in caught if w.category is PipelineFallbackWarning]
     if pipelined:
@@ -179,7 +181,7 @@ def case_equal(env: ShardingEnv, how: str, kind: str) -> dict[str, Any]:
 def assert_same(results: list[dict[str, Any]]) -> None:
     for rank, r in enumerate(results):
         plain, piped = r["plain"], r["piped"]
-        assert len(piped["outputs"]) == len(plain["outputs"]) == STEPS
+        assert len(piped["outputs"]) == len(plain["outputs"]) == EPOCHS * STEPS
         for step, (a, b) in enumerate(zip(plain["outputs"], piped["outputs"], strict=True)):
             assert torch.equal(a, b), f"rank {rank} output of step {step}"
         assert sorted(plain["state"]) == sorted(piped["state"])
@@ -230,7 +232,7 @@ def case_plain_is_manual(env: ShardingEnv) -> dict[str, Any]:
     model = build("ebc")
     dmp = DistributedModelParallel(model, env=env, plan=make_plan("row_wise", env.world_size))
     opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR)
-    for batch in batches(env, STEPS):
+    for batch in [b for _ in range(EPOCHS) for b in batches(env, STEPS)]:
         _, loss = dmp(batch.kjt)
         opt.zero_grad()
         loss.backward()

@@ -249,6 +249,12 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     help="Delete the run that --checkpoint-dir holds and start a new one there.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar; only the final metrics.")
+@click.option(
+    "--pipeline/--no-pipeline",
+    default=True,
+    show_default=True,
+    help="Distribute the next batch's ids while this batch trains (the same weights either way).",
+)
 def train(**params: Any) -> None:
     """Train DLRM or DCNv2 on Criteo data and report validation and test metrics.
 

@@ -124,6 +124,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    pipeline: bool = True
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)

@@ -16,6 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shardrec.distributed.train_pipeline import (
+    TrainPipeline,
+    TrainPipelineBase,
+    TrainPipelineSparseDist,
+)
 from shardrec_dlrm.checkpointing import prepare_checkpoint_dir, resume_step, save_checkpoint
 from shardrec_dlrm.config import TrainConfig
 from shardrec_dlrm.data import DataError, read_synth_info
@@ -85,6 +90,13 @@ class _Trainer:
             decay_steps=config.lr_decay_steps,
         )
         self.step = 0
+        self.step_samples = 0
+        # Pipelined or not, a step trains the same weights: the pipeline only distributes the
+        # next batch's ids earlier (so a resumed run may use either).
+        loop = TrainPipelineSparseDist if config.pipeline else TrainPipelineBase
+        self.pipeline: TrainPipeline[tuple[torch.Tensor, int]] = loop(
+            self.run_state.model, self.run_state.dense_optimizer, state.device, forward=_step
+        )
 
     def run(self) -> dict[str, float]:
         try:
@@ -130,10 +142,14 @@ class _Trainer:
         try:
             while self.step < total:
                 epoch, offset = divmod(self.step, steps_per_epoch)
-                for batch in self.data.train_batches(epoch, start=offset, stop=steps_per_epoch):
-                    loss = self._train_step(batch)
+                batches = self.data.train_batches(epoch, start=offset, stop=steps_per_epoch)
+                while True:
+                    try:
+                        loss = self._train_step(batches)
+                    except StopIteration:
+                        break
                     self.step += 1
-                    progress.step(batch.labels.numel() * state.world_size)
+                    progress.step(self.step_samples * state.world_size)
                     rate = progress.samples_per_s()
                     progress.show(loss=loss, samples_per_s=rate, epoch=epoch)
                     self.logger.log(
@@ -176,16 +192,12 @@ class _Trainer:
         self.logger.flush()
         save_checkpoint(self.run_state, self.config, self.state, self.step)
 
-    def _train_step(self, batch: Batch) -> float:
+    def _train_step(self, batches: Iterator[Batch]) -> float:
+        """One step on the next batch of ``batches`` (StopIteration when there is none); returns
+        its loss and sets ``step_samples``."""
         self.run_state.set_lr(self.schedule.lr(self.step))
-        on_device = batch.to(self.state.device)
-        loss, _ = self.run_state.model(
-            on_device.dense_features, on_device.sparse_features, on_device.labels
-        )
-        self.run_state.dense_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.run_state.dense_optimizer.step()
-        value = float(loss.detach())
+        loss, self.step_samples = self.pipeline.progress(batches)
+        value = float(loss)
         if not math.isfinite(value):
             raise UserError(
                 f"the training loss became {value} at step {self.step + 1}: lower --learning-rate"
@@ -208,6 +220,12 @@ class _Trainer:
             + f" ({time.perf_counter() - started:.1f}s)"
         )
         return tagged
+
+
+def _step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
+    """One training forward: the loss, and what the loop reads of it (loss, samples)."""
+    loss, _ = model(batch.dense_features, batch.sparse_features, batch.labels)
+    return loss, (loss.detach(), batch.labels.numel())
 
 
 def run_facts(data: RunData, state: ParallelState) -> RunFacts:

@@ -3,12 +3,13 @@
 ::
 
     pipeline = TrainPipelineSparseDist(dmp, dense_optimizer, device)
-    it = iter(dataloader)
-    while True:
-        try:
-            output = pipeline.progress(it)    # one training step
-        except StopIteration:
-            break
+    for epoch in range(epochs):
+        it = iter(dataloader)
+        while True:
+            try:
+                output = pipeline.progress(it)    # one training step
+            except StopIteration:
+                break                             # the pipeline takes the next epoch's iterator
 
 ``model(batch)`` must return ``(loss, output)`` (or pass ``forward=``). One step of
 :class:`TrainPipelineSparseDist`, with batch ``i`` current::
@@ -197,7 +198,6 @@ class TrainPipelineSparseDist(Generic[B, Out]):
         self._sources: dict[str, str] = {}  # pipelined module -> where its KJT sits in a batch
         self._forwards: dict[str, _PipelinedForward] = {}
         self._probed = False
-        self._exhausted = False
         self._next: _Staged[B] | None = None
 
     @property
@@ -212,15 +212,19 @@ class TrainPipelineSparseDist(Generic[B, Out]):
             return output
         current, self._next = self._next, None
         if current is None:
-            self.close()
-            raise StopIteration
+            # A new iterator (the next epoch), or the end of this one.
+            current = self._stage(dataloader_iter)
+            if current is None:
+                raise StopIteration
         # Started before this batch's forward, so that its split exchange overlaps the forward;
         # kept before the forward runs, so that a bad batch's error leaves the pipeline able to go
         # on with the next one.
         upcoming = self._stage(dataloader_iter)
         self._next = upcoming
         for fqn, (kjt, work) in current.pending.items():
-            self._forwards[fqn].slot = (kjt, work)
+            pf = self._forwards.get(fqn)
+            if pf is not None:  # None after close(): the module distributes in its forward
+                pf.slot = (kjt, work)
         try:
             loss, output = self._forward(self._model, current.batch)
         finally:
@@ -233,23 +237,21 @@ class TrainPipelineSparseDist(Generic[B, Out]):
         return output
 
     def close(self) -> None:
-        """Give the pipelined modules their own forward back (done when the data runs out)."""
+        """Give the pipelined modules their own forward back. The pipeline keeps working, each
+        later step unpipelined; a batch already staged is still trained by the next step."""
         for pf in self._forwards.values():
             module = pf.module
             assert isinstance(module, nn.Module)
             if module.__dict__.get("forward") is pf:
                 del module.__dict__["forward"]
         self._forwards.clear()
-        self._next = None
-        self._exhausted = True
+        self._sources.clear()
 
     def _stage(self, dataloader_iter: Iterator[B]) -> _Staged[B] | None:
-        if self._exhausted:
-            return None
+        """The next batch on the device, its input distributions started; None at the end."""
         try:
             batch = next(dataloader_iter).to(self._device, non_blocking=True)
         except StopIteration:
-            self._exhausted = True
             return None
         kjts = _kjts(batch)
         pending: dict[str, tuple[KeyedJaggedTensor, Awaitable[Any]]] = {}
