@@ -9,12 +9,14 @@ import click
 from shardrec_dlrm.cli_options import IntList, Number, config_option
 from shardrec_dlrm.cli_train import model_config_from, model_options
 from shardrec_dlrm.config import OPTIMIZERS, SHARDINGS
+from shardrec_dlrm.presets import preset_option
 
 GIB = 1 << 30
 
 
 @click.command()
 @config_option
+@preset_option
 @click.option("--world-size", type=click.IntRange(min=1), required=True, help="Ranks to plan for.")
 @click.option(
     "--local-world-size",

@@ -24,6 +24,7 @@ from shardrec_dlrm.config import (
     ModelConfig,
     TrainConfig,
 )
+from shardrec_dlrm.presets import preset_option
 
 #: The dense arch's hidden layers when --dense-arch-layer-sizes is not given (then + embedding dim).
 DEFAULT_DENSE_HIDDEN = (512, 256)
@@ -118,6 +119,7 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
 
 @click.command()
 @config_option
+@preset_option
 @click.option(
     "--data",
     required=True,
