@@ -204,6 +204,19 @@ def test_fused_data_parallel_embedding_collection(dist_pool: Any, optimizer: str
     check(dist_pool, 3, kind="ec", optimizer=optimizer)
 
 
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("kind", ["ebc", "ec"])
+def test_fused_data_parallel_beside_other_shardings_with_an_empty_rank(
+    dist_pool: Any, kind: str, optimizer: str
+) -> None:
+    # test_equivalence's tables and check, with a rank that has no samples at all. (No column-wise
+    # table: row-wise Adagrad keeps one state per row of each column shard, by design.)
+    from .test_equivalence import check as check_mixed
+
+    spec = {"t0": ("tw", [2]), "t1": ("dp", [0, 1, 2]), "t2": ("rw", [0, 1, 2]), "t3": ("dp", [])}
+    check_mixed(dist_pool, 3, kind=kind, spec=spec, optimizer=optimizer, empty_rank=1)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_without_fused_optimizer_trains_through_ddp(
     dist_pool: Any, world: int
