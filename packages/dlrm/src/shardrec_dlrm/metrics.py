@@ -124,3 +124,96 @@ def _all_gather_varlen(tensor: torch.Tensor, group: dist.ProcessGroup | None) ->
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
     return torch.cat([part[:length] for part, length in zip(gathered, lengths, strict=True)])
+
+
+#: Probability bins of :class:`StreamingBinaryMetrics`: 2 x 8 MiB of counts per rank.
+DEFAULT_AUC_BINS = 1 << 20
+
+
+def histogram_auc(positives: torch.Tensor, negatives: torch.Tensor) -> tuple[float, float]:
+    """ROC AUC from per-bin counts of positives and negatives (bins in increasing score order),
+    scores in one bin counting as tied; and the bound on its distance to the exact AUC of the
+    unbinned scores.
+
+    Only a (positive, negative) pair inside one bin can be ordered differently by the exact scores;
+    it counts one half here and 0, 1/2 or 1 there, so the error is at most
+    ``0.5 * sum_b pos_b * neg_b / (P * N)``. When the scores are quantised to the bins (equal
+    within a bin) the result is exact.
+    """
+    pos = positives.to(torch.float64)
+    neg = negatives.to(torch.float64)
+    num_pos, num_neg = float(pos.sum()), float(neg.sum())
+    if num_pos == 0 or num_neg == 0:
+        return math.nan, math.nan
+    neg_below = torch.cumsum(neg, 0) - neg
+    wins = float((pos * (neg_below + 0.5 * neg)).sum())
+    same_bin = float((pos * neg).sum())
+    return wins / (num_pos * num_neg), 0.5 * same_bin / (num_pos * num_neg)
+
+
+class StreamingBinaryMetrics:
+    """The metrics of :class:`BinaryMetrics` in memory that does not grow with the samples: for
+    the MLPerf validation day (89 million samples) where gathering every score on one rank is not
+    an option.
+
+    Each rank keeps, per class, a histogram of the predicted probability over ``bins`` equal bins
+    of [0, 1], and exact sums for the other metrics; :meth:`compute` adds them over the ranks (two
+    all-reduces). ``auc`` is then exact for scores quantised to the bins, and within
+    ``auc_error_bound`` (returned too; see :func:`histogram_auc`) of the exact AUC otherwise.
+    """
+
+    def __init__(self, bins: int = DEFAULT_AUC_BINS, device: torch.device | None = None) -> None:
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        self.bins = bins
+        self.device = device or torch.device("cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        # rows: positives per bin, negatives per bin; then samples, positives, correct
+        self._counts = torch.zeros(2 * self.bins + 3, dtype=torch.int64, device=self.device)
+        # summed log loss and summed probability
+        self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.numel() != labels.numel():
+            raise ValueError(f"{logits.numel()} logits for {labels.numel()} labels")
+        x = logits.detach().reshape(-1).to(self.device, torch.float64)
+        y = labels.detach().reshape(-1).to(self.device, torch.float64)
+        positive = y > 0.5
+        probs = torch.sigmoid(x)
+        bin_of = (probs * self.bins).to(torch.int64).clamp_(0, self.bins - 1)
+        counts = self._counts
+        counts[: self.bins] += torch.bincount(bin_of[positive], minlength=self.bins)
+        counts[self.bins : 2 * self.bins] += torch.bincount(bin_of[~positive], minlength=self.bins)
+        counts[-3] += x.numel()
+        counts[-2] += positive.sum()
+        counts[-1] += ((probs > 0.5) == positive).sum()
+        self._sums[0] += torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="sum")
+        self._sums[1] += probs.sum()
+
+    def compute(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Metrics over every sample of every rank of ``group`` (collective: all ranks call),
+        plus ``auc_error_bound``."""
+        counts, sums = self._counts.clone(), self._sums.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+            dist.all_reduce(sums, group=group)
+        counts, sums = counts.cpu(), sums.cpu()
+        count, positives, correct = (int(v) for v in counts[-3:])
+        if count == 0:
+            return dict.fromkeys((*METRIC_NAMES, "auc_error_bound"), math.nan)
+        auc, bound = histogram_auc(counts[: self.bins], counts[self.bins : 2 * self.bins])
+        log_loss = float(sums[0]) / count
+        rate = positives / count
+        base_entropy = (
+            -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else math.nan
+        )
+        return {
+            "auc": auc,
+            "log_loss": log_loss,
+            "normalized_entropy": log_loss / base_entropy,
+            "accuracy": correct / count,
+            "calibration": float(sums[1]) / positives if positives > 0 else math.nan,
+            "auc_error_bound": bound,
+        }
