@@ -28,17 +28,20 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import free_port
+from common import free_port, peer_available, run_peer
 
 TABLES: Final = 8
 ROWS: Final = 100_000
@@ -139,9 +142,173 @@ def blocking_step(model: torch.nn.Module, rank: int) -> Step:
     return step
 
 
-# Step name -> builder. A pipelined loop (input dist of batch i+1 in flight during batch i) goes
-# here; the table gets a column for it.
-STEPS: Final[dict[str, Callable[[torch.nn.Module, int], Step]]] = {"blocking": blocking_step}
+def _batches(rank: int) -> list[tuple[Any, torch.Tensor]]:
+    from shardrec import KeyedJaggedTensor
+
+    gen = torch.Generator().manual_seed(rank)
+    return [
+        (
+            KeyedJaggedTensor(
+                keys=FEATURES,
+                values=torch.randint(0, ROWS, (TABLES * BATCH,), generator=gen),
+                lengths=torch.ones(TABLES * BATCH, dtype=torch.int32),
+            ),
+            torch.randint(0, 2, (BATCH,), generator=gen).float(),
+        )
+        for _ in range(4)
+    ]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    kjt: Any
+    labels: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> _Batch:
+        return self
+
+
+def _cycle(batches: list[tuple[Any, torch.Tensor]]) -> Iterator[_Batch]:
+    at = 0
+    while True:
+        kjt, labels = batches[at % len(batches)]
+        at += 1
+        yield _Batch(kjt, labels)
+
+
+def pipelined_step(model: torch.nn.Module, rank: int) -> Step:
+    """shardrec's TrainPipelineSparseDist: batch i+1's input all-to-all in flight during batch i."""
+    from shardrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    dense = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def forward(m: torch.nn.Module, b: _Batch) -> tuple[torch.Tensor, None]:
+        return m(b.kjt, b.labels), None
+
+    pipeline = TrainPipelineSparseDist(model, dense, torch.device("cpu"), forward=forward)
+    it = _cycle(_batches(rank))
+
+    def step() -> None:
+        pipeline.progress(it)
+
+    return step
+
+
+# Step name -> builder; each gets its columns in the table.
+STEPS: Final[dict[str, Callable[[torch.nn.Module, int], Step]]] = {
+    "blocking": blocking_step,
+    "pipelined": pipelined_step,
+}
+
+
+def _shardrec_step(name: str, sharding: str, world: int, group: Any, rank: int) -> Step:
+    return STEPS[name](_model(sharding, world, group), rank)
+
+
+# TorchRec's loops, run in .venv-peer (TorchRec 1.8.0) on the same delayed group.
+PEER_STEPS: Final = ["torchrec blocking", "torchrec pipelined"]
+
+
+def _torchrec_step(name: str, sharding: str, world: int, group: Any, rank: int) -> Step:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan
+    from torchrec.distributed.sharding_plan import row_wise as tr_row_wise
+    from torchrec.distributed.sharding_plan import table_wise as tr_table_wise
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.streamable import Pipelineable
+
+    if sharding not in ("tw", "rw"):
+        raise ValueError(f"TorchRec has no {sharding} in this benchmark (tw and rw only)")
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=f"t_{f}", num_embeddings=ROWS, embedding_dim=DIM, feature_names=[f]
+                    )
+                    for f in FEATURES
+                ],
+                device=torch.device("meta"),
+            )
+            torch.manual_seed(0)
+            self.over = torch.nn.Sequential(
+                torch.nn.Linear(DIM * TABLES, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
+            )
+
+        def forward(self, batch: Any) -> tuple[torch.Tensor, None]:
+            logits = self.over(self.ebc(batch.kjt).values()).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+            return loss, None
+
+    class Batch(Pipelineable):  # type: ignore[misc]
+        def __init__(self, kjt: Any, labels: torch.Tensor) -> None:
+            self.kjt, self.labels = kjt, labels
+
+        def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+            return self
+
+        def record_stream(self, stream: Any) -> None:
+            pass
+
+    model = Model()
+    apply_optimizer_in_backward(torch.optim.SGD, model.ebc.parameters(), {"lr": LR})
+    sharder = EmbeddingBagCollectionSharder()
+    per_param = {
+        f"t_{f}": tr_table_wise(rank=i % world) if sharding == "tw" else tr_row_wise()
+        for i, f in enumerate(FEATURES)
+    }
+    module_plan = construct_module_sharding_plan(
+        model.ebc, per_param, sharder=sharder, local_size=world, world_size=world,
+        device_type="cpu",
+    )  # fmt: skip
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(group), device=torch.device("cpu"),
+        plan=ShardingPlan({"ebc": module_plan}), sharders=[sharder],
+    )  # fmt: skip
+    dense = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR)
+    from torchrec import KeyedJaggedTensor
+
+    gen = torch.Generator().manual_seed(rank)
+    batches = [
+        Batch(
+            KeyedJaggedTensor(
+                keys=FEATURES,
+                values=torch.randint(0, ROWS, (TABLES * BATCH,), generator=gen),
+                lengths=torch.ones(TABLES * BATCH, dtype=torch.int32),
+            ),
+            torch.randint(0, 2, (BATCH,), generator=gen).float(),
+        )
+        for _ in range(4)
+    ]
+
+    def cycle() -> Iterator[Any]:
+        at = 0
+        while True:
+            yield batches[at % len(batches)]
+            at += 1
+
+    it = cycle()
+    if name == "torchrec pipelined":
+        pipeline = TrainPipelineSparseDist(dmp, dense, torch.device("cpu"))
+
+        def piped() -> None:
+            pipeline.progress(it)
+
+        return piped
+
+    def blocking() -> None:
+        loss, _ = dmp(next(it))
+        dense.zero_grad(set_to_none=True)
+        loss.backward()
+        dense.step()
+
+    return blocking
 
 
 def _delayed_groups(group: Any, sharding: str) -> list[Any]:
@@ -171,8 +338,13 @@ def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
     try:
         group = new_delayed_group(0.0)
         assert group is not None
-        for name, build in STEPS.items():
-            step = build(_model(args.sharding, world, group), rank)
+        builders: dict[str, Callable[[], Step]] = (
+            {n: partial(_torchrec_step, n, args.sharding, world, group, rank) for n in PEER_STEPS}
+            if args.impl == "torchrec"
+            else {n: partial(_shardrec_step, n, args.sharding, world, group, rank) for n in STEPS}
+        )
+        for name, build in builders.items():
+            step = build()
             delayed = _delayed_groups(group, args.sharding)
             for _ in range(args.warmup):
                 step()
@@ -215,22 +387,43 @@ def run(args: Any) -> dict[str, Any]:
         return result
 
 
+# The collectives of an input distribution: the split exchange, then the ids (tw, rw, twrw).
+INPUT_DIST_COLLECTIVES: Final = 2
+# Each pipelined loop and the blocking loop of the same library it is compared with.
+PAIRS: Final = {"pipelined": "blocking", "torchrec pipelined": "torchrec blocking"}
+
+
 def table(result: dict[str, Any]) -> str:
-    names = list(STEPS)
-    head = ["latency ms", "collectives/step"]
+    names = [n for n in result if isinstance(result[n], list)]
+    head = ["latency ms"]
     for name in names:
-        head += [f"{name} step ms", f"{name} added ms", f"{name} exposed"]
+        head += [f"{name}: collectives", "step ms", "added ms", "exposed"]
+        if PAIRS.get(name) in names:
+            head += ["hidden (of input dist latency)"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     base = {name: result[name][0]["step_s"] for name in names}
     for i, row in enumerate(result[names[0]]):
         latency = row["latency_ms"]
-        cells = [f"{latency:g}", f"{row['collectives']:.0f}"]
+        cells = [f"{latency:g}"]
+        added: dict[str, float] = {}
         for name in names:
             got = result[name][i]
-            added = (got["step_s"] - base[name]) * 1000
+            added[name] = (got["step_s"] - base[name]) * 1000
             injected = latency * got["collectives"]
-            exposed = f"{100 * added / injected:.0f} %" if injected else "-"
-            cells += [f"{got['step_s'] * 1000:.1f}", f"{added:.1f}" if injected else "-", exposed]
+            exposed = f"{100 * added[name] / injected:.0f} %" if injected else "-"
+            cells += [
+                f"{got['collectives']:.0f}",
+                f"{got['step_s'] * 1000:.1f}",
+                f"{added[name]:.1f}" if injected else "-",
+                exposed,
+            ]
+            blocking = PAIRS.get(name)
+            if blocking in names:
+                # Latency the blocking loop showed and this one did not, as a share of what the
+                # input distribution's collectives were given.
+                given = INPUT_DIST_COLLECTIVES * latency
+                hidden = (added[blocking] - added[name]) / given if given else None
+                cells += ["-" if hidden is None else f"{100 * hidden:.0f} %"]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
@@ -252,10 +445,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per latency and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--impl", choices=["shardrec", "torchrec", "both"], default="both",
+        help="both: shardrec here, then TorchRec's loops in .venv-peer when it exists (tw, rw)",
+    )  # fmt: skip
     args = parser.parse_args()
     result = run(args)
     if "error" in result:
         raise SystemExit(f"latency benchmark failed: {result['error']}\n{result['trace']}")
+    if args.impl == "torchrec":
+        print(json.dumps(result))
+        return
+    if args.impl == "both" and args.sharding in ("tw", "rw") and peer_available():
+        command = [str(Path(__file__).resolve()), *sys.argv[1:], "--impl", "torchrec"]
+        try:
+            peer = json.loads(run_peer(command).splitlines()[-1])
+        except (RuntimeError, ValueError) as error:
+            peer = {"error": str(error)}
+        if "error" in peer:
+            print(f"TorchRec's loops did not run: {peer['error']}")
+        else:
+            result.update(peer)
     print(
         f"DMP step under injected latency: {args.nproc} gloo processes, {TABLES} tables x {ROWS}"
         f" rows x {DIM}, batch {BATCH} per rank, {args.sharding}"
