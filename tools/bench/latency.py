@@ -11,7 +11,12 @@ compared with the step at 0 ms:
 
 100 % means every collective waited out its full latency (a blocking step, whose collectives wait
 one after another); a step that computes while its collectives are in flight shows less. Steps are
-named in ``STEPS``: a pipelined training loop is one more entry there, and one more column.
+named in ``STEPS``: ``blocking`` (forward, backward, step) and ``pipelined`` (shardrec's
+``TrainPipelineSparseDist``: the next batch's input distribution in flight during this batch).
+With ``--impl both`` (default) TorchRec's blocking loop and its ``TrainPipelineSparseDist`` run too,
+in ``.venv-peer`` on the same delayed group (tw and rw). ``hidden``: the latency the blocking loop
+added and the pipelined one did not, over the latency the input distribution's two collectives were
+given (each loop measured against its own 0 ms step).
 
 Workload: an EmbeddingBagCollection of 8 tables (100,000 rows, dim 64, one id per feature),
 batch 1024 per rank, every table table-wise (round-robin over the ranks), row-wise, or
