@@ -35,6 +35,8 @@ from shardrec.distributed.train_pipeline import (
 )
 from shardrec.distributed.types import ParameterSharding
 from shardrec.kernels import BadBatchError
+from shardrec.modules import EmbeddingBagCollection
+from shardrec_sharders.row_wise import RowWiseSharder
 
 from ._reference import Model, build_model
 from ._two_nodes import EC_DIM, TABLES, make_batch, ranks_per_node, sharding
@@ -244,6 +246,11 @@ def case_plain_is_manual(env: ShardingEnv) -> dict[str, Any]:
 
 
 def case_bad_batch(env: ShardingEnv, how: str, bad_at: int) -> dict[str, Any]:
+    with ranks_per_node(LOCAL):
+        return _bad_batch(env, how, bad_at)
+
+
+def _bad_batch(env: ShardingEnv, how: str, bad_at: int) -> dict[str, Any]:
     model = build("ebc")
     dmp = DistributedModelParallel(model, env=env, plan=make_plan(how, env.world_size))
     opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR)
@@ -277,16 +284,27 @@ def case_bad_batch(env: ShardingEnv, how: str, bad_at: int) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("how", ["table_wise", "row_wise", "data_parallel", "mixed"])
+@pytest.mark.parametrize(
+    ("how", "world"),
+    [
+        ("table_wise", 2),
+        ("row_wise", 2),
+        ("column_wise", 2),
+        ("data_parallel", 2),
+        ("mixed", 2),
+        ("table_row_wise", 4),
+        ("grid_shard", 4),
+    ],
+)
 @pytest.mark.parametrize("bad_at", [0, 2])
 def test_a_bad_batch_raises_on_every_rank_and_the_pipeline_goes_on(
-    dist_pool: Any, how: str, bad_at: int
+    dist_pool: Any, how: str, world: int, bad_at: int
 ) -> None:
-    results = dist_pool.run(2, case_bad_batch, how=how, bad_at=bad_at)
+    results = dist_pool.run(world, case_bad_batch, how=how, bad_at=bad_at)
     for r in results:
         assert r["done"] == STEPS - 1
         assert len(r["errors"]) == 1
-        assert "rank(s) [1]" in r["errors"][0]
+        assert f"rank(s) [{len(results) - 1}]" in r["errors"][0]
         assert "10000" in r["errors"][0]
         for key, value in r["ref"].items():
             assert torch.equal(value, r["state"][key]), key
@@ -345,3 +363,56 @@ def test_a_model_that_transforms_the_kjt_falls_back_with_one_warning(dist_pool: 
         # It still trains, unpipelined, to the same weights (values + 0 are the same ids).
         for key, value in plain["state"].items():
             assert torch.equal(value, wrapped["state"][key]), key
+
+
+class Opaque(nn.Module):
+    """What a plugin sharder may return: a sharded module without the input_dist split."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, kjt: KeyedJaggedTensor) -> Any:
+        return self.inner(kjt)
+
+    def local_table_shards(self) -> Any:
+        return self.inner.local_table_shards()
+
+
+class OpaqueRowWise(RowWiseSharder):
+    def shard(self, module: nn.Module, params: Any, env: ShardingEnv, device: Any) -> nn.Module:
+        return Opaque(super().shard(module, params, env, device))
+
+
+def case_plugin_without_split(env: ShardingEnv) -> dict[str, Any]:
+    model = build("ebc")
+    sharder = OpaqueRowWise(EmbeddingBagCollection)
+    dmp = DistributedModelParallel(
+        model, env=env, plan=make_plan("row_wise", env.world_size), sharders=[sharder]
+    )
+    opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR)
+    pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), forward=model_forward)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(EPOCHS):
+            it = batches(env, STEPS)
+            for _ in range(STEPS):
+                pipeline.progress(it)
+    return {
+        "warnings": [str(w.message) for w in caught if w.category is PipelineFallbackWarning],
+        "pipelined": pipeline.pipelined_modules,
+        "state": state_of(dmp, model),
+    }
+
+
+def test_a_plugin_module_without_the_split_trains_unpipelined_with_one_warning(
+    dist_pool: Any,
+) -> None:
+    plain = dist_pool.run(2, case_equal, how="row_wise", kind="ebc")
+    for r, p in zip(dist_pool.run(2, case_plugin_without_split), plain, strict=True):
+        assert r["pipelined"] == []
+        assert len(r["warnings"]) == 1
+        assert "'emb' is not pipelined: Opaque has no input_dist" in r["warnings"][0]
+        # It trains, unpipelined, as the plain loop does.
+        for key, value in p["plain"]["state"].items():
+            assert torch.equal(value, r["state"][key]), key
