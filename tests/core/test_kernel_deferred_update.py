@@ -17,7 +17,7 @@ from shardrec.kernels import (
 )
 
 TABLES = [TableSpec(name="t", num_embeddings=6, embedding_dim=4)]
-TABLES += [TableSpec(name="u", num_embeddings=3, embedding_dim=4)]
+TABLES += [TableSpec(name="u", num_embeddings=3, embedding_dim=8)]  # another dim: another group
 FEATURES = [FeatureSpec(name="f", table="t"), FeatureSpec(name="g", table="u")]
 
 
@@ -46,19 +46,23 @@ def batch(step: int) -> KeyedJaggedTensor:
 @pytest.mark.parametrize("optimizer", list(OptimizerType))
 def test_deferred_update_equals_the_fused_step(optimizer: OptimizerType) -> None:
     fused, deferred = lookup(optimizer, False), lookup(optimizer, True)
-    assert all(p.requires_grad for p in deferred.weights.values())
+    assert not any(p.requires_grad for p in deferred.weights.values())  # no outside optimizer
+    seen: list[dict[str, list[int]]] = []
+
+    def update(tbe: TableBatchedEmbedding) -> None:
+        # Runs inside backward, once, after both groups (dims 4 and 8) left their gradients.
+        touched = {n: m.nonzero().squeeze(1) for n, m in tbe.take_touched_rows().items()}
+        seen.append({n: rows.tolist() for n, rows in touched.items()})
+        tbe.apply_update(tbe.take_gradients(), touched)
+
+    deferred.register_update_hook(update)
     for step in range(3):
         kjt = batch(step)
         fused(kjt).square().sum().backward()
         deferred(kjt).square().sum().backward()
-        masks = deferred.take_touched_rows()
-        touched = {n: m.nonzero().squeeze(1) for n, m in masks.items()}
-        assert touched["t"].tolist() == sorted(set(kjt["f"].values().tolist()))
-        assert touched["u"].tolist() == sorted(set(kjt["g"].values().tolist()))
-        grads = {n: p.grad for n, p in deferred.weights.items() if p.grad is not None}
-        deferred.apply_update(grads, touched)
-        for p in deferred.weights.values():
-            p.grad = None
+        assert len(seen) == step + 1
+        assert seen[-1]["t"] == sorted(set(kjt["f"].values().tolist()))
+        assert seen[-1]["u"] == sorted(set(kjt["g"].values().tolist()))
     for name in ("t", "u"):
         torch.testing.assert_close(
             deferred.table_weights()[name], fused.table_weights()[name], atol=1e-6, rtol=1e-6
@@ -97,3 +101,5 @@ def test_deferred_update_errors_name_what_is_wrong() -> None:
         tbe.apply_update({}, {"nope": torch.tensor([0])})
     with pytest.raises(ValueError, match="table 't' needs a gradient of shape"):
         tbe.apply_update({"t": torch.zeros(2, 4)}, {"t": torch.tensor([0])})
+    with pytest.raises(ValueError, match="register_update_hook"):
+        lookup(OptimizerType.SGD, False).register_update_hook(lambda _: None)

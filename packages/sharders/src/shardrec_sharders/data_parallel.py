@@ -12,8 +12,8 @@ dense layers steps them.
 With a fused optimizer (SGD, Adagrad, row-wise Adagrad, Adam) the replica is a lookup with a
 deferred update: after backward one all-reduce sums every table's gradient and touched rows over
 the ranks, and every rank applies the fused optimizer to the rows any rank touched (see
-``replica_sync``). DDP and the torch optimizer leave these tables alone (their ``.grad`` is None
-after backward), and the replicas stay bit-identical.
+``replica_sync``). Their parameters do not require grad, as under every fused sharding, so DDP
+and torch optimizers leave them alone; the replicas stay bit-identical.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class ReplicatedEmbedding(nn.Module):
     def __init__(self, view: ModuleView, device: torch.device, kind: str, env: ShardingEnv) -> None:
         super().__init__()
         fused = view.optimizer is not None
-        # A fused replica syncs itself: DDP must not average its (dropped) gradients too.
+        # A fused replica syncs itself: DDP must leave its tables alone.
         self.replicated = not fused
         self.env = env
         self.guard = BatchGuard.of(view, view.pairs, kind, env)

@@ -1,12 +1,13 @@
 """Keeps the replicas of data-parallel tables that have a fused optimizer identical.
 
 Each rank looks its own batch up in its own replica, a ``TableBatchedEmbedding`` built with
-``deferred_update=True``: backward leaves each table's gradient in ``.grad`` and marks the rows it
-read an id of. When every table's gradient of this backward is in (a post-accumulate-grad hook per
-table), one all-reduce sums over the ranks one flat fp32 buffer: every table's dense gradient,
-then every table's touched-row mask. Every rank then applies the fused optimizer to the rows that
-*any* rank touched, from the same summed gradient, and drops ``.grad``: the same update on every
-replica, bit for bit, and the same update the unsharded module makes on the global batch.
+``deferred_update=True``: backward keeps each table's dense gradient inside the lookup and marks
+the rows it read an id of (the tables' parameters do not require grad, as under every fused
+sharding: DDP and torch optimizers never see them). When every group of tables has its gradient
+(the lookup's update hook), one all-reduce sums over the ranks one flat fp32 buffer: every table's
+dense gradient, then every table's touched-row mask. Every rank then applies the fused optimizer to
+the rows that *any* rank touched, from the same summed gradient: the same update on every replica,
+bit for bit, and the same update the unsharded module makes on the global batch.
 
 Gradients are summed over ranks, not averaged: a row's gradient is the sum over every sample that
 read it, as under every other sharding (and as the unsharded module computes it on the global
@@ -27,11 +28,8 @@ a collective), as with the other shardings' backward all-to-alls.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from shardrec.kernels import TableBatchedEmbedding
 
@@ -47,15 +45,7 @@ class ReplicaSync:
             raise ValueError("ReplicaSync needs a lookup built with deferred_update=True")
         self.lookup = lookup
         self.pg = pg
-        self.params: dict[str, nn.Parameter] = dict(lookup.named_table_parameters())
-        read = {f.table for f in lookup.features}
-        # Tables no feature reads get no gradient; waiting for them would wait forever.
-        self._expected = frozenset(n for n in self.params if n in read)
-        self._arrived: set[str] = set()
-        for name, param in self.params.items():
-            if name in self._expected:
-                hook = partial(self._arrive, name)
-                param.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
+        lookup.register_update_hook(lambda _: self.step())
 
     def _world(self) -> int:
         return 1 if self.pg is None else dist.get_world_size(self.pg)
@@ -76,30 +66,18 @@ class ReplicaSync:
             ):
                 t.copy_(piece.view_as(t))
 
-    def _arrive(self, name: str, param: torch.Tensor) -> None:
-        self._arrived.add(name)
-        if self._arrived >= self._expected:
-            self._arrived.clear()
-            self.step()
-
     def step(self) -> None:
         """Sum the gradients and touched rows over the ranks and apply the fused update."""
-        names = list(self.params)
+        grads = self.lookup.take_gradients()
         touched = self.lookup.take_touched_rows()
-        grads: list[torch.Tensor] = []
-        for name in names:
-            param = self.params[name]
-            grad = param.grad
-            grads.append(torch.zeros_like(param, dtype=torch.float32) if grad is None else grad)
-        pieces = [g.reshape(-1).to(torch.float32) for g in grads]
+        names = list(grads)
+        pieces = [grads[n].reshape(-1) for n in names]
         pieces += [touched[n].to(torch.float32) for n in names]
         flat = torch.cat(pieces)
         if self._world() > 1:
             dist.all_reduce(flat, group=self.pg)
         parts = torch.split(flat, [p.numel() for p in pieces])
         count = len(names)
-        summed = {n: parts[i].view(self.params[n].shape) for i, n in enumerate(names)}
+        summed = {n: parts[i].view(grads[n].shape) for i, n in enumerate(names)}
         rows = {n: parts[count + i].nonzero().squeeze(1) for i, n in enumerate(names)}
         self.lookup.apply_update(summed, rows)
-        for param in self.params.values():
-            param.grad = None

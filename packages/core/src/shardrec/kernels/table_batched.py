@@ -25,10 +25,13 @@ a view into it. In plain mode the parameters get ``.grad`` (dense, like ``nn.Emb
 fused optimizer backward updates the touched rows in place, the parameters have
 ``requires_grad=False``, and autograd still flows through the output to whatever produced its
 inputs' consumers. ``deferred_update=True`` (with an optimizer; torch backend) splits the two:
-backward fills ``.grad`` as plain mode does, and :meth:`TableBatchedEmbedding.apply_update` later
-applies the fused optimizer to the rows it is given from the gradients it is given (a data-parallel
-replica sums its gradients over ranks in between). ``table_weights()``/``optimizer_states()``
-return views, ``load_table_weights()``/``load_optimizer_states()`` copy into them. Moving the module
+backward keeps each table's dense gradient and the rows it touched inside the lookup (the
+parameters still have ``requires_grad=False``: no outside optimizer steps them), a hook from
+:meth:`TableBatchedEmbedding.register_update_hook` runs once every group's backward is in, and
+:meth:`TableBatchedEmbedding.apply_update` applies the fused optimizer to the rows it is given from
+the gradients it is given (a data-parallel replica sums them over ranks in between).
+``table_weights()``/``optimizer_states()`` return views,
+``load_table_weights()``/``load_optimizer_states()`` copy into them. Moving the module
 (``.to(device)``, ``to_empty``) moves the fused storage and re-points the parameters;
 ``.half()``/``.double()`` leave the tables' data types as configured.
 
@@ -127,11 +130,10 @@ class TableBatchedEmbedding(nn.Module):
         self._group_features: list[list[int]] = []
         self._build_groups(target)
         self.weights = nn.ParameterDict()
-        dense_grads = optimizer is None or deferred_update
         for name, view in self._table_views().items():
-            self.weights[name] = nn.Parameter(view, requires_grad=dense_grads)
+            self.weights[name] = nn.Parameter(view, requires_grad=optimizer is None)
         # Fused mode: a placeholder that requires grad makes autograd call our backward.
-        self._trigger = torch.zeros(0, requires_grad=not dense_grads)
+        self._trigger = torch.zeros(0, requires_grad=optimizer is not None)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -346,13 +348,52 @@ class TableBatchedEmbedding(nn.Module):
 
     # ---- deferred update ----------------------------------------------------------------------
 
+    def register_update_hook(
+        self, hook: Callable[[TableBatchedEmbedding], None]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(self)`` once per backward, after every group of tables that backward
+        reached has left its gradient (``deferred_update=True`` only): the hook takes the
+        gradients (:meth:`take_gradients`, :meth:`take_touched_rows`) and applies them
+        (:meth:`apply_update`). Without a hook nothing is applied."""
+        self._require_deferred("register_update_hook")
+
+        # Every group's backward hands the one placeholder an (empty) gradient; autograd sums
+        # them and accumulates once per backward, after the last group: then the hook runs.
+        def arrived(trigger: torch.Tensor) -> None:
+            trigger.grad = None
+            hook(self)
+
+        handle: torch.utils.hooks.RemovableHandle = (
+            self._trigger.register_post_accumulate_grad_hook(arrived)  # type: ignore[no-untyped-call]
+        )
+        return handle
+
+    def take_gradients(self) -> dict[str, torch.Tensor]:
+        """``{table: [rows, dim] fp32}``: the gradients backward left since the last call
+        (``deferred_update=True`` only; zeros for a table no backward reached), then forgotten."""
+        self._require_deferred("take_gradients")
+        out: dict[str, torch.Tensor] = {}
+        for group, table_ids in zip(self._groups, self._group_tables, strict=True):
+            assert isinstance(group, TorchGroup)  # deferred lookups run the torch backend
+            grad = group.take_gradient()
+            s = group.row_starts
+            for local, t in enumerate(table_ids):
+                out[self.tables[t].name] = grad[s[local] : s[local + 1]]
+        return {spec.name: out[spec.name] for spec in self.tables}
+
+    def _require_deferred(self, what: str) -> None:
+        if not self.deferred_update:
+            raise ValueError(
+                f"{what}: this lookup applies its optimizer in backward; build it with"
+                " deferred_update=True to apply updates from given gradients"
+            )
+
     def take_touched_rows(self) -> dict[str, torch.Tensor]:
         """``{table: [rows] bool mask}``: the rows whose ids some backward read since the last
         call (``deferred_update=True`` only), then forgotten. With per-id weights of 0 or a zero
         output gradient a row can be touched with a zero gradient: Adam still updates it, as in
         fused mode."""
-        if not self.deferred_update:
-            raise ValueError("take_touched_rows: this lookup has no deferred update")
+        self._require_deferred("take_touched_rows")
         out: dict[str, torch.Tensor] = {}
         for group, table_ids in zip(self._groups, self._group_tables, strict=True):
             assert isinstance(group, TorchGroup)  # deferred lookups run the torch backend
@@ -368,17 +409,13 @@ class TableBatchedEmbedding(nn.Module):
         """One step of the fused optimizer from given gradients (``deferred_update=True`` only).
 
         ``rows[table]``: distinct int64 row ids of the table to update; ``grads[table]``: the
-        table's ``[rows, dim]`` gradient (dense, as backward left it in ``.grad``, or summed over
+        table's ``[rows, dim]`` gradient (dense, as :meth:`take_gradients` gives it, or summed over
         ranks), read at those rows only. A table missing from ``rows`` is not updated. Each group
         of tables stored together counts one update (Adam's step), as one backward in fused mode
         does; a row left out keeps its weight and its state, as a row no id touched does.
         """
         self._require_fused("apply_update")
-        if not self.deferred_update:
-            raise ValueError(
-                "apply_update: this lookup applies its optimizer in backward; build it with"
-                " deferred_update=True to apply updates from given gradients"
-            )
+        self._require_deferred("apply_update")
         names = {spec.name for spec in self.tables}
         unknown = sorted((set(grads) | set(rows)) - names)
         if unknown:
@@ -495,7 +532,7 @@ class TableBatchedEmbedding(nn.Module):
         return [torch.empty(n, d, device="meta") for n, d in zip(lpk, dims, strict=True)]
 
     def _params_for(self, group: LookupGroup) -> list[torch.Tensor]:
-        if self.optimizer is not None and not self.deferred_update:
+        if self.optimizer is not None:
             return [self._trigger]
         idx = self._groups.index(group)
         return [self.weights[self.tables[t].name] for t in self._group_tables[idx]]

@@ -38,6 +38,7 @@ class TorchGroup:
 
     # Class defaults, so lookups pickled before deferred updates existed still load.
     deferred_update: bool = False
+    pending: torch.Tensor | None = None
     touched: torch.Tensor | None = None
 
     def __init__(
@@ -52,9 +53,10 @@ class TorchGroup:
         self.tables = tuple(tables)
         self.feature_tables = tuple(feature_tables)
         self.optimizer = optimizer
-        # Deferred: backward gives dense gradients (as plain mode); ``apply_rows`` updates later.
+        # Deferred: backward keeps dense gradients (``take_gradient``); ``apply_rows`` updates.
         self.deferred_update = deferred_update
-        # Deferred: the rows some backward read an id of since the last ``take_touched``.
+        # Deferred: the gradient and the rows some backward read an id of, until taken.
+        self.pending: torch.Tensor | None = None
         self.touched: torch.Tensor | None = None
         self.dim = self.tables[0].embedding_dim
         self.dtype = data_type_to_dtype(self.tables[0].data_type)
@@ -314,7 +316,9 @@ class TorchGroup:
     ) -> tuple[torch.Tensor | None, ...]:
         """Apply the fused update (fused mode) or build the tables' dense gradients (plain mode,
         and fused mode with a deferred update)."""
-        if self.optimizer is not None and not self.deferred_update:
+        if self.optimizer is not None and self.deferred_update:
+            return self._defer(grad, num_params)
+        if self.optimizer is not None:
             if (
                 sm is not None
                 and sm.key_major
@@ -330,15 +334,31 @@ class TorchGroup:
             step = int(self.step_count)
             apply_fused_update(self.optimizer, self.storage, self.state, grad, step)
             return (None,) * num_params
-        if self.deferred_update:
-            if self.touched is None or self.touched.device != grad.ids.device:
-                self.touched = torch.zeros(self.num_rows, dtype=torch.bool, device=grad.ids.device)
-            self.touched[grad.ids] = True
         dense = torch.zeros(self.num_rows, self.dim, dtype=torch.float32, device=grad.ids.device)
         grad.scatter_into(dense, grad.ids, 1.0)
         dense = dense.to(self.dtype)
         s = self.row_starts
         return tuple(dense[s[i] : s[i + 1]] for i in range(len(self.tables)))
+
+    def _defer(self, grad: SparseGrad, num_params: int) -> tuple[torch.Tensor | None, ...]:
+        """Deferred mode: keep the dense gradient and the touched rows for ``take_*``."""
+        device = grad.ids.device
+        if self.pending is None:
+            self.pending = torch.zeros(self.num_rows, self.dim, dtype=torch.float32, device=device)
+        grad.scatter_into(self.pending, grad.ids, 1.0)
+        if self.touched is None:
+            self.touched = torch.zeros(self.num_rows, dtype=torch.bool, device=device)
+        self.touched[grad.ids] = True
+        # The placeholder gets an (empty) gradient, so its post-accumulate hook counts this group.
+        return (torch.zeros(0),) * num_params
+
+    def take_gradient(self) -> torch.Tensor:
+        """Deferred mode: the ``[num_rows, dim]`` fp32 gradient since the last call (cleared)."""
+        pending = self.pending
+        self.pending = None
+        if pending is None:
+            return torch.zeros(self.num_rows, self.dim, dtype=torch.float32, device=self.device)
+        return pending
 
     def take_touched(self) -> torch.Tensor:
         """Deferred mode: a ``[num_rows]`` bool mask of the rows backward saw an id of since the
