@@ -16,6 +16,7 @@ from shardrec_dlrm.cli_options import (
     device_option,
 )
 from shardrec_dlrm.config import (
+    COMM_PRECISIONS,
     DENSE_PRECISIONS,
     INTERACTION_TYPES,
     NUM_SPARSE_FEATURES,
@@ -209,6 +210,14 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     help="bf16: run the dense arch, interaction and over arch under bf16 autocast (weights,"
     " embeddings, loss and the dot interaction's products stay fp32); faster on CPUs with AMX or"
     " AVX512-BF16 and on GPUs.",
+)
+@click.option(
+    "--comm-precision",
+    type=click.Choice(COMM_PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Send the pooled embeddings between ranks, and their gradients back, in this dtype:"
+    " fp16 or bf16 halve those bytes (sums stay fp32; see docs/benchmarks.md for the accuracy).",
 )
 @click.option(
     "--nproc",

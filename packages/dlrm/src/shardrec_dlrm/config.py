@@ -18,9 +18,11 @@ ShardingName = Literal["auto", "table_wise", "row_wise", "column_wise", "data_pa
 DeviceName = Literal["auto", "cpu", "cuda"]
 DataFormat = Literal["auto", "tsv", "csv", "preprocessed"]
 DensePrecision = Literal["fp32", "bf16"]
+CommPrecision = Literal["fp32", "fp16", "bf16"]
 
 INTERACTION_TYPES: Final = get_args(InteractionType)
 DENSE_PRECISIONS: Final = get_args(DensePrecision)
+COMM_PRECISIONS: Final = get_args(CommPrecision)
 OPTIMIZERS: Final = get_args(OptimizerName)
 SHARDINGS: Final = get_args(ShardingName)
 DEVICES: Final = get_args(DeviceName)
@@ -117,6 +119,8 @@ class TrainConfig:
     sharding: ShardingName = "auto"
     device: DeviceName = "auto"
     dense_precision: DensePrecision = "fp32"
+    comm_precision: CommPrecision = "fp32"
+    """Wire dtype of the pooled embeddings' collectives and their gradients (both ways)."""
     logdir: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
@@ -157,6 +161,7 @@ class TrainConfig:
             ("sharding", SHARDINGS),
             ("device", DEVICES),
             ("data_format", DATA_FORMATS),
+            ("comm_precision", COMM_PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardrec.distributed.qcomm import QCommsConfig, with_qcomms
 from shardrec.kernels import set_learning_rate
 from shardrec_dlrm.config import (
+    CommPrecision,
     DensePrecision,
     DeviceName,
     ModelConfig,
@@ -107,6 +109,8 @@ def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
     )
     sharders = discover_sharders()
     plan, report = plan_model(model, request, sharders, collective=True)
+    if config.comm_precision != "fp32":
+        plan = with_qcomms(plan, QCommsConfig.both(config.comm_precision))
     sharded = DistributedModelParallel(model, device=state.device, plan=plan, sharders=sharders)
     dense = list(_trainable_dense(sharded))
     _average_sharded_gradients(sharded, state)
@@ -163,6 +167,7 @@ def shard_for_benchmark(
     lr: float,
     dense_precision: DensePrecision = "fp32",
     device: DeviceName = "cpu",
+    comm_precision: CommPrecision = "fp32",
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The sharded model and dense optimizer ``dlrm train`` would build (tools/bench/dlrm.py)."""
     config = TrainConfig(
@@ -172,6 +177,7 @@ def shard_for_benchmark(
         learning_rate=lr,
         dense_precision=dense_precision,
         device=device,
+        comm_precision=comm_precision,
     )
     state = ParallelState.init(device)
     run = shard_model(config, state)
