@@ -199,3 +199,39 @@ def test_cli_multihot(tmp_path: Path) -> None:
     other = CliRunner().invoke(main, [*args, "--seed", "1"])
     assert other.exit_code == 1
     assert "--force" in other.output
+
+
+def _reference_files(root: Path, days: int, rows: int) -> None:
+    """Days as the MLPerf reference writes them (plain np.save / np.savez)."""
+    rng = np.random.default_rng(5)
+    for d in range(days):
+        np.save(root / f"day_{d}_dense.npy", rng.random((rows, 13), dtype=np.float32))
+        np.save(root / f"day_{d}_labels.npy", rng.integers(0, 2, (rows, 1)).astype(np.int32))
+        arrays = {
+            str(j): rng.integers(0, SIZES[j], (rows, HOT[j])).astype(np.int32) for j in range(26)
+        }
+        np.savez(root / f"day_{d}_sparse_multi_hot.npz", **arrays)  # type: ignore[arg-type]
+
+
+def test_dlrm_train_reads_the_references_files_with_the_preset(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from shardrec_dlrm.cli import main
+
+    data = tmp_path / "mh"
+    data.mkdir()
+    _reference_files(data, days=3, rows=40)
+    small = ["--num-embeddings-per-feature", ",".join(map(str, SIZES)), "--embedding-dim", "4",
+             "--dense-arch-layer-sizes", "8,4", "--over-arch-layer-sizes", "8,1",
+             "--dcn-low-rank-dim", "2", "--batch-size", "8", "--device", "cpu",
+             "--quiet"]  # fmt: skip
+    args = ["train", "--data", str(data), "--preset", "mlperf-dcnv2", *small]
+    result = CliRunner().invoke(main, [*args, "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert result.exit_code == 0, result.output
+    assert "finished after 10 steps" in result.output  # days 0-1 train: 80 rows / 8
+    assert "test:" in result.output
+    # ids beyond the model's tables are refused with the file named, not looked up
+    tiny = ["--num-embeddings-per-feature", ",".join(["2"] * 26)]
+    refused = CliRunner().invoke(main, [*args, *tiny])
+    assert refused.exit_code != 0
+    assert "_sparse_multi_hot.npz: table" in refused.output

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from shardrec_dlrm.config import TrainConfig
-from shardrec_dlrm.data import Batch, DataError, Dataset, Split, open_dataset
+from shardrec_dlrm.data import Batch, DataError, Dataset, open_dataset
+from shardrec_dlrm.data.dataset import SplitReader
+from shardrec_dlrm.data.multihot import MultiHotDataset, is_multihot, open_multihot
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.parallel import ParallelState
 
@@ -20,10 +22,10 @@ __all__ = ["Batch", "RunData", "open_run_data"]
 
 @dataclass(frozen=True, slots=True)
 class RunData:
-    dataset: Dataset
-    train: Split
-    val: Split
-    test: Split
+    dataset: Dataset | MultiHotDataset
+    train: SplitReader
+    val: SplitReader
+    test: SplitReader
     batch_size: int
     eval_batch_size: int
     rank: int
@@ -60,7 +62,7 @@ class RunData:
     def test_batches(self) -> Iterator[Batch]:
         return self._eval_batches(self.test)
 
-    def _eval_batches(self, split: Split) -> Iterator[Batch]:
+    def _eval_batches(self, split: SplitReader) -> Iterator[Batch]:
         return split.batches(
             self.eval_batch_size, rank=self.rank, world_size=self.world_size, shuffle=False
         )
@@ -69,14 +71,23 @@ class RunData:
 def open_run_data(config: TrainConfig, state: ParallelState) -> RunData:
     """Opens ``config.data`` with the model's table sizes; data errors become :class:`UserError`."""
     try:
-        dataset = open_dataset(
-            config.data,
-            format=config.data_format,
-            num_embeddings_per_feature=config.model.table_sizes(),
-            val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction,
-        )
-        splits = {name: dataset.split(name) for name in ("train", "val", "test")}
+        dataset: Dataset | MultiHotDataset
+        splits: dict[str, SplitReader]
+        if config.data_format == "auto" and is_multihot(config.data):
+            # multi-hot days (`dlrm multihot` or MLPerf's files): the ids are table rows already
+            dataset = open_multihot(
+                config.data, num_embeddings_per_feature=config.model.table_sizes()
+            )
+            splits = {name: dataset.split(name) for name in ("train", "val", "test")}
+        else:
+            dataset = open_dataset(
+                config.data,
+                format=config.data_format,
+                num_embeddings_per_feature=config.model.table_sizes(),
+                val_fraction=config.val_fraction,
+                test_fraction=config.test_fraction,
+            )
+            splits = {name: dataset.split(name) for name in ("train", "val", "test")}
     except (DataError, ValueError) as error:
         raise UserError(str(error)) from error
     for name in ("val", "test"):

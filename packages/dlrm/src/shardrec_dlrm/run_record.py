@@ -22,7 +22,7 @@ from typing import Any, Final
 import numpy as np
 
 from shardrec_dlrm.config import ModelConfig, TrainConfig, model_config_from_dict
-from shardrec_dlrm.data import Split
+from shardrec_dlrm.data.dataset import SplitReader
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.safe_files import read_small_text
 
@@ -70,7 +70,7 @@ class RunFacts:
 SAMPLE_ROWS: Final = 1024
 
 
-def train_sample_digest(split: Split) -> str:
+def train_sample_digest(split: SplitReader) -> str:
     """SHA-256 of the first and last :data:`SAMPLE_ROWS` rows of ``split`` (labels, transformed
     dense features, raw ids): cheap at any size, and it tells apart data sets of the same size
     that differ in those rows (not data changed only in between)."""

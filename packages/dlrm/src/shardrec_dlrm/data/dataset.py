@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -38,6 +38,37 @@ from .splits import (
     split_segments,
 )
 from .tsv import BadRows
+
+
+class SplitReader(Protocol):
+    """What a training run reads from a split: :class:`Split` (one-hot rows) and
+    :class:`.multihot.MultiHotSplit` (multi-hot days) both provide it."""
+
+    @property
+    def name(self) -> SplitName: ...
+
+    @property
+    def segments(self) -> tuple[Segment, ...]: ...
+
+    @property
+    def num_rows(self) -> int: ...
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Rows: ...
+
+    def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int: ...
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool | None = None,
+        drop_last: bool = False,
+        start_batch: int = 0,
+    ) -> Iterator[Batch]: ...
 
 
 class Dataset:

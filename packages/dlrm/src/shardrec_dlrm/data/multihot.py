@@ -44,9 +44,9 @@ from .multihot_lookup import (
     parse_multi_hot,
 )
 from .outdir import claim_output, refuse_non_empty
-from .schema import NUM_SPARSE, SPARSE_KEYS, hash_ids, parse_num_embeddings
+from .schema import NUM_SPARSE, SPARSE_KEYS, Rows, hash_ids, parse_num_embeddings
 from .sources import Layout
-from .splits import SplitName, split_segments
+from .splits import Segment, SplitName, split_segments
 
 MULTIHOT_META: Final = "multihot.json"
 MULTIHOT_FORMAT: Final = "shardrec-criteo-multihot"
@@ -271,7 +271,9 @@ class MultiHotDataset:
 class MultiHotSplit:
     """The rows of one split, read in the same per-rank batches as :class:`.dataset.Split`."""
 
-    def __init__(self, dataset: MultiHotDataset, name: SplitName, segments: Sequence[Any]) -> None:
+    def __init__(
+        self, dataset: MultiHotDataset, name: SplitName, segments: Sequence[Segment]
+    ) -> None:
         self.dataset = dataset
         self.name = name
         self.segments = tuple(segments)
@@ -280,6 +282,39 @@ class MultiHotSplit:
     @property
     def num_rows(self) -> int:
         return int(self._offsets[-1])
+
+    def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+        """Batches each rank gets per epoch (the same on every rank)."""
+        ranges = rank_batch_ranges(
+            self.num_rows,
+            batch_size,
+            rank=0,
+            world_size=world_size,
+            seed=0,
+            epoch=0,
+            shuffle=False,
+            drop_last=drop_last,
+        )
+        return len(ranges)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Rows:
+        """Rows ``[start, stop)`` as :class:`.schema.Rows` whose ``sparse`` holds each sample's
+        ids of every table, table after table (``sum(hot)`` columns): for digests and checks."""
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        batch = self.batch(start, max(start, stop))
+        n = batch.batch_size
+        per_key = batch.sparse_features.to_dict()
+        sparse = [
+            per_key[key].values().reshape(n, hot).numpy()
+            for key, hot in zip(SPARSE_KEYS, self.dataset.multi_hot, strict=True)
+        ]
+        return Rows(
+            batch.labels.numpy().astype(np.uint8),
+            batch.dense_features.numpy(),
+            np.concatenate(sparse, axis=1)
+            if n
+            else np.empty((0, sum(self.dataset.multi_hot)), np.int64),
+        )
 
     def batch(self, start: int, stop: int) -> Batch:
         """Rows ``[start, stop)`` as a batch; ids outside a table are a :class:`DataError`."""
