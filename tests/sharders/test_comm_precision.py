@@ -208,3 +208,47 @@ def test_config_names_bad_precision() -> None:
         QCommsConfig(forward_precision="fp8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"modules \['nope'\] are not in the plan"):
         with_qcomms(ShardingPlan({"emb": {}}), QCommsConfig.both("fp16"), ["nope"])
+
+
+def case_sequence(env: ShardingEnv, plan: ShardingPlan, precision: str) -> Any:
+    """An EmbeddingCollection under ``plan`` in fp32 and in ``precision``; the rows' gradient is
+    positive, so that each table row's gradient is a sum of same-signed terms."""
+    sizes = batch_sizes(None, env.world_size)
+    runs = {}
+    for name, config in (("fp32", None), ("q", QCommsConfig.both(precision))):
+        model = build_model("ec", TABLES, seed=7, fused={"optimizer": "sgd", "learning_rate": LR})
+        dmp = DistributedModelParallel(model, env=env, plan=with_qcomms(plan, config))
+        outputs = []
+        for step in range(STEPS):
+            rows, loss = dmp(make_batch(step, sizes, env.rank, False))
+            g = torch.Generator().manual_seed(4000 + 10 * step + env.rank)
+            r = torch.rand(rows.shape, generator=g) + 0.5
+            ((rows * r).sum() + 0.0 * loss).backward()
+            outputs.append(rows.detach().clone())
+            dmp.zero_grad()
+        runs[name] = {"outputs": outputs, "shards": local_shards(dmp)}
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["table_wise", "row_wise"])
+def test_sequence_embeddings_within_the_bound_of_fp32(dist_pool: Any, kind: str) -> None:
+    """One rounding per element each way: ``|out_q - out| <= u |out|``; with same-signed
+    gradients, ``|w_q - w| <= u |w - w_start|`` after the steps."""
+    d = dims("ec")
+    if kind == "table_wise":
+        plan = {t: table_wise(i % 2, *d[t]) for i, t in enumerate(d)}
+    else:
+        plan = {t: row_wise(*d[t], 2) for t in d}
+    results = dist_pool.run(2, case_sequence, plan=ShardingPlan({"emb": plan}), precision="bf16")
+    factor = CommType.BF16.unit_roundoff + FP32_SLACK
+    for r, result in enumerate(results):
+        ref = result["fp32"]["outputs"][0]
+        err = (result["q"]["outputs"][0] - ref).abs()
+        assert bool((err <= factor * ref.abs()).all()), f"rank {r}: output past the bound"
+        assert float(err.max()) > 0
+    start = build_model("ec", TABLES, seed=7, fused={"optimizer": "sgd"}).emb.lookup.table_weights()
+    for t, w0 in start.items():
+        q = assemble(w0, [b for res in results for b in res["q"]["shards"][t]])
+        ref = assemble(w0, [b for res in results for b in res["fp32"]["shards"][t]])
+        bound = factor * (ref - w0).abs() + FP32_SLACK * w0.abs()
+        assert bool(((q - ref).abs() <= bound).all()), f"table {t}: weights past the bound"
