@@ -235,3 +235,33 @@ def test_dlrm_train_reads_the_references_files_with_the_preset(tmp_path: Path) -
     refused = CliRunner().invoke(main, [*args, *tiny])
     assert refused.exit_code != 0
     assert "_sparse_multi_hot.npz: table" in refused.output
+
+
+def test_synth_multi_hot_keeps_the_planted_optimum_and_trains(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from shardrec_dlrm.cli import main
+    from shardrec_dlrm.data.synth import read_synth_info
+
+    dst = tmp_path / "synth"
+    hot = ",".join(map(str, HOT))
+    args = ["synth", str(dst), "--rows", "1400", "--multi-hot", hot, "--num-embeddings", "50"]
+    made = CliRunner().invoke(main, args)
+    assert made.exit_code == 0, made.output
+    ds = open_multihot(dst / "multihot", num_embeddings_per_feature=[50] * 26, multi_hot=HOT)
+    info = read_synth_info(dst / "multihot")
+    assert (ds.split("val").num_rows, ds.split("test").num_rows) == (info.val.rows, info.test.rows)
+    # the labels are the one-hot rows' labels, in the same order
+    one_hot = open_dataset(dst / "onehot_pre")
+    val = ds.split("val").rows()
+    assert val.labels.tolist() == one_hot.split("val").rows().labels.tolist()
+    assert int(val.labels.sum()) == info.val.positives
+    small = ["--embedding-dim", "4", "--dense-arch-layer-sizes", "8,4", "--num-embeddings", "50",
+             "--over-arch-layer-sizes", "8,1", "--batch-size", "64", "--device", "cpu",
+             "--quiet"]  # fmt: skip
+    trained = CliRunner().invoke(main, ["train", "--data", str(dst / "multihot"), *small])
+    assert trained.exit_code == 0, trained.output
+    assert "planted optimum" in trained.output
+    again = CliRunner().invoke(main, ["synth", str(dst), "--rows", "1400", "--multi-hot", "mlperf"])
+    assert again.exit_code == 1
+    assert "--force" in again.output

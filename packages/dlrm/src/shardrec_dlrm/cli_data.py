@@ -134,21 +134,53 @@ def preprocess(
     show_default=True,
     help="Seed of model and data.",
 )
+@click.option(
+    "--multi-hot",
+    default=None,
+    help="Also make the rows multi-hot as MLPerf does ('mlperf' or 26 comma-separated ids per "
+    "sample): DST/multihot is then the data to train on.",
+)
+@click.option(
+    "--num-embeddings",
+    type=click.IntRange(min=2),
+    default=100_000,
+    show_default=True,
+    help="With --multi-hot: rows of every table the bags are drawn from; train with the same.",
+)
 @_FORCE
-def synth(dst: Path, rows: int, seed: int, force: bool) -> None:
+def synth(
+    dst: Path, rows: int, seed: int, multi_hot: str | None, num_embeddings: int, force: bool
+) -> None:
     """Write synthetic Criteo-format TSV drawn from a planted click model to DST/train.txt, and
     the best AUC and log loss any model can reach on it to DST/synth.json. DST must be new or
-    empty (or pass --force).
+    empty (or pass --force). With --multi-hot the rows go to DST/onehot/ and their MLPerf-style
+    multi-hot form, with the same optimum, to DST/multihot/.
 
     \b
       dlrm synth demo_data/ --rows 200000 --seed 1
       dlrm train --data demo_data/
+      dlrm synth mh_demo/ --rows 200000 --multi-hot mlperf
+      dlrm train --data mh_demo/multihot --preset mlperf-dcnv2 --num-embeddings 100000
     """
     from shardrec_dlrm.data.synth import synth as run
 
     _output_dir(dst)
     try:
-        run(dst, rows=rows, seed=seed, force=force, log=click.echo)
+        if multi_hot is None:
+            run(dst, rows=rows, seed=seed, force=force, log=click.echo)
+            return
+        from shardrec_dlrm.data.multihot_synth import MULTIHOT_DIR, synth_multihot
+
+        synth_multihot(
+            dst,
+            rows=rows,
+            seed=seed,
+            multi_hot=multi_hot,
+            num_embeddings_per_feature=(num_embeddings,) * 26,
+            force=force,
+            log=click.echo,
+        )
+        click.echo(f"train on {dst / MULTIHOT_DIR} with --num-embeddings {num_embeddings}")
     except (DataError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
