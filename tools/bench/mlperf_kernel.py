@@ -1,0 +1,283 @@
+"""The fused embedding kernel at MLPerf DLRMv2 shapes, against TorchRec and the machine's gather
+limit, in one run.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/mlperf_kernel.py \\
+        [--batch 2048] [--cap 200000] [--rounds 3] [--iters 5] [--threads N] [--cpu-time]
+        [--device cpu|cuda] [--no-peer]
+
+Workload: the 26 MLPerf tables (Criteo 1TB cardinalities, capped at 40M rows by MLPerf) capped
+again at ``--cap`` rows so that three copies of them (shardrec with and without FBGEMM, TorchRec),
+each with its Adagrad state, fit this machine's memory: at the default 200,000 rows that is
+2.6M rows, 1.3 GB of fp32 weights and as much of state per copy; dim 128; the MLPerf pooling
+factors 3,2,1,2,6,1,1,1,1,7,3,8,1,6,9,5,1,1,1,12,100,27,10,3,1,1 (214 ids per sample, summed per
+table); ids uniform over each capped table (as the MLPerf multi-hot extra ids are). Capping keeps
+the ids per step and the bytes per id of the real shapes; it makes the tables small enough that
+more of them sits in the CPU caches than at 40M rows, which favours every contender alike.
+
+Measured: ``forward`` (no grad) and ``step`` (forward, backward of a fixed output gradient, and
+the fused exact Adagrad update, lr 0.004, eps 1e-8; TorchRec through
+``apply_optimizer_in_backward(torch.optim.Adagrad)``, which runs FBGEMM's fused exact Adagrad) in
+samples/s, best of ``--rounds`` alternating rounds, each the median of ``--iters`` calls.
+
+The floor: ``index_select`` of the step's ids (each table's ids offset into one table holding all
+26 tables' rows, so the same rows are read) reads ``ids x 512`` bytes; its bytes per second are
+the machine's gather limit. ``of gather`` is a contender's row bytes per second over that limit:
+a forward moves ``ids x 512`` bytes, a step at least ``5 x ids x 512`` (the forward's read, then
+the rows' gradient applied: each row and its Adagrad state read and written; duplicate ids within
+a step make that an overcount, so the fraction is an upper estimate for steps).
+
+TorchRec runs only in ``.venv-peer`` (``make bench-peer``): the script re-runs itself there, as
+tools/bench/ebc.py does, so that every contender is timed in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import MALLOC_ENV, free_port, measure, peer_available, run_peer
+
+MLPERF_ROWS = [
+    40_000_000, 39_060, 17_295, 7_424, 20_265, 3, 7_122, 1_543, 63, 40_000_000, 3_067_956,
+    405_282, 10, 2_209, 11_938, 155, 4, 976, 14, 40_000_000, 40_000_000, 40_000_000, 590_152,
+    12_973, 108, 36,
+]  # fmt: skip
+HOT = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
+DIM = 128
+LR = 0.004
+EPS = 1e-8
+FEATURES = [f"cat_{i}" for i in range(26)]
+Timed = Callable[[], object]
+
+
+class Setup:
+    def __init__(self, batch: int, cap: int, device: torch.device) -> None:
+        self.batch = batch
+        self.rows = [min(n, cap) for n in MLPERF_ROWS]
+        self.device = device
+        self.ids = batch * sum(HOT)
+        self.pool = [self._inputs(seed) for seed in range(3)]
+        gen = torch.Generator().manual_seed(99)
+        self.grad = torch.randn(batch, DIM * 26, generator=gen).to(device)
+
+    def _inputs(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        values = torch.cat(
+            [
+                torch.randint(0, n, (self.batch * h,), generator=gen)
+                for n, h in zip(self.rows, HOT, strict=True)
+            ]
+        )
+        lengths = torch.tensor(HOT, dtype=torch.int32).repeat_interleave(self.batch)
+        return values.to(self.device), lengths.to(self.device)
+
+    def cycle(self, items: list[Any]) -> Callable[[], Any]:
+        state = {"i": 0}
+
+        def nxt() -> Any:
+            state["i"] += 1
+            return items[state["i"] % len(items)]
+
+        return nxt
+
+
+def _contender(
+    setup: Setup, module: Callable[[Any], torch.Tensor], kjts: list[Any]
+) -> tuple[Timed, Timed]:
+    nxt = setup.cycle(kjts)
+
+    def forward() -> object:
+        with torch.no_grad():
+            return module(nxt())
+
+    def step() -> object:
+        module(nxt()).backward(setup.grad)
+        return None
+
+    return forward, step
+
+
+def _shardrec(setup: Setup, backend: str) -> tuple[Timed, Timed]:
+    import shardrec
+
+    tables = [
+        shardrec.EmbeddingBagConfig(
+            name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f]
+        )
+        for f, n in zip(FEATURES, setup.rows, strict=True)
+    ]
+    ebc = shardrec.EmbeddingBagCollection(
+        tables=tables,
+        fused_params={"optimizer": "adagrad", "learning_rate": LR, "eps": EPS},
+        backend=backend,
+        device=setup.device,
+    )
+    kjts = [shardrec.KeyedJaggedTensor(keys=FEATURES, values=v, lengths=n) for v, n in setup.pool]
+    for kjt in kjts:
+        kjt.length_per_key()
+
+    def run(kjt: Any) -> torch.Tensor:
+        out: torch.Tensor = ebc(kjt).values()
+        return out
+
+    return _contender(setup, run, kjts)
+
+
+def _torchrec(setup: Setup) -> tuple[Timed, Timed]:
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    backend = "nccl" if setup.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=0, world_size=1)
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f])
+        for f, n in zip(FEATURES, setup.rows, strict=True)
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    apply_optimizer_in_backward(torch.optim.Adagrad, ebc.parameters(), {"lr": LR, "eps": EPS})
+    model = DistributedModelParallel(ebc, device=setup.device)
+    print(f"torchrec plan: {model.plan}", file=sys.stderr)
+    kjts = [KeyedJaggedTensor(keys=FEATURES, values=v, lengths=n) for v, n in setup.pool]
+
+    def run(kjt: Any) -> torch.Tensor:
+        out = model(kjt)
+        out = out.wait() if hasattr(out, "wait") else out
+        values: torch.Tensor = out.values()
+        return values
+
+    return _contender(setup, run, kjts)
+
+
+def _gather(setup: Setup) -> dict[str, Timed]:
+    total = sum(setup.rows)
+    table = torch.randn(total, DIM, device=setup.device)
+    starts = torch.tensor([0, *setup.rows[:-1]]).cumsum(0)
+    flat = []
+    for values, _ in setup.pool:
+        # each table's ids offset to its rows in the one big table: the step's rows exactly
+        per_table = torch.tensor(HOT) * setup.batch
+        offsets = starts.to(setup.device).repeat_interleave(per_table.to(setup.device))
+        flat.append(values + offsets)
+    nxt = setup.cycle(flat)
+    # into a kept buffer: a fresh output of this size would be page-faulted in on every call
+    out = torch.empty(setup.ids, DIM, device=setup.device)
+    index_select = lambda: torch.index_select(table, 0, nxt(), out=out)  # noqa: E731
+    per_bag = torch.tensor(HOT).repeat_interleave(setup.batch).to(setup.device)
+    bag_offsets = torch.cat(
+        [torch.zeros(1, dtype=torch.int64, device=setup.device), per_bag.cumsum(0)[:-1]]
+    )
+    bag = lambda: torch.nn.functional.embedding_bag(nxt(), table, bag_offsets, mode="sum")  # noqa: E731
+    return {"index_select": index_select, "embedding_bag": bag}
+
+
+def _synced(fn: Timed, device: torch.device) -> Timed:
+    if device.type != "cuda":
+        return fn
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--cap", type=int, default=200_000, help="rows per table at most")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the thread's CPU time (steadier on a loaded machine; use with --threads 1)",
+    )
+    parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    has_torchrec = importlib.util.find_spec("torchrec") is not None
+    if not has_torchrec and not args.no_peer and peer_available():
+        print(run_peer([str(Path(__file__).resolve()), *sys.argv[1:], "--in-peer"]), end="")
+        return 0
+    torch.set_num_threads(args.threads)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]:
+        print("warning: run with MALLOC_MMAP_THRESHOLD_=33554432 (see docs/benchmarks.md)")
+    from shardrec import ops
+
+    setup = Setup(args.batch, args.cap, device)
+    contenders: dict[str, tuple[Timed, Timed]] = {"shardrec-torch": _shardrec(setup, "torch")}
+    if ops.fbgemm_available() and device.type == "cpu":
+        contenders["shardrec-fbgemm"] = _shardrec(setup, "fbgemm")
+    if has_torchrec and not args.no_peer:
+        contenders["torchrec"] = _torchrec(setup)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    gathers = {name: _synced(fn, device) for name, fn in _gather(setup).items()}
+    times: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for name, fn in gathers.items():
+            times.setdefault(name, []).append(measure(fn, 1, args.iters, clock))
+        names = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
+        for mode, label in ((0, "forward"), (1, "step")):
+            for name in names:
+                fn = _synced(contenders[name][mode], device)
+                times.setdefault(f"{name}/{label}", []).append(measure(fn, 1, args.iters, clock))
+    _report(setup, args, times, list(contenders))
+    return 0
+
+
+def _report(
+    setup: Setup, args: argparse.Namespace, times: dict[str, list[float]], names: list[str]
+) -> None:
+    where = torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu"
+    row_bytes = setup.ids * DIM * 4
+    # the machine's gather limit: the faster of the two bare gathers of the step's rows
+    floor = min(("index_select", "embedding_bag"), key=lambda n: min(times[n]))
+    g = min(times[floor])
+    limit = row_bytes / g
+    print(f"{where}: batch {setup.batch}, {setup.ids} ids per step ({sum(HOT)} per sample),"
+          f" dim {DIM}, tables capped at {args.cap} rows ({sum(setup.rows)} rows), fp32,"
+          f" torch {torch.__version__}, threads {args.threads},"
+          f" {args.rounds} rounds x median of {args.iters},"
+          f" clock {'thread CPU time' if args.cpu_time else 'wall'}")  # fmt: skip
+    for name in ("index_select", "embedding_bag"):
+        t = min(times[name])
+        print(f"bare {name} of the step's rows: {row_bytes / t / 1e9:.2f} GB/s"
+              f" (rounds spread {max(times[name]) / t - 1:.0%})")  # fmt: skip
+    print(f"gather limit: {limit / 1e9:.2f} GB/s ({floor})")
+    ref = "torchrec" if "torchrec" in names else None
+    print("| contender | forward samples/s | step samples/s | spread fwd / step | forward vs"
+          " torchrec | step vs torchrec | forward of gather | step of gather |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        f, s = min(times[f"{name}/forward"]), min(times[f"{name}/step"])
+        sf = max(times[f"{name}/forward"]) / f - 1
+        ss = max(times[f"{name}/step"]) / s - 1
+        if ref is not None:
+            rf, rs = min(times[f"{ref}/forward"]), min(times[f"{ref}/step"])
+            vs = f"{rf / f:.2f}x | {rs / s:.2f}x"
+        else:
+            vs = "- | -"
+        print(f"| {name} | {setup.batch / f:,.0f} | {setup.batch / s:,.0f} |"
+              f" {sf:.0%} / {ss:.0%} | {vs} |"
+              f" {row_bytes / f / limit:.2f} | {5 * row_bytes / s / limit:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    code = main()
+    print(f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    raise SystemExit(code)
