@@ -17,6 +17,9 @@ Also timed: the same shardrec step with ``check_inputs=False`` (the batch checks
 row-wise fold the check's flag into the split exchange of their input all-to-all), and the one
 all-reduce that a data-parallel table's check adds per forward.
 
+With ``--comm-precision fp16|bf16``, shardrec's step is also timed with the pooled outputs and their
+gradients sent in that dtype, beside the fp32 step, with the output bytes each rank sends.
+
 Printed: samples/s over all ranks, by wall clock (best window of ``--steps`` steps over
 ``--repeats`` windows and ``--rounds`` rounds that alternate shardrec and TorchRec) and per
 CPU-second of the busiest rank (what a step costs on an idle machine: this machine is shared), and
@@ -82,9 +85,12 @@ class _Model(torch.nn.Module):
         return loss
 
 
-def _shardrec_step(sharding: str, world: int, check_inputs: bool = True) -> Any:
+def _shardrec_step(
+    sharding: str, world: int, check_inputs: bool = True, comm_precision: str = "fp32"
+) -> Any:
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from shardrec.distributed import DistributedModelParallel, ShardingPlan
+    from shardrec.distributed.qcomm import QCommsConfig, with_qcomms
     from shardrec.distributed.sharding_plan import row_wise, table_wise
 
     ebc = EmbeddingBagCollection(
@@ -102,7 +108,9 @@ def _shardrec_step(sharding: str, world: int, check_inputs: bool = True) -> Any:
         f"t_{f}": table_wise(i % world, r, DIM) if sharding == "tw" else row_wise(r, DIM, world)
         for i, (f, r) in enumerate(zip(FEATURES, ROWS, strict=True))
     }
-    model = DistributedModelParallel(_Model(ebc), plan=ShardingPlan({"ebc": plan}))
+    qcomms = None if comm_precision == "fp32" else QCommsConfig.both(comm_precision)
+    sharded_plan = with_qcomms(ShardingPlan({"ebc": plan}), qcomms)
+    model = DistributedModelParallel(_Model(ebc), plan=sharded_plan)
     dense = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     lengths = torch.ones(len(FEATURES) * BATCH, dtype=torch.int32)
 
@@ -200,7 +208,10 @@ def _worker(
         if impl == "torchrec":
             step = _torchrec_step(sharding, world)
         else:
-            step = _shardrec_step(sharding, world, check_inputs=impl == "shardrec")
+            precision = args.comm_precision if impl == "shardrec-comm" else "fp32"
+            step = _shardrec_step(
+                sharding, world, check_inputs=impl != "shardrec-unchecked", comm_precision=precision
+            )
         batches = _synthetic_batches(rank, 4)
         for i in range(args.warmup):
             step(*batches[i % 4])
@@ -221,10 +232,11 @@ def _worker(
             "samples_per_s": samples / min(windows),
             "samples_per_cpu_s": samples / min(cpu),
         }
+        if impl.startswith("shardrec"):
+            result["step_ms"] = min(windows) / args.steps * 1e3
         if impl == "shardrec":
             result["flag_all_reduce_us"] = _flag_all_reduce_us()
             result["check_us"] = step.check_us(batches[0][0])
-            result["step_ms"] = min(windows) / args.steps * 1e3
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     if rank == 0:
@@ -247,6 +259,14 @@ def _flag_all_reduce_us(calls: int = 200) -> float:
     return sorted(times)[len(times) // 2] * 1e6
 
 
+def output_bytes(sharding: str, world: int, element_size: int) -> int:
+    """Bytes of pooled outputs one rank sends to its peers in a step, forward and backward alike:
+    table-wise, ``BATCH`` rows of its tables' columns to each peer (rank 0, which owns the most
+    tables); row-wise, ``BATCH`` rows of partial sums of every column to each peer."""
+    tables = len(range(0, len(ROWS), world)) if sharding == "tw" else len(ROWS)
+    return 2 * (world - 1) * BATCH * tables * DIM * element_size
+
+
 def measure(impl: str, sharding: str, world: int, args: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
@@ -266,6 +286,13 @@ def main() -> None:
         help="skip the shardrec run with check_inputs=False (the batch checks' cost)",
     )
     parser.add_argument("--sharding", choices=["tw", "rw"], nargs="+", default=["tw", "rw"])
+    parser.add_argument(
+        "--comm-precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="also time shardrec with the pooled outputs and their gradients sent in this dtype,"
+        " beside the fp32 step, and print the output bytes each saves",
+    )
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
@@ -281,6 +308,7 @@ def main() -> None:
     # through the same bursts of load.
     ours: dict[str, dict[str, Any]] = {}
     unchecked: dict[str, dict[str, Any]] = {}
+    compressed: dict[str, dict[str, Any]] = {}
     peer: dict[str, dict[str, Any]] = {}
     with_peer = args.impl == "both" and peer_available()
     for _ in range(args.rounds):
@@ -290,6 +318,9 @@ def main() -> None:
             if not args.no_unchecked:
                 got = measure("shardrec-unchecked", s, args.nproc, args)
                 keep_best(unchecked, s, got, _METRICS)
+            if args.comm_precision != "fp32":
+                got = measure("shardrec-comm", s, args.nproc, args)
+                keep_best(compressed, s, got, _METRICS, ("step_ms",))
             if with_peer:
                 command = [
                     str(Path(__file__).resolve()), "--impl", "torchrec", "--nproc",
@@ -333,6 +364,18 @@ def main() -> None:
             print(
                 f"{s}: the local batch check alone takes {us:.0f} us per forward (median),"
                 f" {us / 1e3 / ms:.2%} of the fastest step ({ms:.1f} ms)"
+            )
+    for s in args.sharding:
+        mine, q = ours[s], compressed.get(s, {})
+        if "step_ms" in mine and "step_ms" in q:
+            fp32_mib = output_bytes(s, args.nproc, 4) / 2**20
+            q_mib = output_bytes(s, args.nproc, 2) / 2**20
+            print(
+                f"{s}: {args.comm_precision} output comm: step {q['step_ms']:.1f} ms"
+                f" ({q['samples_per_s']:.0f} | {q['samples_per_cpu_s']:.0f} samples/s) vs fp32"
+                f" {mine['step_ms']:.1f} ms ({mine['samples_per_s']:.0f} |"
+                f" {mine['samples_per_cpu_s']:.0f}); pooled-output bytes each rank sends per step,"
+                f" forward + backward: {q_mib:.1f} MiB vs {fp32_mib:.1f} MiB"
             )
     flags = [ours[s].get("flag_all_reduce_us") for s in args.sharding]
     timed = [f for f in flags if f is not None]
