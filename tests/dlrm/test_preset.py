@@ -81,7 +81,8 @@ def test_plan_preset_prints_a_plan_with_memory_per_rank(world_size: int) -> None
     header = next(i for i, line in enumerate(lines) if line.startswith("rank  HBM (GiB)"))
     ranks = [line.split() for line in lines[header + 2 : header + 2 + world_size]]
     hbm_gib = sum(float(r[1]) + float(r[2]) for r in ranks)
-    # the 40M-capped fp32 tables alone are 97.4 GiB: the ranks together must hold at least that
+    # the 40M-capped fp32 tables are 97.4 GiB and exact Adagrad keeps as much again: the ranks
+    # together must hold at least both
     weights_gib = sum(MLPERF_NUM_EMBEDDINGS) * 128 * 4 / 2**30
-    assert hbm_gib >= weights_gib
+    assert hbm_gib >= 2 * weights_gib
     assert all(float(r[1]) <= 68.0 for r in ranks)  # 80 GiB less the planner's reserve

@@ -84,7 +84,9 @@ def plan(**params: Any) -> None:  # fmt: skip
 
     model_config = model_config_from(params)
     meta = torch.device("meta")
-    model = build_dlrm(model_config, embedding_device=meta, dense_device=meta)
+    # the tables carry the fused optimizer, as in training: the planner counts its state per table
+    fused = {"optimizer": params["optimizer"], "learning_rate": 0.01}
+    model = build_dlrm(model_config, embedding_device=meta, dense_device=meta, fused_params=fused)
     hbm, ddr = params["hbm_gib"], params["ddr_gib"]
     request = PlanRequest(
         world_size=params["world_size"],
