@@ -265,3 +265,37 @@ def test_synth_multi_hot_keeps_the_planted_optimum_and_trains(tmp_path: Path) ->
     again = CliRunner().invoke(main, ["synth", str(dst), "--rows", "1400", "--multi-hot", "mlperf"])
     assert again.exit_code == 1
     assert "--force" in again.output
+
+
+def test_reader_refuses_links_out_of_the_directory_and_fifos(tmp_path: Path) -> None:
+    import os
+
+    data = tmp_path / "mh"
+    data.mkdir()
+    _reference_files(data, days=2, rows=4)
+    outside = tmp_path / "elsewhere.npy"
+    os.replace(data / "day_0_dense.npy", outside)
+    (data / "day_0_dense.npy").symlink_to(outside)
+    with pytest.raises(DataError, match="outside the dataset directory"):
+        open_multihot(data)
+    (data / "day_0_dense.npy").unlink()
+    os.replace(outside, data / "day_0_dense.npy")
+    (data / "day_1_labels.npy").unlink()
+    os.mkfifo(data / "day_1_labels.npy")
+    with pytest.raises(DataError, match=r"day_1_labels\.npy: a FIFO, not a regular file"):
+        open_multihot(data)
+
+
+def test_materialize_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None:
+    import tracemalloc
+
+    pre = _raw_days(tmp_path, days=2, rows=3000)
+    day_bytes = 3000 * (13 * 4 + 4 + sum(HOT) * 4)
+    tracemalloc.start()
+    try:
+        materialize(pre, tmp_path / "mh", multi_hot=HOT, num_embeddings_per_feature=SIZES,
+                    chunk_rows=128)  # fmt: skip
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < day_bytes / 4, (peak, day_bytes)

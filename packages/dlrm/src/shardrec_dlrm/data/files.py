@@ -101,7 +101,13 @@ def read_small(path: Path, limit: int) -> bytes:
     fd = open_regular(path)
     try:
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
+            # in pieces: read(limit + 1) would allocate the whole limit up front
+            pieces: list[bytes] = []
+            size = 0
+            while size <= limit and (piece := f.read(min(1 << 16, limit + 1 - size))):
+                pieces.append(piece)
+                size += len(piece)
+            data = b"".join(pieces)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     finally:

@@ -177,8 +177,9 @@ def _write_part(
             with zf.open(f"{table}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, header)
                 for lo in range(0, rows, chunk_rows):
-                    ids = src.checked_rows(index, lo, min(rows, lo + chunk_rows)).sparse
-                    one_hot = hash_ids(np.asarray(ids), sizes)[:, table]
+                    # the first pass checked every value; here only this table's column is hashed
+                    ids = np.asarray(part.sparse[lo : lo + chunk_rows, table : table + 1])
+                    one_hot = hash_ids(ids, sizes[table : table + 1])[:, 0]
                     f.write(np.ascontiguousarray(lookup[one_hot]).tobytes())
     for suffix, path in tmp.items():
         with open(path, "rb+") as f:
