@@ -1,16 +1,18 @@
 """Criteo data for the dlrm app: raw and preprocessed readers, splits, batches, preprocessing,
 synthesis.
 
-Start with :func:`open_dataset` (see :mod:`.dataset` for an example); ``docs/data.md`` describes the
+Start with :func:`open_dataset` (see :mod:`.dataset` for an example), or :func:`open_multihot` for
+MLPerf-style multi-hot days (:mod:`.multihot`); ``docs/data.md`` describes the
 formats, the transform and the split rules.
 """
 
 from __future__ import annotations
 
 from .batch import Batch, make_batch
-from .dataset import Dataset, Split, open_dataset
+from .dataset import Dataset, Split, SplitReader, open_dataset
 from .errors import DataError
 from .layout import PartMeta, PreprocessedMeta, read_metadata
+from .multihot import MultiHotDataset, MultiHotSplit, materialize, open_multihot
 from .preprocess import PreprocessReport, preprocess
 from .reader import read_file
 from .schema import (
@@ -40,17 +42,22 @@ __all__ = [
     "Batch",
     "DataError",
     "Dataset",
+    "MultiHotDataset",
+    "MultiHotSplit",
     "PartMeta",
     "PreprocessReport",
     "PreprocessedMeta",
     "Rows",
     "Split",
     "SplitOptimum",
+    "SplitReader",
     "SynthInfo",
     "discover",
     "hash_ids",
     "make_batch",
+    "materialize",
     "open_dataset",
+    "open_multihot",
     "parse_num_embeddings",
     "preprocess",
     "read_file",
