@@ -121,3 +121,31 @@ def test_histograms_merged_across_two_ranks_equal_one_rank_of_all_samples(tmp_pa
     assert result["ranks"]["auc"] == result["whole"]["auc"]  # integer counts: bit-equal
     for name, value in result["whole"].items():
         assert result["ranks"][name] == pytest.approx(value, rel=1e-9), name
+
+
+def test_training_keeps_histograms_above_the_exact_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import shardrec_dlrm.metrics
+    from shardrec_dlrm.cli import main
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "criteo_sample" / "criteo_sample.txt"
+    tiny = ["--embedding-dim", "4", "--num-embeddings", "64", "--dense-arch-layer-sizes", "8,4",
+            "--over-arch-layer-sizes", "8,1", "--val-fraction", "0.2", "--test-fraction", "0.2",
+            "--device", "cpu", "--batch-size", "16", "--quiet"]  # fmt: skip
+    exact = CliRunner().invoke(main, ["train", "--data", str(sample), *tiny])
+    assert exact.exit_code == 0, exact.output
+    assert "auc_error_bound" not in exact.output
+    monkeypatch.setattr(shardrec_dlrm.metrics, "EXACT_AUC_MAX_SAMPLES", 10)
+    streamed = CliRunner().invoke(main, ["train", "--data", str(sample), *tiny])
+    assert streamed.exit_code == 0, streamed.output
+    for split in ("val", "test"):
+        line = next(x for x in streamed.output.splitlines() if x.startswith(f"{split}:"))
+        got = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
+        want_line = next(x for x in exact.output.splitlines() if x.startswith(f"{split}:"))
+        want = dict(kv.split("=") for kv in want_line.split(": ", 1)[1].split())
+        # same run, same scores: the histogram AUC is within its bound of the exact one
+        assert abs(float(got["auc"]) - float(want["auc"])) <= float(got["auc_error_bound"]) + 1e-5
+        assert got["log_loss"] == want["log_loss"]

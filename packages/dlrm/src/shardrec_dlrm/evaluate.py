@@ -54,7 +54,10 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         run = shard_model(run_config, state)
         step = load_for_evaluation(config.checkpoint, run.model)
         batches = data.val_batches() if config.split == "val" else data.test_batches()
-        metrics = evaluate_batches(run.model, batches, state.device, limit=config.limit_batches)
+        samples = (data.val if config.split == "val" else data.test).num_rows
+        metrics = evaluate_batches(
+            run.model, batches, state.device, limit=config.limit_batches, samples=samples
+        )
         return Evaluation(step, metrics, state.rank)
     finally:
         state.close()

@@ -217,3 +217,19 @@ class StreamingBinaryMetrics:
             "calibration": float(sums[1]) / positives if positives > 0 else math.nan,
             "auc_error_bound": bound,
         }
+
+
+#: Evaluations of more samples than this (all ranks together) keep per-class histograms
+#: (:class:`StreamingBinaryMetrics`) instead of gathering every score: 2**24 samples are 128 MiB of
+#: logits and labels on every rank, MLPerf's validation half-day (89 million) 680 MiB.
+EXACT_AUC_MAX_SAMPLES = 1 << 24
+
+
+def metrics_for(
+    samples: int, device: torch.device | None = None
+) -> BinaryMetrics | StreamingBinaryMetrics:
+    """The accumulator for an evaluation of ``samples`` samples: exact up to
+    :data:`EXACT_AUC_MAX_SAMPLES`, streaming (with ``auc_error_bound``) above."""
+    if samples > EXACT_AUC_MAX_SAMPLES:
+        return StreamingBinaryMetrics(device=device)
+    return BinaryMetrics(device)

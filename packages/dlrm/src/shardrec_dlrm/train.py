@@ -27,7 +27,7 @@ from shardrec_dlrm.data import DataError, read_synth_info
 from shardrec_dlrm.data.synth import INFO_NAME
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.loggers import MetricLogger, NullLogger, TensorBoardLogger
-from shardrec_dlrm.metrics import BinaryMetrics
+from shardrec_dlrm.metrics import metrics_for
 from shardrec_dlrm.parallel import ParallelState
 from shardrec_dlrm.precision import bf16_warning
 from shardrec_dlrm.progress import Progress
@@ -57,9 +57,11 @@ def evaluate_batches(
     device: torch.device,
     *,
     limit: int | None = None,
+    samples: int = 0,
 ) -> dict[str, float]:
-    """Scores every batch (all ranks together) and returns the metrics of all ranks' samples."""
-    metrics = BinaryMetrics(device)
+    """Scores every batch (all ranks together) and returns the metrics of all ranks' samples;
+    ``samples`` (the split's size) above ``EXACT_AUC_MAX_SAMPLES`` keeps histograms, not scores."""
+    metrics = metrics_for(samples, device)
     model.eval()
     with torch.no_grad():
         for index, batch in enumerate(batches):
@@ -177,6 +179,7 @@ class _Trainer:
             self.data.test_batches(),
             state.device,
             limit=config.limit_test_batches,
+            samples=self.data.test.num_rows,
         )
         results.update({f"test/{name}": value for name, value in test.items()})
         self.logger.log({f"test/{name}": value for name, value in test.items()}, self.step)
@@ -211,6 +214,7 @@ class _Trainer:
             self.data.val_batches(),
             self.state.device,
             limit=self.config.limit_val_batches,
+            samples=self.data.val.num_rows,
         )
         tagged = {f"val/{name}": value for name, value in metrics.items()}
         self.logger.log(tagged, self.step)
