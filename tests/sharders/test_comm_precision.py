@@ -252,3 +252,18 @@ def test_sequence_embeddings_within_the_bound_of_fp32(dist_pool: Any, kind: str)
         ref = assemble(w0, [b for res in results for b in res["fp32"]["shards"][t]])
         bound = factor * (ref - w0).abs() + FP32_SLACK * w0.abs()
         assert bool(((q - ref).abs() <= bound).all()), f"table {t}: weights past the bound"
+
+
+def test_torchrec_import_path_names_the_same_types() -> None:
+    from shardrec.distributed import fbgemm_qcomm_codec, qcomm
+
+    assert fbgemm_qcomm_codec.QCommsConfig is qcomm.QCommsConfig
+    assert fbgemm_qcomm_codec.CommType is qcomm.CommType
+    config = fbgemm_qcomm_codec.QCommsConfig(
+        forward_precision=fbgemm_qcomm_codec.CommType.FP16,
+        backward_precision=fbgemm_qcomm_codec.CommType.BF16,
+    )
+    assert (config.forward_precision.dtype, config.backward_precision.dtype) == (
+        torch.float16,
+        torch.bfloat16,
+    )
