@@ -2,7 +2,9 @@
 
 A :class:`BinaryMetrics` accumulates logits and labels batch by batch; :meth:`BinaryMetrics.compute`
 all-gathers every rank's logits and labels when torch.distributed is initialised (exact AUC needs
-every score), so each rank returns the metrics of the whole evaluation set.
+every score), so each rank returns the metrics of the whole evaluation set. For sets too large to
+gather (above :data:`EXACT_AUC_MAX_SAMPLES`), :class:`StreamingBinaryMetrics` keeps per-class
+histograms of the probability instead and bounds its AUC's error (:func:`metrics_for` picks one).
 
 - ``auc``: area under the ROC curve, exact: the Mann-Whitney statistic over all (positive, negative)
   pairs, a tie counting one half. Computed from the logits, which order samples exactly as the
