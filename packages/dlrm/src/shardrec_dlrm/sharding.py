@@ -154,8 +154,8 @@ def _local_world_size(state: ParallelState) -> int:
 
 
 def _trainable_dense(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Parameters a torch optimizer must step: those that get a ``.grad``. Fused tables do not
-    (their optimizer runs inside backward); data-parallel tables do."""
+    """Parameters a torch optimizer must step: those that get a ``.grad``. Tables do not: their
+    fused optimizer runs inside backward, on data-parallel replicas after the gradients are summed."""
     for param in model.parameters():
         if param.requires_grad:
             yield param
