@@ -116,6 +116,19 @@ def test_plan_of_the_mlperf_tables_on_64_ranks_needs_no_hardware() -> None:
     assert "why" in output
 
 
+def test_plan_puts_each_table_row_wise_on_one_host_when_asked() -> None:
+    code, output = invoke(
+        "plan", "--world-size", "4", "--local-world-size", "2", "--sharding", "table_row_wise",
+        "--num-embeddings", "100000", "--embedding-dim", "16",
+    )  # fmt: skip
+    assert code == 0, output
+    rows = [line.split() for line in output.splitlines() if line.startswith("model.")]
+    assert len(rows) == 26
+    for row in rows:
+        assert row[1] == "table_row_wise", row
+        assert row[3] in ("0,1", "2,3"), f"{row[0]} spans hosts: ranks {row[3]}"
+
+
 def test_plan_that_cannot_fit_names_the_table() -> None:
     code, output = invoke(
         "plan", "--world-size", "1", "--num-embeddings", "40000000", "--embedding-dim", "128",

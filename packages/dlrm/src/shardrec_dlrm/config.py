@@ -14,7 +14,9 @@ from shardrec_dlrm.schedule import LRSchedule
 
 InteractionType = Literal["dot", "dcn"]
 OptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
-ShardingName = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
+ShardingName = Literal[
+    "auto", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise"
+]
 DeviceName = Literal["auto", "cpu", "cuda"]
 DataFormat = Literal["auto", "tsv", "csv", "preprocessed"]
 DensePrecision = Literal["fp32", "bf16"]

@@ -155,7 +155,7 @@ def _local_world_size(state: ParallelState) -> int:
 
 def _trainable_dense(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters a torch optimizer must step: those that get a ``.grad``. Tables do not: their
-    fused optimizer runs inside backward, on data-parallel replicas after the gradients are summed."""
+    fused optimizer runs inside backward (on data-parallel replicas, once gradients are summed)."""
     for param in model.parameters():
         if param.requires_grad:
             yield param

@@ -12,13 +12,12 @@ from the unsharded table; SGD, exact Adagrad and Adam are exact.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
 
 import torch
 from torch import nn
 
 from shardrec.distributed.node_groups import node_groups
-from shardrec.distributed.types import ParameterSharding, ShardingEnv
+from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 from shardrec.modules import EmbeddingBagCollection
 from shardrec_sharders._common import EmbeddingSharderBase, ModuleView, check_tiling
 from shardrec_sharders.table_row_wise import (
@@ -28,8 +27,6 @@ from shardrec_sharders.table_row_wise import (
     node_row_blocks,
 )
 
-GRID_SHARD: Final = "grid_shard"
-
 
 class GridSharder(EmbeddingSharderBase):
     """Shards EmbeddingBagCollection tables into column slices, one node each, split by rows.
@@ -38,7 +35,7 @@ class GridSharder(EmbeddingSharderBase):
     when it is unset).
     """
 
-    sharding_type = GRID_SHARD
+    sharding_type = ShardingType.GRID_SHARD
 
     def __init__(
         self,

@@ -12,17 +12,14 @@ optimizer each slice keeps its own per-row state, as under column-wise sharding.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
 
 import torch
 from torch import nn
 
 from shardrec.distributed.node_groups import NodeLayout
-from shardrec.distributed.types import ParameterSharding, ShardingEnv
+from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 from shardrec_sharders._common import EmbeddingSharderBase, ModuleView, check_tiling
 from shardrec_sharders.table_wise import ColumnSlicedEmbedding
-
-TABLE_COLUMN_WISE: Final = "table_column_wise"
 
 
 class TableColumnWiseSharder(EmbeddingSharderBase):
@@ -33,7 +30,7 @@ class TableColumnWiseSharder(EmbeddingSharderBase):
     when it is unset).
     """
 
-    sharding_type = TABLE_COLUMN_WISE
+    sharding_type = ShardingType.TABLE_COLUMN_WISE
 
     def __init__(
         self, module_type: type[nn.Module], *, local_world_size: int | None = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
 
 import torch
 from torch import nn
@@ -33,7 +32,13 @@ from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.node_groups import NodeGroups, NodeLayout, node_groups
 from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.sharding_plan import even_splits
-from shardrec.distributed.types import Awaitable, ParameterSharding, ShardingEnv, TableShards
+from shardrec.distributed.types import (
+    Awaitable,
+    ParameterSharding,
+    ShardingEnv,
+    ShardingType,
+    TableShards,
+)
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules import EmbeddingBagCollection, PoolingType
 from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
@@ -50,8 +55,6 @@ from shardrec_sharders._common import (
     stack_senders,
     table_shards,
 )
-
-TABLE_ROW_WISE: Final = "table_row_wise"
 
 Block = tuple[int, int, int]  # (row_offset, rows, rank)
 
@@ -393,7 +396,7 @@ class TableRowWiseSharder(EmbeddingSharderBase):
     when it is unset).
     """
 
-    sharding_type = TABLE_ROW_WISE
+    sharding_type = ShardingType.TABLE_ROW_WISE
 
     def __init__(
         self,

@@ -60,6 +60,12 @@ class ShardingType(StrEnum):
     """Each table is cut into blocks of columns (embedding dimensions), each block on one rank."""
     DATA_PARALLEL = "data_parallel"
     """Each table is replicated on every rank; gradients are all-reduced."""
+    TABLE_ROW_WISE = "table_row_wise"
+    """Each table lives on one node, cut into blocks of rows across that node's ranks."""
+    TABLE_COLUMN_WISE = "table_column_wise"
+    """Each table lives on one node, cut into blocks of columns across that node's ranks."""
+    GRID_SHARD = "grid_shard"
+    """Each table is cut into column blocks across nodes, each block into rows within its node."""
 
 
 class EmbeddingComputeKernel(StrEnum):

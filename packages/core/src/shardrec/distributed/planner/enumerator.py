@@ -11,11 +11,7 @@ import torch
 from shardrec.distributed.planner.constraints import ParameterConstraints
 from shardrec.distributed.planner.estimators import ShardEstimate, Workload, estimate_shard
 from shardrec.distributed.planner.layouts import (
-    COLUMN_WISE,
-    DATA_PARALLEL,
     DEFAULT_MIN_COLUMN_PARTITION,
-    ROW_WISE,
-    TABLE_WISE,
     Cut,
     ShardLayout,
     Traffic,
@@ -23,15 +19,15 @@ from shardrec.distributed.planner.layouts import (
 )
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
-from shardrec.distributed.types import ModuleSharder
+from shardrec.distributed.types import ModuleSharder, ShardingType
 from shardrec.kernels import FusedOptimizerConfig
 
 # On equal estimates, the simpler layout wins: fewer collectives, fewer pieces.
 _PREFERENCE: Final[dict[str, int]] = {
-    TABLE_WISE: 0,
-    ROW_WISE: 1,
-    COLUMN_WISE: 2,
-    DATA_PARALLEL: 3,
+    ShardingType.TABLE_WISE: 0,
+    ShardingType.ROW_WISE: 1,
+    ShardingType.COLUMN_WISE: 2,
+    ShardingType.DATA_PARALLEL: 3,
 }
 
 
@@ -73,7 +69,11 @@ def withholds_data_parallel(table: TableSpec, offered: Sequence[str]) -> bool:
     every replica) and, without one, through DDP. An optimizer name it does not know could not be
     applied to the replicas, so choosing data-parallel would silently change how the table trains.
     """
-    if table.optimizer in (None, "none") or DATA_PARALLEL not in offered or len(offered) == 1:
+    if (
+        table.optimizer in (None, "none")
+        or ShardingType.DATA_PARALLEL not in offered
+        or len(offered) == 1
+    ):
         return False
     return not _fused_optimizer_known(table.optimizer)
 
@@ -128,7 +128,7 @@ def enumerate_options(
         )
     types = list(offered)
     if withholds_data_parallel(table, types):
-        types = [t for t in types if t != DATA_PARALLEL]
+        types = [t for t in types if t != ShardingType.DATA_PARALLEL]
     if constraints is not None and constraints.sharding_types is not None:
         wanted = [str(t) for t in constraints.sharding_types]
         types = [t for t in wanted if t in offered]

@@ -16,12 +16,8 @@ from typing import Final, Protocol, runtime_checkable
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import TableSpec
 from shardrec.distributed.sharding_plan import even_splits
+from shardrec.distributed.types import ShardingType
 
-TABLE_WISE: Final = "table_wise"
-ROW_WISE: Final = "row_wise"
-COLUMN_WISE: Final = "column_wise"
-DATA_PARALLEL: Final = "data_parallel"
-TABLE_ROW_WISE: Final = "table_row_wise"
 # Narrowest column slice by default: 8 fp32 columns are 32 bytes, one sector of GPU memory; a
 # narrower slice reads no fewer bytes per row, so it would only multiply the ids sent.
 DEFAULT_MIN_COLUMN_PARTITION: Final = 8
@@ -123,9 +119,9 @@ class DataParallelLayout:
 
 def builtin_layouts() -> dict[str, ShardLayout]:
     return {
-        TABLE_WISE: TableWiseLayout(),
-        ROW_WISE: RowWiseLayout(),
-        COLUMN_WISE: ColumnWiseLayout(),
-        DATA_PARALLEL: DataParallelLayout(),
-        TABLE_ROW_WISE: TableRowWiseLayout(),
+        ShardingType.TABLE_WISE: TableWiseLayout(),
+        ShardingType.ROW_WISE: RowWiseLayout(),
+        ShardingType.COLUMN_WISE: ColumnWiseLayout(),
+        ShardingType.DATA_PARALLEL: DataParallelLayout(),
+        ShardingType.TABLE_ROW_WISE: TableRowWiseLayout(),
     }
