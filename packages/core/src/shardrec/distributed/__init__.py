@@ -7,7 +7,7 @@ plan types stays cheap.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardrec.distributed.types import (
     EmbeddingComputeKernel,
@@ -23,6 +23,12 @@ from shardrec.distributed.types import (
     ShardMetadata,
     TableShards,
 )
+
+if TYPE_CHECKING:
+    # mypy sees each lazy name as what it is; at run time __getattr__ imports it on first use.
+    from shardrec.distributed.hookspecs import hookimpl
+    from shardrec.distributed.model_parallel import DistributedModelParallel, create_plan
+    from shardrec.distributed.plugins import PluginError, load_sharder_registry
 
 _LAZY: dict[str, str] = {
     "DistributedModelParallel": "shardrec.distributed.model_parallel",
