@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
+from shardrec.distributed.async_comm import start_all_to_all_jagged
 from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.types import (
+    Awaitable,
     EmbeddingComputeKernel,
     LocalShard,
     ParameterSharding,
@@ -190,6 +192,24 @@ class BatchGuard:
         problem = self.checker.dtype_problem(routed.values())
         if problem is not None:
             raise BadBatchError(f"rank {self.env.rank}: {problem}", ranks=(self.env.rank,))
+
+    def send_nothing(
+        self, routed: KeyedJaggedTensor, ids: torch.Tensor, reject: torch.Tensor
+    ) -> Awaitable[comm.JaggedAllToAllResult]:
+        """Enter the split exchange of a batch that failed its checks here with no ids at all:
+        every rank learns of it there (bucketing negative lengths would go wrong). ``ids``: any
+        tensor of the dtype the module sends its ids in."""
+        world = self.env.world_size
+        return start_all_to_all_jagged(
+            routed.lengths()[:0],
+            ids[:0],
+            None,
+            lengths_per_rank=[0] * world,
+            values_per_rank=[0] * world,
+            batch_size=routed.stride(),
+            pg=self.env.pg,
+            reject=reject,
+        )
 
     def received(self, routed: KeyedJaggedTensor, got: comm.JaggedAllToAllResult) -> Received:
         """The context of a finished input distribution; raises on every rank if any rejected."""

@@ -18,35 +18,20 @@ from torch import nn
 
 from shardrec.distributed.node_groups import node_groups
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
-from shardrec.modules import EmbeddingBagCollection
-from shardrec_sharders._common import EmbeddingSharderBase, ModuleView, check_tiling
+from shardrec_sharders._common import ModuleView, check_tiling
 from shardrec_sharders.table_row_wise import (
     Block,
     NodeRowShardedEmbedding,
+    NodeRowSharderBase,
     NodeSlice,
     node_row_blocks,
 )
 
 
-class GridSharder(EmbeddingSharderBase):
-    """Shards EmbeddingBagCollection tables into column slices, one node each, split by rows.
-
-    ``local_world_size``: ranks per node; None reads the launcher's ``LOCAL_WORLD_SIZE`` (one node
-    when it is unset).
-    """
+class GridSharder(NodeRowSharderBase):
+    """Shards EmbeddingBagCollection tables into column slices, one node each, split by rows."""
 
     sharding_type = ShardingType.GRID_SHARD
-
-    def __init__(
-        self,
-        module_type: type[nn.Module] = EmbeddingBagCollection,
-        *,
-        local_world_size: int | None = None,
-    ) -> None:
-        if module_type is not EmbeddingBagCollection:
-            raise TypeError(f"{self.sharding_type} shards EmbeddingBagCollection only")
-        super().__init__(module_type)
-        self.local_world_size = local_world_size
 
     def shard(
         self,

@@ -176,18 +176,7 @@ class RowShardedEmbedding(nn.Module):
         # The split sizes are read on the host here anyway; the check's flag comes with them.
         host = torch.cat([per_rank, reject.view(1).to(per_rank.dtype)]).tolist()
         if host[-1]:
-            # A bad batch (negative lengths would break the bag numbering below): send nothing,
-            # and let the split exchange tell every rank.
-            rejected = start_all_to_all_jagged(
-                routed.lengths()[:0],
-                local[:0],
-                None,
-                lengths_per_rank=[0] * world,
-                values_per_rank=[0] * world,
-                batch_size=batch,
-                pg=self.env.pg,
-                reject=reject,
-            )
+            rejected = self.guard.send_nothing(routed, local, reject)
             return Mapped(rejected, lambda got: self._received(routed, dest, dest, got))
         # Bag of every id, in the routed (pair-major) layout: pair * batch + sample.
         bag = torch.repeat_interleave(

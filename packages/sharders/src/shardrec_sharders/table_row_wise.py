@@ -232,18 +232,7 @@ class NodeRowShardedEmbedding(nn.Module):
         # The split sizes are read on the host here anyway; the check's flag comes with them.
         host = torch.cat([per_rank, reject.view(1).to(per_rank.dtype)]).tolist()
         if host[-1]:
-            # A bad batch (negative lengths would break the bag numbering below): send nothing,
-            # and let the split exchange tell every rank.
-            rejected = start_all_to_all_jagged(
-                routed.lengths()[:0],
-                local[:0],
-                None,
-                lengths_per_rank=[0] * world,
-                values_per_rank=[0] * world,
-                batch_size=batch,
-                pg=self.env.pg,
-                reject=reject,
-            )
+            rejected = self.guard.send_nothing(routed, local, reject)
             return Mapped(rejected, lambda got: self.guard.received(routed, got))
         # Sample of every id, in the routed (pair-major) layout.
         sample = torch.repeat_interleave(
@@ -389,14 +378,13 @@ def node_row_blocks(
     return nodes.pop()
 
 
-class TableRowWiseSharder(EmbeddingSharderBase):
-    """Shards EmbeddingBagCollection tables onto one node each, split by rows across its ranks.
+class NodeRowSharderBase(EmbeddingSharderBase):
+    """What table-row-wise and grid sharders share: bags only (partial sums are added across a
+    node), and the node layout.
 
     ``local_world_size``: ranks per node; None reads the launcher's ``LOCAL_WORLD_SIZE`` (one node
     when it is unset).
     """
-
-    sharding_type = ShardingType.TABLE_ROW_WISE
 
     def __init__(
         self,
@@ -408,6 +396,12 @@ class TableRowWiseSharder(EmbeddingSharderBase):
             raise TypeError(f"{self.sharding_type} shards EmbeddingBagCollection only")
         super().__init__(module_type)
         self.local_world_size = local_world_size
+
+
+class TableRowWiseSharder(NodeRowSharderBase):
+    """Shards EmbeddingBagCollection tables onto one node each, split by rows across its ranks."""
+
+    sharding_type = ShardingType.TABLE_ROW_WISE
 
     def shard(
         self,
