@@ -32,7 +32,8 @@ ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make gpu-wheel
 $PY -m pip install --quiet --no-deps --no-index --force-reinstall .whl/*.whl || exit 2
 step device 30 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" \
     || exit 2  # no GPU: every CUDA test below would only skip
-# The modules and every sharding on CUDA against the CPU; the containers on CUDA.
+# The modules and every sharding on CUDA against the CPU; the containers on CUDA;
+# tests/gpu includes the pipelined loop and the bf16 output path at world size 1 on NCCL.
 step cuda_tests 240 $PY -m pytest -q -p no:cacheprovider tests/gpu tests/core/test_kernel_cuda.py \
     tests/core/test_sparse_cuda.py
 # TorchRec's introduction as written for GPUs (NCCL, device=torch.device("cuda")).

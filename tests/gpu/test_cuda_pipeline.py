@@ -1,0 +1,162 @@
+"""The pipelined loop and compressed output communication on a CUDA device, at world size 1 on NCCL.
+
+They run only where a GPU is present (``tools/gpu_check.sh`` on a lent machine); the multi-rank
+proofs of both are on gloo in tests/sharders/. ``pipeline_case`` and ``bf16_case`` take the device
+and process group, so the same code is exercised on the CPU by this file's last test.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardrec import EmbeddingBagCollection, KeyedJaggedTensor
+from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
+from shardrec.distributed.qcomm import QCommsConfig, with_qcomms
+from shardrec.distributed.sharding_plan import row_wise, table_wise
+from shardrec.distributed.train_pipeline import (
+    TrainPipeline,
+    TrainPipelineBase,
+    TrainPipelineSparseDist,
+)
+
+from ..sharders._reference import ebc_configs
+
+TABLES = [("t0", 11, 8, ["f0"]), ("t1", 17, 16, ["f1", "f2"])]
+KEYS = ["f0", "f1", "f2"]
+STEPS = 4
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ebc = EmbeddingBagCollection(
+            tables=ebc_configs(TABLES, "SUM"),
+            fused_params={"optimizer": "rowwise_adagrad", "learning_rate": 0.1},
+            backend="torch",
+        )
+        self.head = nn.Linear(8 + 16 + 16, 1)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(self.ebc(kjt).values())
+        return out.square().mean(), out
+
+
+def batches() -> list[KeyedJaggedTensor]:
+    found = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        lengths = torch.randint(0, 4, (len(KEYS), 6), generator=g)
+        rows = [11, 17, 17]
+        values = torch.cat(
+            [torch.randint(0, rows[k], (int(lengths[k].sum()),), generator=g) for k in range(3)]
+        )
+        found.append(KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths.reshape(-1)))
+    return found
+
+
+def plan(kind: str) -> ShardingPlan:
+    make = {
+        "table_wise": lambda r, d: table_wise(0, r, d),
+        "row_wise": lambda r, d: row_wise(r, d, 1),
+    }
+    return ShardingPlan({"ebc": {n: make[kind](r, d) for n, r, d, _ in TABLES}})
+
+
+def run_loop(loop: TrainPipeline[object]) -> int:
+    """Steps until the batches run out."""
+    it, steps = iter(batches()), 0
+    while True:
+        try:
+            loop.progress(it)
+        except StopIteration:
+            return steps
+        steps += 1
+
+
+def trained(
+    env: ShardingEnv, device: torch.device, kind: str, pipelined: bool
+) -> dict[str, torch.Tensor]:
+    """Tables, their fused optimizer state and the head after the batches, on the host."""
+    model = Model()
+    dmp = DistributedModelParallel(model, env=env, device=device, plan=plan(kind))
+    optimizer = torch.optim.SGD(dmp.module.head.parameters(), lr=0.1)
+    loop = (TrainPipelineSparseDist if pipelined else TrainPipelineBase)(dmp, optimizer, device)
+    assert run_loop(loop) == STEPS
+    out: dict[str, torch.Tensor] = {}
+    for table, ts in dmp.local_table_shards()["ebc"].items():
+        for i, s in enumerate(ts.weight):
+            out[f"{table}.weight.{i}"] = s.tensor.detach().cpu().clone()
+        for name, shards in ts.optimizer_state.items():
+            for i, s in enumerate(shards):
+                out[f"{table}.{name}.{i}"] = s.tensor.detach().cpu().clone()
+    for name, p in dmp.module.head.named_parameters():
+        out[f"head.{name}"] = p.detach().cpu().clone()
+    return out
+
+
+def pipeline_case(env: ShardingEnv, device: torch.device, kind: str) -> None:
+    plain, piped = trained(env, device, kind, False), trained(env, device, kind, True)
+    assert plain.keys() == piped.keys()
+    for key in plain:
+        torch.testing.assert_close(piped[key], plain[key], rtol=0, atol=0, msg=key)
+
+
+def bf16_case(env: ShardingEnv, device: torch.device) -> None:
+    exact = DistributedModelParallel(Model(), env=env, device=device, plan=plan("row_wise"))
+    squeezed = DistributedModelParallel(
+        Model(),
+        env=env,
+        device=device,
+        plan=with_qcomms(plan("row_wise"), QCommsConfig.both("bf16")),
+    )
+    kjt = batches()[0].to(device)
+    a, b = exact.module.ebc(kjt).values(), squeezed.module.ebc(kjt).values()
+    # At world size 1 nothing travels, so nothing is rounded: the compressed path must run on the
+    # device and give the fp32 answer exactly (the rounding itself is proved on gloo, 2-4 ranks).
+    assert torch.equal(a, b)
+    b.square().sum().backward()
+
+
+def _group(backend: str) -> Iterator[ShardingEnv]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield ShardingEnv.from_process_group()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def nccl() -> Iterator[ShardingEnv]:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.cuda.set_device(0)
+    yield from _group("nccl")
+
+
+@pytest.fixture
+def gloo() -> Iterator[ShardingEnv]:
+    yield from _group("gloo")
+
+
+@pytest.mark.parametrize("kind", ["table_wise", "row_wise"])
+def test_pipelined_training_on_nccl_equals_the_plain_loop(nccl: ShardingEnv, kind: str) -> None:
+    pipeline_case(nccl, torch.device("cuda"), kind)
+
+
+def test_bf16_output_communication_runs_on_nccl(nccl: ShardingEnv) -> None:
+    bf16_case(nccl, torch.device("cuda"))
+
+
+def test_the_same_cases_hold_on_the_cpu(gloo: ShardingEnv) -> None:
+    pipeline_case(gloo, torch.device("cpu"), "row_wise")
+    bf16_case(gloo, torch.device("cpu"))
