@@ -38,7 +38,7 @@ step cuda_tests 240 $PY -m pytest -q -p no:cacheprovider tests/gpu tests/core/te
     tests/core/test_sparse_cuda.py
 # TorchRec's introduction as written for GPUs (NCCL, device=torch.device("cuda")).
 step intro 90 $PY docs/examples/intro.py --cuda
-# issue 7's DLRM step on CUDA: samples/s and peak GPU memory, fp32 and bf16 autocast.
+# The DLRM trainer's step on CUDA: samples/s and peak GPU memory, fp32 and bf16 autocast.
 for precision in fp32 bf16; do
     step "dlrm_$precision" 150 $PY tools/bench/dlrm.py --device cuda --nproc 1 --backends auto \
         --precision "$precision" --steps 20 --repeats 3 --warmup 5 --rounds 1

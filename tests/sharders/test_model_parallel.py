@@ -1,6 +1,6 @@
 """DistributedModelParallel itself: discovery, planning, nested meta modules, errors.
 
-With no plan DMP asks the planner (issue 5); ``default_plan`` is the simple rule it had before.
+With no plan DMP asks the planner; ``default_plan`` is the simple rule it had before.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/criteo.py [--rows 2000000]
 
-Workload (issue 6): a raw Criteo-format TSV file of ``--rows`` rows written by ``dlrm synth``
+Workload: a raw Criteo-format TSV file of ``--rows`` rows written by ``dlrm synth``
 (Kaggle layout: ``train.txt``), then, each in its own process so that peak memory is per side:
 
 - shardrec ``preprocess`` with its default threads (every core, at most 8), and with one thread (a
@@ -17,8 +17,8 @@ Workload (issue 6): a raw Criteo-format TSV file of ``--rows`` rows written by `
 
 Printed: rows/s of each, the peak resident memory of its process (VmHWM), the ratios
 shardrec / TorchRec (above 1: shardrec faster), and the reader's rows/s against ``--trainer-rate``,
-the samples/s the trainer consumes (default 17,250: 1.5 x the 11.5k TorchRec samples/s of the
-issue 7 workload, i.e. the trainer's target).
+the samples/s the trainer consumes (default 17,250: 1.5 x the 11.5k samples/s TorchRec trains
+tools/bench/dlrm.py's workload at, i.e. the trainer's target).
 ``--impl`` runs a single side and prints JSON (what the orchestrating run calls); ``--impl reader
 --dst DIR`` measures the reader alone on an existing preprocessed directory.
 """

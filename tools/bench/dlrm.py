@@ -2,7 +2,7 @@
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/dlrm.py
 
-Workload (issue 7): DLRM with 26 tables of Criteo Kaggle's cardinalities capped at 1,000,000 rows,
+Workload: DLRM with 26 tables of Criteo Kaggle's cardinalities capped at 1,000,000 rows,
 dimension 64, dense arch 512-256-64, over arch 512-512-256-1, batch 2048 per rank, one id per
 feature drawn uniformly, fused SGD for the tables and torch SGD for the dense layers, on CPU with 1
 and 2 gloo processes (``--device cuda``: shardrec alone, NCCL, one process per GPU). Each side

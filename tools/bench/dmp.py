@@ -2,7 +2,7 @@
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/dmp.py
 
-Workload (issue 4): an EmbeddingBagCollection of 26 tables with Criteo Kaggle's cardinalities
+Workload: an EmbeddingBagCollection of 26 tables with Criteo Kaggle's cardinalities
 capped at 1,000,000 rows, dimension 64, one id per feature drawn uniformly, batch 4096 per rank,
 under DistributedModelParallel with every table table-wise (spread round-robin over the ranks) or
 every table row-wise, on 2 gloo processes on CPU. A training step is: forward of the sharded
