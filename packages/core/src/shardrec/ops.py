@@ -247,10 +247,3 @@ def tbe_learning_rate(module: nn.Module) -> float:
     """The learning rate FBGEMM's fused optimizer currently uses."""
     return float(module.get_learning_rate())  # type: ignore[operator]
 
-
-def tbe_step(module: nn.Module) -> int:
-    """Steps FBGEMM has counted (used by Adam's bias correction)."""
-    iteration = getattr(module, "iter", None)
-    if isinstance(iteration, torch.Tensor):
-        return int(iteration.item())
-    return int(getattr(module, "iter_cpu", torch.zeros(())).item())
