@@ -1,4 +1,5 @@
-"""A simple default plan, used when DistributedModelParallel gets none (the planner replaces it).
+"""A simple rule-based plan, for a quick plan without the planner (DistributedModelParallel asks the
+planner when it is given no plan; this rule is what it used before the planner existed).
 
 The rule, deterministic and size-aware, table by table in model order:
 
