@@ -41,6 +41,7 @@ __all__ = [
     "ParameterStorage",
     "PipelinableModule",
     "ShardMetadata",
+    "ShardRect",
     "ShardedEmbeddingModule",
     "ShardingEnv",
     "ShardingPlan",
@@ -87,12 +88,94 @@ class ParameterStorage(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ShardRect:
+    """A rectangle of a table's ``[num_embeddings, embedding_dim]`` weight: rows
+    ``[row_offset, row_offset + rows)`` by columns ``[col_offset, col_offset + cols)``::
+
+                  col_offset   col_offset + cols
+                       v           v
+        row_offset  -> +-----------+
+                       |   shard   |  rows
+                       +-----------+
+                           cols
+
+    The one shape of a shard that the planner (its pieces), the sharders (what a rank holds) and
+    the checkpoints (where a local tensor sits) all pass around; ``offsets`` and ``sizes`` give
+    the ``(row, col)`` pairs that TorchRec's and torch's shard metadata use.
+    """
+
+    row_offset: int
+    col_offset: int
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        if min(self.row_offset, self.col_offset, self.rows, self.cols) < 0:
+            raise ValueError(f"{self!r}: offsets and sizes must be >= 0")
+
+    @classmethod
+    def whole(cls, rows: int, cols: int) -> ShardRect:
+        """The whole ``rows x cols`` table."""
+        return cls(0, 0, rows, cols)
+
+    @classmethod
+    def of(cls, offsets: Sequence[int], sizes: Sequence[int]) -> ShardRect:
+        """From ``(first row, first col)`` and ``(rows, cols)``."""
+        if len(offsets) != 2 or len(sizes) != 2:
+            raise ValueError(
+                f"a shard rectangle needs 2-d offsets and sizes, got {offsets}, {sizes}"
+            )
+        return cls(int(offsets[0]), int(offsets[1]), int(sizes[0]), int(sizes[1]))
+
+    @property
+    def offsets(self) -> tuple[int, int]:
+        return (self.row_offset, self.col_offset)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def row_end(self) -> int:
+        return self.row_offset + self.rows
+
+    @property
+    def col_end(self) -> int:
+        return self.col_offset + self.cols
+
+    def of_table(self, table: torch.Tensor) -> torch.Tensor:
+        """This rectangle of ``table`` (a view): ``[R, C] -> [rows, cols]``; a 1-D per-row tensor
+        ``[R] -> [rows]``."""
+        rows = table[self.row_offset : self.row_end]
+        return rows[:, self.col_offset : self.col_end] if table.dim() == 2 else rows
+
+    def intersection(self, other: ShardRect) -> ShardRect | None:
+        """The overlap of two rectangles of the same table (None when they do not overlap)."""
+        r0, c0 = max(self.row_offset, other.row_offset), max(self.col_offset, other.col_offset)
+        r1, c1 = min(self.row_end, other.row_end), min(self.col_end, other.col_end)
+        if r1 <= r0 or c1 <= c0:
+            return None
+        return ShardRect(r0, c0, r1 - r0, c1 - c0)
+
+
+@dataclass(frozen=True, slots=True)
 class ShardMetadata:
-    """A rectangle of a table: ``offsets`` = (first row, first col), ``sizes`` = (rows, cols)."""
+    """A rectangle of a table on a rank: ``offsets`` = (first row, first col), ``sizes`` = (rows,
+    cols), the fields of a serialised plan (TorchRec's names); :attr:`rect` is the same rectangle
+    as a :class:`ShardRect`."""
 
     offsets: tuple[int, int]
     sizes: tuple[int, int]
     rank: int
+
+    @classmethod
+    def placed(cls, rect: ShardRect, rank: int) -> ShardMetadata:
+        """``rect`` on ``rank``."""
+        return cls(rect.offsets, rect.sizes, rank)
+
+    @property
+    def rect(self) -> ShardRect:
+        return ShardRect.of(self.offsets, self.sizes)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,8 +1,13 @@
-"""From a module's table configs to the kernel's features, and from an input KJT to kernel order."""
+"""From a module's table configs to the kernel's features, and from an input KJT to kernel order.
+
+:class:`FeatureRouter` is the one router of shardrec: the unsharded collections route their input
+with it, and so does every sharded module (it is public as
+``shardrec.distributed.sharding.FeatureRouter``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +16,7 @@ from shardrec.kernels import FeatureSpec, PoolingType, TableSpec
 from shardrec.modules.configs import BaseEmbeddingConfig, EmbeddingBagConfig
 from shardrec.sparse import KeyedJaggedTensor
 
-__all__ = ["KernelInput", "Routing"]
+__all__ = ["FeatureRouter", "KernelInput", "Routing"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +29,83 @@ class KernelInput:
     weights: torch.Tensor | None
     length_per_feature: list[int]
     batch_size: int
+
+
+class FeatureRouter:
+    """Picks the keys a module reads out of an input KJT, in the module's lookup order.
+
+    ``sources[i]`` is the KJT key that lookup ``i`` reads; a key read by two tables appears twice::
+
+        input KJT keys   [f_a, f_b, f_c]
+        sources          [f_c, f_a, f_a]       (f_a feeds two tables, f_b is not read here)
+        route(kjt) keys  [f_c, f_a, f_a]       (F routed keys, same batch B, same ids)
+
+    The permutation is worked out once per input key order and kept. ``owner`` names the module
+    in errors; ``tables[i]`` (optional) names the table of lookup ``i`` in them. With
+    ``known_keys`` every input key must be one of them (the unsharded collections refuse a key
+    no table reads); without, other keys are ignored (a sharded part reads a subset).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str],
+        *,
+        owner: str,
+        tables: Sequence[str] | None = None,
+        known_keys: Collection[str] | None = None,
+    ) -> None:
+        if tables is not None and len(tables) != len(sources):
+            raise ValueError(f"{owner}: {len(sources)} sources but {len(tables)} tables")
+        self.sources = list(sources)
+        self.tables = None if tables is None else list(tables)
+        self.owner = owner
+        self.known_keys = None if known_keys is None else frozenset(known_keys)
+        self._cache: dict[tuple[str, ...], list[int] | None] = {}
+
+    def permutation(self, keys: Sequence[str]) -> list[int] | None:
+        """Indices of the input ``keys`` in lookup order; None when ``keys`` already are."""
+        key = tuple(keys)
+        if key in self._cache:
+            return self._cache[key]
+        index = {k: i for i, k in enumerate(keys)}
+        if self.known_keys is not None:
+            unknown = [k for k in keys if k not in self.known_keys]
+            if unknown:
+                raise ValueError(
+                    f"{self.owner}: KJT keys {unknown} are not read by any table"
+                    f" (features served: {sorted(self.known_keys)})"
+                )
+        absent = [i for i, s in enumerate(self.sources) if s not in index]
+        if absent:
+            if self.tables is not None:
+                i = absent[0]
+                raise ValueError(
+                    f"{self.owner}: feature {self.sources[i]!r} of table {self.tables[i]!r} is"
+                    f" missing from the KJT (keys: {list(keys)})"
+                )
+            missing = list(dict.fromkeys(self.sources[i] for i in absent))
+            raise ValueError(
+                f"{self.owner}: features {missing} missing from the KJT (keys: {list(keys)})"
+            )
+        order = [index[s] for s in self.sources]
+        result = None if order == list(range(len(keys))) else order
+        self._cache[key] = result
+        return result
+
+    def check(self, kjt: KeyedJaggedTensor) -> list[int] | None:
+        """Checks what the KJT's metadata says (its type, one batch size for every key) and
+        returns :meth:`permutation` of its keys."""
+        if not isinstance(kjt, KeyedJaggedTensor):
+            raise TypeError(f"{self.owner}: expected a KeyedJaggedTensor, got {type(kjt).__name__}")
+        if kjt.variable_stride_per_key():
+            raise ValueError(f"{self.owner}: variable batch size per feature is not supported")
+        return self.permutation(kjt.keys())
+
+    def route(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``kjt`` with the keys this module reads, in lookup order (``kjt`` itself when it
+        already is): ``(keys, B, L) -> (sources, B, L)``."""
+        order = self.check(kjt)
+        return kjt if order is None else kjt.permute(order)
 
 
 class Routing:
@@ -70,7 +152,9 @@ class Routing:
                 self.embedding_names.append(name)
                 per_table.append(name)
             self.names_by_table.append(per_table)
-        self._cache: dict[tuple[str, ...], list[int] | None] = {}
+        self.router = FeatureRouter(
+            self.sources, owner=kind, tables=self.tables_of_pairs, known_keys=readers
+        )
 
     def kernel_specs(
         self, tables: Sequence[BaseEmbeddingConfig], *, pooled: bool
@@ -102,43 +186,15 @@ class Routing:
         ]
         return specs, features
 
-    def _permutation(self, keys: list[str]) -> list[int] | None:
-        """Indices of KJT keys in pair order; None when the KJT is already in pair order."""
-        key = tuple(keys)
-        if key in self._cache:
-            return self._cache[key]
-        index = {k: i for i, k in enumerate(keys)}
-        unknown = [k for k in keys if k not in self.readers]
-        if unknown:
-            raise ValueError(
-                f"{self.kind}: KJT keys {unknown} are not read by any table"
-                f" (features served: {sorted(self.readers)})"
-            )
-        for source, table in zip(self.sources, self.tables_of_pairs, strict=True):
-            if source not in index:
-                raise ValueError(
-                    f"{self.kind}: feature {source!r} of table {table!r} is missing from the KJT"
-                    f" (keys: {keys})"
-                )
-        order = [index[s] for s in self.sources]
-        result = None if order == list(range(len(keys))) else order
-        self._cache[key] = result
-        return result
-
     def check_keys(self, features: KeyedJaggedTensor, *, weighted: bool) -> list[int] | None:
         """Check what the KJT's metadata says (type, keys, weights); return the permutation
         that puts its keys in pair order (None: already in order)."""
-        if not isinstance(features, KeyedJaggedTensor):
-            raise TypeError(
-                f"{self.kind}.forward expects a KeyedJaggedTensor, got {type(features).__name__}"
-            )
-        if features.variable_stride_per_key():
-            raise ValueError(f"{self.kind}: variable batch size per feature is not supported")
+        order = self.router.check(features)
         if weighted and features.weights_or_none() is None:
             raise ValueError(
                 f"{self.kind} is weighted (is_weighted=True) but the KJT has no weights"
             )
-        return self._permutation(features.keys())
+        return order
 
     def route(self, features: KeyedJaggedTensor, *, weighted: bool) -> KernelInput:
         order = self.check_keys(features, weighted=weighted)

@@ -1,0 +1,103 @@
+"""Stage 3, output distribution: send each sender's rows of the lookup back to it.
+
+::
+
+    pooled    owner: [W*B_max, D'] (senders stacked)  --pooled_send_buffer-->  flat, per sender
+              rank s receives [B_s, D'] from each owner; a row-split table's partial sums are
+              added up there, and divide_mean_bags turns SUMs into MEANs: (F, B, L) -> (B, D)
+    sequence  owner: per key, one row per id          --sequence_send_buffer--> flat, per sender
+              rank s puts each id's row back in place: sequence_output -> JaggedTensor (B, L, D)
+
+The collectives are ``shardrec.distributed.comm``'s (``all_to_all_single``,
+``reduce_scatter_rows``), called with ``differentiable=True``: every rank takes part in the
+backward exchange, also one that looked nothing up (:func:`nothing_to_send`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from shardrec.distributed.sharding.input_dist import StackedInput
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor
+
+__all__ = [
+    "divide_mean_bags",
+    "nothing_to_send",
+    "pooled_send_buffer",
+    "sequence_output",
+    "sequence_send_buffer",
+]
+
+
+def pooled_send_buffer(out: torch.Tensor, stacked: StackedInput) -> tuple[torch.Tensor, list[int]]:
+    """The rows of the stacked output ``[W*B_max, D']`` that go back to each sender, flat
+    (rank s's ``B_s`` rows, then rank s+1's...), and their sizes in elements."""
+    width = out.shape[1] if out.dim() == 2 else 0
+    sizes = [b * width for b in stacked.batches]
+    if all(b == stacked.batch for b in stacked.batches):
+        return out.reshape(-1), sizes
+    cuts: list[int] = []
+    for b in stacked.batches:
+        cuts.extend((b, stacked.batch - b))
+    parts = torch.split(out, cuts)
+    return torch.cat([p.reshape(-1) for p in parts[0::2]]), sizes
+
+
+def nothing_to_send(device: torch.device, received_weights: torch.Tensor | None) -> torch.Tensor:
+    """The (empty) pooled send buffer of a rank that looked nothing up.
+
+    When the per-id weights it received require grad, the buffer is an empty slice of them: their
+    gradient is then zeros and the rank enters the weights' backward all-to-all like its peers,
+    which would otherwise wait for it.
+    """
+    if received_weights is not None and received_weights.requires_grad:
+        return received_weights[:0].to(torch.float32)
+    return torch.zeros(0, device=device)
+
+
+def sequence_send_buffer(
+    rows: list[torch.Tensor], stacked: StackedInput
+) -> tuple[torch.Tensor, list[int]]:
+    """Per sender, its ids' rows key by key, flat; and the sizes per sender in elements.
+    ``rows[f]``: ``[ids of key f from every sender, width]`` (a sequence lookup's output)."""
+    world = len(stacked.batches)
+    chunks = [
+        torch.split(r, [stacked.seg_len[s][f] for s in range(world)]) for f, r in enumerate(rows)
+    ]
+    per_sender = [[chunks[f][s].reshape(-1) for f in range(len(rows))] for s in range(world)]
+    sizes = [sum(int(c.numel()) for c in cs) for cs in per_sender]
+    flat = [c for cs in per_sender for c in cs]
+    return (torch.cat(flat) if flat else stacked.values.new_zeros(0, dtype=torch.float32)), sizes
+
+
+def sequence_output(
+    values: torch.Tensor, routed: KeyedJaggedTensor, index: int, need_indices: bool
+) -> JaggedTensor:
+    """An EmbeddingCollection output for key ``index`` of ``routed``: ``values`` ``[ids, D]``
+    with the key's lengths ``[B]``.
+
+    With ``need_indices`` the ids ride in the weights slot (TorchRec's convention, as the
+    unsharded collection does).
+    """
+    batch = routed.stride()
+    lengths = routed.lengths()[index * batch : (index + 1) * batch]
+    if not need_indices:
+        return JaggedTensor(values=values, lengths=lengths)
+    per_key = routed.offset_per_key()
+    ids = routed.values()[per_key[index] : per_key[index + 1]]
+    return JaggedTensor(values=values, weights=ids, lengths=lengths)
+
+
+def divide_mean_bags(
+    values: torch.Tensor, lengths: torch.Tensor, dims: Sequence[int], means: Sequence[bool]
+) -> torch.Tensor:
+    """Pooled SUMs ``[B, sum(dims)]`` -> MEANs for the keys flagged in ``means`` (an empty bag
+    stays zero). ``lengths`` is ``[keys, B]``: the bag sizes of the routed batch."""
+    lengths = lengths.to(values.dtype)
+    scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1), torch.zeros_like(lengths))
+    flags = torch.tensor(list(means), device=values.device).unsqueeze(1)
+    scale = torch.where(flags, scale, 1.0)
+    per_col = torch.repeat_interleave(scale, torch.tensor(list(dims), device=values.device), dim=0)
+    return values * per_col.t()
