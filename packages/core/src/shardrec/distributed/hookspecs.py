@@ -12,6 +12,12 @@ and ``my_pkg/plugin.py`` holds::
     @hookimpl
     def shardrec_register_sharders(register):
         register(MySharder())
+
+    @hookimpl
+    def shardrec_register_storage_backends(register):
+        register(MyStorage())
+
+A plugin implements either hook or both.
 """
 
 from __future__ import annotations
@@ -22,8 +28,17 @@ from typing import Any, Final, TypeVar, cast
 import pluggy
 
 from shardrec.distributed.types import ModuleSharder
+from shardrec.kernels.storage import StorageBackend
 
-__all__ = ["PROJECT_NAME", "RegisterSharder", "hookimpl", "hookspec", "shardrec_register_sharders"]
+__all__ = [
+    "PROJECT_NAME",
+    "RegisterSharder",
+    "RegisterStorageBackend",
+    "hookimpl",
+    "hookspec",
+    "shardrec_register_sharders",
+    "shardrec_register_storage_backends",
+]
 
 PROJECT_NAME: Final[str] = "shardrec"
 """The pluggy project name and the entry-point group."""
@@ -41,6 +56,9 @@ hookimpl: Final[Callable[[_F], _F]] = cast(
 RegisterSharder = Callable[[ModuleSharder], None]
 """The callback a plugin calls once per sharder it offers."""
 
+RegisterStorageBackend = Callable[[StorageBackend], None]
+"""The callback a plugin calls once per storage backend it offers."""
+
 
 @hookspec
 def shardrec_register_sharders(register: RegisterSharder) -> None:
@@ -49,4 +67,15 @@ def shardrec_register_sharders(register: RegisterSharder) -> None:
     Each sharder must satisfy :class:`shardrec.distributed.types.ModuleSharder`. The
     sharding-type names it returns for a module type must not already belong to another
     registered sharder of that module type: the host refuses duplicates, naming both plugins.
+    """
+
+
+@hookspec
+def shardrec_register_storage_backends(register: RegisterStorageBackend) -> None:
+    """Offer storage backends: call ``register(backend)`` once for each.
+
+    Each backend must satisfy :class:`shardrec.kernels.StorageBackend`; its ``name`` (what a
+    table's ``StorageChoice`` names) must not be taken by another plugin's backend: the host
+    refuses duplicates, naming both plugins. The built-in ``torch`` and ``fbgemm`` backends are
+    registered through this hook too.
     """

@@ -1,8 +1,11 @@
-"""The plugin manager: finds sharder plugins through entry points and checks what they register.
+"""The plugin manager: finds plugins through entry points and checks what they register.
 
-Build one with :func:`load_sharder_registry` (there is no global manager, and nothing is loaded at
-import time). Plugins come from the ``shardrec`` entry-point group, filtered by two environment
-variables, each a comma-separated list of entry-point names or distribution names:
+Plugins offer sharders (``shardrec_register_sharders``) and storage backends
+(``shardrec_register_storage_backends``). Build a manager with :func:`load_plugins` (alias
+:func:`load_sharder_registry`; there is no global manager, and nothing is loaded at import time).
+The built-in storage backends (``shardrec.kernels.builtin_storage``) are registered in every
+manager first; the other plugins come from the ``shardrec`` entry-point group, filtered by two
+environment variables, each a comma-separated list of entry-point names or distribution names:
 
 - ``SHARDREC_PLUGINS``: if set and not empty, load only these.
 - ``SHARDREC_DISABLE_PLUGINS``: never load these.
@@ -13,9 +16,12 @@ Every fault of a plugin is a :class:`PluginError` that names its entry point and
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import importlib.metadata
 import inspect
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -25,20 +31,27 @@ from torch import nn
 
 from shardrec.distributed import hookspecs
 from shardrec.distributed.hookspecs import PROJECT_NAME
+from shardrec.distributed.sharder_index import DEVICE_TYPES, SharderIndex
 from shardrec.distributed.types import ModuleSharder
+from shardrec.kernels.storage import StorageBackend, UnknownStorageBackendError
 
 __all__ = [
+    "BUILTIN_STORAGE_MODULE",
     "DISABLE_ENV",
     "ENABLE_ENV",
     "PluginError",
     "PluginInfo",
+    "PluginRegistry",
     "SharderRegistry",
+    "find_storage_backend",
+    "load_plugins",
     "load_sharder_registry",
 ]
 
 ENABLE_ENV: Final[str] = "SHARDREC_PLUGINS"
 DISABLE_ENV: Final[str] = "SHARDREC_DISABLE_PLUGINS"
-_DEVICE_TYPES: Final[tuple[str, ...]] = ("cpu", "cuda")
+BUILTIN_STORAGE_MODULE: Final[str] = "shardrec.kernels.builtin_storage"
+"""The built-in plugin that registers the ``torch`` and ``fbgemm`` storage backends."""
 
 
 class PluginError(RuntimeError):
@@ -54,6 +67,7 @@ class PluginInfo:
     version: str | None
     entry_point: str | None
     sharders: list[ModuleSharder] = field(default_factory=list)
+    storage_backends: list[StorageBackend] = field(default_factory=list)
 
     def describe(self) -> str:
         """``entry point 'x' (distribution 'd' 1.0)``, or ``plugin 'x'`` for in-process plugins."""
@@ -74,42 +88,61 @@ def _describe_sharder(sharder: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class SharderRegistry:
-    """A typed facade over one pluggy manager: the loaded plugins and their sharders."""
+class PluginRegistry:
+    """A typed facade over one pluggy manager: the loaded plugins, their sharders (one
+    :class:`SharderIndex`, built while they register) and their storage backends."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._plugins: list[PluginInfo] = []
+        self._builtins: list[PluginInfo] = []
         self._skipped: list[tuple[PluginInfo, str]] = []
-        # (module type, sharding type) -> (sharder, plugin that registered it)
-        self._owners: dict[tuple[type[nn.Module], str], tuple[ModuleSharder, PluginInfo]] = {}
+        self._index = SharderIndex()
+        # (module type, sharding type) -> the plugin that registered it, for duplicate errors.
+        self._owners: dict[tuple[type[nn.Module], str], PluginInfo] = {}
+        self._storage: dict[str, tuple[StorageBackend, PluginInfo]] = {}
 
     # -- queries -------------------------------------------------------------------------------
     def plugins(self) -> list[PluginInfo]:
+        """The plugins loaded from entry points or passed in (not the built-in storage one)."""
         return list(self._plugins)
+
+    def builtin_plugins(self) -> list[PluginInfo]:
+        """The plugins every manager registers first (the built-in storage backends)."""
+        return list(self._builtins)
 
     def skipped(self) -> list[tuple[PluginInfo, str]]:
         """Entry points the filters left out (never imported), each with the reason."""
         return list(self._skipped)
 
-    def sharders(self) -> list[ModuleSharder]:
-        """Every registered sharder, in registration order."""
-        return [s for p in self._plugins for s in p.sharders]
+    def sharders(self) -> SharderIndex:
+        """Every registered sharder, in registration order, indexed by what each shards (the
+        same index every time: pass it on, and nothing scans the sharders again)."""
+        return self._index
+
+    def storage_backends(self) -> dict[str, StorageBackend]:
+        """Name -> backend, built-in ones first."""
+        return {name: backend for name, (backend, _) in self._storage.items()}
+
+    def storage_backend(self, name: str, *, table: str) -> StorageBackend:
+        """The backend called ``name``; :class:`UnknownStorageBackendError` (naming ``table`` and
+        the available backends) when no plugin registered it."""
+        found = self._storage.get(name)
+        if found is None:
+            raise UnknownStorageBackendError(table, name, list(self._storage))
+        return found[0]
 
     # -- loading -------------------------------------------------------------------------------
-    def _register_from(self, info: PluginInfo, hook_function: object) -> None:
-        def register(sharder: ModuleSharder) -> None:
-            self._check_and_add(info, sharder)
-
-        if not callable(hook_function):  # pragma: no cover - pluggy guarantees callables
-            raise PluginError(f"{info.describe()}: shardrec_register_sharders is not callable")
+    def _call_hook(self, info: PluginInfo, hook: str, function: object, add: object) -> None:
+        if not callable(function):  # pragma: no cover - pluggy guarantees callables
+            raise PluginError(f"{info.describe()}: {hook} is not callable")
         try:
-            hook_function(register=register)
+            function(register=add)
         except PluginError:
             raise
         except Exception as exc:
             raise PluginError(
-                f"{info.describe()}: shardrec_register_sharders raised {type(exc).__name__}: {exc}"
+                f"{info.describe()}: {hook} raised {type(exc).__name__}: {exc}"
             ) from exc
 
     def _check_and_add(self, info: PluginInfo, sharder: object) -> None:
@@ -126,7 +159,7 @@ class SharderRegistry:
                 f"{module_type!r} is not an nn.Module subclass"
             )
         names: list[str] = []
-        for device_type in _DEVICE_TYPES:
+        for device_type in DEVICE_TYPES:
             offered: list[object] = list(sharder.sharding_types(device_type))
             for name in offered:
                 if not isinstance(name, str) or not name:
@@ -139,20 +172,64 @@ class SharderRegistry:
         for name in names:
             owner = self._owners.get((module_type, name))
             if owner is not None:
+                existing = self._index.sharder_for(module_type, name, "cpu") or (
+                    self._index.sharder_for(module_type, name, "cuda")
+                )
                 raise PluginError(
                     f"{where} registered sharding type {name!r} for {module_type.__name__}, "
-                    f"which {owner[1].describe()} already registered "
-                    f"({_describe_sharder(owner[0])})"
+                    f"which {owner.describe()} already registered "
+                    f"({_describe_sharder(existing)})"
                 )
         for name in names:
-            self._owners[(module_type, name)] = (sharder, info)
+            self._owners[(module_type, name)] = info
+        self._index._add(sharder)
         info.sharders.append(sharder)
 
-    def _add_plugin(self, info: PluginInfo, plugin: object) -> None:
-        self._plugins.append(info)
-        for impl in self.pm.hook.shardrec_register_sharders.get_hookimpls():
+    def _check_and_add_storage(self, info: PluginInfo, backend: object) -> None:
+        where = info.describe()
+        if not isinstance(backend, StorageBackend):
+            raise PluginError(
+                f"{where} registered {_describe_sharder(backend)}, which is not a StorageBackend "
+                "(needs name, group_key, unsupported_reason and build_group)"
+            )
+        name: object = backend.name  # untrusted: checked before use
+        if not isinstance(name, str) or not name:
+            raise PluginError(
+                f"{where} registered storage backend {_describe_sharder(backend)} whose name "
+                f"{name!r} is not a non-empty str"
+            )
+        if name in self._storage:
+            other, owner = self._storage[name]
+            raise PluginError(
+                f"{where} registered storage backend {name!r}, which {owner.describe()} already "
+                f"registered ({_describe_sharder(other)})"
+            )
+        self._storage[name] = (backend, info)
+        info.storage_backends.append(backend)
+
+    def _add_plugin(self, info: PluginInfo, plugin: object, *, builtin: bool = False) -> None:
+        (self._builtins if builtin else self._plugins).append(info)
+        hooks = self.pm.hook
+        for impl in hooks.shardrec_register_sharders.get_hookimpls():
             if impl.plugin is plugin:
-                self._register_from(info, impl.function)
+
+                def add_sharder(sharder: ModuleSharder) -> None:
+                    self._check_and_add(info, sharder)
+
+                self._call_hook(info, "shardrec_register_sharders", impl.function, add_sharder)
+        for impl in hooks.shardrec_register_storage_backends.get_hookimpls():
+            if impl.plugin is plugin:
+
+                def add_storage(backend: StorageBackend) -> None:
+                    self._check_and_add_storage(info, backend)
+
+                self._call_hook(
+                    info, "shardrec_register_storage_backends", impl.function, add_storage
+                )
+
+
+SharderRegistry = PluginRegistry
+"""The name this registry had when it only held sharders (same class)."""
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -161,13 +238,13 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return sorted(eps, key=lambda ep: (ep.name, ep.value))
 
 
-def load_sharder_registry(
+def load_plugins(
     *,
     entry_points: bool = True,
     plugins: Sequence[object] = (),
     env: Mapping[str, str] | None = None,
-) -> SharderRegistry:
-    """Build a fresh plugin manager, load plugins, collect their sharders.
+) -> PluginRegistry:
+    """Build a fresh plugin manager, load plugins, collect their sharders and storage backends.
 
     ``plugins`` are extra in-process plugin objects (modules or instances with ``@hookimpl``
     functions), registered before the entry points; tests use them. ``entry_points=False`` skips
@@ -180,7 +257,12 @@ def load_sharder_registry(
 
     pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
-    registry = SharderRegistry(pm)
+    registry = PluginRegistry(pm)
+
+    builtin = importlib.import_module(BUILTIN_STORAGE_MODULE)
+    info = PluginInfo(BUILTIN_STORAGE_MODULE, "shardrec", _version("shardrec"), None)
+    _register(pm, info, builtin)
+    registry._add_plugin(info, builtin, builtin=True)
 
     for i, plugin in enumerate(plugins):
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__qualname__}#{i}"
@@ -195,6 +277,46 @@ def load_sharder_registry(
     except pluggy.PluginValidationError as exc:  # pragma: no cover - _check_hooks sees these first
         raise PluginError(" ".join(str(exc).split())) from None
     return registry
+
+
+load_sharder_registry = load_plugins
+"""The name :func:`load_plugins` had when plugins only offered sharders (same function)."""
+
+
+@functools.cache
+def _builtin_registry() -> PluginRegistry:
+    return load_plugins(entry_points=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _discovered_registry(enabled: str, disabled: str, path: tuple[str, ...]) -> PluginRegistry:
+    return load_plugins(env={ENABLE_ENV: enabled, DISABLE_ENV: disabled})
+
+
+def find_storage_backend(name: str, *, table: str) -> StorageBackend:
+    """The storage backend called ``name``, for a lookup that builds ``table``.
+
+    A built-in backend comes from a manager of the built-in plugin alone (a broken third-party
+    plugin cannot stop the default tables); another name loads the entry points (the filters of
+    :func:`load_plugins` apply) once per interpreter, ``sys.path`` and filters, and once more
+    before :class:`UnknownStorageBackendError` is raised, in case a plugin was installed since.
+    """
+    builtin = _builtin_registry().storage_backends().get(name)
+    if builtin is not None:
+        return builtin
+    key = (os.environ.get(ENABLE_ENV, ""), os.environ.get(DISABLE_ENV, ""), tuple(sys.path))
+    found = _discovered_registry(*key).storage_backends().get(name)
+    if found is not None:
+        return found
+    _discovered_registry.cache_clear()
+    return _discovered_registry(*key).storage_backend(name, table=table)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _spec_args() -> dict[str, list[str]]:
@@ -261,7 +383,7 @@ def _register(pm: pluggy.PluginManager, info: PluginInfo, plugin: object) -> Non
 
 def _load_entry_points(
     pm: pluggy.PluginManager,
-    registry: SharderRegistry,
+    registry: PluginRegistry,
     eps: Iterable[importlib.metadata.EntryPoint],
     enabled: frozenset[str],
     disabled: frozenset[str],

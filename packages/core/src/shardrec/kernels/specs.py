@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
@@ -19,6 +19,7 @@ __all__ = [
     "KernelBackend",
     "OptimizerType",
     "PoolingType",
+    "StorageChoice",
     "TableSpec",
     "data_type_to_dtype",
     "requested_backend",
@@ -170,12 +171,43 @@ class FusedOptimizerConfig:
         return ()
 
 
+@dataclass(frozen=True, slots=True)
+class StorageChoice:
+    """A table's storage backend, by its registered name, and that backend's options.
+
+    ``options`` are strings the backend reads (the mmap example's ``directory``); the backend
+    refuses options it does not know, naming the table.
+    """
+
+    backend: str
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked at run time too: configs are written by hand, and a wrong type fails late.
+        backend: object = self.backend
+        if not isinstance(backend, str) or not backend:
+            raise ValueError(f"StorageChoice.backend must be a non-empty str, got {backend!r}")
+        items: list[tuple[object, object]] = list(self.options.items())
+        for key, value in items:
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(
+                    f"StorageChoice({self.backend!r}) options must map str to str, got"
+                    f" {key!r}: {value!r}"
+                )
+        # A private copy: a caller's dict changed later does not change this choice.
+        object.__setattr__(self, "options", dict(self.options))
+
+    def __hash__(self) -> int:
+        return hash((self.backend, tuple(sorted(self.options.items()))))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TableSpec:
     """One local table of a lookup.
 
     A row-wise shard is a table with fewer rows (the caller offsets the ids), a column-wise shard a
-    table of smaller ``embedding_dim``.
+    table of smaller ``embedding_dim``. ``storage``: the storage backend that holds it (see
+    :mod:`shardrec.kernels.storage`); None: the lookup's ``backend=``.
     """
 
     name: str
@@ -183,6 +215,7 @@ class TableSpec:
     embedding_dim: int
     pooling: PoolingType = PoolingType.SUM
     data_type: DataType = DataType.FP32
+    storage: StorageChoice | None = None
 
     def __post_init__(self) -> None:
         for what in ("num_embeddings", "embedding_dim"):
@@ -193,6 +226,11 @@ class TableSpec:
                 )
         object.__setattr__(self, "pooling", PoolingType(self.pooling))
         object.__setattr__(self, "data_type", DataType(self.data_type))
+        if self.storage is not None and not isinstance(self.storage, StorageChoice):
+            raise TypeError(
+                f"storage of table {self.name!r} must be a StorageChoice or None,"
+                f" got {self.storage!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

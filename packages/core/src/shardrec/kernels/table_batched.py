@@ -10,6 +10,7 @@ This is the contract the embedding modules and the sharders build on::
         # None: plain mode (.grad); else the update is fused into backward
         optimizer=FusedOptimizerConfig(optimizer=OptimizerType.SGD, learning_rate=0.1),
         backend=None,                # torch | fbgemm | auto; None: $SHARDREC_KERNEL_BACKEND
+        # (the backend of tables whose TableSpec.storage is None; a StorageChoice names another)
         device=torch.device("cpu"),  # "meta": nothing allocated until reset_parameters()/to_empty()
     )
     pooled = tbe(kjt)                # kjt.keys() == the feature names, in order
@@ -19,18 +20,19 @@ Shapes (``F`` features, ``B`` samples, ``L[f][b]`` ids in bag ``(f, b)``, ``D_f`
     pooled:   (F, B, L[f][b]) -> [B, D_0 + ... + D_{F-1}]      feature-major column blocks, fp32
     sequence: (F, B, L[f][b]) -> [[sum_b L[f][b], D_f] for f]   a list, one tensor per feature, fp32
 
-Storage: tables are grouped (torch backend: by data type and dim; FBGEMM: by data type and
-pooling); each group holds one fused tensor, and ``weights[<table>]`` is an ``nn.Parameter`` that is
-a view into it. In plain mode the parameters get ``.grad`` (dense, like ``nn.EmbeddingBag``); with a
-fused optimizer backward updates the touched rows in place, the parameters have
-``requires_grad=False``, and autograd still flows through the output to whatever produced its
-inputs' consumers. ``deferred_update=True`` (with an optimizer; torch backend) splits the two:
-backward keeps each table's dense gradient and the rows it touched inside the lookup (the
-parameters still have ``requires_grad=False``: no outside optimizer steps them), a hook from
-:meth:`TableBatchedEmbedding.register_update_hook` runs once every group's backward is in, and
-:meth:`TableBatchedEmbedding.apply_update` applies the fused optimizer to the rows it is given from
-the gradients it is given (a data-parallel replica sums them over ranks in between).
-``table_weights()``/``optimizer_states()`` return views,
+Storage: each table's storage backend (``TableSpec.storage``, else ``backend=``; see
+``shardrec.kernels.storage``) holds it; tables are grouped by backend and the backend's key (torch
+backend: by data type and dim; FBGEMM: by data type and pooling); each group holds one fused tensor,
+and ``weights[<table>]`` is an ``nn.Parameter`` that is a view into it. In plain mode the parameters
+get ``.grad`` (dense, like ``nn.EmbeddingBag``); with a fused optimizer backward updates the touched
+rows in place, the parameters have ``requires_grad=False``, and autograd still flows through the
+output to whatever produced its inputs' consumers. ``deferred_update=True`` (with an optimizer;
+torch backend) splits the two: backward keeps each table's dense gradient and the rows it touched
+inside the lookup (the parameters still have ``requires_grad=False``: no outside optimizer steps
+them), a hook from :meth:`TableBatchedEmbedding.register_update_hook` runs once every group's
+backward is in, and :meth:`TableBatchedEmbedding.apply_update` applies the fused optimizer to the
+rows it is given from the gradients it is given (a data-parallel replica sums them over ranks in
+between). ``table_weights()``/``optimizer_states()`` return views,
 ``load_table_weights()``/``load_optimizer_states()`` copy into them. Moving the module
 (``.to(device)``, ``to_empty``) moves the fused storage and re-points the parameters;
 ``.half()``/``.double()`` leave the tables' data types as configured.
@@ -70,6 +72,8 @@ from shardrec.kernels.specs import (
     TableSpec,
     requested_backend,
 )
+from shardrec.kernels.storage import StorageBackend
+from shardrec.kernels.storage_groups import build_groups, resolve_default_backend
 from shardrec.kernels.torch_backend import TorchGroup
 
 if TYPE_CHECKING:
@@ -95,7 +99,10 @@ class TableBatchedEmbedding(nn.Module):
         device: torch.device | str | None = None,
         check_inputs: bool = True,
         deferred_update: bool = False,
+        storage_backends: Mapping[str, StorageBackend] | None = None,
     ) -> None:
+        """``storage_backends``: name -> backend for the tables' ``StorageChoice``; None: the
+        built-in backends and those of installed plugins (the plugin manager's)."""
         super().__init__()
         self.tables: tuple[TableSpec, ...] = tuple(tables)
         self.features: tuple[FeatureSpec, ...] = tuple(features)
@@ -117,18 +124,31 @@ class TableBatchedEmbedding(nn.Module):
         # None: the default device (``with torch.device("meta"):`` builds on meta, as torch does).
         target = torch.device(device) if device is not None else torch.get_default_device()
         self.deferred_update = _check_deferred(deferred_update, optimizer, backend)
+        #: The backend of the tables without a storage choice (``auto`` resolved).
         self.backend = (
             KernelBackend.TORCH
             if deferred_update
-            else _resolve_backend(
+            else resolve_default_backend(
                 requested_backend(backend), self.tables, pooled, is_weighted, optimizer, target
             )
         )
-        self._groups: list[LookupGroup] = []
+        built = build_groups(
+            tables=self.tables,
+            feature_table=self._feature_table,
+            pooled=pooled,
+            is_weighted=is_weighted,
+            optimizer=optimizer,
+            default_backend=self.backend,
+            device=target,
+            deferred_update=self.deferred_update,
+            storage_backends=storage_backends,
+        )
+        self._groups: list[LookupGroup] = [b.group for b in built]
+        #: Per group: the name of the storage backend that built it.
+        self.group_backends: tuple[str, ...] = tuple(b.backend for b in built)
         # Per group: its module-level table indices and feature indices (ascending).
-        self._group_tables: list[list[int]] = []
-        self._group_features: list[list[int]] = []
-        self._build_groups(target)
+        self._group_tables: list[list[int]] = [b.table_ids for b in built]
+        self._group_features: list[list[int]] = [b.feature_ids for b in built]
         self.weights = nn.ParameterDict()
         for name, view in self._table_views().items():
             self.weights[name] = nn.Parameter(view, requires_grad=optimizer is None)
@@ -136,42 +156,6 @@ class TableBatchedEmbedding(nn.Module):
         self._trigger = torch.zeros(0, requires_grad=optimizer is not None)
 
     # ---- construction -------------------------------------------------------------------------
-
-    def _build_groups(self, device: torch.device) -> None:
-        keyed: dict[tuple[object, ...], list[int]] = {}
-        for t, spec in enumerate(self.tables):
-            if self.backend is KernelBackend.TORCH:
-                key: tuple[object, ...] = (spec.data_type, spec.embedding_dim)
-            else:
-                pooling = spec.pooling if self.pooled else PoolingType.NONE
-                key = (spec.data_type, pooling, 0 if self.pooled else spec.embedding_dim)
-            keyed.setdefault(key, []).append(t)
-        for key, table_ids in keyed.items():
-            local = {t: i for i, t in enumerate(table_ids)}
-            feats = [f for f, t in enumerate(self._feature_table) if t in local]
-            specs = [self.tables[t] for t in table_ids]
-            feature_tables = [local[self._feature_table[f]] for f in feats]
-            group: LookupGroup
-            if self.backend is KernelBackend.TORCH:
-                group = TorchGroup(
-                    tables=specs,
-                    feature_tables=feature_tables,
-                    optimizer=self.optimizer,
-                    device=device,
-                    deferred_update=self.deferred_update,
-                )
-            else:
-                assert self.optimizer is not None  # _resolve_backend guarantees it
-                group = FbgemmGroup(
-                    tables=specs,
-                    feature_tables=feature_tables,
-                    pooling=PoolingType(str(key[1])),
-                    optimizer=self.optimizer,
-                    device=device,
-                )
-            self._groups.append(group)
-            self._group_tables.append(table_ids)
-            self._group_features.append(feats)
 
     def _table_views(self) -> dict[str, torch.Tensor]:
         views: dict[str, torch.Tensor] = {}
@@ -608,41 +592,6 @@ def _check_deferred(
             " inside its own backward); backend='fbgemm' was asked for"
         )
     return True
-
-
-def _resolve_backend(
-    requested: KernelBackend,
-    tables: tuple[TableSpec, ...],
-    pooled: bool,
-    is_weighted: bool,
-    optimizer: FusedOptimizerConfig | None,
-    device: torch.device,
-) -> KernelBackend:
-    if requested is KernelBackend.TORCH:
-        return requested
-    probe_device = torch.device("cpu") if device.type == "meta" else device
-    reasons: list[str] = []
-    groups: dict[tuple[str, PoolingType], list[TableSpec]] = {}
-    for t in tables:
-        mode = t.pooling if pooled else PoolingType.NONE
-        groups.setdefault((t.data_type.value, mode), []).append(t)
-    for (_, pooling), specs in groups.items():
-        reason = ops.fbgemm_unsupported_reason(
-            dims=[s.embedding_dim for s in specs],
-            pooling=pooling,
-            data_type=specs[0].data_type,
-            optimizer=optimizer,
-            is_weighted=is_weighted,
-            device=probe_device,
-        )
-        if reason is not None:
-            names = ", ".join(repr(s.name) for s in specs)
-            reasons.append(f"tables {names}: {reason}")
-    if not reasons:
-        return KernelBackend.FBGEMM
-    if requested is KernelBackend.FBGEMM:
-        raise ValueError("the fbgemm backend cannot run this lookup: " + "; ".join(reasons))
-    return KernelBackend.TORCH
 
 
 def _slice_features(

@@ -14,7 +14,7 @@ product of its bag's output gradient with the row it scaled, as FBGEMM's kernel 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,44 @@ from shardrec.kernels.specs import (
     data_type_to_dtype,
 )
 
-__all__ = ["TorchGroup"]
+__all__ = ["RowAllocator", "TorchGroup", "allocate_in_memory"]
+
+_META: Final = torch.device("meta")
+
+
+class RowAllocator(Protocol):
+    """Gives a :class:`TorchGroup` its tensors: a storage backend that keeps rows elsewhere
+    (a memory-mapped file) passes its own.
+
+    ``what`` is ``"weight"`` (the group's ``[rows, dim]`` storage) or an optimizer state's name
+    (``"sum"``, ``"exp_avg"``...). A state must come back zero-filled; the weight may hold anything
+    (it is initialised or loaded after). On ``meta`` nothing is allocated: return a meta tensor.
+    """
+
+    def __call__(
+        self, what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor: ...
+
+
+def allocate_in_memory(
+    what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The built-in allocation: ordinary tensors, big CPU ones on huge pages."""
+    if what == "weight":
+        return empty_rows(shape, dtype, device)
+    return zeros_rows(shape, dtype, device)
 
 
 class TorchGroup:
-    """Tables that share one data type and one dim, stored in one tensor."""
+    """Tables that share one data type and one dim, stored in one tensor.
 
-    # Class defaults, so lookups pickled before deferred updates existed still load.
+    The pure-torch lookup and fused optimizers over a ``[sum of rows, dim]`` storage; ``allocate``
+    decides where that storage and the optimizer state live (memory by default). A storage
+    backend that only changes where rows live builds this group with its own allocator.
+    """
+
+    # Class defaults, so lookups pickled before deferred updates (or allocators) existed still load.
+    allocate: RowAllocator = staticmethod(allocate_in_memory)
     deferred_update: bool = False
     pending: torch.Tensor | None = None
     touched: torch.Tensor | None = None
@@ -49,8 +80,10 @@ class TorchGroup:
         optimizer: FusedOptimizerConfig | None,
         device: torch.device,
         deferred_update: bool = False,
+        allocate: RowAllocator = allocate_in_memory,
     ) -> None:
         self.tables = tuple(tables)
+        self.allocate = allocate
         self.feature_tables = tuple(feature_tables)
         self.optimizer = optimizer
         # Deferred: backward keeps dense gradients (``take_gradient``); ``apply_rows`` updates.
@@ -82,10 +115,12 @@ class TorchGroup:
         self.key_major: bool | None = None
         self._aranges: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._bag_rows: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
-        self.storage = empty_rows((self.num_rows, self.dim), self.dtype, device)
-        self.state: dict[str, torch.Tensor] = (
-            new_state(optimizer, self.num_rows, self.dim, device) if optimizer is not None else {}
-        )
+        self.storage = allocate("weight", (self.num_rows, self.dim), self.dtype, device)
+        # The state's names and shapes, from meta tensors (nothing allocated twice).
+        shapes = {} if optimizer is None else new_state(optimizer, self.num_rows, self.dim, _META)
+        self.state: dict[str, torch.Tensor] = {
+            name: allocate(name, tuple(t.shape), t.dtype, device) for name, t in shapes.items()
+        }
 
     @property
     def device(self) -> torch.device:
@@ -95,13 +130,13 @@ class TorchGroup:
         if device == self.device:
             return
         was_meta = self.device.type == "meta"
-        storage = empty_rows(tuple(self.storage.shape), self.dtype, device)
+        storage = self.allocate("weight", tuple(self.storage.shape), self.dtype, device)
         if not was_meta:
             storage.copy_(self.storage)
         self.storage = storage
         state = {}
         for name, old in self.state.items():
-            new = zeros_rows(tuple(old.shape), old.dtype, device)
+            new = self.allocate(name, tuple(old.shape), old.dtype, device)
             if not was_meta:
                 new.copy_(old)
             state[name] = new

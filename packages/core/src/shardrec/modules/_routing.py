@@ -178,6 +178,7 @@ class Routing:
                     embedding_dim=config.embedding_dim,
                     pooling=pooling,
                     data_type=config.data_type,
+                    storage=config.storage,
                 )
             )
         features = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardrec.kernels.specs import DataType, PoolingType, data_type_to_dtype
+from shardrec.kernels.specs import DataType, PoolingType, StorageChoice, data_type_to_dtype
 
 __all__ = [
     "BaseEmbeddingConfig",
@@ -21,6 +21,7 @@ __all__ = [
     "EmbeddingBagConfig",
     "EmbeddingConfig",
     "PoolingType",
+    "StorageChoice",
     "UniformInit",
     "data_type_to_dtype",
 ]
@@ -47,6 +48,9 @@ class BaseEmbeddingConfig:
 
     ``weight_init_min``/``weight_init_max`` default to ``∓sqrt(1 / num_embeddings)``; ``init_fn``
     defaults to a uniform draw between them and is called on the table's weight tensor (in place).
+    ``storage``: the storage backend that holds the table and runs its fused lookup-and-update,
+    whatever its sharding (``StorageChoice("mmap", {"directory": ...})`` with the example plugin);
+    None: the module's ``backend=`` (``torch``, ``fbgemm`` or ``auto``), as before.
     """
 
     num_embeddings: int
@@ -57,9 +61,14 @@ class BaseEmbeddingConfig:
     weight_init_max: float | None = None
     weight_init_min: float | None = None
     init_fn: InitFn | None = None
+    storage: StorageChoice | None = None
 
     def __post_init__(self) -> None:
         where = f"table {self.name!r}" if self.name else "an unnamed table"
+        if self.storage is not None and not isinstance(self.storage, StorageChoice):
+            raise TypeError(
+                f"storage of {where} must be a StorageChoice or None, got {self.storage!r}"
+            )
         for what in ("num_embeddings", "embedding_dim"):
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, int):
