@@ -23,9 +23,11 @@ $(STAMP): $(PKG_META) requirements-dev.txt Makefile
 		-e packages/core -e packages/sharders -e packages/dlrm
 	@touch $@
 
+# Packages use each other's public API only (tools/check_private_imports.py says what counts).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/check_private_imports.py
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -158,7 +158,7 @@ def case_train(env: ShardingEnv, **kw: Any) -> dict[str, Any]:
         dense_grads.append(model.dense.weight.grad.clone())
         table_grads.append(
             [
-                (lt.table, lt.row_offset, lt.col_offset, None if w.grad is None else w.grad.clone())
+                (lt.table, *lt.rect.offsets, None if w.grad is None else w.grad.clone())
                 for lt, w in tables
                 if w.requires_grad
             ]

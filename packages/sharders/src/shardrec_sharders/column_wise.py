@@ -18,8 +18,14 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from shardrec.distributed.sharding import (
+    EmbeddingSharderBase,
+    ModuleView,
+    ShardMetadata,
+    check_full_span,
+    check_tiling,
+)
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
-from shardrec_sharders._common import EmbeddingSharderBase, ModuleView, check_tiling
 from shardrec_sharders.table_wise import ColumnSlicedEmbedding
 
 
@@ -37,20 +43,15 @@ class ColumnWiseSharder(EmbeddingSharderBase):
     ) -> nn.Module:
         self.check_plan(params, env)
         view = ModuleView.of(module, list(params))
-        slices: dict[str, list[tuple[int, int, int]]] = {}
+        slices: dict[str, list[ShardMetadata]] = {}
         for table, ps in params.items():
-            dim = view.configs[table].embedding_dim
-            rows = view.configs[table].num_embeddings
+            rows, dim = view.global_shape(table)
             if not ps.shards:
                 raise ValueError(f"column-wise table {table!r} needs shard metadata")
-            for s in ps.shards:
-                if s.offsets[0] != 0 or s.sizes[0] != rows:
-                    raise ValueError(
-                        f"column-wise table {table!r}: shard {s} does not span all {rows} rows"
-                    )
-            cuts = sorted((s.offsets[1], s.sizes[1], s.rank) for s in ps.shards)
-            check_tiling(table, "column-wise", "column slices", cuts, dim)
-            slices[table] = cuts
+            check_full_span(table, "column-wise", ps.shards, axis=0, total=rows)
+            slices[table] = check_tiling(
+                table, "column-wise", "column slices", ps.shards, axis=1, total=dim
+            )
         return ColumnSlicedEmbedding(
             view, slices, env, device, type(module).__name__, qcomms=self.qcomms_of(params)
         )

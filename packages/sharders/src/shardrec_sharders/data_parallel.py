@@ -24,9 +24,22 @@ import torch
 from torch import nn
 
 from shardrec.distributed.async_comm import start_flagged_ranks
-from shardrec.distributed.awaitables import Mapped, Ready
-from shardrec.distributed.types import (
+from shardrec.distributed.sharding import (
+    POOLED_TABLES_KEY,
+    SEQUENCE_TABLES_KEY,
     Awaitable,
+    BatchGuard,
+    EmbeddingSharderBase,
+    FeatureRouter,
+    LocalTable,
+    Mapped,
+    ModuleView,
+    Ready,
+    build_local_lookup,
+    sequence_output,
+    table_shards,
+)
+from shardrec.distributed.types import (
     EmbeddingComputeKernel,
     ParameterSharding,
     ShardingEnv,
@@ -34,16 +47,6 @@ from shardrec.distributed.types import (
     TableShards,
 )
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
-from shardrec_sharders._common import (
-    BatchGuard,
-    EmbeddingSharderBase,
-    LocalTable,
-    ModuleView,
-    PairRouter,
-    build_local_lookup,
-    sequence_output,
-    table_shards,
-)
 from shardrec_sharders.replica_sync import ReplicaSync
 
 
@@ -51,33 +54,22 @@ class ReplicatedEmbedding(nn.Module):
     """A replica of some tables of an EBC/EC: trained by the module's fused optimizer after one
     all-reduce per backward, or (no fused optimizer) through DDP and the dense optimizer."""
 
-    replicated = True  # DistributedModelParallel leaves these parameters to DDP
-
     def __init__(self, view: ModuleView, device: torch.device, kind: str, env: ShardingEnv) -> None:
         super().__init__()
         fused = view.optimizer is not None
-        # A fused replica syncs itself: DDP must leave its tables alone.
+        #: ReplicatedModule: True hands the tables to DDP and the dense optimizer; a fused
+        #: replica syncs itself, so DDP must leave its tables alone.
         self.replicated = not fused
+        #: TableKeyPrefixed: where the unsharded module kept these tables.
+        self.table_key_prefix = POOLED_TABLES_KEY if view.pooled else SEQUENCE_TABLES_KEY
         self.env = env
-        self.guard = BatchGuard.of(view, view.pairs, kind, env)
+        self.guard = BatchGuard.of(view, kind, env)
         self.pooled = view.pooled
         self.need_indices = view.need_indices
         self.pairs = view.pairs
         self.tables = list(view.configs)
-        self.router = PairRouter([p.source for p in view.pairs], owner=f"{kind} (data_parallel)")
-        self.local_tables = [
-            LocalTable(
-                name=t,
-                table=t,
-                row_offset=0,
-                col_offset=0,
-                rows=c.num_embeddings,
-                cols=c.embedding_dim,
-                global_rows=c.num_embeddings,
-                global_cols=c.embedding_dim,
-            )
-            for t, c in view.configs.items()
-        ]
+        self.router = FeatureRouter([p.source for p in view.pairs], owner=f"{kind} (data_parallel)")
+        self.local_tables = [LocalTable.whole(t, *view.global_shape(t)) for t in view.configs]
         lookup = build_local_lookup(
             view,
             self.local_tables,

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from shardrec.distributed.node_groups import node_groups
+from shardrec.distributed.sharding import ModuleView, ShardMetadata, check_tiling
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
-from shardrec_sharders._common import ModuleView, check_tiling
 from shardrec_sharders.table_row_wise import (
-    Block,
     NodeRowShardedEmbedding,
     NodeRowSharderBase,
     NodeSlice,
@@ -45,24 +44,26 @@ class GridSharder(NodeRowSharderBase):
         groups = node_groups(env, self.local_world_size)
         slices: dict[str, list[NodeSlice]] = {}
         for table, ps in params.items():
-            config = view.configs[table]
+            rows, dim = view.global_shape(table)
             if not ps.shards:
                 raise ValueError(f"{self.sharding_type} table {table!r} needs shard metadata")
-            by_columns: dict[tuple[int, int], list[Block]] = {}
+            # Each column slice: the row blocks that share its columns; its first block stands
+            # for it in the tiling check of the columns.
+            by_columns: dict[tuple[int, int], list[ShardMetadata]] = {}
             for s in ps.shards:
-                by_columns.setdefault((s.offsets[1], s.sizes[1]), []).append(
-                    (s.offsets[0], s.sizes[0], s.rank)
-                )
-            columns = sorted((c0, nc, blocks[0][2]) for (c0, nc), blocks in by_columns.items())
-            check_tiling(table, self.sharding_type, "column slices", columns, config.embedding_dim)
+                by_columns.setdefault((s.offsets[1], s.sizes[1]), []).append(s)
+            firsts = [min(bl, key=lambda b: b.offsets[0]) for bl in by_columns.values()]
+            columns = check_tiling(
+                table, self.sharding_type, "column slices", firsts, axis=1, total=dim
+            )
             slices[table] = []
-            for c0, nc, _ in columns:
-                blocks = sorted(b for b in by_columns[(c0, nc)] if b[1])
-                node = node_row_blocks(
+            for first in columns:
+                c0, nc = first.offsets[1], first.sizes[1]
+                blocks, node = node_row_blocks(
                     f"{table}[:, {c0}:{c0 + nc}]",
                     self.sharding_type,
-                    blocks,
-                    config.num_embeddings,
+                    [b for b in by_columns[(c0, nc)] if b.sizes[0]],
+                    rows,
                     groups.layout,
                 )
                 slices[table].append(NodeSlice(c0, nc, node, tuple(blocks)))

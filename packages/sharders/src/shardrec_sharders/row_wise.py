@@ -14,7 +14,7 @@ fewer rows than ranks has blocks on some ranks only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,28 +22,27 @@ from torch import nn
 
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
-from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.qcomm import QCommsConfig
-from shardrec.distributed.sharding_plan import even_splits
-from shardrec.distributed.types import (
+from shardrec.distributed.sharding import (
+    POOLED_TABLES_KEY,
+    SEQUENCE_TABLES_KEY,
     Awaitable,
-    ParameterSharding,
-    ShardingEnv,
-    ShardingType,
-    TableShards,
-)
-from shardrec.kernels import TableBatchedEmbedding
-from shardrec.modules import PoolingType
-from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
-from shardrec_sharders._common import (
     BatchGuard,
     EmbeddingSharderBase,
-    LocalTable,
+    FeatureRouter,
+    Mapped,
     ModuleView,
-    PairRouter,
+    ShardMetadata,
     StackedInput,
+    bucketize_rows,
     build_local_lookup,
+    check_full_span,
     check_tiling,
+    divide_mean_bags,
+    even_row_shards,
+    local_tables_of,
+    lookup_pooled,
+    lookup_sequence,
     nothing_to_send,
     pooled_send_buffer,
     sequence_output,
@@ -51,6 +50,10 @@ from shardrec_sharders._common import (
     stack_senders,
     table_shards,
 )
+from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
+from shardrec.kernels import TableBatchedEmbedding
+from shardrec.modules import PoolingType
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,16 +72,18 @@ class RowShardedEmbedding(nn.Module):
     def __init__(
         self,
         view: ModuleView,
-        blocks: Mapping[str, list[tuple[int, int, int]]],
+        blocks: Mapping[str, Sequence[ShardMetadata]],
         env: ShardingEnv,
         device: torch.device,
         kind: str,
         *,
         qcomms: QCommsConfig | None = None,
     ) -> None:
-        """``blocks[table]`` = [(row_offset, rows, rank), ...] in row order; ``qcomms``: the wire
-        dtypes of the output collectives (None: fp32)."""
+        """``blocks[table]``: the table's full-width row blocks in row order; ``qcomms``: the
+        wire dtypes of the output collectives (None: fp32)."""
         super().__init__()
+        #: TableKeyPrefixed: where the unsharded module kept these tables.
+        self.table_key_prefix = POOLED_TABLES_KEY if view.pooled else SEQUENCE_TABLES_KEY
         self.env = env
         self.qcomms = qcomms
         self.device = device
@@ -86,8 +91,8 @@ class RowShardedEmbedding(nn.Module):
         self.need_indices = view.need_indices
         self.pairs = view.pairs
         self.tables = list(view.configs)
-        self.router = PairRouter([p.source for p in view.pairs], owner=f"{kind} (row_wise)")
-        self.guard = BatchGuard.of(view, view.pairs, kind, env)
+        self.router = FeatureRouter([p.source for p in view.pairs], owner=f"{kind} (row_wise)")
+        self.guard = BatchGuard.of(view, kind, env)
         world = env.world_size
         self.means = [view.pooling(p.table) is PoolingType.MEAN for p in view.pairs]
         # Per pair: the block boundaries, and the rank of each block.
@@ -95,30 +100,22 @@ class RowShardedEmbedding(nn.Module):
         self._ranks: list[torch.Tensor] = []
         for p in view.pairs:
             bl = blocks[p.table]
-            self._starts.append(torch.tensor([b[0] for b in bl], dtype=torch.int64, device=device))
-            self._ranks.append(torch.tensor([b[2] for b in bl], dtype=torch.int64, device=device))
+            self._starts.append(
+                torch.tensor([b.offsets[0] for b in bl], dtype=torch.int64, device=device)
+            )
+            self._ranks.append(torch.tensor([b.rank for b in bl], dtype=torch.int64, device=device))
         # Pairs each rank receives: those whose table has a block there.
         self.pairs_of = [
-            [i for i, p in enumerate(view.pairs) if any(b[2] == r for b in blocks[p.table])]
+            [i for i, p in enumerate(view.pairs) if any(b.rank == r for b in blocks[p.table])]
             for r in range(world)
         ]
-        self.local_tables: list[LocalTable] = []
-        for table, bl in blocks.items():
-            config = view.configs[table]
-            for row_offset, rows, rank in bl:
-                if rank == env.rank:
-                    self.local_tables.append(
-                        LocalTable(
-                            name=table,
-                            table=table,
-                            row_offset=row_offset,
-                            col_offset=0,
-                            rows=rows,
-                            cols=config.embedding_dim,
-                            global_rows=config.num_embeddings,
-                            global_cols=config.embedding_dim,
-                        )
-                    )
+        self.local_tables = [
+            piece
+            for table, bl in blocks.items()
+            for piece in local_tables_of(
+                table, bl, view.global_shape(table), env.rank, name_by_column=False
+            )
+        ]
         mine = self.pairs_of[env.rank]
         features = [(f"p{i}", view.pairs[i].table) for i in mine]
         self.lookup: TableBatchedEmbedding | None = build_local_lookup(
@@ -155,11 +152,9 @@ class RowShardedEmbedding(nn.Module):
         local = torch.empty_like(values, dtype=torch.int64)
         at = 0
         for i, n in enumerate(routed.length_per_key()):
-            ids = values[at : at + n].to(torch.int64)
-            block = torch.bucketize(ids, self._starts[i], right=True) - 1
-            block = block.clamp_(min=0)
-            dest[at : at + n] = self._ranks[i][block]
-            local[at : at + n] = ids - self._starts[i][block]
+            dest[at : at + n], local[at : at + n] = bucketize_rows(
+                values[at : at + n], self._starts[i], self._ranks[i]
+            )
             at += n
         return dest, local
 
@@ -219,25 +214,15 @@ class RowShardedEmbedding(nn.Module):
     def compute(
         self, got: comm.JaggedAllToAllResult
     ) -> tuple[torch.Tensor | list[torch.Tensor] | None, StackedInput | None]:
-        """One fused lookup of the ids every rank sent here, senders stacked along the batch."""
+        """One fused lookup of the ids every rank sent here, senders stacked along the batch:
+        pooled, partial sums ``[W * B_max, our pairs' dims]``; sequence, one ``[ids, dim]`` per
+        pair."""
         if self.lookup is None:
             return None, None
-        stacked = stack_senders(
-            got.lengths,
-            got.values,
-            got.weights,
-            got.lengths_per_rank,
-            got.batch_per_rank,
-            len(self.pairs_of[self.env.rank]),
-        )
-        out = self.lookup.lookup(
-            values=stacked.values,
-            offsets=stacked.offsets,
-            length_per_feature=stacked.length_per_feature,
-            batch_size=len(stacked.batches) * stacked.batch,
-            weights=stacked.weights,
-        )
-        return out, stacked
+        stacked = stack_senders(got, len(self.pairs_of[self.env.rank]))
+        if self.pooled:
+            return lookup_pooled(self.lookup, stacked), stacked
+        return lookup_sequence(self.lookup, stacked), stacked
 
     def output_dist_pooled(
         self,
@@ -276,16 +261,8 @@ class RowShardedEmbedding(nn.Module):
                         1, self._cols_of[r], part.view(batch, self._width_of[r])
                     )
         if any(self.means):
-            lengths = routed.lengths().view(len(self.pairs), batch).to(values.dtype)
-            scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1), torch.zeros_like(lengths))
-            scale = torch.where(
-                torch.tensor(self.means, device=values.device).unsqueeze(1), scale, 1.0
-            )
-            dims = [p.dim for p in self.pairs]
-            per_col = torch.repeat_interleave(
-                scale, torch.tensor(dims, device=values.device), dim=0
-            )
-            values = values * per_col.t()
+            lengths = routed.lengths().view(len(self.pairs), batch)
+            values = divide_mean_bags(values, lengths, [p.dim for p in self.pairs], self.means)
         return values
 
     def output_dist_sequence(
@@ -372,15 +349,6 @@ class RowShardedEmbedding(nn.Module):
         return table_shards(self.lookup, self.local_tables, self.tables)
 
 
-def even_row_blocks(rows: int, ranks: list[int]) -> list[tuple[int, int, int]]:
-    """``(row_offset, rows, rank)`` blocks differing by at most one row; empty blocks dropped."""
-    return [
-        (at, n, rank)
-        for rank, (at, n) in zip(ranks, even_splits(rows, len(ranks)), strict=True)
-        if n
-    ]
-
-
 class RowWiseSharder(EmbeddingSharderBase):
     """Shards EmbeddingBagCollection / EmbeddingCollection tables into row blocks."""
 
@@ -395,18 +363,17 @@ class RowWiseSharder(EmbeddingSharderBase):
     ) -> nn.Module:
         self.check_plan(params, env)
         view = ModuleView.of(module, list(params))
-        blocks: dict[str, list[tuple[int, int, int]]] = {}
+        blocks: dict[str, list[ShardMetadata]] = {}
         for table, ps in params.items():
-            config = view.configs[table]
+            rows, dim = view.global_shape(table)
             if not ps.shards:
-                blocks[table] = even_row_blocks(config.num_embeddings, list(ps.ranks))
+                blocks[table] = even_row_shards(rows, dim, ps.ranks)
                 continue
-            cuts = sorted((s.offsets[0], s.sizes[0], s.rank) for s in ps.shards if s.sizes[0])
-            check_tiling(table, "row-wise", "row blocks", cuts, config.num_embeddings)
-            for s in ps.shards:
-                if s.offsets[1] != 0 or s.sizes[1] != config.embedding_dim:
-                    raise ValueError(f"row-wise table {table!r}: shard {s} is not full width")
-            blocks[table] = cuts
+            nonempty = [s for s in ps.shards if s.sizes[0]]
+            blocks[table] = check_tiling(
+                table, "row-wise", "row blocks", nonempty, axis=0, total=rows
+            )
+            check_full_span(table, "row-wise", ps.shards, axis=1, total=dim)
         return RowShardedEmbedding(
             view, blocks, env, device, type(module).__name__, qcomms=self.qcomms_of(params)
         )

@@ -17,8 +17,14 @@ import torch
 from torch import nn
 
 from shardrec.distributed.node_groups import NodeLayout
+from shardrec.distributed.sharding import (
+    EmbeddingSharderBase,
+    ModuleView,
+    ShardMetadata,
+    check_full_span,
+    check_tiling,
+)
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
-from shardrec_sharders._common import EmbeddingSharderBase, ModuleView, check_tiling
 from shardrec_sharders.table_wise import ColumnSlicedEmbedding
 
 
@@ -48,19 +54,15 @@ class TableColumnWiseSharder(EmbeddingSharderBase):
         self.check_plan(params, env)
         view = ModuleView.of(module, list(params))
         layout = NodeLayout.from_env(env.world_size, self.local_world_size)
-        slices: dict[str, list[tuple[int, int, int]]] = {}
+        slices: dict[str, list[ShardMetadata]] = {}
         for table, ps in params.items():
-            config = view.configs[table]
+            rows, dim = view.global_shape(table)
             if not ps.shards:
                 raise ValueError(f"{self.sharding_type} table {table!r} needs shard metadata")
-            for s in ps.shards:
-                if s.offsets[0] != 0 or s.sizes[0] != config.num_embeddings:
-                    raise ValueError(
-                        f"{self.sharding_type} table {table!r}: shard {s} does not span all"
-                        f" {config.num_embeddings} rows"
-                    )
-            cuts = sorted((s.offsets[1], s.sizes[1], s.rank) for s in ps.shards)
-            check_tiling(table, self.sharding_type, "column slices", cuts, config.embedding_dim)
+            check_full_span(table, self.sharding_type, ps.shards, axis=0, total=rows)
+            cuts = check_tiling(
+                table, self.sharding_type, "column slices", ps.shards, axis=1, total=dim
+            )
             nodes = sorted({layout.node_of(s.rank) for s in ps.shards})
             if len(nodes) != 1:
                 raise ValueError(

@@ -28,35 +28,34 @@ from torch import nn
 
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
-from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.node_groups import NodeGroups, NodeLayout, node_groups
 from shardrec.distributed.qcomm import QCommsConfig
-from shardrec.distributed.sharding_plan import even_splits
-from shardrec.distributed.types import (
+from shardrec.distributed.sharding import (
+    POOLED_TABLES_KEY,
     Awaitable,
-    ParameterSharding,
-    ShardingEnv,
-    ShardingType,
-    TableShards,
-)
-from shardrec.kernels import TableBatchedEmbedding
-from shardrec.modules import EmbeddingBagCollection, PoolingType
-from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
-from shardrec_sharders._common import (
     BatchGuard,
     EmbeddingSharderBase,
+    FeatureRouter,
     LocalTable,
+    Mapped,
     ModuleView,
-    PairRouter,
     Received,
+    ShardMetadata,
+    bucketize_rows,
     build_local_lookup,
+    check_full_span,
     check_tiling,
+    divide_mean_bags,
+    even_row_shards,
+    lookup_pooled,
     nothing_to_send,
     stack_senders,
     table_shards,
 )
-
-Block = tuple[int, int, int]  # (row_offset, rows, rank)
+from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
+from shardrec.kernels import TableBatchedEmbedding
+from shardrec.modules import EmbeddingBagCollection, PoolingType
+from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +66,7 @@ class NodeSlice:
     col_offset: int
     cols: int
     node: int
-    blocks: tuple[Block, ...]  # row order
+    blocks: tuple[ShardMetadata, ...]  # row order, each ``cols`` wide from ``col_offset``
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,19 +76,6 @@ class _Unit:
     pair: int
     table: str
     slice: NodeSlice
-
-
-def divide_mean_bags(
-    values: torch.Tensor, lengths: torch.Tensor, dims: Sequence[int], means: Sequence[bool]
-) -> torch.Tensor:
-    """Pooled SUMs ``[B, sum(dims)]`` -> MEANs for the pairs flagged in ``means`` (an empty bag
-    stays zero). ``lengths`` is ``[pairs, B]``."""
-    lengths = lengths.to(values.dtype)
-    scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1), torch.zeros_like(lengths))
-    flags = torch.tensor(list(means), device=values.device).unsqueeze(1)
-    scale = torch.where(flags, scale, 1.0)
-    per_col = torch.repeat_interleave(scale, torch.tensor(list(dims), device=values.device), dim=0)
-    return values * per_col.t()
 
 
 class NodeRowShardedEmbedding(nn.Module):
@@ -110,6 +96,8 @@ class NodeRowShardedEmbedding(nn.Module):
         """``slices[table]``: the table's column slices in column order; ``qcomms``: the wire
         dtypes of both output collectives (None: fp32)."""
         super().__init__()
+        #: TableKeyPrefixed: where the unsharded module kept these tables.
+        self.table_key_prefix = POOLED_TABLES_KEY
         self.qcomms = qcomms
         if not view.pooled:
             raise TypeError(f"{kind}: two-level sharding is for pooled (bag) modules only")
@@ -118,42 +106,34 @@ class NodeRowShardedEmbedding(nn.Module):
         self.device = device
         self.pairs = view.pairs
         self.tables = list(view.configs)
-        self.router = PairRouter([p.source for p in view.pairs], owner=kind)
-        self.guard = BatchGuard.of(view, view.pairs, kind, env)
+        self.router = FeatureRouter([p.source for p in view.pairs], owner=kind)
+        self.guard = BatchGuard.of(view, kind, env)
         layout = groups.layout
         world = env.world_size
         self.units = [
             _Unit(p, pair.table, s) for p, pair in enumerate(view.pairs) for s in slices[pair.table]
         ]
         self.units_of = [
-            [i for i, u in enumerate(self.units) if any(b[2] == r for b in u.slice.blocks)]
+            [i for i, u in enumerate(self.units) if any(b.rank == r for b in u.slice.blocks)]
             for r in range(world)
         ]
         self._starts = [
-            torch.tensor([b[0] for b in u.slice.blocks], dtype=torch.int64, device=device)
+            torch.tensor([b.offsets[0] for b in u.slice.blocks], dtype=torch.int64, device=device)
             for u in self.units
         ]
         self._owners = [
-            torch.tensor([b[2] for b in u.slice.blocks], dtype=torch.int64, device=device)
+            torch.tensor([b.rank for b in u.slice.blocks], dtype=torch.int64, device=device)
             for u in self.units
         ]
         # This rank's blocks, one local table per (table, column slice).
         local: dict[tuple[str, int], LocalTable] = {}
         for table, table_slices in slices.items():
-            config = view.configs[table]
+            shape = view.global_shape(table)
             for s in table_slices:
-                for row_offset, rows, rank in s.blocks:
-                    if rank == env.rank:
-                        local[(table, s.col_offset)] = LocalTable(
-                            name=f"{table}__c{s.col_offset}",
-                            table=table,
-                            row_offset=row_offset,
-                            col_offset=s.col_offset,
-                            rows=rows,
-                            cols=s.cols,
-                            global_rows=config.num_embeddings,
-                            global_cols=config.embedding_dim,
-                        )
+                for b in s.blocks:
+                    if b.rank == env.rank:
+                        name = f"{table}__c{s.col_offset}"
+                        local[(table, s.col_offset)] = LocalTable(name, table, b.rect, shape)
         self.local_tables = list(local.values())
         mine = self.units_of[env.rank]
         features = [
@@ -221,10 +201,9 @@ class NodeRowShardedEmbedding(nn.Module):
         dests, locals_, sources = [], [], []
         for i, u in enumerate(self.units):
             lo, hi = first[u.pair], first[u.pair + 1]
-            ids = values[lo:hi].to(torch.int64)
-            block = (torch.bucketize(ids, self._starts[i], right=True) - 1).clamp_(min=0)
-            dests.append(self._owners[i][block])
-            locals_.append(ids - self._starts[i][block])
+            dest_i, local_i = bucketize_rows(values[lo:hi], self._starts[i], self._owners[i])
+            dests.append(dest_i)
+            locals_.append(local_i)
             sources.append(torch.arange(lo, hi, device=values.device))
         dest = torch.cat(dests) if dests else values.new_zeros(0, dtype=torch.int64)
         local = torch.cat(locals_) if locals_ else dest
@@ -266,23 +245,7 @@ class NodeRowShardedEmbedding(nn.Module):
         """Partial SUMs of every sender's bags over our blocks: ``[W * B_max, our columns]``."""
         if self.lookup is None:
             return None
-        stacked = stack_senders(
-            got.lengths,
-            got.values,
-            got.weights,
-            got.lengths_per_rank,
-            got.batch_per_rank,
-            len(self.units_of[self.env.rank]),
-        )
-        out = self.lookup.lookup(
-            values=stacked.values,
-            offsets=stacked.offsets,
-            length_per_feature=stacked.length_per_feature,
-            batch_size=len(stacked.batches) * stacked.batch,
-            weights=stacked.weights,
-        )
-        assert isinstance(out, torch.Tensor)
-        return out
+        return lookup_pooled(self.lookup, stack_senders(got, len(self.units_of[self.env.rank])))
 
     def output_dist(
         self, out: torch.Tensor | None, got: comm.JaggedAllToAllResult, batch: int
@@ -358,14 +321,14 @@ class NodeRowShardedEmbedding(nn.Module):
 def node_row_blocks(
     table: str,
     sharding: str,
-    blocks: Sequence[Block],
+    blocks: Sequence[ShardMetadata],
     rows: int,
     layout: NodeLayout,
-) -> int:
+) -> tuple[list[ShardMetadata], int]:
     """Checks that ``blocks`` tile ``rows`` on ranks of one node, one block per rank; returns
-    the node."""
-    check_tiling(table, sharding, "row blocks", blocks, rows)
-    ranks = [b[2] for b in blocks]
+    them in row order, and the node."""
+    ordered = check_tiling(table, sharding, "row blocks", blocks, axis=0, total=rows)
+    ranks = [b.rank for b in ordered]
     nodes = {layout.node_of(r) for r in ranks}
     if len(nodes) != 1:
         raise ValueError(
@@ -375,7 +338,7 @@ def node_row_blocks(
         )
     if len(set(ranks)) != len(ranks):
         raise ValueError(f"{sharding} table {table!r}: a rank holds two row blocks: {ranks}")
-    return nodes.pop()
+    return ordered, nodes.pop()
 
 
 class NodeRowSharderBase(EmbeddingSharderBase):
@@ -415,21 +378,14 @@ class TableRowWiseSharder(NodeRowSharderBase):
         groups = node_groups(env, self.local_world_size)
         slices: dict[str, list[NodeSlice]] = {}
         for table, ps in params.items():
-            config = view.configs[table]
+            rows, dim = view.global_shape(table)
             if ps.shards:
-                for s in ps.shards:
-                    if s.offsets[1] != 0 or s.sizes[1] != config.embedding_dim:
-                        raise ValueError(
-                            f"{self.sharding_type} table {table!r}: shard {s} is not full width"
-                        )
-                blocks = sorted((s.offsets[0], s.sizes[0], s.rank) for s in ps.shards if s.sizes[0])
+                check_full_span(table, self.sharding_type, ps.shards, axis=1, total=dim)
+                given = [s for s in ps.shards if s.sizes[0]]
             else:
-                splits = even_splits(config.num_embeddings, len(ps.ranks))
-                blocks = [(at, n, r) for r, (at, n) in zip(ps.ranks, splits, strict=True) if n]
-            node = node_row_blocks(
-                table, self.sharding_type, blocks, config.num_embeddings, groups.layout
-            )
-            slices[table] = [NodeSlice(0, config.embedding_dim, node, tuple(blocks))]
+                given = even_row_shards(rows, dim, ps.ranks)
+            blocks, node = node_row_blocks(table, self.sharding_type, given, rows, groups.layout)
+            slices[table] = [NodeSlice(0, dim, node, tuple(blocks))]
         kind = f"{type(module).__name__} ({self.sharding_type})"
         return NodeRowShardedEmbedding(
             view, slices, groups, env, device, kind, qcomms=self.qcomms_of(params)

@@ -25,26 +25,24 @@ from torch import nn
 
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
-from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.qcomm import QCommsConfig
-from shardrec.distributed.types import (
+from shardrec.distributed.sharding import (
+    POOLED_TABLES_KEY,
+    SEQUENCE_TABLES_KEY,
     Awaitable,
-    ParameterSharding,
-    ShardingEnv,
-    ShardingType,
-    TableShards,
-)
-from shardrec.kernels import TableBatchedEmbedding
-from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
-from shardrec_sharders._common import (
     BatchGuard,
     EmbeddingSharderBase,
+    FeatureRouter,
     LocalTable,
+    Mapped,
     ModuleView,
-    PairRouter,
     Received,
+    ShardMetadata,
+    ShardRect,
     StackedInput,
     build_local_lookup,
+    lookup_pooled,
+    lookup_sequence,
     nothing_to_send,
     pooled_send_buffer,
     sequence_output,
@@ -52,6 +50,9 @@ from shardrec_sharders._common import (
     stack_senders,
     table_shards,
 )
+from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
+from shardrec.kernels import TableBatchedEmbedding
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,16 +139,18 @@ class ColumnSlicedEmbedding(nn.Module):
     def __init__(
         self,
         view: ModuleView,
-        slices: Mapping[str, Sequence[tuple[int, int, int]]],
+        slices: Mapping[str, Sequence[ShardMetadata]],
         env: ShardingEnv,
         device: torch.device,
         kind: str,
         *,
         qcomms: QCommsConfig | None = None,
     ) -> None:
-        """``slices[table]`` = [(col_offset, cols, rank), ...] in column order; ``qcomms``: the
-        wire dtypes of the output all-to-all (None: fp32)."""
+        """``slices[table]``: the table's column slices (each spanning every row) in column order;
+        ``qcomms``: the wire dtypes of the output all-to-all (None: fp32)."""
         super().__init__()
+        #: TableKeyPrefixed: where the unsharded module kept these tables.
+        self.table_key_prefix = POOLED_TABLES_KEY if view.pooled else SEQUENCE_TABLES_KEY
         self.env = env
         self.qcomms = qcomms
         self.device = device
@@ -160,27 +163,20 @@ class ColumnSlicedEmbedding(nn.Module):
         units: list[Unit] = []
         local_by_key: dict[tuple[str, int], LocalTable] = {}
         for p, pair in enumerate(view.pairs):
-            config = view.configs[pair.table]
-            for col_offset, cols, rank in slices[pair.table]:
-                key = (pair.table, col_offset)
+            shape = view.global_shape(pair.table)
+            for s in slices[pair.table]:
+                rect = s.rect
+                key = (pair.table, rect.col_offset)
                 if key not in local_by_key:
-                    local_by_key[key] = LocalTable(
-                        name=f"{pair.table}__c{col_offset}",
-                        table=pair.table,
-                        row_offset=0,
-                        col_offset=col_offset,
-                        rows=config.num_embeddings,
-                        cols=cols,
-                        global_rows=config.num_embeddings,
-                        global_cols=config.embedding_dim,
-                    )
-                units.append(Unit(p, local_by_key[key], rank))
+                    name = f"{pair.table}__c{rect.col_offset}"
+                    local_by_key[key] = LocalTable(name, pair.table, rect, shape)
+                units.append(Unit(p, local_by_key[key], s.rank))
         self.units_by_rank = [[u for u in units if u.rank == r] for r in range(world)]
         self.mine = self.units_by_rank[env.rank]
         routed_pairs = [view.pairs[u.pair] for r in range(world) for u in self.units_by_rank[r]]
         owner = f"{kind} ({ShardingType.TABLE_WISE}/{ShardingType.COLUMN_WISE})"
-        self.router = PairRouter([p.source for p in routed_pairs], owner=owner)
-        self.guard = BatchGuard.of(view, routed_pairs, kind, env)
+        self.router = FeatureRouter([p.source for p in routed_pairs], owner=owner)
+        self.guard = BatchGuard.of(view, kind, env, routed_pairs)
         self.local_tables: list[LocalTable] = []
         for u in self.mine:
             if u.local not in self.local_tables:
@@ -198,13 +194,13 @@ class ColumnSlicedEmbedding(nn.Module):
         # Received column chunks come owner by owner; this order puts them in pair order, each
         # pair's slices side by side.
         order = [
-            (u.pair, u.local.col_offset, r, i)
+            (u.pair, u.local.rect.col_offset, r, i)
             for r in range(world)
             for i, u in enumerate(self.units_by_rank[r])
         ]
         self._chunk_order = [(r, i) for _, _, r, i in sorted(order)]
-        self._unit_cols = [sum(u.local.cols for u in us) for us in self.units_by_rank]
-        self._widths = [[u.local.cols for u in us] for us in self.units_by_rank]
+        self._widths = [[u.local.rect.cols for u in us] for us in self.units_by_rank]
+        self._unit_cols = [sum(w) for w in self._widths]
         # E.g. every table on one rank (a one-process run): no reordering copy either way.
         self._identity_columns = _single_owner(self._widths, self._chunk_order)
 
@@ -236,25 +232,14 @@ class ColumnSlicedEmbedding(nn.Module):
     def compute(
         self, got: comm.JaggedAllToAllResult
     ) -> tuple[torch.Tensor | list[torch.Tensor] | None, StackedInput | None]:
-        """One fused lookup of every rank's ids, senders stacked along the batch."""
+        """One fused lookup of every rank's ids, senders stacked along the batch: pooled,
+        ``[W * B_max, our columns]``; sequence, one ``[ids, cols]`` per unit."""
         if self.lookup is None:
             return None, None
-        stacked = stack_senders(
-            got.lengths,
-            got.values,
-            got.weights,
-            got.lengths_per_rank,
-            got.batch_per_rank,
-            len(self.mine),
-        )
-        out = self.lookup.lookup(
-            values=stacked.values,
-            offsets=stacked.offsets,
-            length_per_feature=stacked.length_per_feature,
-            batch_size=len(stacked.batches) * stacked.batch,
-            weights=stacked.weights,
-        )
-        return out, stacked
+        stacked = stack_senders(got, len(self.mine))
+        if self.pooled:
+            return lookup_pooled(self.lookup, stacked), stacked
+        return lookup_sequence(self.lookup, stacked), stacked
 
     def output_dist_pooled(
         self,
@@ -298,7 +283,7 @@ class ColumnSlicedEmbedding(nn.Module):
         k = 0
         for r in range(world):
             recv_sizes.append(
-                sum(lpk[k + i] * u.local.cols for i, u in enumerate(self.units_by_rank[r]))
+                sum(lpk[k + i] * u.local.rect.cols for i, u in enumerate(self.units_by_rank[r]))
             )
             k += len(self.units_by_rank[r])
         flat = comm.all_to_all_single(
@@ -308,10 +293,10 @@ class ColumnSlicedEmbedding(nn.Module):
         k = 0
         for r, block in enumerate(torch.split(flat, recv_sizes)):
             us = self.units_by_rank[r]
-            sizes = [lpk[k + i] * u.local.cols for i, u in enumerate(us)]
+            sizes = [lpk[k + i] * u.local.rect.cols for i, u in enumerate(us)]
             for i, (u, piece) in enumerate(zip(us, torch.split(block, sizes), strict=True)):
                 per_pair.setdefault(u.pair, []).append(
-                    (u.local.col_offset, piece.view(lpk[k + i], u.local.cols))
+                    (u.local.rect.col_offset, piece.view(lpk[k + i], u.local.rect.cols))
                 )
             k += len(us)
         # Lengths of each pair, from the routed KJT (any of the pair's units has them).
@@ -374,13 +359,14 @@ class TableWiseSharder(EmbeddingSharderBase):
     ) -> nn.Module:
         self.check_plan(params, env)
         view = ModuleView.of(module, list(params))
-        slices: dict[str, list[tuple[int, int, int]]] = {}
+        slices: dict[str, list[ShardMetadata]] = {}
         for table, ps in params.items():
             if len(ps.ranks) != 1:
                 raise ValueError(
                     f"table-wise table {table!r} needs exactly one rank, got {ps.ranks}"
                 )
-            slices[table] = [(0, view.configs[table].embedding_dim, ps.ranks[0])]
+            whole = ShardRect.whole(*view.global_shape(table))
+            slices[table] = [ShardMetadata.placed(whole, ps.ranks[0])]
         return ColumnSlicedEmbedding(
             view, slices, env, device, type(module).__name__, qcomms=self.qcomms_of(params)
         )

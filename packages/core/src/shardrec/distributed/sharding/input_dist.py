@@ -23,6 +23,7 @@ import torch
 
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
+from shardrec.distributed.sharding.module_view import ModuleView, TableFeature
 from shardrec.distributed.types import Awaitable, ShardingEnv
 from shardrec.kernels import BadBatchError, BatchChecker
 from shardrec.sparse import KeyedJaggedTensor
@@ -79,6 +80,25 @@ class BatchGuard:
         self.checker = BatchChecker(kind, sources, tables, rows)
         self.enabled = enabled
         self.env = env
+
+    @staticmethod
+    def of(
+        view: ModuleView,
+        kind: str,
+        env: ShardingEnv,
+        pairs: Sequence[TableFeature] | None = None,
+    ) -> BatchGuard:
+        """The guard of a routed KJT whose keys are ``pairs`` (default: all of ``view.pairs``),
+        enabled as the unsharded module's ``check_inputs``."""
+        keys = view.pairs if pairs is None else pairs
+        return BatchGuard(
+            kind,
+            [p.source for p in keys],
+            [p.table for p in keys],
+            [view.configs[p.table].num_embeddings for p in keys],
+            enabled=view.check_inputs,
+            env=env,
+        )
 
     def local_flag(self, routed: KeyedJaggedTensor) -> torch.Tensor:
         """Nonzero when this rank's batch is bad: the dtype always, the contents when enabled."""

@@ -62,6 +62,7 @@ def build_local_lookup(
                 embedding_dim=lt.rect.cols,
                 pooling=pooling,
                 data_type=config.data_type,
+                storage=config.storage,
             )
         )
     tbe = TableBatchedEmbedding(
