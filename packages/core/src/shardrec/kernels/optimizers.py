@@ -7,6 +7,9 @@ target; on CUDA ``index_add_`` (atomics) does. SGD in fp32 updates the table tha
 the other rules first coalesce duplicate ids (``torch.unique``) into one fp32 gradient per row, so
 each row's update is the one a dense optimizer would make from that row's gradient. No dense
 gradient of a whole table is ever built. fp16/bf16 weights are updated in fp32 and rounded once.
+On CPU, every rule runs :mod:`shardrec.kernels.cpu_update` instead: ids sorted once, each distinct
+row's gradient summed by ``embedding_bag`` and updated in cache-sized chunks (Adagrad and Adam
+measured 6-7x faster there at MLPerf shapes); the paths below serve CUDA.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardrec.kernels.cpu_update import apply_cpu_update
 from shardrec.kernels.memory import zeros_rows
 from shardrec.kernels.specs import FusedOptimizerConfig, OptimizerType
 
@@ -98,6 +102,9 @@ def apply_fused_update(
     """
     lr = config.learning_rate
     if grad.ids.numel() == 0:
+        return
+    if weight.device.type == "cpu":
+        apply_cpu_update(config, weight, state, grad, step)
         return
     if config.optimizer is OptimizerType.SGD and weight.dtype == torch.float32:
         # Summing into the weight directly equals coalescing first, up to float rounding order.

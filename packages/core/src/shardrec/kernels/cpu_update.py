@@ -1,0 +1,172 @@
+"""Fused optimizer updates on CPU: one pass over the distinct rows, in cache-sized chunks.
+
+The batch's gradient arrives as a :class:`~shardrec.kernels.optimizers.SparseGrad` (each id's bag
+and weight). The ids are sorted once (``torch.sort`` of int64 ids is cheap next to moving rows);
+each distinct row then owns the run of its contributions. Its gradient is the weighted sum of its
+contributions' bag gradients, which is exactly an ``embedding_bag`` whose "table" is the output
+gradient, whose "ids" are the bags of the run and whose bags are the runs: torch's CPU
+``embedding_bag`` does that sum at the machine's gather speed without materialising one gradient
+row per id.
+
+The update then walks the distinct rows ``CHUNK_ROWS`` at a time: gather the chunk's weights and
+states, apply the rule, write them back. Every temporary is a chunk (a megabyte), so it stays in
+the caches and its memory is reused from one chunk to the next; a whole-batch temporary (tens of
+megabytes at MLPerf shapes) is a fresh allocation each step whose pages the kernel faults in, which
+cost more than the arithmetic. Each row's update is the one a dense optimizer makes from that row's
+summed gradient, as in :func:`~shardrec.kernels.optimizers.apply_fused_update`'s reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import torch
+import torch.nn.functional as F
+
+from shardrec.kernels.specs import FusedOptimizerConfig, OptimizerType
+
+if TYPE_CHECKING:
+    from shardrec.kernels.optimizers import SparseGrad
+
+__all__ = ["CHUNK_ROWS", "RowRuns", "apply_cpu_update", "group_by_row"]
+
+#: Distinct rows updated together: 2,048 rows of dim 128 are 1 MiB of fp32 per temporary.
+CHUNK_ROWS: Final = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class RowRuns:
+    """The contributions of a batch grouped by the row they update.
+
+    Row ``rows[u]`` gets ``sum(weights[k] * grad_bags[bags[k]])`` over ``k`` in
+    ``offsets[u] : offsets[u + 1]``; ``rows`` ascend and are distinct; ``weights`` None means 1.
+    """
+
+    rows: torch.Tensor
+    offsets: torch.Tensor
+    bags: torch.Tensor
+    weights: torch.Tensor | None
+
+    def gradient(self, grad_bags: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The summed fp32 gradients of distinct rows ``lo:hi`` (``[hi - lo, dim]``)."""
+        offsets = self.offsets[lo : hi + 1]
+        first = int(offsets[0])
+        last = int(offsets[-1])
+        weights = None if self.weights is None else self.weights[first:last]
+        return F.embedding_bag(
+            self.bags[first:last],
+            grad_bags,
+            offsets - first,
+            mode="sum",
+            per_sample_weights=weights,
+            include_last_offset=True,
+        )
+
+
+def group_by_row(grad: SparseGrad) -> RowRuns:
+    """Sort ``grad``'s ids once and group each id's bag and weight under its row."""
+    ids, order = torch.sort(grad.ids)
+    rows, counts = torch.unique_consecutive(ids, return_counts=True)
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    bags = order if grad.bag is None else grad.bag.index_select(0, order)
+    weights = None
+    if grad.psw is not None:
+        weights = grad.psw.to(torch.float32).index_select(0, order)
+    return RowRuns(rows=rows, offsets=offsets, bags=bags, weights=weights)
+
+
+def apply_cpu_update(
+    config: FusedOptimizerConfig,
+    weight: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    grad: SparseGrad,
+    step: int,
+) -> None:
+    """Update ``weight`` (``[rows, dim]``, CPU) and ``state`` in place from ``grad``.
+
+    The same rules as :func:`~shardrec.kernels.optimizers.apply_fused_update` (``step`` is the
+    1-based number of this update, for Adam's bias correction); fp16/bf16 weights are updated in
+    fp32 and rounded once.
+    """
+    if grad.ids.numel() == 0:
+        return
+    runs = group_by_row(grad)
+    grad_bags = grad.grad_bags if grad.grad_bags.dtype == torch.float32 else grad.grad_bags.float()
+    count = runs.rows.numel()
+    rule = _RULES[config.optimizer]
+    for lo in range(0, count, CHUNK_ROWS):
+        hi = min(lo + CHUNK_ROWS, count)
+        rows = runs.rows[lo:hi]
+        g = runs.gradient(grad_bags, lo, hi)
+        w = weight.index_select(0, rows)
+        w32 = w if w.dtype == torch.float32 else w.float()
+        rule(config, w32, state, rows, g, step)
+        weight.index_copy_(0, rows, w32 if w32.dtype == weight.dtype else w32.to(weight.dtype))
+
+
+def _sgd(
+    config: FusedOptimizerConfig,
+    w: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    g: torch.Tensor,
+    step: int,
+) -> None:
+    w.sub_(g, alpha=config.learning_rate)
+
+
+def _exact_adagrad(
+    config: FusedOptimizerConfig,
+    w: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    g: torch.Tensor,
+    step: int,
+) -> None:
+    total = state["sum"]
+    s = total.index_select(0, rows).addcmul_(g, g)
+    total.index_copy_(0, rows, s)
+    w.addcdiv_(g, s.sqrt_().add_(config.eps), value=-config.learning_rate)
+
+
+def _rowwise_adagrad(
+    config: FusedOptimizerConfig,
+    w: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    g: torch.Tensor,
+    step: int,
+) -> None:
+    total = state["sum"]
+    s = total.index_select(0, rows).add_(g.square().mean(dim=1))
+    total.index_copy_(0, rows, s)
+    scale = s.sqrt_().add_(config.eps).reciprocal_().mul_(config.learning_rate)
+    w.addcmul_(g, scale.unsqueeze(1), value=-1.0)
+
+
+def _adam(
+    config: FusedOptimizerConfig,
+    w: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    g: torch.Tensor,
+    step: int,
+) -> None:
+    b1, b2 = config.beta1, config.beta2
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    m = exp_avg.index_select(0, rows).mul_(b1).add_(g, alpha=1.0 - b1)
+    v = exp_avg_sq.index_select(0, rows).mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+    denom = v.div_(1.0 - b2**step).sqrt_().add_(config.eps)
+    w.addcdiv_(m, denom, value=-config.learning_rate / (1.0 - b1**step))
+
+
+_RULES: Final = {
+    OptimizerType.SGD: _sgd,
+    OptimizerType.EXACT_ADAGRAD: _exact_adagrad,
+    OptimizerType.ROWWISE_ADAGRAD: _rowwise_adagrad,
+    OptimizerType.ADAM: _adam,
+}
