@@ -174,13 +174,16 @@ def test_concat_mismatches() -> None:
         KeyedJaggedTensor.concat([a, w])
 
 
-def test_from_jt_dict_mismatched_batch_names_key() -> None:
+def test_from_jt_dict_rows_of_different_counts_give_a_variable_batch() -> None:
+    # TorchRec's meaning: keys with their own numbers of rows make a variable-batch KJT.
     jts = {
         "a": JaggedTensor(IDS[:3], lengths=torch.tensor([1, 1, 1])),
         "b": JaggedTensor(IDS[:2], lengths=torch.tensor([1, 1])),
     }
-    with pytest.raises(ValueError, match=r"key 'b' has 2 rows but key 'a' has 3"):
-        KeyedJaggedTensor.from_jt_dict(jts)
+    kjt = KeyedJaggedTensor.from_jt_dict(jts)
+    assert kjt.variable_stride_per_key()
+    assert kjt.stride_per_key_per_rank() == [[3], [2]]
+    assert kjt["b"].values().tolist() == IDS[:2].tolist()
 
 
 def test_missing_key_lookup() -> None:

@@ -21,6 +21,7 @@ from shardrec.kernels.input_checks import BadBatchError
 from shardrec.modules._tables import FusedParams, FusedTableCollection
 from shardrec.modules.configs import EmbeddingBagConfig
 from shardrec.sparse import KeyedJaggedTensor, KeyedTensor
+from shardrec.sparse.variable_batch import expand_pooled, pad_to_max_stride
 
 __all__ = ["EmbeddingBagCollection"]
 
@@ -92,6 +93,18 @@ class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
         return list(self._configs)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if features.variable_stride_per_key():
+            # Pool each key's unique samples once, then expand to the full batch through the
+            # inverse indices (TorchRec's semantics for a variable batch per key).
+            unique = self.forward(pad_to_max_stride(features)).values()
+            values = (
+                unique.new_empty(features.stride(), unique.shape[1])
+                if unique.device.type == "meta"
+                else expand_pooled(unique, self._dims, self._routing.sources, features)
+            )
+            return KeyedTensor(
+                keys=self._routing.embedding_names, length_per_key=self._dims, values=values
+            )
         if self.lookup.device.type == "meta":
             # Tables on meta (a model being planned): the output's shape needs only the batch size.
             self._routing.check_keys(features, weighted=self._is_weighted)

@@ -16,6 +16,7 @@ from shardrec.kernels import KernelBackend
 from shardrec.modules._tables import FusedParams, FusedTableCollection
 from shardrec.modules.configs import EmbeddingConfig
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor
+from shardrec.sparse.variable_batch import pad_to_max_stride
 
 __all__ = ["EmbeddingCollection"]
 
@@ -80,6 +81,15 @@ class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
         return dims.pop()
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        if features.variable_stride_per_key():
+            # Each feature's rows are its own samples (TorchRec's): look up the ids once, then
+            # drop the empty samples that padding added.
+            strides = dict(zip(features.keys(), features.stride_per_key(), strict=True))
+            padded = self.forward(pad_to_max_stride(features))
+            return {
+                name: _first_rows(jt, strides[source])
+                for (name, jt), source in zip(padded.items(), self._routing.sources, strict=True)
+            }
         inp = self._route_checked(features, weighted=False)
         rows = self.lookup.lookup(
             values=inp.values,
@@ -102,3 +112,10 @@ class EmbeddingCollection(FusedTableCollection[EmbeddingConfig]):
             else:
                 out[name] = JaggedTensor(values=values, lengths=lengths)
         return out
+
+
+def _first_rows(jt: JaggedTensor, rows: int) -> JaggedTensor:
+    """``jt`` without its trailing rows past ``rows`` (empty ones: they hold no values)."""
+    return JaggedTensor(
+        values=jt.values(), weights=jt.weights_or_none(), lengths=jt.lengths()[:rows]
+    )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from shardrec.sparse import _validation as check
+from shardrec.sparse import _vbe as vbe
 from shardrec.sparse._jagged_ops import offsets_to_lengths
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ _OWNER = "KeyedJaggedTensor"
 
 def validate(kjt: KeyedJaggedTensor) -> None:
     keys = kjt.keys()
-    stride = kjt.stride()
+    lengths_at = kjt.lengths_offset_per_key()
     values = kjt.values()
     offsets = kjt.offsets_or_none()
     num_values = values.shape[0]
@@ -42,7 +43,8 @@ def validate(kjt: KeyedJaggedTensor) -> None:
     lengths = kjt.lengths()
     bad = check.find_negative_length(lengths)
     if bad is not None:
-        position, sample = divmod(bad, stride)
+        position = next(i for i, end in enumerate(lengths_at[1:]) if bad < end)
+        sample = bad - lengths_at[position]
         where = f"key {keys[position]!r} at sample {sample}"
         if not lengths_given and offsets is not None:
             before, after = int(offsets[bad]), int(offsets[bad + 1])
@@ -58,9 +60,12 @@ def validate(kjt: KeyedJaggedTensor) -> None:
         and not torch.equal(offsets_to_lengths(offsets), lengths.to(offsets.dtype))
     ):
         raise ValueError(f"{_OWNER}: lengths and offsets disagree")
-    actual = (
-        lengths.view(len(keys), stride).sum(dim=1).tolist() if keys and stride else [0] * len(keys)
-    )
+    if lengths.numel() != lengths_at[-1]:
+        raise ValueError(
+            f"{_OWNER}: {lengths.numel()} lengths but the keys' batch sizes "
+            f"{kjt.stride_per_key()} add up to {lengths_at[-1]}"
+        )
+    actual = vbe.per_key_sums(lengths, kjt.stride_per_key())
     total = sum(actual)
     if total != num_values:
         raise ValueError(
@@ -75,6 +80,38 @@ def validate(kjt: KeyedJaggedTensor) -> None:
                     f"{_OWNER}: key {key!r} has {got} ids by its lengths but "
                     f"length_per_key says {want}"
                 )
+    _validate_inverse(kjt)
+
+
+def _validate_inverse(kjt: KeyedJaggedTensor) -> None:
+    """Every inverse index of a key points at one of that key's samples."""
+    inverse = kjt.inverse_indices_or_none()
+    if inverse is None:
+        return
+    names, table = inverse
+    if table.device != kjt.values().device:
+        raise ValueError(
+            f"{_OWNER}: inverse_indices is on {table.device} but values on {kjt.values().device}"
+        )
+    if table.numel() and table.shape[1] != kjt.stride():
+        raise ValueError(
+            f"{_OWNER}: inverse_indices cover {table.shape[1]} samples but stride() is "
+            f"{kjt.stride()}"
+        )
+    strides = dict(zip(kjt.keys(), kjt.stride_per_key(), strict=True))
+    for row, name in enumerate(names):
+        if name not in strides:
+            continue  # TorchRec allows rows for keys this KJT does not hold
+        indices = table[row]
+        if indices.numel() == 0:
+            continue
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= strides[name]:
+            sample = int(torch.nonzero((indices < 0) | (indices >= strides[name]))[0, 0])
+            raise ValueError(
+                f"{_OWNER}: inverse index {int(indices[sample])} of key {name!r} at sample "
+                f"{sample} is out of range; the key has {strides[name]} samples"
+            )
 
 
 def _overrun(keys: list[str], per_key: list[int], num_values: int) -> str:

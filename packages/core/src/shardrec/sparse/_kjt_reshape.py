@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from shardrec.sparse import _validation as check
+from shardrec.sparse import _vbe as vbe
 from shardrec.sparse.jagged_tensor import JaggedTensor
 
 if TYPE_CHECKING:
@@ -29,7 +30,11 @@ def to_dict(kjt: KeyedJaggedTensor, compute_offsets: bool) -> dict[str, JaggedTe
         return {}
     per_key = kjt.length_per_key()
     values = torch.split(kjt.values(), per_key)
-    lengths = kjt.lengths().view(len(keys), kjt.stride()).unbind(0)
+    lengths: Sequence[torch.Tensor] = (
+        torch.split(kjt.lengths(), kjt.stride_per_key())
+        if kjt.variable_stride_per_key()
+        else kjt.lengths().view(len(keys), kjt.stride()).unbind(0)
+    )
     # No rows: empty offsets, as TorchRec gives. Otherwise each JaggedTensor derives its offsets
     # on first use, whatever compute_offsets says: computing every key's upfront (one cumsum of
     # all lengths) cost more than the rest of to_dict together (tools/bench/kjt.py, 26 keys x
@@ -129,18 +134,21 @@ def permute(
     elif indices_tensor.dtype != torch.long:
         indices_tensor = indices_tensor.long()
     new_per_key = plan.pick(per_key)
-    new_lengths = (
-        lengths.view(num_keys, stride).index_select(0, indices_tensor).view(-1)
-        if plan.indices and stride
-        else lengths.new_empty(len(plan.indices) * stride)
-    )
+    variable = kjt.variable_stride_per_key()
+    if variable:
+        new_lengths = _permute_segments(lengths, kjt.stride_per_key(), plan, indices_tensor)
+    elif plan.indices and stride:
+        new_lengths = lengths.view(num_keys, stride).index_select(0, indices_tensor).view(-1)
+    else:
+        new_lengths = lengths.new_empty(len(plan.indices) * stride)
     weights = kjt.weights_or_none()
     new_values = _permute_segments(kjt.values(), per_key, plan, indices_tensor)
     new_weights = (
         None if weights is None else _permute_segments(weights, per_key, plan, indices_tensor)
     )
+    new_keys = plan.pick(keys)
     return type(kjt)._trusted(
-        plan.pick(keys),
+        new_keys,
         None,
         new_values,
         new_weights,
@@ -149,6 +157,8 @@ def permute(
         stride,
         new_per_key,
         [0, *itertools.accumulate(new_per_key)],
+        plan.pick(kjt.stride_per_key_per_rank()) if variable else None,
+        vbe.restrict_inverse(kjt.inverse_indices_or_none(), new_keys),
     )
 
 
@@ -161,6 +171,9 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> list[KeyedJaggedTe
     values = kjt.values()
     weights = kjt.weights_or_none()
     lengths = kjt.lengths()
+    lengths_at = kjt.lengths_offset_per_key()
+    per_rank = kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None
+    inverse = kjt.inverse_indices_or_none()
     cls = type(kjt)
     out: list[KeyedJaggedTensor] = []
     start = 0
@@ -168,7 +181,7 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> list[KeyedJaggedTe
         end = start + size
         lo, hi = offset_per_key[start], offset_per_key[end]
         sub_per_key = per_key[start:end]
-        sub_lengths = lengths[start * stride : end * stride]
+        sub_lengths = lengths[lengths_at[start] : lengths_at[end]]
         out.append(
             cls._trusted(
                 keys[start:end],
@@ -181,6 +194,8 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> list[KeyedJaggedTe
                 stride,
                 sub_per_key,
                 [o - lo for o in offset_per_key[start : end + 1]],
+                None if per_rank is None else per_rank[start:end],
+                vbe.restrict_inverse(inverse, keys[start:end]),
             )
         )
         start = end
@@ -201,6 +216,7 @@ def concat(
     stride = -1
     weighted = False
     first: KeyedJaggedTensor | None = None
+    parts: list[KeyedJaggedTensor] = []
     for position, kjt in enumerate(kjt_list):
         kjt_keys = kjt.keys()
         if not kjt_keys:
@@ -210,7 +226,13 @@ def concat(
             first = kjt
             stride = kjt.stride()
             weighted = kjt_weights is not None
-        elif kjt.stride() != stride:
+        elif kjt.variable_stride_per_key() != first.variable_stride_per_key():
+            raise ValueError(
+                f"{owner}: KJT at position {position} "
+                f"{'has' if kjt.variable_stride_per_key() else 'lacks'} a variable batch per key "
+                "unlike the first; concatenate KJTs of one kind"
+            )
+        elif kjt.stride() != stride and not kjt.variable_stride_per_key():
             raise ValueError(
                 f"{owner}: KJT at position {position} has stride {kjt.stride()}, expected {stride} "
                 "(all KJTs must have the same batch size)"
@@ -221,6 +243,7 @@ def concat(
                 f"{'weighted' if not weighted else 'unweighted'}, unlike the first; "
                 "mix weighted and unweighted KJTs is not allowed"
             )
+        parts.append(kjt)
         keys += kjt_keys
         values.append(kjt.values())
         lengths.append(kjt.lengths())
@@ -236,6 +259,10 @@ def concat(
         return cls.empty_like(kjt_list[0]) if kjt_list else cls.empty()
     if len(set(keys)) != len(keys):
         check.key_index(owner, keys)  # raises, naming the repeated key and its positions
+    per_rank: list[list[int]] | None = None
+    inverse: vbe.InverseIndices | None = None
+    if first.variable_stride_per_key():
+        per_rank, inverse, stride = _concat_variable(owner, parts)
     return cls._trusted(
         keys,
         None,
@@ -246,4 +273,40 @@ def concat(
         stride,
         new_per_key,
         None if new_per_key is None else [0, *itertools.accumulate(new_per_key)],
+        per_rank,
+        inverse,
     )
+
+
+def _concat_variable(
+    owner: str, parts: list[KeyedJaggedTensor]
+) -> tuple[list[list[int]], vbe.InverseIndices | None, int]:
+    """The per-rank batch sizes, inverse indices and batch size of KJTs with a variable batch
+    per key, concatenated: the same number of ranks, and inverse indices on all or none."""
+    per_rank: list[list[int]] = []
+    ranks = {len(r) for kjt in parts for r in kjt.stride_per_key_per_rank()}
+    if len(ranks) > 1:
+        raise ValueError(
+            f"{owner}: the KJTs' stride_per_key_per_rank have different numbers of ranks "
+            f"{sorted(ranks)}"
+        )
+    for kjt in parts:
+        per_rank += kjt.stride_per_key_per_rank()
+    inverses = [vbe.restrict_inverse(kjt.inverse_indices_or_none(), kjt.keys()) for kjt in parts]
+    present = [inv is not None for inv in inverses]
+    if not any(present):
+        return per_rank, None, max(kjt.stride() for kjt in parts)
+    if not all(present):
+        raise ValueError(
+            f"{owner}: KJT at position {present.index(not present[0])} "
+            f"{'lacks' if present[0] else 'has'} inverse_indices unlike the first; give them "
+            "to all or none"
+        )
+    tables = [inv[1] for inv in inverses if inv is not None]
+    widths = {t.shape[1] for t in tables}
+    if len(widths) > 1:
+        raise ValueError(
+            f"{owner}: the KJTs' inverse_indices cover batches of different sizes {sorted(widths)}"
+        )
+    names = [name for inv in inverses if inv is not None for name in inv[0]]
+    return per_rank, (names, torch.cat(tables)), widths.pop()

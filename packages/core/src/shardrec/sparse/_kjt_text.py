@@ -21,7 +21,7 @@ def _key_rows(kjt: KeyedJaggedTensor) -> list[tuple[str, _Rows, _Rows | None]]:
     values = torch.split(kjt.values(), per_key)
     weights = kjt.weights_or_none()
     split_weights = None if weights is None else torch.split(weights, per_key)
-    lengths = kjt.lengths().view(len(keys), kjt.stride())
+    lengths = torch.split(kjt.lengths(), kjt.stride_per_key())
     out: list[tuple[str, _Rows, _Rows | None]] = []
     for index, key in enumerate(keys):
         sizes = lengths[index].tolist()

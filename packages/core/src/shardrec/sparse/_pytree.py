@@ -2,7 +2,9 @@
 
 Children are the tensors the object holds (absent optional ones are left out, since pytree would
 otherwise carry ``None`` leaves); the context is what is static: which fields are present, the
-keys, the stride and the host-side per-key sizes.
+keys, the stride and the host-side per-key sizes. A KJT with a variable batch per key also
+keeps its per-rank batch sizes in the context and, when it has inverse indices, their key names
+there and their tensor as the last child.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ _FIELDS = ("_values", "_weights", "_lengths", "_offsets")
 
 _Present = tuple[str, ...]
 _JtContext = _Present
-_KjtContext = tuple[_Present, tuple[str, ...], int, tuple[int, ...] | None]
+_PerRank = tuple[tuple[int, ...], ...] | None
+_KjtContext = tuple[
+    _Present, tuple[str, ...], int, tuple[int, ...] | None, _PerRank, tuple[str, ...] | None
+]
+_INVERSE = "_inverse_indices"
 _KtContext = tuple[tuple[str, ...], tuple[int, ...], int]
 
 
@@ -51,29 +57,45 @@ def _jt_unflatten(children: Any, context: _JtContext) -> JaggedTensor:
 
 def _kjt_context(kjt: KeyedJaggedTensor) -> _KjtContext:
     per_key = kjt.length_per_key_or_none()
+    inverse = kjt.inverse_indices_or_none()
     return (
         _present(kjt),
         tuple(kjt.keys()),
         kjt.stride(),
         None if per_key is None else tuple(per_key),
+        tuple(map(tuple, kjt.stride_per_key_per_rank())) if kjt.variable_stride_per_key() else None,
+        None if inverse is None else tuple(inverse[0]),
     )
+
+
+def _kjt_children(kjt: KeyedJaggedTensor, context: _KjtContext) -> list[tuple[str, torch.Tensor]]:
+    children = [(name, getattr(kjt, name)) for name in context[0]]
+    inverse = kjt.inverse_indices_or_none()
+    if inverse is not None:
+        children.append((_INVERSE, inverse[1]))
+    return children
 
 
 def _kjt_flatten(kjt: KeyedJaggedTensor) -> tuple[list[torch.Tensor], _KjtContext]:
     context = _kjt_context(kjt)
-    return [getattr(kjt, name) for name in context[0]], context
+    return [t for _, t in _kjt_children(kjt, context)], context
 
 
 def _kjt_flatten_with_keys(
     kjt: KeyedJaggedTensor,
 ) -> tuple[list[tuple[Any, Any]], _KjtContext]:
     context = _kjt_context(kjt)
-    return [(pytree.GetAttrKey(name), getattr(kjt, name)) for name in context[0]], context
+    children = _kjt_children(kjt, context)
+    return [(pytree.GetAttrKey(name), t) for name, t in children], context
 
 
 def _kjt_unflatten(children: Any, context: _KjtContext) -> KeyedJaggedTensor:
-    present, keys, stride, per_key = context
-    f = _fields(present, list(children))
+    present, keys, stride, per_key, per_rank, inverse_names = context
+    tensors = list(children)
+    inverse = None
+    if inverse_names is not None:
+        inverse = (list(inverse_names), tensors.pop())
+    f = _fields(present, tensors)
     per_key_list = None if per_key is None else list(per_key)
     offset_per_key = None
     if per_key_list is not None:
@@ -90,6 +112,8 @@ def _kjt_unflatten(children: Any, context: _KjtContext) -> KeyedJaggedTensor:
         stride,
         per_key_list,
         offset_per_key,
+        None if per_rank is None else [list(r) for r in per_rank],
+        inverse,
     )
 
 
@@ -126,7 +150,10 @@ def _jt_flatten_spec(jt: JaggedTensor, spec: pytree.TreeSpec) -> list[torch.Tens
 
 def _kjt_flatten_spec(kjt: KeyedJaggedTensor, spec: pytree.TreeSpec) -> list[torch.Tensor]:
     context: _KjtContext = spec.context
-    return _spec_fields(kjt, context[0])
+    fields = _spec_fields(kjt, context[0])
+    if context[5] is not None:
+        fields.append(kjt.inverse_indices()[1])
+    return fields
 
 
 def _kt_flatten_spec(kt: KeyedTensor, spec: pytree.TreeSpec) -> list[torch.Tensor]:

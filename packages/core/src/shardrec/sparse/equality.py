@@ -36,12 +36,23 @@ def jt_is_equal(jt_1: object, jt_2: object) -> bool:
 
 def kjt_is_equal(kjt_1: object, kjt_2: object) -> bool:
     """Whether two KeyedJaggedTensors hold the same batch: the same keys in the same order, the
-    same stride and lengths, close values, and close weights or none on both. Reads contents."""
+    same stride (per key, and per rank for a variable batch) and lengths, equal inverse indices or
+    none on both, close values, and close weights or none on both. Reads contents."""
     if not isinstance(kjt_1, KeyedJaggedTensor) or not isinstance(kjt_2, KeyedJaggedTensor):
+        return False
+    inverse_1, inverse_2 = kjt_1.inverse_indices_or_none(), kjt_2.inverse_indices_or_none()
+    if (inverse_1 is None) != (inverse_2 is None):
+        return False
+    if (
+        inverse_1 is not None
+        and inverse_2 is not None
+        and (inverse_1[0] != inverse_2[0] or not _same_rows(inverse_1[1], inverse_2[1]))
+    ):
         return False
     return (
         kjt_1.keys() == kjt_2.keys()
         and kjt_1.stride() == kjt_2.stride()
+        and kjt_1.stride_per_key_per_rank() == kjt_2.stride_per_key_per_rank()
         and _same_rows(kjt_1.lengths(), kjt_2.lengths())
         and _close(kjt_1.values(), kjt_2.values())
         and _close(kjt_1.weights_or_none(), kjt_2.weights_or_none())

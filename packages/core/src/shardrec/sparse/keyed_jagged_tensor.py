@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from shardrec.sparse import _kjt_build as _build
 from shardrec.sparse import _kjt_checks as _checks
+from shardrec.sparse import _kjt_movement as _movement
 from shardrec.sparse import _kjt_reshape as _reshape
 from shardrec.sparse import _kjt_text as _text
 from shardrec.sparse import _validation as check
+from shardrec.sparse import _vbe as vbe
 from shardrec.sparse._jagged_fields import JaggedFields
 from shardrec.sparse.jagged_tensor import JaggedTensor
 
@@ -54,16 +57,26 @@ class KeyedJaggedTensor(JaggedFields):
 
     Operations that pick keys (``permute`` with repeated indices) may produce repeated keys;
     ``__getitem__`` then answers with the last of them.
+
+    Variable batch per key (TorchRec's VBE, see ``docs/vbe.md``). With
+    ``stride_per_key_per_rank=[[2], [4]]`` key 0 has 2 samples and key 1 has 4: lengths hold 2 + 4
+    entries, key-major. ``inverse_indices=(keys, table)`` maps each of the batch's samples to a row
+    of each key (``table[i, b]``), so that a user's features sent once serve all their items; the
+    batch size ``stride()`` is then the table's width. :func:`~shardrec.sparse.deduplicate_features`
+    builds such a KJT from a full batch.
     """
 
     _OWNER = "KeyedJaggedTensor"
 
     __slots__ = (
+        "_inverse_indices",
         "_key_index",
         "_keys",
         "_length_per_key",
         "_offset_per_key",
         "_stride",
+        "_stride_per_key",
+        "_stride_per_key_per_rank",
     )
 
     _keys: list[str]
@@ -75,6 +88,9 @@ class KeyedJaggedTensor(JaggedFields):
     _stride: int
     _length_per_key: list[int] | None
     _offset_per_key: list[int] | None
+    _stride_per_key_per_rank: list[list[int]] | None  # None: every key has stride() samples
+    _stride_per_key: list[int] | None  # the sums of the above, kept with it
+    _inverse_indices: vbe.InverseIndices | None
 
     def __init__(
         self,
@@ -86,6 +102,8 @@ class KeyedJaggedTensor(JaggedFields):
         stride: int | None = None,
         length_per_key: Sequence[int] | None = None,
         offset_per_key: Sequence[int] | None = None,
+        stride_per_key_per_rank: vbe.StridePerKeyPerRank | None = None,
+        inverse_indices: vbe.InverseIndices | None = None,
     ) -> None:
         # The constructor sits on every batch's path (TorchRec's only assigns), so the common case
         # runs one cheap test per argument; the detailed checkers only run to word an error.
@@ -105,10 +123,18 @@ class KeyedJaggedTensor(JaggedFields):
         if offsets is not None:
             check.check_offsets(_OWNER, offsets, lengths)
             num_lengths = max(offsets.numel() - 1, 0)
-        # Neither lengths nor offsets: TorchRec allows such a KJT (only asking for them fails).
-        self._stride = (
-            (stride or 0) if num_lengths is None else _stride_of(keys, num_lengths, stride)
-        )
+        self._stride_per_key_per_rank = None
+        self._stride_per_key = None
+        self._inverse_indices = None
+        if stride_per_key_per_rank is not None or inverse_indices is not None:
+            self._stride = self._init_vbe(
+                keys, num_lengths, stride, stride_per_key_per_rank, inverse_indices
+            )
+        elif num_lengths is None:
+            # Neither lengths nor offsets: TorchRec allows such a KJT (only asking for them fails).
+            self._stride = stride or 0
+        else:
+            self._stride = _stride_of(keys, num_lengths, stride)
         self._keys = keys
         self._key_index = None
         self._values = values
@@ -139,6 +165,8 @@ class KeyedJaggedTensor(JaggedFields):
         stride: int,
         length_per_key: list[int] | None,
         offset_per_key: list[int] | None,
+        stride_per_key_per_rank: list[list[int]] | None = None,
+        inverse_indices: vbe.InverseIndices | None = None,
     ) -> KeyedJaggedTensor:
         """Assemble from parts that an operation on checked KJTs produced; no checks, no copies."""
         kjt = cls.__new__(cls)
@@ -151,7 +179,41 @@ class KeyedJaggedTensor(JaggedFields):
         kjt._stride = stride
         kjt._length_per_key = length_per_key
         kjt._offset_per_key = offset_per_key
+        kjt._stride_per_key_per_rank = stride_per_key_per_rank
+        kjt._stride_per_key = (
+            None if stride_per_key_per_rank is None else [sum(r) for r in stride_per_key_per_rank]
+        )
+        kjt._inverse_indices = inverse_indices
         return kjt
+
+    def _init_vbe(
+        self,
+        keys: list[str],
+        num_lengths: int | None,
+        stride: int | None,
+        given: vbe.StridePerKeyPerRank | None,
+        inverse_indices: vbe.InverseIndices | None,
+    ) -> int:
+        """Set the VBE fields from the constructor's arguments; returns the batch size."""
+        if inverse_indices is not None:
+            self._inverse_indices = vbe.check_inverse_indices(_OWNER, inverse_indices)
+        if given is None:
+            # Inverse indices alone (a full batch that carries them): every key has stride().
+            return (stride or 0) if num_lengths is None else _stride_of(keys, num_lengths, stride)
+        rows = vbe.as_stride_per_key_per_rank(_OWNER, given, len(keys))
+        per_key = [sum(r) for r in rows]
+        if num_lengths is not None and num_lengths != sum(per_key):
+            raise ValueError(
+                f"{_OWNER}: {num_lengths} lengths but stride_per_key_per_rank gives "
+                f"{sum(per_key)} samples ({dict(zip(keys, per_key, strict=True))})"
+            )
+        self._stride_per_key_per_rank = rows
+        self._stride_per_key = per_key
+        if stride is not None:
+            return stride
+        if self._inverse_indices is not None and self._inverse_indices[1].numel():
+            return int(self._inverse_indices[1].shape[-1])
+        return max(per_key, default=0)
 
     def _set_length_per_key(self, per_key: list[int]) -> None:
         if len(per_key) != len(self._keys):
@@ -176,9 +238,19 @@ class KeyedJaggedTensor(JaggedFields):
         lengths: torch.Tensor,
         weights: torch.Tensor | None = None,
         stride: int | None = None,
+        stride_per_key_per_rank: vbe.StridePerKeyPerRank | None = None,
+        inverse_indices: vbe.InverseIndices | None = None,
     ) -> KeyedJaggedTensor:
         """Build and ``sync()``: per-key sizes ready, at the cost of one device-to-host copy."""
-        kjt = KeyedJaggedTensor(keys, values, weights=weights, lengths=lengths, stride=stride)
+        kjt = KeyedJaggedTensor(
+            keys,
+            values,
+            weights=weights,
+            lengths=lengths,
+            stride=stride,
+            stride_per_key_per_rank=stride_per_key_per_rank,
+            inverse_indices=inverse_indices,
+        )
         return kjt.sync()
 
     @staticmethod
@@ -188,47 +260,26 @@ class KeyedJaggedTensor(JaggedFields):
         offsets: torch.Tensor,
         weights: torch.Tensor | None = None,
         stride: int | None = None,
+        stride_per_key_per_rank: vbe.StridePerKeyPerRank | None = None,
+        inverse_indices: vbe.InverseIndices | None = None,
     ) -> KeyedJaggedTensor:
         """Build from offsets and ``sync()``."""
-        kjt = KeyedJaggedTensor(keys, values, weights=weights, offsets=offsets, stride=stride)
+        kjt = KeyedJaggedTensor(
+            keys,
+            values,
+            weights=weights,
+            offsets=offsets,
+            stride=stride,
+            stride_per_key_per_rank=stride_per_key_per_rank,
+            inverse_indices=inverse_indices,
+        )
         return kjt.sync()
 
     @staticmethod
     def from_jt_dict(jt_dict: Mapping[str, JaggedTensor]) -> KeyedJaggedTensor:
-        """One KJT from per-key JaggedTensors with the same number of rows (no device sync)."""
-        keys = list(jt_dict)
-        if not keys:
-            return KeyedJaggedTensor.empty()
-        jts = list(jt_dict.values())
-        stride = jts[0].num_rows()
-        weighted = jts[0].weights_or_none() is not None
-        for key, jt in zip(keys, jts, strict=True):
-            if not isinstance(jt, JaggedTensor):
-                raise TypeError(
-                    f"{_OWNER}.from_jt_dict: value for key {key!r} is {type(jt).__name__}, "
-                    "expected JaggedTensor"
-                )
-            if jt.num_rows() != stride:
-                raise ValueError(
-                    f"{_OWNER}.from_jt_dict: key {key!r} has {jt.num_rows()} rows but key "
-                    f"{keys[0]!r} has {stride}; every key needs the same batch size"
-                )
-            if (jt.weights_or_none() is not None) != weighted:
-                raise ValueError(
-                    f"{_OWNER}.from_jt_dict: key {key!r} "
-                    f"{'has' if not weighted else 'lacks'} weights unlike key {keys[0]!r}"
-                )
-        values = torch.cat([jt.values() for jt in jts])
-        lengths = torch.cat([jt.lengths() for jt in jts])
-        weights = torch.cat([jt.weights() for jt in jts]) if weighted else None
-        return KeyedJaggedTensor(
-            keys,
-            values,
-            weights=weights,
-            lengths=lengths,
-            stride=stride,
-            length_per_key=[jt.values().shape[0] for jt in jts],
-        )
+        """One KJT from per-key JaggedTensors (no device sync). Keys with different numbers of
+        rows give a variable-batch KJT, one rank, as TorchRec's."""
+        return _build.from_jt_dict(KeyedJaggedTensor, jt_dict)
 
     @staticmethod
     def empty(
@@ -265,37 +316,7 @@ class KeyedJaggedTensor(JaggedFields):
         With ``device``, TorchRec's meaning: ``kjt``'s keys and per-key sizes over uninitialised
         tensors of ``kjt``'s shapes on that device (a buffer to copy into).
         """
-        weights = kjt._weights
-        if device is not None:
-
-            def like(t: torch.Tensor | None) -> torch.Tensor | None:
-                return None if t is None else torch.empty_like(t, device=device)
-
-            return KeyedJaggedTensor._trusted(
-                kjt._keys,
-                kjt._key_index,
-                torch.empty_like(kjt._values, device=device),
-                like(weights),
-                like(kjt._lengths),
-                like(kjt._offsets),
-                kjt._stride,
-                kjt._length_per_key,
-                kjt._offset_per_key,
-            )
-        lengths = kjt._lengths if kjt._lengths is not None else kjt._offsets
-        return KeyedJaggedTensor._trusted(
-            [],
-            {},
-            kjt._values.new_empty((0, *kjt._values.shape[1:])),
-            None if weights is None else weights.new_empty((0, *weights.shape[1:])),
-            kjt._values.new_empty(0, dtype=torch.int32)
-            if lengths is None
-            else lengths.new_empty(0),
-            None,
-            kjt._stride,
-            [],
-            [0],
-        )
+        return _build.empty_like(KeyedJaggedTensor, kjt, device)
 
     @staticmethod
     def concat(kjt_list: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
@@ -308,15 +329,32 @@ class KeyedJaggedTensor(JaggedFields):
         return self._keys
 
     def stride(self) -> int:
-        """The batch size: ``len(lengths) // len(keys)``."""
+        """The batch size: ``len(lengths) // len(keys)``; with a variable batch per key, the
+        width of the inverse indices, or else the largest key's number of samples."""
         return self._stride
 
     def stride_per_key(self) -> list[int]:
-        return [self._stride] * len(self._keys)
+        """Each key's number of samples (its number of lengths)."""
+        if self._stride_per_key is None:
+            return [self._stride] * len(self._keys)
+        return self._stride_per_key
+
+    def stride_per_key_per_rank(self) -> list[list[int]]:
+        """Each key's number of samples from each rank; ``[]`` when every key has ``stride()``."""
+        return [] if self._stride_per_key_per_rank is None else self._stride_per_key_per_rank
 
     def variable_stride_per_key(self) -> bool:
-        """Always False: every key has ``stride()`` samples (no variable batch per key)."""
-        return False
+        """Whether the keys have their own numbers of samples (``stride_per_key_per_rank``)."""
+        return self._stride_per_key_per_rank is not None
+
+    def inverse_indices(self) -> tuple[list[str], torch.Tensor]:
+        """``(keys, table)``: sample ``b`` of the batch reads row ``table[i, b]`` of ``keys[i]``."""
+        if self._inverse_indices is None:
+            raise ValueError(f"{_OWNER} has no inverse_indices; use inverse_indices_or_none()")
+        return self._inverse_indices
+
+    def inverse_indices_or_none(self) -> tuple[list[str], torch.Tensor] | None:
+        return self._inverse_indices
 
     def device(self) -> torch.device:
         return self._values.device
@@ -351,7 +389,9 @@ class KeyedJaggedTensor(JaggedFields):
         return self._offset_per_key
 
     def lengths_offset_per_key(self) -> list[int]:
-        """Start of each key's lengths in ``lengths()``: multiples of the stride."""
+        """Start of each key's lengths in ``lengths()``, plus the end."""
+        if self._stride_per_key is not None:
+            return vbe.lengths_offsets(self._stride_per_key)
         return [i * self._stride for i in range(len(self._keys) + 1)]
 
     def flatten_lengths(self) -> KeyedJaggedTensor:
@@ -365,7 +405,9 @@ class KeyedJaggedTensor(JaggedFields):
         if num_keys == 0:
             self._set_length_per_key([])
             return self
-        if self._stride == 0:
+        if self._stride == 0 or (
+            self._stride_per_key is not None and not any(self._stride_per_key)
+        ):
             self._set_length_per_key([0] * num_keys)
             return self
         if self._values.is_meta:
@@ -374,11 +416,24 @@ class KeyedJaggedTensor(JaggedFields):
             share, rest = divmod(self._values.shape[0], num_keys)
             self._set_length_per_key([share + rest] + [share] * (num_keys - 1))
             return self
+        if self._stride_per_key is not None:
+            return self._sync_variable(self._stride_per_key)
         if self._lengths is not None:
             per_key = self._lengths.view(num_keys, self._stride).sum(dim=1).tolist()
             self._set_length_per_key(per_key)
             return self
         bounds = self._offsets_or_raise()[:: self._stride].tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"{_OWNER}: offsets[0] is {bounds[0]}, expected 0")
+        self._set_length_per_key([b - a for a, b in itertools.pairwise(bounds)])
+        return self
+
+    def _sync_variable(self, stride_per_key: list[int]) -> KeyedJaggedTensor:
+        if self._lengths is not None:
+            self._set_length_per_key(vbe.per_key_sums(self._lengths, stride_per_key))
+            return self
+        ends = torch.tensor(vbe.lengths_offsets(stride_per_key), device=self._values.device)
+        bounds = self._offsets_or_raise().index_select(0, ends).tolist()
         if bounds[0] != 0:
             raise ValueError(f"{_OWNER}: offsets[0] is {bounds[0]}, expected 0")
         self._set_length_per_key([b - a for a, b in itertools.pairwise(bounds)])
@@ -403,7 +458,11 @@ class KeyedJaggedTensor(JaggedFields):
             raise KeyError(f"{_OWNER} has no key {key!r}; keys are {self._keys}")
         per_key = self.offset_per_key()
         start, end = per_key[index], per_key[index + 1]
-        lengths = self.lengths().narrow(0, index * self._stride, self._stride)
+        if self._stride_per_key is None:
+            lengths = self.lengths().narrow(0, index * self._stride, self._stride)
+        else:
+            first = sum(self._stride_per_key[:index])
+            lengths = self.lengths().narrow(0, first, self._stride_per_key[index])
         weights = self._weights
         return JaggedTensor._trusted(
             self._values[start:end],
@@ -440,57 +499,31 @@ class KeyedJaggedTensor(JaggedFields):
         dtype: torch.dtype | None = None,
     ) -> KeyedJaggedTensor:
         """Move every tensor to ``device``; ``dtype``, if given, converts the weights."""
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
         weights = self._weights
         if weights is not None:
             weights = weights.to(device, dtype=dtype or weights.dtype, non_blocking=non_blocking)
-        return KeyedJaggedTensor._trusted(
-            self._keys,
-            self._key_index,
-            self._values.to(device, non_blocking=non_blocking),
-            weights,
-            move(self._lengths),
-            move(self._offsets),
-            self._stride,
-            self._length_per_key,
-            self._offset_per_key,
-        )
+        return self._mapped(lambda t: t.to(device, non_blocking=non_blocking), weights)
 
     def pin_memory(self) -> KeyedJaggedTensor:
-        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.pin_memory()
+        weights = None if self._weights is None else self._weights.pin_memory()
+        return self._mapped(torch.Tensor.pin_memory, weights)
 
-        return KeyedJaggedTensor._trusted(
-            self._keys,
-            self._key_index,
-            self._values.pin_memory(),
-            pin(self._weights),
-            pin(self._lengths),
-            pin(self._offsets),
-            self._stride,
-            self._length_per_key,
-            self._offset_per_key,
-        )
+    def _mapped(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor | None
+    ) -> KeyedJaggedTensor:
+        """This KJT with ``fn`` applied to each tensor but the weights, which are given."""
+        return _movement.mapped(self, fn, weights)
 
     def copy_(self, kjt: KeyedJaggedTensor, non_blocking: bool = False) -> KeyedJaggedTensor:
         """Copy ``kjt``'s contents into this KJT's tensors in place (for example into a buffer
-        from ``empty_like(kjt, device=...)``), with its host-side per-key sizes. Keys, stride and
+        from ``empty_like(kjt, device=...)``), with its host-side per-key sizes. Keys, strides and
         shapes must match (ValueError); nothing is copied otherwise. Returns self."""
-        if kjt._keys != self._keys or kjt._stride != self._stride:
-            raise ValueError(
-                f"{_OWNER}.copy_: the source has keys {kjt._keys} and stride {kjt._stride}, "
-                f"this KJT {self._keys} and {self._stride}"
-            )
-        self._copy_from(kjt, non_blocking)
-        self._length_per_key = kjt._length_per_key
-        self._offset_per_key = kjt._offset_per_key
+        _movement.copy_into(self, kjt, non_blocking)
         return self
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
-        for t in (self._values, self._weights, self._lengths, self._offsets):
+        inverse = None if self._inverse_indices is None else self._inverse_indices[1]
+        for t in (self._values, self._weights, self._lengths, self._offsets, inverse):
             if t is not None:
                 t.record_stream(stream)
 
@@ -502,16 +535,7 @@ class KeyedJaggedTensor(JaggedFields):
         Other tensors that shared the storage (per-key JaggedTensors, views taken earlier) are
         left pointing at freed memory: do not read them afterwards.
         """
-        freed = self.size_in_bytes()
-        with torch.no_grad():  # set_ on a tensor that requires grad
-            for t in (self._values, self._weights, self._lengths, self._offsets):
-                if t is not None:
-                    storage = t.untyped_storage()
-                    storage.resize_(0)
-                    t.set_(storage, 0, (0, *t.shape[1:]), t.stride())
-        self._stride = 0
-        self._set_length_per_key([0] * len(self._keys))
-        return freed
+        return _movement.clear_storage(self)
 
     def __str__(self) -> str:
         """TorchRec's printed form; ``repr()`` gives a compact one."""
