@@ -18,13 +18,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shardrec.distributed.awaitables import AllOf
 from shardrec.distributed.planner import PlanReport, plan_with_report
 from shardrec.distributed.plugins import load_sharder_registry
+from shardrec.distributed.sharding.contract import (
+    NamedEmbeddingOutputs,
+    ReplicatedModule,
+    embedding_tables,
+)
+from shardrec.distributed.sharding.state_dict import table_key_prefix as key_prefix_of
 from shardrec.distributed.sharding_plan import shardable_modules
 from shardrec.distributed.types import (
     Awaitable,
@@ -117,6 +122,14 @@ class ShardedModuleGroup(nn.Module):
             merged.update(o)
         return {name: merged[name] for name in self.output_names}
 
+    @property
+    def table_key_prefix(self) -> str:
+        """Where the unsharded module kept its tables: its parts' (each a ``TableKeyPrefixed``)."""
+        prefixes = {key_prefix_of(p) for p in self.parts}
+        if len(prefixes) != 1:
+            raise TypeError(f"the parts of one module disagree on its table keys: {prefixes}")
+        return prefixes.pop()
+
     def local_table_shards(self) -> dict[str, TableShards]:
         out: dict[str, TableShards] = {}
         for part in self.parts:
@@ -126,13 +139,12 @@ class ShardedModuleGroup(nn.Module):
 
 
 def _output_names(module: nn.Module) -> list[str]:
-    names = getattr(module, "embedding_names", None)
-    if names is None:
+    if not isinstance(module, NamedEmbeddingOutputs):
         raise TypeError(
             f"{type(module).__name__} is planned with several sharding types, but has no"
             " embedding_names() to put the parts' outputs back in order"
         )
-    return list(names())
+    return list(module.embedding_names())
 
 
 def _sharder_for(
@@ -164,11 +176,9 @@ def shard_module(
     fqn: str = "",
 ) -> nn.Module:
     """Shard one embedding module by its table plans; several sharding types give a group."""
-    configs = getattr(module, "embedding_bag_configs", None) or getattr(
-        module, "embedding_configs", None
-    )
-    if configs is not None:
-        tables = [c.name for c in configs()]
+    found = embedding_tables(module)
+    if found is not None:
+        tables = [c.name for c in found[0]]
         missing = [t for t in tables if t not in params]
         unknown = [t for t in params if t not in tables]
         if missing or unknown:
@@ -388,10 +398,10 @@ def _is_replicated(module: nn.Module, name: str) -> bool:
     owner_name = name.rpartition(".")[0]
     while owner_name:
         owner = module.get_submodule(owner_name)
-        if getattr(owner, "replicated", False):
+        if isinstance(owner, ReplicatedModule) and owner.replicated:
             return True
         owner_name = owner_name.rpartition(".")[0]
-    return bool(getattr(module, "replicated", False))
+    return isinstance(module, ReplicatedModule) and module.replicated
 
 
 def _materialize(module: nn.Module, device: torch.device, sharded: Sequence[str]) -> None:
@@ -408,7 +418,3 @@ def _materialize(module: nn.Module, device: torch.device, sharded: Sequence[str]
     for name, sub in module.named_children():
         if name not in sharded and not any(s.startswith(f"{name}.") for s in sharded):
             sub.to(device)
-
-
-def _is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardrec.distributed.checkpoint.errors import CheckpointError
+from shardrec.distributed.sharding.state_dict import table_key_prefix
 from shardrec.distributed.types import LocalShard, ShardedEmbeddingModule, TableShards
 
 StateValue = Any  # torch.Tensor or ShardedTensor
@@ -65,25 +66,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _collection_attr(module: nn.Module) -> str:
-    """``embedding_bags`` (pooled) or ``embeddings`` (sequence): where the unsharded module keeps
-    tables. Asked of the sharded module: ``table_key_prefix``, else ``unsharded_module_type``, else
-    its (or its parts') ``pooled`` flag."""
-    explicit = getattr(module, "table_key_prefix", None)
-    if isinstance(explicit, str):
-        return explicit
-    source = getattr(module, "unsharded_module_type", None)
-    if isinstance(source, type):
-        sequence = "EmbeddingCollection" in source.__name__ and "Bag" not in source.__name__
-        return "embeddings" if sequence else "embedding_bags"
-    candidates = [module, *getattr(module, "parts", [])]
-    for candidate in candidates:
-        pooled = getattr(candidate, "pooled", None)
-        if isinstance(pooled, bool):
-            return "embedding_bags" if pooled else "embeddings"
-    return "embedding_bags"
-
-
 @dataclass(frozen=True, slots=True)
 class ShardedTable:
     """One table of one sharded module, as this rank holds it."""
@@ -102,7 +84,7 @@ def sharded_tables(model: nn.Module) -> tuple[list[ShardedTable], list[str]]:
             continue
         if isinstance(module, ShardedEmbeddingModule) and not isinstance(module, nn.ModuleDict):
             owners.append(path)
-            prefix = _collection_attr(root.get_submodule(path) if path else root)
+            prefix = table_key_prefix(root.get_submodule(path) if path else root)
             held = module.local_table_shards()
         else:
             found = _unsharded_collection(module)
