@@ -175,7 +175,10 @@ def shard_module(
     device: torch.device,
     fqn: str = "",
 ) -> nn.Module:
-    """Shard one embedding module by its table plans; several sharding types give a group."""
+    """Shard one embedding module by its table plans; several sharders give a group.
+
+    A sharder that owns several of the planned sharding types gets all their tables in one
+    ``shard`` call (a managed-collision module's sharder shards its whole module at once)."""
     found = embedding_tables(module)
     if found is not None:
         tables = [c.name for c in found[0]]
@@ -189,10 +192,11 @@ def shard_module(
     by_type: dict[str, dict[str, ParameterSharding]] = {}
     for table, ps in params.items():
         by_type.setdefault(str(ps.sharding_type), {})[table] = ps
-    parts = [
-        _sharder_for(sharders, module, st, device.type).shard(module, tp, env, device)
-        for st, tp in by_type.items()
-    ]
+    by_sharder: dict[int, tuple[ModuleSharder, dict[str, ParameterSharding]]] = {}
+    for st, tp in by_type.items():
+        sharder = _sharder_for(sharders, module, st, device.type)
+        by_sharder.setdefault(id(sharder), (sharder, {}))[1].update(tp)
+    parts = [sharder.shard(module, tp, env, device) for sharder, tp in by_sharder.values()]
     if len(parts) == 1:
         return parts[0]
     return ShardedModuleGroup(parts, _output_names(module))

@@ -92,19 +92,61 @@ class ManagedCollisionCollection(nn.Module):
         return out
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        ids = self.table_ids(features)
+        modules = self.modules_by_table()
+        return self.with_rows(features, {t: modules[t](v) for t, v in ids.items()})
+
+    def table_ids(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """Per table, the raw ids of all its features (int64, in KJT value order): what its
+        module remaps. Sharded modules gather these over ranks before remapping."""
+        values = self._check(features).values().to(torch.int64)
+        out: dict[str, torch.Tensor] = {}
+        for table, spans in self._spans(features).items():
+            if len(spans) == 1:
+                a, b = spans[0]
+                out[table] = values[a:b]
+            else:
+                out[table] = torch.cat([values[a:b] for a, b in spans])
+        return out
+
+    def with_rows(
+        self, features: KeyedJaggedTensor, rows_by_table: Mapping[str, torch.Tensor]
+    ) -> KeyedJaggedTensor:
+        """``features`` with each table's ids replaced by ``rows_by_table[table]`` (in the order
+        :meth:`table_ids` gave them); lengths, weights and other keys unchanged."""
+        out = features.values().to(torch.int64, copy=True)
+        for table, spans in self._spans(features).items():
+            rows = rows_by_table[table]
+            start = 0
+            for a, b in spans:
+                out[a:b] = rows[start : start + b - a]
+                start += b - a
+        return KeyedJaggedTensor(
+            keys=features.keys(),
+            values=out,
+            weights=features.weights_or_none(),
+            lengths=features.lengths(),
+            stride=features.stride(),
+            offset_per_key=features.offset_per_key(),
+        )
+
+    def _check(self, features: object) -> KeyedJaggedTensor:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(
                 "ManagedCollisionCollection.forward expects a KeyedJaggedTensor, got"
                 f" {type(features).__name__}"
             )
+        return features
+
+    def _spans(self, features: KeyedJaggedTensor) -> dict[str, list[tuple[int, int]]]:
+        """Per table, the value ranges of its features (adjacent ranges joined)."""
         keys = features.keys()
         index = {k: i for i, k in enumerate(keys)}
         offsets = features.offset_per_key()
-        values = features.values()
-        out = values.to(torch.int64, copy=True)
-        for table, module in self.modules_by_table().items():
+        out: dict[str, list[tuple[int, int]]] = {}
+        for table, features_of in self._table_features.items():
             spans: list[tuple[int, int]] = []
-            for feature in self._table_features[table]:
+            for feature in features_of:
                 if feature not in index:
                     raise ValueError(
                         f"ManagedCollisionCollection: feature {feature!r} of table {table!r} is"
@@ -112,24 +154,8 @@ class ManagedCollisionCollection(nn.Module):
                     )
                 i = index[feature]
                 spans.append((offsets[i], offsets[i + 1]))
-            spans = _merge(sorted(spans))
-            if len(spans) == 1:
-                a, b = spans[0]
-                out[a:b] = module(out[a:b])
-                continue
-            rows = module(torch.cat([out[a:b] for a, b in spans]))
-            start = 0
-            for a, b in spans:
-                out[a:b] = rows[start : start + b - a]
-                start += b - a
-        return KeyedJaggedTensor(
-            keys=keys,
-            values=out,
-            weights=features.weights_or_none(),
-            lengths=features.lengths(),
-            stride=features.stride(),
-            offset_per_key=offsets,
-        )
+            out[table] = _merge(sorted(spans))
+        return out
 
     def evict(self) -> dict[str, torch.Tensor | None]:
         """Per table, the rows evicted since the last call (see

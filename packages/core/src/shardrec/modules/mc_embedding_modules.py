@@ -14,13 +14,19 @@ generator, so a run resumed from a checkpoint draws the same weights as an unint
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
-from shardrec.modules.configs import BaseEmbeddingConfig
+from shardrec.kernels import TableBatchedEmbedding
+from shardrec.modules.configs import (
+    BaseEmbeddingConfig,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    data_type_to_dtype,
+)
 from shardrec.modules.embedding_bag_collection import EmbeddingBagCollection
 from shardrec.modules.embedding_collection import EmbeddingCollection
 from shardrec.modules.managed_collision import ManagedTableStats
@@ -30,10 +36,41 @@ from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 __all__ = [
     "ManagedCollisionEmbeddingBagCollection",
     "ManagedCollisionEmbeddingCollection",
+    "fresh_rows",
     "reset_rows",
 ]
 
 ModuleT = TypeVar("ModuleT", EmbeddingBagCollection, EmbeddingCollection)
+
+
+def fresh_rows(
+    configs: Sequence[BaseEmbeddingConfig],
+    rows_by_table: Mapping[str, torch.Tensor | None],
+    rng_state: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Per table with rows to reset, a block ``[len(rows), embedding_dim]`` of fresh weights.
+
+    Each block comes from its table's ``init_fn`` run under ``rng_state`` (a CPU generator state,
+    advanced in place), tables in ``rows_by_table`` order; torch's global generator is left as it
+    was. A sharded module draws the whole block and keeps the part its shards hold, so every rank
+    draws what the unsharded module draws.
+    """
+    pending = {t: r for t, r in rows_by_table.items() if r is not None and r.numel() > 0}
+    if not pending:
+        return {}
+    by_name = {c.name: c for c in configs}
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state.cpu())
+        for table, rows in pending.items():
+            config = by_name[table]
+            fresh = torch.empty(
+                rows.numel(), config.embedding_dim, dtype=data_type_to_dtype(config.data_type)
+            )
+            _init_fn(config)(fresh)
+            out[table] = fresh
+        rng_state.copy_(torch.get_rng_state())
+    return out
 
 
 def reset_rows(
@@ -41,30 +78,24 @@ def reset_rows(
     rows_by_table: dict[str, torch.Tensor | None],
     rng_state: torch.Tensor,
 ) -> None:
-    """Give ``rows_by_table[table]`` fresh weights and zero optimizer state, in place.
-
-    Weights come from each table's ``init_fn`` run under ``rng_state`` (a CPU generator state,
-    advanced in place); torch's global generator is left as it was.
-    """
-    pending = {t: r for t, r in rows_by_table.items() if r is not None and r.numel() > 0}
-    if not pending:
+    """Give ``rows_by_table[table]`` fresh weights (:func:`fresh_rows`) and zero optimizer
+    state, in place."""
+    fresh = fresh_rows(_configs(embedding_module), rows_by_table, rng_state)
+    if not fresh:
         return
-    configs = {c.name: c for c in _configs(embedding_module)}
     lookup = embedding_module.lookup
     weights = lookup.table_weights()
     states = lookup.optimizer_states()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.set_rng_state(rng_state.cpu())
-        for table, rows in pending.items():
+    with torch.no_grad():
+        for table, block in fresh.items():
+            rows = rows_by_table[table]
+            assert rows is not None
             weight = weights[table]
-            fresh = torch.empty(rows.numel(), weight.shape[1], dtype=weight.dtype)
-            _init_fn(configs[table])(fresh)
-            weight.index_copy_(0, rows.to(weight.device), fresh.to(weight.device))
+            weight.index_copy_(0, rows.to(weight.device), block.to(weight.device, weight.dtype))
             for state in states[table].values():
                 # A 0-d state (Adam's step) is shared by the tables stored together: kept.
                 if state.dim() > 0:
                     state.index_fill_(0, rows.to(state.device), 0)
-        rng_state.copy_(torch.get_rng_state())
 
 
 def _configs(
@@ -135,9 +166,22 @@ class _ManagedCollisionEmbeddings(nn.Module, Generic[ModuleT]):
     def managed_collision_collection(self) -> ManagedCollisionCollection:
         return self._managed_collision_collection
 
+    @property
+    def return_remapped_features(self) -> bool:
+        return self._return_remapped_features
+
+    @property
+    def reset_rng_state(self) -> torch.Tensor:
+        """The state of the random stream that draws evicted rows' fresh weights (a buffer)."""
+        return self._reset_rng_state
+
     def stats(self) -> dict[str, ManagedTableStats]:
         """Per table: capacity, occupancy, admitted, evicted, rejected, below threshold."""
         return self._managed_collision_collection.stats()
+
+    def embedding_names(self) -> list[str]:
+        """The embedding module's output names (what a planner and a sharder read)."""
+        return list(self._embedding_module.embedding_names())
 
 
 class ManagedCollisionEmbeddingBagCollection(_ManagedCollisionEmbeddings[EmbeddingBagCollection]):
@@ -167,6 +211,15 @@ class ManagedCollisionEmbeddingBagCollection(_ManagedCollisionEmbeddings[Embeddi
             seed,
             kind="ManagedCollisionEmbeddingBagCollection",
         )
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The tables (the planner plans a managed module by these, as it plans the EBC)."""
+        return list(self._embedding_module.embedding_bag_configs())
+
+    @property
+    def lookup(self) -> TableBatchedEmbedding:
+        """The EBC's lookup (its fused optimizer tells a planner what state the tables carry)."""
+        return self._embedding_module.lookup
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, KeyedJaggedTensor | None]:
         remapped = self._remap(features)
@@ -200,6 +253,15 @@ class ManagedCollisionEmbeddingCollection(_ManagedCollisionEmbeddings[EmbeddingC
             seed,
             kind="ManagedCollisionEmbeddingCollection",
         )
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        """The tables (the planner plans a managed module by these, as it plans the EC)."""
+        return list(self._embedding_module.embedding_configs())
+
+    @property
+    def lookup(self) -> TableBatchedEmbedding:
+        """The EC's lookup (its fused optimizer tells a planner what state the tables carry)."""
+        return self._embedding_module.lookup
 
     def forward(
         self, features: KeyedJaggedTensor

@@ -1,0 +1,267 @@
+"""Managed-collision modules under DistributedModelParallel, against the unsharded module.
+
+Each rank trains on its slice of a global batch of raw int64 ids drawn from a population larger
+than the tables (so rows are admitted, evicted and reset every step); the unsharded module trains
+here on the whole global batch. After every step the sharded run must give each rank the
+unsharded module's output rows and (scaled from DDP's average) dense gradient, and at the end the
+same id-to-row maps, counters and table weights, under every sharding type, mixes of them, on
+tables whose rows divide by no world size, at 2 and 3 processes. A checkpoint taken at 2 processes
+resumes at 3 under another plan bit for bit where the unsharded run goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from shardrec import EmbeddingBagCollection, KeyedJaggedTensor
+from shardrec.distributed import (
+    DistributedModelParallel,
+    ParameterSharding,
+    ShardedEmbeddingModule,
+    ShardingEnv,
+    ShardingPlan,
+)
+from shardrec.distributed.checkpoint import load, save
+from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
+from shardrec.modules import BadBatchError
+from shardrec.modules.managed_collision import MCHManagedCollisionModule
+from shardrec.modules.mc_admission import CountThresholdAdmission
+from shardrec.modules.mc_collection import ManagedCollisionCollection
+from shardrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from shardrec.modules.mc_policies import LFU_EvictionPolicy, LRU_EvictionPolicy
+
+from ._reference import TOL, assemble, ebc_configs, rank_kjt
+
+pytestmark = pytest.mark.multiprocess
+
+TABLES = [("t0", 13, 8, ["f0", "f1"]), ("t1", 7, 6, ["f2"])]  # rows divide by neither 2 nor 3
+KEYS = ["f0", "f1", "f2"]
+TOTAL = 7  # samples per global batch: 4 + 3 at two ranks, 3 + 2 + 2 at three
+STEPS = 4
+POOL = torch.tensor([9_137_702_141, -42, 2**62, 7, -(2**40), 3, 11, *range(100, 125)])
+
+
+class Model(nn.Module):
+    def __init__(self, mc: nn.Module, width: int) -> None:
+        super().__init__()
+        self.mc = mc
+        self.dense = nn.Linear(width, 1)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, _ = self.mc(kjt)
+        rows = pooled.values()
+        return rows, self.dense(torch.tanh(rows)).sum()
+
+
+def build(optimizer: str) -> Model:
+    torch.manual_seed(3)
+    configs = ebc_configs(TABLES)
+    mcc = ManagedCollisionCollection(
+        {
+            "t0": MCHManagedCollisionModule(13, eviction_policy=LRU_EvictionPolicy(), name="t0"),
+            "t1": MCHManagedCollisionModule(
+                7,
+                eviction_policy=LFU_EvictionPolicy(),
+                eviction_interval=2,
+                admission=CountThresholdAdmission(threshold=2),
+                name="t1",
+            ),
+        },
+        configs,
+    )
+    ebc = EmbeddingBagCollection(
+        configs, fused_params={"optimizer": optimizer, "learning_rate": 0.1}
+    )
+    return Model(ManagedCollisionEmbeddingBagCollection(ebc, mcc, seed=5), width=22)
+
+
+def sizes(world: int) -> list[int]:
+    base, extra = divmod(TOTAL, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(900 + step)
+    lengths = torch.randint(0, 4, (len(KEYS), TOTAL), generator=g)
+    ids = [POOL[torch.randint(0, len(POOL), (int(n),), generator=g)] for n in lengths.sum(1)]
+    return lengths, ids
+
+
+def batch(step: int, world: int, rank: int | None) -> KeyedJaggedTensor:
+    lengths, ids = global_batch(step)
+    return rank_kjt(KEYS, lengths, ids, None, sizes(world), rank)
+
+
+def plan_of(kind: str, world: int) -> ShardingPlan:
+    def one(name: str, rows: int, dim: int, i: int) -> ParameterSharding:
+        chosen = kind if kind != "mixed" else ("row_wise", "data_parallel")[i]
+        if chosen == "table_wise":
+            return table_wise((i + 1) % world, rows, dim)
+        if chosen == "row_wise":
+            return row_wise(rows, dim, world)
+        if chosen == "column_wise":
+            return column_wise(rows, dim, [(i + r) % world for r in range(2)])
+        return data_parallel(rows, dim, world)
+
+    return ShardingPlan({"mc": {n: one(n, r, d, i) for i, (n, r, d, _) in enumerate(TABLES)}})
+
+
+def snapshot(mc: Any) -> dict[str, Any]:
+    modules = mc.managed_collision_collection.modules_by_table()
+    return {
+        "maps": {t: m.held_ids() for t, m in modules.items()},
+        "stats": mc.stats(),
+    }
+
+
+def train_sharded(
+    model: DistributedModelParallel, env: ShardingEnv, steps: range
+) -> dict[str, Any]:
+    outputs, grads = [], []
+    for step in steps:
+        model.zero_grad()
+        rows, loss = model(batch(step, env.world_size, env.rank))
+        loss.backward()
+        outputs.append(rows.detach().clone())
+        dense = model.module.dense
+        assert dense.weight.grad is not None
+        grads.append(dense.weight.grad.clone() * env.world_size)  # DDP averages
+    return {"outputs": outputs, "dense_grads": grads}
+
+
+def _block(state: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An Adagrad sum as a 2-D block: row-wise sums (1-D) as one column."""
+    if state.dim() == 1:
+        return state.detach().clone().view(-1, 1), (offsets[0], 0)
+    return state.detach().clone(), (offsets[0], offsets[1])
+
+
+def finish(model: DistributedModelParallel, result: dict[str, Any]) -> dict[str, Any]:
+    mc = model.module.mc
+    inner = mc.embedding_module
+    assert isinstance(inner, ShardedEmbeddingModule)
+    held = inner.local_table_shards()
+    result["shards"] = {
+        t: [(s.tensor.detach().clone(), s.offsets) for s in ts.weight] for t, ts in held.items()
+    }
+    result["sums"] = {
+        t: [_block(s.tensor, s.offsets) for s in ts.optimizer_state.get("sum", [])]
+        for t, ts in held.items()
+    }
+    result.update(snapshot(mc))
+    return result
+
+
+def case_train(env: ShardingEnv, kind: str, optimizer: str) -> dict[str, Any]:
+    model = DistributedModelParallel(build(optimizer), env=env, plan=plan_of(kind, env.world_size))
+    return finish(model, train_sharded(model, env, range(STEPS)))
+
+
+def reference(optimizer: str, steps: int, world_of_step: list[int]) -> dict[str, Any]:
+    model = build(optimizer)
+    outputs, grads = [], []
+    for step in range(steps):
+        model.zero_grad()
+        rows, loss = model(batch(step, world_of_step[step], None))
+        loss.backward()
+        outputs.append(torch.split(rows.detach(), sizes(world_of_step[step])))
+        assert model.dense.weight.grad is not None
+        grads.append(model.dense.weight.grad.clone())
+    mc = model.mc
+    assert isinstance(mc, ManagedCollisionEmbeddingBagCollection)
+    weights = mc.embedding_module.lookup.table_weights()
+    states = mc.embedding_module.lookup.optimizer_states()
+    return {
+        "outputs": outputs,
+        "dense_grads": grads,
+        "weights": {t: w.detach().clone() for t, w in weights.items()},
+        "sums": {t: _block(s["sum"], (0, 0))[0] for t, s in states.items()},
+        **snapshot(mc),
+    }
+
+
+def check(results: list[dict[str, Any]], ref: dict[str, Any], first_step: int = 0) -> None:
+    for r, res in enumerate(results):
+        assert res["maps"] == ref["maps"], f"rank {r}: id-to-row maps differ"
+        assert res["stats"] == ref["stats"], f"rank {r}: counters differ"
+        for i, out in enumerate(res["outputs"]):
+            torch.testing.assert_close(out, ref["outputs"][first_step + i][r], **TOL)
+            torch.testing.assert_close(
+                res["dense_grads"][i], ref["dense_grads"][first_step + i], **TOL
+            )
+    for key in ("weights", "sums"):
+        for table, full in ref[key].items():
+            part = "shards" if key == "weights" else "sums"
+            rebuilt = assemble(full, [b for res in results for b in res[part][table]])
+            torch.testing.assert_close(rebuilt, full, **TOL, msg=f"{key} of {table}")
+
+
+# Column slices keep row-wise Adagrad's mean of g^2 over their own columns (so does every
+# column-wise table): the column-wise case trains with exact Adagrad, whose state is per element.
+@pytest.mark.parametrize(
+    ("world", "kind", "optimizer"),
+    [
+        (2, "table_wise", "rowwise_adagrad"),
+        (3, "table_wise", "rowwise_adagrad"),
+        (2, "row_wise", "rowwise_adagrad"),
+        (3, "row_wise", "exact_adagrad"),
+        (2, "column_wise", "exact_adagrad"),
+        (3, "data_parallel", "rowwise_adagrad"),
+        (3, "mixed", "rowwise_adagrad"),
+    ],
+)
+def test_sharded_managed_module_equals_the_unsharded_one(
+    dist_pool: Any, world: int, kind: str, optimizer: str
+) -> None:
+    ref = reference(optimizer, STEPS, [world] * STEPS)
+    assert ref["stats"]["t0"].evicted_total > 0  # the stream exercises eviction and admission
+    assert ref["stats"]["t1"].admitted_total > 0
+    check(dist_pool.run(world, case_train, kind=kind, optimizer=optimizer), ref)
+
+
+def case_save(env: ShardingEnv, root: str) -> None:
+    model = DistributedModelParallel(build("rowwise_adagrad"), env=env, plan=plan_of("row_wise", 2))
+    train_sharded(model, env, range(2))
+    save(root, model, step=2, pg=env.pg)
+
+
+def case_resume(env: ShardingEnv, root: str) -> dict[str, Any]:
+    model = DistributedModelParallel(
+        build("rowwise_adagrad"), env=env, plan=plan_of("mixed", env.world_size)
+    )
+    assert load(root, model, pg=env.pg) == 2
+    return finish(model, train_sharded(model, env, range(2, STEPS)))
+
+
+def test_checkpoint_at_two_resumes_at_three_under_another_plan(
+    dist_pool: Any, tmp_path: Path
+) -> None:
+    root = str(tmp_path / "ck")
+    dist_pool.run(2, case_save, root=root)
+    ref = reference("rowwise_adagrad", STEPS, [2, 2, 3, 3])
+    check(dist_pool.run(3, case_resume, root=root), ref, first_step=2)
+
+
+def case_bad_batch(env: ShardingEnv) -> str:
+    model = DistributedModelParallel(
+        build("sgd"), env=env, plan=plan_of("row_wise", env.world_size)
+    )
+    kjt = batch(0, env.world_size, env.rank)
+    if env.rank == 1:
+        kjt = KeyedJaggedTensor(keys=KEYS, values=kjt.values().float(), lengths=kjt.lengths())
+    with pytest.raises(BadBatchError) as caught:
+        model(kjt)
+    assert caught.value.ranks == (1,)
+    return str(caught.value)
+
+
+def test_a_refused_batch_raises_on_every_rank(dist_pool: Any) -> None:
+    messages = dist_pool.run(3, case_bad_batch)
+    assert "rank 1: managed ids must be int64 or int32" in messages[1]
+    for other in (0, 2):
+        assert "rank(s) [1]" in messages[other]
