@@ -245,6 +245,14 @@ def test_checkpoint_at_two_resumes_at_three_under_another_plan(
     dist_pool.run(2, case_save, root=root)
     ref = reference("rowwise_adagrad", STEPS, [2, 2, 3, 3])
     check(dist_pool.run(3, case_resume, root=root), ref, first_step=2)
+    # The same checkpoint loads into the unsharded module: maps, counters and tables.
+    unsharded = build("rowwise_adagrad")
+    assert load(root, unsharded) == 2
+    at_two = reference("rowwise_adagrad", 2, [2, 2])
+    assert isinstance(unsharded.mc, ManagedCollisionEmbeddingBagCollection)
+    assert snapshot(unsharded.mc) == {k: at_two[k] for k in ("maps", "stats")}
+    for table, weight in unsharded.mc.embedding_module.lookup.table_weights().items():
+        torch.testing.assert_close(weight, at_two["weights"][table], **TOL)
 
 
 def case_bad_batch(env: ShardingEnv) -> str:
