@@ -16,7 +16,7 @@ from typing import Final, Protocol, runtime_checkable
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import TableSpec
 from shardrec.distributed.sharding_plan import even_splits
-from shardrec.distributed.types import ShardingType
+from shardrec.distributed.types import ShardingType, ShardRect
 
 # Narrowest column slice by default: 8 fp32 columns are 32 bytes, one sector of GPU memory; a
 # narrower slice reads no fewer bytes per row, so it would only multiply the ids sent.
@@ -47,11 +47,17 @@ class Cut:
     """One candidate cut of a table. ``ranks`` is None when the partitioner chooses the ranks;
     with ``one_host`` the partitioner chooses a host and piece i goes to its local rank i."""
 
-    pieces: tuple[tuple[int, int, int, int], ...]  # (row_offset, col_offset, rows, cols)
+    # Each piece is (row_offset, col_offset, rows, cols), the fields of a ShardRect in its order
+    # (see rects()).
+    pieces: tuple[tuple[int, int, int, int], ...]
     traffic: Traffic
     ranks: tuple[int, ...] | None
     note: str = ""
     one_host: bool = False
+
+    def rects(self) -> tuple[ShardRect, ...]:
+        """The pieces as :class:`~shardrec.distributed.types.ShardRect`."""
+        return tuple(ShardRect(*piece) for piece in self.pieces)
 
 
 @runtime_checkable

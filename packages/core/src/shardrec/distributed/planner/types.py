@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from shardrec.distributed.types import ShardRect
+
 
 class PlannerError(ValueError):
     """The planner cannot produce a plan: infeasible memory or an unsatisfiable constraint."""
@@ -78,6 +80,11 @@ class ShardSpec:
     perf: float
     rank: int | None = None
     cost: ShardCost = NO_COST
+
+    @property
+    def rect(self) -> ShardRect:
+        """The piece as the rectangle type the sharders and the checkpoints use."""
+        return ShardRect(self.row_offset, self.col_offset, self.rows, self.cols)
 
     def placed(self, rank: int) -> ShardSpec:
         return ShardSpec(
