@@ -10,8 +10,14 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from shardrec.testing import WorkerPool
 
 
 class _HideFbgemm(importlib.abc.MetaPathFinder):
@@ -30,3 +36,13 @@ class _HideFbgemm(importlib.abc.MetaPathFinder):
 
 if os.environ.get("SHARDREC_HIDE_FBGEMM") == "1":
     sys.meta_path.insert(0, _HideFbgemm())
+
+
+@pytest.fixture(scope="session")
+def dist_pool() -> Iterator[WorkerPool]:
+    """Four gloo workers shared by every multi-process test (shardrec.testing's pool); they run
+    this file first, so that SHARDREC_HIDE_FBGEMM hides FBGEMM from them too."""
+    from shardrec.testing import WorkerPool  # here: the hook above comes before shardrec
+
+    with WorkerPool(4, preload=[__file__]) as pool:
+        yield pool

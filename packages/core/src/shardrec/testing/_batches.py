@@ -1,0 +1,95 @@
+"""A global batch of every rank's samples, and each rank's slice of it.
+
+A sharded run feeds rank ``r`` the samples ``sizes[0] + ... + sizes[r-1]`` onwards (``sizes[r]`` of
+them); the unsharded reference reads all of them at once. Entries are stored key-major, as in a
+KJT::
+
+              sample:  0 1 2 | 3 4        (sizes = [3, 2]: rank 0 | rank 1)
+    lengths   "f0"     1 0 2 | 1 1
+              "f1"     0 1 1 | 2 0
+    ids       "f0" -> [a  b c | d  e]     "f1" -> [f g | h i]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shardrec.sparse import KeyedJaggedTensor
+
+__all__ = ["GlobalBatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalBatch:
+    """``lengths`` is ``[len(keys), sum(sizes)]``; ``ids[k]`` (and ``weights[k]``) hold feature
+    ``k``'s entries in sample order; ``sizes[r]`` is rank ``r``'s number of samples."""
+
+    keys: list[str]
+    lengths: torch.Tensor
+    ids: list[torch.Tensor]
+    weights: list[torch.Tensor] | None
+    sizes: list[int]
+
+    @classmethod
+    def random(
+        cls,
+        rows: Mapping[str, int],
+        sizes: Sequence[int],
+        *,
+        seed: int,
+        weighted: bool = False,
+        max_length: int = 3,
+    ) -> GlobalBatch:
+        """Random ids below ``rows[key]`` for each key (in ``rows``' order), 0 to ``max_length``
+        of them per sample and feature; weights in [0.5, 1.5) when ``weighted``. The same
+        numbers for the same arguments, in every process."""
+        g = torch.Generator().manual_seed(seed)
+        keys = list(rows)
+        lengths = torch.randint(0, max_length + 1, (len(keys), sum(sizes)), generator=g)
+        ids = [
+            torch.randint(0, rows[key], (int(lengths[k].sum()),), generator=g)
+            for k, key in enumerate(keys)
+        ]
+        weights = None
+        if weighted:
+            weights = [
+                torch.rand(int(lengths[k].sum()), generator=g) + 0.5 for k in range(len(keys))
+            ]
+        return cls(keys, lengths, ids, weights, list(sizes))
+
+    def bounds(self, rank: int | None) -> tuple[int, int]:
+        """Rank ``rank``'s samples ``[lo, hi)`` (every sample for None)."""
+        if rank is None:
+            return 0, sum(self.sizes)
+        lo = sum(self.sizes[:rank])
+        return lo, lo + self.sizes[rank]
+
+    def entries(self, per_key: Sequence[torch.Tensor], rank: int | None) -> torch.Tensor:
+        """Rank ``rank``'s entries of ``per_key`` (ids, weights, or a gradient of the weights laid
+        out like them), key-major, as its KJT holds them."""
+        lo, hi = self.bounds(rank)
+        parts = []
+        for k, entries in enumerate(per_key):
+            first = int(self.lengths[k, :lo].sum())
+            parts.append(entries[first : first + int(self.lengths[k, lo:hi].sum())])
+        return torch.cat(parts)
+
+    def kjt(self, rank: int | None = None, *, weights_need_grad: bool = False) -> KeyedJaggedTensor:
+        """Rank ``rank``'s KJT (the whole batch for None)."""
+        lo, hi = self.bounds(rank)
+        weights = None
+        if self.weights is not None:
+            weights = self.entries(self.weights, rank).requires_grad_(weights_need_grad)
+        return KeyedJaggedTensor(
+            keys=list(self.keys),
+            values=self.entries(self.ids, rank),
+            lengths=self.lengths[:, lo:hi].reshape(-1),
+            weights=weights,
+        )
+
+    def split_by_key(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """A whole-batch per-entry tensor (the global KJT's weights' gradient) cut by key."""
+        return list(torch.split(values, [int(n) for n in self.lengths.sum(dim=1)]))

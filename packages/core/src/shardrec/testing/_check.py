@@ -1,0 +1,159 @@
+"""``check_sharding``: one call that trains a sharded model and the unsharded one side by side and
+says where they differ."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from shardrec.distributed import ModuleSharder, ParameterSharding, ShardingPlan
+from shardrec.distributed.checkpoint import load
+from shardrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from shardrec.distributed.plugins import load_sharder_registry
+from shardrec.testing._compare import compare_outputs, compare_steps, compare_tables, compare_whole
+from shardrec.testing._model import EMBEDDING_FQN, EmbeddingModel
+from shardrec.testing._pool import WorkerPool
+from shardrec.testing._ranks import RankRun, load_on_rank, train_on_rank
+from shardrec.testing._reference import Reference, reference_outputs, train_reference
+from shardrec.testing._report import EquivalenceError, EquivalenceReport, Tolerance
+
+__all__ = ["PlanForWorld", "check_sharding"]
+
+PlanForWorld = Callable[[int], Mapping[str, ParameterSharding]]
+"""World size -> table name -> how that table is sharded (the plan of the model's one module)."""
+
+_MODEL_SEED = 1234
+_BATCH_SEED = 1000
+
+
+def _sizes(world_size: int, empty_rank: int | None) -> list[int]:
+    return [0 if r == empty_rank else 2 + r for r in range(world_size)]
+
+
+def _planned(
+    model: EmbeddingModel,
+    sharding_type: str,
+    sharders: Sequence[ModuleSharder] | None,
+    world_size: int,
+    local_world_size: int | None,
+) -> ShardingPlan:
+    offered = list(sharders) if sharders is not None else load_sharder_registry().sharders()
+    planner = EmbeddingShardingPlanner(
+        Topology(world_size=world_size, compute_device="cpu", local_world_size=local_world_size),
+        # Column splits of at least half the narrowest table: two column shards or more.
+        constraints={
+            t.name: ParameterConstraints(
+                sharding_types=[sharding_type],
+                min_partition=max(1, min(u.embedding_dim for u in model.tables) // 2),
+            )
+            for t in model.tables
+        },
+    )
+    return planner.plan(model.build(_MODEL_SEED), offered)
+
+
+@contextlib.contextmanager
+def _pool_for(pool: WorkerPool | None, size: int) -> Iterator[WorkerPool]:
+    if pool is not None:
+        if pool.size < size:
+            raise ValueError(f"check_sharding needs {size} workers; the pool has {pool.size}")
+        yield pool
+        return
+    with WorkerPool(size) as own:
+        yield own
+
+
+def check_sharding(
+    model: EmbeddingModel,
+    *,
+    plan: PlanForWorld | None = None,
+    sharding_type: str | None = None,
+    sharders: Sequence[ModuleSharder] | None = None,
+    world_size: int = 2,
+    reload_world_size: int | None = None,
+    local_world_size: int | None = None,
+    reload_local_world_size: int | None = None,
+    steps: int = 3,
+    empty_rank: int | None = None,
+    pool: WorkerPool | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    raise_on_mismatch: bool = True,
+) -> EquivalenceReport:
+    """Train ``model`` sharded on ``world_size`` gloo processes and unsharded on the same global
+    batches, and compare: every rank's outputs, the dense gradients and the per-id weights'
+    gradients at every step, then every rank's shards of every table and fused optimizer state.
+
+    The sharding is ``plan(world_size)`` (table -> ParameterSharding), or every table planned by
+    the planner with ``sharding_type``. ``sharders`` default to those the plugin manager loads
+    from the ``shardrec`` entry points (so a third party's installed sharder is found as the
+    built-in ones are). With ``reload_world_size``, the sharded model is also saved after
+    training, loaded into the unsharded module (weights and optimizer state compared), and
+    loaded at ``reload_world_size`` under ``plan(reload_world_size)`` (outputs and shards
+    compared). ``local_world_size`` lays the ranks out as nodes (``LOCAL_WORLD_SIZE``).
+    ``empty_rank`` gets no samples. ``pool``: workers to run on (default: a pool of its own).
+
+    Raises :class:`EquivalenceError` naming each difference (what, table, rank, step, max abs
+    diff) unless ``raise_on_mismatch`` is False; returns the report.
+    """
+    if (plan is None) == (sharding_type is None):
+        raise ValueError("check_sharding: give exactly one of plan= and sharding_type=")
+    if steps < 1:
+        raise ValueError(f"check_sharding: steps must be >= 1, got {steps}")
+
+    def plan_at(world: int, local: int | None) -> ShardingPlan:
+        if plan is not None:
+            return ShardingPlan({EMBEDDING_FQN: dict(plan(world))})
+        assert sharding_type is not None
+        return _planned(model, sharding_type, sharders, world, local)
+
+    kind = "EmbeddingBagCollection" if model.pooled else "EmbeddingCollection"
+    description = f"{sharding_type or 'plan'} of an {kind} at world size {world_size}"
+    report = EquivalenceReport(description)
+    tol = Tolerance(atol, rtol)
+    run = RankRun(
+        model=model,
+        plan=plan_at(world_size, local_world_size),
+        sharders=sharders,
+        sizes=_sizes(world_size, empty_rank),
+        model_seed=_MODEL_SEED,
+        batch_seed=_BATCH_SEED,
+        steps=steps,
+    )
+    phase = f"trained at world size {world_size}"
+    with (
+        tempfile.TemporaryDirectory(prefix="shardrec-check-") as tmp,
+        _pool_for(pool, max(world_size, reload_world_size or 1)) as workers,
+    ):
+        if reload_world_size is not None:
+            run = dataclasses.replace(run, checkpoint=tmp)
+        results = workers.run(world_size, train_on_rank, local_world_size=local_world_size, run=run)
+        ref = train_reference(run)
+        compare_outputs(report, tol, phase, results, ref.outputs)
+        compare_steps(report, tol, phase, results, ref.dense_grads, ref.weight_grads)
+        compare_tables(report, tol, phase, results, *ref.tables())
+        if reload_world_size is not None:
+            saved = f"saved at world size {world_size}"
+            unsharded = model.build(_MODEL_SEED + 1)
+            load(tmp, unsharded)
+            loaded = Reference(unsharded).tables()
+            compare_whole(report, tol, f"{saved}, loaded unsharded", loaded, ref.tables())
+            again = dataclasses.replace(
+                run,
+                plan=plan_at(reload_world_size, reload_local_world_size),
+                sizes=_sizes(reload_world_size, None),
+                model_seed=_MODEL_SEED + 1,
+                batch_seed=_BATCH_SEED + 100,
+                steps=0,
+            )
+            results = workers.run(
+                reload_world_size, load_on_rank, local_world_size=reload_local_world_size, run=again
+            )
+            phase = f"{saved}, loaded at world size {reload_world_size}"
+            compare_outputs(report, tol, phase, results, [reference_outputs(ref, again)])
+            compare_tables(report, tol, phase, results, *ref.tables())
+    if raise_on_mismatch and not report.ok:
+        raise EquivalenceError(report)
+    return report

@@ -1,0 +1,93 @@
+"""The unsharded side of a check: the same model trained on every rank's samples at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shardrec.modules import EmbeddingBagCollection, EmbeddingCollection
+from shardrec.testing._batches import GlobalBatch
+from shardrec.testing._model import EmbeddingModel, HeadModel
+from shardrec.testing._ranks import RankRun
+
+__all__ = ["Reference", "rows_by_rank", "train_reference"]
+
+
+@dataclass(slots=True)
+class Reference:
+    """Per step and rank: the rows and per-id weights' gradient rank ``r`` must see; per step the
+    dense head's gradient; at the end the trained model."""
+
+    model: HeadModel
+    outputs: list[list[torch.Tensor]] = field(default_factory=list)
+    dense_grads: list[torch.Tensor] = field(default_factory=list)
+    weight_grads: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def tables(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """Every table's weight and fused optimizer state, by table name."""
+        emb = self.model.emb
+        assert isinstance(emb, EmbeddingBagCollection | EmbeddingCollection)
+        lookup = emb.lookup
+        return lookup.table_weights(), lookup.optimizer_states()
+
+
+def rows_by_rank(
+    model: EmbeddingModel, rows: torch.Tensor, batch: GlobalBatch
+) -> list[torch.Tensor]:
+    """The unsharded module's output ``rows`` for the whole ``batch``, cut into each rank's part.
+
+    EmbeddingBagCollection: a row per sample. EmbeddingCollection: a block per output name
+    (sorted), each holding its feature's ids in sample order; a rank gets its samples' ids of
+    every block.
+    """
+    if model.pooled:
+        return list(torch.split(rows, batch.sizes))
+    names = model.output_names()
+    features = [n.split("@")[0] for n in names]
+    per_key = dict(zip(batch.keys, (int(n) for n in batch.lengths.sum(dim=1)), strict=True))
+    blocks = torch.split(rows, [per_key[f] for f in features])
+    out = []
+    for rank in range(len(batch.sizes)):
+        lo, hi = batch.bounds(rank)
+        parts = []
+        for f, block in zip(features, blocks, strict=True):
+            lengths = batch.lengths[batch.keys.index(f)]
+            first = int(lengths[:lo].sum())
+            parts.append(block[first : first + int(lengths[lo:hi].sum())])
+        out.append(torch.cat(parts))
+    return out
+
+
+def train_reference(run: RankRun) -> Reference:
+    """``run.steps`` steps on the global batches: the loss sums every rank's samples, plain SGD
+    at ``run.learning_rate`` on what has a gradient (the head, and tables without a fused
+    optimizer); fused tables update themselves in backward."""
+    model = run.model.build(run.model_seed)
+    ref = Reference(model)
+    for step in range(run.steps):
+        batch = run.batch(step)
+        kjt = batch.kjt(None, weights_need_grad=run.model.weighted)
+        rows, loss = model(kjt)
+        loss.backward()
+        ref.outputs.append(rows_by_rank(run.model, rows.detach(), batch))
+        assert model.dense.weight.grad is not None
+        ref.dense_grads.append(model.dense.weight.grad.clone())
+        weights = kjt.weights_or_none()
+        if weights is not None and weights.grad is not None:
+            grads = batch.split_by_key(weights.grad)
+            ref.weight_grads.append([batch.entries(grads, r) for r in range(len(batch.sizes))])
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(run.learning_rate * p.grad)
+                    p.grad = None
+    return ref
+
+
+def reference_outputs(ref: Reference, run: RankRun) -> list[torch.Tensor]:
+    """The trained reference's rows for ``run.batch(0)``, by rank (what a loaded model gives)."""
+    batch = run.batch(0)
+    with torch.no_grad():
+        rows, _ = ref.model(batch.kjt(None))
+    return rows_by_rank(run.model, rows, batch)
