@@ -3,7 +3,7 @@ limit, in one run.
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/mlperf_kernel.py \\
         [--batch 2048] [--cap 200000] [--rounds 3] [--iters 5] [--threads N] [--cpu-time]
-        [--device cpu|cuda] [--no-peer]
+        [--optimizer adagrad|rowwise_adagrad] [--device cpu|cuda] [--no-peer]
 
 Workload: the 26 MLPerf tables (Criteo 1TB cardinalities, capped at 40M rows by MLPerf) capped
 again at ``--cap`` rows so that three copies of them (shardrec with and without FBGEMM, TorchRec),
@@ -15,8 +15,9 @@ the ids per step and the bytes per id of the real shapes; it makes the tables sm
 more of them sits in the CPU caches than at 40M rows, which favours every contender alike.
 
 Measured: ``forward`` (no grad) and ``step`` (forward, backward of a fixed output gradient, and
-the fused exact Adagrad update, lr 0.004, eps 1e-8; TorchRec through
-``apply_optimizer_in_backward(torch.optim.Adagrad)``, which runs FBGEMM's fused exact Adagrad) in
+the fused Adagrad update, lr 0.004, eps 1e-8: exact Adagrad by default, row-wise with
+``--optimizer rowwise_adagrad``; TorchRec through ``apply_optimizer_in_backward`` of
+``torch.optim.Adagrad`` or ``torchrec.optim.RowWiseAdagrad``, which run FBGEMM's fused kernels) in
 samples/s, best of ``--rounds`` alternating rounds, each the median of ``--iters`` calls.
 
 The floor: ``index_select`` of the step's ids (each table's ids offset into one table holding all
@@ -25,6 +26,12 @@ the machine's gather limit. ``of gather`` is a contender's row bytes per second 
 a forward moves ``ids x 512`` bytes, a step at least ``5 x ids x 512`` (the forward's read, then
 the rows' gradient applied: each row and its Adagrad state read and written; duplicate ids within
 a step make that an overcount, so the fraction is an upper estimate for steps).
+
+The step's floor: the bare memory traffic no fused step can skip, timed with torch's fastest
+primitives on the same rows: the forward's gather (the faster bare gather above), then each
+distinct row of the step read and written once in the weights and once in the optimizer state
+(``index_add_`` of a kept zero buffer: the rows' read-modify-write without arithmetic; row-wise
+Adagrad's state is one float per row). ``step of floor`` is that time over a contender's step.
 
 TorchRec runs only in ``.venv-peer`` (``make bench-peer``): the script re-runs itself there, as
 tools/bench/ebc.py does, so that every contender is timed in one process.
@@ -50,6 +57,7 @@ MLPERF_ROWS = [
     12_973, 108, 36,
 ]  # fmt: skip
 HOT = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
+OPTIMIZERS = ("adagrad", "rowwise_adagrad")
 DIM = 128
 LR = 0.004
 EPS = 1e-8
@@ -58,8 +66,9 @@ Timed = Callable[[], object]
 
 
 class Setup:
-    def __init__(self, batch: int, cap: int, device: torch.device) -> None:
+    def __init__(self, batch: int, cap: int, device: torch.device, optimizer: str) -> None:
         self.batch = batch
+        self.optimizer = optimizer
         self.rows = [min(n, cap) for n in MLPERF_ROWS]
         self.device = device
         self.ids = batch * sum(HOT)
@@ -98,7 +107,7 @@ def _contender(
             return module(nxt())
 
     def step() -> object:
-        module(nxt()).backward(setup.grad)
+        torch.autograd.backward(module(nxt()), setup.grad)
         return None
 
     return forward, step
@@ -115,7 +124,7 @@ def _shardrec(setup: Setup, backend: str) -> tuple[Timed, Timed]:
     ]
     ebc = shardrec.EmbeddingBagCollection(
         tables=tables,
-        fused_params={"optimizer": "adagrad", "learning_rate": LR, "eps": EPS},
+        fused_params={"optimizer": setup.optimizer, "learning_rate": LR, "eps": EPS},
         backend=backend,
         device=setup.device,
     )
@@ -135,6 +144,7 @@ def _torchrec(setup: Setup) -> tuple[Timed, Timed]:
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from torchrec.distributed import DistributedModelParallel
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = "nccl" if setup.device.type == "cuda" else "gloo"
@@ -144,7 +154,8 @@ def _torchrec(setup: Setup) -> tuple[Timed, Timed]:
         for f, n in zip(FEATURES, setup.rows, strict=True)
     ]
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    apply_optimizer_in_backward(torch.optim.Adagrad, ebc.parameters(), {"lr": LR, "eps": EPS})
+    rule = torch.optim.Adagrad if setup.optimizer == "adagrad" else RowWiseAdagrad
+    apply_optimizer_in_backward(rule, ebc.parameters(), {"lr": LR, "eps": EPS})
     model = DistributedModelParallel(ebc, device=setup.device)
     print(f"torchrec plan: {model.plan}", file=sys.stderr)
     kjts = [KeyedJaggedTensor(keys=FEATURES, values=v, lengths=n) for v, n in setup.pool]
@@ -180,6 +191,28 @@ def _gather(setup: Setup) -> dict[str, Timed]:
     return {"index_select": index_select, "embedding_bag": bag}
 
 
+def _update_rows(setup: Setup) -> tuple[Timed, int]:
+    """The step's distinct rows read and written once in the weights and once in the state."""
+    total = sum(setup.rows)
+    weights = torch.zeros(total, DIM, device=setup.device)
+    state_shape = (total, DIM) if setup.optimizer == "adagrad" else (total,)
+    state = torch.zeros(state_shape, device=setup.device)
+    starts = torch.tensor([0, *setup.rows[:-1]]).cumsum(0).to(setup.device)
+    per_table = (torch.tensor(HOT) * setup.batch).to(setup.device)
+    distinct = [torch.unique(v + starts.repeat_interleave(per_table)) for v, _ in setup.pool]
+    most = max(d.numel() for d in distinct)
+    zero_rows = torch.zeros(most, DIM, device=setup.device)
+    zero_state = torch.zeros((most, *state_shape[1:]), device=setup.device)
+    nxt = setup.cycle(distinct)
+
+    def update() -> object:
+        rows = nxt()
+        weights.index_add_(0, rows, zero_rows[: rows.numel()])
+        return state.index_add_(0, rows, zero_state[: rows.numel()])
+
+    return update, round(sum(d.numel() for d in distinct) / len(distinct))
+
+
 def _synced(fn: Timed, device: torch.device) -> Timed:
     if device.type != "cuda":
         return fn
@@ -200,6 +233,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad", help="fused rule")
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
     parser.add_argument(
         "--cpu-time",
@@ -218,14 +252,16 @@ def main() -> int:
         print("warning: run with MALLOC_MMAP_THRESHOLD_=33554432 (see docs/benchmarks.md)")
     from shardrec import ops
 
-    setup = Setup(args.batch, args.cap, device)
+    setup = Setup(args.batch, args.cap, device, args.optimizer)
     contenders: dict[str, tuple[Timed, Timed]] = {"shardrec-torch": _shardrec(setup, "torch")}
     if ops.fbgemm_available() and device.type == "cpu":
         contenders["shardrec-fbgemm"] = _shardrec(setup, "fbgemm")
     if has_torchrec and not args.no_peer:
         contenders["torchrec"] = _torchrec(setup)
     clock = time.thread_time if args.cpu_time else time.perf_counter
+    update, distinct = _update_rows(setup)
     gathers = {name: _synced(fn, device) for name, fn in _gather(setup).items()}
+    gathers["update_rows"] = _synced(update, device)
     times: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for name, fn in gathers.items():
@@ -235,12 +271,16 @@ def main() -> int:
             for name in names:
                 fn = _synced(contenders[name][mode], device)
                 times.setdefault(f"{name}/{label}", []).append(measure(fn, 1, args.iters, clock))
-    _report(setup, args, times, list(contenders))
+    _report(setup, args, times, list(contenders), distinct)
     return 0
 
 
 def _report(
-    setup: Setup, args: argparse.Namespace, times: dict[str, list[float]], names: list[str]
+    setup: Setup,
+    args: argparse.Namespace,
+    times: dict[str, list[float]],
+    names: list[str],
+    distinct: int,
 ) -> None:
     where = torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu"
     row_bytes = setup.ids * DIM * 4
@@ -250,6 +290,7 @@ def _report(
     limit = row_bytes / g
     print(f"{where}: batch {setup.batch}, {setup.ids} ids per step ({sum(HOT)} per sample),"
           f" dim {DIM}, tables capped at {args.cap} rows ({sum(setup.rows)} rows), fp32,"
+          f" {args.optimizer}, {distinct} distinct rows per step,"
           f" torch {torch.__version__}, threads {args.threads},"
           f" {args.rounds} rounds x median of {args.iters},"
           f" clock {'thread CPU time' if args.cpu_time else 'wall'}")  # fmt: skip
@@ -258,10 +299,16 @@ def _report(
         print(f"bare {name} of the step's rows: {row_bytes / t / 1e9:.2f} GB/s"
               f" (rounds spread {max(times[name]) / t - 1:.0%})")  # fmt: skip
     print(f"gather limit: {limit / 1e9:.2f} GB/s ({floor})")
+    rmw = min(times["update_rows"])
+    step_floor = g + rmw
+    print(f"step floor: {step_floor * 1e3:.1f} ms = gather {g * 1e3:.1f} ms + distinct rows"
+          f" read and written {rmw * 1e3:.1f} ms (rounds spread"
+          f" {max(times['update_rows']) / rmw - 1:.0%})")  # fmt: skip
     ref = "torchrec" if "torchrec" in names else None
     print("| contender | forward samples/s | step samples/s | spread fwd / step | forward vs"
-          " torchrec | step vs torchrec | forward of gather | step of gather |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          " torchrec | step vs torchrec | forward of gather | step of gather |"
+          " step of floor |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         f, s = min(times[f"{name}/forward"]), min(times[f"{name}/step"])
         sf = max(times[f"{name}/forward"]) / f - 1
@@ -273,7 +320,8 @@ def _report(
             vs = "- | -"
         print(f"| {name} | {setup.batch / f:,.0f} | {setup.batch / s:,.0f} |"
               f" {sf:.0%} / {ss:.0%} | {vs} |"
-              f" {row_bytes / f / limit:.2f} | {5 * row_bytes / s / limit:.2f} |")  # fmt: skip
+              f" {row_bytes / f / limit:.2f} | {5 * row_bytes / s / limit:.2f} |"
+              f" {step_floor / s:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
