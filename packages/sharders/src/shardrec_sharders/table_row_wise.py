@@ -49,6 +49,7 @@ from shardrec.distributed.sharding import (
     even_row_shards,
     lookup_pooled,
     nothing_to_send,
+    pooled_output,
     stack_senders,
     table_shards,
 )
@@ -312,7 +313,17 @@ class NodeRowShardedEmbedding(nn.Module):
         if any(self.means):
             lengths = routed.lengths().view(len(self.pairs), batch)
             values = divide_mean_bags(values, lengths, dims, self.means)
-        return KeyedTensor(keys=[p.name for p in self.pairs], length_per_key=dims, values=values)
+        return pooled_output(self.pairs, values, routed)
+
+    @property
+    def check_inputs(self) -> bool:
+        """Whether each batch is checked before it is distributed (from the unsharded module)."""
+        return self.guard.enabled
+
+    @check_inputs.setter
+    def check_inputs(self, enabled: bool) -> None:
+        # Set it alike on every rank: the ranks must run the same collectives.
+        self.guard.enabled = enabled
 
     def local_table_shards(self) -> dict[str, TableShards]:
         return table_shards(self.lookup, self.local_tables, self.tables)

@@ -55,6 +55,17 @@ class EmbeddingSharderBase:
     ) -> dict[str, int]:
         return storage_bytes(tensor, compute_device_type)
 
+    def shard(
+        self,
+        module: nn.Module,
+        params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device,
+    ) -> nn.Module:
+        """The sharded replacement of ``module`` for the tables in ``params``: what a subclass
+        writes (typically ``check_plan``, ``ModuleView.of``, then its sharded module)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement shard()")
+
     def check_plan(self, params: Mapping[str, ParameterSharding], env: ShardingEnv) -> None:
         """Every table is planned with this sharder's type, on ranks inside the world."""
         for table, ps in params.items():
