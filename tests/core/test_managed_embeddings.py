@@ -161,7 +161,7 @@ def test_resume_from_a_state_dict_continues_bit_identically(backend: str, optimi
 def test_state_dict_holds_the_id_maps_and_counters() -> None:
     keys = set(managed_ebc(admission=2).state_dict())
     prefix = "_managed_collision_collection._managed_collision_modules.item."
-    for name in ("_map.slot_ids", "_map.slot_rows", "_last_read", "_reads", "_counters",
+    for name in ("_map.slots", "_map.row_slots", "_last_read", "_reads", "_counters",
                  "_sketch.counters"):  # fmt: skip
         assert prefix + name in keys
     assert "_embedding_module.embedding_bags.item.weight" in keys
