@@ -362,3 +362,58 @@ def test_a_table_larger_than_the_memory_limit_trains_on_mmap(
     (weight,) = tmp_path.glob("big.rank0.weight.*")
     assert weight.stat().st_size == 4096 + (1 << 30)
     assert weight.stat().st_blocks * 512 < (64 << 20)
+
+
+# ---- one sharder index per plugin manager ------------------------------------------------------
+
+
+class _CountingSharder:
+    """A sharder that counts how often it is asked for its sharding types."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    @property
+    def module_type(self) -> type[torch.nn.Module]:
+        return EmbeddingBagCollection
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        self.asked += 1
+        return ["table_wise"]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return ["fused"]
+
+    def storage_usage(self, tensor: torch.Tensor, dt: str, kernel: str) -> dict[str, int]:
+        return {"ddr": 0}
+
+    def shard(self, module: Any, params: Any, env: Any, device: Any) -> Any:
+        return module
+
+
+def test_the_sharder_index_is_built_once_per_manager() -> None:
+    from shardrec.distributed import ShardingEnv
+    from shardrec.distributed.default_plan import default_plan
+    from shardrec.distributed.model_parallel import shard_module
+    from shardrec.distributed.sharder_index import SharderIndex
+    from shardrec.distributed.sharding_plan import shardable_modules
+
+    class Plugin:
+        @hookimpl
+        def shardrec_register_sharders(self, register: Any) -> None:
+            register(sharder)
+
+    sharder = _CountingSharder()
+    registry = load_plugins(entry_points=False, plugins=[Plugin()])
+    index = registry.sharders()
+    assert registry.sharders() is index
+    assert SharderIndex.of(index) is index
+    built = sharder.asked
+    assert built > 0
+    module = torch.nn.Sequential(EmbeddingBagCollection(tables=_tables(None), device="meta"))
+    env = ShardingEnv.from_local(world_size=2, rank=0)
+    plan = default_plan(module, index, env, torch.device("cpu"))
+    assert [fqn for fqn, _ in shardable_modules(module, index)] == ["0"]
+    shard_module(module[0], plan.plan["0"], index, env, torch.device("cpu"), "0")
+    assert index.sharder_for(EmbeddingBagCollection, "table_wise", "cpu") is sharder
+    assert sharder.asked == built  # asked while registering, never again

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.sharding_plan import (
     column_wise,
     data_parallel,
@@ -45,13 +46,9 @@ def default_plan(
     """The plan described in this module's docstring."""
     world = env.world_size
     entries: list[tuple[str, str, int, int, int, set[str]]] = []
-    for fqn, sub in shardable_modules(module, sharders):
-        offered = {
-            st
-            for s in sharders
-            if s.module_type is type(sub)
-            for st in s.sharding_types(device.type)
-        }
+    index = SharderIndex.of(sharders)
+    for fqn, sub in shardable_modules(module, index):
+        offered = set(index.offered(type(sub), device.type))
         for table, (rows, cols, nbytes) in table_shapes(sub).items():
             entries.append((fqn, table, rows, cols, nbytes, offered))
     plan: dict[str, dict[str, ParameterSharding]] = {}

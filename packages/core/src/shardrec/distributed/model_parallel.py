@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shardrec.distributed.awaitables import AllOf
 from shardrec.distributed.planner import PlanReport, plan_with_report
 from shardrec.distributed.plugins import load_sharder_registry
+from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.sharding.contract import (
     NamedEmbeddingOutputs,
     ReplicatedModule,
@@ -150,20 +151,13 @@ def _output_names(module: nn.Module) -> list[str]:
 def _sharder_for(
     sharders: Sequence[ModuleSharder], module: nn.Module, sharding_type: str, device_type: str
 ) -> ModuleSharder:
-    for s in sharders:
-        if s.module_type is type(module) and sharding_type in s.sharding_types(device_type):
-            return s
-    offered = sorted(
-        {
-            t
-            for s in sharders
-            if s.module_type is type(module)
-            for t in s.sharding_types(device_type)
-        }
-    )
+    offered = SharderIndex.of(sharders).offered(type(module), device_type)
+    found = offered.get(sharding_type)
+    if found is not None:
+        return found
     raise ValueError(
         f"no sharder offers sharding type {sharding_type!r} for {type(module).__name__} on"
-        f" {device_type}; offered: {offered}"
+        f" {device_type}; offered: {sorted(offered)}"
     )
 
 
@@ -253,8 +247,9 @@ class DistributedModelParallel(nn.Module):
         super().__init__()
         self.env = env if env is not None else ShardingEnv.from_process_group()
         self.device = device if device is not None else torch.device("cpu")
+        # One index of who shards what, asked by the planner and by every shard_module call.
         self.sharders = (
-            list(sharders) if sharders is not None else load_sharder_registry().sharders()
+            SharderIndex(sharders) if sharders is not None else load_sharder_registry().sharders()
         )
         # The planner's report (per rank, per table, why) when DMP planned it.
         self.plan_report: PlanReport | None = None

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.types import (
     EmbeddingComputeKernel,
     ModuleSharder,
@@ -110,7 +111,7 @@ def shardable_modules(
 
     A shardable module's own children are not searched.
     """
-    types = {s.module_type for s in sharders}
+    types = SharderIndex.of(sharders).module_types()
 
     def walk(prefix: str, m: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if type(m) in types:
