@@ -22,16 +22,14 @@ samples/s, best of ``--rounds`` alternating rounds, each the median of ``--iters
 
 The floor: ``index_select`` of the step's ids (each table's ids offset into one table holding all
 26 tables' rows, so the same rows are read) reads ``ids x 512`` bytes; its bytes per second are
-the machine's gather limit. ``of gather`` is a contender's row bytes per second over that limit:
-a forward moves ``ids x 512`` bytes, a step at least ``5 x ids x 512`` (the forward's read, then
-the rows' gradient applied: each row and its Adagrad state read and written; duplicate ids within
-a step make that an overcount, so the fraction is an upper estimate for steps).
+the machine's gather limit. ``of gather`` is a contender's bytes per second over that limit: a
+forward moves ``ids x 512`` bytes; a step at least ``ids x 512 + distinct x 2 x (512 + state)``
+(the forward's read, then each distinct row of the step and its optimizer state read and written
+once; state 512 bytes per row for exact Adagrad, 4 for row-wise). That many bytes at the gather
+limit is the step's floor, so ``step of gather`` is the floor's time over the step's.
 
-The step's floor: the bare memory traffic no fused step can skip, timed with torch's fastest
-primitives on the same rows: the forward's gather (the faster bare gather above), then each
-distinct row of the step read and written once in the weights and once in the optimizer state
-(``index_add_`` of a kept zero buffer: the rows' read-modify-write without arithmetic; row-wise
-Adagrad's state is one float per row). ``step of floor`` is that time over a contender's step.
+Also printed: torch's own read-modify-write of the step's distinct rows (``index_add_`` of a
+kept zero buffer into the weights and into the state), the primitive a pure-torch update has.
 
 TorchRec runs only in ``.venv-peer`` (``make bench-peer``): the script re-runs itself there, as
 tools/bench/ebc.py does, so that every contender is timed in one process.
@@ -299,16 +297,19 @@ def _report(
         print(f"bare {name} of the step's rows: {row_bytes / t / 1e9:.2f} GB/s"
               f" (rounds spread {max(times[name]) / t - 1:.0%})")  # fmt: skip
     print(f"gather limit: {limit / 1e9:.2f} GB/s ({floor})")
+    state_row = DIM * 4 if args.optimizer == "adagrad" else 4
+    step_bytes = row_bytes + distinct * 2 * (DIM * 4 + state_row)
+    print(f"step floor: {step_bytes / 1e6:.0f} MB at the gather limit,"
+          f" {step_bytes / limit * 1e3:.1f} ms ({row_bytes / step_bytes:.0%} of it the forward's"
+          " read)")  # fmt: skip
     rmw = min(times["update_rows"])
-    step_floor = g + rmw
-    print(f"step floor: {step_floor * 1e3:.1f} ms = gather {g * 1e3:.1f} ms + distinct rows"
-          f" read and written {rmw * 1e3:.1f} ms (rounds spread"
-          f" {max(times['update_rows']) / rmw - 1:.0%})")  # fmt: skip
+    print(f"torch index_add_ of the distinct rows into weights and state: {rmw * 1e3:.1f} ms,"
+          f" {distinct * 2 * (DIM * 4 + state_row) / rmw / 1e9:.2f} GB/s"
+          f" (rounds spread {max(times['update_rows']) / rmw - 1:.0%})")  # fmt: skip
     ref = "torchrec" if "torchrec" in names else None
     print("| contender | forward samples/s | step samples/s | spread fwd / step | forward vs"
-          " torchrec | step vs torchrec | forward of gather | step of gather |"
-          " step of floor |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          " torchrec | step vs torchrec | forward of gather | step of gather |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         f, s = min(times[f"{name}/forward"]), min(times[f"{name}/step"])
         sf = max(times[f"{name}/forward"]) / f - 1
@@ -320,8 +321,7 @@ def _report(
             vs = "- | -"
         print(f"| {name} | {setup.batch / f:,.0f} | {setup.batch / s:,.0f} |"
               f" {sf:.0%} / {ss:.0%} | {vs} |"
-              f" {row_bytes / f / limit:.2f} | {5 * row_bytes / s / limit:.2f} |"
-              f" {step_floor / s:.2f} |")  # fmt: skip
+              f" {row_bytes / f / limit:.2f} | {step_bytes / s / limit:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
