@@ -19,9 +19,11 @@ P a table's pooling factor, N its rows, D = 128, fp32, 8-byte ids; ids fall even
   table-wise, column-wise, row-wise: every rank sends each shard the ids that fall in its rows
   (8 x B x P x rows/N) and, backward, its output gradient (B x cols x 4; row-wise B x D x 4); the
   owner sends every rank its output (B x cols x 4; row-wise partial sums B x D x 4);
+  table-column-wise (column slices on the ranks of one host) as column-wise;
   table-row-wise (rows over the L ranks of one host): ids as row-wise; the owners reduce-scatter
   the partial sums inside the host ((L-1)/L x W x B x D x 4 each) and each sends its rows to the
-  ranks of its local rank on the other hosts (B x D x 4 each); backward the reverse;
+  ranks of its local rank on the other hosts (B x D x 4 each); backward the reverse; grid (column
+  slices, one host each, rows split there): each slice as a table-row-wise table of its columns;
   data-parallel: a two-level all-reduce of the gradient, 2(L-1)/L x S inside, 2(H-1)/H x S/L across.
 - received bytes across hosts are counted too (an owner that every rank sends ids to receives
   far more than it sends).
@@ -220,8 +222,9 @@ def judge(plan: Plan, world: int) -> Figures:
             memory[rank] += rows * cols * E + rows * 4
             read[rank] += world * BATCH * p * share * cols * E
             traffic.all_to_owner(rank, ID * BATCH * p * share)
-            if kind == "table_row_wise":
-                full = world * BATCH * DIM * E
+            if kind in ("table_row_wise", "grid_shard"):
+                # Grid: each column slice is a table-row-wise table of its columns.
+                full = world * BATCH * cols * E
                 reduce = (LOCAL - 1) / LOCAL * full  # reduce-scatter forward, all-gather backward
                 traffic.sent["intra"][rank] += 2 * reduce
                 traffic.recv["intra"][rank] += 2 * reduce
@@ -229,7 +232,7 @@ def judge(plan: Plan, world: int) -> Figures:
                 peers = np.array(
                     [m * LOCAL + local_rank for m in range(hosts) if m != rank // LOCAL], dtype=int
                 )
-                row = BATCH * DIM * E
+                row = BATCH * cols * E
                 traffic.pairs(np.full(len(peers), rank), peers, row)  # pooled rows out
                 traffic.pairs(peers, np.full(len(peers), rank), row)  # their gradients back
             else:

@@ -28,6 +28,9 @@ _PREFERENCE: Final[dict[str, int]] = {
     ShardingType.ROW_WISE: 1,
     ShardingType.COLUMN_WISE: 2,
     ShardingType.DATA_PARALLEL: 3,
+    ShardingType.TABLE_ROW_WISE: 4,
+    ShardingType.TABLE_COLUMN_WISE: 5,
+    ShardingType.GRID_SHARD: 6,
 }
 
 
@@ -155,11 +158,16 @@ def enumerate_options(
         for kernel in kernels:
             kind = _storage_kind(sharder, table, kernel, topology)
             for cut in layout.cuts(table, topology, min_partition):
-                if cut.one_host and len(cut.pieces) > topology.ranks_per_host:
-                    raise PlannerError(
-                        f"table {table.fqn!r}: the {st} layout ({estimated_by}) cut "
-                        f"{len(cut.pieces)} pieces for one host of {topology.ranks_per_host} ranks"
-                    )
+                groups = cut.groups()
+                for g in sorted(set(groups)):
+                    n = groups.count(g)
+                    if n > topology.ranks_per_host:
+                        raise PlannerError(
+                            f"table {table.fqn!r}: the {st} layout ({estimated_by}) cut "
+                            f"{n} pieces for one host of {topology.ranks_per_host} ranks"
+                        )
+                if len(set(groups)) > topology.world_size // topology.ranks_per_host:
+                    continue  # more host groups than hosts: this cut cannot be placed
                 shards = []
                 # Pieces of one shape cost the same: estimate each shape once (row-wise and
                 # data-parallel cut one piece per rank).
@@ -186,7 +194,7 @@ def enumerate_options(
                         storage_kind=kind,
                         note=cut.note,
                         estimated_by=estimated_by,
-                        one_host=cut.one_host,
+                        host_groups=groups,
                     )
                 )
     if not options:

@@ -6,15 +6,15 @@ columns, ``rows`` its rows, N the table's rows, D its dimension. A *peer* is any
 
 - ids a peer sends the shard, per peer: ALL_IDS B·F·P, ROW_SPLIT B·F·P · rows/N (ids spread evenly
   over the rows); the shard looks up W times that (its own rank's ids included).
-- output a peer gets back, per peer: pooled ALL_IDS B·F·cols, ROW_SPLIT B·F·D (partial sums over the
-  full width), sequence tables one row per id (ids · cols); the gradient of the same size comes back
-  in the backward pass.
+- output a peer gets back, per peer: pooled B·F·cols (for ROW_SPLIT partial sums over the shard's
+  columns, the full width D but for grid's column slices), sequence tables one row per id
+  (ids · cols); the gradient of the same size comes back in the backward pass.
 - so each peer sends the owner ``to_owner`` = 8·ids + e·output bytes and receives ``from_owner`` =
   e·output bytes; the owner receives ``to_owner`` from, and sends ``from_owner`` to, every peer.
-- HOST_ROW_SPLIT (table-row-wise, rows over the L ranks of one host): ids as ROW_SPLIT; the partial
-  sums are reduce-scattered inside the host (the gradients all-gathered back), 2·(L-1)/L · W·B·F·D·e
-  bytes each way on the owner's host links, and each pooled row then crosses once: per peer
-  e·B·F·D/L each way on average.
+- HOST_ROW_SPLIT (table-row-wise, rows over the L ranks of one host; grid, each column slice so):
+  ids as ROW_SPLIT; the partial sums are reduce-scattered inside the host (the gradients
+  all-gathered back), 2·(L-1)/L · W·B·F·cols·e bytes each way on the owner's host links, and each
+  pooled row then crosses once: per peer e·B·F·cols/L each way on average.
 - REPLICATED (data-parallel): nothing is exchanged forward; the dense gradient S = rows·cols·e is
   all-reduced in two levels: 2·(L-1)/L · S inside the host, 2·(H-1)/H · S/L between the H hosts,
   sent and received by every rank.
@@ -129,12 +129,9 @@ def estimate_shard(
     share = rows / table.num_embeddings if table.num_embeddings else 0.0
     split = traffic in (Traffic.ROW_SPLIT, Traffic.HOST_ROW_SPLIT)
     ids_per_rank = b * f * p * (share if split else 1.0)
-    if not table.pooled:
-        out_per_rank = ids_per_rank * cols
-    elif split:
-        out_per_rank = b * f * table.embedding_dim
-    else:
-        out_per_rank = b * f * cols
+    # Pooled: B·F rows of the shard's columns (for row splits partial sums over them: the full
+    # width for row-wise and table-row-wise, the column slice for grid); sequence: a row per id.
+    out_per_rank = b * f * cols if table.pooled else ids_per_rank * cols
     senders = 1 if traffic is Traffic.REPLICATED else w
     ids, out_elems = ids_per_rank * senders, out_per_rank * senders
 

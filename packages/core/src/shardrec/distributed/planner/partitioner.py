@@ -80,20 +80,23 @@ class FixedLoads:
 
     def __init__(self, world_size: int) -> None:
         self._w = world_size
-        self._cache: dict[int, tuple[ShardingOption, np.ndarray, np.ndarray]] = {}
+        self._cache: dict[int, tuple[ShardingOption, np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def of(self, option: ShardingOption) -> tuple[np.ndarray, np.ndarray]:
+    def of(self, option: ShardingOption) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per rank: storage, time, and bytes sent to each peer (``from_owner``)."""
         hit = self._cache.get(id(option))
         if hit is not None and hit[0] is option:
-            return hit[1], hit[2]
+            return hit[1], hit[2], hit[3]
         mem = np.zeros(self._w, dtype=np.int64)
         perf = np.zeros(self._w, dtype=np.float64)
+        sends = np.zeros(self._w, dtype=np.float64)
         for shard in option.shards:
             assert shard.rank is not None
             mem[shard.rank] += shard.storage
             perf[shard.rank] += shard.perf
-        self._cache[id(option)] = (option, mem, perf)
-        return mem, perf
+            sends[shard.rank] += shard.cost.from_owner
+        self._cache[id(option)] = (option, mem, perf, sends)
+        return mem, perf, sends
 
 
 def partition(
@@ -101,22 +104,28 @@ def partition(
     topology: Topology,
     reserved_fraction: float,
     fixed_loads: FixedLoads | None = None,
+    target_step: float | None = None,
 ) -> Placement | PlacementFailure:
+    """Places ``proposal``; with ``target_step``, a host group goes to a host where it keeps every
+    rank's time within that target and whose ranks send the fewest bytes so far, where one has
+    room (see ``_place_on_hosts``)."""
     w = topology.world_size
     loads = fixed_loads if fixed_loads is not None else FixedLoads(w)
     hbm_cap, ddr_cap = capacities(topology, reserved_fraction)
     used = {"hbm": np.zeros(w, dtype=np.int64), "ddr": np.zeros(w, dtype=np.int64)}
     cap = {"hbm": hbm_cap, "ddr": ddr_cap}
     perf = np.zeros(w, dtype=np.float64)
+    sends = np.zeros(w, dtype=np.float64)
     placed: list[list[ShardSpec]] = [list(o.shards) for o in proposal]
 
     for i, option in enumerate(proposal):
         if not option.fixed_ranks:
             continue
         mem = used[option.storage_kind]
-        add_mem, add_perf = loads.of(option)
+        add_mem, add_perf, add_sends = loads.of(option)
         mem += add_mem
         perf += add_perf
+        sends += add_sends
         if int(mem.max()) > cap[option.storage_kind]:
             free_max = int(cap[option.storage_kind] - (mem - add_mem).min())
             return PlacementFailure(i, option.max_shard_storage, option.storage_kind, free_max)
@@ -146,14 +155,17 @@ def partition(
         option = proposal[i]
         if j < 0:
             kind = option.storage_kind
-            host = _place_on_a_host(option, used[kind], cap[kind], perf, topology)
-            if host is None:
+            ranks = _place_on_hosts(
+                option, used[kind], cap[kind], perf, topology, sends, target_step
+            )
+            if ranks is None:
                 free_max = int(cap[kind] - used[kind].min())
                 return PlacementFailure(i, option.max_shard_storage, kind, free_max)
             for k, shard in enumerate(option.shards):
-                rank = host * topology.ranks_per_host + k
+                rank = ranks[k]
                 used[kind][rank] += shard.storage
                 perf[rank] += shard.perf
+                sends[rank] += shard.cost.from_owner
                 heapq.heappush(heap, (float(perf[rank]), rank))
                 placed[i][k] = shard.placed(rank)
             continue
@@ -188,6 +200,7 @@ def partition(
                 heapq.heappush(heap, entry)
         mem[rank] += shard.storage
         perf[rank] += shard.perf
+        sends[rank] += shard.cost.from_owner
         heapq.heappush(heap, (float(perf[rank]), rank))
         taken.add(rank)
         placed[i][j] = shard.placed(rank)
@@ -199,23 +212,70 @@ def partition(
     return Placement(options, evaluate(options, topology, used["hbm"], used["ddr"]))
 
 
-def _place_on_a_host(
-    option: ShardingOption, used: np.ndarray, cap: int, perf: np.ndarray, topology: Topology
-) -> int | None:
-    """The host whose slowest rank stays fastest with piece k on its local rank k (room allowing);
-    the lowest such host on ties."""
+def _place_on_hosts(
+    option: ShardingOption,
+    used: np.ndarray,
+    cap: int,
+    perf: np.ndarray,
+    topology: Topology,
+    sends: np.ndarray,
+    target_step: float | None,
+) -> list[int] | None:
+    """A rank for each shard of a host-grouped option, or None where a group finds no host.
+
+    Group by group (slowest first), the group's pieces go to a host's least-loaded ranks (slowest
+    piece on the least-loaded rank) that hold no other piece of the table and have room: on the
+    host whose slowest rank stays fastest, the lowest on ties. With ``target_step``, among the
+    hosts whose ranks all stay within it, on the one whose busiest sender (``sends``: bytes a rank
+    sends each peer) sends least with the group added, for bytes across hosts are what a host's
+    ranks share out.
+    """
     local = topology.ranks_per_host
     hosts = topology.world_size // local
-    add_mem = np.zeros(local, dtype=np.int64)
-    add_perf = np.zeros(local)
-    for k, shard in enumerate(option.shards):
-        add_mem[k] += shard.storage
-        add_perf[k] += shard.perf
-    fits = ((used.reshape(hosts, local) + add_mem) <= cap).all(axis=1)
-    if not fits.any():
-        return None
-    slowest = (perf.reshape(hosts, local) + add_perf).max(axis=1)
-    return int(np.argmin(np.where(fits, slowest, np.inf)))
+    groups = option.host_groups
+    members: dict[int, list[int]] = {}
+    for k, g in enumerate(groups):
+        members.setdefault(g, []).append(k)
+    perf = perf.astype(np.float64).copy()
+    used = used.copy()
+    sends = sends.copy()
+    taken = np.zeros(topology.world_size, dtype=bool)
+    ranks = [-1] * len(option.shards)
+    shards = option.shards
+
+    def heaviest(g: int) -> tuple[float, int, int]:
+        worst = max(members[g], key=lambda k: (shards[k].perf, shards[k].storage))
+        return (-shards[worst].perf, -shards[worst].storage, g)
+
+    for g in sorted(members, key=heaviest):
+        pieces = sorted(members[g], key=lambda k: (-shards[k].perf, -shards[k].storage, k))
+        n = len(pieces)
+        add_perf = np.array([shards[k].perf for k in pieces])
+        add_mem = np.array([shards[k].storage for k in pieces], dtype=np.int64)
+        load = perf.reshape(hosts, local)
+        free_load = np.where(taken.reshape(hosts, local), np.inf, load)
+        order = np.argsort(free_load, axis=1, kind="stable")[:, :n]
+        picked = np.take_along_axis(free_load, order, axis=1)
+        room = np.take_along_axis(used.reshape(hosts, local), order, axis=1) + add_mem <= cap
+        fits = np.isfinite(picked).all(axis=1) & room.all(axis=1)
+        if not fits.any():
+            return None
+        slowest = np.maximum(load.max(axis=1), (picked + add_perf).max(axis=1))
+        host = int(np.argmin(np.where(fits, slowest, np.inf)))
+        if target_step is not None:
+            within = fits & (slowest <= target_step)
+            if within.any():
+                add_sends = np.array([shards[k].cost.from_owner for k in pieces])
+                sent = np.take_along_axis(sends.reshape(hosts, local), order, axis=1) + add_sends
+                host = int(np.argmin(np.where(within, sent.max(axis=1), np.inf)))
+        for k, local_rank in zip(pieces, order[host].tolist(), strict=True):
+            rank = host * local + int(local_rank)
+            ranks[k] = rank
+            taken[rank] = True
+            perf[rank] += shards[k].perf
+            used[rank] += shards[k].storage
+            sends[rank] += shards[k].cost.from_owner
+    return ranks
 
 
 def rebalance_memory(
@@ -293,5 +353,5 @@ def _with_shards(option: ShardingOption, shards: tuple[ShardSpec, ...]) -> Shard
         storage_kind=option.storage_kind,
         note=option.note,
         estimated_by=option.estimated_by,
-        one_host=option.one_host,
+        host_groups=option.host_groups,
     )

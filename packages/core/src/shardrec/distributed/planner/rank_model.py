@@ -2,10 +2,11 @@
 
 A rank's step is its compute plus its communication, each link class at its own bandwidth:
 
-    step[r] = compute[r] + max(sent_intra[r], received_intra[r]) / intra_host_bw
+    step[r] = overhead + compute[r] + max(sent_intra[r], received_intra[r]) / intra_host_bw
                          + max(sent_inter[r], received_inter[r]) / inter_host_bw
 
-(links are full duplex: sending and receiving overlap, the larger one bounds the time). The plan's
+(links are full duplex: sending and receiving overlap, the larger one bounds the time; ``overhead``
+is the topology's fixed ``step_overhead``, 0 unless calibrated). The plan's
 step is the slowest rank's. A rank's bytes come from two roles (per-shard figures in
 ``estimators.py``):
 
@@ -83,6 +84,22 @@ def evaluate(
     own_intra = np.zeros(w)
     ar_intra = ar_inter = 0.0
     for option in options:
+        first = option.shards[0].cost
+        # A replica on every rank (data-parallel), each costing the same: add it to all ranks at
+        # once, and its all-reduce once per rank.
+        if (
+            (first.allreduce_intra > 0 or first.allreduce_inter > 0)
+            and len(option.shards) == w
+            and len({s.rank for s in option.shards}) == w
+        ):
+            compute += first.compute
+            read += first.read_bytes
+            to_owner += first.to_owner
+            from_owner += first.from_owner
+            own_intra += first.owner_intra
+            ar_intra += first.allreduce_intra
+            ar_inter += first.allreduce_inter
+            continue
         replicated = False
         for shard in option.shards:
             assert shard.rank is not None
@@ -95,7 +112,6 @@ def evaluate(
             replicated = replicated or c.allreduce_intra > 0 or c.allreduce_inter > 0
         if replicated:
             # Every replica carries the same all-reduce; count it once per rank.
-            first = option.shards[0].cost
             ar_intra += first.allreduce_intra
             ar_inter += first.allreduce_inter
     t_host = np.repeat(to_owner.reshape(hosts, local).sum(axis=1), local)
@@ -108,7 +124,8 @@ def evaluate(
     if w == 1:
         sent_intra = sent_inter = recv_intra = recv_inter = np.zeros(w)
     perf = (
-        compute
+        topology.step_overhead
+        + compute
         + np.maximum(sent_intra, recv_intra) / topology.intra_host_bw
         + np.maximum(sent_inter, recv_inter) / topology.inter_host_bw
     )

@@ -151,9 +151,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _step_line(report: PlanReport) -> str:
     slowest = max(report.ranks, key=lambda r: (r.perf, -r.rank))
     busy = sum(1 for r in report.ranks if r.shards)
+    overhead = report.topology.step_overhead
+    fixed = f" + fixed {overhead * 1e3:.3f} ms" if overhead else ""
     return (
         f"estimated step: {slowest.perf * 1e3:.3f} ms on rank {slowest.rank} (compute "
-        f"{slowest.compute * 1e3:.3f} ms + communication {slowest.comm * 1e3:.3f} ms); "
+        f"{slowest.compute * 1e3:.3f} ms + communication {slowest.comm * 1e3:.3f} ms{fixed}); "
         f"{busy} of {len(report.ranks)} ranks hold shards"
     )
 

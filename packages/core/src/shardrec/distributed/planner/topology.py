@@ -25,6 +25,9 @@ class Topology:
     ``hbm_cap`` and ``ddr_cap`` are bytes per rank. On ``compute_device="cpu"`` tables live in DDR
     and
     ``hbm_cap`` is 0; on any accelerator they live in HBM. Bandwidths are bytes per second per rank.
+    ``step_overhead`` is seconds every step costs whatever its bytes (dispatch, collectives'
+    latency), added to every rank's estimated step; ``tools/bench/planner_calibrate.py`` measures
+    it. It moves every plan's step alike, so it changes no choice, only the estimate reported.
     """
 
     world_size: int
@@ -37,6 +40,7 @@ class Topology:
     intra_host_bw: float = DEFAULT_INTRA_HOST_BW
     inter_host_bw: float = DEFAULT_INTER_HOST_BW
     bwd_compute_multiplier: float = DEFAULT_BWD_COMPUTE_MULTIPLIER
+    step_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -54,6 +58,8 @@ class Topology:
         for name in ("ddr_cap", "hbm_mem_bw", "ddr_mem_bw", "intra_host_bw", "inter_host_bw"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Topology.{name} must be > 0, got {getattr(self, name)}")
+        if self.step_overhead < 0:
+            raise ValueError(f"Topology.step_overhead must be >= 0, got {self.step_overhead}")
         if self.hbm_cap is not None and self.hbm_cap < 0:
             raise ValueError(f"Topology.hbm_cap must be >= 0, got {self.hbm_cap}")
 

@@ -104,8 +104,10 @@ class ShardingOption:
     """One way to shard one table: a sharding type, a kernel, and the shards it cuts the table into.
 
     ``fixed_ranks`` is True when the layout itself decides each shard's rank (row-wise: shard i on
-    rank i; data-parallel: a replica on every rank); otherwise the partitioner chooses, for
-    ``one_host`` options a host (shard i on its local rank i).
+    rank i; data-parallel: a replica on every rank); otherwise the partitioner chooses. With
+    ``host_groups`` (one group number per shard) it chooses a host for each group and puts the
+    group's shards on distinct ranks of that host, never two shards of the table on one rank
+    (table-row-wise and table-column-wise: one group; grid: a group per column slice).
     """
 
     table: TableSpec
@@ -116,7 +118,12 @@ class ShardingOption:
     storage_kind: str  # "hbm" or "ddr"
     note: str = ""
     estimated_by: str = field(default="shardrec")
-    one_host: bool = False
+    host_groups: tuple[int, ...] = ()
+
+    @property
+    def one_host(self) -> bool:
+        """Whether the partitioner places the shards host by host (see ``host_groups``)."""
+        return bool(self.host_groups)
 
     @property
     def total_perf(self) -> float:
