@@ -331,3 +331,71 @@ def test_copy_refuses_what_would_broadcast() -> None:
     weighted = KeyedJaggedTensor.empty_like(float_kjt(torch.ones(6)), device="cpu")
     with pytest.raises(ValueError, match=r"this has weights but the source has none"):
         weighted.copy_(float_kjt())
+
+
+# -- variable batch per feature (TorchRec's VBE names and meanings) ------------------------------
+
+
+def vb_kjt(**extra: object) -> KeyedJaggedTensor:
+    """product has 2 samples, user 4: offsets cover 2 + 4 rows."""
+    return KeyedJaggedTensor(
+        KEYS,
+        torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]),
+        offsets=torch.tensor([0, 2, 2, 3, 4, 5, 8], dtype=torch.int32),
+        stride_per_key_per_rank=[[2], [4]],
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_vb_stride_is_the_largest_key_or_the_inverse_width() -> None:
+    assert vb_kjt().stride() == 4
+    inverse = torch.tensor([[0, 1, 0], [0, 0, 0]])
+    assert vb_kjt(inverse_indices=(KEYS, inverse)).stride() == 3
+    # Strides of fewer keys than the KJT holds: the batch size still comes from the inverse table.
+    short = KeyedJaggedTensor(
+        ["a", "b", "c"],
+        torch.arange(8),
+        lengths=torch.tensor([3, 3, 2]),
+        stride_per_key_per_rank=[[2], [1]],
+        inverse_indices=(["a", "b"], inverse),
+    )
+    assert short.stride() == 3
+    empty = KeyedJaggedTensor(
+        ["a"], torch.tensor([]), lengths=torch.tensor([]), stride_per_key_per_rank=[[]]
+    )
+    assert empty.stride() == 0
+
+
+def test_vb_per_key_views_and_printing() -> None:
+    kjt = vb_kjt(weights=torch.arange(8.0))
+    assert kjt["product"].lengths().tolist() == [2, 0]
+    assert kjt.to_dict()["user"].weights().tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    two_ranks = KeyedJaggedTensor(
+        KEYS, kjt.values(), offsets=kjt.offsets(), stride_per_key_per_rank=[[1, 1], [1, 3]]
+    )
+    assert str(two_ranks) == (
+        'KeyedJaggedTensor({\n    "product": [[1.0, 2.0], []],\n'
+        '    "user": [[3.0], [4.0], [5.0], [6.0, 7.0, 8.0]]\n})\n'
+    )
+
+
+def test_vb_split_keeps_the_parents_stride_and_from_jt_dict_makes_one() -> None:
+    first, second = vb_kjt().split([1, 1])
+    assert first.stride() == second.stride() == 4
+    assert first.stride_per_key_per_rank() == [[2]]
+    again = KeyedJaggedTensor.from_jt_dict(vb_kjt().to_dict())
+    assert again.variable_stride_per_key()
+    assert again.stride_per_key_per_rank() == [[2], [4]]
+
+
+def test_vb_pytree_keeps_strides_and_inverse_indices() -> None:
+    kjt = vb_kjt(inverse_indices=(KEYS, torch.tensor([[0, 1, 0], [0, 0, 0]])))
+    leaves, spec = pytree.tree_flatten(kjt)
+    back = pytree.tree_unflatten(leaves, spec)
+    assert back.lengths_or_none() is None  # built from offsets, as the original
+    assert back.stride_per_key_per_rank() == [[2], [4]]
+    assert back.inverse_indices()[0] == KEYS
+    assert torch.equal(back.inverse_indices()[1], kjt.inverse_indices()[1])
+    plain = pytree.tree_unflatten(*pytree.tree_flatten(float_kjt()))
+    assert plain.stride_per_key_per_rank() == []
+    assert plain.inverse_indices_or_none() is None

@@ -93,8 +93,19 @@ def test_bad_construction_is_named() -> None:
     values, lengths = torch.arange(8), torch.ones(6, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"6 lengths but stride_per_key_per_rank gives 5"):
         KeyedJaggedTensor(KEYS, values, lengths=lengths, stride_per_key_per_rank=[[2], [3]])
-    with pytest.raises(ValueError, match=r"1 rows for 2 keys"):
-        KeyedJaggedTensor(KEYS, values, lengths=lengths, stride_per_key_per_rank=[[6]])
+    # TorchRec takes strides for fewer keys when the inverse indices give the batch size; a
+    # key's stride is then refused where it is needed.
+    short = KeyedJaggedTensor(
+        KEYS,
+        values,
+        lengths=lengths,
+        stride_per_key_per_rank=[[6]],
+        inverse_indices=(KEYS[:1], torch.zeros(1, 3, dtype=torch.long)),
+    )
+    assert short.stride() == 3
+    for use in (short.stride_per_key, short.sync, short.validate, lambda: short["item"]):
+        with pytest.raises(ValueError, match=r"1 rows for 2 keys"):
+            use()
     with pytest.raises(ValueError, match=r"different numbers of ranks"):
         KeyedJaggedTensor(KEYS, values, lengths=lengths, stride_per_key_per_rank=[[2], [2, 2]])
     with pytest.raises(ValueError, match=r"stride_per_key_per_rank\[1\]\[0\] is -4"):

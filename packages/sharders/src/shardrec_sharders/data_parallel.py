@@ -36,6 +36,7 @@ from shardrec.distributed.sharding import (
     ModuleView,
     Ready,
     build_local_lookup,
+    pooled_output,
     sequence_output,
     table_shards,
 )
@@ -120,11 +121,7 @@ class ReplicatedEmbedding(nn.Module):
         )
         if self.pooled:
             assert isinstance(out, torch.Tensor)
-            return KeyedTensor(
-                keys=[p.name for p in self.pairs],
-                length_per_key=[p.dim for p in self.pairs],
-                values=out,
-            )
+            return pooled_output(self.pairs, out, routed)
         assert isinstance(out, list)
         return {
             p.name: sequence_output(rows, routed, i, self.need_indices)

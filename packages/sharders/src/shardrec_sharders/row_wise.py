@@ -44,6 +44,7 @@ from shardrec.distributed.sharding import (
     lookup_pooled,
     lookup_sequence,
     nothing_to_send,
+    pooled_output,
     pooled_send_buffer,
     sequence_output,
     sequence_send_buffer,
@@ -327,11 +328,7 @@ class RowShardedEmbedding(nn.Module):
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
             values = self.output_dist_pooled(out, routed, stacked, got.weights)
-            return KeyedTensor(
-                keys=[p.name for p in self.pairs],
-                length_per_key=[p.dim for p in self.pairs],
-                values=values,
-            )
+            return pooled_output(self.pairs, values, routed)
         assert out is None or isinstance(out, list)
         return self.output_dist_sequence(out, routed, order, dest, stacked)
 

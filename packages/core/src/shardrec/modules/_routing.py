@@ -15,6 +15,7 @@ import torch
 from shardrec.kernels import FeatureSpec, PoolingType, TableSpec
 from shardrec.modules.configs import BaseEmbeddingConfig, EmbeddingBagConfig
 from shardrec.sparse import KeyedJaggedTensor
+from shardrec.sparse.variable_batch import pad_to_max_stride
 
 __all__ = ["FeatureRouter", "KernelInput", "Routing"]
 
@@ -93,19 +94,23 @@ class FeatureRouter:
         return result
 
     def check(self, kjt: KeyedJaggedTensor) -> list[int] | None:
-        """Checks what the KJT's metadata says (its type, one batch size for every key) and
-        returns :meth:`permutation` of its keys."""
+        """Checks what the KJT's metadata says (its type) and returns :meth:`permutation` of its
+        keys."""
         if not isinstance(kjt, KeyedJaggedTensor):
             raise TypeError(f"{self.owner}: expected a KeyedJaggedTensor, got {type(kjt).__name__}")
-        if kjt.variable_stride_per_key():
-            raise ValueError(f"{self.owner}: variable batch size per feature is not supported")
         return self.permutation(kjt.keys())
 
     def route(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``kjt`` with the keys this module reads, in lookup order (``kjt`` itself when it
-        already is): ``(keys, B, L) -> (sources, B, L)``."""
+        already is): ``(keys, B, L) -> (sources, B, L)``.
+
+        A variable batch per key (``docs/vbe.md``) comes out as its unique samples, a plain batch
+        of the largest key's size that carries the inverse indices (``pad_to_max_stride``): the
+        module sends and pools only those, and its pooled output is expanded to the full batch
+        at the end (``expand_pooled``)."""
         order = self.check(kjt)
-        return kjt if order is None else kjt.permute(order)
+        routed = kjt if order is None else kjt.permute(order)
+        return pad_to_max_stride(routed)
 
 
 class Routing:

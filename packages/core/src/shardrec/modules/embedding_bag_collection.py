@@ -93,18 +93,24 @@ class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
         return list(self._configs)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if features.variable_stride_per_key():
+        if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
             # Pool each key's unique samples once, then expand to the full batch through the
             # inverse indices (TorchRec's semantics for a variable batch per key).
-            unique = self.forward(pad_to_max_stride(features)).values()
+            padded = pad_to_max_stride(features)
+            unique = self._pool(padded).values()
+            inverse = padded.inverse_indices_or_none()
+            batch = padded.stride() if inverse is None else inverse[1].shape[1]
             values = (
-                unique.new_empty(features.stride(), unique.shape[1])
+                unique.new_empty(batch, unique.shape[1])
                 if unique.device.type == "meta"
-                else expand_pooled(unique, self._dims, self._routing.sources, features)
+                else expand_pooled(unique, self._dims, self._routing.sources, padded)
             )
             return KeyedTensor(
                 keys=self._routing.embedding_names, length_per_key=self._dims, values=values
             )
+        return self._pool(features)
+
+    def _pool(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.lookup.device.type == "meta":
             # Tables on meta (a model being planned): the output's shape needs only the batch size.
             self._routing.check_keys(features, weighted=self._is_weighted)

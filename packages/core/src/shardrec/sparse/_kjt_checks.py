@@ -93,7 +93,7 @@ def _validate_inverse(kjt: KeyedJaggedTensor) -> None:
         raise ValueError(
             f"{_OWNER}: inverse_indices is on {table.device} but values on {kjt.values().device}"
         )
-    if table.numel() and table.shape[1] != kjt.stride():
+    if kjt.variable_stride_per_key() and table.numel() and table.shape[1] != kjt.stride():
         raise ValueError(
             f"{_OWNER}: inverse_indices cover {table.shape[1]} samples but stride() is "
             f"{kjt.stride()}"

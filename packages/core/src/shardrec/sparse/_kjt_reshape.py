@@ -171,8 +171,9 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> list[KeyedJaggedTe
     values = kjt.values()
     weights = kjt.weights_or_none()
     lengths = kjt.lengths()
-    lengths_at = kjt.lengths_offset_per_key()
-    per_rank = kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None
+    variable = kjt.variable_stride_per_key()
+    lengths_at = kjt.lengths_offset_per_key() if variable else None
+    per_rank = kjt.stride_per_key_per_rank() if variable else None
     inverse = kjt.inverse_indices_or_none()
     cls = type(kjt)
     out: list[KeyedJaggedTensor] = []
@@ -181,7 +182,11 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> list[KeyedJaggedTe
         end = start + size
         lo, hi = offset_per_key[start], offset_per_key[end]
         sub_per_key = per_key[start:end]
-        sub_lengths = lengths[lengths_at[start] : lengths_at[end]]
+        sub_lengths = (
+            lengths[start * stride : end * stride]
+            if lengths_at is None
+            else lengths[lengths_at[start] : lengths_at[end]]
+        )
         out.append(
             cls._trusted(
                 keys[start:end],

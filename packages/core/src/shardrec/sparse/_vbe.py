@@ -24,7 +24,8 @@ StridePerKeyPerRank = Sequence[Sequence[int]] | torch.Tensor
 def as_stride_per_key_per_rank(
     owner: str, given: StridePerKeyPerRank, num_keys: int
 ) -> list[list[int]]:
-    """Lists of ints, one per key, from TorchRec's list of lists or 2-D integer tensor."""
+    """Lists of ints, one per key, from TorchRec's list of lists or 2-D integer tensor (the number
+    of rows is checked later: see :func:`row_count_error`)."""
     if isinstance(given, torch.Tensor):
         if given.dtype not in check.INDEX_DTYPES and given.numel():
             raise check.IndexDtypeError(
@@ -41,11 +42,6 @@ def as_stride_per_key_per_rank(
             rows = given.tolist()
     else:
         rows = [list(per_rank) for per_rank in given]
-    if len(rows) != num_keys:
-        raise ValueError(
-            f"{owner}: stride_per_key_per_rank has {len(rows)} rows for {num_keys} keys; "
-            "give one list of per-rank batch sizes per key"
-        )
     ranks = {len(r) for r in rows}
     if len(ranks) > 1:
         raise ValueError(
@@ -59,6 +55,16 @@ def as_stride_per_key_per_rank(
                     "batch sizes are non-negative ints"
                 )
     return rows
+
+
+def row_count_error(owner: str, rows: int, num_keys: int) -> ValueError:
+    """TorchRec accepts a stride_per_key_per_rank whose rows do not match the keys (its batch size
+    can come from the inverse indices alone); the mismatch is refused where a key's stride is
+    needed."""
+    return ValueError(
+        f"{owner}: stride_per_key_per_rank has {rows} rows for {num_keys} keys; "
+        "give one list of per-rank batch sizes per key"
+    )
 
 
 def check_inverse_indices(owner: str, inverse: object) -> InverseIndices:

@@ -335,9 +335,12 @@ class KeyedJaggedTensor(JaggedFields):
 
     def stride_per_key(self) -> list[int]:
         """Each key's number of samples (its number of lengths)."""
-        if self._stride_per_key is None:
+        per_key = self._stride_per_key
+        if per_key is None:
             return [self._stride] * len(self._keys)
-        return self._stride_per_key
+        if len(per_key) != len(self._keys):
+            raise vbe.row_count_error(_OWNER, len(per_key), len(self._keys))
+        return per_key
 
     def stride_per_key_per_rank(self) -> list[list[int]]:
         """Each key's number of samples from each rank; ``[]`` when every key has ``stride()``."""
@@ -391,7 +394,7 @@ class KeyedJaggedTensor(JaggedFields):
     def lengths_offset_per_key(self) -> list[int]:
         """Start of each key's lengths in ``lengths()``, plus the end."""
         if self._stride_per_key is not None:
-            return vbe.lengths_offsets(self._stride_per_key)
+            return vbe.lengths_offsets(self.stride_per_key())
         return [i * self._stride for i in range(len(self._keys) + 1)]
 
     def flatten_lengths(self) -> KeyedJaggedTensor:
@@ -406,7 +409,7 @@ class KeyedJaggedTensor(JaggedFields):
             self._set_length_per_key([])
             return self
         if self._stride == 0 or (
-            self._stride_per_key is not None and not any(self._stride_per_key)
+            self._stride_per_key is not None and not any(self.stride_per_key())
         ):
             self._set_length_per_key([0] * num_keys)
             return self
@@ -417,7 +420,7 @@ class KeyedJaggedTensor(JaggedFields):
             self._set_length_per_key([share + rest] + [share] * (num_keys - 1))
             return self
         if self._stride_per_key is not None:
-            return self._sync_variable(self._stride_per_key)
+            return self._sync_variable(self.stride_per_key())
         if self._lengths is not None:
             per_key = self._lengths.view(num_keys, self._stride).sum(dim=1).tolist()
             self._set_length_per_key(per_key)
@@ -461,8 +464,8 @@ class KeyedJaggedTensor(JaggedFields):
         if self._stride_per_key is None:
             lengths = self.lengths().narrow(0, index * self._stride, self._stride)
         else:
-            first = sum(self._stride_per_key[:index])
-            lengths = self.lengths().narrow(0, first, self._stride_per_key[index])
+            strides = self.stride_per_key()
+            lengths = self.lengths().narrow(0, sum(strides[:index]), strides[index])
         weights = self._weights
         return JaggedTensor._trusted(
             self._values[start:end],

@@ -118,12 +118,23 @@ def expand_features(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
 
 
 def pad_to_max_stride(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """The same ids with every key given as many samples as the key with the most: the missing
-    samples are empty, at the end of each key. Values and weights are shared, not copied; the
-    result has no variable batch (and no inverse indices), so that any lookup can take it.
-    ``expand_pooled`` turns the pooled rows of the result into the full batch."""
+    """The unique samples of a variable-batch KJT as a plain batch that any lookup can take:
+    every key gets as many samples as the key with the most, the missing ones empty, at the end of
+    each key. Values and weights are shared, not copied. The result keeps ``kjt``'s inverse
+    indices (TorchRec's meaning of a KJT that has them: pool its samples, then expand), which
+    :func:`expand_pooled` applies to the pooled rows.
+
+    ::
+
+        user   [7, 8]  [9]                    user   [7, 8]  [9]  []   []
+        item   [1]     [2]    [3]    [4, 5]    item   [1]     [2]  [3]  [4, 5]   stride 4
+
+    Every key must have inverse indices or the full batch of samples (ValueError naming it).
+    A KJT without a variable batch is returned as is.
+    """
     if not kjt.variable_stride_per_key():
         return kjt
+    inverse_rows(kjt, "pad_to_max_stride")  # refuses keys that could not be expanded
     strides = kjt.stride_per_key()
     longest = max(strides, default=0)
     lengths = kjt.lengths()
@@ -131,31 +142,48 @@ def pad_to_max_stride(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         positions = [k * longest + j for k, n in enumerate(strides) for j in range(n)]
         index = torch.tensor(positions, dtype=torch.long, device=lengths.device)
         lengths = lengths.new_zeros(len(strides) * longest).index_copy_(0, index, lengths)
-    return KeyedJaggedTensor(
+    # Trusted: a routed KJT may repeat a key (a feature read by two tables).
+    return KeyedJaggedTensor._trusted(
         kjt.keys(),
+        None,
         kjt.values(),
-        weights=kjt.weights_or_none(),
-        lengths=lengths,
-        stride=longest,
-        length_per_key=kjt.length_per_key(),
+        kjt.weights_or_none(),
+        lengths,
+        None,
+        longest,
+        kjt.length_per_key(),
+        kjt.offset_per_key(),
+        None,
+        kjt.inverse_indices_or_none(),
     )
 
 
 def expand_pooled(
     pooled: torch.Tensor, dims: Sequence[int], sources: Sequence[str], kjt: KeyedJaggedTensor
 ) -> torch.Tensor:
-    """Pooled rows of the unique samples ``(samples, sum(dims))``, one column block of ``dims[i]``
-    per output read from key ``sources[i]`` of ``kjt``, to the full batch ``(stride(), ...)``:
-    each block's rows picked through its key's inverse indices. Differentiable (the gradient of
-    a unique sample is the sum over the samples that read it)."""
-    if not kjt.variable_stride_per_key():
+    """Pooled rows ``(samples, sum(dims))`` of a batch that carries inverse indices (for example
+    from :func:`pad_to_max_stride`) to the full batch ``(inverse width, sum(dims))``: column block
+    ``i`` (``dims[i]`` wide, read from key ``sources[i]``) takes its rows through that key's
+    inverse indices; a key without them keeps its rows. Differentiable: a unique sample's
+    gradient is the sum over the samples that read it. Without inverse indices, ``pooled``."""
+    if kjt.variable_stride_per_key():
+        raise ValueError("expand_pooled: pool the batch of pad_to_max_stride(kjt), not kjt")
+    inverse = kjt.inverse_indices_or_none()
+    if inverse is None:
         return pooled
-    rows = inverse_rows(kjt, "expand_pooled")
-    at = {key: i for i, key in enumerate(kjt.keys())}
+    names, table = inverse
+    at = {name: i for i, name in enumerate(names)}
+    table = table.to(device=pooled.device, dtype=torch.long)
+    keep = [s for s in sources if s not in at]
+    if keep and pooled.shape[0] != table.shape[1]:
+        raise ValueError(
+            f"expand_pooled: keys {sorted(set(keep))} have no inverse indices and "
+            f"{pooled.shape[0]} pooled rows, not the batch of {table.shape[1]}"
+        )
     blocks = torch.split(pooled, list(dims), dim=1)
     return torch.cat(
         [
-            block.index_select(0, rows[at[source]])
+            block if source not in at else block.index_select(0, table[at[source]])
             for block, source in zip(blocks, sources, strict=True)
         ],
         dim=1,

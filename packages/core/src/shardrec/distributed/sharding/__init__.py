@@ -13,7 +13,8 @@ own batch of ``B_s`` samples and ``F`` features::
                                                               (F', W*B_max, L) -> (W*B_max, D')
     output dist   each sender's rows back to it               pooled_send_buffer,
                   (all-to-all or reduce-scatter)              sequence_send_buffer
-                  -> KeyedTensor (B_s, D) or                  divide_mean_bags, sequence_output
+                  -> KeyedTensor (B_s, D) or                  divide_mean_bags, pooled_output,
+                                                              sequence_output
                      dict[str, JaggedTensor] (B_s, L, D)
 
 The module declares what DistributedModelParallel and the checkpoints ask of it as Protocols
@@ -58,6 +59,7 @@ from shardrec.distributed.sharding.module_view import EmbeddingModule, ModuleVie
 from shardrec.distributed.sharding.output_dist import (
     divide_mean_bags,
     nothing_to_send,
+    pooled_output,
     pooled_send_buffer,
     sequence_output,
     sequence_send_buffer,
@@ -115,6 +117,7 @@ __all__ = [
     "lookup_pooled",
     "lookup_sequence",
     "nothing_to_send",
+    "pooled_output",
     "pooled_send_buffer",
     "sequence_output",
     "sequence_send_buffer",

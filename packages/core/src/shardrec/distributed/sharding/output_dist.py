@@ -20,11 +20,14 @@ from collections.abc import Sequence
 import torch
 
 from shardrec.distributed.sharding.input_dist import StackedInput
-from shardrec.sparse import JaggedTensor, KeyedJaggedTensor
+from shardrec.distributed.sharding.module_view import TableFeature
+from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec.sparse.variable_batch import expand_pooled
 
 __all__ = [
     "divide_mean_bags",
     "nothing_to_send",
+    "pooled_output",
     "pooled_send_buffer",
     "sequence_output",
     "sequence_send_buffer",
@@ -72,6 +75,20 @@ def sequence_send_buffer(
     return (torch.cat(flat) if flat else stacked.values.new_zeros(0, dtype=torch.float32)), sizes
 
 
+def pooled_output(
+    pairs: Sequence[TableFeature], values: torch.Tensor, routed: KeyedJaggedTensor
+) -> KeyedTensor:
+    """The pooled output ``(B, sum of dims)`` of a sharded module, keyed by its pairs' names.
+
+    A routed batch that carries inverse indices (a variable batch per key, routed as its unique
+    samples: see ``FeatureRouter.route``) was pooled once per unique sample, and those smaller
+    rows came back; here, on the rank that sent the batch, they are expanded to the full batch.
+    """
+    dims = [p.dim for p in pairs]
+    values = expand_pooled(values, dims, [p.source for p in pairs], routed)
+    return KeyedTensor(keys=[p.name for p in pairs], length_per_key=dims, values=values)
+
+
 def sequence_output(
     values: torch.Tensor, routed: KeyedJaggedTensor, index: int, need_indices: bool
 ) -> JaggedTensor:
@@ -81,6 +98,11 @@ def sequence_output(
     With ``need_indices`` the ids ride in the weights slot (TorchRec's convention, as the
     unsharded collection does).
     """
+    if routed.inverse_indices_or_none() is not None:
+        raise ValueError(
+            "a sharded EmbeddingCollection does not take a variable batch per key yet; give it "
+            "the full batch (shardrec.sparse.expand_features)"
+        )
     batch = routed.stride()
     lengths = routed.lengths()[index * batch : (index + 1) * batch]
     if not need_indices:

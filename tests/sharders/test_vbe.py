@@ -1,0 +1,149 @@
+"""A variable batch per key under DistributedModelParallel, for every built-in sharding type.
+
+On 2 gloo processes, each rank trains two copies of one model under the same plan: one on its
+full user-item batch, one on the same batch with the user features deduplicated
+(``deduplicate_features``). The outputs and the dense head's gradients at every step, and every
+shard of every table and of the Adagrad state after the steps, must be equal (the sharded
+full-batch path is itself checked against the unsharded module in test_equivalence.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from shardrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from shardrec.distributed import (
+    DistributedModelParallel,
+    ParameterSharding,
+    ShardingEnv,
+    ShardingPlan,
+    ShardingType,
+)
+from shardrec.distributed.types import ShardMetadata
+from shardrec.sparse import deduplicate_features
+from shardrec.testing import EmbeddingModel, WorkerPool
+
+pytestmark = pytest.mark.multiprocess
+
+WORLD, USERS, ITEMS, STEPS = 2, 3, 3, 2
+TABLES = [
+    EmbeddingBagConfig(
+        name="t_user", num_embeddings=11, embedding_dim=4, feature_names=["user", "age"]
+    ),
+    EmbeddingBagConfig(
+        name="t_item",
+        num_embeddings=13,
+        embedding_dim=6,
+        feature_names=["item", "user"],
+        pooling=PoolingType.MEAN,
+    ),
+]
+MODEL = EmbeddingModel(
+    tables=TABLES, fused_params={"optimizer": "rowwise_adagrad", "learning_rate": 0.1}
+)
+# The simulated nodes each type is planned on: two nodes of one rank, or one node of two.
+LOCAL = {
+    ShardingType.TABLE_ROW_WISE: 2,
+    ShardingType.TABLE_COLUMN_WISE: 2,
+    ShardingType.GRID_SHARD: 1,
+}
+
+
+def user_item_batch(rank: int, step: int) -> KeyedJaggedTensor:
+    """USERS users of this rank, ITEMS items each; a user's "user" and "age" ids repeat on each
+    of their samples (the user's number first, so no two users are alike)."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    users = [
+        [u + 4 * rank, *torch.randint(11, (int(n),), generator=g).tolist()]
+        for u, n in enumerate(torch.randint(0, 3, (USERS,), generator=g))
+    ]
+    rows = (
+        [users[u] for u in range(USERS) for _ in range(ITEMS)]
+        + [[(u + rank) % 11] for u in range(USERS) for _ in range(ITEMS)]
+        + [torch.randint(13, (int(n),), generator=g).tolist() for n in torch.randint(0, 3, (9,))]
+    )
+    return KeyedJaggedTensor(
+        ["user", "age", "item"],
+        torch.tensor([i for row in rows for i in row], dtype=torch.int64),
+        lengths=torch.tensor([len(row) for row in rows], dtype=torch.int32),
+    )
+
+
+def train_both(env: ShardingEnv, plan: ShardingPlan) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for kind in ("full", "vbe"):
+        dmp = DistributedModelParallel(MODEL.build(7), env=env, plan=plan)
+        head = dmp.module.get_submodule("dense")
+        assert isinstance(head, torch.nn.Linear)
+        opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=0.1)
+        outputs, grads = [], []
+        for step in range(STEPS):
+            kjt = user_item_batch(env.rank, step)
+            if kind == "vbe":
+                kjt = deduplicate_features(kjt, ["user", "age"])
+                assert kjt.stride_per_key() == [USERS, USERS, USERS * ITEMS]
+            rows, loss = dmp(kjt)
+            loss.backward()
+            outputs.append(rows.detach().clone())
+            assert head.weight.grad is not None
+            grads.append(head.weight.grad.detach().clone())
+            opt.step()
+            opt.zero_grad()
+        shards = dmp.local_table_shards()["emb"]
+        results[kind] = {
+            "outputs": outputs,
+            "grads": grads,
+            "tables": {
+                (table, name, i): t.tensor.detach().clone()
+                for table, held in shards.items()
+                for name, pieces in [("weight", held.weight), *held.optimizer_state.items()]
+                for i, t in enumerate(pieces)
+            },
+        }
+    return results
+
+
+def boxes(kind: ShardingType, table: EmbeddingBagConfig) -> ParameterSharding:
+    """Two shards of ``table`` on ranks 0 and 1, cut the way ``kind`` cuts (one shard on one rank
+    for table-wise), as (row offset, col offset, rows, cols, rank)."""
+    rows, dim = table.num_embeddings, table.embedding_dim
+    half_rows, half_cols = rows // 2, dim // 2
+    first = 0 if table.name == "t_user" else 1
+    cuts = {
+        ShardingType.TABLE_WISE: [(0, 0, rows, dim, first)],
+        ShardingType.DATA_PARALLEL: [(0, 0, rows, dim, 0), (0, 0, rows, dim, 1)],
+        ShardingType.ROW_WISE: [
+            (0, 0, half_rows, dim, 0),
+            (half_rows, 0, rows - half_rows, dim, 1),
+        ],
+        ShardingType.TABLE_ROW_WISE: [
+            (0, 0, half_rows, dim, 0),
+            (half_rows, 0, rows - half_rows, dim, 1),
+        ],
+    }.get(kind, [(0, 0, rows, half_cols, first), (0, half_cols, rows, dim - half_cols, 1 - first)])
+    shards = tuple(ShardMetadata((r0, c0), (nr, nc), rank) for r0, c0, nr, nc, rank in cuts)
+    return ParameterSharding(
+        sharding_type=str(kind),
+        compute_kernel="dense" if kind is ShardingType.DATA_PARALLEL else "fused",
+        ranks=tuple(s.rank for s in shards),
+        shards=shards,
+    )
+
+
+@pytest.mark.parametrize("sharding_type", list(ShardingType))
+def test_vbe_equals_the_full_batch(dist_pool: WorkerPool, sharding_type: ShardingType) -> None:
+    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in TABLES}})
+    ranks = dist_pool.run(WORLD, train_both, local_world_size=LOCAL.get(sharding_type), plan=plan)
+    for rank, result in enumerate(ranks):
+        full, vbe = result["full"], result["vbe"]
+        for step in range(STEPS):
+            assert full["outputs"][step].shape == (USERS * ITEMS, 4 + 4 + 6 + 6)
+            torch.testing.assert_close(vbe["outputs"][step], full["outputs"][step])
+            torch.testing.assert_close(vbe["grads"][step], full["grads"][step])
+        assert full["tables"].keys() == vbe["tables"].keys()
+        assert any(name != "weight" for _, name, _ in full["tables"])  # Adagrad state compared
+        for key, tensor in full["tables"].items():
+            torch.testing.assert_close(vbe["tables"][key], tensor, msg=f"rank {rank} {key}")
