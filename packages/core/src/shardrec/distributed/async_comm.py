@@ -1,25 +1,42 @@
-"""Input-distribution collectives issued with asynchronous work handles.
+"""Collectives issued with asynchronous work handles, for the input and the output distribution.
 
 :func:`start_all_to_all_jagged` is :func:`shardrec.distributed.comm.all_to_all_jagged` cut at its
 two waits: it issues the split exchange and returns; ``advance()`` waits for the splits (the one
 host read), then issues the ids' all-to-all and returns; ``wait()`` waits for the ids. Between
 the calls the caller's thread is free, so a training pipeline can compute one batch while the next
 batch's ids travel. :func:`start_flagged_ranks` is :func:`comm.flagged_ranks` the same way.
+
+The output distribution's collectives, :func:`start_all_to_all_single` and
+:func:`start_reduce_scatter_rows`, are autograd-aware like :func:`comm.all_to_all_single` and
+:func:`comm.reduce_scatter_rows`: the forward message is issued at once and ``wait()`` gives the
+received tensor, in the autograd graph; the gradient goes back (blocking) in backward. A sharded
+module that looks up several groups of tables can so compute the next group while the previous
+one's rows travel.
+
 Same messages, same order, same results as the blocking versions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from shardrec.distributed import comm
-from shardrec.distributed.awaitables import Ready
+from shardrec.distributed.awaitables import Mapped, Ready
+from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.types import Awaitable
 
-__all__ = ["JaggedAllToAllAwaitable", "start_all_to_all_jagged", "start_flagged_ranks"]
+__all__ = [
+    "JaggedAllToAllAwaitable",
+    "TensorAwaitable",
+    "start_all_to_all_jagged",
+    "start_all_to_all_single",
+    "start_flagged_ranks",
+    "start_reduce_scatter_rows",
+]
 
 
 class JaggedAllToAllAwaitable:
@@ -220,3 +237,184 @@ def start_flagged_ranks(flag: torch.Tensor, pg: dist.ProcessGroup | None) -> Awa
     if pg is None:
         return Ready(comm.flagged_ranks(flag, pg))
     return _FlaggedRanks(flag, pg)
+
+
+class TensorAwaitable:
+    """A tensor that a collective is still writing: ``wait()`` waits for the collective and
+    returns it (cast to ``dtype``). The send buffer is kept alive until then."""
+
+    def __init__(
+        self, out: torch.Tensor, work: dist.Work, send: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        self._out = out
+        self._work: dist.Work | None = work
+        self._send: torch.Tensor | None = send
+        self._dtype = dtype
+
+    def advance(self) -> None:
+        pass
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            # Outside the graph: gloo finishes some collectives with a copy into the output,
+            # which autograd would otherwise record as overwriting it (cutting the gradient).
+            with torch.no_grad():
+                self._work.wait()
+            self._work, self._send = None, None
+            if self._out.dtype != self._dtype:
+                self._out = self._out.to(self._dtype)
+        return self._out
+
+
+class _Issued:
+    """What a collective's autograd forward issued, handed to its :class:`TensorAwaitable`."""
+
+    work: dist.Work | None = None
+    send: torch.Tensor | None = None
+
+
+def _issue_all_to_all(
+    x: torch.Tensor,
+    out_rows: list[int],
+    in_rows: list[int],
+    pg: dist.ProcessGroup,
+    wire: torch.dtype,
+    issued: _Issued,
+) -> torch.Tensor:
+    if sum(in_rows) != x.shape[0]:
+        raise ValueError(f"all_to_all: input has {x.shape[0]} rows, splits say {sum(in_rows)}")
+    send = x.detach().to(wire).contiguous()
+    out = send.new_empty((sum(out_rows), *x.shape[1:]))
+    issued.work = dist.all_to_all_single(out, send, out_rows, in_rows, group=pg, async_op=True)
+    issued.send = send
+    return out
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Forward: issue the all-to-all (the output is filled when the work completes). Backward: the
+    gradient goes back along the reverse route in ``back_wire``, blocking."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        out_rows: list[int],
+        in_rows: list[int],
+        pg: dist.ProcessGroup,
+        wire: torch.dtype,
+        back_wire: torch.dtype,
+        issued: _Issued,
+    ) -> torch.Tensor:
+        ctx.out_rows, ctx.in_rows, ctx.pg, ctx.back_wire = out_rows, in_rows, pg, back_wire
+        ctx.dtype = x.dtype
+        return _issue_all_to_all(x, out_rows, in_rows, pg, wire, issued)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        send = grad.to(ctx.back_wire).contiguous()
+        back = send.new_empty((sum(ctx.in_rows), *grad.shape[1:]))
+        dist.all_to_all_single(back, send, ctx.in_rows, ctx.out_rows, group=ctx.pg)
+        return back.to(ctx.dtype), None, None, None, None, None, None
+
+
+def start_all_to_all_single(
+    x: torch.Tensor,
+    out_rows: Sequence[int],
+    in_rows: Sequence[int],
+    pg: dist.ProcessGroup | None,
+    *,
+    differentiable: bool = False,
+    qcomms: QCommsConfig | None = None,
+) -> Awaitable[torch.Tensor]:
+    """Issue :func:`comm.all_to_all_single` (same arguments, same result) and return at once:
+    ``[sum(in_rows), ...] -> [sum(out_rows), ...]``, the rows for rank ``r`` sent to it."""
+    if pg is None or len(in_rows) == 1:
+        return Ready(
+            comm.all_to_all_single(
+                x, out_rows, in_rows, pg, differentiable=differentiable, qcomms=qcomms
+            )
+        )
+    if differentiable and torch.is_grad_enabled() and not x.requires_grad:
+        # The backward exchange must run on every rank, also one whose rows need no gradient.
+        x = x.detach().requires_grad_()
+    quantized = qcomms is not None and not qcomms.is_fp32
+    wire = qcomms.forward_precision.dtype if qcomms is not None and quantized else x.dtype
+    back = qcomms.backward_precision.dtype if qcomms is not None and quantized else x.dtype
+    issued = _Issued()
+    if x.requires_grad and torch.is_grad_enabled():
+        out: torch.Tensor = _StartAllToAll.apply(  # type: ignore[no-untyped-call]
+            x, list(out_rows), list(in_rows), pg, wire, back, issued
+        )
+    else:
+        out = _issue_all_to_all(x, list(out_rows), list(in_rows), pg, wire, issued)
+    assert issued.work is not None
+    assert issued.send is not None
+    return TensorAwaitable(out, issued.work, issued.send, x.dtype)
+
+
+class _StartReduceScatter(torch.autograd.Function):
+    """Forward: issue the native sum-reduce-scatter of equal row blocks. Backward: the gradient is
+    all-gathered back, blocking."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, world: int, pg: dist.ProcessGroup, issued: _Issued
+    ) -> torch.Tensor:
+        ctx.world, ctx.pg = world, pg
+        return _issue_reduce_scatter(x, world, pg, issued)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] * ctx.world, *grad.shape[1:]))
+        comm._all_gather_fn()(out, grad, group=ctx.pg)
+        return out, None, None, None
+
+
+def _issue_reduce_scatter(
+    x: torch.Tensor, world: int, pg: dist.ProcessGroup, issued: _Issued
+) -> torch.Tensor:
+    send = x.detach().contiguous()
+    out = send.new_empty((send.shape[0] // world, *send.shape[1:]))
+    issued.work = comm._reduce_scatter_fn()(out, send, group=pg, async_op=True)
+    issued.send = send
+    return out
+
+
+def start_reduce_scatter_rows(
+    x: torch.Tensor,
+    in_rows: Sequence[int],
+    out_rows: int,
+    pg: dist.ProcessGroup | None,
+    *,
+    qcomms: QCommsConfig | None = None,
+) -> Awaitable[torch.Tensor]:
+    """Issue :func:`comm.reduce_scatter_rows` (same arguments, same result, the same choice
+    between the native reduce-scatter and an all-to-all plus a local sum) and return at once:
+    ``[sum(in_rows), ...] -> [out_rows, ...]``, summed over the ranks."""
+    world = 1 if pg is None else dist.get_world_size(pg)
+    if pg is None or world == 1:
+        return Ready(comm.reduce_scatter_rows(x, in_rows, out_rows, pg, qcomms=qcomms))
+    quantized = qcomms is not None and not qcomms.is_fp32
+    if (
+        not quantized
+        and out_rows > 0
+        and all(n == out_rows for n in in_rows)
+        and x.shape[0] == world * out_rows
+        and dist.get_backend(pg) in comm._NATIVE_REDUCE_SCATTER
+    ):
+        if torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_()  # backward's all-gather must run on every rank
+        issued = _Issued()
+        if x.requires_grad and torch.is_grad_enabled():
+            out: torch.Tensor = _StartReduceScatter.apply(x, world, pg, issued)  # type: ignore[no-untyped-call]
+        else:
+            out = _issue_reduce_scatter(x, world, pg, issued)
+        assert issued.work is not None
+        assert issued.send is not None
+        return TensorAwaitable(out, issued.work, issued.send, x.dtype)
+    pending = start_all_to_all_single(
+        x, [out_rows] * world, in_rows, pg, differentiable=True, qcomms=qcomms
+    )
+    shape = x.shape[1:]
+    return Mapped(pending, lambda got: got.view(world, out_rows, *shape).sum(dim=0))
