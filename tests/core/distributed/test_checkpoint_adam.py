@@ -22,8 +22,7 @@ from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.checkpoint import load, save
 from shardrec.distributed.sharding_plan import column_wise, row_wise, table_wise
-
-from ._reference import rank_kjt
+from shardrec.testing import GlobalBatch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -59,7 +58,7 @@ def make_batch(seed: int, rank: int, world: int) -> KeyedJaggedTensor:
         torch.cat([torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]])
         for k, f in enumerate(KEYS)
     ]
-    return rank_kjt(KEYS, lengths, ids, None, [GLOBAL_BATCH // world] * world, rank)
+    return GlobalBatch(KEYS, lengths, ids, None, [GLOBAL_BATCH // world] * world).kjt(rank)
 
 
 def train_step(model: nn.Module, seed: int, rank: int, world: int) -> None:

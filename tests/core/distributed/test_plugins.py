@@ -16,7 +16,7 @@ from torch import nn
 from shardrec import EmbeddingBagCollection
 from shardrec.distributed import PluginError, ShardingType, hookimpl, load_sharder_registry
 
-PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 EXAMPLE = PLUGINS / "shardrec_example_sharder"
 EVIL_TWIN = PLUGINS / "shardrec_evil_twin"
 

@@ -10,20 +10,24 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from shardrec import EmbeddingBagConfig
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.latency import DELAYED_BACKEND, new_delayed_group
 from shardrec.distributed.sharding_plan import row_wise, table_wise
-
-from ._reference import build_model, local_shards, rank_kjt
+from shardrec.testing import EMBEDDING_FQN, EmbeddingModel, GlobalBatch
 
 pytestmark = pytest.mark.multiprocess
 
-TABLES = [("t0", 7, 4, ["f0"]), ("t1", 10, 4, ["f1"])]
+TABLES = [
+    EmbeddingBagConfig(name="t0", num_embeddings=7, embedding_dim=4, feature_names=["f0"]),
+    EmbeddingBagConfig(name="t1", num_embeddings=10, embedding_dim=4, feature_names=["f1"]),
+]
 WORLD = 4  # the whole pool: a new group is made by every rank of the default group
 
 
 def _train(env: ShardingEnv) -> dict[str, Any]:
-    model = build_model("ebc", TABLES, seed=3, fused={"optimizer": "sgd", "learning_rate": 0.1})
+    spec = EmbeddingModel(tables=TABLES, fused_params={"optimizer": "sgd", "learning_rate": 0.1})
+    model = spec.build(seed=3)
     plan = ShardingPlan({"emb": {"t0": table_wise(1, 7, 4), "t1": row_wise(10, 4, WORLD)}})
     dmp = DistributedModelParallel(model, env=env, plan=plan)
     opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=0.1)
@@ -32,12 +36,17 @@ def _train(env: ShardingEnv) -> dict[str, Any]:
         g = torch.Generator().manual_seed(step)
         lengths = torch.randint(0, 3, (2, 3 * WORLD), generator=g)
         ids = [torch.randint(0, 7, (int(lengths[k].sum()),), generator=g) for k in range(2)]
-        rows, loss = dmp(rank_kjt(["f0", "f1"], lengths, ids, None, [3] * WORLD, env.rank))
+        batch = GlobalBatch(["f0", "f1"], lengths, ids, None, [3] * WORLD)
+        rows, loss = dmp(batch.kjt(env.rank))
         loss.backward()
         opt.step()
         opt.zero_grad()
         outputs.append(rows.detach().clone())
-    return {"outputs": outputs, "shards": local_shards(dmp), "dense": model.dense.weight.detach()}
+    shards = {
+        table: [(s.tensor.clone(), s.offsets) for s in held.weight]
+        for table, held in dmp.local_table_shards()[EMBEDDING_FQN].items()
+    }
+    return {"outputs": outputs, "shards": shards, "dense": model.dense.weight.detach()}
 
 
 def case_delayed_vs_gloo(env: ShardingEnv) -> dict[str, Any]:

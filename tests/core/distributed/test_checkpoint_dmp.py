@@ -26,8 +26,7 @@ from shardrec import (
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.checkpoint import load, save
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
-
-from ._reference import rank_kjt
+from shardrec.testing import GlobalBatch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -63,7 +62,7 @@ def make_batch(seed: int, rank: int, world: int) -> KeyedJaggedTensor:
         torch.cat([torch.randint(0, rows[f], (int(n),), generator=g) for n in lengths[k]])
         for k, f in enumerate(KEYS)
     ]
-    return rank_kjt(KEYS, lengths, ids, None, [GLOBAL_BATCH // world] * world, rank)
+    return GlobalBatch(KEYS, lengths, ids, None, [GLOBAL_BATCH // world] * world).kjt(rank)
 
 
 def make_plan(spec: dict[str, tuple[str, list[int]]], world: int) -> ShardingPlan:
