@@ -70,9 +70,9 @@ def _synthetic_batches(
 
 def _shardrec_step(world_size: int, precision: str = "fp32", device: str = "cpu") -> Any:
     from shardrec import KeyedJaggedTensor
-    from shardrec_dlrm.config import ModelConfig
-    from shardrec_dlrm.model.build import SPARSE_FEATURES
-    from shardrec_dlrm.sharding import shard_for_benchmark
+    from shardrec_dlrm.data import SPARSE_KEYS
+    from shardrec_dlrm.model.config import ModelConfig
+    from shardrec_dlrm.training.sharding import shard_for_benchmark
 
     model_config = ModelConfig(
         embedding_dim=DIM,
@@ -90,7 +90,7 @@ def _shardrec_step(world_size: int, precision: str = "fp32", device: str = "cpu"
     lengths = torch.ones(26 * BATCH, dtype=torch.int32, device=device)
 
     def step(dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> None:
-        kjt = KeyedJaggedTensor(keys=list(SPARSE_FEATURES), values=ids, lengths=lengths)
+        kjt = KeyedJaggedTensor(keys=list(SPARSE_KEYS), values=ids, lengths=lengths)
         loss, _ = model(dense, kjt, labels)
         dense_optimizer.zero_grad(set_to_none=True)
         loss.backward()

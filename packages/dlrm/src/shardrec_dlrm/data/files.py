@@ -1,4 +1,5 @@
-"""Opening and writing the files a dataset names, without trusting the dataset.
+"""Opening and writing files without trusting them: those a dataset names, and the small records
+``dlrm`` keeps (``run_config.json``, ``synth.json``, ``metadata.json``, ``--config`` files).
 
 A preprocessed directory may come from anyone: its ``metadata.json`` names the files to map, and
 any of them may be a symlink, a FIFO or a device. So, before a file is opened:
@@ -8,16 +9,20 @@ any of them may be a symlink, a FIFO or a device. So, before a file is opened:
 - it is a regular file: checked with ``stat`` before opening (a FIFO would block ``open`` and a
   device may act on being opened), and again with ``fstat`` on the descriptor, which is opened
   non-blocking so that a file swapped for a FIFO in between cannot hang the run either;
-- small files (metadata, records) are read with a size cap.
+- small files (metadata, records, configuration) are read with a size cap.
 
-Writes go to a fresh temporary name (an existing one is removed first, never followed if it is a
-symlink) and are renamed into place.
+Large outputs go to a fresh temporary name (an existing one is removed first, never followed if it
+is a symlink) and are renamed into place. Small records go through :func:`write_atomic`: a new
+temporary file (``mkstemp``, ``O_EXCL``), fsynced, then renamed over the target (which replaces a
+symlink there, never the file it points to), so readers see the old file or the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Final
 
@@ -25,7 +30,7 @@ from .errors import DataError
 
 #: ``metadata.json`` of a dataset with many thousands of parts stays far below this.
 MAX_METADATA_BYTES: Final = 16 << 20
-#: ``synth.json``, ``<part>.resume.json``: a few hundred bytes each.
+#: ``synth.json``, ``run_config.json``, ``<part>.resume.json``, ``--config``: a few KiB at most.
 MAX_RECORD_BYTES: Final = 1 << 20
 _KINDS: Final = (
     (stat.S_ISDIR, "a directory"),
@@ -95,7 +100,7 @@ def open_regular(path: Path) -> int:
     return fd
 
 
-def read_small(path: Path, limit: int) -> bytes:
+def read_small(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes:
     """The content of a small regular file, refused if it holds more than ``limit`` bytes (read up
     to ``limit + 1`` bytes, whatever its size claims)."""
     fd = open_regular(path)
@@ -130,11 +135,47 @@ def create_new(path: Path) -> int:
         raise DataError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fresh ``.partial`` file, fsynced and renamed."""
-    tmp = path.with_name(path.name + ".partial")
-    with os.fdopen(create_new(tmp), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def read_small_text(path: str | os.PathLike[str], limit: int = MAX_RECORD_BYTES) -> str:
+    """The UTF-8 text of a small regular file (as :func:`read_small`)."""
+    where = Path(path)
+    data = read_small(where, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start})") from None
+
+
+def write_atomic(
+    path: str | os.PathLike[str], data: bytes | str, *, exclusive: bool = False
+) -> None:
+    """Writes ``data`` (text as UTF-8) to ``path`` all at once: readers see the old file or the
+    new one, never part of either.
+
+    ``exclusive``: fail with :class:`FileExistsError` if anything (a symlink included) is at
+    ``path`` already, so that of two runs claiming a directory at once only one succeeds.
+    """
+    target = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(temporary, target)  # EEXIST whatever is there; never follows a symlink
+        else:
+            os.replace(temporary, target)
+        _fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -29,11 +29,11 @@ import numpy as np
 from .errors import DataError
 from .files import (
     MAX_METADATA_BYTES,
-    atomic_write_bytes,
     inside,
     open_regular,
     plain_name,
     read_small,
+    write_atomic,
 )
 from .schema import (
     DENSE_MAX,
@@ -99,7 +99,7 @@ class PreprocessedMeta:
 
 def write_metadata(root: Path, meta: PreprocessedMeta) -> None:
     text = json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(root / METADATA_NAME, text.encode())
+    write_atomic(root / METADATA_NAME, text)
 
 
 def read_metadata(root: Path) -> PreprocessedMeta:

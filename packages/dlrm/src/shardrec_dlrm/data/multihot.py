@@ -34,7 +34,7 @@ import numpy.typing as npt
 from .batch import Batch
 from .dataset import open_dataset, rank_batch_ranges
 from .errors import DataError
-from .files import MAX_RECORD_BYTES, atomic_write_bytes, create_new, inside, read_small
+from .files import MAX_RECORD_BYTES, create_new, inside, read_small, write_atomic
 from .multihot_files import DENSE_SUFFIX, LABELS_SUFFIX, SPARSE_SUFFIX, MultiHotPart
 from .multihot_lookup import (
     DEFAULT_CHUNK_ROWS,
@@ -85,7 +85,7 @@ class MultiHotMeta:
 
 
 def _write_meta(root: Path, meta: MultiHotMeta) -> None:
-    atomic_write_bytes(root / MULTIHOT_META, (json.dumps(asdict(meta), indent=2) + "\n").encode())
+    write_atomic(root / MULTIHOT_META, (json.dumps(asdict(meta), indent=2) + "\n"))
 
 
 def _read_meta(root: Path) -> MultiHotMeta:

@@ -21,11 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from .files import MAX_RECORD_BYTES, atomic_write_bytes, read_small
 from .multihot import materialize
 from .outdir import claim_output, refuse_non_empty
 from .preprocess import preprocess
-from .synth import INFO_NAME, SynthInfo, synth
+from .synth import SynthInfo, synth, write_synth_info
 
 ONEHOT_DIR: Final = "onehot"
 PREPROCESSED_DIR: Final = "onehot_pre"
@@ -58,6 +57,5 @@ def synth_multihot(
             force=force,
             log=log,
         )
-        record = read_small(root / ONEHOT_DIR / INFO_NAME, MAX_RECORD_BYTES)
-        atomic_write_bytes(root / MULTIHOT_DIR / INFO_NAME, record)
+        write_synth_info(root / MULTIHOT_DIR, info)
     return info

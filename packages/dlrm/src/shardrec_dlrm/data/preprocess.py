@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, Final
 import numpy as np
 
 from .errors import DataError
-from .files import MAX_RECORD_BYTES, atomic_write_bytes, create_new, read_small
+from .files import MAX_RECORD_BYTES, create_new, read_small, write_atomic
 from .layout import COLUMNS, PartMeta, PreprocessedMeta, read_metadata, write_metadata
 from .outdir import OutputDir, claim_output, refuse_non_empty
 from .reader import DEFAULT_CHUNK_BYTES, ChunkJob, iter_jobs, parse_job
@@ -177,7 +177,7 @@ class _PartWriter:
     def checkpoint(self, offset: int, next_line: int) -> None:
         self._sync()
         cp = _Checkpoint(*self.key, offset, next_line, self.rows, self.bad_rows)
-        atomic_write_bytes(self.resume_file, json.dumps(asdict(cp)).encode())
+        write_atomic(self.resume_file, json.dumps(asdict(cp)))
 
     def commit(self) -> None:
         self._sync()

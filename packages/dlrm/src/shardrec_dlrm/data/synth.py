@@ -36,8 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import DataError
-from .files import MAX_RECORD_BYTES, atomic_write_bytes, create_new, read_small
-from .metrics import log_loss, roc_auc
+from .files import MAX_RECORD_BYTES, create_new, read_small, write_atomic
 from .outdir import claim_output, refuse_non_empty
 from .schema import NUM_DENSE, NUM_SPARSE
 from .splits import Segment, SplitName, split_segments
@@ -290,12 +289,9 @@ def _synth(root: Path, rows: int, seed: int, log: Callable[[str], None] | None) 
     for split_name, pieces in kept.items():
         p = np.concatenate([x for x, _ in pieces])
         y = np.concatenate([y for _, y in pieces])
-        optimum[split_name] = SplitOptimum(
-            int(y.shape[0]), int(y.sum()), roc_auc(p, y), log_loss(p, y)
-        )
+        optimum[split_name] = _optimum(p, y)
     info = SynthInfo(rows, seed, positives / rows, cards, optimum["val"], optimum["test"])
-    text = json.dumps(asdict(info), indent=2) + "\n"
-    atomic_write_bytes(root / INFO_NAME, text.encode())
+    write_synth_info(root, info)
     if log is not None:
         log(
             f"wrote {rows} rows to {root / DATA_NAME} in {time.perf_counter() - start:.1f} s; "
@@ -303,6 +299,35 @@ def _synth(root: Path, rows: int, seed: int, log: Callable[[str], None] | None) 
             f"log loss {info.val.log_loss:.4f}"
         )
     return info
+
+
+def _optimum(probs: npt.NDArray[np.float64], labels: npt.NDArray[np.uint8]) -> SplitOptimum:
+    """The AUC and log loss of the true click probabilities: the metrics' own definitions (the
+    trainer's AUC), so that the gap the trainer prints compares like with like."""
+    import torch
+
+    from shardrec_dlrm.metrics import binary_auc
+
+    y = labels.astype(np.float64)
+    auc = binary_auc(torch.from_numpy(probs.astype(np.float64)), torch.from_numpy(y))
+    p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
+    loss = float(-np.mean(np.where(y > 0, np.log(p), np.log1p(-p))))
+    return SplitOptimum(int(y.shape[0]), int(labels.sum()), auc, loss)
+
+
+def write_synth_info(root: str | os.PathLike[str], info: SynthInfo) -> None:
+    """Writes ``root/synth.json`` (atomically)."""
+    write_atomic(Path(root) / INFO_NAME, json.dumps(asdict(info), indent=2) + "\n")
+
+
+def find_synth_info(data: str | os.PathLike[str]) -> SynthInfo | None:
+    """The ``synth.json`` beside ``data`` (a data directory, or a file in one), or None when
+    there is none; one that is there but cannot be trusted is a :class:`DataError`."""
+    root = Path(data)
+    root = root if root.is_dir() else root.parent
+    if not os.path.lexists(root / INFO_NAME):
+        return None
+    return read_synth_info(root)
 
 
 def read_synth_info(root: str | os.PathLike[str]) -> SynthInfo:

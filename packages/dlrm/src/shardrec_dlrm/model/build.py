@@ -1,18 +1,18 @@
-"""Building the Criteo DLRM of a :class:`~shardrec_dlrm.config.ModelConfig`."""
+"""Building the Criteo DLRM of a :class:`~shardrec_dlrm.model.config.ModelConfig`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 import torch
 
-from shardrec_dlrm.config import NUM_DENSE_FEATURES, DensePrecision, ModelConfig
+from shardrec_dlrm.data.schema import NUM_DENSE, SPARSE_KEYS
+from shardrec_dlrm.model.config import DensePrecision, ModelConfig
 from shardrec_dlrm.model.dlrm import DLRM, DLRMTrain
 
-#: Feature keys of the batches (``cat_0`` .. ``cat_25``, for C1..C26) and the tables that serve
-# them.
-SPARSE_FEATURES = tuple(f"cat_{i}" for i in range(26))
-TABLE_NAMES = tuple(f"t_{feature}" for feature in SPARSE_FEATURES)
+#: The table that serves each feature of the batches (``t_cat_i`` for ``cat_i``, C1..C26).
+TABLE_NAMES: Final = tuple(f"t_{feature}" for feature in SPARSE_KEYS)
 
 
 def build_dlrm(
@@ -38,16 +38,14 @@ def build_dlrm(
             num_embeddings=rows,
             feature_names=[feature],
         )
-        for table, feature, rows in zip(
-            TABLE_NAMES, SPARSE_FEATURES, config.table_sizes(), strict=True
-        )
+        for table, feature, rows in zip(TABLE_NAMES, SPARSE_KEYS, config.table_sizes(), strict=True)
     ]
     ebc = EmbeddingBagCollection(
         tables=tables, device=embedding_device, fused_params=dict(fused_params or {}) or None
     )
     model = DLRM(
         embedding_bag_collection=ebc,
-        dense_in_features=NUM_DENSE_FEATURES,
+        dense_in_features=NUM_DENSE,
         dense_arch_layer_sizes=config.dense_arch_layer_sizes,
         over_arch_layer_sizes=config.over_arch_layer_sizes,
         interaction_type=config.interaction_type,

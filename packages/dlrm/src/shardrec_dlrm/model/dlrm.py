@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
-from shardrec_dlrm.config import DENSE_PRECISIONS, DensePrecision
 from shardrec_dlrm.model.arches import DenseArch, OverArch, SparseArch
+from shardrec_dlrm.model.config import DENSE_PRECISIONS, DensePrecision, InteractionType
 from shardrec_dlrm.model.interaction import InteractionArch, InteractionDCNArch, LowRankCrossNet
-
-InteractionType = Literal["dot", "dcn"]
 
 
 class DLRM(nn.Module):

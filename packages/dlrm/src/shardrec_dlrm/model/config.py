@@ -1,0 +1,98 @@
+"""The shape of the DLRM: one dataclass, saved beside every checkpoint so that ``dlrm evaluate``
+can rebuild the model it scores."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+
+from shardrec_dlrm.data.schema import NUM_SPARSE
+
+InteractionType = Literal["dot", "dcn"]
+DensePrecision = Literal["fp32", "bf16"]
+
+INTERACTION_TYPES: Final = get_args(InteractionType)
+DENSE_PRECISIONS: Final = get_args(DensePrecision)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """What it takes to rebuild the model's shapes (saved with checkpoints)."""
+
+    embedding_dim: int = 64
+    num_embeddings: int = 100_000
+    num_embeddings_per_feature: tuple[int, ...] | None = None
+    dense_arch_layer_sizes: tuple[int, ...] = (512, 256, 64)
+    over_arch_layer_sizes: tuple[int, ...] = (512, 512, 256, 1)
+    interaction_type: InteractionType = "dot"
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 512
+
+    def __post_init__(self) -> None:
+        positive("embedding_dim", self.embedding_dim)
+        if self.num_embeddings < 2:
+            raise ValueError(
+                "num_embeddings must be >= 2 (row 0 holds missing values), got "
+                f"{self.num_embeddings}"
+            )
+        positive("dcn_num_layers", self.dcn_num_layers)
+        positive("dcn_low_rank_dim", self.dcn_low_rank_dim)
+        if self.num_embeddings_per_feature is not None:
+            sizes = self.num_embeddings_per_feature
+            if len(sizes) != NUM_SPARSE:
+                raise ValueError(
+                    f"num_embeddings_per_feature needs {NUM_SPARSE} numbers, got {len(sizes)}"
+                )
+            for index, size in enumerate(sizes):
+                if size < 2:
+                    raise ValueError(
+                        f"num_embeddings_per_feature[{index}] (C{index + 1}) must be >= 2: row 0 "
+                        f"holds missing values; got {size}"
+                    )
+        if self.interaction_type not in INTERACTION_TYPES:
+            raise ValueError(
+                f"interaction_type must be one of {', '.join(INTERACTION_TYPES)}, "
+                f"got {self.interaction_type!r}"
+            )
+        if not self.dense_arch_layer_sizes or self.dense_arch_layer_sizes[-1] != self.embedding_dim:
+            raise ValueError(
+                "dense_arch_layer_sizes must end with the embedding dimension "
+                f"{self.embedding_dim}, "
+                f"got {','.join(map(str, self.dense_arch_layer_sizes))}"
+            )
+        if not self.over_arch_layer_sizes or self.over_arch_layer_sizes[-1] != 1:
+            raise ValueError(
+                "over_arch_layer_sizes must end with 1 (the logit), got "
+                f"{','.join(map(str, self.over_arch_layer_sizes))}"
+            )
+        for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+            for size in getattr(self, name):
+                positive(name, size)
+
+    def table_sizes(self) -> tuple[int, ...]:
+        if self.num_embeddings_per_feature is not None:
+            return self.num_embeddings_per_feature
+        return (self.num_embeddings,) * NUM_SPARSE
+
+
+def model_config_from_dict(values: dict[str, Any], *, source: str) -> ModelConfig:
+    """Rebuilds a :class:`ModelConfig` saved by :meth:`TrainConfig.to_json`; errors name
+    ``source``."""
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown model setting(s) {', '.join(unknown)}")
+    fixed = dict(values)
+    for name in ("num_embeddings_per_feature", "dense_arch_layer_sizes", "over_arch_layer_sizes"):
+        if isinstance(fixed.get(name), list):
+            fixed[name] = tuple(fixed[name])
+    try:
+        return ModelConfig(**fixed)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from error
+
+
+def positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
