@@ -417,3 +417,17 @@ def test_the_sharder_index_is_built_once_per_manager() -> None:
     shard_module(module[0], plan.plan["0"], index, env, torch.device("cpu"), "0")
     assert index.sharder_for(EmbeddingBagCollection, "table_wise", "cpu") is sharder
     assert sharder.asked == built  # asked while registering, never again
+
+
+def test_the_plugin_listing_shows_storage_backends(mmap_site: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "shardrec", "plugins"],
+        env={**os.environ, "PYTHONPATH": str(mmap_site)},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "example_mmap_storage  (shardrec-mmap-storage 0.0.1" in run.stdout
+    assert "storage backend          mmap" in run.stdout
+    assert "shardrec_mmap_storage.plugin.MmapStorage" in run.stdout
+    assert run.stdout.splitlines()[-1] == "built-in storage backends: torch, fbgemm"

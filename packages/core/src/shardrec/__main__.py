@@ -1,4 +1,5 @@
-"""``python -m shardrec plugins``: list the sharder plugins that load, and what each registered."""
+"""``python -m shardrec plugins``: list the plugins that load, and the sharders and storage backends
+each registered."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ def _plugins() -> int:
     for info, reason in registry.skipped():
         origin = f"{info.distribution} {info.version}" if info.distribution else "unknown"
         print(f"skipped {info.name}  ({origin}; entry point: {info.entry_point}): {reason}")
+    builtin = [b.name for info in registry.builtin_plugins() for b in info.storage_backends]
     if not plugins:
         print("no shardrec plugins loaded (install shardrec-sharders for the built-in sharders)")
+        print(f"built-in storage backends: {', '.join(builtin)}")
         return 0
     for info in plugins:
         origin = f"{info.distribution} {info.version}" if info.distribution else "in-process"
@@ -36,6 +39,12 @@ def _plugins() -> int:
                 f"    {sharder.module_type.__name__:<24} {types:<16} kernels: {', '.join(kernels)}"
                 f"  [{type(sharder).__module__}.{type(sharder).__qualname__}]"
             )
+        for backend in info.storage_backends:
+            print(
+                f"    storage backend          {backend.name:<16}"
+                f"  [{type(backend).__module__}.{type(backend).__qualname__}]"
+            )
+    print(f"built-in storage backends: {', '.join(builtin)}")
     return 0
 
 
