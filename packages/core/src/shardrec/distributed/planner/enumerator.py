@@ -11,6 +11,7 @@ import torch
 from shardrec.distributed.planner.constraints import ParameterConstraints
 from shardrec.distributed.planner.estimators import ShardEstimate, Workload, estimate_shard
 from shardrec.distributed.planner.layouts import (
+    COLUMN_ALIGNMENT,
     DEFAULT_MIN_COLUMN_PARTITION,
     Cut,
     ShardLayout,
@@ -203,8 +204,10 @@ def enumerate_options(
         )
         raise PlannerError(
             f"table {table.fqn!r}: constraint compute_kernels={wanted_k} cannot be met with "
-            f"sharding types {types}: the sharders offer {offered_kernels} (column-wise also needs "
-            f"embedding_dim {table.embedding_dim} >= 2 x min_partition {min_partition})"
+            f"sharding types {types}: the sharders offer {offered_kernels} (column slices also "
+            f"need embedding_dim {table.embedding_dim} >= 2 x min_partition {min_partition}, in "
+            f"groups of {COLUMN_ALIGNMENT} columns where the dim is a multiple of "
+            f"{COLUMN_ALIGNMENT}; grid also needs 2 hosts or more)"
         )
     # Cheapest total step time first; ties broken by name so every rank orders them the same way.
     options.sort(
