@@ -35,10 +35,20 @@ class LocalCopyEmbeddingBagCollection(nn.Module):
         return out
 
     def local_table_shards(self) -> dict[str, TableShards]:
+        # The fused optimizer's state too: without it a checkpoint would lose it.
+        states = self.copy.lookup.optimizer_states()
         return {
-            name: TableShards(weight=[LocalShard(w, (0, 0), tuple(w.shape))], replicated=True)
+            name: TableShards(
+                weight=[_whole(w)],
+                optimizer_state={k: [_whole(s)] for k, s in states[name].items()},
+                replicated=True,
+            )
             for name, w in self.copy.lookup.table_weights().items()
         }
+
+
+def _whole(tensor: torch.Tensor) -> LocalShard:
+    return LocalShard(tensor, (0,) * tensor.dim(), tuple(tensor.shape))
 
 
 class LocalCopySharder:
