@@ -114,13 +114,22 @@ class ManagedCollisionCollection(nn.Module):
     ) -> KeyedJaggedTensor:
         """``features`` with each table's ids replaced by ``rows_by_table[table]`` (in the order
         :meth:`table_ids` gave them); lengths, weights and other keys unchanged."""
-        out = features.values().to(torch.int64, copy=True)
+        values = features.values()
+        pieces: list[tuple[int, int, torch.Tensor]] = []
         for table, spans in self._spans(features).items():
             rows = rows_by_table[table]
             start = 0
             for a, b in spans:
-                out[a:b] = rows[start : start + b - a]
+                pieces.append((a, b, rows[start : start + b - a]))
                 start += b - a
+        pieces.sort(key=lambda piece: piece[0])
+        if _tiles(pieces, values.numel()):
+            # Every value belongs to a managed table (the usual case): the rows in value order.
+            out = torch.cat([rows for *_, rows in pieces]) if pieces else values.to(torch.int64)
+        else:
+            out = values.to(torch.int64, copy=True)
+            for a, b, rows in pieces:
+                out[a:b] = rows
         return KeyedJaggedTensor(
             keys=features.keys(),
             values=out,
@@ -168,6 +177,16 @@ class ManagedCollisionCollection(nn.Module):
     def stats(self) -> dict[str, ManagedTableStats]:
         """Per table: capacity, occupancy, admitted, evicted, rejected, below threshold."""
         return {name: m.stats() for name, m in self.modules_by_table().items()}
+
+
+def _tiles(pieces: list[tuple[int, int, torch.Tensor]], total: int) -> bool:
+    """Whether the sorted value ranges cover ``[0, total)`` exactly."""
+    at = 0
+    for a, b, _ in pieces:
+        if a != at:
+            return False
+        at = b
+    return at == total
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
