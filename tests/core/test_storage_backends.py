@@ -395,6 +395,7 @@ def test_the_sharder_index_is_built_once_per_manager() -> None:
     from shardrec.distributed import ShardingEnv
     from shardrec.distributed.default_plan import default_plan
     from shardrec.distributed.model_parallel import shard_module
+    from shardrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from shardrec.distributed.sharder_index import SharderIndex
     from shardrec.distributed.sharding_plan import shardable_modules
 
@@ -416,6 +417,10 @@ def test_the_sharder_index_is_built_once_per_manager() -> None:
     assert [fqn for fqn, _ in shardable_modules(module, index)] == ["0"]
     shard_module(module[0], plan.plan["0"], index, env, torch.device("cpu"), "0")
     assert index.sharder_for(EmbeddingBagCollection, "table_wise", "cpu") is sharder
+    planned = EmbeddingShardingPlanner(Topology(world_size=2, compute_device="cpu")).plan(
+        module, index
+    )
+    assert {str(p.sharding_type) for p in planned.plan["0"].values()} == {"table_wise"}
     assert sharder.asked == built  # asked while registering, never again
 
 

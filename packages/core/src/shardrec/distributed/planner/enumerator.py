@@ -20,6 +20,7 @@ from shardrec.distributed.planner.layouts import (
 )
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
+from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.types import ModuleSharder, ShardingType
 from shardrec.kernels import FusedOptimizerConfig
 
@@ -94,14 +95,8 @@ def sharders_by_type(
     sharders: Sequence[ModuleSharder], module_type: type, device: str
 ) -> dict[str, ModuleSharder]:
     """Sharding-type name -> the sharder that owns it for ``module_type`` (first registered
-    wins)."""
-    out: dict[str, ModuleSharder] = {}
-    for sharder in sharders:
-        if sharder.module_type is not module_type:
-            continue
-        for st in sharder.sharding_types(device):
-            out.setdefault(str(st), sharder)
-    return out
+    wins), from the sharders' index (built here only when ``sharders`` is not one)."""
+    return dict(SharderIndex.of(sharders).offered(module_type, device))
 
 
 def _storage_kind(sharder: ModuleSharder, table: TableSpec, kernel: str, topology: Topology) -> str:

@@ -22,6 +22,7 @@ from shardrec.distributed.planner.report import PlanReport, build_report
 from shardrec.distributed.planner.tables import tables_of
 from shardrec.distributed.planner.topology import GB, Topology
 from shardrec.distributed.planner.types import PlannerError, ShardingOption, TableSpec
+from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.types import (
     ModuleSharder,
     ParameterSharding,
@@ -81,8 +82,8 @@ class EmbeddingShardingPlanner:
     def plan(self, module: nn.Module, sharders: Sequence[ModuleSharder]) -> ShardingPlan:
         """Plan ``module`` (any device, meta included) for the planner's topology. Pure and
         deterministic."""
-        module_types = {s.module_type for s in sharders}
-        return self.plan_tables(tables_of(module, module_types), sharders)
+        index = SharderIndex.of(sharders)
+        return self.plan_tables(tables_of(module, index.module_types()), index)
 
     def collective_plan(
         self,
@@ -120,6 +121,7 @@ class EmbeddingShardingPlanner:
     ) -> ShardingPlan:
         """Plan explicit tables (the model already reduced to :class:`TableSpec`)."""
         start = time.perf_counter()
+        sharders = SharderIndex.of(sharders)  # one index for every table's options
         topology = self._topology()
         self._check_constraint_names(tables)
         options: list[list[ShardingOption]] = []
