@@ -269,3 +269,23 @@ def test_torchrec_style_construction_with_keywords_works_unchanged() -> None:
     assert pooled.keys() == ["u", "i", "j"]
     assert remapped is not None
     assert mcc.open_slots()["user"] == 8 - len(raw_batch(3)["u"].values().unique())
+
+
+def test_managed_table_stats_finds_every_managed_table_in_a_model() -> None:
+    from shardrec.modules.mc_collection import managed_table_stats
+
+    model = torch.nn.ModuleDict({"a": managed_ebc(), "b": managed_ebc()})
+    train(model["a"], range(3))
+    stats = managed_table_stats(model)
+    # Two collections with tables of the same names: keyed by path.
+    assert set(stats) == {
+        f"{m}._managed_collision_collection/{t}" for m in "ab" for t in ("user", "item")
+    }
+    trained = stats["a._managed_collision_collection/item"]
+    assert trained == model["a"].stats()["item"]
+    assert trained.admitted_total > 0
+    assert stats["b._managed_collision_collection/item"].admitted_total == 0
+    metrics = trained.as_metrics()
+    assert metrics["occupancy"] == trained.occupancy
+    assert metrics["occupancy_fraction"] == trained.occupancy / trained.capacity
+    assert set(managed_table_stats(model["a"])) == {"user", "item"}

@@ -79,6 +79,17 @@ class ManagedTableStats:
     def open_slots(self) -> int:
         return self.capacity - self.occupancy
 
+    def as_metrics(self) -> dict[str, float]:
+        """The counters as named numbers (for a metrics logger such as TensorBoard)."""
+        return {
+            "occupancy": float(self.occupancy),
+            "occupancy_fraction": self.occupancy / self.capacity,
+            "admitted_total": float(self.admitted_total),
+            "evicted_total": float(self.evicted_total),
+            "rejected_total": float(self.rejected_total),
+            "below_threshold_total": float(self.below_threshold_total),
+        }
+
 
 class MCHManagedCollisionModule(nn.Module):
     """Maps raw ids to the rows of a table of ``zch_size`` rows (TorchRec's name and arguments).

@@ -21,7 +21,7 @@ from shardrec.modules.configs import BaseEmbeddingConfig
 from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedCollisionModule
 from shardrec.sparse import KeyedJaggedTensor
 
-__all__ = ["ManagedCollisionCollection"]
+__all__ = ["ManagedCollisionCollection", "managed_table_stats"]
 
 
 class ManagedCollisionCollection(nn.Module):
@@ -177,6 +177,21 @@ class ManagedCollisionCollection(nn.Module):
     def stats(self) -> dict[str, ManagedTableStats]:
         """Per table: capacity, occupancy, admitted, evicted, rejected, below threshold."""
         return {name: m.stats() for name, m in self.modules_by_table().items()}
+
+
+def managed_table_stats(model: nn.Module) -> dict[str, ManagedTableStats]:
+    """The counters of every managed table in ``model`` (unsharded or sharded: each holds a
+    :class:`ManagedCollisionCollection`), by table name; ``<module path>/<table>`` where two
+    collections have a table of the same name."""
+    found: list[tuple[str, str, ManagedTableStats]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, ManagedCollisionCollection):
+            found += [(path, table, stats) for table, stats in module.stats().items()]
+    names = [table for _, table, _ in found]
+    return {
+        (table if names.count(table) == 1 else f"{path}/{table}"): stats
+        for path, table, stats in found
+    }
 
 
 def _tiles(pieces: list[tuple[int, int, torch.Tensor]], total: int) -> bool:
