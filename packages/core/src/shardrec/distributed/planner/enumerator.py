@@ -4,7 +4,7 @@ constraints."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Final, Protocol
+from typing import Final
 
 import torch
 
@@ -21,6 +21,7 @@ from shardrec.distributed.planner.layouts import (
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
 from shardrec.distributed.sharder_index import SharderIndex
+from shardrec.distributed.sharding.contract import HasPlannerLayout
 from shardrec.distributed.types import ModuleSharder, ShardingType
 from shardrec.kernels import FusedOptimizerConfig
 
@@ -36,14 +37,9 @@ _PREFERENCE: Final[dict[str, int]] = {
 }
 
 
-class _HasPlannerLayout(Protocol):
-    def planner_layout(self, sharding_type: str) -> ShardLayout | None: ...
-
-
 def _layout_for(sharder: ModuleSharder, sharding_type: str) -> tuple[ShardLayout, str]:
-    hook = getattr(sharder, "planner_layout", None)
-    if callable(hook):
-        layout = hook(sharding_type)
+    if isinstance(sharder, HasPlannerLayout):
+        layout = sharder.planner_layout(sharding_type)
         if layout is not None:
             if not isinstance(layout, ShardLayout):
                 raise TypeError(
