@@ -286,7 +286,8 @@ def rebalance_memory(
     max_step: float,
 ) -> Placement:
     """Moves shards off the fullest rank to an emptier one that can take them, one at a time,
-    while each move lowers the fullest rank's memory and keeps the step within ``max_step``."""
+    while each move lowers the fullest rank's memory, keeps the step within ``max_step`` and adds
+    no bytes to the rank that sends most across hosts."""
     hbm_cap, ddr_cap = capacities(topology, reserved_fraction)
     cap = {"hbm": hbm_cap, "ddr": ddr_cap}
     best = placement
@@ -336,8 +337,10 @@ def _one_move(
                 moved[fullest] -= size
                 moved[target] += size
                 candidate = Placement(tuple(options), evaluate(options, topology, hbm, ddr))
-                if candidate.max_perf <= max(max_step, placement.max_perf) and (
-                    candidate.max_memory < placement.max_memory
+                if (
+                    candidate.max_perf <= max(max_step, placement.max_perf)
+                    and candidate.max_memory < placement.max_memory
+                    and max(candidate.load.sent_inter) <= max(load.sent_inter)
                 ):
                     return candidate
     return None
