@@ -73,6 +73,7 @@ def check_sharding(
     sharders: Sequence[ModuleSharder] | None = None,
     world_size: int = 2,
     reload_world_size: int | None = None,
+    reload_plan: PlanForWorld | None = None,
     local_world_size: int | None = None,
     reload_local_world_size: int | None = None,
     steps: int = 3,
@@ -91,9 +92,10 @@ def check_sharding(
     from the ``shardrec`` entry points (so a third party's installed sharder is found as the
     built-in ones are). With ``reload_world_size``, the sharded model is also saved after
     training, loaded into the unsharded module (weights and optimizer state compared), and
-    loaded at ``reload_world_size`` under ``plan(reload_world_size)`` (outputs and shards
-    compared). ``local_world_size`` lays the ranks out as nodes (``LOCAL_WORLD_SIZE``).
-    ``empty_rank`` gets no samples. ``pool``: workers to run on (default: a pool of its own).
+    loaded at ``reload_world_size`` under ``plan(reload_world_size)``, or ``reload_plan``'s
+    (outputs and shards compared). ``local_world_size`` lays the ranks out as nodes
+    (``LOCAL_WORLD_SIZE``). ``empty_rank`` gets no samples. ``pool``: workers to run on
+    (default: a pool of its own).
 
     Raises :class:`EquivalenceError` naming each difference (what, table, rank, step, max abs
     diff) unless ``raise_on_mismatch`` is False; returns the report.
@@ -103,9 +105,10 @@ def check_sharding(
     if steps < 1:
         raise ValueError(f"check_sharding: steps must be >= 1, got {steps}")
 
-    def plan_at(world: int, local: int | None) -> ShardingPlan:
-        if plan is not None:
-            return ShardingPlan({EMBEDDING_FQN: dict(plan(world))})
+    def plan_at(world: int, local: int | None, reloading: bool = False) -> ShardingPlan:
+        chosen = reload_plan if reloading and reload_plan is not None else plan
+        if chosen is not None:
+            return ShardingPlan({EMBEDDING_FQN: dict(chosen(world))})
         assert sharding_type is not None
         return _planned(model, sharding_type, sharders, world, local)
 
@@ -142,7 +145,7 @@ def check_sharding(
             compare_whole(report, tol, f"{saved}, loaded unsharded", loaded, ref.tables())
             again = dataclasses.replace(
                 run,
-                plan=plan_at(reload_world_size, reload_local_world_size),
+                plan=plan_at(reload_world_size, reload_local_world_size, reloading=True),
                 sizes=_sizes(reload_world_size, None),
                 model_seed=_MODEL_SEED + 1,
                 batch_seed=_BATCH_SEED + 100,
