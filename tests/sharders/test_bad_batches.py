@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from shardrec import KeyedJaggedTensor
+from shardrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.sharding_plan import (
     column_wise,
@@ -26,9 +26,9 @@ from shardrec.distributed.sharding_plan import (
 )
 from shardrec.distributed.types import ParameterSharding
 from shardrec.kernels import BadBatchError
+from shardrec.testing import EmbeddingModel, HeadModel
 
-from ._reference import build_model
-from ._two_nodes import sharding as sharding_of
+from ._two_level import sharding as sharding_of
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
@@ -36,10 +36,25 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 TABLES = [("t0", 10, 4, ["a"]), ("t1", 13, 8, ["b", "c"])]
 KEYS = ["a", "b", "c"]
 WORLD = 2
-EC_DIM = 4  # build_model's EmbeddingCollection puts every table at this dim
+EC_DIM = 4  # the EmbeddingCollection puts every table at this dim
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel"]
 # The two-level types on one node of two ranks (LOCAL_WORLD_SIZE unset): bags only.
 TWO_LEVEL = ["table_row_wise", "grid_shard", "table_column_wise"]
+
+
+def build_model(kind: str) -> HeadModel:
+    fused = {"optimizer": "sgd", "learning_rate": 0.1}
+    if kind == "ec":
+        seqs = [
+            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=EC_DIM, feature_names=f)
+            for n, r, _, f in TABLES
+        ]
+        return EmbeddingModel(tables=seqs, fused_params=fused).build(seed=0)
+    bags = [
+        EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=f)
+        for n, r, d, f in TABLES
+    ]
+    return EmbeddingModel(tables=bags, fused_params=fused).build(seed=0)
 
 
 def two_level(sharding: str, rows: int, dim: int) -> ParameterSharding:
@@ -100,7 +115,7 @@ def batch(rank: int, problem: str | None) -> KeyedJaggedTensor:
 def bad_batch_case(
     env: ShardingEnv, kind: str, sharding: str, problem: str, bad_ranks: list[int]
 ) -> dict[str, Any]:
-    model = build_model(kind, TABLES, seed=0, fused={"optimizer": "sgd", "learning_rate": 0.1})
+    model = build_model(kind)
     plan = ShardingPlan({"emb": plan_for(sharding, kind)})
     dmp = DistributedModelParallel(model, env=env, plan=plan, device=torch.device("cpu"))
     result: dict[str, Any] = {"check_inputs": getattr(dmp.module.emb, "check_inputs", None)}
@@ -192,7 +207,7 @@ def test_every_bad_rank_is_named(dist_pool: Any, sharding: str) -> None:
 
 
 def unchecked_case(env: ShardingEnv, sharding: str) -> list[bool]:
-    model = build_model("ebc", TABLES, seed=0, fused={"optimizer": "sgd", "learning_rate": 0.1})
+    model = build_model("ebc")
     model.emb.check_inputs = False
     dmp = DistributedModelParallel(
         model, env=env, plan=ShardingPlan({"emb": plan_for(sharding)}), device=torch.device("cpu")
@@ -212,7 +227,7 @@ def copy_case(env: ShardingEnv) -> str:
     import copy
     import pickle
 
-    model = build_model("ebc", TABLES, seed=0, fused={"optimizer": "sgd", "learning_rate": 0.1})
+    model = build_model("ebc")
     dmp = DistributedModelParallel(
         model, env=env, plan=ShardingPlan({"emb": plan_for("row_wise")}), device=torch.device("cpu")
     )

@@ -27,9 +27,9 @@ from shardrec import KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.qcomm import CommType, QCommsConfig, with_qcomms
 from shardrec.distributed.sharding_plan import column_wise, row_wise, table_wise
+from shardrec.testing import EMBEDDING_FQN, GlobalBatch
 
-from ._reference import assemble, build_model, local_shards
-from ._two_nodes import TABLES, batch_sizes, dims, make_batch, ranks_per_node
+from ._two_level import TABLES, dims, model
 from .test_grid import grid_plan
 from .test_table_column_wise import make_plan as table_column_wise_plan
 from .test_table_row_wise import SPEC
@@ -39,6 +39,7 @@ pytestmark = pytest.mark.multiprocess
 
 STEPS = 3
 LR = 0.05
+Block = tuple[torch.Tensor, tuple[int, ...]]
 WIDTH = sum(d * len(fs) for _, _, d, fs in TABLES)
 # fp32 reassociation and update rounding, far below either wire dtype's roundoff.
 FP32_SLACK = 2.0**-18
@@ -55,20 +56,41 @@ def r_matrix(step: int, sizes: list[int], rank: int | None) -> torch.Tensor:
 
 
 def build() -> Any:
-    return build_model("ebc", TABLES, seed=7, fused={"optimizer": "sgd", "learning_rate": LR})
+    return model("ebc").build(seed=7)
 
 
-def case_both(env: ShardingEnv, plan: ShardingPlan, precision: str, local: int | None) -> Any:
+def batch_sizes(world: int) -> list[int]:
+    return [2 + r for r in range(world)]
+
+
+def make_batch(step: int, sizes: list[int], rank: int | None) -> KeyedJaggedTensor:
+    return GlobalBatch.random(model("ebc").feature_rows, sizes, seed=2000 + step).kjt(rank)
+
+
+def local_shards(dmp: DistributedModelParallel) -> dict[str, list[Block]]:
+    return {
+        table: [(s.tensor.clone(), s.offsets) for s in held.weight]
+        for table, held in dmp.local_table_shards()[EMBEDDING_FQN].items()
+    }
+
+
+def assemble(like: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
+    """A tensor shaped like ``like`` from blocks at their offsets; NaN where none lies."""
+    out = torch.full_like(like, float("nan"))
+    for tensor, (row, col) in blocks:
+        out[row : row + tensor.shape[0], col : col + tensor.shape[1]] = tensor
+    return out
+
+
+def case_both(env: ShardingEnv, plan: ShardingPlan, precision: str) -> Any:
     """The same steps under ``plan`` in fp32 and with pooled outputs sent in ``precision``."""
-    sizes = batch_sizes(None, env.world_size)
+    sizes = batch_sizes(env.world_size)
     runs = {}
     for name, config in (("fp32", None), ("q", QCommsConfig.both(precision))):
-        with ranks_per_node(local):
-            model = build()
-            dmp = DistributedModelParallel(model, env=env, plan=with_qcomms(plan, config))
+        dmp = DistributedModelParallel(build(), env=env, plan=with_qcomms(plan, config))
         outputs = []
         for step in range(STEPS):
-            rows, loss = dmp(make_batch(step, sizes, env.rank, False))
+            rows, loss = dmp(make_batch(step, sizes, env.rank))
             # The head's loss rides at weight zero so that every dense parameter has a gradient.
             ((rows * r_matrix(step, sizes, env.rank)).sum() + 0.0 * loss).backward()
             outputs.append(rows.detach().clone())
@@ -113,15 +135,17 @@ def abs_grad(kjt: KeyedJaggedTensor, r: torch.Tensor) -> dict[str, torch.Tensor]
 
 def check(dist_pool: Any, plan: ShardingPlan, precision: str, hops: int, world: int) -> None:
     local = 2 if world == 4 else None
-    results = dist_pool.run(world, case_both, plan=plan, precision=precision, local=local)
+    results = dist_pool.run(
+        world, case_both, local_world_size=local, plan=plan, precision=precision
+    )
     u = CommType(precision).unit_roundoff
     factor = (1 + u) ** hops - 1 + FP32_SLACK
     tiny = hops * world * 2.0**-25  # fp16 below its normal range; 0 would do for bf16
-    sizes = batch_sizes(None, world)
+    sizes = batch_sizes(world)
     lo = [sum(sizes[:r]) for r in range(world)]
 
     # Forward, first step (both runs start from the same tables).
-    a = abs_pooled(build().emb.lookup.table_weights(), make_batch(0, sizes, None, False))
+    a = abs_pooled(build().emb.lookup.table_weights(), make_batch(0, sizes, None))
     worst = 0.0
     for r, result in enumerate(results):
         err = (result["q"]["outputs"][0] - result["fp32"]["outputs"][0]).abs()
@@ -135,7 +159,7 @@ def check(dist_pool: Any, plan: ShardingPlan, precision: str, hops: int, world: 
     # Backward: the tables after the steps.
     g_sum = {t: torch.zeros(rows, d) for t, (rows, d) in dims("ebc").items()}
     for step in range(STEPS):
-        full = make_batch(step, sizes, None, False)
+        full = make_batch(step, sizes, None)
         for t, g in abs_grad(full, r_matrix(step, sizes, None)).items():
             g_sum[t] += g
     start = build().emb.lookup.table_weights()
@@ -213,14 +237,15 @@ def test_config_names_bad_precision() -> None:
 def case_sequence(env: ShardingEnv, plan: ShardingPlan, precision: str) -> Any:
     """An EmbeddingCollection under ``plan`` in fp32 and in ``precision``; the rows' gradient is
     positive, so that each table row's gradient is a sum of same-signed terms."""
-    sizes = batch_sizes(None, env.world_size)
+    sizes = batch_sizes(env.world_size)
     runs = {}
     for name, config in (("fp32", None), ("q", QCommsConfig.both(precision))):
-        model = build_model("ec", TABLES, seed=7, fused={"optimizer": "sgd", "learning_rate": LR})
-        dmp = DistributedModelParallel(model, env=env, plan=with_qcomms(plan, config))
+        dmp = DistributedModelParallel(
+            model("ec").build(seed=7), env=env, plan=with_qcomms(plan, config)
+        )
         outputs = []
         for step in range(STEPS):
-            rows, loss = dmp(make_batch(step, sizes, env.rank, False))
+            rows, loss = dmp(make_batch(step, sizes, env.rank))
             g = torch.Generator().manual_seed(4000 + 10 * step + env.rank)
             r = torch.rand(rows.shape, generator=g) + 0.5
             ((rows * r).sum() + 0.0 * loss).backward()
@@ -246,7 +271,7 @@ def test_sequence_embeddings_within_the_bound_of_fp32(dist_pool: Any, kind: str)
         err = (result["q"]["outputs"][0] - ref).abs()
         assert bool((err <= factor * ref.abs()).all()), f"rank {r}: output past the bound"
         assert float(err.max()) > 0
-    start = build_model("ec", TABLES, seed=7, fused={"optimizer": "sgd"}).emb.lookup.table_weights()
+    start = model("ec").build(seed=7).emb.lookup.table_weights()
     for t, w0 in start.items():
         q = assemble(w0, [b for res in results for b in res["q"]["shards"][t]])
         ref = assemble(w0, [b for res in results for b in res["fp32"]["shards"][t]])

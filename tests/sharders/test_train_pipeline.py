@@ -36,10 +36,10 @@ from shardrec.distributed.train_pipeline import (
 from shardrec.distributed.types import ParameterSharding
 from shardrec.kernels import BadBatchError
 from shardrec.modules import EmbeddingBagCollection
+from shardrec.testing import GlobalBatch, HeadModel, WorkerPool
 from shardrec_sharders.row_wise import RowWiseSharder
 
-from ._reference import Model, build_model
-from ._two_nodes import EC_DIM, TABLES, make_batch, ranks_per_node, sharding
+from ._two_level import EC_DIM, TABLES, model, sharding
 
 pytestmark = pytest.mark.multiprocess
 
@@ -66,7 +66,8 @@ def model_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
 def batches(env: ShardingEnv, n: int, *, bad_at: int | None = None) -> Iterator[Batch]:
     sizes = [2 + r for r in range(env.world_size)]
     for step in range(n):
-        kjt = make_batch(step, sizes, env.rank, weighted=False)
+        rows = model("ebc").feature_rows
+        kjt = GlobalBatch.random(rows, sizes, seed=2000 + step).kjt(env.rank)
         if step == bad_at and env.rank == env.world_size - 1:
             values = kjt.values().clone()
             values[0] = 10_000  # outside every table
@@ -129,13 +130,12 @@ def make_plan(how: str, world: int, kind: str = "ebc") -> ShardingPlan:
     )
 
 
-def build(kind: str) -> Model:
-    fused = {"optimizer": "rowwise_adagrad", "learning_rate": LR}
-    return build_model(kind, TABLES, seed=11, fused=fused, squash=True, ec_dim=EC_DIM)
+def build(kind: str) -> HeadModel:
+    return model(kind, optimizer="rowwise_adagrad").build(seed=11)
 
 
 def state_of(
-    dmp: DistributedModelParallel, model: Model, fqn: str = "emb"
+    dmp: DistributedModelParallel, model: HeadModel, fqn: str = "emb"
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for table, ts in dmp.local_table_shards()[fqn].items():
@@ -174,9 +174,8 @@ def train(env: ShardingEnv, how: str, kind: str, pipelined: bool, n: int) -> dic
 
 
 def case_equal(env: ShardingEnv, how: str, kind: str) -> dict[str, Any]:
-    with ranks_per_node(LOCAL):
-        plain = train(env, how, kind, pipelined=False, n=STEPS)
-        piped = train(env, how, kind, pipelined=True, n=STEPS)
+    plain = train(env, how, kind, pipelined=False, n=STEPS)
+    piped = train(env, how, kind, pipelined=True, n=STEPS)
     return {"plain": plain, "piped": piped}
 
 
@@ -206,21 +205,21 @@ ALL = [
 
 
 @pytest.mark.parametrize("how", ALL)
-def test_pipelined_weights_equal_plain_at_2(dist_pool: Any, how: str) -> None:
-    assert_same(dist_pool.run(2, case_equal, how=how, kind="ebc"))
+def test_pipelined_weights_equal_plain_at_2(dist_pool: WorkerPool, how: str) -> None:
+    assert_same(dist_pool.run(2, case_equal, local_world_size=LOCAL, how=how, kind="ebc"))
 
 
 @pytest.mark.parametrize("how", ["table_wise", "row_wise", "column_wise", "mixed"])
-def test_pipelined_sequence_embeddings_equal_plain_at_2(dist_pool: Any, how: str) -> None:
-    assert_same(dist_pool.run(2, case_equal, how=how, kind="ec"))
+def test_pipelined_sequence_embeddings_equal_plain_at_2(dist_pool: WorkerPool, how: str) -> None:
+    assert_same(dist_pool.run(2, case_equal, local_world_size=LOCAL, how=how, kind="ec"))
 
 
 @pytest.mark.parametrize("how", ["row_wise", "table_row_wise", "grid_shard", "mixed"])
-def test_pipelined_weights_equal_plain_at_4_two_nodes(dist_pool: Any, how: str) -> None:
-    assert_same(dist_pool.run(4, case_equal, how=how, kind="ebc"))
+def test_pipelined_weights_equal_plain_at_4_two_nodes(dist_pool: WorkerPool, how: str) -> None:
+    assert_same(dist_pool.run(4, case_equal, local_world_size=LOCAL, how=how, kind="ebc"))
 
 
-def test_the_plain_loop_is_the_reference_loop(dist_pool: Any) -> None:
+def test_the_plain_loop_is_the_reference_loop(dist_pool: WorkerPool) -> None:
     # TrainPipelineBase is what the equality above compares against: it must be the loop the
     # equivalence tests prove against the unsharded model (forward, backward, step, in order).
     results = dist_pool.run(2, case_plain_is_manual)
@@ -246,11 +245,6 @@ def case_plain_is_manual(env: ShardingEnv) -> dict[str, Any]:
 
 
 def case_bad_batch(env: ShardingEnv, how: str, bad_at: int) -> dict[str, Any]:
-    with ranks_per_node(LOCAL):
-        return _bad_batch(env, how, bad_at)
-
-
-def _bad_batch(env: ShardingEnv, how: str, bad_at: int) -> dict[str, Any]:
     model = build("ebc")
     dmp = DistributedModelParallel(model, env=env, plan=make_plan(how, env.world_size))
     opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=LR)
@@ -298,9 +292,9 @@ def _bad_batch(env: ShardingEnv, how: str, bad_at: int) -> dict[str, Any]:
 )
 @pytest.mark.parametrize("bad_at", [0, 2])
 def test_a_bad_batch_raises_on_every_rank_and_the_pipeline_goes_on(
-    dist_pool: Any, how: str, world: int, bad_at: int
+    dist_pool: WorkerPool, how: str, world: int, bad_at: int
 ) -> None:
-    results = dist_pool.run(world, case_bad_batch, how=how, bad_at=bad_at)
+    results = dist_pool.run(world, case_bad_batch, local_world_size=LOCAL, how=how, bad_at=bad_at)
     for r in results:
         assert r["done"] == STEPS - 1
         assert len(r["errors"]) == 1
@@ -316,7 +310,7 @@ def test_a_bad_batch_raises_on_every_rank_and_the_pipeline_goes_on(
 class Rekeyed(nn.Module):
     """A model that builds a new KJT before the sharded module sees it: it cannot be pipelined."""
 
-    def __init__(self, inner: Model) -> None:
+    def __init__(self, inner: HeadModel) -> None:
         super().__init__()
         self.inner = inner
 
@@ -351,7 +345,7 @@ def _plan_for(wrapped: bool, world: int) -> ShardingPlan:
     return ShardingPlan({"inner.emb": plan.plan["emb"]}) if wrapped else plan
 
 
-def test_a_model_that_transforms_the_kjt_falls_back_with_one_warning(dist_pool: Any) -> None:
+def test_a_model_that_transforms_the_kjt_falls_back_with_one_warning(dist_pool: WorkerPool) -> None:
     for r in dist_pool.run(2, case_fallback):
         plain, wrapped = r["False"], r["True"]
         assert plain["pipelined"] == ["emb"]
@@ -406,9 +400,9 @@ def case_plugin_without_split(env: ShardingEnv) -> dict[str, Any]:
 
 
 def test_a_plugin_module_without_the_split_trains_unpipelined_with_one_warning(
-    dist_pool: Any,
+    dist_pool: WorkerPool,
 ) -> None:
-    plain = dist_pool.run(2, case_equal, how="row_wise", kind="ebc")
+    plain = dist_pool.run(2, case_equal, local_world_size=LOCAL, how="row_wise", kind="ebc")
     for r, p in zip(dist_pool.run(2, case_plugin_without_split), plain, strict=True):
         assert r["pipelined"] == []
         assert len(r["warnings"]) == 1
