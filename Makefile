@@ -28,6 +28,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) tools/check_private_imports.py
+	$(PY) tools/check_import_cycles.py
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -1,8 +1,11 @@
-"""The one typed wrapper around FBGEMM (``fbgemm_gpu``). Nothing else in shardrec imports it.
+"""The one typed wrapper around FBGEMM (``fbgemm_gpu``): nothing else in shardrec imports
+``fbgemm_gpu``; the kernels (``shardrec.kernels``) call it through these functions.
 
 FBGEMM is optional: every function here imports it lazily, and :func:`fbgemm_available` says
 whether it can be imported (import blockers such as ``SHARDREC_HIDE_FBGEMM`` are honoured, because
-the import itself is tried).
+the import itself is tried). The kernels' own types are imported inside the functions too: the
+kernels package imports this module while it initialises, so an import of it here at module level
+would be a cycle (``tools/check_import_cycles.py``).
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ import functools
 import importlib
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from shardrec.kernels.memory import empty_rows
-from shardrec.kernels.specs import DataType, FusedOptimizerConfig, OptimizerType, PoolingType
+if TYPE_CHECKING:
+    from shardrec.kernels.specs import DataType, FusedOptimizerConfig, OptimizerType, PoolingType
 
 __all__ = [
     "fbgemm_available",
@@ -47,24 +50,6 @@ def fbgemm_available() -> bool:
     return True
 
 
-_OPTIMIZERS: dict[OptimizerType, str] = {
-    OptimizerType.SGD: "EXACT_SGD",
-    OptimizerType.EXACT_ADAGRAD: "EXACT_ADAGRAD",
-    OptimizerType.ROWWISE_ADAGRAD: "EXACT_ROWWISE_ADAGRAD",
-    OptimizerType.ADAM: "ADAM",
-}
-_POOLING: dict[PoolingType, str] = {
-    PoolingType.SUM: "SUM",
-    PoolingType.MEAN: "MEAN",
-    PoolingType.NONE: "NONE",
-}
-_PRECISION: dict[DataType, str] = {
-    DataType.FP32: "FP32",
-    DataType.FP16: "FP16",
-    DataType.BF16: "BF16",
-}
-
-
 def fbgemm_unsupported_reason(
     *,
     dims: Sequence[int],
@@ -75,6 +60,8 @@ def fbgemm_unsupported_reason(
     device: torch.device,
 ) -> str | None:
     """Why FBGEMM's table-batched kernel cannot run this group of tables, or None when it can."""
+    from shardrec.kernels.specs import DataType, OptimizerType, PoolingType
+
     if not fbgemm_available():
         return "fbgemm_gpu is not importable"
     if optimizer is None:
@@ -119,6 +106,16 @@ def make_table_batched_embedding(
     The optimizer is fused into backward. Ids are bounds-checked by the caller, so FBGEMM's own
     check is off.
     """
+    from shardrec.kernels.specs import DataType, OptimizerType, PoolingType
+
+    optimizers = {
+        OptimizerType.SGD: "EXACT_SGD",
+        OptimizerType.EXACT_ADAGRAD: "EXACT_ADAGRAD",
+        OptimizerType.ROWWISE_ADAGRAD: "EXACT_ROWWISE_ADAGRAD",
+        OptimizerType.ADAM: "ADAM",
+    }
+    pooling_modes = {PoolingType.SUM: "SUM", PoolingType.MEAN: "MEAN", PoolingType.NONE: "NONE"}
+    precisions = {DataType.FP32: "FP32", DataType.FP16: "FP16", DataType.BF16: "BF16"}
     training = _training_module()
     common = importlib.import_module("fbgemm_gpu.split_table_batched_embeddings_ops_common")
     configs = importlib.import_module("fbgemm_gpu.split_embedding_configs")
@@ -130,9 +127,9 @@ def make_table_batched_embedding(
         module: nn.Module = training.SplitTableBatchedEmbeddingBagsCodegen(
             [(rows, dim, location, compute) for rows, dim in shapes],
             feature_table_map=list(feature_table_map),
-            optimizer=getattr(configs.EmbOptimType, _OPTIMIZERS[optimizer.optimizer]),
-            pooling_mode=getattr(common.PoolingMode, _POOLING[pooling]),
-            weights_precision=getattr(configs.SparseType, _PRECISION[data_type]),
+            optimizer=getattr(configs.EmbOptimType, optimizers[optimizer.optimizer]),
+            pooling_mode=getattr(common.PoolingMode, pooling_modes[pooling]),
+            weights_precision=getattr(configs.SparseType, precisions[data_type]),
             output_dtype=configs.SparseType.FP32,
             learning_rate=optimizer.learning_rate,
             eps=optimizer.eps,
@@ -175,6 +172,8 @@ def _rehome(name: str, holder: dict[str, Any]) -> None:
     """Moves ``holder[name]`` onto huge pages. When it is all zeros (a fresh module), its storage
     is released before the new one is touched: the peak memory is one copy of the tables, not
     two."""
+    from shardrec.kernels.memory import empty_rows
+
     old = holder[name]
     shape, dtype, device = tuple(old.shape), old.dtype, old.device
     is_param = isinstance(old, nn.Parameter)
@@ -222,6 +221,8 @@ def tbe_optimizer_states(
     module: nn.Module, optimizer: OptimizerType
 ) -> list[dict[str, torch.Tensor]]:
     """Per table, the optimizer state views named as :meth:`FusedOptimizerConfig.state_names`."""
+    from shardrec.kernels.specs import OptimizerType
+
     if optimizer is OptimizerType.SGD:
         return [{} for _ in tbe_table_weights(module)]
     states: list[list[torch.Tensor]] = module.split_optimizer_states()  # type: ignore[operator]
@@ -246,4 +247,3 @@ def tbe_set_learning_rate(module: nn.Module, lr: float) -> None:
 def tbe_learning_rate(module: nn.Module) -> float:
     """The learning rate FBGEMM's fused optimizer currently uses."""
     return float(module.get_learning_rate())  # type: ignore[operator]
-
