@@ -189,6 +189,7 @@ def test_mlperf_on_64_ranks_beats_the_two_level_plan_on_every_rank_figure() -> N
     assert max(r.hbm for r in ours.ranks) <= 1.1 * max(r.hbm for r in theirs.ranks)
     assert max(r.read for r in ours.ranks) < max(r.read for r in theirs.ranks)
     assert ours.step < theirs.step
+    assert "kept the plan grown from the one that sends fewest bytes across hosts" in str(ours)
 
 
 def test_a_fixed_step_overhead_moves_the_estimate_not_the_plan() -> None:

@@ -146,7 +146,7 @@ class EmbeddingShardingPlanner:
             result.proposals,
             result.feasible,
             time.perf_counter() - start,
-            notes=self._notes(tables, sharders, topology),
+            notes=((result.note,) if result.note else ()) + self._notes(tables, sharders, topology),
         )
         return to_sharding_plan(result.placement.options)
 

@@ -65,6 +65,7 @@ class SearchResult:
     proposals: int
     feasible: int
     failure: tuple[PlacementFailure, ShardingOption] | None
+    note: str = ""  # which of the two searches' plans was kept, and why
 
 
 def _ms(seconds: float) -> str:
@@ -210,19 +211,25 @@ def search(
     fast = _Local(s, list(picked_choice), picked, why)
     fast.shrink_fullest(limit)
     chosen = fast
+    note = ""
     quiet = _quiet_start(s)
     if quiet is not None:
         quiet.speed_up(max(quiet.placement.load.sent_inter) * (1 + NETWORK_SLACK))
         a, b = fast.placement, quiet.placement
-        if max(b.load.sent_inter) < max(a.load.sent_inter) and b.max_perf <= a.max_perf * (
-            1 + NETWORK_TOLERANCE
-        ):
+        a_sent, b_sent = max(a.load.sent_inter), max(b.load.sent_inter)
+        if b_sent < a_sent and b.max_perf <= a.max_perf * (1 + NETWORK_TOLERANCE):
             chosen = quiet
+            note = (
+                f"kept the plan grown from the one that sends fewest bytes across hosts: its "
+                f"busiest rank sends {b_sent / 1e6:.1f} MB across hosts per step against "
+                f"{a_sent / 1e6:.1f} MB in the fastest plan found, its step {_ms(b.max_perf)} "
+                f"against {_ms(a.max_perf)} (within {NETWORK_TOLERANCE:.0%})"
+            )
     shards = sum(len(o.shards) for o in chosen.placement.options)
     balanced = rebalance_memory(
         chosen.placement, topology, reserved_fraction, shards, chosen.placement.max_perf
     )
-    return SearchResult(balanced, tuple(chosen.reasons), s.proposals, s.feasible, None)
+    return SearchResult(balanced, tuple(chosen.reasons), s.proposals, s.feasible, None, note)
 
 
 def _quiet_start(s: _Search) -> _Local | None:
@@ -382,7 +389,6 @@ class _Local:
                     break
             if not moved:
                 return
-
 
     def _evening(
         self, i: int, k: int, moved: Placement, below: float, max_sent: float
