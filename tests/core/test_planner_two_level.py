@@ -1,7 +1,7 @@
 """The two-level layouts (table-row-wise, table-column-wise, grid): how the planner cuts and
 places them, how it prices grid's slices, and that the plans it makes are accepted by
 DistributedModelParallel and train like the unsharded module, on 4 gloo processes as 2 nodes of 2
-(``tests/sharders/_two_nodes.py``: outputs, dense gradients, weights after steps)."""
+(``tests/sharders/_two_level.py``, through ``shardrec.testing.check_sharding``)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from shardrec.distributed.planner import (
 from shardrec.distributed.planner.layouts import GridLayout, TableColumnWiseLayout
 from shardrec.distributed.plugins import load_sharder_registry
 
-from ..sharders._two_nodes import LOCAL, WORLD, build, check, defaults
+from ..sharders._two_level import LOCAL, WORLD, check, model
 
 # The model's tables (t0 7x4, t1 10x8, t2 9x4, t3 1x2), each forced to one two-level type (a
 # dimension of 4 is one group of 4 columns, which the planner does not cut: t0 and t2 by rows).
@@ -86,7 +86,7 @@ def planned() -> ShardingPlan:
             for t, kind in FORCED.items()
         },
     )
-    return planner.plan(build(defaults({})), load_sharder_registry().sharders())
+    return planner.plan(model().build(seed=0), load_sharder_registry().sharders())
 
 
 def test_planner_cuts_two_level_tables_as_their_sharders_want() -> None:
