@@ -148,9 +148,37 @@ def preprocess(
     show_default=True,
     help="With --multi-hot: rows of every table the bags are drawn from; train with the same.",
 )
+@click.option(
+    "--drift",
+    is_flag=True,
+    help="Draw a stream whose ids drift: each feature's live ids (--live) are replaced --turnover"
+    " times over the rows, new ids arriving popular and cooling down (for --managed-ids).",
+)
+@click.option(
+    "--live",
+    type=click.IntRange(min=2),
+    default=2048,
+    show_default=True,
+    help="With --drift: ids of a feature live at any time.",
+)
+@click.option(
+    "--turnover",
+    type=click.FloatRange(min=0),
+    default=4.0,
+    show_default=True,
+    help="With --drift: how many times the live ids are replaced over the stream.",
+)
 @_FORCE
 def synth(
-    dst: Path, rows: int, seed: int, multi_hot: str | None, num_embeddings: int, force: bool
+    dst: Path,
+    rows: int,
+    seed: int,
+    multi_hot: str | None,
+    num_embeddings: int,
+    drift: bool,
+    live: int,
+    turnover: float,
+    force: bool,
 ) -> None:
     """Write synthetic Criteo-format TSV drawn from a planted click model to DST/train.txt, and
     the best AUC and log loss any model can reach on it to DST/synth.json. DST must be new or
@@ -162,11 +190,22 @@ def synth(
       dlrm train --data demo_data/
       dlrm synth mh_demo/ --rows 200000 --multi-hot mlperf
       dlrm train --data mh_demo/multihot --preset mlperf-dcnv2 --num-embeddings 100000
+      dlrm synth drift_demo/ --rows 300000 --drift --live 2048 --turnover 4
+      dlrm train --data drift_demo/ --managed-ids lru --num-embeddings 4096 --no-shuffle
     """
     from shardrec_dlrm.data.synth import synth as run
 
     _output_dir(dst)
+    if drift and multi_hot is not None:
+        raise click.UsageError("--drift and --multi-hot cannot be combined")
     try:
+        if drift:
+            from shardrec_dlrm.data.synth_drift import synth_drift
+
+            synth_drift(
+                dst, rows=rows, seed=seed, live=live, turnover=turnover, force=force, log=click.echo
+            )
+            return
         if multi_hot is None:
             run(dst, rows=rows, seed=seed, force=force, log=click.echo)
             return

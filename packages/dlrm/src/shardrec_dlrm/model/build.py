@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Final
 
 import torch
+from torch import nn
 
 from shardrec_dlrm.data.schema import NUM_DENSE, SPARSE_KEYS
 from shardrec_dlrm.model.config import DensePrecision, ModelConfig
@@ -28,6 +29,8 @@ def build_dlrm(
     ``embedding_device="meta"`` builds the tables without memory, for the planner and for
     DistributedModelParallel to materialise shard by shard. ``fused_params`` (shardrec's
     ``{"optimizer": ..., "learning_rate": ...}``) fuses the tables' optimizer into backward.
+    ``config.managed_ids`` other than ``off`` puts the tables behind managed ids
+    (:mod:`.managed`).
     """
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
 
@@ -43,8 +46,13 @@ def build_dlrm(
     ebc = EmbeddingBagCollection(
         tables=tables, device=embedding_device, fused_params=dict(fused_params or {}) or None
     )
+    sparse: nn.Module = ebc
+    if config.managed_ids != "off":
+        from shardrec_dlrm.model.managed import managed_tables
+
+        sparse = managed_tables(ebc, config.managed_ids)
     model = DLRM(
-        embedding_bag_collection=ebc,
+        embedding_bag_collection=sparse,
         dense_in_features=NUM_DENSE,
         dense_arch_layer_sizes=config.dense_arch_layer_sizes,
         over_arch_layer_sizes=config.over_arch_layer_sizes,

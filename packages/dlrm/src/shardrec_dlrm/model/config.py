@@ -11,9 +11,14 @@ from shardrec_dlrm.data.schema import NUM_SPARSE
 
 InteractionType = Literal["dot", "dcn"]
 DensePrecision = Literal["fp32", "bf16"]
+#: ``off``: ids are hashed to rows (``1 + id % (rows - 1)``); ``lru`` / ``lfu``: the raw ids get
+#: rows of their own in managed tables (``shardrec.modules.mc_modules``), evicting the least
+#: recently / least frequently read row when a table is full.
+ManagedIds = Literal["off", "lru", "lfu"]
 
 INTERACTION_TYPES: Final = get_args(InteractionType)
 DENSE_PRECISIONS: Final = get_args(DensePrecision)
+MANAGED_IDS: Final = get_args(ManagedIds)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -28,6 +33,7 @@ class ModelConfig:
     interaction_type: InteractionType = "dot"
     dcn_num_layers: int = 3
     dcn_low_rank_dim: int = 512
+    managed_ids: ManagedIds = "off"
 
     def __post_init__(self) -> None:
         positive("embedding_dim", self.embedding_dim)
@@ -50,6 +56,10 @@ class ModelConfig:
                         f"num_embeddings_per_feature[{index}] (C{index + 1}) must be >= 2: row 0 "
                         f"holds missing values; got {size}"
                     )
+        if self.managed_ids not in MANAGED_IDS:
+            raise ValueError(
+                f"managed_ids must be one of {', '.join(MANAGED_IDS)}, got {self.managed_ids!r}"
+            )
         if self.interaction_type not in INTERACTION_TYPES:
             raise ValueError(
                 f"interaction_type must be one of {', '.join(INTERACTION_TYPES)}, "

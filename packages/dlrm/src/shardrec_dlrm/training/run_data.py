@@ -80,10 +80,12 @@ def open_run_data(config: TrainConfig, state: ParallelState) -> RunData:
             )
             splits = {name: dataset.split(name) for name in ("train", "val", "test")}
         else:
+            # Managed tables take the raw ids (1 + id, 0 for missing): nothing is hashed.
+            managed = config.model.managed_ids != "off"
             dataset = open_dataset(
                 config.data,
                 format=config.data_format,
-                num_embeddings_per_feature=config.model.table_sizes(),
+                num_embeddings_per_feature=None if managed else config.model.table_sizes(),
                 val_fraction=config.val_fraction,
                 test_fraction=config.test_fraction,
             )

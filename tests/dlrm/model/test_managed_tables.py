@@ -1,0 +1,70 @@
+"""``managed_ids``: the DLRM's tables behind managed ids, fed Criteo's raw ids (no modulo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shardrec import KeyedJaggedTensor
+from shardrec.modules.mc_collection import managed_table_stats
+from shardrec_dlrm.data.schema import SPARSE_KEYS
+from shardrec_dlrm.data.synth_drift import synth_drift
+from shardrec_dlrm.model.build import build_dlrm
+from shardrec_dlrm.model.config import ModelConfig, model_config_from_dict
+from shardrec_dlrm.model.managed import ManagedEmbeddingBags
+from shardrec_dlrm.training.config import TrainConfig
+from shardrec_dlrm.training.launch import run_training
+
+SMALL = {
+    "embedding_dim": 4,
+    "num_embeddings": 32,
+    "dense_arch_layer_sizes": (8, 4),
+    "over_arch_layer_sizes": (8, 1),
+}
+
+
+def test_raw_32_bit_ids_get_rows_of_their_own() -> None:
+    model = build_dlrm(ModelConfig(**SMALL, managed_ids="lru"))
+    sparse = model.model.sparse_arch.embedding_bag_collection
+    assert isinstance(sparse, ManagedEmbeddingBags)
+    batch = 3
+    ids = torch.tensor([0, 1 + 0xFFFFFFFF, 1 + 0x1234ABCD] * len(SPARSE_KEYS))
+    kjt = KeyedJaggedTensor(
+        keys=list(SPARSE_KEYS), values=ids, lengths=torch.ones(ids.numel(), dtype=torch.int32)
+    )
+    loss, logits = model(torch.zeros(batch, 13), kjt, torch.ones(batch))
+    loss.backward()
+    assert logits.shape == (batch,)
+    stats = managed_table_stats(model)
+    assert set(stats) == {f"t_{k}" for k in SPARSE_KEYS}
+    assert all(s.admitted_total == 3 and s.occupancy == 3 for s in stats.values())
+
+
+def test_the_setting_is_part_of_the_saved_model_config() -> None:
+    config = ModelConfig(**SMALL, managed_ids="lfu")
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in vars_of(config).items()}
+    assert model_config_from_dict(raw, source="test").managed_ids == "lfu"
+
+
+def vars_of(config: ModelConfig) -> dict[str, object]:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def test_training_on_a_drifting_stream_with_managed_tables(tmp_path: Path) -> None:
+    synth_drift(tmp_path / "d", rows=1_400, seed=1, live=16, turnover=3.0)
+    config = TrainConfig(
+        data=str(tmp_path / "d"),
+        model=ModelConfig(**SMALL, managed_ids="lru"),
+        batch_size=64,
+        optimizer="rowwise_adagrad",
+        learning_rate=0.05,
+        quiet=True,
+        device="cpu",
+        logdir=str(tmp_path / "tb"),
+    )
+    metrics = run_training(config)
+    assert 0.0 < metrics["val/auc"] < 1.0
+    assert metrics["val/log_loss"] > 0
