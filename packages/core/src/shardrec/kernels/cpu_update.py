@@ -8,12 +8,18 @@ gradient, whose "ids" are the bags of the run and whose bags are the runs: torch
 ``embedding_bag`` does that sum at the machine's gather speed without materialising one gradient
 row per id.
 
-The update then walks the distinct rows ``CHUNK_ROWS`` at a time: gather the chunk's weights and
-states, apply the rule, write them back. Every temporary is a chunk (a megabyte), so it stays in
-the caches and its memory is reused from one chunk to the next; a whole-batch temporary (tens of
-megabytes at MLPerf shapes) is a fresh allocation each step whose pages the kernel faults in, which
-cost more than the arithmetic. Each row's update is the one a dense optimizer makes from that row's
-summed gradient, as in :func:`~shardrec.kernels.optimizers.apply_fused_update`'s reference path.
+The update then walks the distinct rows ``CHUNK_ROWS`` at a time: the rule reads the chunk's
+optimizer state, writes the new state and returns each row's change, which ``index_add_`` adds to
+the fp32 weights (fp16/bf16 weights are gathered, updated in fp32, rounded once and written back).
+Every temporary is a chunk (a megabyte), so it stays in the caches and its memory is reused from
+one chunk to the next; a whole-batch temporary (tens of megabytes at MLPerf shapes) is a fresh
+allocation each step whose pages the kernel faults in, which cost more than the arithmetic. Each
+row's update is the one a dense optimizer makes from that row's summed gradient.
+
+What is left is memory latency: torch has no scatter that prefetches, so each distinct row's
+read-modify-write waits on memory (see :func:`_gather` for the part prefetching recovers). FBGEMM's
+fused kernels prefetch inside one pass; at MLPerf shapes this path beats FBGEMM's CPU exact
+Adagrad but not its row-wise Adagrad (docs/benchmarks.md, the MLPerf kernel section).
 """
 
 from __future__ import annotations
