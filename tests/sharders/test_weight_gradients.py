@@ -4,9 +4,9 @@ The per-id weights of a weighted EmbeddingBagCollection travel with the ids in t
 all-to-all; when they require grad, their gradient comes back in backward along the reverse route.
 Every rank must then enter that backward all-to-all, including one that holds no block of any
 table (a 2-row table at world size 3) and so never looks up the weights it received: before the fix
-such a rank left its peers waiting. Each case trains 3 steps on a gloo group of 3 processes (the
-pooled workers of conftest.py) and compares, within 1e-5, the gradient of every rank's KJT weights,
-the outputs and the tables after the steps with the unsharded module on the concatenation of every
+such a rank left its peers waiting. Each case trains 3 steps on a gloo group of 3 processes through
+``shardrec.testing.check_sharding``, which compares the gradient of every rank's KJT weights, the
+outputs and the tables after the steps with the unsharded module on the concatenation of every
 rank's batch. ``plain``: the tables get ``.grad`` and a torch SGD updates them; ``sgd``: fused SGD
 (FBGEMM's kernel for SUM where installed, the torch kernel otherwise).
 """
@@ -18,21 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from shardrec import KeyedJaggedTensor
+from shardrec import EmbeddingBagConfig, PoolingType
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
 from shardrec.distributed.types import ParameterSharding
-
-from ._reference import (
-    TOL,
-    Model,
-    assert_outputs_match,
-    assert_tables_match,
-    build_model,
-    local_shards,
-    rank_entries,
-    rank_kjt,
-)
+from shardrec.testing import EmbeddingModel, GlobalBatch, WorkerPool, check_sharding
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -43,9 +33,6 @@ TABLES = [
     ("small", 3, 8, ["b"]),
     ("big", 9, 12, ["c", "d"]),
 ]
-KEYS = ["d", "a", "c", "b"]  # not the module's order
-ROWS = {f: r for _, r, _, fs in TABLES for f in fs}
-STEPS = 3
 LR = 0.05
 
 
@@ -78,127 +65,73 @@ def make_plan(layout: str) -> ShardingPlan:
     return ShardingPlan({"emb": specs[layout]})
 
 
-def build(mode: str, pooling: str) -> Model:
-    # squash: the weights' gradient depends on the rows looked up, not only on the dense layer.
-    fused = None if mode == "plain" else {"optimizer": mode, "learning_rate": LR}
-    return build_model(
-        "ebc", TABLES, seed=321, fused=fused, pooling=pooling, weighted=True, squash=True
-    )
-
-
-def make_batch(
-    step: int, sizes: list[int], rank: int | None, needs_grad: bool = True
-) -> KeyedJaggedTensor:
-    """The global batch (rank None) or rank ``rank``'s slice of it, with weights that require
-    grad (unless ``needs_grad`` is False); the same numbers everywhere."""
-    g = torch.Generator().manual_seed(3000 + step)
-    lengths = torch.randint(0, 4, (len(KEYS), sum(sizes)), generator=g)
-    ids = [
-        torch.randint(0, ROWS[f], (int(lengths[k].sum()),), generator=g) for k, f in enumerate(KEYS)
+def model(mode: str, pooling: str = "SUM") -> EmbeddingModel:
+    """``plain``: the tables are parameters a torch SGD trains; else that fused optimizer."""
+    bags = [
+        EmbeddingBagConfig(
+            name=n, num_embeddings=r, embedding_dim=d, feature_names=f, pooling=PoolingType(pooling)
+        )
+        for n, r, d, f in TABLES
     ]
-    wts = [torch.rand(x.numel(), generator=g) + 0.5 for x in ids]
-    return rank_kjt(KEYS, lengths, ids, wts, sizes, rank, weights_need_grad=needs_grad)
+    fused = None if mode == "plain" else {"optimizer": mode, "learning_rate": LR}
+    return EmbeddingModel(tables=bags, fused_params=fused, weighted=True)
 
 
-def case_train(env: ShardingEnv, **kw: Any) -> dict[str, Any]:
-    world, rank = env.world_size, env.rank
-    model = build(kw["mode"], kw["pooling"])
-    dmp = DistributedModelParallel(model, env=env, plan=make_plan(kw["layout"]))
-    # Shards of sharded tables (plain mode) get the sum of every rank's gradient; what DDP
-    # holds (the dense layer, data-parallel tables) gets the average, scaled back to the sum.
-    sharded = {
-        id(p)
-        for m in dmp.module.emb.modules()
-        if hasattr(m, "local_tables") and not getattr(m, "replicated", False)
-        for p in m.parameters()
-    }
-    params = [p for p in dmp.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=LR)
-    outputs, weight_grads = [], []
-    for step in range(STEPS):
-        batch = make_batch(step, kw["sizes"], rank, needs_grad=rank != kw["frozen_rank"])
-        rows, loss = dmp(batch)
-        loss.backward()
-        outputs.append(rows.detach().clone())
-        grad = batch.weights().grad
-        weight_grads.append(None if grad is None else grad.clone())
-        for p in params:
-            if id(p) not in sharded and p.grad is not None:
-                p.grad *= world
-        opt.step()
-        opt.zero_grad()
-    return {"outputs": outputs, "weight_grads": weight_grads, "shards": local_shards(dmp)}
-
-
-def reference(kw: dict[str, Any]) -> dict[str, Any]:
-    model = build(kw["mode"], kw["pooling"])
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    outputs, weight_grads = [], []
-    for step in range(STEPS):
-        batch = make_batch(step, kw["sizes"], None)
-        rows, loss = model(batch)
-        loss.backward()
-        outputs.append(rows.detach().clone())
-        weight_grads.append(batch.weights().grad)
-        opt.step()
-        opt.zero_grad()
-    return {
-        "outputs": outputs,
-        "weight_grads": weight_grads,
-        "weights": {n: w.detach() for n, w in model.emb.lookup.table_weights().items()},
-    }
-
-
-def rank_weight_grad(full: torch.Tensor, sizes: list[int], rank: int, step: int) -> torch.Tensor:
-    """The entries of the global batch's weight gradient that belong to rank ``rank``'s KJT."""
-    lengths = make_batch(step, sizes, None).lengths().view(len(KEYS), -1)
-    return rank_entries(lengths, torch.split(full, lengths.sum(1).tolist()), sizes, rank)
-
-
-def check(dist_pool: Any, **kw: Any) -> None:
-    kw.setdefault("sizes", [2, 3, 2])
-    kw.setdefault("pooling", "SUM")
-    kw.setdefault("frozen_rank", None)
-    sizes = kw["sizes"]
-    results = dist_pool.run(WORLD, case_train, **kw)
-    ref = reference(kw)
-    assert_outputs_match(results, [torch.split(rows, sizes) for rows in ref["outputs"]])
-    for step, ref_grad in enumerate(ref["weight_grads"]):
-        assert ref_grad is not None
-        for r, result in enumerate(results):
-            grad = result["weight_grads"][step]
-            if r == kw["frozen_rank"]:
-                assert grad is None, f"rank {r}'s weights need no gradient but got one"
-                continue
-            assert grad is not None, f"rank {r}'s KJT weights got no gradient at step {step}"
-            torch.testing.assert_close(
-                grad,
-                rank_weight_grad(ref_grad, sizes, r, step),
-                **TOL,
-                msg=f"weights' gradient, rank {r}, step {step}",
-            )
-    assert_tables_match(results, ref["weights"])
+def check(pool: WorkerPool, layout: str, mode: str, **options: Any) -> None:
+    check_sharding(
+        model(mode, options.pop("pooling", "SUM")),
+        plan=lambda w: make_plan(layout).plan["emb"],
+        world_size=WORLD,
+        pool=pool,
+        **options,
+    )
 
 
 @pytest.mark.parametrize("mode", ["plain", "sgd"])
 @pytest.mark.parametrize("layout", ["tw", "rw", "rw_tiny", "cw", "dp", "mixed"])
-def test_weights_get_the_unsharded_gradient(dist_pool: Any, layout: str, mode: str) -> None:
-    check(dist_pool, layout=layout, mode=mode)
+def test_weights_get_the_unsharded_gradient(dist_pool: WorkerPool, layout: str, mode: str) -> None:
+    check(dist_pool, layout, mode)
 
 
 @pytest.mark.parametrize("layout", ["tw", "rw", "rw_tiny", "cw", "mixed"])
-def test_mean_pooling(dist_pool: Any, layout: str) -> None:
+def test_mean_pooling(dist_pool: WorkerPool, layout: str) -> None:
     # Row-wise looks MEAN tables up as SUM and divides after the output exchange.
-    check(dist_pool, layout=layout, mode="sgd", pooling="MEAN")
+    check(dist_pool, layout, "sgd", pooling="MEAN")
 
 
 @pytest.mark.parametrize("layout", ["tw", "rw_tiny", "mixed"])
-def test_rank_with_empty_batch(dist_pool: Any, layout: str) -> None:
+def test_rank_with_empty_batch(dist_pool: WorkerPool, layout: str) -> None:
     # Rank 1 sends no ids and no weights, and still gets (an empty) gradient for them.
-    check(dist_pool, layout=layout, mode="sgd", sizes=[2, 0, 3])
+    check(dist_pool, layout, "sgd", empty_rank=1)
+
+
+def case_one_rank_frozen(env: ShardingEnv, layout: str) -> list[Any]:
+    """The same step twice: every rank's weights need a gradient, then all but rank 2's."""
+    out = []
+    for frozen in (None, 2):
+        dmp = DistributedModelParallel(
+            model("sgd").build(seed=321), env=env, plan=make_plan(layout)
+        )
+        rows = {f: r for _, r, _, fs in TABLES for f in fs}
+        batch = GlobalBatch.random(rows, [2, 3, 2], seed=5, weighted=True)
+        kjt = batch.kjt(env.rank, weights_need_grad=env.rank != frozen)
+        out_rows, loss = dmp(kjt)
+        loss.backward()
+        grad = kjt.weights().grad
+        out.append((out_rows.detach(), None if grad is None else grad.clone()))
+    return out
 
 
 @pytest.mark.parametrize("layout", ["tw", "rw", "rw_tiny"])
-def test_one_rank_weights_need_no_gradient(dist_pool: Any, layout: str) -> None:
-    # Its peers' weights do: it must still run the weights' backward all-to-all with them.
-    check(dist_pool, layout=layout, mode="sgd", frozen_rank=2)
+def test_one_rank_weights_need_no_gradient(dist_pool: WorkerPool, layout: str) -> None:
+    # Its peers' weights do: it must still run the weights' backward all-to-all with them, and
+    # they get what they get when every rank's weights need one (the unsharded gradient, above).
+    for rank, ((rows, grad), (frozen_rows, frozen_grad)) in enumerate(
+        dist_pool.run(WORLD, case_one_rank_frozen, layout=layout)
+    ):
+        assert torch.equal(rows, frozen_rows)
+        if rank == 2:
+            assert frozen_grad is None, "rank 2's weights need no gradient but got one"
+        else:
+            assert frozen_grad is not None, f"rank {rank}'s KJT weights got no gradient"
+            torch.testing.assert_close(frozen_grad, grad, atol=1e-6, rtol=1e-6)

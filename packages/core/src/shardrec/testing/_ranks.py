@@ -10,6 +10,7 @@ import torch
 
 from shardrec.distributed import DistributedModelParallel, ModuleSharder, ShardingEnv, ShardingPlan
 from shardrec.distributed.checkpoint import load, save
+from shardrec.distributed.sharding import ReplicatedModule
 from shardrec.testing._batches import GlobalBatch
 from shardrec.testing._model import EMBEDDING_FQN, EmbeddingModel
 
@@ -76,22 +77,47 @@ def _held(dmp: DistributedModelParallel, result: RankResult) -> None:
         result.replicated[table] = shards.replicated
 
 
+def _sharded_parameters(dmp: DistributedModelParallel) -> set[int]:
+    """The parameters of sharded tables: their gradient is the sum over ranks already (DDP
+    averages the others: dense layers, and the replicas of a :class:`ReplicatedModule`)."""
+    out: set[int] = set()
+    for _, module in dmp.named_sharded_modules():
+        replicas = {
+            name
+            for name, sub in module.named_modules()
+            if isinstance(sub, ReplicatedModule) and sub.replicated
+        }
+        for name, p in module.named_parameters():
+            owners = name.split(".")[:-1]
+            paths = {".".join(owners[:i]) for i in range(len(owners) + 1)}
+            if not paths & replicas:
+                out.add(id(p))
+    return out
+
+
 def train_on_rank(env: ShardingEnv, run: RankRun) -> RankResult:
-    """``run.steps`` steps of SGD on the dense head (at ``lr * world_size``: DDP averages what
-    the reference sums), the tables trained by their fused optimizer; then save if asked."""
+    """``run.steps`` steps of plain SGD on what has a gradient (the dense head; tables without a
+    fused optimizer), gradients averaged by DDP scaled back to the sum over ranks that the
+    reference's loss gives; fused tables update themselves in backward. Then save if asked."""
     dmp = _build(env, run)
     head = dmp.module.get_submodule("dense")
     assert isinstance(head, torch.nn.Linear)
     trainable = [p for p in dmp.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(trainable, lr=run.learning_rate * env.world_size) if trainable else None
+    sharded = _sharded_parameters(dmp)
+    averaged = [p for p in trainable if id(p) not in sharded]
+    opt = torch.optim.SGD(trainable, lr=run.learning_rate) if trainable else None
     result = RankResult()
     for step in range(run.steps):
         kjt = run.batch(step).kjt(env.rank, weights_need_grad=run.model.weighted)
         rows, loss = dmp(kjt)
         loss.backward()
+        with torch.no_grad():
+            for p in averaged:
+                if p.grad is not None:
+                    p.grad.mul_(env.world_size)
         result.outputs.append(rows.detach().clone())
         assert head.weight.grad is not None
-        result.dense_grads.append(head.weight.grad.detach().clone() * env.world_size)
+        result.dense_grads.append(head.weight.grad.detach().clone())
         weights = kjt.weights_or_none()
         if weights is not None and weights.grad is not None:
             result.weight_grads.append(weights.grad.clone())
