@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 
 import click
 
+from shardrec_dlrm.data.schema import NUM_SPARSE
 from shardrec_dlrm.errors import UserError
+from shardrec_dlrm.model.config import INTERACTION_TYPES, ModelConfig
 from shardrec_dlrm.training.config import DATA_FORMATS, DEVICES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -197,3 +199,93 @@ def device_option(function: F) -> F:
         show_default=True,
         help="auto: CUDA (NCCL) when available, else CPU (gloo).",
     )(function)
+
+
+#: The dense arch's hidden layers when --dense-arch-layer-sizes is not given (then + embedding dim).
+DEFAULT_DENSE_HIDDEN = (512, 256)
+
+_MODEL_FIELDS = (
+    "embedding_dim",
+    "num_embeddings",
+    "num_embeddings_per_feature",
+    "dense_arch_layer_sizes",
+    "over_arch_layer_sizes",
+    "interaction_type",
+    "dcn_num_layers",
+    "dcn_low_rank_dim",
+)
+
+
+def model_options(function: F) -> F:
+    """The options that shape the model (shared by ``train`` and ``plan``)."""
+    defaults = ModelConfig()
+    options = [
+        click.option(
+            "--embedding-dim",
+            type=click.IntRange(min=1),
+            default=defaults.embedding_dim,
+            show_default=True,
+            help="Dimension of every embedding table (and of the dense arch's output).",
+        ),
+        click.option(
+            "--num-embeddings",
+            type=click.IntRange(min=1),
+            default=defaults.num_embeddings,
+            show_default=True,
+            help="Rows of every table (ids are hashed into it).",
+        ),
+        click.option(
+            "--num-embeddings-per-feature",
+            type=IntList(NUM_SPARSE),
+            default=None,
+            help=f"Rows per table, {NUM_SPARSE} comma-separated numbers (C1..C26); "
+            "overrides --num-embeddings.",
+        ),
+        click.option(
+            "--dense-arch-layer-sizes",
+            type=IntList(),
+            default=None,
+            help="Bottom MLP; the last size must equal --embedding-dim "
+            f"[default: {','.join(map(str, DEFAULT_DENSE_HIDDEN))},EMBEDDING_DIM].",
+        ),
+        click.option(
+            "--over-arch-layer-sizes",
+            type=IntList(),
+            default=",".join(map(str, defaults.over_arch_layer_sizes)),
+            show_default=True,
+            help="Top MLP; the last size must be 1.",
+        ),
+        click.option(
+            "--interaction-type",
+            type=click.Choice(INTERACTION_TYPES),
+            default=defaults.interaction_type,
+            show_default=True,
+            help="dot: DLRM's pairwise dot products; dcn: DCNv2's low-rank cross network.",
+        ),
+        click.option(
+            "--dcn-num-layers",
+            type=click.IntRange(min=1),
+            default=defaults.dcn_num_layers,
+            show_default=True,
+            help="Cross layers (dcn only).",
+        ),
+        click.option(
+            "--dcn-low-rank-dim",
+            type=click.IntRange(min=1),
+            default=defaults.dcn_low_rank_dim,
+            show_default=True,
+            help="Rank of each cross layer's weight (dcn only).",
+        ),
+    ]
+    return apply(function, options)
+
+
+def model_config_from(params: dict[str, Any]) -> ModelConfig:
+    """Takes the :func:`model_options` values out of a command's ``params`` as a ModelConfig."""
+    values = {name: params.pop(name) for name in _MODEL_FIELDS}
+    if values["dense_arch_layer_sizes"] is None:
+        values["dense_arch_layer_sizes"] = (*DEFAULT_DENSE_HIDDEN, values["embedding_dim"])
+    try:
+        return ModelConfig(**values)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error

@@ -6,9 +6,14 @@ from typing import Any
 
 import click
 
-from shardrec_dlrm.cli.options import IntList, Number, config_option
+from shardrec_dlrm.cli.options import (
+    IntList,
+    Number,
+    config_option,
+    model_config_from,
+    model_options,
+)
 from shardrec_dlrm.cli.presets import preset_option
-from shardrec_dlrm.cli.train import model_config_from, model_options
 from shardrec_dlrm.training.config import OPTIMIZERS, SHARDINGS
 
 GIB = 1 << 30

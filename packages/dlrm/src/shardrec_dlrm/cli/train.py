@@ -9,107 +9,17 @@ from typing import Any
 import click
 
 from shardrec_dlrm.cli.options import (
-    IntList,
     Number,
     WritableDir,
     config_option,
     data_options,
     device_option,
+    model_config_from,
+    model_options,
 )
 from shardrec_dlrm.cli.presets import preset_option
-from shardrec_dlrm.data.schema import NUM_SPARSE
-from shardrec_dlrm.model.config import DENSE_PRECISIONS, INTERACTION_TYPES, ModelConfig
+from shardrec_dlrm.model.config import DENSE_PRECISIONS
 from shardrec_dlrm.training.config import COMM_PRECISIONS, OPTIMIZERS, SHARDINGS, TrainConfig
-
-#: The dense arch's hidden layers when --dense-arch-layer-sizes is not given (then + embedding dim).
-DEFAULT_DENSE_HIDDEN = (512, 256)
-
-_MODEL_FIELDS = (
-    "embedding_dim",
-    "num_embeddings",
-    "num_embeddings_per_feature",
-    "dense_arch_layer_sizes",
-    "over_arch_layer_sizes",
-    "interaction_type",
-    "dcn_num_layers",
-    "dcn_low_rank_dim",
-)
-
-
-def model_options(function: Any) -> Any:
-    """The options that shape the model (shared by ``train`` and ``plan``)."""
-    defaults = ModelConfig()
-    options = [
-        click.option(
-            "--embedding-dim",
-            type=click.IntRange(min=1),
-            default=defaults.embedding_dim,
-            show_default=True,
-            help="Dimension of every embedding table (and of the dense arch's output).",
-        ),
-        click.option(
-            "--num-embeddings",
-            type=click.IntRange(min=1),
-            default=defaults.num_embeddings,
-            show_default=True,
-            help="Rows of every table (ids are hashed into it).",
-        ),
-        click.option(
-            "--num-embeddings-per-feature",
-            type=IntList(NUM_SPARSE),
-            default=None,
-            help=f"Rows per table, {NUM_SPARSE} comma-separated numbers (C1..C26); "
-            "overrides --num-embeddings.",
-        ),
-        click.option(
-            "--dense-arch-layer-sizes",
-            type=IntList(),
-            default=None,
-            help="Bottom MLP; the last size must equal --embedding-dim "
-            f"[default: {','.join(map(str, DEFAULT_DENSE_HIDDEN))},EMBEDDING_DIM].",
-        ),
-        click.option(
-            "--over-arch-layer-sizes",
-            type=IntList(),
-            default=",".join(map(str, defaults.over_arch_layer_sizes)),
-            show_default=True,
-            help="Top MLP; the last size must be 1.",
-        ),
-        click.option(
-            "--interaction-type",
-            type=click.Choice(INTERACTION_TYPES),
-            default=defaults.interaction_type,
-            show_default=True,
-            help="dot: DLRM's pairwise dot products; dcn: DCNv2's low-rank cross network.",
-        ),
-        click.option(
-            "--dcn-num-layers",
-            type=click.IntRange(min=1),
-            default=defaults.dcn_num_layers,
-            show_default=True,
-            help="Cross layers (dcn only).",
-        ),
-        click.option(
-            "--dcn-low-rank-dim",
-            type=click.IntRange(min=1),
-            default=defaults.dcn_low_rank_dim,
-            show_default=True,
-            help="Rank of each cross layer's weight (dcn only).",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def model_config_from(params: dict[str, Any]) -> ModelConfig:
-    values = {name: params.pop(name) for name in _MODEL_FIELDS}
-    if values["dense_arch_layer_sizes"] is None:
-        values["dense_arch_layer_sizes"] = (*DEFAULT_DENSE_HIDDEN, values["embedding_dim"])
-    try:
-        return ModelConfig(**values)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from error
 
 
 @click.command()
@@ -254,6 +164,15 @@ def model_config_from(params: dict[str, Any]) -> ModelConfig:
     help="Delete the run that --checkpoint-dir holds and start a new one there.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar; only the final metrics.")
+@click.option(
+    "--log-every",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Read the training loss every N steps (one host synchronisation; the losses in between"
+    " wait on the device) and log each step's loss then; a NaN loss stops the run at that read."
+    " Validation and checkpoints read it too. Training is the same for any N.",
+)
 @click.option(
     "--pipeline/--no-pipeline",
     default=True,

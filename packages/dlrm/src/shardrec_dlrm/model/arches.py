@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from shardrec_dlrm.model.mlp import MLP
+
+if TYPE_CHECKING:
+    from shardrec import EmbeddingBagConfig
 
 
 class DenseArch(nn.Module):
@@ -26,32 +29,43 @@ class DenseArch(nn.Module):
         return out
 
 
+@runtime_checkable
+class TableConfigs(Protocol):
+    """What :class:`SparseArch` reads of its embedding module: the configs of its tables
+    (shardrec's EmbeddingBagCollection, and modules that wrap one, have it)."""
+
+    def embedding_bag_configs(self) -> Sequence[EmbeddingBagConfig]: ...
+
+
 class SparseArch(nn.Module):
     """Looks up and pools the categorical features: ``KJT(F, B, L[f][i]) -> (B, F, D)``.
 
     ``embedding_bag_collection`` is a :class:`shardrec.EmbeddingBagCollection` whose tables all
     have the dimension ``D``. DistributedModelParallel may later put a sharded module in its place:
-    the feature count and dimension are read once here, from the unsharded configs, so they survive
-    that swap.
+    what the trainer needs of the tables (feature count, dimension, the table of each pooled
+    feature) is read once here, from the unsharded configs, so it survives that swap.
     """
 
     def __init__(self, embedding_bag_collection: nn.Module) -> None:
         super().__init__()
-        configs = getattr(embedding_bag_collection, "embedding_bag_configs", None)
-        if configs is None:
+        if not isinstance(embedding_bag_collection, TableConfigs):
             raise TypeError(
                 "SparseArch needs an EmbeddingBagCollection, got "
                 f"{type(embedding_bag_collection).__name__}"
             )
-        tables = list(configs())
+        tables = list(embedding_bag_collection.embedding_bag_configs())
         if not tables:
             raise ValueError("SparseArch needs at least one embedding table")
         dims = {table.embedding_dim for table in tables}
         if len(dims) != 1:
             named = ", ".join(f"{table.name}={table.embedding_dim}" for table in tables)
             raise ValueError(f"all embedding tables must have the same dimension, got {named}")
-        self.embedding_bag_collection = embedding_bag_collection
-        self.num_features: int = sum(len(table.feature_names) for table in tables)
+        self.embedding_bag_collection: nn.Module = embedding_bag_collection
+        #: The table that pools each feature, in the order of the pooled output's features.
+        self.feature_tables: tuple[str, ...] = tuple(
+            table.name for table in tables for _ in table.feature_names
+        )
+        self.num_features: int = len(self.feature_tables)
         self.embedding_dim: int = dims.pop()
         # Not a buffer: it describes how this run is distributed, not the model.
         self._grad_scale: torch.Tensor | None = None

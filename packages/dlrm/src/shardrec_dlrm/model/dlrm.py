@@ -103,6 +103,11 @@ class DLRMTrain(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def sparse_arch(self) -> SparseArch:
+        """The model's tables (sharded in place once DistributedModelParallel wraps this module)."""
+        return self.model.sparse_arch
+
     def forward(
         self, dense_features: torch.Tensor, sparse_features: object, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

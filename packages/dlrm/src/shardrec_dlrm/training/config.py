@@ -73,6 +73,9 @@ class TrainConfig:
     overwrite: bool = False
     quiet: bool = False
     pipeline: bool = True
+    log_every: int = 50
+    """Steps between reads of the training loss (each one a host synchronisation); validation
+    and checkpoints read it too."""
 
     def __post_init__(self) -> None:
         positive("batch_size", self.batch_size)
@@ -89,6 +92,7 @@ class TrainConfig:
             if value is not None:
                 positive(name, value)
         positive("keep_checkpoints", self.keep_checkpoints)
+        positive("log_every", self.log_every)
         for name in ("learning_rate", "eps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -97,6 +97,8 @@ class _Trainer:
         )
         self.step = 0
         self.step_samples = 0
+        #: Losses of the steps not yet read, on the device (read every --log-every steps).
+        self.losses: list[torch.Tensor] = []
         # Pipelined or not, a step trains the same weights: the pipeline only distributes the
         # next batch's ids earlier (so a resumed run may use either).
         loop = TrainPipelineSparseDist if config.pipeline else TrainPipelineBase
@@ -151,29 +153,24 @@ class _Trainer:
                 batches = self.data.train_batches(epoch, start=offset, stop=steps_per_epoch)
                 while True:
                     try:
-                        loss = self._train_step(batches)
+                        self._train_step(batches)
                     except StopIteration:
                         break
                     self.step += 1
                     progress.step(self.step_samples * state.world_size)
-                    rate = progress.samples_per_s()
-                    progress.show(loss=loss, samples_per_s=rate, epoch=epoch)
-                    self.logger.log(
-                        {
-                            "train/loss": loss,
-                            "train/lr": self.schedule.lr(self.step - 1),
-                            "train/samples_per_s": rate,
-                        },
-                        self.step,
-                    )
-                    if config.validation_freq and self.step % config.validation_freq == 0:
+                    validate = _every(config.validation_freq, self.step)
+                    save = _every(config.checkpoint_every, self.step)
+                    if validate or save or self.step % config.log_every == 0:
+                        self._read_losses(progress, epoch)
+                    if validate:
                         results.update(self._validate(progress))
                         validated_at = self.step
                         progress.pause_rate()
-                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    if save:
                         self._checkpoint()
                         saved_at = self.step
                         progress.pause_rate()
+            self._read_losses(progress, (self.step - 1) // steps_per_epoch)
         finally:
             progress.close()
         if validated_at != self.step:
@@ -199,17 +196,31 @@ class _Trainer:
         self.logger.flush()
         save_checkpoint(self.run_state, self.config, self.state, self.step)
 
-    def _train_step(self, batches: Iterator[Batch]) -> float:
-        """One step on the next batch of ``batches`` (StopIteration when there is none); returns
-        its loss and sets ``step_samples``."""
+    def _train_step(self, batches: Iterator[Batch]) -> None:
+        """One step on the next batch of ``batches`` (StopIteration when there is none); keeps its
+        loss on the device and sets ``step_samples``."""
         self.run_state.set_lr(self.schedule.lr(self.step))
         loss, self.step_samples = self.pipeline.progress(batches)
-        value = float(loss)
-        if not math.isfinite(value):
-            raise UserError(
-                f"the training loss became {value} at step {self.step + 1}: lower --learning-rate"
-            )
-        return value
+        self.losses.append(loss)
+
+    def _read_losses(self, progress: Progress, epoch: int) -> None:
+        """Reads the losses of the steps since the last read, in one copy from the device (the
+        loop's only host synchronisation besides validation and checkpoints), and logs them, each
+        at its own step, with the samples/s of those steps."""
+        if not self.losses:
+            return
+        values: list[float] = torch.stack(self.losses).tolist()
+        self.losses.clear()
+        first = self.step - len(values) + 1
+        for step, value in enumerate(values, start=first):
+            if not math.isfinite(value):
+                raise UserError(
+                    f"the training loss became {value} at step {step}: lower --learning-rate"
+                )
+            self.logger.log({"train/loss": value, "train/lr": self.schedule.lr(step - 1)}, step)
+        rate = progress.samples_per_s()
+        self.logger.log({"train/samples_per_s": rate}, self.step)
+        progress.show(loss=values[-1], samples_per_s=rate, epoch=epoch)
 
     def _validate(self, progress: Progress) -> dict[str, float]:
         started = time.perf_counter()
@@ -228,6 +239,10 @@ class _Trainer:
             + f" ({time.perf_counter() - started:.1f}s)"
         )
         return tagged
+
+
+def _every(steps: int | None, step: int) -> bool:
+    return steps is not None and step % steps == 0
 
 
 def _step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:

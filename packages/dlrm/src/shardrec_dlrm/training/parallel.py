@@ -1,4 +1,8 @@
-"""Who this process is in the run: rank, world size, device and the process group it owns."""
+"""Who this process is in the run: core's description of the process group
+(:class:`~shardrec.distributed.ShardingEnv`: rank, world size, the group) and of its nodes
+(:class:`~shardrec.distributed.node_groups.NodeLayout`: ranks per node, from torchrun's
+``LOCAL_WORLD_SIZE``), plus what only the trainer needs: its device and whether it owns the
+group."""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import torch.distributed as dist
 # The in-memory store of a one-process group; torch.distributed re-exports it without declaring it.
 from torch._C._distributed_c10d import HashStore
 
+from shardrec.distributed import ShardingEnv
+from shardrec.distributed.node_groups import NodeLayout
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.training.config import DeviceName
 
@@ -24,19 +30,43 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_POR
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ParallelState:
-    """One per process. ``owns_group``: this object created the default process group (and ends
-    it)."""
+    """One per process. ``env`` and ``nodes`` are core's types, handed as they are to
+    DistributedModelParallel and the planner; ``local_rank`` picks this process's GPU;
+    ``owns_group``: this object created the default process group (and ends it)."""
 
-    rank: int
-    world_size: int
+    env: ShardingEnv
+    nodes: NodeLayout
     local_rank: int
     device: torch.device
     backend: str
     owns_group: bool
 
     @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.env.rank == 0
+
+    @classmethod
+    def local(
+        cls, rank: int, world_size: int, *, local_world_size: int | None = None
+    ) -> ParallelState:
+        """A state without a process group: what rank ``rank`` of ``world_size`` CPU processes
+        would be (for planning and for reading a rank's data without running the job)."""
+        return cls(
+            env=ShardingEnv.from_local(world_size, rank),
+            nodes=NodeLayout.from_env(world_size, local_world_size),
+            local_rank=rank,
+            device=torch.device("cpu"),
+            backend="gloo",
+            owns_group=False,
+        )
 
     @classmethod
     def init(cls, device: DeviceName = "auto", *, timeout_s: float = 600.0) -> ParallelState:
@@ -44,7 +74,8 @@ class ParallelState:
         of one.
 
         A run of one still gets a (gloo or NCCL) process group of size 1, so that the sharded model
-        and the metrics take one code path whatever the world size.
+        and the metrics take one code path whatever the world size. Raises ``ValueError`` for a
+        device that is not there and for ranks per node that do not divide the world.
         """
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if device == "cuda" and not torch.cuda.is_available():
@@ -60,29 +91,31 @@ class ParallelState:
         if use_cuda:
             torch.cuda.set_device(target)
         backend = "nccl" if use_cuda else "gloo"
-        if dist.is_initialized():
-            return cls(
-                rank=dist.get_rank(),
-                world_size=dist.get_world_size(),
-                local_rank=local_rank,
-                device=target,
-                backend=str(dist.get_backend()),
-                owns_group=False,
-            )
-        timeout = timedelta(seconds=timeout_s)
-        if launched:
-            dist.init_process_group(backend, timeout=timeout)
+        owns_group = not dist.is_initialized()
+        if owns_group:
+            timeout = timedelta(seconds=timeout_s)
+            if launched:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                dist.init_process_group(
+                    backend, store=HashStore(), rank=0, world_size=1, timeout=timeout
+                )
         else:
-            dist.init_process_group(
-                backend, store=HashStore(), rank=0, world_size=1, timeout=timeout
-            )
+            backend = str(dist.get_backend())
+        env = ShardingEnv.from_process_group()
+        try:
+            nodes = NodeLayout.from_env(env.world_size)
+        except ValueError:
+            if owns_group:
+                dist.destroy_process_group()
+            raise
         return cls(
-            rank=dist.get_rank(),
-            world_size=dist.get_world_size(),
+            env=env,
+            nodes=nodes,
             local_rank=local_rank,
             device=target,
             backend=backend,
-            owns_group=True,
+            owns_group=owns_group,
         )
 
     def decide_on_main(self, decide: Callable[[], T]) -> T:
@@ -105,10 +138,6 @@ class ParallelState:
         if not done:
             raise UserError(str(value))
         return cast(T, value)
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

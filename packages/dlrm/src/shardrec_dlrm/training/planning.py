@@ -18,14 +18,6 @@ from shardrec_dlrm.training.config import ShardingName
 if TYPE_CHECKING:
     from shardrec.distributed import ModuleSharder, ShardingPlan
 
-#: The planner's name of the fused optimizer state each ``--optimizer`` carries.
-PLANNER_OPTIMIZER = {
-    "sgd": "sgd",
-    "adagrad": "adagrad",
-    "rowwise_adagrad": "rowwise_adagrad",
-    "adam": "adam",
-}
-
 
 @dataclass(frozen=True, slots=True)
 class PlanRequest:
@@ -100,7 +92,7 @@ def plan_model(
             topology,
             batch_size=request.batch_size,
             constraints=constraints,
-            optimizer=PLANNER_OPTIMIZER[request.optimizer],
+            optimizer=request.optimizer,  # the planner knows each --optimizer by its name
         )
         if collective and dist.is_initialized():
             plan = planner.collective_plan(model, sharders)

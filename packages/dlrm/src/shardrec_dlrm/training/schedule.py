@@ -13,9 +13,7 @@ decay.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 MIN_LR = 1e-7
 
@@ -51,11 +49,3 @@ class LRSchedule:
             factor = ((self.decay_steps - decayed) / self.decay_steps) ** self.power
             return max(self.min_lr, self.base_lr * float(factor))
         return self.base_lr
-
-
-def set_lr(optimizers: Iterable[Any], lr: float) -> None:
-    """Writes ``lr`` into every param group of each optimizer (torch or fused embedding
-    optimizer)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr

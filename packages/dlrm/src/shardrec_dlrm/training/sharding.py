@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from shardrec.distributed import ShardedEmbeddingModule
 from shardrec.distributed.qcomm import QCommsConfig, with_qcomms
 from shardrec.kernels import set_learning_rate
-from shardrec_dlrm.model.build import TABLE_NAMES, build_dlrm
+from shardrec_dlrm.model.build import build_dlrm
 from shardrec_dlrm.model.config import DensePrecision, ModelConfig
+from shardrec_dlrm.model.dlrm import DLRMTrain
 from shardrec_dlrm.training.config import CommPrecision, DeviceName, OptimizerName, TrainConfig
 from shardrec_dlrm.training.parallel import ParallelState
 from shardrec_dlrm.training.planning import PlanRequest, discover_sharders, plan_model
@@ -47,7 +48,6 @@ class ShardedRun:
     #: Sets the learning rate of every fused table of ``model`` (returns how many lookups).
     fused_lr: Callable[[float], int]
     plan_text: str
-    extra: dict[str, Any] = field(default_factory=dict)
     #: The rate last given to the fused tables (None: not yet, they hold the configured one).
     fused_lr_now: float | None = None
 
@@ -99,15 +99,18 @@ def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
         batch_size=config.batch_size,
         sharding=config.sharding,
         optimizer=config.optimizer,
-        local_world_size=_local_world_size(state),
+        local_world_size=state.nodes.local_world_size,
     )
     sharders = discover_sharders()
     plan, report = plan_model(model, request, sharders, collective=True)
     if config.comm_precision != "fp32":
         plan = with_qcomms(plan, QCommsConfig.both(config.comm_precision))
-    sharded = DistributedModelParallel(model, device=state.device, plan=plan, sharders=sharders)
+    # DMP puts the sharded tables in place inside ``model``: its typed arches see them.
+    sharded = DistributedModelParallel(
+        model, env=state.env, device=state.device, plan=plan, sharders=sharders
+    )
     dense = list(_trainable_dense(sharded))
-    _average_sharded_gradients(sharded, state)
+    _average_sharded_gradients(model, state)
     return ShardedRun(
         model=sharded,
         dense_optimizer=dense_optimizer_for(
@@ -118,7 +121,7 @@ def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
     )
 
 
-def _average_sharded_gradients(sharded: Any, state: ParallelState) -> None:
+def _average_sharded_gradients(model: DLRMTrain, state: ParallelState) -> None:
     """Scales the gradients reaching sharded tables by ``1 / world_size``.
 
     Each rank's loss is the mean over its own part of the global batch. DDP averages the dense
@@ -129,22 +132,17 @@ def _average_sharded_gradients(sharded: Any, state: ParallelState) -> None:
     """
     if state.world_size == 1:
         return
-    sparse_arch = sharded.module.model.sparse_arch
-    fqn = "model.sparse_arch.embedding_bag_collection"
-    shards = sharded.local_table_shards().get(fqn, {})
-    dim = sparse_arch.embedding_dim
+    sparse_arch = model.sparse_arch
+    tables = sparse_arch.embedding_bag_collection
+    shards = tables.local_table_shards() if isinstance(tables, ShardedEmbeddingModule) else {}
     scale = [
         1.0 if table in shards and shards[table].replicated else 1.0 / state.world_size
-        for table in TABLE_NAMES
+        for table in sparse_arch.feature_tables
     ]
-    per_column = torch.tensor(scale, device=state.device).repeat_interleave(dim)
+    per_column = torch.tensor(scale, device=state.device).repeat_interleave(
+        sparse_arch.embedding_dim
+    )
     sparse_arch.scale_output_gradients(per_column)
-
-
-def _local_world_size(state: ParallelState) -> int:
-    import os
-
-    return int(os.environ.get("LOCAL_WORLD_SIZE", state.world_size))
 
 
 def _trainable_dense(model: nn.Module) -> Iterator[nn.Parameter]:
