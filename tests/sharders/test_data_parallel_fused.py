@@ -22,6 +22,7 @@ from shardrec import KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.checkpoint import load, save
 from shardrec.distributed.sharding_plan import data_parallel, row_wise
+from shardrec.testing import check_sharding
 
 from ._reference import (
     TOL,
@@ -209,12 +210,20 @@ def test_fused_data_parallel_embedding_collection(dist_pool: Any, optimizer: str
 def test_fused_data_parallel_beside_other_shardings_with_an_empty_rank(
     dist_pool: Any, kind: str, optimizer: str
 ) -> None:
-    # test_equivalence's tables and check, with a rank that has no samples at all. (No column-wise
-    # table: row-wise Adagrad keeps one state per row of each column shard, by design.)
-    from .test_equivalence import check as check_mixed
+    # test_equivalence's tables, through check_sharding, with a rank that has no samples at all.
+    # (No column-wise table: row-wise Adagrad keeps one state per row of each column shard.)
+    from .test_equivalence import model, plan_of
 
-    spec = {"t0": ("tw", [2]), "t1": ("dp", [0, 1, 2]), "t2": ("rw", [0, 1, 2]), "t3": ("dp", [])}
-    check_mixed(dist_pool, 3, kind=kind, spec=spec, optimizer=optimizer, empty_rank=1)
+    def how(i: int, world: int) -> Any:
+        return [("tw", [2]), "dp", "rw", "dp"][i]
+
+    check_sharding(
+        model(kind, optimizer=optimizer),
+        plan=plan_of(how, kind),
+        world_size=3,
+        empty_rank=1,
+        pool=dist_pool,
+    )
 
 
 @pytest.mark.parametrize("world", [2, 3])
