@@ -1,11 +1,12 @@
-"""What the sharding tests share: the model, slices of a global batch, and the checks against the
-unsharded module.
+"""Hand-written comparisons with the unsharded module, for the tests that need more control than
+``shardrec.testing.check_sharding`` gives (batches laid out by hand, a dense optimizer with
+momentum, the tables' gradients): the model, slices of a global batch, and the checks.
 
 A case trains a small model on each rank of a gloo group on that rank's samples; the reference
 trains the same model, unsharded, on the concatenation of every rank's samples (the global batch).
 Tables are given as ``(name, rows, dim, features)``. Test files import this module relatively
-(``from ._reference import ...``); so do the pool's workers, which load each test file as a module
-of a package over its folder (see ``_pool_worker.py``).
+(``from ._reference import ...``); so do the pool's workers, which load each test module under its
+own name.
 """
 
 from __future__ import annotations
