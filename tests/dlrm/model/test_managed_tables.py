@@ -68,3 +68,28 @@ def test_training_on_a_drifting_stream_with_managed_tables(tmp_path: Path) -> No
     metrics = run_training(config)
     assert 0.0 < metrics["val/auc"] < 1.0
     assert metrics["val/log_loss"] > 0
+
+
+def test_the_watch_names_each_tables_counters_and_warns_once_when_full() -> None:
+    from shardrec_dlrm.training.managed_metrics import ManagedWatch
+
+    model = build_dlrm(ModelConfig(**SMALL, managed_ids="lru"))
+    watch = ManagedWatch()
+    metrics, warnings = watch.read(model)
+    assert metrics["managed/t_cat_0/occupancy"] == 0.0
+    assert len(metrics) == 26 * 6
+    assert warnings == []
+    # One batch with more distinct ids than a table's 31 rows: the rest are rejected.
+    batch = 40
+    ids = torch.arange(1, batch * len(SPARSE_KEYS) + 1)
+    kjt = KeyedJaggedTensor(
+        keys=list(SPARSE_KEYS), values=ids, lengths=torch.ones(ids.numel(), dtype=torch.int32)
+    )
+    model(torch.zeros(batch, 13), kjt, torch.ones(batch))
+    metrics, warnings = watch.read(model)
+    assert metrics["managed/t_cat_0/occupancy_fraction"] == 1.0
+    assert metrics["managed/t_cat_0/rejected_total"] == batch - 31
+    assert len(warnings) == 26
+    assert "managed table t_cat_0 is full: 9 lookup(s)" in warnings[0]
+    assert watch.read(model)[1] == []  # said once per table
+    assert ManagedWatch().read(build_dlrm(ModelConfig(**SMALL))) == ({}, [])
