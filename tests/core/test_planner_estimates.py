@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from torch import nn
 
 from shardrec.distributed.planner import (
+    OPTIMIZER_STATE,
+    EmbeddingShardingPlanner,
     ParameterConstraints,
-    TableSpec,
+    PlannerTable,
     Topology,
     Traffic,
     Workload,
@@ -15,6 +19,7 @@ from shardrec.distributed.planner import (
 )
 from shardrec.distributed.planner.estimators import optimizer_state_bytes
 from shardrec.distributed.planner.layouts import ColumnWiseLayout, RowWiseLayout, even_splits
+from shardrec.kernels import OptimizerType
 
 # Round numbers so that the hand computations below stay readable.
 TOPO = Topology(
@@ -26,7 +31,7 @@ TOPO = Topology(
     inter_host_bw=1e7,
     bwd_compute_multiplier=2.0,
 )
-TABLE = TableSpec(
+TABLE = PlannerTable(
     module_path="ebc",
     param_name="t",
     num_embeddings=1000,
@@ -119,22 +124,37 @@ def test_single_rank_has_no_comms() -> None:
         ("rowwise_adagrad", 1000 * 4),  # one float per row
         ("adagrad", 1000 * 16 * 4),  # one float per weight
         ("adam", 2 * 1000 * 16 * 4),  # two floats per weight: 2x the weights
-        ("partial_rowwise_adam", 1000 * 16 * 4 + 1000 * 4),
+        ("exact_row_wise_adagrad", 1000 * 4),  # FBGEMM's spelling, parsed once
+        (None, 0),  # no fused optimizer
     ],
 )
-def test_optimizer_state(optimizer: str, expected: int) -> None:
-    assert optimizer_state_bytes(optimizer, 1000, 16) == expected
-    est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, TOPO, Workload(10, 3.0, optimizer))
+def test_optimizer_state(optimizer: str | None, expected: int) -> None:
+    workload = Workload(10, 3.0, optimizer)  # type: ignore[arg-type]  # a user's string
+    assert workload.optimizer is None or isinstance(workload.optimizer, OptimizerType)
+    assert optimizer_state_bytes(workload.optimizer, 1000, 16) == expected
+    est = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, TOPO, workload)
     assert est.optimizer_state == expected
 
 
-def test_unknown_optimizer_is_named() -> None:
-    with pytest.raises(ValueError, match="'lion'"):
-        optimizer_state_bytes("lion", 1, 1)
+def test_every_fused_optimizer_has_a_state_size() -> None:
+    assert set(OPTIMIZER_STATE) == set(OptimizerType)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Workload(10, 3.0, "lion"),
+        lambda: ParameterConstraints(optimizer="lion"),
+        lambda: EmbeddingShardingPlanner(optimizer="lion"),
+    ],
+)
+def test_an_unknown_optimizer_is_refused_naming_the_valid_ones(build: Callable[[], object]) -> None:
+    with pytest.raises(ValueError, match=r"'lion'.*sgd, exact_adagrad, rowwise_adagrad, adam"):
+        build()
 
 
 def test_sequence_table_outputs_one_row_per_id() -> None:
-    seq = TableSpec(
+    seq = PlannerTable(
         module_path="ec",
         param_name="s",
         num_embeddings=100,
@@ -149,7 +169,7 @@ def test_sequence_table_outputs_one_row_per_id() -> None:
 
 def test_layouts_cut_uneven_rows_and_columns() -> None:
     assert even_splits(10, 4) == [(0, 3), (3, 3), (6, 2), (8, 2)]
-    odd = TableSpec(
+    odd = PlannerTable(
         module_path="", param_name="t", num_embeddings=10, embedding_dim=64, module_type=nn.Module
     )
     (rw,) = RowWiseLayout().cuts(odd, TOPO, 32)
@@ -160,7 +180,7 @@ def test_layouts_cut_uneven_rows_and_columns() -> None:
     assert sum(p[3] for p in cws[1].pieces) == 64
     # As many column shards as the ranks and the narrowest slice allow, in multiples of 4 columns.
     wide = Topology(world_size=64)
-    table = TableSpec(
+    table = PlannerTable(
         module_path="", param_name="t", num_embeddings=10, embedding_dim=100, module_type=nn.Module
     )
     cuts = ColumnWiseLayout().cuts(table, wide, 8)

@@ -13,9 +13,9 @@ from shardrec.distributed.planner import (
     EmbeddingShardingPlanner,
     ParameterConstraints,
     PlannerError,
+    PlannerTable,
     ShardingOption,
     ShardSpec,
-    TableSpec,
     Topology,
     Traffic,
 )
@@ -32,7 +32,7 @@ SHARDED = ("table_wise", "row_wise", "column_wise")
 def test_rank_model_adds_owner_and_peer_traffic_per_link_class() -> None:
     # Two hosts of two ranks; one shard on rank 0: each peer sends it 100 bytes, gets 10 back.
     topo = Topology(world_size=4, local_world_size=2, intra_host_bw=1e3, inter_host_bw=1e2)
-    table = TableSpec(
+    table = PlannerTable(
         module_path="", param_name="t", num_embeddings=4, embedding_dim=4, module_type=nn.Module
     )
     cost = ShardCost(compute=0.5, read_bytes=64, to_owner=100, from_owner=10)
@@ -133,7 +133,7 @@ def test_report_shows_rows_read_bytes_sent_and_the_step() -> None:
 class TooManyPieces:
     """A plugin layout that asks for one host but cuts more pieces than a host has ranks."""
 
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> list[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> list[Cut]:
         pieces = tuple((i, 0, 1, table.embedding_dim) for i in range(table.num_embeddings))
         return [Cut(pieces, Traffic.HOST_ROW_SPLIT, None, one_host=True)]
 

@@ -16,7 +16,7 @@ from shardrec.distributed.planner import (
     EmbeddingShardingPlanner,
     ParameterConstraints,
     PlannerError,
-    TableSpec,
+    PlannerTable,
     Topology,
     Traffic,
 )
@@ -242,7 +242,7 @@ def test_no_sharder_for_module_is_named() -> None:
     with pytest.raises(PlannerError, match=r"'sparse\.t0'.*no sharder"):
         EmbeddingShardingPlanner(Topology(world_size=2)).plan_tables(
             [
-                TableSpec(
+                PlannerTable(
                     module_path="sparse",
                     param_name="t0",
                     num_embeddings=10,
@@ -258,7 +258,7 @@ def test_no_sharder_for_module_is_named() -> None:
 class HalfAndHalf:
     """A plugin layout: the first half of the rows on rank 0, the second half on the last rank."""
 
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         half = table.num_embeddings // 2
         pieces = (
             (0, 0, half, table.embedding_dim),
@@ -334,28 +334,31 @@ def test_fused_optimizer_tables_are_made_data_parallel_when_cheapest(optimizer: 
     assert "not offered" not in str(planner.last_report)
 
 
-def test_an_optimizer_the_data_parallel_sharder_cannot_apply_withholds_it() -> None:
-    from shardrec.distributed.planner.enumerator import withholds_data_parallel
-    from shardrec.distributed.planner.types import TableSpec
+def test_the_planner_table_keeps_one_optimizer_type_and_its_old_name_warns() -> None:
+    import shardrec.distributed.planner as planner_pkg
+    from shardrec.kernels import OptimizerType
     from shardrec.modules import EmbeddingBagCollection
 
-    offered = ["data_parallel", "table_wise"]
-
-    def spec(optimizer: str | None) -> TableSpec:
-        return TableSpec(
+    table = PlannerTable(
+        module_path="",
+        param_name="t0",
+        num_embeddings=3,
+        embedding_dim=16,
+        module_type=EmbeddingBagCollection,
+        optimizer="row_wise_adagrad",  # type: ignore[arg-type]  # a user's string, parsed once
+    )
+    assert table.optimizer is OptimizerType.ROWWISE_ADAGRAD
+    with pytest.raises(ValueError, match=r"'lamb'.*sgd, exact_adagrad, rowwise_adagrad, adam"):
+        PlannerTable(
             module_path="",
             param_name="t0",
             num_embeddings=3,
             embedding_dim=16,
             module_type=EmbeddingBagCollection,
-            optimizer=optimizer,
+            optimizer="lamb",  # type: ignore[arg-type]
         )
-
-    assert withholds_data_parallel(spec("lamb"), offered)
-    assert not withholds_data_parallel(spec("lamb"), ["data_parallel"])  # nothing else offered
-    for name in ("sgd", "exact_adagrad", "rowwise_adagrad", "row_wise_adagrad", "adam", "none"):
-        assert not withholds_data_parallel(spec(name), offered), name
-    assert not withholds_data_parallel(spec(None), offered)
+    with pytest.warns(DeprecationWarning, match="renamed PlannerTable"):
+        assert planner_pkg.TableSpec is PlannerTable
 
 
 def test_fused_adam_state_is_priced_for_data_parallel_tables() -> None:
@@ -386,7 +389,7 @@ def test_sequence_tables_are_read_from_an_embedding_collection() -> None:
     )
     outer = nn.Sequential(nn.Linear(2, 2), ec)
     (s0, s1) = tables_of(outer, {EmbeddingCollection})
-    assert (s0.fqn, s0.num_features, s0.pooled, s0.optimizer) == ("1.s0", 2, False, "none")
+    assert (s0.fqn, s0.num_features, s0.pooled, s0.optimizer) == ("1.s0", 2, False, None)
     assert (s1.num_embeddings, s1.embedding_dim) == (4, 8)
     plan = EmbeddingShardingPlanner(Topology(world_size=2, compute_device="cpu")).plan(
         outer, [FakeSharder(module_type=EmbeddingCollection)]

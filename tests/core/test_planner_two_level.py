@@ -14,7 +14,7 @@ from shardrec.distributed import ShardingPlan
 from shardrec.distributed.planner import (
     EmbeddingShardingPlanner,
     ParameterConstraints,
-    TableSpec,
+    PlannerTable,
     Topology,
     Traffic,
     Workload,
@@ -35,7 +35,7 @@ FORCED = {
 }
 
 
-TABLE = TableSpec(
+TABLE = PlannerTable(
     module_path="", param_name="t", num_embeddings=1003, embedding_dim=64, module_type=nn.Module
 )
 THREE_HOSTS = Topology(world_size=12, local_world_size=4, hbm_mem_bw=1e9)

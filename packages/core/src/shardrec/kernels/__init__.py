@@ -24,6 +24,7 @@ from shardrec.kernels.specs import (
     PoolingType,
     StorageChoice,
     TableSpec,
+    parse_optimizer,
 )
 from shardrec.kernels.storage import GroupRequest, StorageBackend, UnknownStorageBackendError
 from shardrec.kernels.table_batched import TableBatchedEmbedding
@@ -51,5 +52,6 @@ __all__ = [
     "UnknownStorageBackendError",
     "allocate_in_memory",
     "fused_learning_rates",
+    "parse_optimizer",
     "set_learning_rate",
 ]

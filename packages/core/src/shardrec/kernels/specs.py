@@ -22,6 +22,7 @@ __all__ = [
     "StorageChoice",
     "TableSpec",
     "data_type_to_dtype",
+    "parse_optimizer",
     "requested_backend",
 ]
 
@@ -102,6 +103,28 @@ _OPTIMIZER_ALIASES: Final[Mapping[str, OptimizerType]] = {
 }
 
 
+def parse_optimizer(name: object) -> OptimizerType:
+    """The optimizer a user's spelling names: an :class:`OptimizerType`, one of its values, an
+    alias of TorchRec's ``fused_params`` or FBGEMM (``adagrad``, ``exact_sgd``,
+    ``exact_row_wise_adagrad``...), in any case, or an enum whose ``.value`` is one of those
+    (FBGEMM's ``EmbOptimType``).
+
+    Every place that takes an optimizer by name (fused params, the planner, its constraints) parses
+    it here once; past that boundary an optimizer is an ``OptimizerType``.
+    """
+    if isinstance(name, OptimizerType):
+        return name
+    raw = getattr(name, "value", name)
+    found = _OPTIMIZER_ALIASES.get(raw.lower()) if isinstance(raw, str) else None
+    if found is None:
+        raise ValueError(
+            f"unsupported fused optimizer {name!r}; shardrec's fused optimizers are"
+            f" {', '.join(o.value for o in OptimizerType)} (also spelled"
+            f" {', '.join(sorted(set(_OPTIMIZER_ALIASES) - {o.value for o in OptimizerType}))})"
+        )
+    return found
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FusedOptimizerConfig:
     """An optimizer applied inside backward, on the touched rows only.
@@ -122,7 +145,7 @@ class FusedOptimizerConfig:
     beta2: float = 0.999
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "optimizer", OptimizerType(self.optimizer))
+        object.__setattr__(self, "optimizer", parse_optimizer(self.optimizer))
         for name in ("learning_rate", "eps", "beta1", "beta2"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -143,12 +166,7 @@ class FusedOptimizerConfig:
             raise ValueError(f"unsupported fused_params keys {unknown}; supported: {sorted(known)}")
         if "optimizer" not in params:
             raise ValueError("fused_params needs an 'optimizer' entry")
-        raw = params["optimizer"]
-        name = str(getattr(raw, "value", raw)).lower()
-        if name not in _OPTIMIZER_ALIASES:
-            raise ValueError(
-                f"unsupported fused optimizer {raw!r}; supported: {sorted(_OPTIMIZER_ALIASES)}"
-            )
+        optimizer = parse_optimizer(params["optimizer"])
         floats: dict[str, float] = {}
         for key in ("learning_rate", "eps", "beta1", "beta2"):
             if key in params:
@@ -156,7 +174,7 @@ class FusedOptimizerConfig:
                 if not isinstance(value, int | float):
                     raise TypeError(f"fused_params[{key!r}] must be a number, got {value!r}")
                 floats[key] = float(value)
-        return cls(optimizer=_OPTIMIZER_ALIASES[name], **floats)
+        return cls(optimizer=optimizer, **floats)
 
     def state_names(self) -> tuple[str, ...]:
         """Names of the per-table optimizer state tensors.

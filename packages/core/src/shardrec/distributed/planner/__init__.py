@@ -8,6 +8,8 @@ how busy it is, and per table why it got its sharding. See docs/planner.md.
 
 from __future__ import annotations
 
+import warnings
+
 from shardrec.distributed.planner.constraints import ParameterConstraints
 from shardrec.distributed.planner.estimators import OPTIMIZER_STATE, Workload, estimate_shard
 from shardrec.distributed.planner.for_dmp import live_topology, plan_with_report
@@ -19,10 +21,10 @@ from shardrec.distributed.planner.tables import tables_of
 from shardrec.distributed.planner.topology import GB, Topology
 from shardrec.distributed.planner.types import (
     PlannerError,
+    PlannerTable,
     ShardCost,
     ShardingOption,
     ShardSpec,
-    TableSpec,
 )
 
 __all__ = [
@@ -33,12 +35,12 @@ __all__ = [
     "ParameterConstraints",
     "PlanReport",
     "PlannerError",
+    "PlannerTable",
     "RankLoad",
     "ShardCost",
     "ShardLayout",
     "ShardSpec",
     "ShardingOption",
-    "TableSpec",
     "Topology",
     "Traffic",
     "Workload",
@@ -49,3 +51,16 @@ __all__ = [
     "tables_of",
     "to_sharding_plan",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The planner's table was called TableSpec, the name of the kernel's table too.
+    if name == "TableSpec":
+        warnings.warn(
+            "shardrec.distributed.planner.TableSpec is renamed PlannerTable (the kernel's table is"
+            " shardrec.kernels.TableSpec); the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PlannerTable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

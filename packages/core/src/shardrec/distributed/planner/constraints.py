@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shardrec.kernels.specs import OptimizerType, parse_optimizer
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParameterConstraints:
@@ -16,7 +18,8 @@ class ParameterConstraints:
     - ``batch_size``: samples per rank per step, overriding the planner's ``batch_size`` for this
       table.
     - ``min_partition``: narrowest column shard for column-wise sharding (columns).
-    - ``optimizer``: the fused optimizer whose state the table carries (overrides the planner's).
+    - ``optimizer``: the fused optimizer whose state the table carries (overrides the module's and
+      the planner's); a name is parsed by :func:`shardrec.kernels.parse_optimizer`.
     """
 
     sharding_types: Sequence[str] | None = None
@@ -24,9 +27,11 @@ class ParameterConstraints:
     pooling_factor: float = 1.0
     batch_size: int | None = None
     min_partition: int | None = None
-    optimizer: str | None = None
+    optimizer: OptimizerType | None = None
 
     def __post_init__(self) -> None:
+        if self.optimizer is not None:
+            object.__setattr__(self, "optimizer", parse_optimizer(self.optimizer))
         if self.pooling_factor <= 0:
             raise ValueError(
                 f"ParameterConstraints.pooling_factor must be > 0, got {self.pooling_factor}"

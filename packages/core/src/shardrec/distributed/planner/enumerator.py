@@ -19,11 +19,11 @@ from shardrec.distributed.planner.layouts import (
     builtin_layouts,
 )
 from shardrec.distributed.planner.topology import Topology
-from shardrec.distributed.planner.types import PlannerError, ShardingOption, ShardSpec, TableSpec
+from shardrec.distributed.planner.types import PlannerError, PlannerTable, ShardingOption, ShardSpec
 from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.sharding.contract import HasPlannerLayout
 from shardrec.distributed.types import ModuleSharder, ShardingType
-from shardrec.kernels import FusedOptimizerConfig
+from shardrec.kernels.specs import OptimizerType
 
 # On equal estimates, the simpler layout wins: fewer collectives, fewer pieces.
 _PREFERENCE: Final[dict[str, int]] = {
@@ -58,33 +58,8 @@ def _layout_for(sharder: ModuleSharder, sharding_type: str) -> tuple[ShardLayout
 
 
 class _WholeTableLayout:
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         return [Cut(((0, 0, table.num_embeddings, table.embedding_dim),), Traffic.ALL_IDS, None)]
-
-
-def withholds_data_parallel(table: TableSpec, offered: Sequence[str]) -> bool:
-    """Whether data-parallel is left out for ``table`` unless a constraint asks for it.
-
-    The data-parallel sharder trains replicas with every fused optimizer shardrec has (SGD,
-    Adagrad, row-wise Adagrad, Adam: one all-reduce of the gradient, then the same fused update on
-    every replica) and, without one, through DDP. An optimizer name it does not know could not be
-    applied to the replicas, so choosing data-parallel would silently change how the table trains.
-    """
-    if (
-        table.optimizer in (None, "none")
-        or ShardingType.DATA_PARALLEL not in offered
-        or len(offered) == 1
-    ):
-        return False
-    return not _fused_optimizer_known(table.optimizer)
-
-
-def _fused_optimizer_known(name: str) -> bool:
-    try:
-        FusedOptimizerConfig.from_fused_params({"optimizer": name})
-    except ValueError:
-        return False
-    return True
 
 
 def sharders_by_type(
@@ -95,7 +70,9 @@ def sharders_by_type(
     return dict(SharderIndex.of(sharders).offered(module_type, device))
 
 
-def _storage_kind(sharder: ModuleSharder, table: TableSpec, kernel: str, topology: Topology) -> str:
+def _storage_kind(
+    sharder: ModuleSharder, table: PlannerTable, kernel: str, topology: Topology
+) -> str:
     """Where the sharder says this kernel keeps the table: the storage kind with most bytes."""
     probe = torch.empty((1, table.embedding_dim), device="meta")
     usage = sharder.storage_usage(probe, topology.compute_device, kernel)
@@ -106,7 +83,7 @@ def _storage_kind(sharder: ModuleSharder, table: TableSpec, kernel: str, topolog
 
 
 def enumerate_options(
-    table: TableSpec,
+    table: PlannerTable,
     sharders: Sequence[ModuleSharder],
     topology: Topology,
     workload: Workload,
@@ -122,8 +99,6 @@ def enumerate_options(
             f"{sorted({s.module_type.__qualname__ for s in sharders}) or 'nothing'})"
         )
     types = list(offered)
-    if withholds_data_parallel(table, types):
-        types = [t for t in types if t != ShardingType.DATA_PARALLEL]
     if constraints is not None and constraints.sharding_types is not None:
         wanted = [str(t) for t in constraints.sharding_types]
         types = [t for t in wanted if t in offered]
@@ -215,13 +190,14 @@ def enumerate_options(
 
 
 def resolve_workload(
-    table: TableSpec,
+    table: PlannerTable,
     constraints: Mapping[str, ParameterConstraints],
     batch_size: int,
-    optimizer: str,
+    optimizer: OptimizerType | None,
 ) -> Workload:
     c = constraints.get(table.param_name) or constraints.get(table.fqn)
-    own = table.optimizer or optimizer
+    own = table.optimizer if table.optimizer is not None else optimizer
     if c is None:
         return Workload(batch_size, 1.0, own)
-    return Workload(c.batch_size or batch_size, c.pooling_factor, c.optimizer or own)
+    chosen = c.optimizer if c.optimizer is not None else own
+    return Workload(c.batch_size or batch_size, c.pooling_factor, chosen)

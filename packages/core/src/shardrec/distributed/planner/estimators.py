@@ -36,46 +36,42 @@ from typing import Final
 
 from shardrec.distributed.planner.layouts import Traffic
 from shardrec.distributed.planner.topology import Topology
-from shardrec.distributed.planner.types import ShardCost, TableSpec
+from shardrec.distributed.planner.types import PlannerTable, ShardCost
+from shardrec.kernels.specs import OptimizerType, parse_optimizer
 
 INDEX_BYTES: Final = 8
 
-# Optimizer state as (bytes per row, bytes per element), fp32 states.
-OPTIMIZER_STATE: Final[dict[str, tuple[int, int]]] = {
-    "none": (0, 0),
-    "sgd": (0, 0),
-    "exact_sgd": (0, 0),
-    "rowwise_adagrad": (4, 0),
-    "exact_rowwise_adagrad": (4, 0),
-    "adagrad": (0, 4),
-    "exact_adagrad": (0, 4),
-    "lars_sgd": (0, 4),
-    "adam": (0, 8),
-    "lamb": (0, 8),
-    "partial_rowwise_adam": (4, 4),
-    "partial_rowwise_lamb": (4, 4),
+# Each fused optimizer's state as (bytes per row, bytes per element), fp32 states (Adam's 0-d step
+# counter is left out).
+OPTIMIZER_STATE: Final[dict[OptimizerType, tuple[int, int]]] = {
+    OptimizerType.SGD: (0, 0),
+    OptimizerType.ROWWISE_ADAGRAD: (4, 0),
+    OptimizerType.EXACT_ADAGRAD: (0, 4),
+    OptimizerType.ADAM: (0, 8),
 }
 
 
-def optimizer_state_bytes(optimizer: str, rows: int, cols: int) -> int:
-    try:
-        per_row, per_element = OPTIMIZER_STATE[optimizer]
-    except KeyError:
-        known = ", ".join(sorted(OPTIMIZER_STATE))
-        raise ValueError(
-            f"unknown optimizer {optimizer!r} for the planner's estimates; known: {known}"
-        ) from None
+def optimizer_state_bytes(optimizer: OptimizerType | None, rows: int, cols: int) -> int:
+    """Bytes of fused optimizer state of a ``rows`` × ``cols`` shard (None: no fused optimizer)."""
+    if optimizer is None:
+        return 0
+    per_row, per_element = OPTIMIZER_STATE[optimizer]
     return per_row * rows + per_element * rows * cols
 
 
 @dataclass(frozen=True, slots=True)
 class Workload:
     """The per-table facts the estimates need, resolved from the planner defaults and
-    constraints."""
+    constraints. ``optimizer``: the fused optimizer whose state the table carries (None: none; a
+    name is parsed by :func:`shardrec.kernels.parse_optimizer`)."""
 
     batch_size: int
     pooling_factor: float
-    optimizer: str
+    optimizer: OptimizerType | None
+
+    def __post_init__(self) -> None:
+        if self.optimizer is not None:
+            object.__setattr__(self, "optimizer", parse_optimizer(self.optimizer))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +108,7 @@ def allreduce_bytes(topology: Topology, size: float) -> tuple[float, float]:
 
 
 def estimate_shard(
-    table: TableSpec,
+    table: PlannerTable,
     rows: int,
     cols: int,
     traffic: Traffic,

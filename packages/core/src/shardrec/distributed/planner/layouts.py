@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Final, Protocol, runtime_checkable
 
 from shardrec.distributed.planner.topology import Topology
-from shardrec.distributed.planner.types import TableSpec
+from shardrec.distributed.planner.types import PlannerTable
 from shardrec.distributed.sharding_plan import even_splits
 from shardrec.distributed.types import ShardingType, ShardRect
 
@@ -81,16 +81,18 @@ class Cut:
 class ShardLayout(Protocol):
     """Cuts a table for one sharding type; may offer several cuts (e.g. different column widths)."""
 
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]: ...
+    def cuts(
+        self, table: PlannerTable, topology: Topology, min_partition: int
+    ) -> Sequence[Cut]: ...
 
 
 class TableWiseLayout:
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         return [Cut(((0, 0, table.num_embeddings, table.embedding_dim),), Traffic.ALL_IDS, None)]
 
 
 class RowWiseLayout:
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         w = topology.world_size
         pieces = tuple(
             (off, 0, size, table.embedding_dim)
@@ -107,7 +109,7 @@ def _row_blocks(rows: int, ranks: int) -> list[tuple[int, int]]:
 class TableRowWiseLayout:
     """Rows split across the ranks of one host; the partitioner chooses the host."""
 
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         pieces = tuple(
             (off, 0, size, table.embedding_dim)
             for off, size in _row_blocks(table.num_embeddings, topology.ranks_per_host)
@@ -134,7 +136,7 @@ class ColumnWiseLayout:
     """One cut per shard count k = 2, 4, 8, ... up to the world size while each shard keeps at least
     ``min_partition`` columns; the search prices every k and keeps the one that pays."""
 
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         return [
             Cut(
                 tuple((0, c0, table.num_embeddings, cols) for c0, cols in slices),
@@ -151,7 +153,7 @@ class TableColumnWiseLayout:
     partitioner choosing the host and which of its ranks: column-wise's traffic with the slices of
     a table side by side on one host (``shardrec_sharders.table_column_wise``)."""
 
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         return [
             Cut(
                 tuple((0, c0, table.num_embeddings, cols) for c0, cols in slices),
@@ -170,7 +172,7 @@ class GridLayout:
     over its columns. It spreads a table wider than one host can serve over several, paying each id
     once per slice."""
 
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         hosts = topology.world_size // topology.ranks_per_host
         blocks = _row_blocks(table.num_embeddings, topology.ranks_per_host)
         out: list[Cut] = []
@@ -190,7 +192,7 @@ class GridLayout:
 
 
 class DataParallelLayout:
-    def cuts(self, table: TableSpec, topology: Topology, min_partition: int) -> Sequence[Cut]:
+    def cuts(self, table: PlannerTable, topology: Topology, min_partition: int) -> Sequence[Cut]:
         w = topology.world_size
         pieces = tuple((0, 0, table.num_embeddings, table.embedding_dim) for _ in range(w))
         return [Cut(pieces, Traffic.REPLICATED, tuple(range(w)))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 import torch.distributed as dist
 from torch import nn
@@ -13,15 +14,13 @@ from shardrec.distributed.planner.constraints import ParameterConstraints
 from shardrec.distributed.planner.enumerator import (
     enumerate_options,
     resolve_workload,
-    sharders_by_type,
-    withholds_data_parallel,
 )
 from shardrec.distributed.planner.partitioner import capacities
 from shardrec.distributed.planner.proposer import search
 from shardrec.distributed.planner.report import PlanReport, build_report
 from shardrec.distributed.planner.tables import tables_of
 from shardrec.distributed.planner.topology import GB, Topology
-from shardrec.distributed.planner.types import PlannerError, ShardingOption, TableSpec
+from shardrec.distributed.planner.types import PlannerError, PlannerTable, ShardingOption
 from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.types import (
     ModuleSharder,
@@ -29,17 +28,20 @@ from shardrec.distributed.types import (
     ShardingPlan,
     ShardMetadata,
 )
+from shardrec.kernels.specs import OptimizerType, parse_optimizer
 
 DEFAULT_BATCH_SIZE = 512
-DEFAULT_OPTIMIZER = "rowwise_adagrad"
+DEFAULT_OPTIMIZER: Final = OptimizerType.ROWWISE_ADAGRAD
 DEFAULT_RESERVED_FRACTION = 0.15
 
 
 class EmbeddingShardingPlanner:
     """Plans how every shardable table of a model is sharded and where each shard lives.
 
-    ``batch_size`` is samples per rank per step; ``optimizer`` names the fused optimizer whose state
-    the tables carry (see ``estimators.OPTIMIZER_STATE``); ``reserved_fraction`` of every rank's
+    ``batch_size`` is samples per rank per step; ``optimizer`` is the fused optimizer whose state
+    the tables of a module that names none carry (an :class:`OptimizerType` or a name that
+    :func:`shardrec.kernels.parse_optimizer` reads; None: no state; see
+    ``estimators.OPTIMIZER_STATE``); ``reserved_fraction`` of every rank's
     memory is kept for dense parameters and activations. Per-table ``constraints`` are keyed by
     table name (or
     ``module_path.table``). After ``plan`` or ``collective_plan``, ``last_report`` holds the report.
@@ -51,7 +53,7 @@ class EmbeddingShardingPlanner:
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         constraints: Mapping[str, ParameterConstraints] | None = None,
-        optimizer: str = DEFAULT_OPTIMIZER,
+        optimizer: OptimizerType | str | None = DEFAULT_OPTIMIZER,
         reserved_fraction: float = DEFAULT_RESERVED_FRACTION,
         max_proposals: int | None = None,
     ) -> None:
@@ -65,7 +67,7 @@ class EmbeddingShardingPlanner:
         self.topology = topology
         self.batch_size = batch_size
         self.constraints: dict[str, ParameterConstraints] = dict(constraints or {})
-        self.optimizer = optimizer
+        self.optimizer = None if optimizer is None else parse_optimizer(optimizer)
         self.reserved_fraction = reserved_fraction
         self.max_proposals = max_proposals
         self.last_report: PlanReport | None = None
@@ -117,9 +119,9 @@ class EmbeddingShardingPlanner:
         return plan
 
     def plan_tables(
-        self, tables: Sequence[TableSpec], sharders: Sequence[ModuleSharder]
+        self, tables: Sequence[PlannerTable], sharders: Sequence[ModuleSharder]
     ) -> ShardingPlan:
-        """Plan explicit tables (the model already reduced to :class:`TableSpec`)."""
+        """Plan explicit tables (the model already reduced to :class:`PlannerTable`)."""
         start = time.perf_counter()
         sharders = SharderIndex.of(sharders)  # one index for every table's options
         topology = self._topology()
@@ -146,29 +148,11 @@ class EmbeddingShardingPlanner:
             result.proposals,
             result.feasible,
             time.perf_counter() - start,
-            notes=((result.note,) if result.note else ()) + self._notes(tables, sharders, topology),
+            notes=(result.note,) if result.note else (),
         )
         return to_sharding_plan(result.placement.options)
 
-    def _notes(
-        self, tables: Sequence[TableSpec], sharders: Sequence[ModuleSharder], topology: Topology
-    ) -> tuple[str, ...]:
-        withheld: dict[str, list[str]] = {}
-        for table in tables:
-            constraint = self.constraints.get(table.param_name) or self.constraints.get(table.fqn)
-            if constraint is not None and constraint.sharding_types is not None:
-                continue
-            offered = sharders_by_type(sharders, table.module_type, topology.compute_device)
-            if withholds_data_parallel(table, list(offered)):
-                withheld.setdefault(str(table.optimizer), []).append(table.fqn)
-        return tuple(
-            f"data_parallel not offered for {len(names)} table(s) trained by the optimizer "
-            f"{optimizer!r}: the data-parallel sharder cannot apply it to replicas "
-            "(a constraint sharding_types=['data_parallel'] still picks it)"
-            for optimizer, names in sorted(withheld.items())
-        )
-
-    def _check_constraint_names(self, tables: Sequence[TableSpec]) -> None:
+    def _check_constraint_names(self, tables: Sequence[PlannerTable]) -> None:
         known = {t.param_name for t in tables} | {t.fqn for t in tables}
         unknown = sorted(set(self.constraints) - known)
         if unknown:

@@ -6,7 +6,8 @@ from collections.abc import Collection, Sequence
 
 from torch import nn
 
-from shardrec.distributed.planner.types import TableSpec
+from shardrec.distributed.planner.types import PlannerTable
+from shardrec.kernels.specs import OptimizerType, parse_optimizer
 
 
 def _configs(module: nn.Module) -> tuple[Sequence[object], bool] | None:
@@ -26,19 +27,15 @@ def _element_size(config: object) -> int:
     return data_type_to_dtype(data_type).itemsize
 
 
-def _fused_optimizer(module: nn.Module) -> str | None:
-    """The fused optimizer's name (``rowwise_adagrad``...), "none" for plain ``.grad`` training."""
+def _fused_optimizer(module: nn.Module) -> OptimizerType | None:
+    """The module's fused optimizer (None: plain ``.grad`` training, or a module naming none)."""
     lookup = getattr(module, "lookup", None)
-    if lookup is None or not hasattr(lookup, "optimizer"):
-        return None
-    config = lookup.optimizer
-    if config is None:
-        return "none"
+    config = getattr(lookup, "optimizer", None)
     name = getattr(config, "optimizer", None)
-    return str(getattr(name, "value", name)) if name is not None else None
+    return None if name is None else parse_optimizer(name)
 
 
-def tables_in_module(module: nn.Module, module_path: str) -> list[TableSpec]:
+def tables_in_module(module: nn.Module, module_path: str) -> list[PlannerTable]:
     """The tables of one shardable module, from its configs (TorchRec's accessors) or its 2-D
     weights."""
     found = _configs(module)
@@ -48,7 +45,7 @@ def tables_in_module(module: nn.Module, module_path: str) -> list[TableSpec]:
         for c in configs:
             feature_names = getattr(c, "feature_names", []) or []
             out.append(
-                TableSpec(
+                PlannerTable(
                     module_path=module_path,
                     param_name=str(getattr(c, "name")),  # noqa: B009
                     num_embeddings=int(getattr(c, "num_embeddings")),  # noqa: B009
@@ -67,7 +64,7 @@ def tables_in_module(module: nn.Module, module_path: str) -> list[TableSpec]:
         parts = name.split(".")
         if param.dim() == 2 and len(parts) >= 2 and parts[-1] == "weight":
             out.append(
-                TableSpec(
+                PlannerTable(
                     module_path=module_path,
                     param_name=parts[-2],
                     num_embeddings=int(param.shape[0]),
@@ -79,10 +76,10 @@ def tables_in_module(module: nn.Module, module_path: str) -> list[TableSpec]:
     return out
 
 
-def tables_of(model: nn.Module, module_types: Collection[type]) -> list[TableSpec]:
+def tables_of(model: nn.Module, module_types: Collection[type]) -> list[PlannerTable]:
     """Every table of every shardable module (exact type match), outermost modules only, in model
     order."""
-    out: list[TableSpec] = []
+    out: list[PlannerTable] = []
     claimed: list[str] = []
     for path, module in model.named_modules():
         if type(module) not in module_types:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Final
 
 from shardrec.distributed.types import ShardRect
+from shardrec.kernels.specs import OptimizerType, parse_optimizer
 
 
 class PlannerError(ValueError):
@@ -13,13 +15,17 @@ class PlannerError(ValueError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TableSpec:
-    """One shardable embedding table, in the words of the planner.
+class PlannerTable:
+    """One shardable embedding table of a model, in the words of the planner.
 
+    Not the kernel's :class:`shardrec.kernels.TableSpec` (one local table of a lookup, a shard
+    included): this is the whole table as the model holds it, with what the planner prices it by.
     ``module_path`` is the module's dotted path inside the model, ``param_name`` the table's name in
     that module's plan (the table name for embedding collections). ``num_features`` counts the
     features that look up this table; ``pooled`` is False for sequence (non-pooled) embeddings.
-    ``optimizer`` is the fused optimizer the module trains it with (None: not known).
+    ``optimizer`` is the fused optimizer the module trains it with (None: the module names none,
+    and the planner's ``optimizer`` is assumed); a name is parsed by
+    :func:`shardrec.kernels.parse_optimizer`.
     """
 
     module_path: str
@@ -30,7 +36,11 @@ class TableSpec:
     element_size: int = 4
     num_features: int = 1
     pooled: bool = True
-    optimizer: str | None = None  # the module's fused optimizer, if it names one
+    optimizer: OptimizerType | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer is not None:
+            object.__setattr__(self, "optimizer", parse_optimizer(self.optimizer))
 
     @property
     def fqn(self) -> str:
@@ -110,7 +120,7 @@ class ShardingOption:
     (table-row-wise and table-column-wise: one group; grid: a group per column slice).
     """
 
-    table: TableSpec
+    table: PlannerTable
     sharding_type: str
     compute_kernel: str
     shards: tuple[ShardSpec, ...]
@@ -140,3 +150,16 @@ class ShardingOption:
     @property
     def max_shard_perf(self) -> float:
         return max(s.perf for s in self.shards)
+
+
+def __getattr__(name: str) -> object:
+    # The planner's table was called TableSpec, the name of the kernel's table too.
+    if name == "TableSpec":
+        warnings.warn(
+            "shardrec.distributed.planner.types.TableSpec is renamed PlannerTable (the kernel's"
+            " table is shardrec.kernels.TableSpec); the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PlannerTable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
