@@ -95,10 +95,9 @@ class Float64Reference:
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("kind", list(OptimizerType))
 def test_cpu_update_matches_float64_reference(
-    kind: OptimizerType, weighted: bool, chunk_rows: int, monkeypatch: pytest.MonkeyPatch
+    kind: OptimizerType, weighted: bool, chunk_rows: int
 ) -> None:
     # A chunk of 5 rows splits every batch into many chunks (and leaves a short last one).
-    monkeypatch.setattr(cpu_update, "CHUNK_ROWS", chunk_rows)
     config = FusedOptimizerConfig(optimizer=kind, learning_rate=LR, eps=EPS)
     _, rows = mlperf_like_grad(0, weighted)
     weight = torch.randn(rows, DIM, generator=torch.Generator().manual_seed(7))
@@ -106,7 +105,7 @@ def test_cpu_update_matches_float64_reference(
     ref = Float64Reference(weight, kind)
     for step in range(1, 4):
         grad, _ = mlperf_like_grad(step, weighted)
-        cpu_update.apply_cpu_update(config, weight, state, grad, step)
+        cpu_update.apply_cpu_update(config, weight, state, grad, step, chunk_rows=chunk_rows)
         ref.apply(grad, weight.dtype)
         torch.testing.assert_close(weight, ref.w.float(), rtol=1e-5, atol=1e-5)
     if kind in (OptimizerType.EXACT_ADAGRAD, OptimizerType.ROWWISE_ADAGRAD):

@@ -90,12 +90,14 @@ def apply_cpu_update(
     state: dict[str, torch.Tensor],
     grad: SparseGrad,
     step: int,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> None:
     """Update ``weight`` (``[rows, dim]``, CPU) and ``state`` in place from ``grad``.
 
     The same rules as :func:`~shardrec.kernels.optimizers.apply_fused_update` (``step`` is the
     1-based number of this update, for Adam's bias correction); fp16/bf16 weights are updated in
-    fp32 and rounded once.
+    fp32 and rounded once. ``chunk_rows``: distinct rows updated together.
     """
     if grad.ids.numel() == 0:
         return
@@ -103,8 +105,8 @@ def apply_cpu_update(
     grad_bags = grad.grad_bags if grad.grad_bags.dtype == torch.float32 else grad.grad_bags.float()
     count = runs.rows.numel()
     rule = _RULES[config.optimizer]
-    for lo in range(0, count, CHUNK_ROWS):
-        hi = min(lo + CHUNK_ROWS, count)
+    for lo in range(0, count, chunk_rows):
+        hi = min(lo + chunk_rows, count)
         rows = runs.rows[lo:hi]
         delta = rule(config, state, rows, runs.gradient(grad_bags, lo, hi), step)
         if weight.dtype == torch.float32:
