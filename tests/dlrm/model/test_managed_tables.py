@@ -13,8 +13,6 @@ from shardrec_dlrm.data.synth_drift import synth_drift
 from shardrec_dlrm.model.build import build_dlrm
 from shardrec_dlrm.model.config import ModelConfig, model_config_from_dict
 from shardrec_dlrm.model.managed import ManagedEmbeddingBags
-from shardrec_dlrm.training.config import TrainConfig
-from shardrec_dlrm.training.launch import run_training
 
 SMALL = {
     "embedding_dim": 4,
@@ -53,21 +51,30 @@ def vars_of(config: ModelConfig) -> dict[str, object]:
     return dataclasses.asdict(config)
 
 
-def test_training_on_a_drifting_stream_with_managed_tables(tmp_path: Path) -> None:
+def test_dlrm_train_with_managed_ids_logs_each_tables_counters(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from shardrec_dlrm.cli import main
+
     synth_drift(tmp_path / "d", rows=1_400, seed=1, live=16, turnover=3.0)
-    config = TrainConfig(
-        data=str(tmp_path / "d"),
-        model=ModelConfig(**SMALL, managed_ids="lru"),
-        batch_size=64,
-        optimizer="rowwise_adagrad",
-        learning_rate=0.05,
-        quiet=True,
-        device="cpu",
-        logdir=str(tmp_path / "tb"),
+    args = (
+        f"train --data {tmp_path / 'd'} --managed-ids lru --no-shuffle --embedding-dim 4"
+        " --num-embeddings 32 --dense-arch-layer-sizes 8,4 --over-arch-layer-sizes 8,1"
+        f" --batch-size 64 --optimizer rowwise_adagrad --learning-rate 0.05 --device cpu"
+        f" --log-every 5 --quiet --logdir {tmp_path / 'tb'}"
     )
-    metrics = run_training(config)
-    assert 0.0 < metrics["val/auc"] < 1.0
-    assert metrics["val/log_loss"] > 0
+    out = CliRunner().invoke(main, args.split())
+    assert out.exit_code == 0, out.output
+    assert "val: auc=" in out.output
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for counter in ("occupancy", "occupancy_fraction", "admitted_total", "evicted_total"):
+        assert f"managed/t_cat_2/{counter}" in tags
+    occupancy = [e.value for e in events.Scalars("managed/t_cat_2/occupancy")]
+    assert occupancy[-1] == 31.0  # 63 ids pass through a table of 31 rows: it is full
+    assert [e.value for e in events.Scalars("managed/t_cat_2/evicted_total")][-1] > 0
 
 
 def test_the_watch_names_each_tables_counters_and_warns_once_when_full() -> None:

@@ -14,7 +14,7 @@ import click
 
 from shardrec_dlrm.data.schema import NUM_SPARSE
 from shardrec_dlrm.errors import UserError
-from shardrec_dlrm.model.config import INTERACTION_TYPES, ModelConfig
+from shardrec_dlrm.model.config import INTERACTION_TYPES, MANAGED_IDS, ModelConfig
 from shardrec_dlrm.training.config import DATA_FORMATS, DEVICES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -213,6 +213,7 @@ _MODEL_FIELDS = (
     "interaction_type",
     "dcn_num_layers",
     "dcn_low_rank_dim",
+    "managed_ids",
 )
 
 
@@ -275,6 +276,15 @@ def model_options(function: F) -> F:
             default=defaults.dcn_low_rank_dim,
             show_default=True,
             help="Rank of each cross layer's weight (dcn only).",
+        ),
+        click.option(
+            "--managed-ids",
+            type=click.Choice(MANAGED_IDS),
+            default=defaults.managed_ids,
+            show_default=True,
+            help="lru/lfu: the raw 32-bit ids get rows of their own in managed tables (no modulo),"
+            " the least recently/frequently read row giving way when a table is full; off: ids"
+            " are hashed to rows (1 + id % (rows - 1)).",
         ),
     ]
     return apply(function, options)

@@ -179,6 +179,13 @@ from shardrec_dlrm.training.config import COMM_PRECISIONS, OPTIMIZERS, SHARDINGS
     show_default=True,
     help="Distribute the next batch's ids while this batch trains (the same weights either way).",
 )
+@click.option(
+    "--shuffle/--no-shuffle",
+    default=True,
+    show_default=True,
+    help="Train on the global batches in a random order per epoch, or in file order (a stream whose"
+    " ids drift, as 'dlrm synth --drift' writes, is trained in the order it happened).",
+)
 def train(**params: Any) -> None:
     """Train DLRM or DCNv2 on Criteo data and report validation and test metrics.
 

@@ -73,6 +73,7 @@ class TrainConfig:
     overwrite: bool = False
     quiet: bool = False
     pipeline: bool = True
+    shuffle: bool = True
     log_every: int = 50
     """Steps between reads of the training loss (each one a host synchronisation); validation
     and checkpoints read it too."""

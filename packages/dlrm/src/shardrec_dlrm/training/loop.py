@@ -33,6 +33,7 @@ from shardrec_dlrm.training.checkpointing import (
     save_checkpoint,
 )
 from shardrec_dlrm.training.config import TrainConfig
+from shardrec_dlrm.training.managed_metrics import ManagedWatch
 from shardrec_dlrm.training.parallel import ParallelState
 from shardrec_dlrm.training.precision import bf16_warning
 from shardrec_dlrm.training.run_data import Batch, RunData, open_run_data
@@ -99,6 +100,7 @@ class _Trainer:
         self.step_samples = 0
         #: Losses of the steps not yet read, on the device (read every --log-every steps).
         self.losses: list[torch.Tensor] = []
+        self.managed = ManagedWatch()  # managed tables' counters, logged with the losses
         # Pipelined or not, a step trains the same weights: the pipeline only distributes the
         # next batch's ids earlier (so a resumed run may use either).
         loop = TrainPipelineSparseDist if config.pipeline else TrainPipelineBase
@@ -220,6 +222,11 @@ class _Trainer:
             self.logger.log({"train/loss": value, "train/lr": self.schedule.lr(step - 1)}, step)
         rate = progress.samples_per_s()
         self.logger.log({"train/samples_per_s": rate}, self.step)
+        managed, warnings = self.managed.read(self.run_state.model)
+        if managed:
+            self.logger.log(managed, self.step)
+        for line in warnings if self.state.is_main else []:
+            print(f"warning: {line}", file=sys.stderr, flush=True)  # also with --quiet
         progress.show(loss=values[-1], samples_per_s=rate, epoch=epoch)
 
     def _validate(self, progress: Progress) -> dict[str, float]:

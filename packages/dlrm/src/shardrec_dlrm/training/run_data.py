@@ -31,6 +31,7 @@ class RunData:
     rank: int
     world_size: int
     seed: int
+    shuffle: bool = True
 
     def train_steps(self, limit: int | None) -> int:
         """Steps per epoch: full global batches only (a partial one would weigh ranks unequally)."""
@@ -50,6 +51,7 @@ class RunData:
             world_size=self.world_size,
             seed=self.seed,
             epoch=epoch,
+            shuffle=self.shuffle,
             drop_last=True,
             start_batch=start,
         )
@@ -105,4 +107,5 @@ def open_run_data(config: TrainConfig, state: ParallelState) -> RunData:
         rank=state.rank,
         world_size=state.world_size,
         seed=config.seed,
+        shuffle=config.shuffle,
     )
