@@ -26,8 +26,16 @@ MODEL = EmbeddingModel(
 
 
 class _Copy(nn.Module):
-    def __init__(self, module: EmbeddingBagCollection, bump: Mapping[str, float]) -> None:
+    def __init__(
+        self,
+        module: EmbeddingBagCollection,
+        bump: Mapping[str, float],
+        with_state: bool,
+        replicated: bool,
+    ) -> None:
         super().__init__()
+        self.with_state = with_state
+        self.replicated = replicated
         self.copy = copy.deepcopy(module)
         for table, by in bump.items():
             with torch.no_grad():
@@ -44,7 +52,10 @@ class _Copy(nn.Module):
                 weight=[LocalShard(w, (0, 0), tuple(w.shape))],
                 optimizer_state={
                     k: [LocalShard(s, (0,), tuple(s.shape))] for k, s in states[name].items()
-                },
+                }
+                if self.with_state
+                else {},
+                replicated=self.replicated,
             )
             for name, w in self.copy.lookup.table_weights().items()
         }
@@ -52,10 +63,16 @@ class _Copy(nn.Module):
 
 class CopySharder:
     """One whole copy of the module on each rank (right at world size 1), with ``bump`` added to
-    some tables' weights: a sharder with a bug in one table."""
+    some tables' weights (a bug in one table), without its optimizer state in
+    ``local_table_shards`` unless ``with_state`` (a bug checkpoints show), and not marked as
+    replicas unless ``replicated`` (so that its copies overlap in a checkpoint)."""
 
-    def __init__(self, bump: Mapping[str, float]) -> None:
+    def __init__(
+        self, bump: Mapping[str, float], with_state: bool = True, replicated: bool = True
+    ) -> None:
         self.bump = dict(bump)
+        self.with_state = with_state
+        self.replicated = replicated
 
     @property
     def module_type(self) -> type[nn.Module]:
@@ -78,7 +95,7 @@ class CopySharder:
         device: torch.device,
     ) -> nn.Module:
         assert isinstance(module, EmbeddingBagCollection)
-        return _Copy(module, self.bump)
+        return _Copy(module, self.bump, self.with_state, self.replicated)
 
 
 def test_a_right_sharder_passes(dist_pool: WorkerPool) -> None:
@@ -118,3 +135,44 @@ def test_a_wrong_table_is_named(dist_pool: WorkerPool) -> None:
 def test_a_plan_or_a_sharding_type_not_both() -> None:
     with pytest.raises(ValueError, match="exactly one of plan= and sharding_type="):
         check_sharding(MODEL, world_size=1)
+
+
+def test_optimizer_state_left_out_of_checkpoints_is_found(dist_pool: WorkerPool) -> None:
+    report = check_sharding(
+        MODEL,
+        sharding_type="whole_copy",
+        sharders=[CopySharder({}, with_state=False)],
+        world_size=1,
+        reload_world_size=2,
+        pool=dist_pool,
+        raise_on_mismatch=False,
+    )
+    assert not [m for m in report.mismatches if m.what in ("output", "weight")]
+    found = {(m.what, m.phase, m.table) for m in report.mismatches}
+    for table in ("t0", "t1"):
+        # Training is right, but the state is not reported, so not saved: the unsharded module
+        # that loads the checkpoint keeps its own.
+        assert ("optimizer state 'sum'", "trained at world size 1", table) in found
+        lost = ("optimizer state 'sum'", "saved at world size 1, loaded unsharded", table)
+        assert lost in found
+
+
+def test_a_checkpoint_that_does_not_load_is_a_difference(dist_pool: WorkerPool) -> None:
+    # Copies not marked as replicas overlap in the checkpoint, and the state keys are missing.
+    report = check_sharding(
+        MODEL,
+        sharding_type="whole_copy",
+        sharders=[CopySharder({}, with_state=False, replicated=False)],
+        world_size=1,
+        reload_world_size=2,
+        pool=dist_pool,
+        raise_on_mismatch=False,
+    )
+    failed = [m for m in report.mismatches if m.what == "checkpoint"]
+    assert (failed[0].phase, failed[0].rank) == ("saved at world size 1, loaded unsharded", None)
+    assert "emb.embedding_bags.t0.weight.sum" in failed[0].detail
+    assert "is missing from checkpoint" in failed[0].detail
+    assert {m.phase for m in failed[1:]} == {"saved at world size 1, loaded at world size 2"}
+    assert {m.rank for m in failed[1:]} <= {0, 1}
+    assert all("load failed" in m.detail and "overlap" in m.detail for m in failed[1:])
+    assert "checkpoint differs (saved at world size 1, loaded unsharded)" in str(report)

@@ -9,15 +9,16 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from shardrec.distributed import ModuleSharder, ParameterSharding, ShardingPlan
-from shardrec.distributed.checkpoint import load
+from shardrec.distributed.checkpoint import CheckpointError, load
 from shardrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from shardrec.distributed.plugins import load_sharder_registry
 from shardrec.testing._compare import compare_outputs, compare_steps, compare_tables, compare_whole
+from shardrec.testing._errors import RankFailedError
 from shardrec.testing._model import EMBEDDING_FQN, EmbeddingModel
 from shardrec.testing._pool import WorkerPool
 from shardrec.testing._ranks import RankRun, load_on_rank, train_on_rank
 from shardrec.testing._reference import Reference, reference_outputs, train_reference
-from shardrec.testing._report import EquivalenceError, EquivalenceReport, Tolerance
+from shardrec.testing._report import EquivalenceError, EquivalenceReport, Mismatch, Tolerance
 
 __all__ = ["PlanForWorld", "check_sharding"]
 
@@ -63,6 +64,42 @@ def _pool_for(pool: WorkerPool | None, size: int) -> Iterator[WorkerPool]:
         return
     with WorkerPool(size) as own:
         yield own
+
+
+def _round_trip(
+    report: EquivalenceReport,
+    tol: Tolerance,
+    workers: WorkerPool,
+    saved_run: RankRun,
+    run: RankRun,
+    ref: Reference,
+    local_world_size: int | None,
+) -> None:
+    """The checkpoint ``saved_run`` saved, loaded into the unsharded module and by ``run``'s
+    ranks; a load that fails is a difference too (naming the rank, with the error's last line)."""
+    assert saved_run.checkpoint is not None
+    saved = f"saved at world size {len(saved_run.sizes)}"
+    phase = f"{saved}, loaded unsharded"
+    unsharded = run.model.build(_MODEL_SEED + 1)
+    try:
+        load(saved_run.checkpoint, unsharded)
+    except CheckpointError as err:
+        report.mismatches.append(Mismatch("checkpoint", phase, detail=f"(load failed: {err})"))
+    else:
+        compare_whole(report, tol, phase, Reference(unsharded).tables(), ref.tables())
+    world = len(run.sizes)
+    phase = f"{saved}, loaded at world size {world}"
+    try:
+        results = workers.run(world, load_on_rank, local_world_size=local_world_size, run=run)
+    except RankFailedError as err:
+        for rank, text in err.failures.items():
+            last = text.strip().splitlines()[-1]
+            report.mismatches.append(
+                Mismatch("checkpoint", phase, rank=rank, detail=f"(load failed: {last})")
+            )
+        return
+    compare_outputs(report, tol, phase, results, [reference_outputs(ref, run)])
+    compare_tables(report, tol, phase, results, *ref.tables())
 
 
 def check_sharding(
@@ -138,11 +175,6 @@ def check_sharding(
         compare_steps(report, tol, phase, results, ref.dense_grads, ref.weight_grads)
         compare_tables(report, tol, phase, results, *ref.tables())
         if reload_world_size is not None:
-            saved = f"saved at world size {world_size}"
-            unsharded = model.build(_MODEL_SEED + 1)
-            load(tmp, unsharded)
-            loaded = Reference(unsharded).tables()
-            compare_whole(report, tol, f"{saved}, loaded unsharded", loaded, ref.tables())
             again = dataclasses.replace(
                 run,
                 plan=plan_at(reload_world_size, reload_local_world_size, reloading=True),
@@ -151,12 +183,7 @@ def check_sharding(
                 batch_seed=_BATCH_SEED + 100,
                 steps=0,
             )
-            results = workers.run(
-                reload_world_size, load_on_rank, local_world_size=reload_local_world_size, run=again
-            )
-            phase = f"{saved}, loaded at world size {reload_world_size}"
-            compare_outputs(report, tol, phase, results, [reference_outputs(ref, again)])
-            compare_tables(report, tol, phase, results, *ref.tables())
+            _round_trip(report, tol, workers, run, again, ref, reload_local_world_size)
     if raise_on_mismatch and not report.ok:
         raise EquivalenceError(report)
     return report
