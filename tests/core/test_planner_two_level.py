@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
-from shardrec.distributed import ShardingPlan
+from shardrec.distributed import ShardingEnv, ShardingPlan
 from shardrec.distributed.planner import (
     EmbeddingShardingPlanner,
     ParameterConstraints,
@@ -20,6 +21,7 @@ from shardrec.distributed.planner import (
     Workload,
     estimate_shard,
 )
+from shardrec.distributed.planner.for_dmp import live_topology
 from shardrec.distributed.planner.layouts import GridLayout, TableColumnWiseLayout
 from shardrec.distributed.plugins import load_sharder_registry
 
@@ -73,6 +75,20 @@ def test_a_grid_slice_sends_partial_sums_of_its_own_columns() -> None:
     assert half.cost.to_owner == pytest.approx(ids + 4 * 10 * 32 / 2)
     assert half.cost.from_owner == pytest.approx(full.cost.from_owner / 2)
     assert half.cost.owner_intra == pytest.approx(full.cost.owner_intra / 2)
+
+
+def test_a_planner_without_a_topology_takes_ranks_per_host_from_the_launcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The two-level sharders read LOCAL_WORLD_SIZE; a plan for one host of all ranks would put a
+    # table-row-wise table across two real hosts, which they refuse.
+    env = ShardingEnv(world_size=4, rank=0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert live_topology(env, torch.device("cpu")).ranks_per_host == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # does not divide 4: one host
+    assert live_topology(env, torch.device("cpu")).ranks_per_host == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert live_topology(env, torch.device("cpu")).ranks_per_host == 4
 
 
 def planned() -> ShardingPlan:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -10,17 +9,14 @@ from torch import nn
 
 from shardrec.distributed.planner.planner import EmbeddingShardingPlanner
 from shardrec.distributed.planner.report import PlanReport
-from shardrec.distributed.planner.topology import Topology
+from shardrec.distributed.planner.topology import Topology, local_world_size_from_env
 from shardrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
 
 def live_topology(env: ShardingEnv, device: torch.device) -> Topology:
     """``env``'s ranks on ``device``: ranks per host from ``LOCAL_WORLD_SIZE`` (torchrun sets it),
     device memory from the device itself when it is a GPU."""
-    local: int | None = None
-    raw = os.environ.get("LOCAL_WORLD_SIZE", "")
-    if raw.isdigit() and int(raw) > 0 and env.world_size % int(raw) == 0:
-        local = int(raw)
+    local = local_world_size_from_env(env.world_size)
     hbm: int | None = None
     if device.type == "cuda" and torch.cuda.is_available():
         hbm = int(torch.cuda.get_device_properties(device).total_memory)

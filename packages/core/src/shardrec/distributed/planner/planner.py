@@ -19,7 +19,7 @@ from shardrec.distributed.planner.partitioner import capacities
 from shardrec.distributed.planner.proposer import search
 from shardrec.distributed.planner.report import PlanReport, build_report
 from shardrec.distributed.planner.tables import tables_of
-from shardrec.distributed.planner.topology import GB, Topology
+from shardrec.distributed.planner.topology import GB, Topology, local_world_size_from_env
 from shardrec.distributed.planner.types import PlannerError, PlannerTable, ShardingOption
 from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.types import (
@@ -76,7 +76,12 @@ class EmbeddingShardingPlanner:
         if self.topology is not None:
             return self.topology
         if dist.is_available() and dist.is_initialized():
-            return Topology(world_size=dist.get_world_size(), compute_device="cpu")
+            world = dist.get_world_size()
+            return Topology(
+                world_size=world,
+                compute_device="cpu",
+                local_world_size=local_world_size_from_env(world),
+            )
         raise ValueError(
             "EmbeddingShardingPlanner: give a Topology (no process group to infer one from)"
         )

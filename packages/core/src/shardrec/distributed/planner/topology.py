@@ -3,6 +3,7 @@ bytes."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Final
 
@@ -88,3 +89,12 @@ class Topology:
         """Per-rank bandwidth of an all-to-all that spans every rank: the slowest link it
         crosses."""
         return self.inter_host_bw if self.world_size > self.ranks_per_host else self.intra_host_bw
+
+
+def local_world_size_from_env(world_size: int) -> int | None:
+    """Ranks per host as the launcher says (torchrun's ``LOCAL_WORLD_SIZE``, which the two-level
+    sharders read too), or None (one host) when it is unset or does not divide ``world_size``."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if raw.isdigit() and int(raw) > 0 and world_size % int(raw) == 0:
+        return int(raw)
+    return None
