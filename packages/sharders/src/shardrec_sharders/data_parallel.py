@@ -128,6 +128,12 @@ class ReplicatedEmbedding(nn.Module):
             for i, (p, rows) in enumerate(zip(self.pairs, out, strict=True))
         }
 
+    def compute_and_start_output_dist(
+        self, routed: KeyedJaggedTensor
+    ) -> Awaitable[KeyedTensor | dict[str, JaggedTensor]]:
+        """The lookup; no output moves, so the result is ready."""
+        return Ready(self.compute_and_output_dist(routed))
+
     @property
     def check_inputs(self) -> bool:
         """Whether each batch is checked, and the ranks agree on it (one all-reduce)."""

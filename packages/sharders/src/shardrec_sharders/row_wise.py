@@ -21,7 +21,11 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
-from shardrec.distributed.async_comm import start_all_to_all_jagged
+from shardrec.distributed.async_comm import (
+    start_all_to_all_jagged,
+    start_all_to_all_single,
+    start_reduce_scatter_rows,
+)
 from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.sharding import (
     POOLED_TABLES_KEY,
@@ -231,9 +235,10 @@ class RowShardedEmbedding(nn.Module):
         routed: KeyedJaggedTensor,
         stacked: StackedInput | None,
         received_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Partial sums back to their senders, added up there (a reduce-scatter when every rank
-        holds a block of every table, else an all-to-all and a sum per owner's columns)."""
+    ) -> Awaitable[torch.Tensor]:
+        """Partial sums back to their senders, in flight; ``wait()`` adds them up there (a
+        reduce-scatter when every rank holds a block of every table, else an all-to-all and a sum
+        per owner's columns) and gives ``[batch, sum of dims]``."""
         world = self.env.world_size
         batch = routed.stride()
         if out is None or stacked is None:
@@ -243,28 +248,37 @@ class RowShardedEmbedding(nn.Module):
         if all(self._all_pairs) and stacked is not None:
             # Rows for rank s are its batch, ``stacked.batches[s]``, the same list on every rank;
             # the collective picks the native reduce-scatter when those batches are equal.
-            values = comm.reduce_scatter_rows(
+            summed = start_reduce_scatter_rows(
                 send.view(-1, self._total_dim),
                 stacked.batches,
                 batch,
                 self.env.pg,
                 qcomms=self.qcomms,
             )
-        else:
-            recv = [batch * self._width_of[r] for r in range(world)]
-            flat = comm.all_to_all_single(
-                send, recv, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
-            )
-            values = flat.new_zeros((batch, self._total_dim))
-            for r, part in enumerate(torch.split(flat, recv)):
-                if self._width_of[r]:
-                    values = values.index_add(
-                        1, self._cols_of[r], part.view(batch, self._width_of[r])
-                    )
-        if any(self.means):
-            lengths = routed.lengths().view(len(self.pairs), batch)
-            values = divide_mean_bags(values, lengths, [p.dim for p in self.pairs], self.means)
+            return Mapped(summed, lambda values: self._means(values, routed))
+        recv = [batch * self._width_of[r] for r in range(world)]
+        pending = start_all_to_all_single(
+            send, recv, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
+        )
+        return Mapped(
+            pending, lambda flat: self._means(self._add_owners(flat, batch, recv), routed)
+        )
+
+    def _add_owners(self, flat: torch.Tensor, batch: int, recv: list[int]) -> torch.Tensor:
+        """Each owner's partial sums ``[batch, its pairs' dims]`` added into the module's
+        columns: ``[batch, sum of dims]``."""
+        values = flat.new_zeros((batch, self._total_dim))
+        for r, part in enumerate(torch.split(flat, recv)):
+            if self._width_of[r]:
+                values = values.index_add(1, self._cols_of[r], part.view(batch, self._width_of[r]))
         return values
+
+    def _means(self, values: torch.Tensor, routed: KeyedJaggedTensor) -> torch.Tensor:
+        """MEAN pairs' sums divided by their bag sizes (the others as they are)."""
+        if not any(self.means):
+            return values
+        lengths = routed.lengths().view(len(self.pairs), routed.stride())
+        return divide_mean_bags(values, lengths, [p.dim for p in self.pairs], self.means)
 
     def output_dist_sequence(
         self,
@@ -273,7 +287,9 @@ class RowShardedEmbedding(nn.Module):
         order: torch.Tensor,
         dest: torch.Tensor,
         stacked: StackedInput | None,
-    ) -> dict[str, JaggedTensor]:
+    ) -> Awaitable[dict[str, JaggedTensor]]:
+        """Each id's row back to its sender, in flight; ``wait()`` puts the rows back in the ids'
+        places and gives the JaggedTensors."""
         world = self.env.world_size
         if rows is None or stacked is None:
             send, send_sizes = torch.zeros(0, device=self.device), [0] * world
@@ -293,9 +309,23 @@ class RowShardedEmbedding(nn.Module):
             sum(int(counts[r, p]) * self.pairs[p].dim for p in self.pairs_of[r])
             for r in range(world)
         ]
-        flat = comm.all_to_all_single(
+        pending = start_all_to_all_single(
             send, recv, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
         )
+        return Mapped(
+            pending,
+            lambda flat: self._unsort_rows(flat, routed, order, counts, sorted_pairs, recv),
+        )
+
+    def _unsort_rows(
+        self,
+        flat: torch.Tensor,
+        routed: KeyedJaggedTensor,
+        order: torch.Tensor,
+        counts: torch.Tensor,
+        sorted_pairs: torch.Tensor,
+        recv: list[int],
+    ) -> dict[str, JaggedTensor]:
         # Rows arrive in sorted-id order (owner-major, then pair, then position): undo the sort,
         # pair by pair (pairs may differ in dim).
         per_pair_rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(self.pairs))}
@@ -323,12 +353,18 @@ class RowShardedEmbedding(nn.Module):
         return self.compute_and_output_dist(self.input_dist(kjt).wait())
 
     def compute_and_output_dist(self, ctx: RowReceived) -> KeyedTensor | dict[str, JaggedTensor]:
+        return self.compute_and_start_output_dist(ctx).wait()
+
+    def compute_and_start_output_dist(
+        self, ctx: RowReceived
+    ) -> Awaitable[KeyedTensor | dict[str, JaggedTensor]]:
+        """The lookup, then the output distribution started (``wait()`` finishes it)."""
         routed, order, dest, got = ctx.routed, ctx.order, ctx.dest, ctx.got
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
             values = self.output_dist_pooled(out, routed, stacked, got.weights)
-            return pooled_output(self.pairs, values, routed)
+            return Mapped(values, lambda v: pooled_output(self.pairs, v, routed))
         assert out is None or isinstance(out, list)
         return self.output_dist_sequence(out, routed, order, dest, stacked)
 

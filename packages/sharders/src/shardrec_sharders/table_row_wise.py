@@ -27,7 +27,11 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
-from shardrec.distributed.async_comm import start_all_to_all_jagged
+from shardrec.distributed.async_comm import (
+    start_all_to_all_jagged,
+    start_all_to_all_single,
+    start_reduce_scatter_rows,
+)
 from shardrec.distributed.node_groups import NodeGroups, NodeLayout, node_groups
 from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.sharding import (
@@ -39,8 +43,10 @@ from shardrec.distributed.sharding import (
     LocalTable,
     Mapped,
     ModuleView,
+    Ready,
     Received,
     ShardMetadata,
+    Then,
     bucketize_rows,
     build_local_lookup,
     check_full_span,
@@ -250,48 +256,70 @@ class NodeRowShardedEmbedding(nn.Module):
 
     def output_dist(
         self, out: torch.Tensor | None, got: comm.JaggedAllToAllResult, batch: int
-    ) -> torch.Tensor:
+    ) -> Awaitable[torch.Tensor]:
         """Reduce-scatter the partial sums inside the node, then all-to-all the full sums across
-        nodes; ``[batch, sum of dims]`` in the module's column order."""
+        nodes (issued when ``advance()`` or ``wait()`` finds the first done); ``wait()`` gives
+        ``[batch, sum of dims]`` in the module's column order."""
         layout = self.groups.layout
         nodes, local_size = layout.nodes, layout.local_world_size
         batches = list(got.batch_per_rank)
         b_max = max(batches)
         width = self._node_width[self.groups.node]
-        received = got.weights
-        link = nothing_to_send(self.device, received)  # empty; carries the weights' gradient
+        link = nothing_to_send(self.device, got.weights)  # empty; carries the weights' gradient
         if width == 0:
-            send = link
+            # Issued at wait() like the others' (after their reduce-scatter): every rank creates
+            # its collectives in one order, so backward runs them in one order too.
+            return Then(Ready(link), lambda send: self._across_nodes(send, batches, batch))
+        rows = nodes * local_size * b_max
+        if out is None:
+            partial = link.sum() + torch.zeros((rows, width), device=self.device)
+        elif self._widen is not None:
+            partial = out.new_zeros((rows, width)).index_copy(1, self._widen, out)
         else:
-            rows = nodes * local_size * b_max
-            if out is None:
-                partial = link.sum() + torch.zeros((rows, width), device=self.device)
-            elif self._widen is not None:
-                partial = out.new_zeros((rows, width)).index_copy(1, self._widen, out)
-            else:
-                partial = out
-            # Sender (m, l)'s rows to local rank l: blocks ordered by local rank, then node.
-            grouped = partial.reshape(nodes, local_size, b_max, width).transpose(0, 1)
-            summed = comm.reduce_scatter_rows(
-                grouped.reshape(rows, width),
-                [nodes * b_max] * local_size,
-                nodes * b_max,
-                self.groups.intra,
-                qcomms=self.qcomms,
-            )
-            mine = [batches[m * local_size + self.groups.local_rank] for m in range(nodes)]
-            if all(b == b_max for b in mine):
-                send = summed.reshape(-1)
-            else:
-                blocks = summed.view(nodes, b_max, width)
-                send = torch.cat([blocks[m, : mine[m]].reshape(-1) for m in range(nodes)])
+            partial = out
+        # Sender (m, l)'s rows to local rank l: blocks ordered by local rank, then node.
+        grouped = partial.reshape(nodes, local_size, b_max, width).transpose(0, 1)
+        summed = start_reduce_scatter_rows(
+            grouped.reshape(rows, width),
+            [nodes * b_max] * local_size,
+            nodes * b_max,
+            self.groups.intra,
+            qcomms=self.qcomms,
+        )
+        return Then(
+            summed, lambda full: self._across_nodes(self._ours(full, batches), batches, batch)
+        )
+
+    def _ours(self, summed: torch.Tensor, batches: list[int]) -> torch.Tensor:
+        """The full sums this local rank sends across nodes, flat: node m's ranks' batches."""
+        nodes, local_size = self.groups.layout.nodes, self.groups.layout.local_world_size
+        b_max = max(batches)
+        mine = [batches[m * local_size + self.groups.local_rank] for m in range(nodes)]
+        if all(b == b_max for b in mine):
+            return summed.reshape(-1)
+        blocks = summed.view(nodes, b_max, -1)
+        return torch.cat([blocks[m, : mine[m]].reshape(-1) for m in range(nodes)])
+
+    def _across_nodes(
+        self, send: torch.Tensor, batches: list[int], batch: int
+    ) -> Awaitable[torch.Tensor]:
+        """Each sample's full sums to its rank, between ranks of the same local rank."""
+        local_size = self.groups.layout.local_world_size
+        width = self._node_width[self.groups.node]
         send_sizes = [
-            batches[m * local_size + self.groups.local_rank] * width for m in range(nodes)
+            batches[m * local_size + self.groups.local_rank] * width
+            for m in range(self.groups.layout.nodes)
         ]
         recv_sizes = [batch * w for w in self._node_width]
-        flat = comm.all_to_all_single(
+        pending = start_all_to_all_single(
             send, recv_sizes, send_sizes, self.groups.cross, differentiable=True, qcomms=self.qcomms
         )
+        return Mapped(pending, lambda flat: self._module_columns(flat, batch, recv_sizes))
+
+    def _module_columns(
+        self, flat: torch.Tensor, batch: int, recv_sizes: list[int]
+    ) -> torch.Tensor:
+        """The received node blocks side by side, in the module's column order."""
         parts = [
             part.view(batch, w)
             for part, w in zip(torch.split(flat, recv_sizes), self._node_width, strict=True)
@@ -306,13 +334,18 @@ class NodeRowShardedEmbedding(nn.Module):
         return self.compute_and_output_dist(self.input_dist(kjt).wait())
 
     def compute_and_output_dist(self, ctx: Received) -> KeyedTensor:
+        return self.compute_and_start_output_dist(ctx).wait()
+
+    def compute_and_start_output_dist(self, ctx: Received) -> Awaitable[KeyedTensor]:
+        """The lookup, then the output distribution started (``wait()`` finishes it)."""
         routed, got = ctx.routed, ctx.got
-        batch = routed.stride()
-        values = self.output_dist(self.compute(got), got, batch)
-        dims = [p.dim for p in self.pairs]
+        values = self.output_dist(self.compute(got), got, routed.stride())
+        return Mapped(values, lambda v: self._pooled(v, routed))
+
+    def _pooled(self, values: torch.Tensor, routed: KeyedJaggedTensor) -> KeyedTensor:
         if any(self.means):
-            lengths = routed.lengths().view(len(self.pairs), batch)
-            values = divide_mean_bags(values, lengths, dims, self.means)
+            lengths = routed.lengths().view(len(self.pairs), routed.stride())
+            values = divide_mean_bags(values, lengths, [p.dim for p in self.pairs], self.means)
         return pooled_output(self.pairs, values, routed)
 
     @property

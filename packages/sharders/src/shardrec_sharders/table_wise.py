@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shardrec.distributed import comm
-from shardrec.distributed.async_comm import start_all_to_all_jagged
+from shardrec.distributed.async_comm import start_all_to_all_jagged, start_all_to_all_single
 from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.sharding import (
     POOLED_TABLES_KEY,
@@ -248,17 +248,22 @@ class ColumnSlicedEmbedding(nn.Module):
         stacked: StackedInput | None,
         batch: int,
         received_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Rows back to their senders; columns put back in the module's order (one copy)."""
+    ) -> Awaitable[torch.Tensor]:
+        """Rows back to their senders, in flight; ``wait()`` gives ``[batch, columns]`` with the
+        columns put back in the module's order (one copy)."""
         world = self.env.world_size
         if out is None or stacked is None:
             send, send_sizes = nothing_to_send(self.device, received_weights), [0] * world
         else:
             send, send_sizes = pooled_send_buffer(out, stacked)
         recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
-        flat = comm.all_to_all_single(
+        pending = start_all_to_all_single(
             send, recv_sizes, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
         )
+        return Mapped(pending, lambda flat: self._to_columns(flat, batch, recv_sizes))
+
+    def _to_columns(self, flat: torch.Tensor, batch: int, recv_sizes: list[int]) -> torch.Tensor:
+        """The received owner blocks as ``[batch, columns]`` in the module's order."""
         out_t: torch.Tensor
         if self._identity_columns and batch:
             out_t = _SingleOwnerColumns.apply(flat, batch)  # type: ignore[no-untyped-call]
@@ -273,7 +278,8 @@ class ColumnSlicedEmbedding(nn.Module):
         rows: list[torch.Tensor] | None,
         routed: KeyedJaggedTensor,
         stacked: StackedInput | None,
-    ) -> dict[str, JaggedTensor]:
+    ) -> Awaitable[dict[str, JaggedTensor]]:
+        """Each id's row back to its sender, in flight; ``wait()`` gives the JaggedTensors."""
         world = self.env.world_size
         if rows is None or stacked is None:
             send, send_sizes = torch.zeros(0, device=self.device), [0] * world
@@ -287,9 +293,18 @@ class ColumnSlicedEmbedding(nn.Module):
                 sum(lpk[k + i] * u.local.rect.cols for i, u in enumerate(self.units_by_rank[r]))
             )
             k += len(self.units_by_rank[r])
-        flat = comm.all_to_all_single(
+        pending = start_all_to_all_single(
             send, recv_sizes, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
         )
+        return Mapped(pending, lambda flat: self._sequence_rows(flat, routed, recv_sizes))
+
+    def _sequence_rows(
+        self, flat: torch.Tensor, routed: KeyedJaggedTensor, recv_sizes: list[int]
+    ) -> dict[str, JaggedTensor]:
+        """The received rows, owner by owner, as one JaggedTensor per pair (slices side by
+        side)."""
+        world = self.env.world_size
+        lpk = routed.length_per_key()
         per_pair: dict[int, list[tuple[int, torch.Tensor]]] = {}
         k = 0
         for r, block in enumerate(torch.split(flat, recv_sizes)):
@@ -319,12 +334,18 @@ class ColumnSlicedEmbedding(nn.Module):
         return self.compute_and_output_dist(self.input_dist(kjt).wait())
 
     def compute_and_output_dist(self, ctx: Received) -> KeyedTensor | dict[str, JaggedTensor]:
+        return self.compute_and_start_output_dist(ctx).wait()
+
+    def compute_and_start_output_dist(
+        self, ctx: Received
+    ) -> Awaitable[KeyedTensor | dict[str, JaggedTensor]]:
+        """The lookup, then the output distribution started (``wait()`` finishes it)."""
         routed, got = ctx.routed, ctx.got
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
             values = self.output_dist_pooled(out, stacked, routed.stride(), got.weights)
-            return pooled_output(self.pairs, values, routed)
+            return Mapped(values, lambda v: pooled_output(self.pairs, v, routed))
         assert out is None or isinstance(out, list)
         return self.output_dist_sequence(out, routed, stacked)
 

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shardrec.distributed.awaitables import AllOf
+from shardrec.distributed.awaitables import AllOf, Ready
 from shardrec.distributed.planner import PlanReport, plan_with_report
 from shardrec.distributed.plugins import load_sharder_registry
 from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.sharding.contract import (
+    AsyncOutputModule,
     NamedEmbeddingOutputs,
     ReplicatedModule,
     embedding_tables,
@@ -72,7 +73,10 @@ class ShardedModuleGroup(nn.Module):
         self._columns: torch.Tensor | None = None
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
-        return self._merge([part(kjt) for part in self.parts])
+        if self.parts_not_pipelinable():
+            return self._merge([part(kjt) for part in self.parts])
+        # Every part's ids travel at once, and each part's rows travel while the next computes.
+        return self.compute_and_output_dist(self.input_dist(kjt).wait())
 
     def parts_not_pipelinable(self) -> list[str]:
         """The type names of parts without the :class:`PipelinableModule` split."""
@@ -88,10 +92,17 @@ class ShardedModuleGroup(nn.Module):
         return AllOf([part.input_dist(kjt) for part in parts])
 
     def compute_and_output_dist(self, ctx: list[Any]) -> KeyedTensor | dict[str, JaggedTensor]:
-        parts: list[PipelinableModule[Any]] = list(self.parts)  # type: ignore[arg-type]
-        return self._merge(
-            [part.compute_and_output_dist(c) for part, c in zip(parts, ctx, strict=True)]
-        )
+        """Each part's lookup and output distribution, in part order; a part that can leave its
+        output distribution in flight (:class:`AsyncOutputModule`) does, and all are waited for
+        at the end."""
+        pending: list[Awaitable[KeyedTensor | dict[str, JaggedTensor]]] = []
+        for part, c in zip(self.parts, ctx, strict=True):
+            if isinstance(part, AsyncOutputModule):
+                pending.append(part.compute_and_start_output_dist(c))
+            else:
+                pipelinable: PipelinableModule[Any] = part  # type: ignore[assignment]
+                pending.append(Ready(pipelinable.compute_and_output_dist(c)))
+        return self._merge(AllOf(pending).wait())
 
     def _merge(
         self, outs: list[KeyedTensor | dict[str, JaggedTensor]]

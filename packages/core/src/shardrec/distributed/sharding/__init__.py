@@ -12,19 +12,21 @@ own batch of ``B_s`` samples and ``F`` features::
                   one fused lookup of the local pieces        build_local_lookup, lookup_pooled
                                                               (F', W*B_max, L) -> (W*B_max, D')
     output dist   each sender's rows back to it               pooled_send_buffer,
-                  (all-to-all or reduce-scatter)              sequence_send_buffer
-                  -> KeyedTensor (B_s, D) or                  divide_mean_bags, pooled_output,
-                                                              sequence_output
-                     dict[str, JaggedTensor] (B_s, L, D)
+                  (all-to-all or reduce-scatter, in flight)  sequence_send_buffer,
+                                                              async_comm.start_all_to_all_single
+                  -> Awaitable[KeyedTensor (B_s, D) or        ... .wait(): divide_mean_bags,
+                     dict[str, JaggedTensor] (B_s, L, D)]    pooled_output, sequence_output
 
 The module declares what DistributedModelParallel and the checkpoints ask of it as Protocols
-(:class:`ShardedModule`, :class:`TableKeyPrefixed`, :class:`ReplicatedModule`); a shard is a
+(:class:`ShardedModule`, :class:`TableKeyPrefixed`, :class:`ReplicatedModule`,
+:class:`AsyncOutputModule`); a shard is a
 :class:`ShardRect` (a :class:`ShardMetadata` on a rank), the one rectangle type of the planner,
 the sharders and the checkpoints. ``docs/plugins.md`` walks through a sharder built from these.
 """
 
-from shardrec.distributed.awaitables import AllOf, Mapped, Ready
+from shardrec.distributed.awaitables import AllOf, Mapped, Ready, Then
 from shardrec.distributed.sharding.contract import (
+    AsyncOutputModule,
     Awaitable,
     HasFusedLookup,
     HasPlannerLayout,
@@ -78,6 +80,7 @@ __all__ = [
     "POOLED_TABLES_KEY",
     "SEQUENCE_TABLES_KEY",
     "AllOf",
+    "AsyncOutputModule",
     "Awaitable",
     "BatchGuard",
     "EmbeddingModule",
@@ -105,6 +108,7 @@ __all__ = [
     "TableFeature",
     "TableKeyPrefixed",
     "TableShards",
+    "Then",
     "UnshardedTypeAware",
     "bucketize_rows",
     "build_local_lookup",

@@ -30,11 +30,13 @@ from shardrec.distributed.types import (
 )
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules.configs import BaseEmbeddingConfig
+from shardrec.sparse import JaggedTensor, KeyedTensor
 
 if TYPE_CHECKING:
     from shardrec.distributed.planner.layouts import ShardLayout
 
 __all__ = [
+    "AsyncOutputModule",
     "Awaitable",
     "HasFusedLookup",
     "HasPlannerLayout",
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 C = TypeVar("C")
+C_contra = TypeVar("C_contra", contravariant=True)
 
 
 # -- what a sharded module declares --------------------------------------------------------------
@@ -94,6 +97,18 @@ class ShardedModule(PipelinableModule[C], ShardedEmbeddingModule, TableKeyPrefix
     unsharded module's ``check_inputs`` switch (set it alike on every rank)."""
 
     check_inputs: bool
+
+
+@runtime_checkable
+class AsyncOutputModule(Protocol[C_contra]):
+    """A sharded module whose output distribution can be left in flight: the lookup runs and
+    its rows are sent, and ``wait()`` gives what ``compute_and_output_dist(ctx)`` returns. A
+    module split between several sharders starts every part's output distribution before it
+    waits for any, so one part computes while another's rows travel."""
+
+    def compute_and_start_output_dist(
+        self, ctx: C_contra
+    ) -> Awaitable[KeyedTensor | dict[str, JaggedTensor]]: ...
 
 
 # -- what the unsharded module declares ----------------------------------------------------------
