@@ -96,3 +96,14 @@ def test_a_built_in_sharded_module_keeps_the_contract(sharding: str, pooled: boo
         assert isinstance(got, dict)
         assert isinstance(want, dict)
         torch.testing.assert_close(got["f"].values(), want["f"].values())
+
+
+def test_a_plan_error_names_only_what_is_wrong() -> None:
+    from shardrec.distributed.model_parallel import shard_module
+
+    plain = module(pooled=True)
+    ps = ParameterSharding(sharding_type="table_wise", compute_kernel="fused", ranks=(0,))
+    sharders = [TableWiseSharder(EmbeddingBagCollection)]
+    with pytest.raises(ValueError, match=r"planned tables \['zz'\] do not exist") as caught:
+        shard_module(plain, {"t": ps, "zz": ps}, sharders, ENV, torch.device("cpu"))
+    assert "no sharding" not in str(caught.value)

@@ -190,9 +190,11 @@ def shard_module(
         missing = [t for t in tables if t not in params]
         unknown = [t for t in params if t not in tables]
         if missing or unknown:
+            # Name only what is wrong: an empty half would read as a second cause.
+            problems = [f"tables {missing} have no sharding"] if missing else []
+            problems += [f"planned tables {unknown} do not exist"] if unknown else []
             raise ValueError(
-                f"plan for module {fqn or '<root>'!r}: tables {missing} have no sharding"
-                f" and planned tables {unknown} do not exist (tables: {tables})"
+                f"plan for module {fqn or '<root>'!r}: {' and '.join(problems)} (tables: {tables})"
             )
     by_type: dict[str, dict[str, ParameterSharding]] = {}
     for table, ps in params.items():
