@@ -14,6 +14,10 @@ deferred update: after backward one all-reduce sums every table's gradient and t
 the ranks, and every rank applies the fused optimizer to the rows any rank touched (see
 ``replica_sync``). Their parameters do not require grad, as under every fused sharding, so DDP
 and torch optimizers leave them alone; the replicas stay bit-identical.
+
+The smallest worked example of ``docs/plugins.md``: a ``ShardedModule`` made of the public blocks
+of ``shardrec.distributed.sharding`` (``FeatureRouter``, ``BatchGuard``, ``build_local_lookup``,
+``table_shards``), whose input dist is only the ranks' agreement on the batch's check.
 """
 
 from __future__ import annotations

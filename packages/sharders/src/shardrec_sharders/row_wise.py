@@ -9,7 +9,9 @@
                  sequence: one row per id goes back and is put back in the id's place
 
 Tables whose rows do not divide by the world size get blocks that differ by one row; a table with
-fewer rows than ranks has blocks on some ranks only.
+fewer rows than ranks has blocks on some ranks only. Made of ``shardrec.distributed.sharding``'s
+public blocks (``docs/plugins.md``), with ``bucketize_rows`` for the ids' owners and
+``start_reduce_scatter_rows`` for the partial sums.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ The three stages, for a batch of ``B_s`` samples on each rank ``s``::
 
 Column-wise sharding (``column_wise.py``) is the same machine with each table cut into column
 slices: a slice is a "table" of its own, and the receiver concatenates slices side by side.
+
+Each stage is one method made of ``shardrec.distributed.sharding``'s public blocks
+(``docs/plugins.md``): ``input_dist`` (``FeatureRouter``, ``BatchGuard``,
+``start_all_to_all_jagged``), ``compute`` (``stack_senders``, ``lookup_pooled`` /
+``lookup_sequence``) and ``compute_and_start_output_dist`` (``pooled_send_buffer`` /
+``sequence_send_buffer``, ``start_all_to_all_single``, left in flight until ``wait()``).
 """
 
 from __future__ import annotations
