@@ -19,6 +19,7 @@ from shardrec.sparse import (
     deduplicate_features,
     expand_features,
     kjt_is_equal,
+    variable_batch,
 )
 
 KEYS = ["user", "item"]
@@ -259,6 +260,17 @@ def test_deduplicate_and_expand() -> None:
     assert weighted.stride_per_key() == [3, 4]
     assert weighted.inverse_indices()[1][0].tolist() == [0, 0, 1, 2]
     assert kjt_is_equal(expand_features(weighted), full_kjt(weighted=True))
+
+
+def test_deduplicate_falls_back_to_exact_rows_on_a_hash_collision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A zero multiplier hashes each row by its last column only: rows that differ elsewhere
+    # collide, and the check against each hash's first row must catch it.
+    monkeypatch.setattr(variable_batch, "_MIX", 0)
+    dedup = deduplicate_features(full_kjt(weighted=True))
+    assert dedup.stride_per_key() == [3, 4]
+    assert kjt_is_equal(expand_features(dedup), full_kjt(weighted=True))
 
 
 def test_deduplicate_tells_id_zero_from_padding() -> None:

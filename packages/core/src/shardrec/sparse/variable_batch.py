@@ -17,6 +17,7 @@ batch, with fewer ids to look up (and, under ``DistributedModelParallel``, to se
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import torch
 
@@ -69,11 +70,8 @@ def deduplicate_features(
     if weights is not None:
         columns.append(_padded(_bits(weights), lengths))
     table = torch.cat([c if c.dim() == 2 else c.unsqueeze(1) for c in columns], dim=1)
-    _, inverse = torch.unique(table, dim=0, return_inverse=True)
-    num_unique = int(inverse.max()) + 1
-    first = torch.full((num_unique,), samples.numel(), device=device).scatter_reduce(
-        0, inverse, samples, "amin"
-    )
+    inverse, first = _unique_rows(table)
+    num_unique = first.numel()
     # Order the distinct samples by first appearance: positions are key-major, so each key's
     # samples stay together and in the order the batch had them.
     order = torch.argsort(first)
@@ -244,6 +242,34 @@ def _with_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
     )
 
 
+_MIX: Final = -7046029254386353131  # 0x9E3779B97F4A7C15 as an int64: an odd, well-mixed multiplier
+
+
+def _unique_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``table`` the index of its distinct row, and each distinct row's first
+    position. Rows are hashed to one int64 each and the hashes made unique (``torch.unique`` of
+    rows compares them one pair at a time on CPU: ~100x slower); then every row is compared with
+    the first row of its hash, and a collision falls back to the exact row-wise unique."""
+    hashes = torch.zeros(table.shape[0], dtype=torch.int64, device=table.device)
+    for column in table.unbind(1):
+        hashes = hashes * _MIX + column
+        hashes = hashes ^ (hashes >> 29)
+    _, inverse = torch.unique(hashes, return_inverse=True)
+    first = _first_positions(inverse)
+    if not torch.equal(table.index_select(0, first.index_select(0, inverse)), table):
+        _, inverse = torch.unique(table, dim=0, return_inverse=True)
+        first = _first_positions(inverse)
+    return inverse, first
+
+
+def _first_positions(inverse: torch.Tensor) -> torch.Tensor:
+    count = int(inverse.max()) + 1 if inverse.numel() else 0
+    positions = torch.arange(inverse.numel(), device=inverse.device)
+    return torch.full((count,), inverse.numel(), device=inverse.device).scatter_reduce(
+        0, inverse, positions, "amin"
+    )
+
+
 def _padded(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """``(rows, longest)`` int64: each row's entries, zero after its end (the length, in its own
     column, tells a padding zero from an id 0)."""
@@ -252,7 +278,9 @@ def _padded(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     if flat.numel():
         row = torch.repeat_interleave(torch.arange(lengths.numel(), device=flat.device), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
-        out[row, torch.arange(flat.numel(), device=flat.device) - starts[row]] = flat
+        out[row, torch.arange(flat.numel(), device=flat.device) - starts.index_select(0, row)] = (
+            flat
+        )
     return out
 
 
