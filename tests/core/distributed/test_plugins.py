@@ -94,10 +94,11 @@ def test_hook_that_raises_is_named() -> None:
 
 
 def test_block_and_allow_lists() -> None:
-    assert load_sharder_registry(env={"SHARDREC_DISABLE_PLUGINS": "builtin"}).plugins() == []
+    disabled = {"SHARDREC_DISABLE_PLUGINS": "builtin,managed_collision"}
+    assert load_sharder_registry(env=disabled).plugins() == []
     assert load_sharder_registry(env={"SHARDREC_PLUGINS": "nothing-else"}).plugins() == []
     allowed = load_sharder_registry(env={"SHARDREC_PLUGINS": "shardrec-sharders"})
-    assert [p.name for p in allowed.plugins()] == ["builtin"]
+    assert [p.name for p in allowed.plugins()] == ["builtin", "managed_collision"]
 
 
 def _install(tmp_path: Path, distribution: Path = EXAMPLE) -> Path:
