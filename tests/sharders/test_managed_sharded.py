@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from shardrec import EmbeddingBagCollection, KeyedJaggedTensor
+from shardrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
 from shardrec.distributed import (
     DistributedModelParallel,
     ParameterSharding,
@@ -32,10 +32,13 @@ from shardrec.modules import BadBatchError
 from shardrec.modules.managed_collision import MCHManagedCollisionModule
 from shardrec.modules.mc_admission import CountThresholdAdmission
 from shardrec.modules.mc_collection import ManagedCollisionCollection
-from shardrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from shardrec.modules.mc_embedding_modules import (
+    ManagedCollisionEmbeddingBagCollection,
+    ManagedCollisionEmbeddingCollection,
+)
 from shardrec.modules.mc_policies import LFU_EvictionPolicy, LRU_EvictionPolicy
 
-from ._reference import TOL, assemble, ebc_configs, rank_kjt
+from ._reference import TOL, assemble, ebc_configs, ec_configs, rank_kjt, rows_per_rank
 
 pytestmark = pytest.mark.multiprocess
 
@@ -43,6 +46,7 @@ TABLES = [("t0", 13, 8, ["f0", "f1"]), ("t1", 7, 6, ["f2"])]  # rows divide by n
 KEYS = ["f0", "f1", "f2"]
 TOTAL = 7  # samples per global batch: 4 + 3 at two ranks, 3 + 2 + 2 at three
 STEPS = 4
+EC_DIM = 4  # an EmbeddingCollection's tables share one dimension
 POOL = torch.tensor([9_137_702_141, -42, 2**62, 7, -(2**40), 3, 11, *range(100, 125)])
 
 
@@ -53,14 +57,17 @@ class Model(nn.Module):
         self.dense = nn.Linear(width, 1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, _ = self.mc(kjt)
-        rows = pooled.values()
+        out, _ = self.mc(kjt)
+        if isinstance(out, dict):  # an EmbeddingCollection: each feature's ids' rows in turn
+            rows = torch.cat([out[k].values() for k in sorted(out)])
+        else:
+            rows = out.values()
         return rows, self.dense(torch.tanh(rows)).sum()
 
 
-def build(optimizer: str) -> Model:
+def build(optimizer: str, sequence: bool = False) -> Model:
     torch.manual_seed(3)
-    configs = ebc_configs(TABLES)
+    configs = ec_configs(TABLES, dim=EC_DIM) if sequence else ebc_configs(TABLES)
     mcc = ManagedCollisionCollection(
         {
             "t0": MCHManagedCollisionModule(13, eviction_policy=LRU_EvictionPolicy(), name="t0"),
@@ -74,9 +81,11 @@ def build(optimizer: str) -> Model:
         },
         configs,
     )
-    ebc = EmbeddingBagCollection(
-        configs, fused_params={"optimizer": optimizer, "learning_rate": 0.1}
-    )
+    fused = {"optimizer": optimizer, "learning_rate": 0.1}
+    if sequence:
+        ec = EmbeddingCollection(configs, fused_params=fused)
+        return Model(ManagedCollisionEmbeddingCollection(ec, mcc, seed=5), width=EC_DIM)
+    ebc = EmbeddingBagCollection(configs, fused_params=fused)
     return Model(ManagedCollisionEmbeddingBagCollection(ebc, mcc, seed=5), width=22)
 
 
@@ -97,8 +106,9 @@ def batch(step: int, world: int, rank: int | None) -> KeyedJaggedTensor:
     return rank_kjt(KEYS, lengths, ids, None, sizes(world), rank)
 
 
-def plan_of(kind: str, world: int) -> ShardingPlan:
+def plan_of(kind: str, world: int, sequence: bool = False) -> ShardingPlan:
     def one(name: str, rows: int, dim: int, i: int) -> ParameterSharding:
+        dim = EC_DIM if sequence else dim
         chosen = kind if kind != "mixed" else ("row_wise", "data_parallel")[i]
         if chosen == "table_wise":
             return table_wise((i + 1) % world, rows, dim)
@@ -157,23 +167,33 @@ def finish(model: DistributedModelParallel, result: dict[str, Any]) -> dict[str,
     return result
 
 
-def case_train(env: ShardingEnv, kind: str, optimizer: str) -> dict[str, Any]:
-    model = DistributedModelParallel(build(optimizer), env=env, plan=plan_of(kind, env.world_size))
+def case_train(
+    env: ShardingEnv, kind: str, optimizer: str, sequence: bool = False
+) -> dict[str, Any]:
+    plan = plan_of(kind, env.world_size, sequence)
+    model = DistributedModelParallel(build(optimizer, sequence), env=env, plan=plan)
     return finish(model, train_sharded(model, env, range(STEPS)))
 
 
-def reference(optimizer: str, steps: int, world_of_step: list[int]) -> dict[str, Any]:
-    model = build(optimizer)
+def reference(
+    optimizer: str, steps: int, world_of_step: list[int], sequence: bool = False
+) -> dict[str, Any]:
+    model = build(optimizer, sequence)
     outputs, grads = [], []
     for step in range(steps):
         model.zero_grad()
         rows, loss = model(batch(step, world_of_step[step], None))
         loss.backward()
-        outputs.append(torch.split(rows.detach(), sizes(world_of_step[step])))
+        split = sizes(world_of_step[step])
+        full = batch(step, world_of_step[step], None)
+        kind = "ec" if sequence else "ebc"
+        outputs.append(rows_per_rank(kind, rows.detach(), full, split, TABLES))
         assert model.dense.weight.grad is not None
         grads.append(model.dense.weight.grad.clone())
     mc = model.mc
-    assert isinstance(mc, ManagedCollisionEmbeddingBagCollection)
+    assert isinstance(
+        mc, ManagedCollisionEmbeddingBagCollection | ManagedCollisionEmbeddingCollection
+    )
     weights = mc.embedding_module.lookup.table_weights()
     states = mc.embedding_module.lookup.optimizer_states()
     return {
@@ -222,6 +242,17 @@ def test_sharded_managed_module_equals_the_unsharded_one(
     assert ref["stats"]["t0"].evicted_total > 0  # the stream exercises eviction and admission
     assert ref["stats"]["t1"].admitted_total > 0
     check(dist_pool.run(world, case_train, kind=kind, optimizer=optimizer), ref)
+
+
+@pytest.mark.parametrize(("world", "kind"), [(2, "row_wise"), (3, "mixed")])
+def test_sharded_managed_embedding_collection_equals_the_unsharded_one(
+    dist_pool: Any, world: int, kind: str
+) -> None:
+    ref = reference("rowwise_adagrad", STEPS, [world] * STEPS, sequence=True)
+    results = dist_pool.run(
+        world, case_train, kind=kind, optimizer="rowwise_adagrad", sequence=True
+    )
+    check(results, ref)
 
 
 def case_save(env: ShardingEnv, root: str) -> None:
