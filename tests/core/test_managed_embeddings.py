@@ -289,3 +289,14 @@ def test_managed_table_stats_finds_every_managed_table_in_a_model() -> None:
     assert metrics["occupancy"] == trained.occupancy
     assert metrics["occupancy_fraction"] == trained.occupancy / trained.capacity
     assert set(managed_table_stats(model["a"])) == {"user", "item"}
+
+
+def test_tables_sharded_without_their_managed_module_are_refused() -> None:
+    from shardrec.distributed import DistributedModelParallel, ShardingEnv, load_sharder_registry
+
+    # Only the plain EBC/EC sharders: DMP finds the EBC inside the managed module and shards it.
+    plain = load_sharder_registry(env={"SHARDREC_PLUGINS": "builtin"}).sharders()
+    model = torch.nn.ModuleDict({"mc": managed_ebc()})
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_local(1, 0), sharders=plain)
+    with pytest.raises(TypeError, match="shard a managed module whole"):
+        dmp.module["mc"](raw_batch(0))

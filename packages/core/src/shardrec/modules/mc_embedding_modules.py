@@ -150,6 +150,16 @@ class _ManagedCollisionEmbeddings(nn.Module, Generic[ModuleT]):
         self.register_buffer("_reset_rng_state", generator.get_state())
 
     def _remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not isinstance(self._embedding_module, EmbeddingBagCollection | EmbeddingCollection):
+            # DistributedModelParallel sharded the tables without this module (no sharder for
+            # it was loaded): each rank would remap its own ids with its own map, and the
+            # ranks' maps would drift apart while every step still ran.
+            raise TypeError(
+                f"{type(self).__name__}: its tables were replaced by a"
+                f" {type(self._embedding_module).__name__} without it; shard a managed module"
+                " whole (the 'managed_collision' entry point of shardrec-sharders, or a"
+                " ManagedCollisionSharder in DistributedModelParallel's sharders)"
+            )
         remapped: KeyedJaggedTensor = self._managed_collision_collection(features)
         reset_rows(
             self._embedding_module,
