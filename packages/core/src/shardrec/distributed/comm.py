@@ -1,8 +1,9 @@
 """Autograd-aware collectives on ``torch.distributed``, the same code on gloo (CPU) and NCCL (CUDA).
 
-Everything is built on ``all_to_all_single`` with explicit split sizes, which both backends have.
-Reduce-scatter, which gloo lacks, is an all-to-all followed by a local sum: the bytes moved are the
-same as a real reduce-scatter's, only the additions happen on the receiver.
+Most of it is built on ``all_to_all_single`` with explicit split sizes, which both backends have.
+A reduce-scatter of equal row blocks uses the backend's own (gloo and NCCL both have one); uneven
+blocks, and compressed ones (each partial sum rounded once), are an all-to-all followed by a local
+sum: the bytes moved are the same as a reduce-scatter's, only the additions happen on the receiver.
 
 With no process group (``pg=None``, a single process) every collective is the identity.
 """

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from shardrec.distributed.planner.partitioner import Placement
 from shardrec.distributed.planner.topology import GB, Topology
 from shardrec.distributed.planner.types import ShardingOption
+from shardrec.distributed.types import ShardingType
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class PlanReport:
 
 def _shard_label(option: ShardingOption, index: int) -> str:
     name = option.table.param_name
-    if len(option.shards) == 1 or option.sharding_type == "data_parallel":
+    if len(option.shards) == 1 or option.sharding_type == ShardingType.DATA_PARALLEL:
         return f"{name}[{option.sharding_type}]"
     return f"{name}[{option.sharding_type} {index}/{len(option.shards)}]"
 
