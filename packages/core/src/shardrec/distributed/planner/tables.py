@@ -2,58 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
 from torch import nn
 
 from shardrec.distributed.planner.types import PlannerTable
+from shardrec.distributed.sharding.contract import HasFusedLookup, embedding_tables
 from shardrec.kernels.specs import OptimizerType, parse_optimizer
+from shardrec.modules.configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
 
 
-def _configs(module: nn.Module) -> tuple[Sequence[object], bool] | None:
-    for attr, pooled in (("embedding_bag_configs", True), ("embedding_configs", False)):
-        getter = getattr(module, attr, None)
-        if callable(getter):
-            configs = getter()
-            if isinstance(configs, Sequence):
-                return configs, pooled
-    return None
+def _element_size(config: BaseEmbeddingConfig) -> int:
+    from shardrec.modules.configs import data_type_to_dtype
 
-
-def _element_size(config: object) -> int:
-    from shardrec.modules.configs import DataType, data_type_to_dtype
-
-    data_type = getattr(config, "data_type", DataType.FP32)
-    return data_type_to_dtype(data_type).itemsize
+    return data_type_to_dtype(config.data_type).itemsize
 
 
 def _fused_optimizer(module: nn.Module) -> OptimizerType | None:
     """The module's fused optimizer (None: plain ``.grad`` training, or a module naming none)."""
-    lookup = getattr(module, "lookup", None)
-    config = getattr(lookup, "optimizer", None)
-    name = getattr(config, "optimizer", None)
-    return None if name is None else parse_optimizer(name)
+    if not isinstance(module, HasFusedLookup):
+        return None
+    config = module.lookup.optimizer
+    return None if config is None else parse_optimizer(config.optimizer)
 
 
 def tables_in_module(module: nn.Module, module_path: str) -> list[PlannerTable]:
     """The tables of one shardable module, from its configs (TorchRec's accessors) or its 2-D
     weights."""
-    found = _configs(module)
+    found = embedding_tables(module)
     if found is not None:
         configs, pooled = found
         out = []
         for c in configs:
-            feature_names = getattr(c, "feature_names", []) or []
+            unpooled = isinstance(c, EmbeddingBagConfig) and c.pooling is PoolingType.NONE
             out.append(
                 PlannerTable(
                     module_path=module_path,
-                    param_name=str(getattr(c, "name")),  # noqa: B009
-                    num_embeddings=int(getattr(c, "num_embeddings")),  # noqa: B009
-                    embedding_dim=int(getattr(c, "embedding_dim")),  # noqa: B009
+                    param_name=c.name,
+                    num_embeddings=c.num_embeddings,
+                    embedding_dim=c.embedding_dim,
                     module_type=type(module),
                     element_size=_element_size(c),
-                    num_features=max(1, len(feature_names)),
-                    pooled=pooled and str(getattr(c, "pooling", "SUM")) != "NONE",
+                    num_features=max(1, len(c.feature_names)),
+                    pooled=pooled and not unpooled,
                     optimizer=_fused_optimizer(module),
                 )
             )
