@@ -11,8 +11,9 @@ For each process count W (2 and 4):
 1. Per-byte costs, measured on W gloo processes (1 thread each; on this 2-core machine 4 processes
    share the cores, and the costs are what that sharing leaves a rank): the fused lookup
    (embedding bytes read per second forward, and backward with the fused SGD update / forward),
-   the all-to-all (bytes each rank sends per second, 8 MiB tensors) and the all-reduce (bytes of
-   the tensor per second).
+   the all-to-all (bytes each rank sends per second, 8 MiB tensors), the all-reduce (bytes of
+   the tensor per second) and the reduce-scatter row-wise sums its partial outputs with (bytes
+   each rank must send per second; the model prices it at the all-to-all's figure).
 2. A CPU Topology with those figures (``ddr_mem_bw``, ``intra_host_bw`` = ``inter_host_bw``,
    ``bwd_compute_multiplier``) and the planner plans an EmbeddingBagCollection (8 tables of
    200,000 x 64, 4 ids per sample, batch 2048 per rank, fused SGD), by its own choice or with every
@@ -120,14 +121,25 @@ def _costs(rank: int, world: int) -> dict[str, float]:
     def allreduce() -> None:
         dist.all_reduce(x)
 
+    def reduce_scatter() -> None:
+        # What row-wise sends its partial sums with (comm.reduce_scatter_rows, equal blocks).
+        out = torch.empty(size // 4 // world)
+        # torch 2.13 renamed reduce_scatter_tensor (kept, deprecated); 2.11 has only the old name.
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        fn(out, x)
+
     a2a_s = _median_seconds(a2a, 3, 8)[0]
     ar_s = _median_seconds(allreduce, 3, 8)[0]
+    rs_s = _median_seconds(reduce_scatter, 3, 8)[0]
     sent = size * (world - 1) / world
     return {
         "lookup_bytes_per_s": read / fwd,
         "bwd_over_fwd": (both - fwd) / fwd,
         "all_to_all_bytes_per_s": sent / a2a_s,
         "all_reduce_bytes_per_s": size / ar_s,
+        # The bytes a reduce-scatter must send per rank, the same as the all-to-all's: a slower
+        # figure is the backend's algorithm, which the model (one bandwidth) does not see.
+        "reduce_scatter_bytes_per_s": sent / rs_s,
     }
 
 
@@ -244,10 +256,10 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(
         "| processes | lookup read (GB/s) | backward / forward | all-to-all (GB/s per rank) "
-        "| all-reduce (GB/s) | sharding | fixed (ms) | planner's step (ms) | measured step (ms) "
-        "| spread | estimate / measured |"
+        "| all-reduce (GB/s) | reduce-scatter (GB/s per rank) | sharding | fixed (ms) "
+        "| planner's step (ms) | measured step (ms) | spread | estimate / measured |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
         # Costs measured on as many processes as the run: on this 2-core machine 4 processes share
         # the cores, and the per-byte costs a rank sees are what that sharing leaves it.
@@ -257,7 +269,8 @@ def main() -> None:
             print(
                 f"| {world} | {costs['lookup_bytes_per_s'] / 1e9:.2f} | "
                 f"{costs['bwd_over_fwd']:.2f} | {costs['all_to_all_bytes_per_s'] / 1e9:.2f} | "
-                f"{costs['all_reduce_bytes_per_s'] / 1e9:.2f} | {', '.join(got['types'])} | "
+                f"{costs['all_reduce_bytes_per_s'] / 1e9:.2f} | "
+                f"{costs['reduce_scatter_bytes_per_s'] / 1e9:.2f} | {', '.join(got['types'])} | "
                 f"{got['overhead'] * 1e3:.1f} | {got['estimated'] * 1e3:.1f} | "
                 f"{got['measured'] * 1e3:.1f} | {got['spread']:.2f} | "
                 f"{got['estimated'] / got['measured']:.2f} |",
