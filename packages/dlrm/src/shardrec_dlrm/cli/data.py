@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from shardrec_dlrm.data.errors import DataError
+from shardrec_dlrm.data.schema import NUM_SPARSE
 
 #: More parsing threads than this gain nothing (see the preprocess docs) and multiply the memory
 #: bound.
@@ -216,7 +217,7 @@ def synth(
             rows=rows,
             seed=seed,
             multi_hot=multi_hot,
-            num_embeddings_per_feature=(num_embeddings,) * 26,
+            num_embeddings_per_feature=(num_embeddings,) * NUM_SPARSE,
             force=force,
             log=click.echo,
         )

@@ -44,7 +44,7 @@ from .multihot_lookup import (
     parse_multi_hot,
 )
 from .outdir import claim_output, refuse_non_empty
-from .schema import NUM_SPARSE, SPARSE_KEYS, Rows, hash_ids, parse_num_embeddings
+from .schema import NUM_DENSE, NUM_SPARSE, SPARSE_KEYS, Rows, hash_ids, parse_num_embeddings
 from .sources import Layout
 from .splits import Segment, SplitName, split_segments
 
@@ -155,7 +155,7 @@ def _write_part(
     rows = len(part)
     sizes = meta.num_embeddings_per_feature
     tmp = {s: root / f"{name}{s}.partial" for s in (DENSE_SUFFIX, LABELS_SUFFIX, SPARSE_SUFFIX)}
-    dense = _write_npy(tmp[DENSE_SUFFIX], (rows, 13), "<f4")
+    dense = _write_npy(tmp[DENSE_SUFFIX], (rows, NUM_DENSE), "<f4")
     labels = _write_npy(tmp[LABELS_SUFFIX], (rows, 1), "<i4")
     for lo in range(0, rows, chunk_rows):
         chunk = src.checked_rows(index, lo, min(rows, lo + chunk_rows))
@@ -353,7 +353,7 @@ class MultiHotSplit:
             lengths=torch.from_numpy(np.repeat(np.asarray(hot, dtype=np.int32), n)),
             stride=n,
         )
-        d = np.concatenate(dense) if dense else np.empty((0, 13), np.float32)
+        d = np.concatenate(dense) if dense else np.empty((0, NUM_DENSE), np.float32)
         y = np.concatenate(labels) if labels else np.empty(0, np.float32)
         return Batch(torch.from_numpy(d), kjt, torch.from_numpy(y))
 

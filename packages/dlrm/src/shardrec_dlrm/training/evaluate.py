@@ -1,15 +1,20 @@
-"""``dlrm evaluate``: score a saved model on a split of some data, at any world size."""
+"""Scoring: the metrics of a model over batches on all ranks (validation and test during training),
+and ``dlrm evaluate``, which scores a saved model on a split of some data at any world size."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from shardrec_dlrm.errors import UserError
+from shardrec_dlrm.metrics import metrics_for
 from shardrec_dlrm.training.checkpointing import load_for_evaluation, saved_model_config
 from shardrec_dlrm.training.config import DataFormat, DeviceName, TrainConfig
-from shardrec_dlrm.training.loop import evaluate_batches
 from shardrec_dlrm.training.parallel import ParallelState
-from shardrec_dlrm.training.run_data import open_run_data
+from shardrec_dlrm.training.run_data import Batch, open_run_data
 from shardrec_dlrm.training.sharding import shard_model
 
 
@@ -61,3 +66,26 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         return Evaluation(step, metrics, state.rank)
     finally:
         state.close()
+
+
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    device: torch.device,
+    *,
+    limit: int | None = None,
+    samples: int = 0,
+) -> dict[str, float]:
+    """Scores every batch (all ranks together) and returns the metrics of all ranks' samples;
+    ``samples`` (the split's size) above ``EXACT_AUC_MAX_SAMPLES`` keeps histograms, not scores."""
+    metrics = metrics_for(samples, device)
+    model.eval()
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if limit is not None and index >= limit:
+                break
+            on_device = batch.to(device)
+            _, logits = model(on_device.dense_features, on_device.sparse_features, on_device.labels)
+            metrics.update(logits, on_device.labels)
+    model.train()
+    return metrics.compute()

@@ -32,7 +32,8 @@ def run_training(config: TrainConfig, *, nproc: int = 1) -> dict[str, float]:
 
 
 def _worker(config: TrainConfig) -> dict[str, float] | _Failure:
-    from shardrec_dlrm.training.loop import UserError, train
+    from shardrec_dlrm.errors import UserError
+    from shardrec_dlrm.training.loop import train
 
     try:
         return train(config)

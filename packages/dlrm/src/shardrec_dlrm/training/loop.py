@@ -24,7 +24,6 @@ from shardrec.distributed.train_pipeline import (
 from shardrec_dlrm.data import DataError
 from shardrec_dlrm.data.synth import find_synth_info
 from shardrec_dlrm.errors import UserError
-from shardrec_dlrm.metrics import metrics_for
 from shardrec_dlrm.metrics.loggers import MetricLogger, NullLogger, TensorBoardLogger
 from shardrec_dlrm.metrics.progress import Progress
 from shardrec_dlrm.training.checkpointing import (
@@ -33,6 +32,7 @@ from shardrec_dlrm.training.checkpointing import (
     save_checkpoint,
 )
 from shardrec_dlrm.training.config import TrainConfig
+from shardrec_dlrm.training.evaluate import evaluate_batches
 from shardrec_dlrm.training.managed_metrics import ManagedWatch
 from shardrec_dlrm.training.parallel import ParallelState
 from shardrec_dlrm.training.precision import bf16_warning
@@ -41,7 +41,7 @@ from shardrec_dlrm.training.run_record import RunFacts, train_sample_digest
 from shardrec_dlrm.training.schedule import LRSchedule
 from shardrec_dlrm.training.sharding import ShardedRun, shard_model
 
-__all__ = ["UserError", "evaluate_batches", "train"]
+__all__ = ["train"]
 
 
 def train(config: TrainConfig) -> dict[str, float]:
@@ -54,29 +54,6 @@ def train(config: TrainConfig) -> dict[str, float]:
         return _Trainer(config, state).run()
     finally:
         state.close()
-
-
-def evaluate_batches(
-    model: nn.Module,
-    batches: Iterator[Batch],
-    device: torch.device,
-    *,
-    limit: int | None = None,
-    samples: int = 0,
-) -> dict[str, float]:
-    """Scores every batch (all ranks together) and returns the metrics of all ranks' samples;
-    ``samples`` (the split's size) above ``EXACT_AUC_MAX_SAMPLES`` keeps histograms, not scores."""
-    metrics = metrics_for(samples, device)
-    model.eval()
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if limit is not None and index >= limit:
-                break
-            on_device = batch.to(device)
-            _, logits = model(on_device.dense_features, on_device.sparse_features, on_device.labels)
-            metrics.update(logits, on_device.labels)
-    model.train()
-    return metrics.compute()
 
 
 class _Trainer:

@@ -38,7 +38,6 @@ class ParallelState:
     nodes: NodeLayout
     local_rank: int
     device: torch.device
-    backend: str
     owns_group: bool
 
     @property
@@ -64,7 +63,6 @@ class ParallelState:
             nodes=NodeLayout.from_env(world_size, local_world_size),
             local_rank=rank,
             device=torch.device("cpu"),
-            backend="gloo",
             owns_group=False,
         )
 
@@ -90,9 +88,9 @@ class ParallelState:
         target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(target)
-        backend = "nccl" if use_cuda else "gloo"
         owns_group = not dist.is_initialized()
         if owns_group:
+            backend = "nccl" if use_cuda else "gloo"
             timeout = timedelta(seconds=timeout_s)
             if launched:
                 dist.init_process_group(backend, timeout=timeout)
@@ -100,8 +98,6 @@ class ParallelState:
                 dist.init_process_group(
                     backend, store=HashStore(), rank=0, world_size=1, timeout=timeout
                 )
-        else:
-            backend = str(dist.get_backend())
         env = ShardingEnv.from_process_group()
         try:
             nodes = NodeLayout.from_env(env.world_size)
@@ -114,7 +110,6 @@ class ParallelState:
             nodes=nodes,
             local_rank=local_rank,
             device=target,
-            backend=backend,
             owns_group=owns_group,
         )
 
