@@ -125,13 +125,14 @@ def shardable_modules(
 
 def table_shapes(module: nn.Module) -> dict[str, tuple[int, int, int]]:
     """Table name -> (rows, cols, bytes) of an embedding module (from its configs; meta is fine)."""
-    configs_fn = getattr(module, "embedding_bag_configs", None) or getattr(
-        module, "embedding_configs", None
-    )
-    if configs_fn is None:
+    # Imported here: the sharding package builds on this module (even_splits).
+    from shardrec.distributed.sharding.contract import embedding_tables
+
+    found = embedding_tables(module)
+    if found is None:
         raise TypeError(f"{type(module).__name__} has no embedding configs")
     out: dict[str, tuple[int, int, int]] = {}
-    for c in configs_fn():
+    for c in found[0]:
         size = torch.empty((), dtype=_dtype(c.data_type)).element_size()
         out[c.name] = (c.num_embeddings, c.embedding_dim, c.num_embeddings * c.embedding_dim * size)
     return out

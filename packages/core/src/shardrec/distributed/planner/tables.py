@@ -9,12 +9,15 @@ from torch import nn
 from shardrec.distributed.planner.types import PlannerTable
 from shardrec.distributed.sharding.contract import HasFusedLookup, embedding_tables
 from shardrec.kernels.specs import OptimizerType, parse_optimizer
-from shardrec.modules.configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
+from shardrec.modules.configs import (
+    BaseEmbeddingConfig,
+    EmbeddingBagConfig,
+    PoolingType,
+    data_type_to_dtype,
+)
 
 
 def _element_size(config: BaseEmbeddingConfig) -> int:
-    from shardrec.modules.configs import data_type_to_dtype
-
     return data_type_to_dtype(config.data_type).itemsize
 
 
