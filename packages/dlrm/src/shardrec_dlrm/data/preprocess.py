@@ -21,7 +21,7 @@ max(64 KiB, C): :func:`.sources.iter_chunks` refuses a longer line as it comes).
 at most ``(2 * workers + 1) * 21 * C`` plus a few MiB of fixed overhead, whatever the size of the
 input. With the defaults (C = 1 MiB, at most 8 workers) that is under 400 MiB, and about 110 MiB
 with 2 workers.
-``tests/dlrm/test_data_preprocess.py`` checks the bound with tracemalloc on an input almost three
+``tests/dlrm/data/test_preprocess.py`` checks the bound with tracemalloc on an input almost three
 times its size.
 """
 
@@ -50,7 +50,7 @@ from .sources import METADATA_NAME, Chunk, Discovered, Format, SourceFile, disco
 from .tsv import BadRows
 
 #: Peak bytes allocated while parsing a TSV chunk, per byte of chunk (checked by
-#: tests/dlrm/test_data_preprocess.py).
+#: tests/dlrm/data/test_preprocess.py).
 PARSE_PEAK_FACTOR: Final = 20
 
 
