@@ -196,3 +196,23 @@ def test_bad_inputs_are_named() -> None:
         ParameterConstraints(pooling_factor=0)
     with pytest.raises(TypeError, match="sharding_types"):
         ParameterConstraints(sharding_types="table_wise")
+
+
+def test_row_wise_partial_sums_take_the_reduce_scatter_bandwidth_when_given() -> None:
+    slow = Topology(
+        world_size=4, hbm_mem_bw=1e9, intra_host_bw=1e8, inter_host_bw=1e8, reduce_scatter_bw=1e7
+    )
+    est = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, slow, SGD)
+    # Partial sums of 10 samples x 2 features x 16 columns to each of 3 peers: at 1e7 B/s, not 1e8.
+    partials = 4 * 10 * 2 * 16
+    assert est.cost.collective_extra == pytest.approx(3 * partials * (1 / 1e7 - 1 / 1e8))
+    plain = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, TOPO, SGD)
+    assert plain.cost.collective_extra == 0.0
+    assert est.perf == pytest.approx(
+        est.fwd_compute + est.bwd_compute + 3 * est.cost.to_owner / 1e8 + est.cost.collective_extra
+    )
+    # Table-wise outputs go by all-to-all: unaffected.
+    tw = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, slow, SGD)
+    assert tw.cost.collective_extra == 0.0
+    with pytest.raises(ValueError, match="reduce_scatter_bw"):
+        Topology(world_size=2, reduce_scatter_bw=0.0)

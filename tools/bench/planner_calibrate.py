@@ -13,10 +13,11 @@ For each process count W (2 and 4):
    (embedding bytes read per second forward, and backward with the fused SGD update / forward),
    the all-to-all (bytes each rank sends per second, 8 MiB tensors), the all-reduce (bytes of
    the tensor per second) and the reduce-scatter row-wise sums its partial outputs with (bytes
-   each rank must send per second; the model prices it at the all-to-all's figure).
+   each rank must send per second).
 2. A CPU Topology with those figures (``ddr_mem_bw``, ``intra_host_bw`` = ``inter_host_bw``,
-   ``bwd_compute_multiplier``) and the planner plans an EmbeddingBagCollection (8 tables of
-   200,000 x 64, 4 ids per sample, batch 2048 per rank, fused SGD), by its own choice or with every
+   ``bwd_compute_multiplier``, ``reduce_scatter_bw``) and the planner plans an
+   EmbeddingBagCollection (8 tables of 200,000 x 64, 4 ids per sample, batch 2048 per rank, fused
+   SGD), by its own choice or with every
    table forced to one ``--sharding`` type; the plan runs under DistributedModelParallel (loss: the
    sum of the pooled output).
 3. The fixed cost per step: the same sharded module's step at 8 samples per rank, less the model's
@@ -138,7 +139,7 @@ def _costs(rank: int, world: int) -> dict[str, float]:
         "all_to_all_bytes_per_s": sent / a2a_s,
         "all_reduce_bytes_per_s": size / ar_s,
         # The bytes a reduce-scatter must send per rank, the same as the all-to-all's: a slower
-        # figure is the backend's algorithm, which the model (one bandwidth) does not see.
+        # figure is the backend's algorithm (Topology.reduce_scatter_bw).
         "reduce_scatter_bytes_per_s": sent / rs_s,
     }
 
@@ -153,6 +154,7 @@ def _topology(world: int, costs: dict[str, float], overhead: float = 0.0) -> Any
         intra_host_bw=costs["all_to_all_bytes_per_s"],
         inter_host_bw=costs["all_to_all_bytes_per_s"],
         bwd_compute_multiplier=costs["bwd_over_fwd"],
+        reduce_scatter_bw=costs["reduce_scatter_bytes_per_s"],
         step_overhead=overhead,
     )
 

@@ -22,6 +22,9 @@ columns, ``rows`` its rows, N the table's rows, D its dimension. A *peer* is any
   + output and its gradient (2 · output elements · e); REPLICATED adds its dense gradient.
 - compute: forward = (ids looked up · cols + output elements) · e / memory bandwidth, backward =
   forward × the topology's ``bwd_compute_multiplier``.
+- ROW_SPLIT's partial sums go by reduce-scatter; with ``Topology.reduce_scatter_bw`` set, the
+  owner's (W-1)·from_owner bytes of them take that bandwidth instead of the links' (the difference
+  is ``collective_extra``, added to the owner's time).
 - ``perf``, the shard alone on an idle rank: compute + the owner's bytes over each link class:
   (L-1)·to_owner / intra-host bandwidth + (W-L)·to_owner / inter-host bandwidth (an owner receives
   at least what it sends, so receiving bounds its time on a full-duplex link). Where the rank also
@@ -169,11 +172,20 @@ def estimate_shard(
     else:
         to_owner = INDEX_BYTES * ids_per_rank + e * out_per_rank
         from_owner = e * out_per_rank
+        extra = 0.0
+        if traffic is Traffic.ROW_SPLIT and topology.reduce_scatter_bw is not None:
+            # The partial sums go by reduce-scatter: at its own bandwidth, not the links'.
+            extra = max(
+                from_owner
+                * ((w - 1) / topology.reduce_scatter_bw - owner_seconds_per_byte(topology)),
+                0.0,
+            )
         cost = ShardCost(
             compute=compute,
             read_bytes=read,
             to_owner=to_owner,
             from_owner=from_owner,
-            alone=compute + to_owner * owner_seconds_per_byte(topology),
+            collective_extra=extra,
+            alone=compute + to_owner * owner_seconds_per_byte(topology) + extra,
         )
     return ShardEstimate(weights, state, io, fwd_compute, bwd_compute, cost)

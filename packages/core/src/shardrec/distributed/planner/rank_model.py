@@ -6,7 +6,9 @@ A rank's step is its compute plus its communication, each link class at its own 
                          + max(sent_inter[r], received_inter[r]) / inter_host_bw
 
 (links are full duplex: sending and receiving overlap, the larger one bounds the time; ``overhead``
-is the topology's fixed ``step_overhead``, 0 unless calibrated). The plan's
+is the topology's fixed ``step_overhead``, 0 unless calibrated; a shard's ``collective_extra``, the
+time its outputs' reduce-scatter takes beyond their bytes at the links' bandwidth, is added to its
+owner's communication). The plan's
 step is the slowest rank's. A rank's bytes come from two roles (per-shard figures in
 ``estimators.py``):
 
@@ -47,6 +49,8 @@ class RankLoad:
     sent_inter: tuple[float, ...]
     received_intra: tuple[float, ...]
     received_inter: tuple[float, ...]
+    # Seconds of collectives beyond their bytes at the links' bandwidth (``ShardCost``).
+    collective_extra: tuple[float, ...] = ()
 
     @property
     def step(self) -> float:
@@ -57,9 +61,11 @@ class RankLoad:
         return int(np.argmax(self.perf))
 
     def comm(self, rank: int, topology: Topology) -> float:
+        extra = self.collective_extra[rank] if self.collective_extra else 0.0
         return (
             max(self.sent_intra[rank], self.received_intra[rank]) / topology.intra_host_bw
             + max(self.sent_inter[rank], self.received_inter[rank]) / topology.inter_host_bw
+            + extra
         )
 
 
@@ -82,6 +88,7 @@ def evaluate(
     to_owner = np.zeros(w)
     from_owner = np.zeros(w)
     own_intra = np.zeros(w)
+    extra = np.zeros(w)
     ar_intra = ar_inter = 0.0
     for option in options:
         first = option.shards[0].cost
@@ -109,6 +116,7 @@ def evaluate(
             to_owner[shard.rank] += c.to_owner
             from_owner[shard.rank] += c.from_owner
             own_intra[shard.rank] += c.owner_intra
+            extra[shard.rank] += c.collective_extra
             replicated = replicated or c.allreduce_intra > 0 or c.allreduce_inter > 0
         if replicated:
             # Every replica carries the same all-reduce; count it once per rank.
@@ -126,6 +134,7 @@ def evaluate(
     perf = (
         topology.step_overhead
         + compute
+        + extra
         + np.maximum(sent_intra, recv_intra) / topology.intra_host_bw
         + np.maximum(sent_inter, recv_inter) / topology.inter_host_bw
     )
@@ -139,4 +148,5 @@ def evaluate(
         sent_inter=_tuple(sent_inter),
         received_intra=_tuple(recv_intra),
         received_inter=_tuple(recv_inter),
+        collective_extra=_tuple(extra),
     )

@@ -29,6 +29,9 @@ class Topology:
     ``step_overhead`` is seconds every step costs whatever its bytes (dispatch, collectives'
     latency), added to every rank's estimated step; ``tools/bench/planner_calibrate.py`` measures
     it. It moves every plan's step alike, so it changes no choice, only the estimate reported.
+    ``reduce_scatter_bw``: bytes per second a rank sends in a reduce-scatter (row-wise's partial
+    sums), where the backend's reduce-scatter is slower per byte than the links (gloo on CPU);
+    None prices it at the links' bandwidth.
     """
 
     world_size: int
@@ -42,6 +45,7 @@ class Topology:
     inter_host_bw: float = DEFAULT_INTER_HOST_BW
     bwd_compute_multiplier: float = DEFAULT_BWD_COMPUTE_MULTIPLIER
     step_overhead: float = 0.0
+    reduce_scatter_bw: float | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -59,6 +63,10 @@ class Topology:
         for name in ("ddr_cap", "hbm_mem_bw", "ddr_mem_bw", "intra_host_bw", "inter_host_bw"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Topology.{name} must be > 0, got {getattr(self, name)}")
+        if self.reduce_scatter_bw is not None and self.reduce_scatter_bw <= 0:
+            raise ValueError(
+                f"Topology.reduce_scatter_bw must be > 0, got {self.reduce_scatter_bw}"
+            )
         if self.step_overhead < 0:
             raise ValueError(f"Topology.step_overhead must be >= 0, got {self.step_overhead}")
         if self.hbm_cap is not None and self.hbm_cap < 0:

@@ -58,6 +58,9 @@ class ShardCost:
     ``allreduce_inter``: bytes every rank sends for a replica's gradient, inside / between hosts.
     ``owner_intra``: bytes the owner also sends and receives inside its host (a reduction there).
     ``alone``: seconds of the shard alone on an idle rank (compute + the owner's traffic).
+    ``collective_extra``: seconds the owner's outputs take beyond their bytes at the links'
+    bandwidth, where they go by a collective slower per byte (a reduce-scatter, see
+    ``Topology.reduce_scatter_bw``).
     """
 
     compute: float = 0.0
@@ -68,6 +71,7 @@ class ShardCost:
     allreduce_inter: float = 0.0
     owner_intra: float = 0.0
     alone: float = 0.0
+    collective_extra: float = 0.0
 
 
 NO_COST: Final = ShardCost()
