@@ -173,6 +173,8 @@ def test_a_checkpoint_that_does_not_load_is_a_difference(dist_pool: WorkerPool) 
     assert "emb.embedding_bags.t0.weight.sum" in failed[0].detail
     assert "is missing from checkpoint" in failed[0].detail
     assert {m.phase for m in failed[1:]} == {"saved at world size 1, loaded at world size 2"}
-    assert {m.rank for m in failed[1:]} <= {0, 1}
+    assert {m.rank for m in failed[1:]} == {0, 1}
     assert all("load failed" in m.detail and "overlap" in m.detail for m in failed[1:])
     assert "checkpoint differs (saved at world size 1, loaded unsharded)" in str(report)
+    # Reported by the ranks, not raised: the shared workers stay up for the next test.
+    assert dist_pool.started

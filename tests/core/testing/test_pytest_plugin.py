@@ -1,5 +1,6 @@
 """The kit's pytest plugin as a plugin author enables it: ``pytest_plugins`` in a root conftest,
-then the ``shardrec_workers`` fixture in a test (run here as its own pytest session)."""
+then the ``shardrec_workers`` fixture in a test (run here as its own pytest session; the pool's
+``run`` is tested in test_workers.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.multiprocess
-
 CONFTEST = 'pytest_plugins = ["shardrec.testing.pytest_plugin"]\n'
 TEST = textwrap.dedent(
     """
-    import torch
-    import torch.distributed as dist
+    from shardrec.testing import WorkerPool
 
 
-    def case(env):
-        t = torch.tensor([env.rank + 1])
-        dist.all_reduce(t, group=env.pg)
-        return int(t)
-
-
-    def test_two_ranks(shardrec_workers):
+    def test_the_fixture_is_a_pool_of_four(shardrec_workers):
+        assert isinstance(shardrec_workers, WorkerPool)
         assert shardrec_workers.size == 4
-        assert shardrec_workers.run(2, case) == [3, 3]
+        assert not shardrec_workers.started  # the workers start on the first run
     """
 )
 

@@ -76,12 +76,14 @@ def test_a_rank_that_raises_is_named_with_its_traceback(small_pool: WorkerPool) 
     assert "Traceback" in message
     assert "ValueError: table 'tx' is not where rank 1 expected it" in message
     # The pool starts afresh: rank 0, left waiting in the barrier, does not poison the next case.
+    assert not small_pool.started
     assert small_pool.run(2, case_sum_of_ranks, scale=1) == [(0, 3), (1, 3)]
 
 
-def test_a_rank_that_dies_is_named_with_its_exit_status(small_pool: WorkerPool) -> None:
+def test_a_rank_that_dies_is_named_with_its_exit_status() -> None:
+    # Through run_ranks: its own two workers, stopped after the case (here, after the failure).
     with pytest.raises(RankFailedError) as caught:
-        small_pool.run(2, case_dies_on_rank_1, timeout_s=60)
+        run_ranks(2, case_dies_on_rank_1, timeout_s=60)
     # Rank 0 may also report the broken connection in its barrier.
     assert caught.value.failures[1] == "worker process exited with status 3"
     assert "--- rank 1 ---\nworker process exited with status 3" in str(caught.value)
@@ -93,10 +95,6 @@ def test_a_hung_rank_times_out_naming_the_silent_ranks(small_pool: WorkerPool) -
         small_pool.run(2, case_hangs_on_rank_1, timeout_s=2)
     assert caught.value.ranks == [0, 1]
     assert time.monotonic() - start < 30
-
-
-def test_run_ranks_starts_and_stops_its_own_workers() -> None:
-    assert run_ranks(2, case_sum_of_ranks, scale=2) == [(0, 6), (1, 6)]
 
 
 def test_world_size_outside_the_pool_is_refused(dist_pool: WorkerPool) -> None:

@@ -92,10 +92,13 @@ def _round_trip(
     try:
         results = workers.run(world, load_on_rank, local_world_size=local_world_size, run=run)
     except RankFailedError as err:
-        for rank, text in err.failures.items():
-            last = text.strip().splitlines()[-1]
+        failed = {rank: text.strip().splitlines()[-1] for rank, text in err.failures.items()}
+    else:
+        failed = {r: res.load_error for r, res in enumerate(results) if res.load_error is not None}
+    if failed:
+        for rank, error in failed.items():
             report.mismatches.append(
-                Mismatch("checkpoint", phase, rank=rank, detail=f"(load failed: {last})")
+                Mismatch("checkpoint", phase, rank=rank, detail=f"(load failed: {error})")
             )
         return
     compare_outputs(report, tol, phase, results, [reference_outputs(ref, run)])

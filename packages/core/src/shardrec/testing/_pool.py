@@ -82,6 +82,11 @@ class WorkerPool:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._conns: list[Connection] = []
 
+    @property
+    def started(self) -> bool:
+        """Whether the workers are up (they start on the first :meth:`run`)."""
+        return bool(self._procs)
+
     # -- life cycle ------------------------------------------------------------------------------
     def __enter__(self) -> WorkerPool:
         return self

@@ -58,6 +58,7 @@ class RankResult:
     weights: dict[str, Held] = field(default_factory=dict)
     states: dict[str, dict[str, Held]] = field(default_factory=dict)
     replicated: dict[str, bool] = field(default_factory=dict)
+    load_error: str | None = None
 
 
 def _build(env: ShardingEnv, run: RankRun) -> DistributedModelParallel:
@@ -132,11 +133,17 @@ def train_on_rank(env: ShardingEnv, run: RankRun) -> RankResult:
 
 def load_on_rank(env: ShardingEnv, run: RankRun) -> RankResult:
     """A fresh model (other initial numbers) sharded by ``run.plan`` loads ``run.checkpoint``;
-    its output on batch ``run.batch(0)`` and its shards."""
+    its output on batch ``run.batch(0)`` and its shards, or why the load failed."""
     assert run.checkpoint is not None
     dmp = _build(env, run)
-    load(run.checkpoint, dmp, pg=env.pg)
     result = RankResult()
+    try:
+        load(run.checkpoint, dmp, pg=env.pg)
+    except Exception as err:
+        # Reported, not raised: the workers stay up (a load refuses a bad checkpoint on every
+        # rank; a rank that went on alone would time out in the forward's collectives instead).
+        result.load_error = f"{type(err).__name__}: {err}"
+        return result
     with torch.no_grad():
         rows, _ = dmp(run.batch(0).kjt(env.rank))
     result.outputs.append(rows.clone())
