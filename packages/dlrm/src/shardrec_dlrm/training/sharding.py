@@ -134,7 +134,9 @@ def _average_sharded_gradients(model: DLRMTrain, state: ParallelState) -> None:
         return
     sparse_arch = model.sparse_arch
     tables = sparse_arch.embedding_bag_collection
-    shards = tables.local_table_shards() if isinstance(tables, ShardedEmbeddingModule) else {}
+    # The sharded tables, also inside managed tables (whose sharded EBC sits one level down).
+    sharded = [m for m in tables.modules() if isinstance(m, ShardedEmbeddingModule)]
+    shards = sharded[0].local_table_shards() if sharded else {}
     scale = [
         1.0 if table in shards and shards[table].replicated else 1.0 / state.world_size
         for table in sparse_arch.feature_tables
