@@ -22,6 +22,7 @@ from shardrec.distributed import (
     ShardingPlan,
     ShardingType,
 )
+from shardrec.distributed.train_pipeline import TrainPipelineSparseDist
 from shardrec.distributed.types import ShardMetadata
 from shardrec.sparse import deduplicate_features
 from shardrec.testing import EmbeddingModel, WorkerPool
@@ -72,19 +73,26 @@ def user_item_batch(rank: int, step: int) -> KeyedJaggedTensor:
     )
 
 
-def train_both(env: ShardingEnv, plan: ShardingPlan) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for kind in ("full", "vbe"):
-        dmp = DistributedModelParallel(MODEL.build(7), env=env, plan=plan)
-        head = dmp.module.get_submodule("dense")
-        assert isinstance(head, torch.nn.Linear)
-        opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=0.1)
-        outputs, grads = [], []
-        for step in range(STEPS):
-            kjt = user_item_batch(env.rank, step)
-            if kind == "vbe":
-                kjt = deduplicate_features(kjt, ["user", "age"])
-                assert kjt.stride_per_key() == [USERS, USERS, USERS * ITEMS]
+def _train(env: ShardingEnv, plan: ShardingPlan, vbe: bool, pipelined: bool) -> dict[str, Any]:
+    dmp = DistributedModelParallel(MODEL.build(7), env=env, plan=plan)
+    head = dmp.module.get_submodule("dense")
+    assert isinstance(head, torch.nn.Linear)
+    opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=0.1)
+    batches = [user_item_batch(env.rank, step) for step in range(STEPS)]
+    if vbe:
+        batches = [deduplicate_features(kjt, ["user", "age"]) for kjt in batches]
+        assert batches[0].stride_per_key() == [USERS, USERS, USERS * ITEMS]
+    outputs, grads = [], []
+    if pipelined:
+        pipeline: TrainPipelineSparseDist[KeyedJaggedTensor, torch.Tensor] = (
+            TrainPipelineSparseDist(
+                dmp, opt, torch.device("cpu"), forward=lambda model, kjt: model(kjt)[::-1]
+            )
+        )
+        it = iter(batches)
+        outputs = [pipeline.progress(it).detach().clone() for _ in range(STEPS)]
+    else:
+        for kjt in batches:
             rows, loss = dmp(kjt)
             loss.backward()
             outputs.append(rows.detach().clone())
@@ -92,18 +100,25 @@ def train_both(env: ShardingEnv, plan: ShardingPlan) -> dict[str, Any]:
             grads.append(head.weight.grad.detach().clone())
             opt.step()
             opt.zero_grad()
-        shards = dmp.local_table_shards()["emb"]
-        results[kind] = {
-            "outputs": outputs,
-            "grads": grads,
-            "tables": {
-                (table, name, i): t.tensor.detach().clone()
-                for table, held in shards.items()
-                for name, pieces in [("weight", held.weight), *held.optimizer_state.items()]
-                for i, t in enumerate(pieces)
-            },
-        }
-    return results
+    shards = dmp.local_table_shards()["emb"]
+    return {
+        "outputs": outputs,
+        "grads": grads,
+        "tables": {
+            (table, name, i): t.tensor.detach().clone()
+            for table, held in shards.items()
+            for name, pieces in [("weight", held.weight), *held.optimizer_state.items()]
+            for i, t in enumerate(pieces)
+        },
+    }
+
+
+def train_both(env: ShardingEnv, plan: ShardingPlan, pipelined: bool = False) -> dict[str, Any]:
+    """The full batch in a plain loop; its VBE form in a plain loop, or pipelined."""
+    return {
+        "full": _train(env, plan, vbe=False, pipelined=False),
+        "vbe": _train(env, plan, vbe=True, pipelined=pipelined),
+    }
 
 
 def boxes(kind: ShardingType, table: EmbeddingBagConfig) -> ParameterSharding:
@@ -133,17 +148,37 @@ def boxes(kind: ShardingType, table: EmbeddingBagConfig) -> ParameterSharding:
     )
 
 
-@pytest.mark.parametrize("sharding_type", list(ShardingType))
-def test_vbe_equals_the_full_batch(dist_pool: WorkerPool, sharding_type: ShardingType) -> None:
-    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in TABLES}})
-    ranks = dist_pool.run(WORLD, train_both, local_world_size=LOCAL.get(sharding_type), plan=plan)
+def assert_same(ranks: list[dict[str, Any]]) -> None:
     for rank, result in enumerate(ranks):
         full, vbe = result["full"], result["vbe"]
         for step in range(STEPS):
             assert full["outputs"][step].shape == (USERS * ITEMS, 4 + 4 + 6 + 6)
             torch.testing.assert_close(vbe["outputs"][step], full["outputs"][step])
-            torch.testing.assert_close(vbe["grads"][step], full["grads"][step])
+        for full_grad, vbe_grad in zip(full["grads"], vbe["grads"], strict=False):
+            torch.testing.assert_close(vbe_grad, full_grad)
         assert full["tables"].keys() == vbe["tables"].keys()
         assert any(name != "weight" for _, name, _ in full["tables"])  # Adagrad state compared
         for key, tensor in full["tables"].items():
             torch.testing.assert_close(vbe["tables"][key], tensor, msg=f"rank {rank} {key}")
+
+
+@pytest.mark.parametrize("sharding_type", list(ShardingType))
+def test_vbe_equals_the_full_batch(dist_pool: WorkerPool, sharding_type: ShardingType) -> None:
+    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in TABLES}})
+    ranks = dist_pool.run(WORLD, train_both, local_world_size=LOCAL.get(sharding_type), plan=plan)
+    assert all(len(r["vbe"]["grads"]) == STEPS for r in ranks)
+    assert_same(ranks)
+
+
+def test_vbe_pipelined_equals_the_full_batch(dist_pool: WorkerPool) -> None:
+    # Two types in one module: the pipeline drives a ShardedModuleGroup's input_dist and
+    # compute_and_output_dist.
+    plan = ShardingPlan(
+        {
+            "emb": {
+                "t_user": boxes(ShardingType.ROW_WISE, TABLES[0]),
+                "t_item": boxes(ShardingType.TABLE_WISE, TABLES[1]),
+            }
+        }
+    )
+    assert_same(dist_pool.run(WORLD, train_both, plan=plan, pipelined=True))
