@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -416,6 +416,13 @@ def _is_replicated(module: nn.Module, name: str) -> bool:
     return isinstance(module, ReplicatedModule) and module.replicated
 
 
+@runtime_checkable
+class _Resettable(Protocol):
+    """A module that initialises its own parameters (torch's convention, e.g. ``nn.Linear``)."""
+
+    def reset_parameters(self) -> None: ...
+
+
 def _materialize(module: nn.Module, device: torch.device, sharded: Sequence[str]) -> None:
     skip = tuple(f"{f}." for f in sharded if f)
     for name, sub in module.named_modules():
@@ -424,9 +431,8 @@ def _materialize(module: nn.Module, device: torch.device, sharded: Sequence[str]
         own = list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False))
         if any(t.device.type == "meta" for t in own):
             sub.to_empty(device=device, recurse=False)
-            reset = getattr(sub, "reset_parameters", None)
-            if callable(reset):
-                reset()
+            if isinstance(sub, _Resettable):
+                sub.reset_parameters()
     for name, sub in module.named_children():
         if name not in sharded and not any(s.startswith(f"{name}.") for s in sharded):
             sub.to(device)
