@@ -19,7 +19,7 @@ from torch import nn
 
 from shardrec.distributed import ShardedEmbeddingModule
 from shardrec.distributed.qcomm import QCommsConfig, with_qcomms
-from shardrec.kernels import set_learning_rate
+from shardrec.kernels import OptimizerType, parse_optimizer, set_learning_rate
 from shardrec_dlrm.model.build import build_dlrm
 from shardrec_dlrm.model.config import DensePrecision, ModelConfig
 from shardrec_dlrm.model.dlrm import DLRMTrain
@@ -29,14 +29,6 @@ from shardrec_dlrm.training.planning import PlanRequest, discover_sharders, plan
 
 #: Tables up to this size (weights) are initialised whole before sharding (see shard_model).
 GLOBAL_INIT_BYTES = 1 << 30
-
-#: ``--optimizer`` -> the fused optimizer of the embedding tables (shardrec's ``fused_params``).
-FUSED_OPTIMIZER: dict[str, str] = {
-    "sgd": "sgd",
-    "adagrad": "exact_adagrad",
-    "rowwise_adagrad": "rowwise_adagrad",
-    "adam": "adam",
-}
 
 
 @dataclass(slots=True)
@@ -61,15 +53,18 @@ class ShardedRun:
 
 
 def fused_params(optimizer: OptimizerName, lr: float, eps: float) -> dict[str, object]:
-    return {"optimizer": FUSED_OPTIMIZER[optimizer], "learning_rate": lr, "eps": eps}
+    """The tables' ``fused_params``: ``--optimizer`` is one of core's optimizer names (``adagrad``
+    is exact Adagrad), read by :func:`shardrec.kernels.parse_optimizer`."""
+    return {"optimizer": parse_optimizer(optimizer), "learning_rate": lr, "eps": eps}
 
 
 def dense_optimizer_for(
     params: list[nn.Parameter], optimizer: OptimizerName, lr: float, eps: float
 ) -> torch.optim.Optimizer:
-    if optimizer == "sgd":
+    kind = parse_optimizer(optimizer)
+    if kind is OptimizerType.SGD:
         return torch.optim.SGD(params, lr=lr)
-    if optimizer in ("adagrad", "rowwise_adagrad"):
+    if kind in (OptimizerType.EXACT_ADAGRAD, OptimizerType.ROWWISE_ADAGRAD):
         # torch has no row-wise Adagrad: dense layers use the exact one.
         return torch.optim.Adagrad(params, lr=lr, eps=eps)
     return torch.optim.Adam(params, lr=lr, eps=eps)
