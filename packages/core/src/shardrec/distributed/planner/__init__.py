@@ -1,9 +1,9 @@
 """The sharding planner: enumerate, estimate, partition, report.
 
 ``EmbeddingShardingPlanner(Topology(world_size=8, hbm_cap=80 * GB)).plan(model, sharders)`` returns
-a
-``ShardingPlan`` whose every shard has a rank; ``planner.last_report`` says per rank how full and
-how busy it is, and per table why it got its sharding. See docs/planner.md.
+a ``ShardingPlan`` whose every shard has a rank; ``planner.last_report`` says per rank how full and
+how busy it is, and per table why it got its sharding. The planner sees each table of the model as
+a :class:`PlannerTable`. See docs/planner.md.
 """
 
 from __future__ import annotations

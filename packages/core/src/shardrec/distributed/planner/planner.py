@@ -41,9 +41,8 @@ class EmbeddingShardingPlanner:
     ``batch_size`` is samples per rank per step; ``optimizer`` is the fused optimizer whose state
     the tables of a module that names none carry (an :class:`OptimizerType` or a name that
     :func:`shardrec.kernels.parse_optimizer` reads; None: no state; see
-    ``estimators.OPTIMIZER_STATE``); ``reserved_fraction`` of every rank's
-    memory is kept for dense parameters and activations. Per-table ``constraints`` are keyed by
-    table name (or
+    ``estimators.OPTIMIZER_STATE``); ``reserved_fraction`` of every rank's memory is kept for dense
+    parameters and activations. Per-table ``constraints`` are keyed by table name (or
     ``module_path.table``). After ``plan`` or ``collective_plan``, ``last_report`` holds the report.
     """
 
