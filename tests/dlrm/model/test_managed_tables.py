@@ -100,3 +100,33 @@ def test_the_watch_names_each_tables_counters_and_warns_once_when_full() -> None
     assert "managed table t_cat_0 is full: 9 lookup(s)" in warnings[0]
     assert watch.read(model)[1] == []  # said once per table
     assert ManagedWatch().read(build_dlrm(ModelConfig(**SMALL))) == ({}, [])
+
+
+def test_two_processes_train_managed_tables_as_one_does(tmp_path: Path) -> None:
+    from shardrec_dlrm.training.config import TrainConfig
+    from shardrec_dlrm.training.launch import run_training
+
+    synth_drift(tmp_path / "d", rows=1_400, seed=2, live=16, turnover=3.0)
+
+    def run(nproc: int, batch: int) -> dict[str, float]:
+        config = TrainConfig(
+            data=str(tmp_path / "d"),
+            model=ModelConfig(**SMALL, managed_ids="lru"),
+            batch_size=batch,
+            optimizer="rowwise_adagrad",
+            learning_rate=0.05,
+            shuffle=False,
+            limit_train_batches=8,
+            quiet=True,
+            device="cpu",
+            pipeline=False,
+        )
+        return run_training(config, nproc=nproc)
+
+    # The same global batches of 128 samples: 1 x 128 and 2 x 64.
+    one, two = run(1, 128), run(2, 64)
+    # Sums over other numbers of ranks round differently: log losses agree to float rounding,
+    # AUCs (100 rows per split, a pair is 5e-4) up to a few pairs whose order flips.
+    for split in ("val", "test"):
+        assert abs(one[f"{split}/log_loss"] - two[f"{split}/log_loss"]) < 1e-4, split
+        assert abs(one[f"{split}/auc"] - two[f"{split}/auc"]) < 2e-3, split
