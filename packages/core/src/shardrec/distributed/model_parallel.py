@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shardrec.distributed.awaitables import AllOf, Ready
+from shardrec.distributed.awaitables import AllOf, Mapped, Ready
 from shardrec.distributed.planner import PlanReport, plan_with_report
 from shardrec.distributed.plugins import load_sharder_registry
 from shardrec.distributed.sharder_index import SharderIndex
@@ -92,9 +92,14 @@ class ShardedModuleGroup(nn.Module):
         return AllOf([part.input_dist(kjt) for part in parts])
 
     def compute_and_output_dist(self, ctx: list[Any]) -> KeyedTensor | dict[str, JaggedTensor]:
+        return self.compute_and_start_output_dist(ctx).wait()
+
+    def compute_and_start_output_dist(
+        self, ctx: list[Any]
+    ) -> Awaitable[KeyedTensor | dict[str, JaggedTensor]]:
         """Each part's lookup and output distribution, in part order; a part that can leave its
-        output distribution in flight (:class:`AsyncOutputModule`) does, and all are waited for
-        at the end."""
+        output distribution in flight (:class:`AsyncOutputModule`) does, and ``wait()`` waits for
+        all and merges them."""
         pending: list[Awaitable[KeyedTensor | dict[str, JaggedTensor]]] = []
         for part, c in zip(self.parts, ctx, strict=True):
             if isinstance(part, AsyncOutputModule):
@@ -102,7 +107,7 @@ class ShardedModuleGroup(nn.Module):
             else:
                 pipelinable: PipelinableModule[Any] = part  # type: ignore[assignment]
                 pending.append(Ready(pipelinable.compute_and_output_dist(c)))
-        return self._merge(AllOf(pending).wait())
+        return Mapped(AllOf(pending), self._merge)
 
     def _merge(
         self, outs: list[KeyedTensor | dict[str, JaggedTensor]]
