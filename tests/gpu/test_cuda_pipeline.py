@@ -1,14 +1,16 @@
 """The pipelined loop and compressed output communication on a CUDA device, at world size 1 on NCCL.
 
 They run only where a GPU is present (``tools/gpu_check.sh`` on a lent machine); the multi-rank
-proofs of both are on gloo in tests/sharders/. ``pipeline_case`` and ``bf16_case`` take the device
-and process group, so the same code is exercised on the CPU by this file's last test.
+proofs of both are on gloo in tests/sharders/. ``pipeline_case``, ``side_stream_case`` and
+``bf16_case`` take the device and process group, so the same code is exercised on the CPU by this
+file's last test.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -69,9 +71,41 @@ def plan(kind: str) -> ShardingPlan:
     return ShardingPlan({"ebc": {n: make[kind](r, d) for n, r, d, _ in TABLES}})
 
 
-def run_loop(loop: TrainPipeline[object]) -> int:
+@dataclass(frozen=True, slots=True)
+class SlowCopy:
+    """A batch (in pinned memory, as a DataLoader with ``pin_memory=True`` gives it) whose copy
+    to a CUDA device first keeps the copying stream busy for a while: a stream that read the
+    batch without waiting for the copy would read it half copied."""
+
+    kjt: KeyedJaggedTensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> SlowCopy:
+        if device.type == "cuda":
+            COPY_STREAMS.append(torch.cuda.current_stream(device))
+            # A spin kernel of some tens of milliseconds, on the stream the copy is issued to.
+            torch.cuda._sleep(50_000_000)  # type: ignore[no-untyped-call]
+        return SlowCopy(self.kjt.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        self.kjt.record_stream(stream)
+
+
+COPY_STREAMS: list[torch.cuda.Stream] = []  # the streams SlowCopy.to ran on
+
+
+def slow_batches() -> list[SlowCopy]:
+    pin = torch.cuda.is_available()
+    return [SlowCopy(k.pin_memory() if pin else k) for k in batches()]
+
+
+def slow_forward(model: nn.Module, batch: SlowCopy) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, out = model(batch.kjt)
+    return loss, out
+
+
+def run_loop(loop: TrainPipeline[object], make: Callable[[], Sequence[object]] = batches) -> int:
     """Steps until the batches run out."""
-    it, steps = iter(batches()), 0
+    it, steps = iter(make()), 0
     while True:
         try:
             loop.progress(it)
@@ -81,14 +115,18 @@ def run_loop(loop: TrainPipeline[object]) -> int:
 
 
 def trained(
-    env: ShardingEnv, device: torch.device, kind: str, pipelined: bool
+    env: ShardingEnv, device: torch.device, kind: str, pipelined: bool, slow: bool = False
 ) -> dict[str, torch.Tensor]:
     """Tables, their fused optimizer state and the head after the batches, on the host."""
     model = Model()
     dmp = DistributedModelParallel(model, env=env, device=device, plan=plan(kind))
     optimizer = torch.optim.SGD(dmp.module.head.parameters(), lr=0.1)
-    loop = (TrainPipelineSparseDist if pipelined else TrainPipelineBase)(dmp, optimizer, device)
-    assert run_loop(loop) == STEPS
+    cls = TrainPipelineSparseDist if pipelined else TrainPipelineBase
+    if slow:
+        loop: TrainPipeline[object] = cls(dmp, optimizer, device, forward=slow_forward)
+        assert run_loop(loop, slow_batches) == STEPS
+    else:
+        assert run_loop(cls(dmp, optimizer, device)) == STEPS
     out: dict[str, torch.Tensor] = {}
     for table, ts in dmp.local_table_shards()["ebc"].items():
         for i, s in enumerate(ts.weight):
@@ -106,6 +144,23 @@ def pipeline_case(env: ShardingEnv, device: torch.device, kind: str) -> None:
     assert plain.keys() == piped.keys()
     for key in plain:
         torch.testing.assert_close(piped[key], plain[key], rtol=0, atol=0, msg=key)
+
+
+def side_stream_case(env: ShardingEnv, device: torch.device) -> None:
+    """On CUDA the pipeline copies each batch on its own side stream, and the current stream
+    waits for that copy: the slow copies must not change what is trained."""
+    COPY_STREAMS.clear()
+    plain = trained(env, device, "row_wise", False, slow=True)
+    plain_streams = list(COPY_STREAMS)
+    COPY_STREAMS.clear()
+    piped = trained(env, device, "row_wise", True, slow=True)
+    for key in plain:
+        torch.testing.assert_close(piped[key], plain[key], rtol=0, atol=0, msg=key)
+    if device.type == "cuda":
+        current = torch.cuda.current_stream(device)
+        assert len(plain_streams) == len(COPY_STREAMS) == STEPS
+        assert all(s == current for s in plain_streams)  # the plain loop: the current stream
+        assert all(s != current for s in COPY_STREAMS)  # the pipeline: its side stream
 
 
 def bf16_case(env: ShardingEnv, device: torch.device) -> None:
@@ -153,10 +208,15 @@ def test_pipelined_training_on_nccl_equals_the_plain_loop(nccl: ShardingEnv, kin
     pipeline_case(nccl, torch.device("cuda"), kind)
 
 
+def test_the_pipeline_copies_on_a_side_stream_and_waits_for_it(nccl: ShardingEnv) -> None:
+    side_stream_case(nccl, torch.device("cuda"))
+
+
 def test_bf16_output_communication_runs_on_nccl(nccl: ShardingEnv) -> None:
     bf16_case(nccl, torch.device("cuda"))
 
 
 def test_the_same_cases_hold_on_the_cpu(gloo: ShardingEnv) -> None:
     pipeline_case(gloo, torch.device("cpu"), "row_wise")
+    side_stream_case(gloo, torch.device("cpu"))
     bf16_case(gloo, torch.device("cpu"))
