@@ -2,14 +2,16 @@
 
 A table without a :class:`~shardrec.kernels.StorageChoice` gets the lookup's default backend
 (``torch`` or ``fbgemm``, resolved from ``backend=``: ``auto`` takes FBGEMM when it can run every
-such table); a table with one gets the backend it names. Within one backend (and one set of its
-options), the backend's ``group_key`` decides which tables share a group.
+such table and is the faster kernel for the lookup's optimizer on its device, see
+:func:`resolve_default_backend`); a table with one gets the backend it names. Within one backend
+(and one set of its options), the backend's ``group_key`` decides which tables share a group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import torch
 
@@ -18,6 +20,7 @@ from shardrec.kernels.group import LookupGroup
 from shardrec.kernels.specs import (
     FusedOptimizerConfig,
     KernelBackend,
+    OptimizerType,
     PoolingType,
     StorageChoice,
     TableSpec,
@@ -26,6 +29,13 @@ from shardrec.kernels.storage import GroupRequest, StorageBackend, UnknownStorag
 from shardrec.kernels.torch_backend import TorchGroup
 
 __all__ = ["BuiltGroup", "build_groups", "resolve_default_backend"]
+
+#: Fused rules whose pure-torch CPU update (``shardrec.kernels.cpu_update``) beats FBGEMM's CPU
+#: kernel. Measured (docs/benchmarks.md, "Which backend auto picks"): exact Adagrad's step is
+#: 1.5-1.7x FBGEMM's, at MLPerf's multi-hot shapes and at the demo's single-hot dim-16 ones; SGD
+#: and row-wise Adagrad are faster on FBGEMM (0.6-0.85x without it). FBGEMM's CPU kernel has no
+#: Adam, so Adam takes the torch backend anyway.
+TORCH_FASTER_ON_CPU: Final[frozenset[OptimizerType]] = frozenset({OptimizerType.EXACT_ADAGRAD})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +125,25 @@ def resolve_default_backend(
     optimizer: FusedOptimizerConfig | None,
     device: torch.device,
 ) -> KernelBackend:
-    """The backend of the tables without a storage choice: ``requested``, with ``auto`` made
-    FBGEMM when it can run all of them and TORCH otherwise (also when there are none)."""
+    """The backend of the tables without a storage choice: ``requested``, with ``auto`` resolved.
+
+    ``auto`` is TORCH when there are no such tables, when FBGEMM cannot run all of them, and on
+    CPU when the fused optimizer is one of :data:`TORCH_FASTER_ON_CPU` (exact Adagrad); else
+    FBGEMM. On CUDA it is FBGEMM whenever FBGEMM can run the tables. A lookup on ``meta`` is
+    asked about as on CPU, where a meta module is materialised. Both backends give the same
+    results; the choice is only about speed.
+    """
     defaults = [t for t in tables if t.storage is None]
     if requested is KernelBackend.TORCH or (requested is KernelBackend.AUTO and not defaults):
         return KernelBackend.TORCH
     probe_device = torch.device("cpu") if device.type == "meta" else device
+    if (
+        requested is KernelBackend.AUTO
+        and probe_device.type == "cpu"
+        and optimizer is not None
+        and optimizer.optimizer in TORCH_FASTER_ON_CPU
+    ):
+        return KernelBackend.TORCH
     reasons: list[str] = []
     groups: dict[tuple[str, PoolingType], list[TableSpec]] = {}
     for t in defaults:

@@ -44,7 +44,9 @@ class EmbeddingBagCollection(FusedTableCollection[EmbeddingBagConfig]):
     :class:`~shardrec.kernels.FusedOptimizerConfig`) fuses the optimizer into backward; the default
     ``None`` leaves ``.grad`` on the tables for a torch optimizer, as ``nn.EmbeddingBag`` does.
     ``backend`` picks the kernel (``"torch"``, ``"fbgemm"``, ``"auto"``; default
-    ``$SHARDREC_KERNEL_BACKEND`` or auto).
+    ``$SHARDREC_KERNEL_BACKEND`` or auto). ``auto`` takes FBGEMM where it can run the tables and is
+    the faster kernel: on CPU the torch backend for exact Adagrad (and Adam, which FBGEMM's CPU
+    kernel lacks), FBGEMM for SGD and row-wise Adagrad; on CUDA FBGEMM. Both give the same results.
 
     ``device="meta"`` (or ``device=None`` under ``with torch.device("meta"):``) allocates nothing;
     a forward then gives a meta output of the right shape, and ``reset_parameters()`` materialises
