@@ -31,14 +31,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import torch
 from torch import nn
 
 from shardrec.modules.mc_admission import CountMinSketch, CountThresholdAdmission
 from shardrec.modules.mc_id_map import IdRowMap
-from shardrec.modules.mc_policies import EvictionPolicy, LRU_EvictionPolicy, require_int
+from shardrec.modules.mc_policies import (
+    EvictionPolicy,
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    require_int,
+)
 
 __all__ = ["MCHManagedCollisionModule", "ManagedTableStats"]
 
@@ -56,6 +61,20 @@ _NUM_COUNTERS: Final = 7
 _NEVER: Final = 2**63 - 1  # eviction key of a row that must not be evicted
 # Last read and read count of a free row: above any real score, so no policy picks it.
 _FREE_MARK: Final = 2**62
+
+
+# A scan keeps this many times the rows it needs as candidates for the next eviction runs.
+_SPARE_FACTOR: Final = 8
+
+
+@dataclass(slots=True)
+class _Candidates:
+    """Rows kept by the last eviction scan beyond the ones it took, in (score, row) order, with
+    the score each had then; ``cutoff``: no row outside them had a lower key then."""
+
+    rows: torch.Tensor
+    scores: torch.Tensor
+    cutoff: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +169,7 @@ class MCHManagedCollisionModule(nn.Module):
         self.register_buffer("_counters", counters)
         self._pending_resets: list[torch.Tensor] = []
         self._warned_full = False
+        self._candidates: _Candidates | None = None
 
     # ---- TorchRec's queries -----------------------------------------------------------------
 
@@ -288,6 +308,7 @@ class MCHManagedCollisionModule(nn.Module):
             self._map.insert(uniq.index_select(0, chosen), new_rows)
             self._last_read.index_fill_(0, new_rows, step)
             self._reads.index_copy_(0, new_rows, counts.index_select(0, chosen))
+            self._note_new_rows(new_rows)
             uniq_rows.index_copy_(0, chosen, new_rows)
         rows.index_copy_(0, miss_at, uniq_rows.index_select(0, inverse))
         self._counters.copy_(torch.tensor(c))
@@ -302,24 +323,14 @@ class MCHManagedCollisionModule(nn.Module):
         if policy.makes_room:
             need = min(c[_DEMAND], self.capacity) - c[_FREE]
             if need > 0:
-                # Unique keys (score, then row) so the choice is a pure function of the state.
-                # Free rows (their score is _FREE_MARK, clamped to ``limit``) and the rows this
-                # batch reads (_NEVER) sort last; picks among them are dropped below. A real score
-                # would only reach ``limit`` after about 2^62 / capacity reads or steps.
-                capacity = self.capacity
-                limit = (2**62) // capacity
-                score = policy.score(self._last_read, self._reads).clamp(max=limit)
-                key = score * capacity + torch.arange(capacity, device=score.device)
-                key.index_fill_(0, hit_rows, _NEVER)
-                if victims is not None:
-                    key.index_fill_(0, victims, _NEVER)
-                    need -= victims.numel()
-                need = min(need, capacity - c[_FREE])
-                if need > 0:
-                    worst = torch.topk(key, need, largest=False, sorted=False).indices
-                    real = (key.index_select(0, worst) < limit * capacity).nonzero().squeeze(1)
-                    worst = worst.index_select(0, real)
-                    victims = worst if victims is None else torch.cat([victims, worst])
+                if victims is None:
+                    need = min(need, self.capacity - c[_FREE])
+                    victims = self._lowest_rows(need, hit_rows) if need > 0 else None
+                else:
+                    need = min(need - victims.numel(), self.capacity - c[_FREE])
+                    if need > 0:
+                        extra = self._scan_lowest(need, hit_rows, victims)
+                        victims = torch.cat([victims, extra]).sort().values
         c[_DEMAND] = 0
         if victims is None or victims.numel() == 0:
             return
@@ -333,6 +344,107 @@ class MCHManagedCollisionModule(nn.Module):
         self._last_read.index_fill_(0, victims, _FREE_MARK)
         self._reads.index_fill_(0, victims, _FREE_MARK)
         self._pending_resets.append(victims)
+
+    def _lowest_rows(self, need: int, hit_rows: torch.Tensor) -> torch.Tensor:
+        """The ``need`` held rows of lowest key (score, then row) that this batch does not read,
+        fewer if fewer are held, in row order.
+
+        A scan keeps spare candidates: the rows after its picks in key order, each with its
+        score then, and the key where it stopped (the cutoff). LRU and LFU scores only grow, and
+        every read changes them (a read row is no longer a valid candidate), so a row outside the
+        candidates stays above the cutoff unless it is a new id's row that starts below it (then
+        the candidates are dropped, :meth:`_note_new_rows`): the lowest valid candidates are the
+        lowest rows of the table, and most eviction runs need no scan. Loading or moving the
+        state drops them too.
+        """
+        kept = self._candidates
+        self._candidates = None
+        if kept is not None and kept.rows.device == self._last_read.device:
+            capacity = self.capacity
+            limit = (2**62) // capacity
+            score = self._eviction_policy.score(self._last_read, self._reads)
+            now = score.index_select(0, kept.rows).clamp(max=limit)
+            same = now == kept.scores
+            valid = same.nonzero().squeeze(1)
+            if valid.numel() >= need:
+                # Valid candidates are not read by this batch (their score would have changed)
+                # and are in key order: the first ones are the lowest, unless a candidate read
+                # since the scan is now below them (LFU only: an LRU read goes above them all).
+                moved = (now * capacity + kept.rows).masked_select(~same)
+                last = int(kept.scores[valid[need - 1]]) * capacity + int(
+                    kept.rows[valid[need - 1]]
+                )
+                if moved.numel() == 0 or int(moved.min()) > last:
+                    rest = valid[need:]
+                    chosen = kept.rows.index_select(0, valid[:need])
+                    kept.rows = kept.rows.index_select(0, rest)
+                    kept.scores = kept.scores.index_select(0, rest)
+                    self._candidates = kept
+                    return chosen.sort().values
+        if isinstance(self._eviction_policy, LRU_EvictionPolicy | LFU_EvictionPolicy):
+            capacity = self.capacity
+            key, limit = self._keys(None)
+            k = min(capacity, max(need * _SPARE_FACTOR, capacity // 64))
+            lowest = torch.topk(key, k, largest=False, sorted=True).values
+            lowest = lowest.masked_select(lowest < limit * capacity)
+            rows = lowest % capacity
+            is_hit = torch.zeros(capacity, dtype=torch.bool, device=rows.device)
+            is_hit.index_fill_(0, hit_rows, True)
+            free_of_batch = (~is_hit.index_select(0, rows)).nonzero().squeeze(1)
+            complete = lowest.numel() < k
+            if free_of_batch.numel() >= need or complete:
+                picks = free_of_batch[:need]
+                spare = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+                spare.index_fill_(0, picks, False)
+                at = spare.nonzero().squeeze(1)
+                self._candidates = _Candidates(
+                    rows=rows.index_select(0, at),
+                    scores=lowest.index_select(0, at) // capacity,
+                    cutoff=_NEVER if complete else int(lowest[-1]),
+                )
+                return rows.index_select(0, picks).sort().values
+        return self._scan_lowest(need, hit_rows, None)
+
+    def _keys(self, exclude: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Per row the key ``score * capacity + row`` (``exclude`` rows _NEVER), and ``limit``:
+        keys from ``limit * capacity`` on are free rows, never picked."""
+        capacity = self.capacity
+        # Unique keys (score, then row) so the choice is a pure function of the state. Free rows
+        # (their score is _FREE_MARK, clamped to ``limit``) sort last; picks among them are
+        # dropped. A real score would only reach ``limit`` after about 2^62 / capacity reads
+        # or steps.
+        limit = (2**62) // capacity
+        score = self._eviction_policy.score(self._last_read, self._reads).clamp(max=limit)
+        key = score * capacity + torch.arange(capacity, device=score.device)
+        if exclude is not None:
+            key.index_fill_(0, exclude, _NEVER)
+        return key, limit
+
+    def _scan_lowest(
+        self, need: int, hit_rows: torch.Tensor, exclude: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The ``need`` held rows of lowest key outside ``hit_rows`` and ``exclude`` (fewer if
+        fewer are held), in row order: one full scan."""
+        self._candidates = None
+        outside = hit_rows if exclude is None else torch.cat([hit_rows, exclude])
+        key, limit = self._keys(outside)
+        lowest = torch.topk(key, need, largest=False, sorted=False).values
+        lowest = lowest.masked_select(lowest < limit * self.capacity)
+        return (lowest % self.capacity).sort().values
+
+    def _note_new_rows(self, new_rows: torch.Tensor) -> None:
+        """Drop the kept candidates if a new row's key is below their cutoff (see
+        :meth:`_lowest_rows`)."""
+        kept = self._candidates
+        if kept is None:
+            return
+        score = self._eviction_policy.score(self._last_read, self._reads).index_select(0, new_rows)
+        if bool((score * self.capacity + new_rows < kept.cutoff).any()):
+            self._candidates = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._candidates = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _warn_full(self) -> None:
         if not self._warned_full:
