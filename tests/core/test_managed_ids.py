@@ -304,3 +304,31 @@ def test_the_module_docstring_example() -> None:
     assert module(ids(9137702141, 42, 9137702141, -7, 555)).tolist() == [3, 1, 3, 0, 2]
     assert module(ids(42, 8)).tolist() == [1, 4]
     assert module.stats().rejected_total == 1
+
+
+@pytest.mark.parametrize("policy", POLICIES[:2], ids=lambda p: type(p).__name__)
+def test_a_large_table_with_few_new_ids_per_step_follows_the_rules(policy: EvictionPolicy) -> None:
+    # Few evictions per run against many held rows: most runs pick from the candidates kept by
+    # an earlier scan. A copy reloaded from the state dict every 7 steps (which drops them) must
+    # agree, as must the rule model and the evicted rows (reported in row order).
+    rng = random.Random(11)
+    module = MCHManagedCollisionModule(400, eviction_policy=policy)
+    resumed = MCHManagedCollisionModule(400, eviction_policy=policy)
+    model = Model(400, policy)
+    hot = [rng.randrange(INT64_MIN, INT64_MAX) for _ in range(300)]
+    for step in range(80):
+        batch = [hot[min(int(rng.expovariate(0.01)), 299)] for _ in range(30)]
+        batch += [rng.randrange(INT64_MIN, INT64_MAX) for _ in range(6)]
+        if step % 7 == 0:
+            resumed.load_state_dict(module.state_dict())
+        got = module(torch.tensor(batch))
+        assert got.tolist() == model.step_(batch)
+        assert torch.equal(resumed(torch.tensor(batch)), got)
+        evicted = module.evict()
+        if evicted is not None:
+            assert evicted.tolist() == sorted(set(evicted.tolist()))
+            resumed_evicted = resumed.evict()
+            assert resumed_evicted is not None
+            assert torch.equal(resumed_evicted, evicted)
+    assert module.held_ids() == model.rows
+    assert module.stats().evicted_total == model.evicted > 100

@@ -3,7 +3,7 @@ TorchRec's, same run) and the training step of an EmbeddingBagCollection with ma
 against the plain one.
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/managed_ids.py [--threads 1]
-        [--rounds 3] [--no-peer] [--cpu-time]
+        [--rounds 3] [--no-peer] [--cpu-time] [--step-only]
 
 Remap workload: one table of ``--zch-size`` rows (default 200,000), batches of 65,536 raw ids
 drawn from a Zipf-like law (exponent 1.05) over 2,000,000 distinct ids scattered over
@@ -218,6 +218,9 @@ def main() -> int:
         default="50000:100,500000:100",
         help="step cases, comma-separated POPULATION:N (ids per table, one id in N new)",
     )
+    parser.add_argument(
+        "--step-only", action="store_true", help="time the training step cases only (no remap)"
+    )
     parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
     parser.add_argument(
@@ -238,7 +241,7 @@ def main() -> int:
     clock = time.thread_time if args.cpu_time else time.perf_counter
 
     remap: dict[str, Callable[[], Timed]] = {}
-    for policy in ("lru", "lfu"):
+    for policy in ("lru", "lfu") if not args.step_only else ():
         for interval in (1, 100):
             case = f"{policy}, evict every {interval}"
             remap[f"shardrec/{case}"] = _shardrec_remap(policy, interval, args.zch_size, 1)
@@ -272,6 +275,14 @@ def _report(times: dict[str, list[float]], args: argparse.Namespace, peer: bool)
         f" MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}"
         f" MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_')}"
     )
+    if args.step_only:
+        print("\n(remap not run: --step-only)")
+    else:
+        _report_remap(times, args, peer)
+    _report_step(times, args)
+
+
+def _report_remap(times: dict[str, list[float]], args: argparse.Namespace, peer: bool) -> None:
     print(f"\nremap: zch_size {args.zch_size:,}, {BATCH_IDS:,} ids per batch (Zipf 1.05 over"
           f" {UNIVERSE:,} ids), training mode")  # fmt: skip
     print("| case | contender | ids/s (best) | spread | vs torchrec |")
@@ -289,6 +300,9 @@ def _report(times: dict[str, list[float]], args: argparse.Namespace, peer: bool)
                 print(f"| {case} | {who} | {BATCH_IDS / best:,.0f} | {max(ts) / best:.2f} | {vs} |")
     if not peer:
         print("(TorchRec not run: no .venv-peer, or --no-peer)")
+
+
+def _report_step(times: dict[str, list[float]], args: argparse.Namespace) -> None:
     print("\nstep: 8 tables, dim 64, batch 4096, 4 ids per feature (Zipf 1.05 over a population of"
           " ids per table, and new ids), LRU evicting every step, fused SGD")  # fmt: skip
     print("| rows per table | ids per table | new ids | plain EBC ms/step (spread) |"

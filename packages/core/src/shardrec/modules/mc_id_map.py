@@ -160,7 +160,8 @@ class IdRowMap(nn.Module):
                 self._claims.index_fill_(0, cand_pos, _NO_CLAIM)
                 winners = cand.index_select(0, at)
                 slots = cand_pos.index_select(0, at)
-                self.tombstones -= (self.slot_rows.index_select(0, slots) == DELETED).sum()
+                # In place: ``-=`` on a buffer goes through nn.Module.__setattr__ (tens of µs).
+                self.tombstones.sub_((self.slot_rows.index_select(0, slots) == DELETED).sum())
                 who = pending.index_select(0, winners)
                 won_rows = rows.index_select(0, who)
                 self.slot_ids.index_copy_(0, slots, ids.index_select(0, who))
@@ -183,7 +184,7 @@ class IdRowMap(nn.Module):
         slots = self.row_slots.index_select(0, rows)
         self.slot_rows.index_fill_(0, slots, DELETED)
         self.row_slots.index_fill_(0, rows, EMPTY)
-        self.tombstones += rows.numel()
+        self.tombstones.add_(rows.numel())
         if int(self.tombstones) * 4 > self.num_slots:
             self.rebuild()
 
