@@ -41,14 +41,23 @@ class GlobalBatch:
         *,
         seed: int,
         weighted: bool = False,
-        max_length: int = 3,
+        max_length: int | Mapping[str, int] = 3,
     ) -> GlobalBatch:
         """Random ids below ``rows[key]`` for each key (in ``rows``' order), 0 to ``max_length``
-        of them per sample and feature; weights in [0.5, 1.5) when ``weighted``. The same
-        numbers for the same arguments, in every process."""
+        of them per sample and feature (a mapping: per key, 3 for a key it does not name);
+        weights in [0.5, 1.5) when ``weighted``. The same numbers for the same arguments, in
+        every process."""
         g = torch.Generator().manual_seed(seed)
         keys = list(rows)
-        lengths = torch.randint(0, max_length + 1, (len(keys), sum(sizes)), generator=g)
+        if isinstance(max_length, int):
+            lengths = torch.randint(0, max_length + 1, (len(keys), sum(sizes)), generator=g)
+        else:
+            lengths = torch.stack(
+                [
+                    torch.randint(0, max_length.get(key, 3) + 1, (sum(sizes),), generator=g)
+                    for key in keys
+                ]
+            )
         ids = [
             torch.randint(0, rows[key], (int(lengths[k].sum()),), generator=g)
             for k, key in enumerate(keys)

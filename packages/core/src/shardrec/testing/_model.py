@@ -1,7 +1,8 @@
 """The model a check trains: an embedding collection under a small dense head.
 
-``EmbeddingModel(tables, fused_params=..., weighted=...)`` describes it as plain data (so it
-travels to the workers); ``build(seed)`` makes the same numbers for the same seed.
+``EmbeddingModel(tables, fused_params=..., weighted=..., max_lengths=...)`` describes it (and how
+long its batches' bags are) as plain data, so it travels to the workers; ``build(seed)`` makes the
+same numbers for the same seed.
 """
 
 from __future__ import annotations
@@ -54,17 +55,32 @@ class HeadModel(nn.Module):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EmbeddingModel:
     """An EmbeddingBagCollection (``EmbeddingBagConfig`` tables) or an EmbeddingCollection
-    (``EmbeddingConfig`` tables, one dim), with ``fused_params`` (None: plain parameters)."""
+    (``EmbeddingConfig`` tables, one dim), with ``fused_params`` (None: plain parameters).
+
+    ``max_lengths``: feature -> most ids in one of its bags in the check's batches (each bag's
+    length is drawn from 0 to it); a feature not named gets up to 3. Multi-hot shapes (MLPerf's
+    pooling factors run to 100) are checked by naming large ones.
+    """
 
     tables: Sequence[EmbeddingBagConfig] | Sequence[EmbeddingConfig]
     fused_params: Mapping[str, Any] | None = field(
         default_factory=lambda: {"optimizer": "sgd", "learning_rate": 0.05}
     )
     weighted: bool = False
+    max_lengths: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.tables:
             raise ValueError("EmbeddingModel needs at least one table")
+        features = {f for t in self.tables for f in t.feature_names}
+        for name, most in self.max_lengths.items():
+            if name not in features:
+                raise ValueError(
+                    f"EmbeddingModel: max_lengths names {name!r}, which no table reads"
+                    f" (features: {sorted(features)})"
+                )
+            if most < 0:
+                raise ValueError(f"EmbeddingModel: max_lengths[{name!r}] is {most}, below 0")
         bags = [isinstance(t, EmbeddingBagConfig) for t in self.tables]
         if any(bags) and not all(bags):
             raise ValueError("EmbeddingModel: tables mix EmbeddingBagConfig and EmbeddingConfig")

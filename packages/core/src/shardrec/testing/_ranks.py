@@ -44,6 +44,7 @@ class RankRun:
             self.sizes,
             seed=self.batch_seed + step,
             weighted=self.model.weighted,
+            max_length=self.model.max_lengths or 3,
         )
 
 
