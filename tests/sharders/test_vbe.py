@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from shardrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from shardrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, PoolingType
 from shardrec.distributed import (
     DistributedModelParallel,
     ParameterSharding,
@@ -24,6 +24,7 @@ from shardrec.distributed import (
 )
 from shardrec.distributed.train_pipeline import TrainPipelineSparseDist
 from shardrec.distributed.types import ShardMetadata
+from shardrec.kernels import BadBatchError
 from shardrec.sparse import deduplicate_features
 from shardrec.testing import EmbeddingModel, WorkerPool
 
@@ -121,7 +122,7 @@ def train_both(env: ShardingEnv, plan: ShardingPlan, pipelined: bool = False) ->
     }
 
 
-def boxes(kind: ShardingType, table: EmbeddingBagConfig) -> ParameterSharding:
+def boxes(kind: ShardingType, table: EmbeddingBagConfig | EmbeddingConfig) -> ParameterSharding:
     """Two shards of ``table`` on ranks 0 and 1, cut the way ``kind`` cuts (one shard on one rank
     for table-wise), as (row offset, col offset, rows, cols, rank)."""
     rows, dim = table.num_embeddings, table.embedding_dim
@@ -182,3 +183,37 @@ def test_vbe_pipelined_equals_the_full_batch(dist_pool: WorkerPool) -> None:
         }
     )
     assert_same(dist_pool.run(WORLD, train_both, plan=plan, pipelined=True))
+
+
+EC_MODEL = EmbeddingModel(
+    tables=[
+        EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=4,
+                        feature_names=list(t.feature_names))
+        for t in TABLES
+    ]
+)  # fmt: skip
+
+
+def ec_one_rank_vbe(env: ShardingEnv, sharding_type: ShardingType) -> dict[str, Any]:
+    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in EC_MODEL.tables}})
+    dmp = DistributedModelParallel(EC_MODEL.build(7), env=env, plan=plan)
+    full = user_item_batch(env.rank, 0)
+    result: dict[str, Any] = {"error": None}
+    try:
+        dmp(deduplicate_features(full, ["user"]) if env.rank == 0 else full)
+    except BadBatchError as exc:
+        result["error"], result["ranks"] = str(exc), exc.ranks
+    _, loss = dmp(full)  # nothing of the refused batch is left in flight
+    loss.backward()
+    return result
+
+
+@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE, ShardingType.DATA_PARALLEL])
+def test_sharded_ec_refuses_vbe_on_every_rank(
+    dist_pool: WorkerPool, sharding_type: ShardingType
+) -> None:
+    results = dist_pool.run(WORLD, ec_one_rank_vbe, sharding_type=sharding_type)
+    for result in results:
+        assert result["error"] is not None
+        assert "does not take a variable batch per key" in result["error"]
+        assert list(result["ranks"]) == [0]
