@@ -36,7 +36,6 @@ EMPTY: Final = -1
 DELETED: Final = -2
 # Fibonacci hashing: the top bits of ``id * odd constant`` (2^64 / golden ratio, as an int64).
 _GOLDEN: Final = -7046029254386353131
-_NO_CLAIM: Final = 2**63 - 1
 # Slots an insert reads at once while it looks for an open slot.
 _INSERT_WINDOW: Final = 16
 # Slots a lookup reads at once per id not settled at home: first a few, then up to 64 at a time.
@@ -57,7 +56,6 @@ class IdRowMap(nn.Module):
     row_slots: torch.Tensor
     tombstones: torch.Tensor
     max_displacement: torch.Tensor
-    _claims: torch.Tensor
 
     def __init__(self, rows: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -73,12 +71,6 @@ class IdRowMap(nn.Module):
         )
         self.register_buffer("tombstones", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("max_displacement", torch.zeros((), dtype=torch.int64, device=device))
-        # Scratch for resolving inserts that reach the same slot; all _NO_CLAIM between calls.
-        self.register_buffer(
-            "_claims",
-            torch.full((slots,), _NO_CLAIM, dtype=torch.int64, device=device),
-            persistent=False,
-        )
 
     @property
     def num_slots(self) -> int:
@@ -153,11 +145,15 @@ class IdRowMap(nn.Module):
             offset = offset + torch.where(has_open, first.squeeze(1) + 1, _INSERT_WINDOW)
             if cand.numel() > 0:
                 # Several ids may reach the same open slot: the first of them in ``pending``
-                # order takes it (a deterministic choice), the others walk on.
+                # order takes it (a deterministic choice), the others walk on. A stable sort of
+                # the claimed slots puts each slot's first claimant first: it touches only these
+                # few numbers (a scatter into a slot-sized scratch missed the cache per claim).
                 cand_pos = window.gather(1, first).squeeze(1).index_select(0, cand)
-                self._claims.scatter_reduce_(0, cand_pos, cand, "amin")
-                at = (self._claims.index_select(0, cand_pos) == cand).nonzero().squeeze(1)
-                self._claims.index_fill_(0, cand_pos, _NO_CLAIM)
+                order = torch.argsort(cand_pos, stable=True)
+                by_slot = cand_pos.index_select(0, order)
+                first_claim = torch.ones_like(by_slot, dtype=torch.bool)
+                first_claim[1:] = by_slot[1:] != by_slot[:-1]
+                at = order.masked_select(first_claim).sort().values
                 winners = cand.index_select(0, at)
                 slots = cand_pos.index_select(0, at)
                 # In place: ``-=`` on a buffer goes through nn.Module.__setattr__ (tens of µs).
