@@ -61,7 +61,9 @@ class KernelBackend(StrEnum):
     """Which implementation runs the lookup.
 
     ``AUTO`` picks ``FBGEMM`` when it is importable and supports the configuration (dims multiple of
-    4, a fused optimizer it has on this device), else ``TORCH``.
+    4, a fused optimizer it has on this device), except on CPU for the fused optimizers whose torch
+    update is measured faster there (exact Adagrad); else ``TORCH``. The rule is
+    :func:`shardrec.kernels.storage_groups.resolve_default_backend`; both give the same results.
     """
 
     AUTO = "auto"
