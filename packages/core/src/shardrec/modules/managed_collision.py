@@ -370,11 +370,14 @@ class MCHManagedCollisionModule(nn.Module):
                 # Valid candidates are not read by this batch (their score would have changed)
                 # and are in key order: the first ones are the lowest, unless a candidate read
                 # since the scan is now below them (LFU only: an LRU read goes above them all).
-                moved = (now * capacity + kept.rows).masked_select(~same)
-                last = int(kept.scores[valid[need - 1]]) * capacity + int(
-                    kept.rows[valid[need - 1]]
-                )
-                if moved.numel() == 0 or int(moved.min()) > last:
+                nth = int(valid[need - 1])
+                last = int(kept.scores[nth]) * capacity + int(kept.rows[nth])
+                if isinstance(self._eviction_policy, LRU_EvictionPolicy):
+                    below = False
+                else:
+                    moved = (now * capacity + kept.rows).masked_select(~same)
+                    below = moved.numel() > 0 and int(moved.min()) <= last
+                if not below:
                     rest = valid[need:]
                     chosen = kept.rows.index_select(0, valid[:need])
                     kept.rows = kept.rows.index_select(0, rest)
