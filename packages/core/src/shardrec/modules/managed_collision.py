@@ -261,7 +261,7 @@ class MCHManagedCollisionModule(nn.Module):
         c[_STEP] = step
         rows = self._map.find(ids)
         held = rows >= 0
-        hit_rows = rows.index_select(0, held.nonzero().squeeze(1))
+        hit_rows = rows.masked_select(held)
         self._last_read.index_fill_(0, hit_rows, step)
         if self._eviction_policy.counts_reads:
             self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
