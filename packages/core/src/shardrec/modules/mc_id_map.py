@@ -128,23 +128,25 @@ class IdRowMap(nn.Module):
 
     def insert(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Add ``ids[i] -> rows[i]``; the ids must be distinct and absent, the rows free."""
+        if ids.numel() == 0:
+            return
         mask = self.num_slots - 1
         home = hash_slots(ids, self.bits)
-        pending = torch.arange(ids.numel(), device=ids.device)
-        offset = torch.zeros_like(home)  # where each pending id resumes its walk, from home
         steps = torch.arange(_INSERT_WINDOW, device=ids.device)
         farthest = int(self.max_displacement)
-        while pending.numel() > 0:
-            start = home.index_select(0, pending) + offset
+        # The ids still to place (None: all of them, in order: the first pass, usually the
+        # only one) and how far each resumes its walk from home.
+        pending: torch.Tensor | None = None
+        offset: torch.Tensor | None = None
+        start = home
+        while True:
             window = (start.unsqueeze(1) + steps) & mask
             is_open = (self.slot_rows.index_select(0, window.view(-1)) < 0).view(window.shape)
             first = is_open.to(torch.uint8).argmax(dim=1, keepdim=True)
             has_open = is_open.any(dim=1)
             cand = has_open.nonzero().squeeze(1)
-            won = torch.zeros(pending.numel(), dtype=torch.bool, device=ids.device)
-            # Where an id's window has no open slot it resumes after the window, else right
-            # after its first open slot (taken by another id if it does not win it below).
-            offset = offset + torch.where(has_open, first.squeeze(1) + 1, _INSERT_WINDOW)
+            count = ids.numel() if pending is None else pending.numel()
+            winners: torch.Tensor | None = None
             if cand.numel() > 0:
                 # Several ids may reach the same open slot: the first of them in ``pending``
                 # order takes it (a deterministic choice), the others walk on. A stable sort of
@@ -160,19 +162,28 @@ class IdRowMap(nn.Module):
                 slots = cand_pos.index_select(0, at)
                 # In place: ``-=`` on a buffer goes through nn.Module.__setattr__ (tens of µs).
                 self.tombstones.sub_((self.slot_rows.index_select(0, slots) == DELETED).sum())
-                who = pending.index_select(0, winners)
+                who = winners if pending is None else pending.index_select(0, winners)
                 won_rows = rows.index_select(0, who)
                 self.slot_ids.index_copy_(0, slots, ids.index_select(0, who))
                 self.slot_rows.index_copy_(0, slots, won_rows)
                 self.row_slots.index_copy_(0, won_rows, slots)
                 moved = (slots - home.index_select(0, who)) & mask
                 farthest = max(farthest, int(moved.max()))
-                if winners.numel() == pending.numel():
+                if winners.numel() == count:
                     break  # every id placed (the usual case: new ids rarely race for a slot)
-                won.index_fill_(0, winners, True)
-            keep = (~won).nonzero().squeeze(1)
-            pending = pending.index_select(0, keep)
-            offset = offset.index_select(0, keep)
+            # Where an id's window has no open slot it resumes after the window, else right
+            # after its first open slot (taken by another id: it did not win it).
+            walked = torch.where(has_open, first.squeeze(1) + 1, _INSERT_WINDOW)
+            offset = walked if offset is None else offset + walked
+            if winners is not None:
+                lost = torch.ones(count, dtype=torch.bool, device=ids.device)
+                lost.index_fill_(0, winners, False)
+                keep = lost.nonzero().squeeze(1)
+                pending = keep if pending is None else pending.index_select(0, keep)
+                offset = offset.index_select(0, keep)
+            elif pending is None:
+                pending = torch.arange(count, device=ids.device)
+            start = home.index_select(0, pending) + offset
         self.max_displacement.fill_(farthest)
 
     def remove_rows(self, rows: torch.Tensor) -> None:
