@@ -11,8 +11,11 @@ compared with the step at 0 ms:
 
 100 % means every collective waited out its full latency (a blocking step, whose collectives wait
 one after another); a step that computes while its collectives are in flight shows less. Steps are
-named in ``STEPS``: ``blocking`` (forward, backward, step) and ``pipelined`` (shardrec's
-``TrainPipelineSparseDist``: the next batch's input distribution in flight during this batch).
+named in ``STEPS``: ``blocking`` (forward, backward, step), ``pipelined`` (shardrec's
+``TrainPipelineSparseDist``: the next batch's input distribution in flight during this batch, and
+this batch's output distribution started before its forward) and ``pipelined, output late`` (the
+same pipeline with each output distribution started only where the model calls the module, as
+before that change: the same-run reference for what starting it early hides).
 With ``--impl both`` (default) TorchRec's blocking loop and its ``TrainPipelineSparseDist`` run too,
 in ``.venv-peer`` on the same delayed group (tw and rw). ``hidden``: the latency the blocking loop
 added and the pipelined one did not, over the latency the input distribution's two collectives were
@@ -22,14 +25,18 @@ Workload: an EmbeddingBagCollection of 8 tables (100,000 rows, dim 64, one id pe
 batch 1024 per rank, every table table-wise (round-robin over the ranks), row-wise, or
 table-row-wise (``--sharding tw|rw|twrw``; twrw: tables alternate between the nodes of ``--local``
 ranks, rows split inside, its node groups delayed alike), a Linear 512-256-1 over-arch under DDP,
-fused SGD, on ``--nproc`` gloo processes on CPU. Printed: the step (ms; the slowest rank's median
-over ``--steps`` steps, best of ``--rounds`` rounds that alternate the order of the latencies), the
-latency it added, the collectives per step, and the exposed share.
+fused SGD, on ``--nproc`` gloo processes on CPU. ``--bottom`` adds DLRM's shape of dense work that
+the embeddings are not needed for: an MLP 256-512-512-64 over dense features, run before the EBC
+is called, its output concatenated to the pooled rows (shardrec only: the TorchRec model has none).
+Printed: the step (ms; the slowest rank's median over ``--steps`` steps, best of ``--rounds``
+rounds that alternate the order of the latencies), the latency it added, the collectives per step,
+and the exposed share.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -58,7 +65,11 @@ FEATURES: Final = [f"f{i}" for i in range(TABLES)]
 Step = Callable[[], None]
 
 
-def _model(sharding: str, world: int, group: dist.ProcessGroup) -> torch.nn.Module:
+DENSE_IN: Final = 256
+BOTTOM: Final = [512, 512, 64]
+
+
+def _model(sharding: str, world: int, group: dist.ProcessGroup, bottom: bool) -> torch.nn.Module:
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
     from shardrec.distributed import (
         DistributedModelParallel,
@@ -84,12 +95,23 @@ def _model(sharding: str, world: int, group: dist.ProcessGroup) -> torch.nn.Modu
                 fused_params={"optimizer": "sgd", "learning_rate": LR},
             )
             torch.manual_seed(0)
+            self.bottom: torch.nn.Module | None = None
+            if bottom:
+                sizes = [DENSE_IN, *BOTTOM]
+                layers: list[torch.nn.Module] = []
+                for a, b in itertools.pairwise(sizes):
+                    layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+                self.bottom = torch.nn.Sequential(*layers)
+            width = DIM * TABLES + (BOTTOM[-1] if bottom else 0)
             self.over = torch.nn.Sequential(
-                torch.nn.Linear(DIM * TABLES, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
+                torch.nn.Linear(width, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
             )
 
-        def forward(self, kjt: Any, labels: torch.Tensor) -> torch.Tensor:
-            logits = self.over(self.ebc(kjt).values()).squeeze(1)
+        def forward(self, kjt: Any, labels: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+            # The bottom MLP first, as DLRM orders it: work the pooled rows are not needed for.
+            parts = [] if self.bottom is None else [self.bottom(dense)]
+            rows = self.ebc(kjt).values()
+            logits = self.over(torch.cat([rows, *parts], dim=1)).squeeze(1)
             return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
     layout = NodeLayout.from_env(world)
@@ -119,27 +141,14 @@ def _model(sharding: str, world: int, group: dist.ProcessGroup) -> torch.nn.Modu
 
 def blocking_step(model: torch.nn.Module, rank: int) -> Step:
     """Today's step: forward, backward, optimizer; each collective waited for when issued."""
-    from shardrec import KeyedJaggedTensor
-
     dense = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    gen = torch.Generator().manual_seed(rank)
-    batches = [
-        (
-            KeyedJaggedTensor(
-                keys=FEATURES,
-                values=torch.randint(0, ROWS, (TABLES * BATCH,), generator=gen),
-                lengths=torch.ones(TABLES * BATCH, dtype=torch.int32),
-            ),
-            torch.randint(0, 2, (BATCH,), generator=gen).float(),
-        )
-        for _ in range(4)
-    ]
+    batches = _batches(rank)
     at = [0]
 
     def step() -> None:
-        kjt, labels = batches[at[0] % len(batches)]
+        b = batches[at[0] % len(batches)]
         at[0] += 1
-        loss = model(kjt, labels)
+        loss = model(b.kjt, b.labels, b.dense)
         dense.zero_grad(set_to_none=True)
         loss.backward()
         dense.step()
@@ -147,51 +156,60 @@ def blocking_step(model: torch.nn.Module, rank: int) -> Step:
     return step
 
 
-def _batches(rank: int) -> list[tuple[Any, torch.Tensor]]:
+@dataclass(frozen=True)
+class _Batch:
+    kjt: Any
+    labels: torch.Tensor
+    dense: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> _Batch:
+        return self
+
+
+def _batches(rank: int) -> list[_Batch]:
     from shardrec import KeyedJaggedTensor
 
     gen = torch.Generator().manual_seed(rank)
     return [
-        (
+        _Batch(
             KeyedJaggedTensor(
                 keys=FEATURES,
                 values=torch.randint(0, ROWS, (TABLES * BATCH,), generator=gen),
                 lengths=torch.ones(TABLES * BATCH, dtype=torch.int32),
             ),
             torch.randint(0, 2, (BATCH,), generator=gen).float(),
+            torch.randn(BATCH, DENSE_IN, generator=gen),
         )
         for _ in range(4)
     ]
 
 
-@dataclass(frozen=True)
-class _Batch:
-    kjt: Any
-    labels: torch.Tensor
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> _Batch:
-        return self
-
-
-def _cycle(batches: list[tuple[Any, torch.Tensor]]) -> Iterator[_Batch]:
+def _cycle(batches: list[_Batch]) -> Iterator[_Batch]:
     at = 0
     while True:
-        kjt, labels = batches[at % len(batches)]
+        yield batches[at % len(batches)]
         at += 1
-        yield _Batch(kjt, labels)
 
 
-def pipelined_step(model: torch.nn.Module, rank: int) -> Step:
-    """shardrec's TrainPipelineSparseDist: batch i+1's input all-to-all in flight during batch i."""
+def pipelined_step(model: torch.nn.Module, rank: int, *, output_late: bool = False) -> Step:
+    """shardrec's TrainPipelineSparseDist: batch i+1's input all-to-all in flight during batch i,
+    batch i's output distributions started before its forward (``output_late``: where the model
+    calls the module, as the pipeline did before it started them early)."""
     from shardrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     dense = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
 
     def forward(m: torch.nn.Module, b: _Batch) -> tuple[torch.Tensor, None]:
-        return m(b.kjt, b.labels), None
+        return m(b.kjt, b.labels, b.dense), None
 
     pipeline = TrainPipelineSparseDist(model, dense, torch.device("cpu"), forward=forward)
     it = _cycle(_batches(rank))
+    pipeline.progress(it)  # the first step learns which modules it pipelines
+    if output_late:
+        # A benchmark's switch, through a private attribute: the pipelined modules' early start
+        # does nothing, so each looks up and sends its rows when the model calls it.
+        for pf in pipeline._forwards.values():
+            pf.start = lambda now: None  # type: ignore[method-assign]
 
     def step() -> None:
         pipeline.progress(it)
@@ -203,11 +221,14 @@ def pipelined_step(model: torch.nn.Module, rank: int) -> Step:
 STEPS: Final[dict[str, Callable[[torch.nn.Module, int], Step]]] = {
     "blocking": blocking_step,
     "pipelined": pipelined_step,
+    "pipelined, output late": partial(pipelined_step, output_late=True),
 }
 
 
-def _shardrec_step(name: str, sharding: str, world: int, group: Any, rank: int) -> Step:
-    return STEPS[name](_model(sharding, world, group), rank)
+def _shardrec_step(
+    name: str, sharding: str, world: int, group: Any, rank: int, bottom: bool
+) -> Step:
+    return STEPS[name](_model(sharding, world, group, bottom), rank)
 
 
 # TorchRec's loops, run in .venv-peer (TorchRec 1.8.0) on the same delayed group.
@@ -346,7 +367,10 @@ def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
         builders: dict[str, Callable[[], Step]] = (
             {n: partial(_torchrec_step, n, args.sharding, world, group, rank) for n in PEER_STEPS}
             if args.impl == "torchrec"
-            else {n: partial(_shardrec_step, n, args.sharding, world, group, rank) for n in STEPS}
+            else {
+                n: partial(_shardrec_step, n, args.sharding, world, group, rank, args.bottom)
+                for n in (args.loops or STEPS)
+            }
         )
         for name, build in builders.items():
             step = build()
@@ -395,7 +419,11 @@ def run(args: Any) -> dict[str, Any]:
 # The collectives of an input distribution: the split exchange, then the ids (tw, rw, twrw).
 INPUT_DIST_COLLECTIVES: Final = 2
 # Each pipelined loop and the blocking loop of the same library it is compared with.
-PAIRS: Final = {"pipelined": "blocking", "torchrec pipelined": "torchrec blocking"}
+PAIRS: Final = {
+    "pipelined": "blocking",
+    "pipelined, output late": "blocking",
+    "torchrec pipelined": "torchrec blocking",
+}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -454,14 +482,26 @@ def main() -> None:
         "--impl", choices=["shardrec", "torchrec", "both"], default="both",
         help="both: shardrec here, then TorchRec's loops in .venv-peer when it exists (tw, rw)",
     )  # fmt: skip
+    parser.add_argument(
+        "--bottom", action="store_true",
+        help="a bottom MLP over dense features before the EBC (shardrec's loops only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loops", nargs="+", choices=list(STEPS), default=None,
+        help="shardrec's loops to time (default: all of them)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.bottom and args.impl == "torchrec":
+        parser.error("--bottom: TorchRec's model here has no bottom MLP")
     result = run(args)
     if "error" in result:
         raise SystemExit(f"latency benchmark failed: {result['error']}\n{result['trace']}")
     if args.impl == "torchrec":
         print(json.dumps(result))
         return
-    if args.impl == "both" and args.sharding in ("tw", "rw") and peer_available():
+    if args.impl == "both" and args.bottom:
+        print("TorchRec's loops did not run: its model here has no bottom MLP (--bottom)")
+    elif args.impl == "both" and args.sharding in ("tw", "rw") and peer_available():
         command = [str(Path(__file__).resolve()), *sys.argv[1:], "--impl", "torchrec"]
         try:
             peer = json.loads(run_peer(command).splitlines()[-1])
@@ -475,6 +515,7 @@ def main() -> None:
         f"DMP step under injected latency: {args.nproc} gloo processes, {TABLES} tables x {ROWS}"
         f" rows x {DIM}, batch {BATCH} per rank, {args.sharding}"
         + (f", {args.local} ranks per node" if args.local else "")
+        + (f", bottom MLP {'-'.join(map(str, [DENSE_IN, *BOTTOM]))}" if args.bottom else "")
     )
     print(table(result))
 
