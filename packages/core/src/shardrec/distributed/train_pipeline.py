@@ -24,9 +24,10 @@
     5. backward(batch i), optimizer step: batch i+1's ids travel meanwhile
 
 The weights each batch sees are the plain loop's (:class:`TrainPipelineBase`): an input
-distribution moves ids only, and batch ``i+1``'s lookup runs in its own forward, after batch
-``i``'s update. A bad batch raises its :class:`~shardrec.kernels.BadBatchError` on every rank in
-that batch's forward, as in the plain loop; the pipeline can go on with the following batch.
+distribution moves ids only, and batch ``i+1``'s lookup runs in its own step, after batch ``i``'s
+update. A bad batch raises its :class:`~shardrec.kernels.BadBatchError` on every rank in that
+batch's step, before any update, as in the plain loop; the pipeline can go on with the following
+batch.
 
 Which modules are pipelined is learnt on the first step, which runs unpipelined: a sharded module
 of a :class:`~shardrec.distributed.DistributedModelParallel` in the model is pipelined when it
