@@ -168,3 +168,25 @@ def test_sharded_on_nccl_matches_unsharded_cpu(
         got = run(sharded, CUDA)
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dlrm_batch_pins_and_records_its_stream(tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    from shardrec_dlrm.data import open_dataset
+    from shardrec_dlrm.data.synth import synth
+
+    synth(Path(tmp_path), rows=200, seed=0)
+    host = next(
+        open_dataset(Path(tmp_path), num_embeddings_per_feature=[10] * 26).split("train").batches(8)
+    )
+    pinned = host.pin_memory()
+    assert pinned.dense_features.is_pinned()
+    assert pinned.sparse_features.values().is_pinned()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        moved = pinned.to(CUDA, non_blocking=True)
+    torch.cuda.current_stream().wait_stream(side)
+    moved.record_stream(torch.cuda.current_stream())
+    assert torch.equal(moved.labels.cpu(), host.labels)
+    assert torch.equal(moved.sparse_features.values().cpu(), host.sparse_features.values())

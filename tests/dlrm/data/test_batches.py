@@ -101,6 +101,16 @@ def test_batch_shape_and_kjt(dataset_dir: Path) -> None:
     assert torch.equal(moved.dense_features, batch.dense_features)
 
 
+def test_a_batch_is_copied_on_a_side_stream_by_the_pipeline(dataset_dir: Path) -> None:
+    # On CUDA the training pipeline copies a StreamRecordable batch on a side stream; the CUDA half
+    # (pinned batch, record_stream) runs in tests/gpu.
+    from shardrec.distributed.train_pipeline import StreamRecordable
+
+    ds = open_dataset(dataset_dir, num_embeddings_per_feature=[10] * 26)
+    batch = next(ds.split("train").batches(8))
+    assert isinstance(batch, StreamRecordable)
+
+
 def test_batch_values_equal_the_rows_hashed(dataset_dir: Path) -> None:
     ds = open_dataset(dataset_dir, num_embeddings=101)
     train = ds.split("train")

@@ -46,6 +46,22 @@ class Batch:
             self.labels.to(device, non_blocking=non_blocking),
         )
 
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked host memory, so that a copy to a GPU can overlap work."""
+        return Batch(
+            self.dense_features.pin_memory(),
+            self.sparse_features.pin_memory(),
+            self.labels.pin_memory(),
+        )
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Mark this batch's tensors as used on ``stream``: the training pipeline copies a batch
+        that can do this on a side stream, and its memory must not be reused before ``stream``
+        has read it."""
+        self.dense_features.record_stream(stream)
+        self.sparse_features.record_stream(stream)
+        self.labels.record_stream(stream)
+
 
 def make_batch(rows: Rows, num_embeddings_per_feature: Sequence[int] | None) -> Batch:
     """Build a :class:`Batch` from rows (copies out of memory maps; hashes ids to table rows)."""
