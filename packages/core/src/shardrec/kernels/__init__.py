@@ -26,15 +26,25 @@ from shardrec.kernels.specs import (
     TableSpec,
     parse_optimizer,
 )
-from shardrec.kernels.storage import GroupRequest, StorageBackend, UnknownStorageBackendError
+from shardrec.kernels.storage import (
+    IN_MEMORY,
+    DeclaresStorageMemory,
+    GroupRequest,
+    StorageBackend,
+    StorageMemory,
+    UnknownStorageBackendError,
+    storage_memory,
+)
 from shardrec.kernels.table_batched import TableBatchedEmbedding
 from shardrec.kernels.torch_backend import RowAllocator, TorchGroup, allocate_in_memory
 
 __all__ = [
     "BACKEND_ENV_VAR",
+    "IN_MEMORY",
     "BadBatchError",
     "BatchChecker",
     "DataType",
+    "DeclaresStorageMemory",
     "FeatureSpec",
     "FusedOptimizerConfig",
     "GroupInput",
@@ -46,6 +56,7 @@ __all__ = [
     "RowAllocator",
     "StorageBackend",
     "StorageChoice",
+    "StorageMemory",
     "TableBatchedEmbedding",
     "TableSpec",
     "TorchGroup",
@@ -54,4 +65,5 @@ __all__ = [
     "fused_learning_rates",
     "parse_optimizer",
     "set_learning_rate",
+    "storage_memory",
 ]

@@ -7,7 +7,7 @@ party implements.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Final
 
 import torch
@@ -17,7 +17,7 @@ from shardrec.distributed.hookspecs import RegisterStorageBackend, hookimpl
 from shardrec.kernels.fbgemm_backend import FbgemmGroup
 from shardrec.kernels.group import LookupGroup
 from shardrec.kernels.specs import KernelBackend, PoolingType, TableSpec
-from shardrec.kernels.storage import GroupRequest
+from shardrec.kernels.storage import IN_MEMORY, GroupRequest, StorageMemory
 from shardrec.kernels.torch_backend import TorchGroup
 
 __all__ = ["PLUGIN_NAME", "FbgemmStorage", "TorchStorage", "shardrec_register_storage_backends"]
@@ -37,6 +37,9 @@ class TorchStorage:
     @property
     def name(self) -> str:
         return KernelBackend.TORCH.value
+
+    def memory(self, options: Mapping[str, str]) -> StorageMemory:
+        return IN_MEMORY  # rows and optimizer state are tensors on the rank's device
 
     def group_key(self, table: TableSpec, pooled: bool) -> Hashable:
         return (table.data_type, table.embedding_dim)
@@ -60,6 +63,9 @@ class FbgemmStorage:
     @property
     def name(self) -> str:
         return KernelBackend.FBGEMM.value
+
+    def memory(self, options: Mapping[str, str]) -> StorageMemory:
+        return IN_MEMORY  # rows and optimizer state are tensors on the rank's device
 
     def group_key(self, table: TableSpec, pooled: bool) -> Hashable:
         pooling = table.pooling if pooled else PoolingType.NONE

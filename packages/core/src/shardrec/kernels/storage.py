@@ -11,20 +11,33 @@ A table picks its backend with ``storage=StorageChoice("name", {"option": "value
 gets today's choice, the lookup's ``backend=`` (``torch``, ``fbgemm`` or ``auto``). The built-in
 backends, ``torch`` and ``fbgemm``, are plugins registered through the same hook as a third
 party's (``shardrec_register_storage_backends``).
+
+A backend may also say which of a table's bytes it keeps in the rank's memory
+(:class:`DeclaresStorageMemory`, answering a :class:`StorageMemory`); the planner counts only
+those against a rank's HBM or DDR. A backend that says nothing keeps all of them there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import torch
 
 from shardrec.kernels.group import LookupGroup
 from shardrec.kernels.specs import FusedOptimizerConfig, StorageChoice, TableSpec
 
-__all__ = ["GroupRequest", "StorageBackend", "StorageChoice", "UnknownStorageBackendError"]
+__all__ = [
+    "IN_MEMORY",
+    "DeclaresStorageMemory",
+    "GroupRequest",
+    "StorageBackend",
+    "StorageChoice",
+    "StorageMemory",
+    "UnknownStorageBackendError",
+    "storage_memory",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,6 +105,50 @@ class StorageBackend(Protocol):
         """The group that stores ``request.tables`` on ``request.device`` (uninitialised: the
         lookup initialises or loads the weights and zeroes the optimizer state after)."""
         ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageMemory:
+    """Which of a table's bytes a backend keeps in the rank's memory (HBM or DDR, whichever the
+    rank computes in), so the planner counts them against that rank's capacity.
+
+    ``weights``: the rows; ``optimizer_state``: the fused optimizer's state. False: the backend
+    keeps them elsewhere (a file, a remote store), and the planner counts none of them. The
+    lookup's ids and outputs (and a replica's dense gradient) are always in memory.
+    """
+
+    weights: bool = True
+    optimizer_state: bool = True
+
+
+IN_MEMORY: Final = StorageMemory()
+"""Everything in the rank's memory: the built-in backends, and any backend that declares nothing."""
+
+
+@runtime_checkable
+class DeclaresStorageMemory(Protocol):
+    """The optional member of a :class:`StorageBackend` that tells the planner where its bytes
+    live. Without it the planner counts all of a table's bytes (:data:`IN_MEMORY`)."""
+
+    def memory(self, options: Mapping[str, str]) -> StorageMemory:
+        """Which bytes of a table stored with ``options`` (its :attr:`StorageChoice.options`)
+        count against the rank's memory. Called while planning, before anything is built."""
+        ...
+
+
+def storage_memory(backend: StorageBackend, options: Mapping[str, str]) -> StorageMemory:
+    """What ``backend`` declares for a table stored with ``options`` (:data:`IN_MEMORY` when it
+    declares nothing); a :class:`TypeError` naming the backend when its answer is not a
+    :class:`StorageMemory`."""
+    if not isinstance(backend, DeclaresStorageMemory):
+        return IN_MEMORY
+    declared = backend.memory(options)
+    if not isinstance(declared, StorageMemory):
+        raise TypeError(
+            f"storage backend {backend.name!r} ({type(backend).__qualname__}).memory() returned"
+            f" {declared!r}, not a shardrec.kernels.StorageMemory"
+        )
+    return declared
 
 
 class UnknownStorageBackendError(ValueError):

@@ -8,7 +8,7 @@ optimizer, and in a data-parallel replica.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from shardrec.distributed.hookspecs import RegisterStorageBackend, hookimpl
-from shardrec.kernels import GroupRequest, LookupGroup, TableSpec, TorchGroup
+from shardrec.kernels import GroupRequest, LookupGroup, StorageMemory, TableSpec, TorchGroup
 from shardrec_mmap_storage.files import file_name, map_rows
 
 __all__ = ["BACKEND_NAME", "MmapAllocator", "MmapStorage", "shardrec_register_storage_backends"]
@@ -68,6 +68,11 @@ class MmapStorage:
     @property
     def name(self) -> str:
         return BACKEND_NAME
+
+    def memory(self, options: Mapping[str, str]) -> StorageMemory:
+        # Rows and optimizer state are file pages: the kernel's page cache holds the ones in use
+        # and evicts them under pressure, so the planner need not fit them in the rank's memory.
+        return StorageMemory(weights=False, optimizer_state=False)
 
     def group_key(self, table: TableSpec, pooled: bool) -> Hashable:
         # One group per table: its files are named after it.

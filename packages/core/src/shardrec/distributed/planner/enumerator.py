@@ -24,6 +24,7 @@ from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.sharding.contract import HasPlannerLayout
 from shardrec.distributed.types import ModuleSharder, ShardingType
 from shardrec.kernels.specs import OptimizerType
+from shardrec.kernels.storage import IN_MEMORY, StorageMemory
 
 # On equal estimates, the simpler layout wins: fewer collectives, fewer pieces.
 _PREFERENCE: Final[dict[str, int]] = {
@@ -194,10 +195,12 @@ def resolve_workload(
     constraints: Mapping[str, ParameterConstraints],
     batch_size: int,
     optimizer: OptimizerType | None,
+    memory: StorageMemory = IN_MEMORY,
 ) -> Workload:
+    """``memory``: what the table's storage backend keeps in the rank's memory."""
     c = constraints.get(table.param_name) or constraints.get(table.fqn)
     own = table.optimizer if table.optimizer is not None else optimizer
     if c is None:
-        return Workload(batch_size, 1.0, own)
+        return Workload(batch_size, 1.0, own, memory)
     chosen = c.optimizer if c.optimizer is not None else own
-    return Workload(c.batch_size or batch_size, c.pooling_factor, chosen)
+    return Workload(c.batch_size or batch_size, c.pooling_factor, chosen, memory)

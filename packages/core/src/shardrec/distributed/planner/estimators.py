@@ -19,7 +19,9 @@ columns, ``rows`` its rows, N the table's rows, D its dimension. A *peer* is any
   all-reduced in two levels: 2·(L-1)/L · S inside the host, 2·(H-1)/H · S/L between the H hosts,
   sent and received by every rank.
 - storage = weights (rows·cols·e) + optimizer state (see OPTIMIZER_STATE) + input ids (8 bytes each)
-  + output and its gradient (2 · output elements · e); REPLICATED adds its dense gradient.
+  + output and its gradient (2 · output elements · e); REPLICATED adds its dense gradient. Weights
+  and optimizer state count only where the table's storage backend keeps them in memory
+  (``Workload.memory``, a :class:`shardrec.kernels.StorageMemory`; a file-backed table's are 0).
 - compute: forward = (ids looked up · cols + output elements) · e / memory bandwidth, backward =
   forward × the topology's ``bwd_compute_multiplier``.
 - ROW_SPLIT's partial sums go by reduce-scatter; with ``Topology.reduce_scatter_bw`` set, the
@@ -41,6 +43,7 @@ from shardrec.distributed.planner.layouts import Traffic
 from shardrec.distributed.planner.topology import Topology
 from shardrec.distributed.planner.types import PlannerTable, ShardCost
 from shardrec.kernels.specs import OptimizerType, parse_optimizer
+from shardrec.kernels.storage import IN_MEMORY, StorageMemory
 
 INDEX_BYTES: Final = 8
 
@@ -66,11 +69,13 @@ def optimizer_state_bytes(optimizer: OptimizerType | None, rows: int, cols: int)
 class Workload:
     """The per-table facts the estimates need, resolved from the planner defaults and
     constraints. ``optimizer``: the fused optimizer whose state the table carries (None: none; a
-    name is parsed by :func:`shardrec.kernels.parse_optimizer`)."""
+    name is parsed by :func:`shardrec.kernels.parse_optimizer`). ``memory``: which of the table's
+    bytes its storage backend keeps in the rank's memory (the rest is not counted)."""
 
     batch_size: int
     pooling_factor: float
     optimizer: OptimizerType | None
+    memory: StorageMemory = IN_MEMORY
 
     def __post_init__(self) -> None:
         if self.optimizer is not None:
@@ -134,16 +139,21 @@ def estimate_shard(
     senders = 1 if traffic is Traffic.REPLICATED else w
     ids, out_elems = ids_per_rank * senders, out_per_rank * senders
 
-    weights = rows * cols * e
-    state = optimizer_state_bytes(workload.optimizer, rows, cols)
+    dense = rows * cols * e
+    weights = dense if workload.memory.weights else 0
+    state = (
+        optimizer_state_bytes(workload.optimizer, rows, cols)
+        if workload.memory.optimizer_state
+        else 0
+    )
     io = round(ids * INDEX_BYTES + 2 * out_elems * e)
     fwd_compute = (ids * cols + out_elems) * e / topology.memory_bw
     bwd_compute = fwd_compute * topology.bwd_compute_multiplier
     compute = fwd_compute + bwd_compute
     read = ids * cols * e
     if traffic is Traffic.REPLICATED:
-        io += weights  # the dense gradient
-        intra, inter = allreduce_bytes(topology, weights)
+        io += dense  # the dense gradient, in memory whatever the storage
+        intra, inter = allreduce_bytes(topology, dense)
         comm = intra / topology.intra_host_bw + inter / topology.inter_host_bw
         cost = ShardCost(
             compute=compute,

@@ -21,6 +21,7 @@ from shardrec.distributed.planner.report import PlanReport, build_report
 from shardrec.distributed.planner.tables import tables_of
 from shardrec.distributed.planner.topology import GB, Topology, local_world_size_from_env
 from shardrec.distributed.planner.types import PlannerError, PlannerTable, ShardingOption
+from shardrec.distributed.plugins import find_storage_backend
 from shardrec.distributed.sharder_index import SharderIndex
 from shardrec.distributed.types import (
     ModuleSharder,
@@ -29,6 +30,13 @@ from shardrec.distributed.types import (
     ShardMetadata,
 )
 from shardrec.kernels.specs import OptimizerType, parse_optimizer
+from shardrec.kernels.storage import (
+    IN_MEMORY,
+    StorageBackend,
+    StorageMemory,
+    UnknownStorageBackendError,
+    storage_memory,
+)
 
 DEFAULT_BATCH_SIZE = 512
 DEFAULT_OPTIMIZER: Final = OptimizerType.ROWWISE_ADAGRAD
@@ -44,6 +52,11 @@ class EmbeddingShardingPlanner:
     ``estimators.OPTIMIZER_STATE``); ``reserved_fraction`` of every rank's memory is kept for dense
     parameters and activations. Per-table ``constraints`` are keyed by table name (or
     ``module_path.table``). After ``plan`` or ``collective_plan``, ``last_report`` holds the report.
+
+    A table whose config chooses a storage backend (``StorageChoice``) counts only the bytes that
+    backend keeps in memory (:class:`shardrec.kernels.StorageMemory`; a file-backed table's rows
+    and optimizer state count nothing). ``storage_backends``: name -> backend to ask (a plugin
+    manager's ``storage_backends()``); None: the installed plugins', as the lookup finds them.
     """
 
     def __init__(
@@ -55,6 +68,7 @@ class EmbeddingShardingPlanner:
         optimizer: OptimizerType | str | None = DEFAULT_OPTIMIZER,
         reserved_fraction: float = DEFAULT_RESERVED_FRACTION,
         max_proposals: int | None = None,
+        storage_backends: Mapping[str, StorageBackend] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"EmbeddingShardingPlanner: batch_size must be >= 1, got {batch_size}")
@@ -69,7 +83,28 @@ class EmbeddingShardingPlanner:
         self.optimizer = None if optimizer is None else parse_optimizer(optimizer)
         self.reserved_fraction = reserved_fraction
         self.max_proposals = max_proposals
+        self.storage_backends = None if storage_backends is None else dict(storage_backends)
         self.last_report: PlanReport | None = None
+
+    def _memory(self, table: PlannerTable) -> StorageMemory:
+        """What the table's storage backend keeps in memory; a PlannerError naming the table when
+        the backend is unknown or answers badly (so ``collective_plan`` sends it to every rank)."""
+        if table.storage is None:
+            return IN_MEMORY  # the lookup's built-in backend: tensors on the rank
+        name = table.storage.backend
+        try:
+            if self.storage_backends is None:
+                backend = find_storage_backend(name, table=table.fqn)
+            elif name in self.storage_backends:
+                backend = self.storage_backends[name]
+            else:
+                raise UnknownStorageBackendError(table.fqn, name, list(self.storage_backends))
+        except UnknownStorageBackendError as exc:  # it names the table
+            raise PlannerError(str(exc)) from exc
+        try:
+            return storage_memory(backend, table.storage.options)
+        except TypeError as exc:
+            raise PlannerError(f"table {table.fqn!r}: {exc}") from exc
 
     def _topology(self) -> Topology:
         if self.topology is not None:
@@ -131,8 +166,25 @@ class EmbeddingShardingPlanner:
         topology = self._topology()
         self._check_constraint_names(tables)
         options: list[list[ShardingOption]] = []
+        notes: list[str] = []
         for table in tables:
-            workload = resolve_workload(table, self.constraints, self.batch_size, self.optimizer)
+            memory = self._memory(table)
+            if memory != IN_MEMORY and table.storage is not None:
+                kept = [
+                    what
+                    for what, counted in (
+                        ("weights", memory.weights),
+                        ("optimizer state", memory.optimizer_state),
+                    )
+                    if not counted
+                ]
+                notes.append(
+                    f"{table.fqn}: {' and '.join(kept)} in {table.storage.backend!r} storage,"
+                    " not counted in rank memory"
+                )
+            workload = resolve_workload(
+                table, self.constraints, self.batch_size, self.optimizer, memory
+            )
             constraint = self.constraints.get(table.param_name) or self.constraints.get(table.fqn)
             options.append(enumerate_options(table, sharders, topology, workload, constraint))
         if not options:
@@ -152,7 +204,7 @@ class EmbeddingShardingPlanner:
             result.proposals,
             result.feasible,
             time.perf_counter() - start,
-            notes=(result.note,) if result.note else (),
+            notes=((result.note,) if result.note else ()) + tuple(notes),
         )
         return to_sharding_plan(result.placement.options)
 

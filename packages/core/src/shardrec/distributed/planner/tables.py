@@ -49,6 +49,7 @@ def tables_in_module(module: nn.Module, module_path: str) -> list[PlannerTable]:
                     num_features=max(1, len(c.feature_names)),
                     pooled=pooled and not unpooled,
                     optimizer=_fused_optimizer(module),
+                    storage=c.storage,
                 )
             )
         return out

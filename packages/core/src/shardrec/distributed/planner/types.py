@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from shardrec.distributed.types import ShardRect
-from shardrec.kernels.specs import OptimizerType, parse_optimizer
+from shardrec.kernels.specs import OptimizerType, StorageChoice, parse_optimizer
 
 
 class PlannerError(ValueError):
@@ -25,7 +25,9 @@ class PlannerTable:
     features that look up this table; ``pooled`` is False for sequence (non-pooled) embeddings.
     ``optimizer`` is the fused optimizer the module trains it with (None: the module names none,
     and the planner's ``optimizer`` is assumed); a name is parsed by
-    :func:`shardrec.kernels.parse_optimizer`.
+    :func:`shardrec.kernels.parse_optimizer`. ``storage``: the table's storage backend choice
+    (None: a built-in backend); the planner asks that backend which of the table's bytes count
+    against a rank's memory (:class:`shardrec.kernels.StorageMemory`).
     """
 
     module_path: str
@@ -37,6 +39,7 @@ class PlannerTable:
     num_features: int = 1
     pooled: bool = True
     optimizer: OptimizerType | None = None
+    storage: StorageChoice | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer is not None:
