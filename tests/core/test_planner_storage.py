@@ -7,8 +7,6 @@ rank leaves exactly those bytes out; the same table on the default storage is re
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
@@ -38,7 +36,9 @@ from shardrec.kernels import (
 from shardrec.modules import EmbeddingBagCollection
 from shardrec.modules.configs import EmbeddingBagConfig
 
-PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "shardrec_mmap_storage"
+from .._plugin_site import PLUGINS, install_plugin
+
+PLUGIN = PLUGINS / "shardrec_mmap_storage"
 MiB = 1024**2
 ROWS, DIM = 4_000_000, 64  # 1 GiB of fp32 rows (+ 16 MB of row-wise Adagrad state)
 
@@ -46,12 +46,7 @@ ROWS, DIM = 4_000_000, 64  # 1 GiB of fp32 rows (+ 16 MB of row-wise Adagrad sta
 @pytest.fixture(scope="module")
 def mmap_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The example plugin installed as a user would, found through its entry point."""
-    tmp = tmp_path_factory.mktemp("mmap-plugin")
-    source = tmp / "src"
-    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    site = tmp / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
-    subprocess.run([*pip, "--no-build-isolation", "--target", str(site), str(source)], check=True)
+    site = install_plugin(PLUGIN, tmp_path_factory.mktemp("mmap-plugin"))
     sys.path.insert(0, str(site))
     try:
         yield site

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -34,7 +33,9 @@ from shardrec.kernels import (
 )
 from shardrec.modules import EmbeddingConfig
 
-PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "shardrec_mmap_storage"
+from .._plugin_site import PLUGINS, install_plugin
+
+PLUGIN = PLUGINS / "shardrec_mmap_storage"
 
 
 class _Counting:
@@ -204,27 +205,7 @@ def test_config_field_is_typed() -> None:
 
 @pytest.fixture(scope="module")
 def mmap_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("mmap-plugin")
-    source = tmp / "src"
-    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    site = tmp / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(site),
-            str(source),
-        ],
-        check=True,
-    )
-    return site
+    return install_plugin(PLUGIN, tmp_path_factory.mktemp("mmap-plugin"))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,8 @@ from torch import nn
 from shardrec import EmbeddingBagCollection
 from shardrec.distributed import PluginError, ShardingType, hookimpl, load_sharder_registry
 
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+from ..._plugin_site import PLUGINS, install_plugin
+
 EXAMPLE = PLUGINS / "shardrec_example_sharder"
 EVIL_TWIN = PLUGINS / "shardrec_evil_twin"
 
@@ -102,28 +102,7 @@ def test_block_and_allow_lists() -> None:
 
 
 def _install(tmp_path: Path, distribution: Path = EXAMPLE) -> Path:
-    """pip-install a test distribution into a fresh folder (built from a copy: the tree stays
-    clean)."""
-    source = tmp_path / "src"
-    shutil.copytree(distribution, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-    )
-    return target
+    return install_plugin(distribution, tmp_path)
 
 
 def test_third_party_plugin_is_picked_up(tmp_path: Path) -> None:
