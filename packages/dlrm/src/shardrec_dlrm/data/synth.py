@@ -255,41 +255,19 @@ def _synth(root: Path, rows: int, seed: int, log: Callable[[str], None] | None) 
         model.ids, model.weights, model.missing_weights, model.zipf, model.dense_weights,
         model.interaction, bias,
     )  # fmt: skip
-    bounds: dict[SplitName, Segment] = {
-        name: split_segments("kaggle", [rows], name)[0] for name in ("val", "test")
-    }
-    kept: dict[str, list[tuple[npt.NDArray[np.float64], npt.NDArray[np.uint8]]]] = {
-        "val": [],
-        "test": [],
-    }
-    positives = 0
-    tmp = root / (DATA_NAME + ".partial")
-    with os.fdopen(create_new(tmp), "wb") as out:
-        for index, lo in enumerate(range(0, rows, CHUNK_ROWS)):
-            n = min(CHUNK_ROWS, rows - lo)
-            chunk_rng = np.random.default_rng([seed, 2, index])
-            rank, s_missing, dense, d_missing = _draw_features(chunk_rng, model, cdfs, n)
-            probs = 1.0 / (
-                1.0
-                + np.exp(-(bias + _logits_without_bias(model, rank, s_missing, dense, d_missing)))
-            )
-            labels = (chunk_rng.random(n) < probs).astype(np.uint8)
-            positives += int(labels.sum())
-            hex_ids = np.stack([model.ids[j][rank[:, j]] for j in range(NUM_SPARSE)], axis=1)
-            out.write(format_tsv(labels, dense, d_missing, hex_ids, s_missing))
-            for name, seg in bounds.items():
-                a, b = max(seg.start, lo), min(seg.stop, lo + n)
-                if a < b:
-                    kept[name].append((probs[a - lo : b - lo], labels[a - lo : b - lo]))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, root / DATA_NAME)
+
+    def draw_chunk(index: int, lo: int, n: int) -> PlantedChunk:
+        chunk_rng = np.random.default_rng([seed, 2, index])
+        rank, s_missing, dense, d_missing = _draw_features(chunk_rng, model, cdfs, n)
+        probs = 1.0 / (
+            1.0 + np.exp(-(bias + _logits_without_bias(model, rank, s_missing, dense, d_missing)))
+        )
+        labels = (chunk_rng.random(n) < probs).astype(np.uint8)
+        hex_ids = np.stack([model.ids[j][rank[:, j]] for j in range(NUM_SPARSE)], axis=1)
+        return PlantedChunk(probs, format_tsv(labels, dense, d_missing, hex_ids, s_missing), labels)
+
+    positives, optimum = write_planted_rows(root, rows, draw_chunk)
     model.save(root / MODEL_NAME)
-    optimum = {}
-    for split_name, pieces in kept.items():
-        p = np.concatenate([x for x, _ in pieces])
-        y = np.concatenate([y for _, y in pieces])
-        optimum[split_name] = _optimum(p, y)
     info = SynthInfo(rows, seed, positives / rows, cards, optimum["val"], optimum["test"])
     write_synth_info(root, info)
     if log is not None:
@@ -299,6 +277,54 @@ def _synth(root: Path, rows: int, seed: int, log: Callable[[str], None] | None) 
             f"log loss {info.val.log_loss:.4f}"
         )
     return info
+
+
+@dataclass(frozen=True, slots=True)
+class PlantedChunk:
+    """One chunk of a planted stream: each row's true click probability, the rows as Criteo text
+    lines, and the labels drawn from those probabilities."""
+
+    probs: npt.NDArray[np.float64]
+    text: bytes
+    labels: npt.NDArray[np.uint8]
+
+
+def write_planted_rows(
+    root: Path, rows: int, draw_chunk: Callable[[int, int, int], PlantedChunk]
+) -> tuple[int, dict[SplitName, SplitOptimum]]:
+    """Write ``rows`` rows to ``root/DATA_NAME`` through a temporary file renamed when complete,
+    ``draw_chunk(index, first_row, n)`` giving each chunk of at most ``CHUNK_ROWS`` rows. Returns
+    the number of positive labels, and the optimum (the true probabilities' AUC and log loss) of
+    the validation and test splits."""
+    bounds: dict[SplitName, Segment] = {
+        name: split_segments("kaggle", [rows], name)[0] for name in ("val", "test")
+    }
+    kept: dict[SplitName, list[tuple[npt.NDArray[np.float64], npt.NDArray[np.uint8]]]] = {
+        "val": [],
+        "test": [],
+    }
+    positives = 0
+    tmp = root / (DATA_NAME + ".partial")
+    with os.fdopen(create_new(tmp), "wb") as out:
+        for index, lo in enumerate(range(0, rows, CHUNK_ROWS)):
+            n = min(CHUNK_ROWS, rows - lo)
+            chunk = draw_chunk(index, lo, n)
+            positives += int(chunk.labels.sum())
+            out.write(chunk.text)
+            for name, seg in bounds.items():
+                a, b = max(seg.start, lo), min(seg.stop, lo + n)
+                if a < b:
+                    kept[name].append((chunk.probs[a - lo : b - lo], chunk.labels[a - lo : b - lo]))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, root / DATA_NAME)
+    optimum = {
+        name: _optimum(
+            np.concatenate([p for p, _ in pieces]), np.concatenate([y for _, y in pieces])
+        )
+        for name, pieces in kept.items()
+    }
+    return positives, optimum
 
 
 def _optimum(probs: npt.NDArray[np.float64], labels: npt.NDArray[np.uint8]) -> SplitOptimum:

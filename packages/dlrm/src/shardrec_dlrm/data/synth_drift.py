@@ -38,9 +38,7 @@ import numpy.typing as npt
 from .files import create_new
 from .outdir import claim_output, refuse_non_empty
 from .schema import NUM_DENSE, NUM_SPARSE
-from .splits import Segment, SplitName, split_segments
 from .synth import (
-    CHUNK_ROWS,
     DATA_NAME,
     DENSE_LAWS,
     DENSE_MISSING,
@@ -48,9 +46,10 @@ from .synth import (
     MODEL_NAME,
     SPARSE_MISSING,
     TARGET_CTR,
+    PlantedChunk,
     SynthInfo,
     _bias_for_ctr,
-    _optimum,
+    write_planted_rows,
     write_synth_info,
 )
 from .textwrite import format_tsv
@@ -219,41 +218,18 @@ def _write(
         model.seed, model.live, model.turnover, model.zipf, model.sigmas,
         model.missing_weights, model.dense_weights, bias,
     )  # fmt: skip
-    bounds: dict[SplitName, Segment] = {
-        name: split_segments("kaggle", [rows], name)[0] for name in ("val", "test")
-    }
-    kept: dict[str, list[tuple[npt.NDArray[np.float64], npt.NDArray[np.uint8]]]] = {
-        "val": [],
-        "test": [],
-    }
-    positives = 0
-    tmp = root / (DATA_NAME + ".partial")
-    with os.fdopen(create_new(tmp), "wb") as out:
-        for chunk, lo in enumerate(range(0, rows, CHUNK_ROWS)):
-            n = min(CHUNK_ROWS, rows - lo)
-            rng = np.random.default_rng([seed, 12, chunk])
-            drawn = _draw_rows(rng, model, lo, n, rows)
-            probs = 1.0 / (1.0 + np.exp(-_logits(model, drawn)))
-            labels = (rng.random(n) < probs).astype(np.uint8)
-            positives += int(labels.sum())
-            ids = np.stack([model.raw_ids(j, drawn.index[:, j]) for j in range(NUM_SPARSE)], 1)
-            out.write(
-                format_tsv(labels, drawn.dense, drawn.dense_missing, ids, drawn.sparse_missing)
-            )
-            for name, seg in bounds.items():
-                a, b = max(seg.start, lo), min(seg.stop, lo + n)
-                if a < b:
-                    kept[name].append((probs[a - lo : b - lo], labels[a - lo : b - lo]))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, root / DATA_NAME)
+
+    def draw_chunk(index: int, lo: int, n: int) -> PlantedChunk:
+        rng = np.random.default_rng([seed, 12, index])
+        drawn = _draw_rows(rng, model, lo, n, rows)
+        probs = 1.0 / (1.0 + np.exp(-_logits(model, drawn)))
+        labels = (rng.random(n) < probs).astype(np.uint8)
+        ids = np.stack([model.raw_ids(j, drawn.index[:, j]) for j in range(NUM_SPARSE)], 1)
+        text = format_tsv(labels, drawn.dense, drawn.dense_missing, ids, drawn.sparse_missing)
+        return PlantedChunk(probs, text, labels)
+
+    positives, optimum = write_planted_rows(root, rows, draw_chunk)
     model.save(root / MODEL_NAME)
-    optimum = {
-        name: _optimum(
-            np.concatenate([p for p, _ in pieces]), np.concatenate([y for _, y in pieces])
-        )
-        for name, pieces in kept.items()
-    }
     info = SynthInfo(
         rows, seed, positives / rows, model.distinct_ids(rows), optimum["val"], optimum["test"]
     )
