@@ -24,7 +24,6 @@ from shardrec.distributed import (
 )
 from shardrec.distributed.train_pipeline import TrainPipelineSparseDist
 from shardrec.distributed.types import ShardMetadata
-from shardrec.kernels import BadBatchError
 from shardrec.sparse import deduplicate_features
 from shardrec.testing import EmbeddingModel, WorkerPool
 
@@ -74,8 +73,14 @@ def user_item_batch(rank: int, step: int) -> KeyedJaggedTensor:
     )
 
 
-def _train(env: ShardingEnv, plan: ShardingPlan, vbe: bool, pipelined: bool) -> dict[str, Any]:
-    dmp = DistributedModelParallel(MODEL.build(7), env=env, plan=plan)
+def _train(
+    env: ShardingEnv,
+    plan: ShardingPlan,
+    vbe: bool,
+    pipelined: bool,
+    model: EmbeddingModel = MODEL,
+) -> dict[str, Any]:
+    dmp = DistributedModelParallel(model.build(7), env=env, plan=plan)
     head = dmp.module.get_submodule("dense")
     assert isinstance(head, torch.nn.Linear)
     opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=0.1)
@@ -83,7 +88,14 @@ def _train(env: ShardingEnv, plan: ShardingPlan, vbe: bool, pipelined: bool) -> 
     if vbe:
         batches = [deduplicate_features(kjt, ["user", "age"]) for kjt in batches]
         assert batches[0].stride_per_key() == [USERS, USERS, USERS * ITEMS]
-    outputs, grads = [], []
+    outputs, grads, lengths = [], [], []
+    if not model.pooled:
+        # Each output's lengths, from the sharded collection itself (the head sees its values).
+        emb = dmp.module.get_submodule("emb")
+        for kjt in batches:
+            with torch.no_grad():
+                out = emb(kjt)
+            lengths.append({name: out[name].lengths().clone() for name in sorted(out)})
     if pipelined:
         pipeline: TrainPipelineSparseDist[KeyedJaggedTensor, torch.Tensor] = (
             TrainPipelineSparseDist(
@@ -105,6 +117,7 @@ def _train(env: ShardingEnv, plan: ShardingPlan, vbe: bool, pipelined: bool) -> 
     return {
         "outputs": outputs,
         "grads": grads,
+        "lengths": lengths,
         "tables": {
             (table, name, i): t.tensor.detach().clone()
             for table, held in shards.items()
@@ -114,11 +127,13 @@ def _train(env: ShardingEnv, plan: ShardingPlan, vbe: bool, pipelined: bool) -> 
     }
 
 
-def train_both(env: ShardingEnv, plan: ShardingPlan, pipelined: bool = False) -> dict[str, Any]:
+def train_both(
+    env: ShardingEnv, plan: ShardingPlan, pipelined: bool = False, model: EmbeddingModel = MODEL
+) -> dict[str, Any]:
     """The full batch in a plain loop; its VBE form in a plain loop, or pipelined."""
     return {
-        "full": _train(env, plan, vbe=False, pipelined=False),
-        "vbe": _train(env, plan, vbe=True, pipelined=pipelined),
+        "full": _train(env, plan, vbe=False, pipelined=False, model=model),
+        "vbe": _train(env, plan, vbe=True, pipelined=pipelined, model=model),
     }
 
 
@@ -149,11 +164,18 @@ def boxes(kind: ShardingType, table: EmbeddingBagConfig | EmbeddingConfig) -> Pa
     )
 
 
-def assert_same(ranks: list[dict[str, Any]]) -> None:
+def assert_same(ranks: list[dict[str, Any]], pooled: bool = True) -> None:
     for rank, result in enumerate(ranks):
         full, vbe = result["full"], result["vbe"]
         for step in range(STEPS):
-            assert full["outputs"][step].shape == (USERS * ITEMS, 4 + 4 + 6 + 6)
+            if pooled:
+                assert full["outputs"][step].shape == (USERS * ITEMS, 4 + 4 + 6 + 6)
+            else:  # every sample's ids of the three features (and "user" of two tables)
+                assert full["outputs"][step].shape[0] > 0
+                assert vbe["lengths"][step].keys() == full["lengths"][step].keys()
+                for name, lengths in full["lengths"][step].items():
+                    assert lengths.shape == (USERS * ITEMS,)
+                    assert torch.equal(vbe["lengths"][step][name], lengths), (rank, step, name)
             torch.testing.assert_close(vbe["outputs"][step], full["outputs"][step])
         for full_grad, vbe_grad in zip(full["grads"], vbe["grads"], strict=False):
             torch.testing.assert_close(vbe_grad, full_grad)
@@ -190,30 +212,31 @@ EC_MODEL = EmbeddingModel(
         EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=4,
                         feature_names=list(t.feature_names))
         for t in TABLES
-    ]
+    ],
+    fused_params={"optimizer": "rowwise_adagrad", "learning_rate": 0.1},
 )  # fmt: skip
+EC_TYPES = [
+    ShardingType.TABLE_WISE,
+    ShardingType.COLUMN_WISE,
+    ShardingType.ROW_WISE,
+    ShardingType.DATA_PARALLEL,
+    ShardingType.TABLE_COLUMN_WISE,
+]
 
 
-def ec_one_rank_vbe(env: ShardingEnv, sharding_type: ShardingType) -> dict[str, Any]:
-    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in EC_MODEL.tables}})
-    dmp = DistributedModelParallel(EC_MODEL.build(7), env=env, plan=plan)
-    full = user_item_batch(env.rank, 0)
-    result: dict[str, Any] = {"error": None}
-    try:
-        dmp(deduplicate_features(full, ["user"]) if env.rank == 0 else full)
-    except BadBatchError as exc:
-        result["error"], result["ranks"] = str(exc), exc.ranks
-    _, loss = dmp(full)  # nothing of the refused batch is left in flight
-    loss.backward()
-    return result
-
-
-@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE, ShardingType.DATA_PARALLEL])
-def test_sharded_ec_refuses_vbe_on_every_rank(
+@pytest.mark.parametrize("sharding_type", EC_TYPES)
+def test_sharded_ec_vbe_equals_the_full_batch(
     dist_pool: WorkerPool, sharding_type: ShardingType
 ) -> None:
-    results = dist_pool.run(WORLD, ec_one_rank_vbe, sharding_type=sharding_type)
-    for result in results:
-        assert result["error"] is not None
-        assert "does not take a variable batch per key" in result["error"]
-        assert list(result["ranks"]) == [0]
+    # As TorchRec's sharded collection does, each output comes back at the full batch (every
+    # sample's rows, read through the inverse indices), so it is the full batch's output.
+    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in EC_MODEL.tables}})
+    ranks = dist_pool.run(
+        WORLD,
+        train_both,
+        local_world_size=LOCAL.get(sharding_type),
+        plan=plan,
+        model=EC_MODEL,
+    )
+    assert all(len(r["vbe"]["grads"]) == STEPS for r in ranks)
+    assert_same(ranks, pooled=False)

@@ -63,9 +63,8 @@ class BatchGuard:
     all-to-all) or, when it has none, into :func:`comm.flagged_ranks`. When a rank flagged,
     ``raise_for`` gathers each flagging rank's description (feature, table, the user's id, sample)
     and every rank raises the same :class:`BadBatchError`: no rank returns output, none waits.
-    ``sources``/``tables``/``rows`` describe the routed KJT's keys, in order. A module that is not
-    ``pooled`` (an EmbeddingCollection) also refuses a variable batch per key, on every rank, as
-    it refuses a bad one (its sharded outputs cannot give each key's own rows yet).
+    ``sources``/``tables``/``rows`` describe the routed KJT's keys, in order. ``pooled``: whether
+    the module pools (an EmbeddingBagCollection) or returns each id's row.
     """
 
     def __init__(
@@ -108,7 +107,7 @@ class BatchGuard:
     def local_flag(self, routed: KeyedJaggedTensor) -> torch.Tensor:
         """Nonzero when this rank's batch is bad: the dtype always, the contents when enabled."""
         values = routed.values()
-        if self.checker.dtype_problem(values) is not None or self._variable_problem(routed):
+        if self.checker.dtype_problem(values) is not None:
             return torch.ones((), dtype=torch.bool, device=values.device)
         if not self.enabled:
             return torch.zeros((), dtype=torch.bool, device=values.device)
@@ -116,17 +115,9 @@ class BatchGuard:
 
     def check_alone(self, routed: KeyedJaggedTensor) -> None:
         """Checks disabled, no collective to carry a flag: the free dtype check, on this rank."""
-        problem = self._variable_problem(routed) or self.checker.dtype_problem(routed.values())
+        problem = self.checker.dtype_problem(routed.values())
         if problem is not None:
             raise BadBatchError(f"rank {self.env.rank}: {problem}", ranks=(self.env.rank,))
-
-    def _variable_problem(self, routed: KeyedJaggedTensor) -> str | None:
-        if self.pooled or routed.inverse_indices_or_none() is None:
-            return None
-        return (
-            f"{self.kind}: a sharded EmbeddingCollection does not take a variable batch per key"
-            " yet; give it the full batch (shardrec.sparse.expand_features)"
-        )
 
     def send_nothing(
         self, routed: KeyedJaggedTensor, ids: torch.Tensor, reject: torch.Tensor
@@ -156,7 +147,7 @@ class BatchGuard:
         """Raise on every rank (all of them call this with the same ``ranks``)."""
         mine: str | None = None
         if self.env.rank in ranks:
-            mine = self._variable_problem(routed) or self.checker.find_problem(
+            mine = self.checker.find_problem(
                 routed.values(), routed.lengths(), routed.length_per_key(), routed.stride()
             )
             mine = mine or f"{self.kind}: the batch failed its checks"

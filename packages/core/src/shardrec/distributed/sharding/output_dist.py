@@ -22,6 +22,7 @@ import torch
 from shardrec.distributed.sharding.input_dist import StackedInput
 from shardrec.distributed.sharding.module_view import TableFeature
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec.sparse._vbe import gather_rows
 from shardrec.sparse.variable_batch import expand_pooled
 
 __all__ = [
@@ -95,21 +96,47 @@ def sequence_output(
     """An EmbeddingCollection output for key ``index`` of ``routed``: ``values`` ``[ids, D]``
     with the key's lengths ``[B]``.
 
-    With ``need_indices`` the ids ride in the weights slot (TorchRec's convention, as the
-    unsharded collection does).
+    A routed batch that carries inverse indices (a variable batch per key, routed as its unique
+    samples) comes back at the full batch, as TorchRec's sharded collection gives it: sample
+    ``b`` holds the rows of the unique sample it reads, so the output is the one of the batch
+    sent whole. With ``need_indices`` the ids ride in the weights slot (TorchRec's convention, as
+    the unsharded collection does).
     """
-    if routed.inverse_indices_or_none() is not None:
-        raise ValueError(
-            "a sharded EmbeddingCollection does not take a variable batch per key yet; give it "
-            "the full batch (shardrec.sparse.expand_features)"
-        )
     batch = routed.stride()
     lengths = routed.lengths()[index * batch : (index + 1) * batch]
-    if not need_indices:
+    ids: torch.Tensor | None = None
+    if need_indices:
+        per_key = routed.offset_per_key()
+        ids = routed.values()[per_key[index] : per_key[index + 1]]
+    inverse = routed.inverse_indices_or_none()
+    if inverse is not None:
+        values, ids, lengths = expand_sequence(values, ids, lengths, routed.keys()[index], inverse)
+    if ids is None:
         return JaggedTensor(values=values, lengths=lengths)
-    per_key = routed.offset_per_key()
-    ids = routed.values()[per_key[index] : per_key[index + 1]]
     return JaggedTensor(values=values, weights=ids, lengths=lengths)
+
+
+def expand_sequence(
+    values: torch.Tensor,
+    ids: torch.Tensor | None,
+    lengths: torch.Tensor,
+    key: str,
+    inverse: tuple[list[str], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One key's rows ``[ids, D]`` (and ids) of its unique samples ``lengths`` to the full batch
+    (the inverse table's width): sample ``b`` reads the unique sample ``table[key, b]``.
+    Differentiable: a unique sample's gradient is the sum over the samples that read it. A key
+    without inverse indices has the full batch first (a padded batch's other samples are
+    empty)."""
+    names, table = inverse
+    width = table.shape[1]
+    if key not in names:
+        return values, ids, lengths[:width]
+    rows = table[names.index(key)].to(device=lengths.device, dtype=torch.long)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    torch.cumsum(lengths.long(), 0, out=offsets[1:])
+    values, ids, picked = gather_rows(values, ids, lengths.long(), offsets, rows)
+    return values, ids, picked.to(lengths.dtype)
 
 
 def divide_mean_bags(
