@@ -76,8 +76,8 @@ def plan_shardrec(world: int, without: frozenset[str] = frozenset()) -> tuple[Pl
         )
         for i, n in enumerate(CRITEO_1TB_40M)
     ]
-    # Fused row-wise Adagrad, as MLPerf trains these tables; the data-parallel sharder applies it
-    # to replicas, so the planner may make small tables data-parallel.
+    # Fused row-wise Adagrad (MLPerf's own rule is exact Adagrad); the data-parallel sharder applies
+    # it to replicas, so the planner may make small tables data-parallel.
     fused = {"optimizer": "rowwise_adagrad"}
     ebc = EmbeddingBagCollection(tables, device=torch.device("meta"), fused_params=fused)
     constraints = {

@@ -7,7 +7,7 @@ defaults map; ``--config`` is merged over the preset whichever comes first).
 ``mlperf-dcnv2``, MLPerf Training's DLRMv2 (mlcommons/training ``recommendation_v2``; rules in
 mlcommons/training_policies): DCNv2 with embedding dimension 128, the 26 tables of the Criteo 1TB
 cardinalities capped at 40,000,000 rows, dense arch 512-256-128, a low-rank cross net of 3 layers
-of rank 512, over arch 1024-1024-512-256-1; Adagrad (fused for the tables) with eps 1e-8 and a
+of rank 512, over arch 1024-1024-512-256-1; exact Adagrad (fused for the tables) with eps 1e-8 and a
 constant learning rate of 0.004, which the convergence reference runs used at global batches of
 32,768 to 102,400; one epoch, validated 20 times per epoch. ``--batch-size`` is per rank: 8,192
 gives the global 65,536 on 8 ranks (pass ``--batch-size`` for another world size; the validation
