@@ -240,3 +240,47 @@ def test_sharded_ec_vbe_equals_the_full_batch(
     )
     assert all(len(r["vbe"]["grads"]) == STEPS for r in ranks)
     assert_same(ranks, pooled=False)
+
+
+def vbe_output_elements(env: ShardingEnv, plan: ShardingPlan) -> int:
+    """The pooled elements this rank's VBE forward receives through the output all-to-all."""
+    import shardrec_sharders.row_wise as rw
+    import shardrec_sharders.table_wise as tw
+
+    received = [0]
+    for module in (tw, rw):
+        original = module.start_all_to_all_single
+
+        def counted(x: Any, recv: list[int], *a: Any, _original: Any = original, **k: Any) -> Any:
+            received[0] += sum(recv)
+            return _original(x, recv, *a, **k)
+
+        module.start_all_to_all_single = counted  # type: ignore[assignment]
+    dmp = DistributedModelParallel(MODEL.build(7), env=env, plan=plan)
+    dmp(deduplicate_features(user_item_batch(env.rank, 0), ["user", "age"]))
+    return received[0]
+
+
+@pytest.mark.parametrize(
+    "sharding_type",
+    [
+        ShardingType.TABLE_WISE,
+        ShardingType.COLUMN_WISE,
+        ShardingType.TABLE_COLUMN_WISE,
+        ShardingType.ROW_WISE,
+    ],
+)
+def test_vbe_pooled_rows_travel_at_each_keys_stride(
+    dist_pool: WorkerPool, sharding_type: ShardingType
+) -> None:
+    # A module that mixes user keys (USERS unique samples) and item keys (the full batch): each
+    # key's pooled rows come back USERS or USERS x ITEMS of them, not the largest key's count.
+    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in TABLES}})
+    ranks = dist_pool.run(
+        WORLD, vbe_output_elements, local_world_size=LOCAL.get(sharding_type), plan=plan
+    )
+    # user, age (t_user, dim 4) and item, user (t_item, dim 6)
+    per_owner = USERS * 4 + USERS * 4 + USERS * ITEMS * 6 + USERS * 6
+    owners = WORLD if sharding_type is ShardingType.ROW_WISE else 1  # partial sums from each
+    assert ranks == [per_owner * owners] * WORLD
+    assert per_owner < USERS * ITEMS * (4 + 4 + 6 + 6)  # what the padded batch sends

@@ -40,22 +40,26 @@ from shardrec.distributed.sharding import (
     ModuleView,
     ShardMetadata,
     StackedInput,
+    append_key_strides,
     bucketize_rows,
     build_local_lookup,
     check_full_span,
     check_tiling,
     divide_mean_bags,
     even_row_shards,
+    key_strides,
     local_tables_of,
     lookup_pooled,
     lookup_sequence,
     nothing_to_send,
+    pad_received,
     pooled_output,
     pooled_send_buffer,
     sequence_output,
     sequence_send_buffer,
     stack_senders,
     table_shards,
+    vbe_recv_sizes,
 )
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
 from shardrec.kernels import TableBatchedEmbedding
@@ -65,12 +69,14 @@ from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 @dataclass(frozen=True, slots=True)
 class RowReceived:
-    """The routed batch, the owner-sorted order of its ids and their owners, the ids received."""
+    """The routed batch, the owner-sorted order of its ids and their owners, the ids received;
+    ``strides``: the routed keys' own strides when their pooled rows come back at them."""
 
     routed: KeyedJaggedTensor
     order: torch.Tensor
     dest: torch.Tensor
     got: comm.JaggedAllToAllResult
+    strides: list[int] | None = None
 
 
 class RowShardedEmbedding(nn.Module):
@@ -148,6 +154,7 @@ class RowShardedEmbedding(nn.Module):
             for r in range(world)
         ]
         self._width_of = [int(c.numel()) for c in self._cols_of]
+        self._dims_of = [[dims[i] for i in self.pairs_of[r]] for r in range(world)]
         self._all_pairs = [p == list(range(len(view.pairs))) for p in self.pairs_of]
 
     # -- the three stages ----------------------------------------------------------------------
@@ -167,6 +174,8 @@ class RowShardedEmbedding(nn.Module):
 
     def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[RowReceived]:
         """Bucket the batch's ids by owner block; returns with the split exchange in flight."""
+        # A variable batch's pooled rows come back at each key's own stride.
+        strides = key_strides(self.router, kjt) if self.pooled else None
         routed = self.router.route(kjt)
         world = self.env.world_size
         batch = routed.stride()
@@ -196,17 +205,22 @@ class RowShardedEmbedding(nn.Module):
             ]
         )
         weights = routed.weights_or_none()
+        lengths_per_rank = [len(self.pairs_of[r]) * batch for r in range(world)]
+        if strides is not None:
+            lengths, lengths_per_rank = append_key_strides(
+                lengths, lengths_per_rank, strides, self.pairs_of
+            )
         pending = start_all_to_all_jagged(
             lengths,
             local[order],
             None if weights is None else weights[order],
-            lengths_per_rank=[len(self.pairs_of[r]) * batch for r in range(world)],
+            lengths_per_rank=lengths_per_rank,
             values_per_rank=[int(x) for x in host[:-1]],
             batch_size=batch,
             pg=self.env.pg,
             reject=reject,
         )
-        return Mapped(pending, lambda got: self._received(routed, order, dest, got))
+        return Mapped(pending, lambda got: self._received(routed, order, dest, got, strides))
 
     def _received(
         self,
@@ -214,9 +228,10 @@ class RowShardedEmbedding(nn.Module):
         order: torch.Tensor,
         dest: torch.Tensor,
         got: comm.JaggedAllToAllResult,
+        strides: list[int] | None = None,
     ) -> RowReceived:
         self.guard.received(routed, got)  # raises on every rank when any rank's batch was bad
-        return RowReceived(routed, order, dest, got)
+        return RowReceived(routed, order, dest, got, strides)
 
     def compute(
         self, got: comm.JaggedAllToAllResult
@@ -237,17 +252,21 @@ class RowShardedEmbedding(nn.Module):
         routed: KeyedJaggedTensor,
         stacked: StackedInput | None,
         received_weights: torch.Tensor | None = None,
+        strides: list[int] | None = None,
     ) -> Awaitable[torch.Tensor]:
         """Partial sums back to their senders, in flight; ``wait()`` adds them up there (a
         reduce-scatter when every rank holds a block of every table, else an all-to-all and a sum
-        per owner's columns) and gives ``[batch, sum of dims]``."""
+        per owner's columns) and gives ``[batch, sum of dims]``. A variable batch's rows travel
+        at each key's own stride (``strides``: ours), always by the all-to-all."""
         world = self.env.world_size
         batch = routed.stride()
         if out is None or stacked is None:
             send, send_sizes = nothing_to_send(self.device, received_weights), [0] * world
         else:
-            send, send_sizes = pooled_send_buffer(out, stacked)
-        if all(self._all_pairs) and stacked is not None:
+            send, send_sizes = pooled_send_buffer(out, stacked, self._dims_of[self.env.rank])
+        # Every owner holds every pair here, so all of them see the same senders' strides and
+        # pick the same collective.
+        if all(self._all_pairs) and stacked is not None and stacked.strides is None:
             # Rows for rank s are its batch, ``stacked.batches[s]``, the same list on every rank;
             # the collective picks the native reduce-scatter when those batches are equal.
             summed = start_reduce_scatter_rows(
@@ -259,11 +278,25 @@ class RowShardedEmbedding(nn.Module):
             )
             return Mapped(summed, lambda values: self._means(values, routed))
         recv = [batch * self._width_of[r] for r in range(world)]
+        if strides is None:
+            pending = start_all_to_all_single(
+                send, recv, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
+            )
+            return Mapped(
+                pending, lambda flat: self._means(self._add_owners(flat, batch, recv), routed)
+            )
+        per_key = vbe_recv_sizes(strides, self.pairs_of, self._dims_of)
         pending = start_all_to_all_single(
-            send, recv, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
+            send, per_key, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
         )
         return Mapped(
-            pending, lambda flat: self._means(self._add_owners(flat, batch, recv), routed)
+            pending,
+            lambda flat: self._means(
+                self._add_owners(
+                    pad_received(flat, strides, self.pairs_of, self._dims_of, batch), batch, recv
+                ),
+                routed,
+            ),
         )
 
     def _add_owners(self, flat: torch.Tensor, batch: int, recv: list[int]) -> torch.Tensor:
@@ -365,7 +398,7 @@ class RowShardedEmbedding(nn.Module):
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
-            values = self.output_dist_pooled(out, routed, stacked, got.weights)
+            values = self.output_dist_pooled(out, routed, stacked, got.weights, ctx.strides)
             return Mapped(values, lambda v: pooled_output(self.pairs, v, routed))
         assert out is None or isinstance(out, list)
         return self.output_dist_sequence(out, routed, order, dest, stacked)

@@ -22,6 +22,7 @@ Each stage is one method made of ``shardrec.distributed.sharding``'s public bloc
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,16 +47,20 @@ from shardrec.distributed.sharding import (
     ShardMetadata,
     ShardRect,
     StackedInput,
+    append_key_strides,
     build_local_lookup,
+    key_strides,
     lookup_pooled,
     lookup_sequence,
     nothing_to_send,
+    pad_received,
     pooled_output,
     pooled_send_buffer,
     sequence_output,
     sequence_send_buffer,
     stack_senders,
     table_shards,
+    vbe_recv_sizes,
 )
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
 from shardrec.kernels import TableBatchedEmbedding
@@ -208,6 +213,11 @@ class ColumnSlicedEmbedding(nn.Module):
         self._chunk_order = [(r, i) for _, _, r, i in sorted(order)]
         self._widths = [[u.local.rect.cols for u in us] for us in self.units_by_rank]
         self._unit_cols = [sum(w) for w in self._widths]
+        # The routed keys each owner gets (a variable batch's strides travel with them).
+        firsts = [0]
+        for us in self.units_by_rank:
+            firsts.append(firsts[-1] + len(us))
+        self._keys_of = [list(range(a, b)) for a, b in itertools.pairwise(firsts)]
         # E.g. every table on one rank (a one-process run): no reordering copy either way.
         self._identity_columns = _single_owner(self._widths, self._chunk_order)
 
@@ -215,6 +225,8 @@ class ColumnSlicedEmbedding(nn.Module):
 
     def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[Received]:
         """Route the batch's ids to their owners; returns with the split exchange in flight."""
+        # A variable batch's pooled rows come back at each key's own stride.
+        strides = key_strides(self.router, kjt) if self.pooled else None
         routed = self.router.route(kjt)
         batch = routed.stride()
         lpk = routed.length_per_key()
@@ -223,18 +235,23 @@ class ColumnSlicedEmbedding(nn.Module):
         for n in n_units:
             values_per_rank.append(sum(lpk[k : k + n]))
             k += n
+        lengths, lengths_per_rank = routed.lengths(), [n * batch for n in n_units]
+        if strides is not None:
+            lengths, lengths_per_rank = append_key_strides(
+                lengths, lengths_per_rank, strides, self._keys_of
+            )
         # The batch's check rides with the split exchange: no collective, no host read of its own.
         pending = start_all_to_all_jagged(
-            routed.lengths(),
+            lengths,
             routed.values(),
             routed.weights_or_none(),
-            lengths_per_rank=[n * batch for n in n_units],
+            lengths_per_rank=lengths_per_rank,
             values_per_rank=values_per_rank,
             batch_size=batch,
             pg=self.env.pg,
             reject=self.guard.local_flag(routed),
         )
-        return Mapped(pending, lambda got: self.guard.received(routed, got))
+        return Mapped(pending, lambda got: self.guard.received(routed, got, strides))
 
     def compute(
         self, got: comm.JaggedAllToAllResult
@@ -254,19 +271,32 @@ class ColumnSlicedEmbedding(nn.Module):
         stacked: StackedInput | None,
         batch: int,
         received_weights: torch.Tensor | None = None,
+        strides: list[int] | None = None,
     ) -> Awaitable[torch.Tensor]:
         """Rows back to their senders, in flight; ``wait()`` gives ``[batch, columns]`` with the
-        columns put back in the module's order (one copy)."""
+        columns put back in the module's order (one copy). ``strides``: our routed keys' own
+        strides, when their rows come back at them (``Received.strides``)."""
         world = self.env.world_size
         if out is None or stacked is None:
             send, send_sizes = nothing_to_send(self.device, received_weights), [0] * world
         else:
-            send, send_sizes = pooled_send_buffer(out, stacked)
+            send, send_sizes = pooled_send_buffer(out, stacked, self._widths[self.env.rank])
         recv_sizes = [batch * self._unit_cols[r] for r in range(world)]
+        if strides is None:
+            pending = start_all_to_all_single(
+                send, recv_sizes, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
+            )
+            return Mapped(pending, lambda flat: self._to_columns(flat, batch, recv_sizes))
+        per_key = vbe_recv_sizes(strides, self._keys_of, self._widths)
         pending = start_all_to_all_single(
-            send, recv_sizes, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
+            send, per_key, send_sizes, self.env.pg, differentiable=True, qcomms=self.qcomms
         )
-        return Mapped(pending, lambda flat: self._to_columns(flat, batch, recv_sizes))
+        return Mapped(
+            pending,
+            lambda flat: self._to_columns(
+                pad_received(flat, strides, self._keys_of, self._widths, batch), batch, recv_sizes
+            ),
+        )
 
     def _to_columns(self, flat: torch.Tensor, batch: int, recv_sizes: list[int]) -> torch.Tensor:
         """The received owner blocks as ``[batch, columns]`` in the module's order."""
@@ -350,7 +380,9 @@ class ColumnSlicedEmbedding(nn.Module):
         out, stacked = self.compute(got)
         if self.pooled:
             assert out is None or isinstance(out, torch.Tensor)
-            values = self.output_dist_pooled(out, stacked, routed.stride(), got.weights)
+            values = self.output_dist_pooled(
+                out, stacked, routed.stride(), got.weights, ctx.strides
+            )
             return Mapped(values, lambda v: pooled_output(self.pairs, v, routed))
         assert out is None or isinstance(out, list)
         return self.output_dist_sequence(out, routed, stacked)

@@ -73,6 +73,12 @@ from shardrec.distributed.sharding.state_dict import (
     table_key_prefix,
     table_shards,
 )
+from shardrec.distributed.sharding.variable_batch import (
+    append_key_strides,
+    key_strides,
+    pad_received,
+    vbe_recv_sizes,
+)
 from shardrec.distributed.types import LocalShard, ShardMetadata, ShardRect, TableShards
 from shardrec.modules._routing import FeatureRouter
 
@@ -110,6 +116,7 @@ __all__ = [
     "TableShards",
     "Then",
     "UnshardedTypeAware",
+    "append_key_strides",
     "bucketize_rows",
     "build_local_lookup",
     "check_full_span",
@@ -117,10 +124,12 @@ __all__ = [
     "divide_mean_bags",
     "embedding_tables",
     "even_row_shards",
+    "key_strides",
     "local_tables_of",
     "lookup_pooled",
     "lookup_sequence",
     "nothing_to_send",
+    "pad_received",
     "pooled_output",
     "pooled_send_buffer",
     "sequence_output",
@@ -129,4 +138,5 @@ __all__ = [
     "storage_bytes",
     "table_key_prefix",
     "table_shards",
+    "vbe_recv_sizes",
 ]

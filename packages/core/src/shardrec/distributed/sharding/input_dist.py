@@ -24,6 +24,7 @@ import torch
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
 from shardrec.distributed.sharding.module_view import ModuleView, TableFeature
+from shardrec.distributed.sharding.variable_batch import split_key_strides
 from shardrec.distributed.types import Awaitable, ShardingEnv
 from shardrec.kernels import BadBatchError, BatchChecker
 from shardrec.sparse import KeyedJaggedTensor
@@ -34,10 +35,13 @@ __all__ = ["BatchGuard", "Received", "StackedInput", "bucketize_rows", "stack_se
 @dataclass(frozen=True, slots=True)
 class Received:
     """What an input distribution leaves for the lookup: this rank's routed batch (its own
-    samples, in the order the sharded module reads them) and the ids every rank sent here."""
+    samples, in the order the sharded module reads them) and the ids every rank sent here;
+    ``strides``: each routed key's own number of samples when the batch was variable per key
+    and its pooled rows come back at those strides (``variable_batch.key_strides``)."""
 
     routed: KeyedJaggedTensor
     got: comm.JaggedAllToAllResult
+    strides: list[int] | None = None
 
 
 def bucketize_rows(
@@ -137,11 +141,16 @@ class BatchGuard:
             reject=reject,
         )
 
-    def received(self, routed: KeyedJaggedTensor, got: comm.JaggedAllToAllResult) -> Received:
+    def received(
+        self,
+        routed: KeyedJaggedTensor,
+        got: comm.JaggedAllToAllResult,
+        strides: list[int] | None = None,
+    ) -> Received:
         """The context of a finished input distribution; raises on every rank if any rejected."""
         if got.rejected_by:
             self.raise_for(routed, got.rejected_by)
-        return Received(routed, got)
+        return Received(routed, got, strides)
 
     def raise_for(self, routed: KeyedJaggedTensor, ranks: Sequence[int]) -> NoReturn:
         """Raise on every rank (all of them call this with the same ``ranks``)."""
@@ -172,7 +181,9 @@ class StackedInput:
     Sample ``s * batch + b`` is sample ``b`` of rank ``s`` (bags past rank ``s``'s batch are
     empty), so the pooled output's rows for rank ``s`` are one contiguous block: when every rank
     has the same batch, the output *is* the send buffer of the output all-to-all.
-    ``seg_len[s][f]`` counts the ids rank ``s`` sent for key ``f``.
+    ``seg_len[s][f]`` counts the ids rank ``s`` sent for key ``f``; ``strides[s][f]``, when some
+    sender sent a variable batch, how many of its bags of key ``f`` are its own (the rest pad
+    its keys to its batch), for an output at each key's stride (``pooled_send_buffer``).
     """
 
     values: torch.Tensor
@@ -182,6 +193,7 @@ class StackedInput:
     batch: int  # per sender (the largest batch)
     batches: list[int]
     seg_len: list[list[int]]
+    strides: list[list[int]] | None = None
 
     @property
     def bags_per_key(self) -> int:
@@ -191,14 +203,17 @@ class StackedInput:
 
 def stack_senders(got: comm.JaggedAllToAllResult, n_features: int) -> StackedInput:
     """Reorder a jagged all-to-all's result (sender-major: each sender's ``n_features`` keys x its
-    batch) into key-major, senders stacked along the batch (see :class:`StackedInput`)."""
+    batch) into key-major, senders stacked along the batch (see :class:`StackedInput`). A
+    sender's lengths may end with its keys' strides (``variable_batch.append_key_strides``)."""
     lengths, values, weights = got.lengths, got.values, got.weights
     batches = list(got.batch_per_rank)
     world = len(batches)
     b_max = max(batches) if batches else 0
+    lengths, per_rank, strides = split_key_strides(
+        lengths, got.lengths_per_rank, batches, n_features
+    )
     pieces = [
-        p.view(n_features, b)
-        for p, b in zip(torch.split(lengths, list(got.lengths_per_rank)), batches, strict=True)
+        p.view(n_features, b) for p, b in zip(torch.split(lengths, per_rank), batches, strict=True)
     ]
     if all(b == b_max for b in batches):
         grid = torch.stack(pieces, dim=1) if world > 1 else pieces[0].unsqueeze(1)
@@ -232,4 +247,5 @@ def stack_senders(got: comm.JaggedAllToAllResult, n_features: int) -> StackedInp
         batch=b_max,
         batches=batches,
         seg_len=seg_len,
+        strides=strides,
     )

@@ -35,9 +35,21 @@ __all__ = [
 ]
 
 
-def pooled_send_buffer(out: torch.Tensor, stacked: StackedInput) -> tuple[torch.Tensor, list[int]]:
+def pooled_send_buffer(
+    out: torch.Tensor, stacked: StackedInput, widths: Sequence[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """The rows of the stacked output ``[W*B_max, D']`` that go back to each sender, flat
-    (rank s's ``B_s`` rows, then rank s+1's...), and their sizes in elements."""
+    (rank s's ``B_s`` rows, then rank s+1's...), and their sizes in elements.
+
+    When a sender sent its keys' strides (``stacked.strides``), its rows go at each key's own
+    stride: key by key, ``strides[s][f]`` rows of key ``f``'s columns (``widths[f]`` wide, in
+    ``out``'s column order), as ``variable_batch.pad_received`` reads them."""
+    if stacked.strides is not None:
+        if widths is None:
+            raise ValueError(
+                "pooled_send_buffer: a sender sent its keys' strides; give each key's widths"
+            )
+        return _per_key_send_buffer(out, stacked, stacked.strides, widths)
     width = out.shape[1] if out.dim() == 2 else 0
     sizes = [b * width for b in stacked.batches]
     if all(b == stacked.batch for b in stacked.batches):
@@ -47,6 +59,28 @@ def pooled_send_buffer(out: torch.Tensor, stacked: StackedInput) -> tuple[torch.
         cuts.extend((b, stacked.batch - b))
     parts = torch.split(out, cuts)
     return torch.cat([p.reshape(-1) for p in parts[0::2]]), sizes
+
+
+def _per_key_send_buffer(
+    out: torch.Tensor,
+    stacked: StackedInput,
+    strides: Sequence[Sequence[int]],
+    widths: Sequence[int],
+) -> tuple[torch.Tensor, list[int]]:
+    if len(widths) != len(stacked.length_per_feature) or sum(widths) != out.shape[1]:
+        raise ValueError(
+            f"pooled_send_buffer: widths {list(widths)} do not cut the output's"
+            f" {out.shape[1]} columns into its {len(stacked.length_per_feature)} keys"
+        )
+    columns = torch.split(out, list(widths), dim=1)
+    pieces: list[torch.Tensor] = []
+    sizes: list[int] = []
+    for s, per_key in enumerate(strides):
+        start = s * stacked.batch
+        for block, n in zip(columns, per_key, strict=True):
+            pieces.append(block[start : start + n].reshape(-1))
+        sizes.append(sum(n * w for n, w in zip(per_key, widths, strict=True)))
+    return (torch.cat(pieces) if pieces else out.new_zeros(0)), sizes
 
 
 def nothing_to_send(device: torch.device, received_weights: torch.Tensor | None) -> torch.Tensor:
