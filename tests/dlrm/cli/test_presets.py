@@ -62,6 +62,51 @@ def test_options_override_the_preset(tmp_path: Path, captured: list[TrainConfig]
     assert captured[-1].model.embedding_dim == 128
 
 
+def test_num_embeddings_given_replaces_the_preset_table_sizes(
+    tmp_path: Path, captured: list[TrainConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = ["train", "--data", str(tmp_path), "--preset", "mlperf-dcnv2"]
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nnum_embeddings = 300\n")
+    for extra in (["--num-embeddings", "100"], ["--config", str(toml)]):
+        result = CliRunner().invoke(main, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        assert captured[-1].model.num_embeddings_per_feature is None
+    assert [c.model.num_embeddings for c in captured] == [100, 300]
+    monkeypatch.setenv("DLRM_TRAIN_NUM_EMBEDDINGS", "200")
+    assert CliRunner().invoke(main, base).exit_code == 0
+    assert (captured[-1].model.num_embeddings, captured[-1].model.num_embeddings_per_feature) == (
+        200,
+        None,
+    )
+    monkeypatch.delenv("DLRM_TRAIN_NUM_EMBEDDINGS")
+    # per-table sizes given too still win over --num-embeddings, from the command line or a file
+    sizes = ",".join(["7"] * 26)
+    result = CliRunner().invoke(main, [*base, "--num-embeddings", "100",
+                                       "--num-embeddings-per-feature", sizes])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert captured[-1].model.num_embeddings_per_feature == (7,) * 26
+    toml.write_text(f"[train]\nnum_embeddings_per_feature = '{sizes}'\n")
+    preset = base[3:]
+    for order in (["--config", str(toml), *preset], [*preset, "--config", str(toml)]):
+        args = ["train", "--data", str(tmp_path), *order, "--num-embeddings", "100"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert captured[-1].model.num_embeddings_per_feature == (7,) * 26
+    # without --num-embeddings the preset's sizes stay
+    assert CliRunner().invoke(main, base).exit_code == 0
+    assert captured[-1].model.num_embeddings_per_feature == MLPERF_NUM_EMBEDDINGS
+
+
+def test_plan_preset_takes_num_embeddings() -> None:
+    args = ["plan", "--preset", "mlperf-dcnv2", "--world-size", "1", "--num-embeddings", "1000"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    # the preset's dimension, the given rows: 26 tables of 1000x128 (the preset's 40M rows would
+    # not fit one rank)
+    assert result.output.count(" 1000x128 ") == 26
+
+
 def test_unknown_preset_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--preset", "mlperf"])
     assert result.exit_code == 2

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
+from shardrec_dlrm.cli.presets import PRESET_KEYS, from_preset
 from shardrec_dlrm.data.schema import NUM_SPARSE
 from shardrec_dlrm.errors import UserError
 from shardrec_dlrm.model.config import INTERACTION_TYPES, MANAGED_IDS, ModelConfig
@@ -136,6 +138,9 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
             )
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    # a --preset read before this file no longer supplies what the file sets
+    if PRESET_KEYS in ctx.meta:
+        ctx.meta[PRESET_KEYS] = ctx.meta[PRESET_KEYS] - defaults.keys()
     return value
 
 
@@ -293,6 +298,14 @@ def model_options(function: F) -> F:
 def model_config_from(params: dict[str, Any]) -> ModelConfig:
     """Takes the :func:`model_options` values out of a command's ``params`` as a ModelConfig."""
     values = {name: params.pop(name) for name in _MODEL_FIELDS}
+    ctx = click.get_current_context(silent=True)
+    # --num-embeddings given with --preset: the preset's per-table sizes would otherwise override it
+    if (
+        ctx is not None
+        and from_preset(ctx, "num_embeddings_per_feature")
+        and ctx.get_parameter_source("num_embeddings") is not ParameterSource.DEFAULT
+    ):
+        values["num_embeddings_per_feature"] = None
     if values["dense_arch_layer_sizes"] is None:
         values["dense_arch_layer_sizes"] = (*DEFAULT_DENSE_HIDDEN, values["embedding_dim"])
     try:

@@ -2,7 +2,8 @@
 
 A preset fills the defaults of the command's options; every option given on the command line, in
 ``DLRM_*`` variables or in ``--config`` still wins (click's order: command line, environment,
-defaults map; ``--config`` is merged over the preset whichever comes first).
+defaults map; ``--config`` is merged over the preset whichever comes first). ``--num-embeddings``
+given any of those ways replaces the preset's per-table sizes, as if they had never been set.
 
 ``mlperf-dcnv2``, MLPerf Training's DLRMv2 (mlcommons/training ``recommendation_v2``; rules in
 mlcommons/training_policies): DCNv2 with embedding dimension 128, the 26 tables of the Criteo 1TB
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from shardrec_dlrm.data.multihot_lookup import MLPERF_MULTI_HOT, MLPERF_NUM_EMBEDDINGS
 
@@ -68,6 +70,8 @@ MLPERF_DCNV2: Final = Preset(
 )
 
 PRESETS: Final[Mapping[str, Preset]] = {p.name: p for p in (MLPERF_DCNV2,)}
+#: ``ctx.meta`` key: the parameters whose defaults the preset (not ``--config``) supplied.
+PRESET_KEYS: Final = "shardrec_dlrm.preset_keys"
 
 
 def preset_defaults(name: str, known: set[str]) -> dict[str, Any]:
@@ -79,9 +83,18 @@ def _apply_preset(ctx: click.Context, param: click.Parameter, value: str | None)
     if value is None:
         return None
     known = {p.name for p in ctx.command.params if p.name}
+    values = preset_defaults(value, known)
+    config = ctx.default_map or {}
     # the preset sits under whatever --config already put in the defaults map
-    ctx.default_map = {**preset_defaults(value, known), **(ctx.default_map or {})}
+    ctx.default_map = {**values, **config}
+    ctx.meta[PRESET_KEYS] = {key for key in values if key not in config}
     return value
+
+
+def from_preset(ctx: click.Context, name: str) -> bool:
+    """Whether parameter ``name`` took its value from ``--preset`` (nothing else gave one)."""
+    source = ctx.get_parameter_source(name)
+    return source is ParameterSource.DEFAULT_MAP and name in ctx.meta.get(PRESET_KEYS, ())
 
 
 def preset_option(function: F) -> F:
