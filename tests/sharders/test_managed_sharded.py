@@ -5,8 +5,10 @@ than the tables (so rows are admitted, evicted and reset every step); the unshar
 here on the whole global batch. After every step the sharded run must give each rank the
 unsharded module's output rows and (scaled from DDP's average) dense gradient, and at the end the
 same id-to-row maps, counters and table weights, under every sharding type, mixes of them, on
-tables whose rows divide by no world size, at 2 and 3 processes. A checkpoint taken at 2 processes
-resumes at 3 under another plan bit for bit where the unsharded run goes on.
+tables whose rows divide by no world size, at 2 and 3 processes, with tables of one bucket and
+tables split into a number of buckets that is not the world size (each rank then holds only its
+buckets' maps). A checkpoint taken at one world size resumes at another under another plan where
+the unsharded run goes on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from shardrec.modules.mc_embedding_modules import (
     ManagedCollisionEmbeddingCollection,
 )
 from shardrec.modules.mc_policies import LFU_EvictionPolicy, LRU_EvictionPolicy
+from shardrec_sharders.managed_collision import ShardedManagedCollisionEmbeddings
 
 from ._reference import TOL, assemble, ebc_configs, ec_configs, rank_kjt, rows_per_rank
 
@@ -48,6 +51,9 @@ TOTAL = 7  # samples per global batch: 4 + 3 at two ranks, 3 + 2 + 2 at three
 STEPS = 4
 EC_DIM = 4  # an EmbeddingCollection's tables share one dimension
 POOL = torch.tensor([9_137_702_141, -42, 2**62, 7, -(2**40), 3, 11, *range(100, 125)])
+# t0's 12 rows for ids in 5 buckets of 3, 3, 2, 2, 2; t1's 6 in 4 of 2, 2, 1, 1.
+SPLIT: dict[str, int] = {"t0": 5, "t1": 4}
+Buckets = int | dict[str, int]
 
 
 class Model(nn.Module):
@@ -65,7 +71,7 @@ class Model(nn.Module):
         return rows, self.dense(torch.tanh(rows)).sum()
 
 
-def build(optimizer: str, sequence: bool = False) -> Model:
+def build(optimizer: str, sequence: bool = False, buckets: Buckets = 1) -> Model:
     torch.manual_seed(3)
     configs = ec_configs(TABLES, dim=EC_DIM) if sequence else ebc_configs(TABLES)
     mcc = ManagedCollisionCollection(
@@ -80,6 +86,7 @@ def build(optimizer: str, sequence: bool = False) -> Model:
             ),
         },
         configs,
+        num_buckets=buckets,
     )
     fused = {"optimizer": optimizer, "learning_rate": 0.1}
     if sequence:
@@ -122,11 +129,8 @@ def plan_of(kind: str, world: int, sequence: bool = False) -> ShardingPlan:
 
 
 def snapshot(mc: Any) -> dict[str, Any]:
-    modules = mc.managed_collision_collection.modules_by_table()
-    return {
-        "maps": {t: m.held_ids() for t, m in modules.items()},
-        "stats": mc.stats(),
-    }
+    """The id-to-row maps (sharded: of this rank's buckets only) and the counters."""
+    return {"maps": mc.managed_collision_collection.held_ids(), "stats": mc.stats()}
 
 
 def train_sharded(
@@ -141,7 +145,12 @@ def train_sharded(
         dense = model.module.dense
         assert dense.weight.grad is not None
         grads.append(dense.weight.grad.clone() * env.world_size)  # DDP averages
-    return {"outputs": outputs, "dense_grads": grads}
+    # An eval-mode lookup after training: every id travels to its bucket's owner, nothing changes.
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(batch(steps.stop, env.world_size, env.rank))[0].clone()
+    model.train()
+    return {"outputs": outputs, "dense_grads": grads, "eval": evaluated}
 
 
 def _block(state: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -153,6 +162,7 @@ def _block(state: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.Tensor,
 
 def finish(model: DistributedModelParallel, result: dict[str, Any]) -> dict[str, Any]:
     mc = model.module.mc
+    assert isinstance(mc, ShardedManagedCollisionEmbeddings)
     inner = mc.embedding_module
     assert isinstance(inner, ShardedEmbeddingModule)
     held = inner.local_table_shards()
@@ -164,21 +174,27 @@ def finish(model: DistributedModelParallel, result: dict[str, Any]) -> dict[str,
         for t, ts in held.items()
     }
     result.update(snapshot(mc))
+    buckets = mc.managed_collision_collection.held_buckets()
+    result["held"] = {t: sorted(b) for t, b in buckets.items()}
     return result
 
 
 def case_train(
-    env: ShardingEnv, kind: str, optimizer: str, sequence: bool = False
+    env: ShardingEnv, kind: str, optimizer: str, sequence: bool = False, buckets: Buckets = 1
 ) -> dict[str, Any]:
     plan = plan_of(kind, env.world_size, sequence)
-    model = DistributedModelParallel(build(optimizer, sequence), env=env, plan=plan)
+    model = DistributedModelParallel(build(optimizer, sequence, buckets), env=env, plan=plan)
     return finish(model, train_sharded(model, env, range(STEPS)))
 
 
 def reference(
-    optimizer: str, steps: int, world_of_step: list[int], sequence: bool = False
+    optimizer: str,
+    steps: int,
+    world_of_step: list[int],
+    sequence: bool = False,
+    buckets: Buckets = 1,
 ) -> dict[str, Any]:
-    model = build(optimizer, sequence)
+    model = build(optimizer, sequence, buckets)
     outputs, grads = [], []
     for step in range(steps):
         model.zero_grad()
@@ -190,6 +206,17 @@ def reference(
         outputs.append(rows_per_rank(kind, rows.detach(), full, split, TABLES))
         assert model.dense.weight.grad is not None
         grads.append(model.dense.weight.grad.clone())
+    model.eval()
+    with torch.no_grad():
+        full = batch(steps, world_of_step[-1], None)
+        evaluated = rows_per_rank(
+            "ec" if sequence else "ebc",
+            model(full)[0],
+            full,
+            sizes(world_of_step[-1]),
+            TABLES,
+        )
+    model.train()
     mc = model.mc
     assert isinstance(
         mc, ManagedCollisionEmbeddingBagCollection | ManagedCollisionEmbeddingCollection
@@ -199,16 +226,27 @@ def reference(
     return {
         "outputs": outputs,
         "dense_grads": grads,
+        "eval": evaluated,
         "weights": {t: w.detach().clone() for t, w in weights.items()},
         "sums": {t: _block(s["sum"], (0, 0))[0] for t, s in states.items()},
         **snapshot(mc),
+        "layouts": mc.managed_collision_collection.bucket_layouts(),
     }
 
 
 def check(results: list[dict[str, Any]], ref: dict[str, Any], first_step: int = 0) -> None:
+    for table, layout in ref["layouts"].items():
+        # Every bucket on exactly one rank, and its map there only.
+        owners = sorted(b for res in results for b in res["held"][table])
+        assert owners == list(range(layout.num_buckets)), f"{table}: buckets held {owners}"
+        merged: dict[int, int] = {}
+        for res in results:
+            assert not set(merged) & set(res["maps"][table]), f"{table}: an id on two ranks"
+            merged.update(res["maps"][table])
+        assert merged == ref["maps"][table], f"{table}: id-to-row maps differ"
     for r, res in enumerate(results):
-        assert res["maps"] == ref["maps"], f"rank {r}: id-to-row maps differ"
         assert res["stats"] == ref["stats"], f"rank {r}: counters differ"
+        torch.testing.assert_close(res["eval"], ref["eval"][r], **TOL)
         for i, out in enumerate(res["outputs"]):
             torch.testing.assert_close(out, ref["outputs"][first_step + i][r], **TOL)
             torch.testing.assert_close(
@@ -222,64 +260,80 @@ def check(results: list[dict[str, Any]], ref: dict[str, Any], first_step: int = 
 
 
 # Column slices keep row-wise Adagrad's mean of g^2 over their own columns (so does every
-# column-wise table): the column-wise case trains with exact Adagrad, whose state is per element.
+# column-wise table): the column-wise cases train with exact Adagrad, whose state is per element.
+# ``SPLIT`` gives each table a number of buckets that is not the world size (5 and 4 buckets over
+# 2 or 3 ranks); 1 keeps each table in one bucket (on one rank).
 @pytest.mark.parametrize(
-    ("world", "kind", "optimizer"),
+    ("world", "kind", "optimizer", "buckets"),
     [
-        (2, "table_wise", "rowwise_adagrad"),
-        (3, "table_wise", "rowwise_adagrad"),
-        (2, "row_wise", "rowwise_adagrad"),
-        (3, "row_wise", "exact_adagrad"),
-        (2, "column_wise", "exact_adagrad"),
-        (3, "data_parallel", "rowwise_adagrad"),
-        (3, "mixed", "rowwise_adagrad"),
+        (2, "table_wise", "rowwise_adagrad", 1),
+        (3, "table_wise", "rowwise_adagrad", SPLIT),
+        (2, "row_wise", "rowwise_adagrad", SPLIT),
+        (3, "row_wise", "exact_adagrad", 1),
+        (3, "row_wise", "rowwise_adagrad", SPLIT),
+        (2, "column_wise", "exact_adagrad", 1),
+        (3, "column_wise", "exact_adagrad", SPLIT),
+        (2, "data_parallel", "rowwise_adagrad", SPLIT),
+        (3, "data_parallel", "rowwise_adagrad", 1),
+        (3, "mixed", "rowwise_adagrad", SPLIT),
     ],
 )
 def test_sharded_managed_module_equals_the_unsharded_one(
-    dist_pool: Any, world: int, kind: str, optimizer: str
+    dist_pool: Any, world: int, kind: str, optimizer: str, buckets: Buckets
 ) -> None:
-    ref = reference(optimizer, STEPS, [world] * STEPS)
+    ref = reference(optimizer, STEPS, [world] * STEPS, buckets=buckets)
     assert ref["stats"]["t0"].evicted_total > 0  # the stream exercises eviction and admission
     assert ref["stats"]["t1"].admitted_total > 0
-    check(dist_pool.run(world, case_train, kind=kind, optimizer=optimizer), ref)
+    check(dist_pool.run(world, case_train, kind=kind, optimizer=optimizer, buckets=buckets), ref)
 
 
-@pytest.mark.parametrize(("world", "kind"), [(2, "row_wise"), (3, "mixed")])
+@pytest.mark.parametrize(("world", "kind", "buckets"), [(2, "row_wise", 1), (3, "mixed", SPLIT)])
 def test_sharded_managed_embedding_collection_equals_the_unsharded_one(
-    dist_pool: Any, world: int, kind: str
+    dist_pool: Any, world: int, kind: str, buckets: Buckets
 ) -> None:
-    ref = reference("rowwise_adagrad", STEPS, [world] * STEPS, sequence=True)
+    ref = reference("rowwise_adagrad", STEPS, [world] * STEPS, sequence=True, buckets=buckets)
     results = dist_pool.run(
-        world, case_train, kind=kind, optimizer="rowwise_adagrad", sequence=True
+        world, case_train, kind=kind, optimizer="rowwise_adagrad", sequence=True, buckets=buckets
     )
     check(results, ref)
 
 
-def case_save(env: ShardingEnv, root: str) -> None:
-    model = DistributedModelParallel(build("rowwise_adagrad"), env=env, plan=plan_of("row_wise", 2))
+def case_save(env: ShardingEnv, root: str, kind: str, buckets: Buckets) -> None:
+    model = DistributedModelParallel(
+        build("rowwise_adagrad", buckets=buckets), env=env, plan=plan_of(kind, env.world_size)
+    )
     train_sharded(model, env, range(2))
     save(root, model, step=2, pg=env.pg)
 
 
-def case_resume(env: ShardingEnv, root: str) -> dict[str, Any]:
+def case_resume(env: ShardingEnv, root: str, kind: str, buckets: Buckets) -> dict[str, Any]:
     model = DistributedModelParallel(
-        build("rowwise_adagrad"), env=env, plan=plan_of("mixed", env.world_size)
+        build("rowwise_adagrad", buckets=buckets), env=env, plan=plan_of(kind, env.world_size)
     )
     assert load(root, model, pg=env.pg) == 2
     return finish(model, train_sharded(model, env, range(2, STEPS)))
 
 
-def test_checkpoint_at_two_resumes_at_three_under_another_plan(
-    dist_pool: Any, tmp_path: Path
+@pytest.mark.parametrize(
+    ("saved", "resumed", "buckets"),
+    [((2, "row_wise"), (3, "mixed"), 1), ((3, "mixed"), (2, "table_wise"), SPLIT)],
+)
+def test_checkpoint_resumes_at_another_world_size_under_another_plan(
+    dist_pool: Any,
+    tmp_path: Path,
+    saved: tuple[int, str],
+    resumed: tuple[int, str],
+    buckets: Buckets,
 ) -> None:
     root = str(tmp_path / "ck")
-    dist_pool.run(2, case_save, root=root)
-    ref = reference("rowwise_adagrad", STEPS, [2, 2, 3, 3])
-    check(dist_pool.run(3, case_resume, root=root), ref, first_step=2)
+    dist_pool.run(saved[0], case_save, root=root, kind=saved[1], buckets=buckets)
+    ref = reference("rowwise_adagrad", STEPS, [saved[0]] * 2 + [resumed[0]] * 2, buckets=buckets)
+    results = dist_pool.run(resumed[0], case_resume, root=root, kind=resumed[1], buckets=buckets)
+    check(results, ref, first_step=2)
     # The same checkpoint loads into the unsharded module: maps, counters and tables.
-    unsharded = build("rowwise_adagrad")
+    unsharded = build("rowwise_adagrad", buckets=buckets)
     assert load(root, unsharded) == 2
-    at_two = reference("rowwise_adagrad", 2, [2, 2])
+    at_two = reference("rowwise_adagrad", 2, [saved[0]] * 2, buckets=buckets)
     assert isinstance(unsharded.mc, ManagedCollisionEmbeddingBagCollection)
     assert snapshot(unsharded.mc) == {k: at_two[k] for k in ("maps", "stats")}
     for table, weight in unsharded.mc.embedding_module.lookup.table_weights().items():

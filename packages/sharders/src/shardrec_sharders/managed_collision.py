@@ -1,29 +1,27 @@
-"""Sharded managed-collision modules: raw ids remapped the same way on every rank, then the
-embedding module's own sharding.
+"""Sharded managed-collision modules: each raw id remapped by the rank that owns its bucket, then
+the embedding module's own sharding.
 
 A :class:`~shardrec.modules.mc_embedding_modules.ManagedCollisionEmbeddingBagCollection` (or
 ``...EmbeddingCollection``) is sharded in two layers::
 
     rank r's KJT of raw ids
-      │ all-gather each managed table's ids (rank order): the global batch's ids on every rank
+      │ each managed table's ids split by bucket, sent to the buckets' owners (all-to-all)
       ▼
-    the table's MCHManagedCollisionModule, one identical replica per rank, steps on the global ids
-      │ keep rank r's slice of the rows; reset the rows it evicted in this rank's shards
+    owner: one step of each of its buckets on the ids every rank sent (the global batch's ids of
+    that bucket); rows sent back (all-to-all); evicted rows and counters shared (all-reduce,
+    all-gather)
+      │ rank r resets the evicted rows its shards hold
       ▼
     the inner EBC / EC, sharded by the built-in sharders (any mix of their sharding types):
     input dist (rows to the ranks that own them), lookup, output dist
 
-A remapping step is a function of the module's state and of the multiset of the batch's ids, so
-replicas fed the global batch's ids stay identical without further talk, and equal the unsharded
-module trained on the global batch: the same id-to-row map, admissions, evictions, counters, and
-(from the shared reset stream) the same fresh weights, of which each rank writes the rectangles its
-shards hold. The map's state is therefore plain (replicated) tensors in a checkpoint, under the
-unsharded module's keys, and loads unchanged at any world size or plan; the rows move with the
-table's weights.
-
-What this costs: each rank receives every managed id of the global batch and holds a full copy of
-every managed table's map (about 100 bytes a row). In eval mode nothing is gathered: each rank
-looks its ids up in its replica.
+A bucket's step is a function of its state and of the multiset of its ids, and every bucket is
+stepped once per step (also on no ids), so the sharded module equals the unsharded module with
+the same buckets trained on the global batch: the same id-to-row maps, admissions, evictions,
+counters, and (from the shared reset stream, drawn for the evicted rows of all buckets in row
+order) the same fresh weights, of which each rank writes the rectangles its shards hold. Each rank
+holds the maps of its buckets only (:mod:`shardrec_sharders.managed_buckets`); a checkpoint holds
+every bucket under the unsharded module's keys and loads at any world size or plan.
 """
 
 from __future__ import annotations
@@ -42,13 +40,13 @@ from shardrec.distributed.sharding import ModuleSharder, ShardedEmbeddingModule
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 from shardrec.modules import BadBatchError, EmbeddingBagCollection, EmbeddingCollection
 from shardrec.modules.managed_collision import ManagedTableStats
-from shardrec.modules.mc_collection import ManagedCollisionCollection
 from shardrec.modules.mc_embedding_modules import (
     ManagedCollisionEmbeddingBagCollection,
     ManagedCollisionEmbeddingCollection,
     fresh_rows,
 )
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec_sharders.managed_buckets import LocalIds, ShardedManagedCollisionCollection
 
 __all__ = ["ManagedCollisionSharder", "ShardedManagedCollisionEmbeddings"]
 
@@ -71,11 +69,12 @@ _INNER: Final[dict[type[nn.Module], type[nn.Module]]] = {
 
 
 class ShardedManagedCollisionEmbeddings(nn.Module):
-    """A managed-collision module on one rank: a replica of its id maps over the sharded EBC/EC.
+    """A managed-collision module on one rank: its buckets of the id maps over the sharded EBC/EC.
 
     ``forward(KJT of raw ids) -> (embeddings, remapped KJT or None)`` for this rank's batch, as
-    the unsharded module returns for it. In training mode every rank must call it (the ids are
-    gathered); a batch refused on one rank raises :class:`BadBatchError` on every rank.
+    the unsharded module returns for it. Every rank must call it, in training and in eval mode
+    (ids travel to their buckets' owners); a batch refused on one rank raises
+    :class:`BadBatchError` on every rank.
     """
 
     _reset_rng_state: torch.Tensor
@@ -90,8 +89,11 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         super().__init__()
         self._device = device
         self._embedding_module = embedding_module
-        self._managed_collision_collection = module.managed_collision_collection
-        self._configs = module.managed_collision_collection.embedding_configs()
+        collection = module.managed_collision_collection
+        self._configs = collection.embedding_configs()
+        self._managed_collision_collection = ShardedManagedCollisionCollection(
+            collection, env.rank, env.world_size, env.pg, device
+        )
         self._return_remapped_features = module.return_remapped_features
         self.register_buffer("_reset_rng_state", module.reset_rng_state.clone())
         self._pg = env.pg
@@ -104,8 +106,8 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         return self._embedding_module
 
     @property
-    def managed_collision_collection(self) -> ManagedCollisionCollection:
-        """This rank's replica of the id maps (the same on every rank)."""
+    def managed_collision_collection(self) -> ShardedManagedCollisionCollection:
+        """This rank's buckets of the id maps."""
         return self._managed_collision_collection
 
     def stats(self) -> dict[str, ManagedTableStats]:
@@ -115,20 +117,20 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
     def forward(
         self, features: KeyedJaggedTensor
     ) -> tuple[KeyedTensor | dict[str, JaggedTensor], KeyedJaggedTensor | None]:
-        if self.training:
-            remapped = self._train_remap(features)
-        else:
-            remapped = self._managed_collision_collection(features)
+        remapped = self._remap(features)
         out = self._embedding_module(remapped)
         return out, remapped if self._return_remapped_features else None
 
-    # ---- one training step's remapping -------------------------------------------------------
+    # ---- one step's remapping -----------------------------------------------------------------
 
-    def _train_remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def _remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         mcc = self._managed_collision_collection
         local, problem = self._local_ids(features)
-        tables = [c.name for c in self._configs]
-        counts = [int(local[t].numel()) for t in tables] if local is not None else [0] * len(tables)
+        counts = (
+            local.counts
+            if local is not None
+            else [0] * sum(layout.num_buckets for layout in mcc.bucket_layouts().values())
+        )
         every = self._gather_counts([0 if problem is None else 1, *counts])
         bad = [r for r, row in enumerate(every) if row[0] != 0]
         if bad:
@@ -138,55 +140,32 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
                 ranks=bad,
             )
         assert local is not None
-        by_rank = [row[1:] for row in every]
-        gathered = self._gather_ids(torch.cat([local[t] for t in tables]), by_rank)
-        modules = mcc.modules_by_table()
-        rows: dict[str, torch.Tensor] = {}
-        for i, table in enumerate(tables):
-            global_ids = torch.cat([pieces[i] for pieces in gathered])
-            start = sum(by_rank[r][i] for r in range(self._rank))
-            rows[table] = modules[table](global_ids)[start : start + counts[i]]
-        self._reset(mcc.evict())
-        return mcc.with_rows(features, rows)
+        result = mcc.remap(local, [row[1:] for row in every])
+        if self.training:
+            self._reset(result.evicted)
+        return mcc.with_rows(features, result.rows)
 
-    def _local_ids(self, features: object) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-        """This rank's ids per table, or None and why the batch is refused (before any
+    def _local_ids(self, features: object) -> tuple[LocalIds | None, str | None]:
+        """This rank's ids by bucket, or None and why the batch is refused (before any
         collective, so that the other ranks hear of it instead of waiting)."""
         if not isinstance(features, KeyedJaggedTensor):
             return None, f"expected a KeyedJaggedTensor, got {type(features).__name__}"
         dtype = features.values().dtype
         if dtype not in (torch.int64, torch.int32):
             return None, f"managed ids must be int64 or int32, got {dtype}"
+        mcc = self._managed_collision_collection
         try:
-            return self._managed_collision_collection.table_ids(features), None
+            return mcc.split(mcc.table_ids(features)), None
         except (ValueError, TypeError) as exc:
             return None, str(exc)
 
     def _gather_counts(self, mine: list[int]) -> list[list[int]]:
         if self._world_size == 1 or self._pg is None:
             return [mine]
-        local = torch.tensor(mine, dtype=torch.int64, device=self._device)
+        local = torch.tensor(mine, dtype=torch.int64)
         out = [torch.empty_like(local) for _ in range(self._world_size)]
         dist.all_gather(out, local, group=self._pg)
         return [t.tolist() for t in out]
-
-    def _gather_ids(
-        self, ids: torch.Tensor, by_rank: Sequence[Sequence[int]]
-    ) -> list[list[torch.Tensor]]:
-        """Every rank's ids, split per table: ``out[rank][table index]``."""
-        totals = [sum(row) for row in by_rank]
-        if self._world_size == 1 or self._pg is None:
-            blocks = [ids]
-        else:
-            width = max(totals)
-            padded = torch.zeros(width, dtype=torch.int64, device=ids.device)
-            padded[: ids.numel()] = ids
-            blocks = [torch.empty_like(padded) for _ in range(self._world_size)]
-            dist.all_gather(blocks, padded, group=self._pg)
-        return [
-            list(torch.split(block[:total], list(row)))
-            for block, total, row in zip(blocks, totals, by_rank, strict=True)
-        ]
 
     def _reset(self, evicted: Mapping[str, torch.Tensor | None]) -> None:
         """Fresh weights and zero optimizer state for the evicted rows this rank's shards hold."""
@@ -232,7 +211,7 @@ def _rows_within(
 
 
 class ManagedCollisionSharder:
-    """Shards a managed-collision module: its id maps replicated, its EBC / EC by the sharders
+    """Shards a managed-collision module: its id maps by bucket, its EBC / EC by the sharders
     of that module type (``sharders``; None: those the ``shardrec`` entry points offer).
 
     Offers every sharding type the built-in sharders offer for the inner module; one call shards
@@ -300,7 +279,6 @@ class ManagedCollisionSharder:
                 f"a managed module is sharded whole: tables {missing} have no plan (its tables:"
                 f" {tables})"
             )
-        module.managed_collision_collection.to(device)
         inner = shard_module(module.embedding_module, params, self.inner_sharders(), env, device)
         return ShardedManagedCollisionEmbeddings(module, inner, env, device)
 

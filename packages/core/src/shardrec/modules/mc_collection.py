@@ -8,20 +8,47 @@
 
 The features of one table share its module, so an id means the same row in all of them. Lengths,
 weights and the batch size pass through unchanged; keys no table reads pass through as they are.
+
+A table may be split into buckets (``num_buckets``, :mod:`shardrec.modules.mc_buckets`): each
+bucket maps the ids that hash to it into its own range of rows, and a sharded module spreads the
+buckets over the ranks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from shardrec.modules.configs import BaseEmbeddingConfig
 from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedCollisionModule
+from shardrec.modules.mc_buckets import (
+    BucketLayout,
+    bucket_stats,
+    counters_of,
+    evicted_rows,
+    held_ids,
+    make_buckets,
+    remap_buckets,
+)
 from shardrec.sparse import KeyedJaggedTensor
 
-__all__ = ["ManagedCollisionCollection", "managed_table_stats"]
+__all__ = [
+    "ManagedCollisionCollection",
+    "ManagedTableCounters",
+    "TableFeatures",
+    "managed_table_stats",
+]
+
+
+@runtime_checkable
+class ManagedTableCounters(Protocol):
+    """A module that holds managed tables' counters: a collection, or a sharded module's part
+    of one (what :func:`managed_table_stats` looks for)."""
+
+    def managed_table_counters(self) -> dict[str, ManagedTableStats]: ...
 
 
 class ManagedCollisionCollection(nn.Module):
@@ -30,6 +57,11 @@ class ManagedCollisionCollection(nn.Module):
     ``managed_collision_modules[table]`` must exist for every config, with ``output_size()``
     equal to the table's ``num_embeddings``; a feature may be read by one managed table only.
     ``forward(KJT) -> KJT`` (rows instead of raw ids).
+
+    ``num_buckets`` (one number for every table, or per table name; default 1) splits a table
+    into buckets (:mod:`shardrec.modules.mc_buckets`): its module is then only the template of
+    the buckets' modules (its policy, interval and admission; it must be untrained). With one
+    bucket the module is used as it is, under the same state-dict keys.
     """
 
     _managed_collision_modules: nn.ModuleDict
@@ -38,6 +70,8 @@ class ManagedCollisionCollection(nn.Module):
         self,
         managed_collision_modules: Mapping[str, MCHManagedCollisionModule],
         embedding_configs: Sequence[BaseEmbeddingConfig],
+        *,
+        num_buckets: int | Mapping[str, int] = 1,
     ) -> None:
         super().__init__()
         configs = list(embedding_configs)
@@ -76,29 +110,120 @@ class ManagedCollisionCollection(nn.Module):
                     )
                 owner[feature] = config.name
         self._embedding_configs = configs
+        self._layouts = {
+            c.name: _layout(c.name, c.num_embeddings, num_buckets, names) for c in configs
+        }
+        self._buckets = {
+            c.name: make_buckets(managed_collision_modules[c.name], self._layouts[c.name], c.name)
+            for c in configs
+        }
+        # One bucket: the table's module under the table's key (the keys of unbucketed tables).
         self._managed_collision_modules = nn.ModuleDict(
-            {c.name: managed_collision_modules[c.name] for c in configs}
+            {
+                t: buckets[0] if len(buckets) == 1 else nn.ModuleList(buckets)
+                for t, buckets in self._buckets.items()
+            }
         )
-        self._table_features = {c.name: list(c.feature_names) for c in configs}
+        self._features = TableFeatures({c.name: c.feature_names for c in configs})
 
     def embedding_configs(self) -> list[BaseEmbeddingConfig]:
         return list(self._embedding_configs)
 
     def modules_by_table(self) -> dict[str, MCHManagedCollisionModule]:
-        out: dict[str, MCHManagedCollisionModule] = {}
-        for name, module in self._managed_collision_modules.items():
-            assert isinstance(module, MCHManagedCollisionModule)
-            out[name] = module
-        return out
+        """The module of each table (tables of one bucket only: see :meth:`buckets_by_table`)."""
+        split = sorted(t for t, layout in self._layouts.items() if layout.num_buckets > 1)
+        if split:
+            raise ValueError(
+                f"ManagedCollisionCollection: tables {split} are split into buckets and have no"
+                " single module; use buckets_by_table()"
+            )
+        return {t: buckets[0] for t, buckets in self._buckets.items()}
+
+    def buckets_by_table(self) -> dict[str, list[MCHManagedCollisionModule]]:
+        """Each table's bucket modules, in bucket order (one: the table's module)."""
+        return {t: list(buckets) for t, buckets in self._buckets.items()}
+
+    def bucket_layouts(self) -> dict[str, BucketLayout]:
+        return dict(self._layouts)
+
+    def held_ids(self) -> dict[str, dict[int, int]]:
+        """Per table, ``{raw id: row}`` of every id holding a row (for inspection and tests)."""
+        return {
+            t: held_ids(dict(enumerate(buckets)), self._layouts[t])
+            for t, buckets in self._buckets.items()
+        }
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         ids = self.table_ids(features)
-        modules = self.modules_by_table()
-        return self.with_rows(features, {t: modules[t](v) for t, v in ids.items()})
+        return self.with_rows(
+            features,
+            {t: remap_buckets(self._buckets[t], self._layouts[t], v) for t, v in ids.items()},
+        )
 
     def table_ids(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Per table, the raw ids of all its features (int64, in KJT value order): what its
-        module remaps. Sharded modules gather these over ranks before remapping."""
+        module remaps."""
+        return self._features.table_ids(features)
+
+    def with_rows(
+        self, features: KeyedJaggedTensor, rows_by_table: Mapping[str, torch.Tensor]
+    ) -> KeyedJaggedTensor:
+        """``features`` with each table's ids replaced by ``rows_by_table[table]`` (in the order
+        :meth:`table_ids` gave them); lengths, weights and other keys unchanged."""
+        return self._features.with_rows(features, rows_by_table)
+
+    def table_features(self) -> TableFeatures:
+        """Which features each table reads (what splits a KJT per table and puts rows back)."""
+        return self._features
+
+    def managed_table_counters(self) -> dict[str, ManagedTableStats]:
+        return self.stats()
+
+    def evict(self) -> dict[str, torch.Tensor | None]:
+        """Per table, the rows evicted since the last call (see
+        :meth:`MCHManagedCollisionModule.evict`), sorted (bucket by bucket, in row order)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for t, buckets in self._buckets.items():
+            found = evicted_rows(dict(enumerate(buckets)), self._layouts[t])
+            out[t] = torch.cat([found[b] for b in sorted(found)]) if found else None
+        return out
+
+    def open_slots(self) -> dict[str, int]:
+        return {t: sum(m.open_slots() for m in buckets) for t, buckets in self._buckets.items()}
+
+    def stats(self) -> dict[str, ManagedTableStats]:
+        """Per table: capacity, occupancy, admitted, evicted, rejected, below threshold."""
+        return {
+            t: bucket_stats([counters_of(m) for m in buckets], self._layouts[t])
+            for t, buckets in self._buckets.items()
+        }
+
+
+def managed_table_stats(model: nn.Module) -> dict[str, ManagedTableStats]:
+    """The counters of every managed table in ``model`` (unsharded or sharded: each holds a
+    :class:`ManagedTableCounters`), by table name; ``<module path>/<table>`` where two
+    collections have a table of the same name."""
+    found: list[tuple[str, str, ManagedTableStats]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, ManagedTableCounters):
+            found += [
+                (path, table, stats) for table, stats in module.managed_table_counters().items()
+            ]
+    names = [table for _, table, _ in found]
+    return {
+        (table if names.count(table) == 1 else f"{path}/{table}"): stats
+        for path, table, stats in found
+    }
+
+
+class TableFeatures:
+    """The features of each managed table: splits a KJT's values per table and puts rows back."""
+
+    def __init__(self, table_features: Mapping[str, Sequence[str]]) -> None:
+        self._table_features = {t: list(f) for t, f in table_features.items()}
+
+    def table_ids(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """Per table, the raw ids of all its features (int64, in KJT value order)."""
         values = self._check(features).values().to(torch.int64)
         out: dict[str, torch.Tensor] = {}
         for table, spans in self._spans(features).items():
@@ -166,32 +291,24 @@ class ManagedCollisionCollection(nn.Module):
             out[table] = _merge(sorted(spans))
         return out
 
-    def evict(self) -> dict[str, torch.Tensor | None]:
-        """Per table, the rows evicted since the last call (see
-        :meth:`MCHManagedCollisionModule.evict`)."""
-        return {name: m.evict() for name, m in self.modules_by_table().items()}
 
-    def open_slots(self) -> dict[str, int]:
-        return {name: m.open_slots() for name, m in self.modules_by_table().items()}
-
-    def stats(self) -> dict[str, ManagedTableStats]:
-        """Per table: capacity, occupancy, admitted, evicted, rejected, below threshold."""
-        return {name: m.stats() for name, m in self.modules_by_table().items()}
-
-
-def managed_table_stats(model: nn.Module) -> dict[str, ManagedTableStats]:
-    """The counters of every managed table in ``model`` (unsharded or sharded: each holds a
-    :class:`ManagedCollisionCollection`), by table name; ``<module path>/<table>`` where two
-    collections have a table of the same name."""
-    found: list[tuple[str, str, ManagedTableStats]] = []
-    for path, module in model.named_modules():
-        if isinstance(module, ManagedCollisionCollection):
-            found += [(path, table, stats) for table, stats in module.stats().items()]
-    names = [table for _, table, _ in found]
-    return {
-        (table if names.count(table) == 1 else f"{path}/{table}"): stats
-        for path, table, stats in found
-    }
+def _layout(
+    table: str, rows: int, num_buckets: int | Mapping[str, int], tables: list[str]
+) -> BucketLayout:
+    if isinstance(num_buckets, Mapping):
+        unknown = sorted(set(num_buckets) - set(tables))
+        if unknown:
+            raise ValueError(
+                f"ManagedCollisionCollection: num_buckets names tables {unknown} that it does not"
+                f" have (tables: {tables})"
+            )
+        count = num_buckets.get(table, 1)
+    else:
+        count = num_buckets
+    try:
+        return BucketLayout(rows, count)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"ManagedCollisionCollection: table {table!r}: {exc}") from None
 
 
 def _tiles(pieces: list[tuple[int, int, torch.Tensor]], total: int) -> bool:

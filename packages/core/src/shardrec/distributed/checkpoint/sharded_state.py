@@ -539,7 +539,14 @@ def _load_checked(
 
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
     for key, tensor in dense.items():
-        if key in model_part:
+        if key in model_part and _is_sharded(tensor):
+            # State a module keeps on some ranks only (a managed table's buckets): each rank
+            # writes the pieces it holds.
+            held: Any = tensor
+            for shard in held.local_shards():
+                box = (tuple(shard.metadata.shard_offsets), tuple(shard.tensor.shape))
+                writes.append((shard.tensor, _read_box(model_part[key], *box, key)))
+        elif key in model_part:
             writes.append(
                 (tensor, _read_box(model_part[key], (0,) * tensor.dim(), tuple(tensor.shape), key))
             )
