@@ -4,6 +4,7 @@ and passes the same sharder when it is right."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 
 import pytest
@@ -32,6 +33,7 @@ class _Copy(nn.Module):
         bump: Mapping[str, float],
         with_state: bool,
         replicated: bool,
+        grads: Mapping[str, float | None],
     ) -> None:
         super().__init__()
         self.with_state = with_state
@@ -40,6 +42,13 @@ class _Copy(nn.Module):
         for table, by in bump.items():
             with torch.no_grad():
                 self.copy.lookup.table_weights()[table].add_(by)
+        params = dict(self.copy.lookup.named_table_parameters())
+        for table, scale in grads.items():
+            if scale is None:
+                params[table].register_post_accumulate_grad_hook(_drop_grad)  # type: ignore[no-untyped-call]
+            else:
+                scaled = functools.partial(torch.mul, other=scale)
+                params[table].register_hook(scaled)  # type: ignore[no-untyped-call]
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
         out: KeyedTensor = self.copy(kjt)
@@ -61,18 +70,28 @@ class _Copy(nn.Module):
         }
 
 
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
 class CopySharder:
     """One whole copy of the module on each rank (right at world size 1), with ``bump`` added to
     some tables' weights (a bug in one table), without its optimizer state in
-    ``local_table_shards`` unless ``with_state`` (a bug checkpoints show), and not marked as
-    replicas unless ``replicated`` (so that its copies overlap in a checkpoint)."""
+    ``local_table_shards`` unless ``with_state`` (a bug checkpoints show), not marked as
+    replicas unless ``replicated`` (so that its copies overlap in a checkpoint), and with the
+    gradient of plain tables scaled by ``grads[table]`` (None: dropped)."""
 
     def __init__(
-        self, bump: Mapping[str, float], with_state: bool = True, replicated: bool = True
+        self,
+        bump: Mapping[str, float],
+        with_state: bool = True,
+        replicated: bool = True,
+        grads: Mapping[str, float | None] | None = None,
     ) -> None:
         self.bump = dict(bump)
         self.with_state = with_state
         self.replicated = replicated
+        self.grads = dict(grads or {})
 
     @property
     def module_type(self) -> type[nn.Module]:
@@ -95,7 +114,7 @@ class CopySharder:
         device: torch.device,
     ) -> nn.Module:
         assert isinstance(module, EmbeddingBagCollection)
-        return _Copy(module, self.bump, self.with_state, self.replicated)
+        return _Copy(module, self.bump, self.with_state, self.replicated, self.grads)
 
 
 def test_a_right_sharder_passes(dist_pool: WorkerPool) -> None:

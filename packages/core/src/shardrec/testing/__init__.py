@@ -23,15 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     # mypy sees each lazy name as what it is; at run time __getattr__ imports it on first use.
-    from shardrec.testing._batches import GlobalBatch
+    from shardrec.testing._batches import Batches, GlobalBatch
     from shardrec.testing._check import PlanForWorld, check_sharding
     from shardrec.testing._errors import RankFailedError, RankTimeoutError
     from shardrec.testing._model import EMBEDDING_FQN, EmbeddingModel, HeadModel
     from shardrec.testing._pool import WorkerPool, run_ranks
+    from shardrec.testing._ranks import DenseOptimizer
     from shardrec.testing._report import EquivalenceError, EquivalenceReport, Mismatch
 
 _LAZY: dict[str, str] = {
     "EMBEDDING_FQN": "shardrec.testing._model",
+    "Batches": "shardrec.testing._batches",
+    "DenseOptimizer": "shardrec.testing._ranks",
     "EmbeddingModel": "shardrec.testing._model",
     "EquivalenceError": "shardrec.testing._report",
     "EquivalenceReport": "shardrec.testing._report",
@@ -56,6 +59,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "EMBEDDING_FQN",
+    "Batches",
+    "DenseOptimizer",
     "EmbeddingModel",
     "EquivalenceError",
     "EquivalenceReport",

@@ -12,14 +12,14 @@ KJT::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from shardrec.sparse import KeyedJaggedTensor
 
-__all__ = ["GlobalBatch"]
+__all__ = ["Batches", "GlobalBatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +69,50 @@ class GlobalBatch:
             ]
         return cls(keys, lengths, ids, weights, list(sizes))
 
+    def check(self, rows: Mapping[str, int], *, weighted: bool, where: str) -> None:
+        """Raise ValueError (starting with ``where``) unless this batch fits a model whose
+        features are ``rows`` (feature -> its table's rows) and ``weighted`` or not: every
+        feature once, lengths ``[keys, samples]`` of counts >= 0, as many ids (and weights) as
+        the lengths say, ids in ``[0, rows)``."""
+        if any(n < 0 for n in self.sizes):
+            raise ValueError(f"{where}: sizes {self.sizes} has a negative number of samples")
+        missing = sorted(set(rows) - set(self.keys))
+        unknown = sorted(set(self.keys) - set(rows))
+        if missing or unknown or len(set(self.keys)) != len(self.keys):
+            raise ValueError(
+                f"{where}: keys {self.keys} must name each of the model's features once"
+                f" (missing {missing}, unknown {unknown})"
+            )
+        shape = (len(self.keys), sum(self.sizes))
+        if tuple(self.lengths.shape) != shape or bool((self.lengths < 0).any()):
+            raise ValueError(
+                f"{where}: lengths must be {list(shape)} (keys x samples) of counts >= 0,"
+                f" got shape {list(self.lengths.shape)}"
+            )
+        if (self.weights is not None) != weighted:
+            need = "needs" if weighted else "takes no"
+            raise ValueError(f"{where}: the model {need} per-id weights")
+        entries = {"ids": self.ids}
+        if self.weights is not None:
+            entries["weights"] = self.weights
+        for what, per_key in entries.items():
+            if len(per_key) != len(self.keys):
+                raise ValueError(f"{where}: {len(per_key)} {what} tensors, {len(self.keys)} keys")
+        for k, key in enumerate(self.keys):
+            count = int(self.lengths[k].sum())
+            for what, per_key in entries.items():
+                if per_key[k].numel() != count:
+                    raise ValueError(
+                        f"{where}: feature {key!r} has {per_key[k].numel()} {what};"
+                        f" its lengths say {count}"
+                    )
+            ids = self.ids[k]
+            if count and not 0 <= int(ids.min()) <= int(ids.max()) < rows[key]:
+                raise ValueError(
+                    f"{where}: feature {key!r} has ids {int(ids.min())}..{int(ids.max())};"
+                    f" its table has {rows[key]} rows"
+                )
+
     def bounds(self, rank: int | None) -> tuple[int, int]:
         """Rank ``rank``'s samples ``[lo, hi)`` (every sample for None)."""
         if rank is None:
@@ -102,3 +146,8 @@ class GlobalBatch:
     def split_by_key(self, values: torch.Tensor) -> list[torch.Tensor]:
         """A whole-batch per-entry tensor (the global KJT's weights' gradient) cut by key."""
         return list(torch.split(values, [int(n) for n in self.lengths.sum(dim=1)]))
+
+
+Batches = Callable[[int, int], GlobalBatch]
+"""``(step, world size) -> GlobalBatch``: a check's batch of that step, one ``sizes`` entry per
+rank (the step after the last training step is the batch a loaded checkpoint is run on)."""

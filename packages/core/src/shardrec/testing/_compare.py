@@ -6,10 +6,16 @@ from collections.abc import Sequence
 
 import torch
 
-from shardrec.testing._ranks import Held, RankResult
+from shardrec.testing._ranks import GradHeld, Held, RankResult
 from shardrec.testing._report import EquivalenceReport, Mismatch, Tolerance
 
-__all__ = ["compare_outputs", "compare_steps", "compare_tables", "compare_whole"]
+__all__ = [
+    "compare_outputs",
+    "compare_steps",
+    "compare_table_grads",
+    "compare_tables",
+    "compare_whole",
+]
 
 
 def _check(
@@ -75,6 +81,34 @@ def _piece(whole: torch.Tensor, tensor: torch.Tensor, offsets: tuple[int, ...]) 
         return whole.new_full((0,), float("nan"))
     index = tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))
     return whole[index]
+
+
+def compare_table_grads(
+    report: EquivalenceReport,
+    tol: Tolerance,
+    phase: str,
+    results: Sequence[RankResult],
+    expected: Sequence[dict[str, torch.Tensor]],
+) -> None:
+    """At every step, every shard of a table that gets a gradient in the reference (a table
+    without a fused optimizer) gets its piece of it: a zero block where its rows were not
+    looked up, never none (an optimizer with weight decay or momentum skips a parameter without
+    a gradient). Only shards that are a trainable parameter's storage are seen."""
+    for step, grads in enumerate(expected):
+        for table, grad in grads.items():
+            for rank, result in enumerate(results):
+                held: GradHeld = result.table_grads[step].get(table, [])
+                for got, offsets in held:
+                    if got is None:
+                        report.mismatches.append(
+                            Mismatch("table gradient", phase, table=table, rank=rank, step=step,
+                                     detail="(none: the shard got no gradient)")
+                        )  # fmt: skip
+                        continue
+                    _check(
+                        report, tol, got, _piece(grad, got, offsets),
+                        what="table gradient", phase=phase, table=table, rank=rank, step=step,
+                    )  # fmt: skip
 
 
 def compare_tables(

@@ -17,12 +17,13 @@ __all__ = ["Reference", "rows_by_rank", "train_reference"]
 @dataclass(slots=True)
 class Reference:
     """Per step and rank: the rows and per-id weights' gradient rank ``r`` must see; per step the
-    dense head's gradient; at the end the trained model."""
+    dense head's gradient and each plain table's gradient; at the end the trained model."""
 
     model: HeadModel
     outputs: list[list[torch.Tensor]] = field(default_factory=list)
     dense_grads: list[torch.Tensor] = field(default_factory=list)
     weight_grads: list[list[torch.Tensor]] = field(default_factory=list)
+    table_grads: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def tables(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """Every table's weight and fused optimizer state, by table name."""
@@ -30,6 +31,13 @@ class Reference:
         assert isinstance(emb, EmbeddingBagCollection | EmbeddingCollection)
         lookup = emb.lookup
         return lookup.table_weights(), lookup.optimizer_states()
+
+    def table_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Every table's parameter (its ``.grad`` is the table's gradient without a fused
+        optimizer)."""
+        emb = self.model.emb
+        assert isinstance(emb, EmbeddingBagCollection | EmbeddingCollection)
+        return dict(emb.lookup.named_table_parameters())
 
 
 def rows_by_rank(
@@ -60,11 +68,14 @@ def rows_by_rank(
 
 
 def train_reference(run: RankRun) -> Reference:
-    """``run.steps`` steps on the global batches: the loss sums every rank's samples, plain SGD
-    at ``run.learning_rate`` on what has a gradient (the head, and tables without a fused
+    """``run.steps`` steps on the global batches: the loss sums every rank's samples,
+    ``run.dense_optimizer`` steps what has a gradient (the head, and tables without a fused
     optimizer); fused tables update themselves in backward."""
     model = run.model.build(run.model_seed)
     ref = Reference(model)
+    tables = ref.table_parameters()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = run.dense_optimizer(trainable)
     for step in range(run.steps):
         batch = run.batch(step)
         kjt = batch.kjt(None, weights_need_grad=run.model.weighted)
@@ -77,11 +88,11 @@ def train_reference(run: RankRun) -> Reference:
         if weights is not None and weights.grad is not None:
             grads = batch.split_by_key(weights.grad)
             ref.weight_grads.append([batch.entries(grads, r) for r in range(len(batch.sizes))])
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.sub_(run.learning_rate * p.grad)
-                    p.grad = None
+        ref.table_grads.append(
+            {t: p.grad.to_dense().clone() for t, p in tables.items() if p.grad is not None}
+        )
+        opt.step()
+        opt.zero_grad()
     return ref
 
 
