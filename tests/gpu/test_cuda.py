@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
-from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
+from shardrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
+from shardrec.distributed import (
+    DistributedModelParallel,
+    ParameterSharding,
+    ShardingEnv,
+    ShardingPlan,
+)
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
-
-from ..sharders._reference import ebc_configs, ec_configs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -50,8 +60,14 @@ def batch(step: int, device: torch.device, weighted: bool = False) -> KeyedJagge
 def ebc(device: torch.device, pooling: str, weighted: bool, optimizer: str | None) -> nn.Module:
     torch.manual_seed(0)
     fused = None if optimizer is None else {"optimizer": optimizer, "learning_rate": LR}
+    bags = [
+        EmbeddingBagConfig(
+            name=n, num_embeddings=r, embedding_dim=d, feature_names=f, pooling=PoolingType(pooling)
+        )
+        for n, r, d, f in TABLES
+    ]
     module = EmbeddingBagCollection(
-        tables=ebc_configs(TABLES, pooling),
+        tables=bags,
         is_weighted=weighted,
         fused_params=fused,
         backend="torch",
@@ -62,8 +78,12 @@ def ebc(device: torch.device, pooling: str, weighted: bool, optimizer: str | Non
 def ec(device: torch.device, optimizer: str | None) -> nn.Module:
     torch.manual_seed(0)
     fused = None if optimizer is None else {"optimizer": optimizer, "learning_rate": LR}
+    seqs = [
+        EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=f)
+        for n, r, d, f in TABLES
+    ]
     module = EmbeddingCollection(
-        tables=ec_configs(TABLES),
+        tables=seqs,
         fused_params=fused,
         backend="torch",
     )
@@ -80,7 +100,9 @@ def run(module: nn.Module, device: torch.device, weighted: bool = False) -> list
     outs = []
     for step in range(STEPS):
         out = flat(module(batch(step, device, weighted)))
-        (out * torch.arange(out.numel(), device=device).reshape(out.shape)).sum().backward()
+        torch.autograd.backward(
+            (out * torch.arange(out.numel(), device=device).reshape(out.shape)).sum()
+        )
         outs.append(out.detach().cpu())
     return outs
 
@@ -121,13 +143,13 @@ def nccl() -> Iterator[ShardingEnv]:
 
 
 def plan_for(kind: str) -> ShardingPlan:
-    make = {
+    make: dict[str, Callable[[int, int], ParameterSharding]] = {
         "table_wise": lambda r, d: table_wise(0, r, d),
         "row_wise": lambda r, d: row_wise(r, d, 1),
         "column_wise": lambda r, d: column_wise(r, d, [0, 0] if d % 2 == 0 else [0]),
         "data_parallel": lambda r, d: data_parallel(r, d, 1),
-    }[kind]
-    return ShardingPlan({"": {n: make(r, d) for n, r, d, _ in TABLES}})
+    }
+    return ShardingPlan({"": {n: make[kind](r, d) for n, r, d, _ in TABLES}})
 
 
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise", "data_parallel"])
@@ -153,14 +175,16 @@ def test_sharded_on_nccl_matches_unsharded_cpu(
         ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
         opt = torch.optim.SGD(sharded.parameters(), lr=LR)
         expected = []
-        got = []
+        got: list[torch.Tensor] = []
         for step in range(STEPS):
             for model, o, dev, sink in (
                 (reference, ref_opt, torch.device("cpu"), expected),
                 (sharded, opt, CUDA, got),
             ):
                 out = flat(model(batch(step, dev)))
-                (out * torch.arange(out.numel(), device=dev).reshape(out.shape)).sum().backward()
+                torch.autograd.backward(
+                    (out * torch.arange(out.numel(), device=dev).reshape(out.shape)).sum()
+                )
                 o.step()
                 o.zero_grad()
                 sink.append(out.detach().cpu())
@@ -183,7 +207,7 @@ def test_a_dlrm_batch_pins_and_records_its_stream(tmp_path: os.PathLike[str]) ->
     pinned = host.pin_memory()
     assert pinned.dense_features.is_pinned()
     assert pinned.sparse_features.values().is_pinned()
-    side = torch.cuda.Stream()
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     with torch.cuda.stream(side):
         moved = pinned.to(CUDA, non_blocking=True)
     torch.cuda.current_stream().wait_stream(side)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardrec import EmbeddingBagCollection, KeyedJaggedTensor
+from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from shardrec.distributed import DistributedModelParallel, ShardingEnv, ShardingPlan
 from shardrec.distributed.qcomm import QCommsConfig, with_qcomms
 from shardrec.distributed.sharding_plan import row_wise, table_wise
@@ -26,8 +26,6 @@ from shardrec.distributed.train_pipeline import (
     TrainPipelineBase,
     TrainPipelineSparseDist,
 )
-
-from ..sharders._reference import ebc_configs
 
 TABLES = [("t0", 11, 8, ["f0"]), ("t1", 17, 16, ["f1", "f2"])]
 KEYS = ["f0", "f1", "f2"]
@@ -39,7 +37,10 @@ class Model(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.ebc = EmbeddingBagCollection(
-            tables=ebc_configs(TABLES, "SUM"),
+            tables=[
+                EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=f)
+                for n, r, d, f in TABLES
+            ],
             fused_params={"optimizer": "rowwise_adagrad", "learning_rate": 0.1},
             backend="torch",
         )
@@ -120,7 +121,7 @@ def trained(
     """Tables, their fused optimizer state and the head after the batches, on the host."""
     model = Model()
     dmp = DistributedModelParallel(model, env=env, device=device, plan=plan(kind))
-    optimizer = torch.optim.SGD(dmp.module.head.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(dmp.module.get_submodule("head").parameters(), lr=0.1)
     cls = TrainPipelineSparseDist if pipelined else TrainPipelineBase
     if slow:
         loop: TrainPipeline[object] = cls(dmp, optimizer, device, forward=slow_forward)
@@ -134,7 +135,7 @@ def trained(
         for name, shards in ts.optimizer_state.items():
             for i, s in enumerate(shards):
                 out[f"{table}.{name}.{i}"] = s.tensor.detach().cpu().clone()
-    for name, p in dmp.module.head.named_parameters():
+    for name, p in dmp.module.get_submodule("head").named_parameters():
         out[f"head.{name}"] = p.detach().cpu().clone()
     return out
 
@@ -172,7 +173,8 @@ def bf16_case(env: ShardingEnv, device: torch.device) -> None:
         plan=with_qcomms(plan("row_wise"), QCommsConfig.both("bf16")),
     )
     kjt = batches()[0].to(device)
-    a, b = exact.module.ebc(kjt).values(), squeezed.module.ebc(kjt).values()
+    a = exact.module.get_submodule("ebc")(kjt).values()
+    b = squeezed.module.get_submodule("ebc")(kjt).values()
     # At world size 1 nothing travels, so nothing is rounded: the compressed path must run on the
     # device and give the fp32 answer exactly (the rounding itself is proved on gloo, 2-4 ranks).
     assert torch.equal(a, b)
