@@ -340,6 +340,21 @@ def test_checkpoint_resumes_at_another_world_size_under_another_plan(
         torch.testing.assert_close(weight, at_two["weights"][table], **TOL)
 
 
+@pytest.mark.parametrize("buckets", [1, SPLIT])
+def test_an_unsharded_checkpoint_loads_sharded(
+    dist_pool: Any, tmp_path: Path, buckets: Buckets
+) -> None:
+    # Plain tensors under every key: also what a checkpoint of the replicated maps held.
+    unsharded = build("rowwise_adagrad", buckets=buckets)
+    for step in range(2):
+        unsharded(batch(step, 1, None))[1].backward()
+    root = str(tmp_path / "ck")
+    save(root, unsharded, step=2)
+    ref = reference("rowwise_adagrad", STEPS, [3] * STEPS, buckets=buckets)
+    results = dist_pool.run(3, case_resume, root=root, kind="mixed", buckets=buckets)
+    check(results, ref, first_step=2)
+
+
 def case_bad_batch(env: ShardingEnv) -> str:
     model = DistributedModelParallel(
         build("sgd"), env=env, plan=plan_of("row_wise", env.world_size)

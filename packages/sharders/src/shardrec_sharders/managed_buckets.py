@@ -91,6 +91,7 @@ class ShardedManagedCollisionCollection(nn.Module):
         self._rank = rank
         self._world_size = world_size
         self._pg = pg
+        self._device = device  # where the collectives' tensors live (NCCL needs the GPU)
         self._layouts: dict[str, BucketLayout] = collection.bucket_layouts()
         self._tables = list(self._layouts)
         self._buckets: list[_Bucket] = []
@@ -253,7 +254,9 @@ class ShardedManagedCollisionCollection(nn.Module):
             shared[g, 0] = found[g].numel() if g in found else 0
             shared[g, 1:] = counters_of(self._held[(bucket.table, bucket.index)]).cpu()
         if self._world_size > 1 and self._pg is not None:
-            dist.all_reduce(shared, group=self._pg)
+            on_device = shared.to(self._device)
+            dist.all_reduce(on_device, group=self._pg)
+            shared = on_device.cpu()
         for g, bucket in enumerate(self._buckets):
             if bucket.owner != self._rank:
                 self._mirrors[(bucket.table, bucket.index)].copy_(shared[g, 1:])
@@ -270,10 +273,11 @@ class ShardedManagedCollisionCollection(nn.Module):
         ]
         totals = [sum(counts[g] for g in gs) for gs in by_rank]
         if self._world_size > 1 and self._pg is not None:
-            padded = torch.zeros(max(totals), dtype=torch.int64)
-            padded[: mine.numel()] = mine.cpu()
-            blocks = [torch.empty_like(padded) for _ in range(self._world_size)]
-            dist.all_gather(blocks, padded, group=self._pg)
+            padded = torch.zeros(max(totals), dtype=torch.int64, device=self._device)
+            padded[: mine.numel()] = mine.to(self._device)
+            gathered = [torch.empty_like(padded) for _ in range(self._world_size)]
+            dist.all_gather(gathered, padded, group=self._pg)
+            blocks = [b.cpu() for b in gathered]
         else:
             blocks = [mine.cpu()]
         rows_of: dict[int, torch.Tensor] = {}

@@ -162,7 +162,7 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
     def _gather_counts(self, mine: list[int]) -> list[list[int]]:
         if self._world_size == 1 or self._pg is None:
             return [mine]
-        local = torch.tensor(mine, dtype=torch.int64)
+        local = torch.tensor(mine, dtype=torch.int64, device=self._device)
         out = [torch.empty_like(local) for _ in range(self._world_size)]
         dist.all_gather(out, local, group=self._pg)
         return [t.tolist() for t in out]
