@@ -21,14 +21,21 @@ A slot's id and row sit side by side (``slot_ids`` and ``slot_rows`` are strided
 ``slots``): a lookup's gathers hit random slots, and the row then comes from the cache line the
 id was read from (two separate arrays cost a cache miss each, about 1.6x the time with the tables
 out of cache).
+
+On CPU, :meth:`IdRowMap.find` and :meth:`IdRowMap.insert` run the same steps in numpy on views of
+the buffers (:mod:`shardrec.modules.mc_id_map_host`): a table's batch is a few thousand ids, and
+there a torch call's fixed cost was most of the time.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
+import numpy as np
 import torch
 from torch import nn
+
+from shardrec.modules.mc_id_map_host import find_rows, insert_rows
 
 __all__ = ["IdRowMap", "hash_slots"]
 
@@ -59,10 +66,19 @@ class IdRowMap(nn.Module):
     tombstones: torch.Tensor
     max_displacement: torch.Tensor
 
-    def __init__(self, rows: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, rows: int, device: torch.device | str | None = None, *, host_loops: bool = True
+    ) -> None:
+        """``host_loops``: on CPU, :meth:`find` and :meth:`insert` run in numpy on views of the
+        buffers (:mod:`shardrec.modules.mc_id_map_host`, same results); False runs the torch
+        code every other device runs (the tests compare the two)."""
         super().__init__()
         if rows < 1:
             raise ValueError(f"IdRowMap needs at least one row, got {rows}")
+        self.host_loops = host_loops
+        # Per slot, the first claimant of an insert round on the host (not state: only the
+        # claimed slots are written and then read); made on first use.
+        self._claims: np.ndarray[Any, np.dtype[np.int64]] | None = None
         self.bits = max(4, (2 * rows - 1).bit_length())
         slots = 1 << self.bits
         table = torch.zeros((slots, 2), dtype=torch.int64, device=device)
@@ -90,6 +106,12 @@ class IdRowMap(nn.Module):
 
     def find(self, ids: torch.Tensor) -> torch.Tensor:
         """The row of each id, or -1 where the id is not in the map (``ids`` int64, 1-D)."""
+        if self._on_host(ids):
+            return torch.from_numpy(
+                find_rows(
+                    self.slots.numpy(), self.bits, int(self.max_displacement), ids.numpy(), _GOLDEN
+                )
+            )
         # index_select rather than ``t[index]``: measured about 5x faster for int64 gathers on CPU.
         mask = self.num_slots - 1
         pos = hash_slots(ids, self.bits)
@@ -131,6 +153,20 @@ class IdRowMap(nn.Module):
     def insert(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Add ``ids[i] -> rows[i]``; the ids must be distinct and absent, the rows free."""
         if ids.numel() == 0:
+            return
+        if self._on_host(ids):
+            farthest, reused = insert_rows(
+                self.slots.numpy(),
+                self.row_slots.numpy(),
+                self.bits,
+                ids.numpy(),
+                rows.numpy(),
+                int(self.max_displacement),
+                _GOLDEN,
+                self._claim_scratch(),
+            )
+            self.tombstones.sub_(reused)
+            self.max_displacement.fill_(farthest)
             return
         mask = self.num_slots - 1
         home = hash_slots(ids, self.bits)
@@ -190,6 +226,14 @@ class IdRowMap(nn.Module):
                 break
             start = home.index_select(0, pending) + offset
         self.max_displacement.fill_(farthest)
+
+    def _claim_scratch(self) -> np.ndarray[Any, np.dtype[np.int64]]:
+        if self._claims is None or self._claims.shape[0] != self.num_slots:
+            self._claims = np.empty(self.num_slots, dtype=np.int64)
+        return self._claims
+
+    def _on_host(self, ids: torch.Tensor) -> bool:
+        return self.host_loops and ids.device.type == "cpu" and self.slots.device.type == "cpu"
 
     def _place_few(
         self,

@@ -1,0 +1,101 @@
+"""IdRowMap's numpy code on CPU (``host_loops=True``, the default) against its torch code (what
+other devices run): the same rows found and the same slots, rows, tombstones and displacement
+bound after every insert and removal, through races for one slot, long runs, wrap-around past
+the last slot, tombstone reuse and rebuilds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from shardrec.modules.mc_id_map import IdRowMap, hash_slots
+
+_MASK64 = 2**64 - 1
+# The inverse of the map's multiplier modulo 2^64: id = (wanted product) * inverse.
+_INVERSE = pow(-7046029254386353131 & _MASK64, -1, 2**64)
+
+
+def _homed_at(slot: int, count: int, bits: int, rng: random.Random) -> list[int]:
+    """``count`` distinct int64 ids whose home slot is ``slot``."""
+    out = []
+    for low in rng.sample(range(1 << 40), count):
+        product = (slot << (64 - bits)) | low
+        raw = (product * _INVERSE) & _MASK64
+        out.append(raw - 2**64 if raw >= 2**63 else raw)
+    return out
+
+
+def _same_state(host: IdRowMap, plain: IdRowMap) -> None:
+    for name in ("slots", "row_slots", "tombstones", "max_displacement"):
+        assert torch.equal(getattr(host, name), getattr(plain, name)), name
+
+
+@pytest.mark.parametrize(
+    ("rows", "universe", "per_step", "crowd"),
+    [
+        (64, 2_000, 40, False),  # small table, heavy churn: rebuilds, long probe runs
+        (8, 100_000, 8, True),  # ids homed on the last slots: runs wrap past the end
+        (3_000, 2**62, 2_500, False),  # many ids per insert: several race for one slot
+        (500, 2**62, 400, True),  # crowded homes: windows with no open slot, walks past them
+    ],
+)
+def test_host_and_torch_code_give_the_same_map(
+    rows: int, universe: int, per_step: int, crowd: bool
+) -> None:
+    rng = random.Random(rows)
+    host, plain = IdRowMap(rows), IdRowMap(rows, host_loops=False)
+    assert host.host_loops
+    assert not plain.host_loops
+    pool = list(range(universe)) if universe <= 100_000 else None
+    if crowd and pool is not None:
+        # Ids whose home slot is one of the last two: every run reaches the end of the table.
+        near_end = hash_slots(torch.tensor(pool), host.bits) >= host.num_slots - 2
+        pool = torch.tensor(pool)[near_end].tolist()
+    held: dict[int, int] = {}
+    free = list(range(rows))
+    for step in range(30):
+        drop = rng.sample(sorted(held.values()), len(held) // 3)
+        gone = torch.tensor(sorted(drop), dtype=torch.int64)
+        host.remove_rows(gone)
+        plain.remove_rows(gone)
+        dropped = set(drop)
+        held = {i: r for i, r in held.items() if r not in dropped}
+        free += drop
+        if pool is not None:
+            draw = rng.sample(pool, min(per_step, len(pool)))
+        elif crowd:
+            # Ids sharing a few home slots, some of them the last ones.
+            crowded = [rng.randrange(host.num_slots) for _ in range(6)] + [host.num_slots - 1] * 2
+            draw = [i for h in crowded for i in _homed_at(h, per_step // 8, host.bits, rng)]
+        else:
+            draw = [rng.randrange(-(2**63), 2**63) for _ in range(per_step)]
+        new = [i for i in dict.fromkeys(draw) if i not in held][: len(free)]
+        given = [free.pop(rng.randrange(len(free))) for _ in new]
+        new_t, rows_t = torch.tensor(new, dtype=torch.int64), torch.tensor(given)
+        host.insert(new_t, rows_t)
+        plain.insert(new_t, rows_t)
+        held.update(zip(new, given, strict=True))
+        _same_state(host, plain)
+        probe = torch.tensor(draw + list(held)[:200] + [rng.randrange(-(2**63), 2**63)])
+        expected = [held.get(i, -1) for i in probe.tolist()]
+        assert host.find(probe).tolist() == expected, step
+        assert plain.find(probe).tolist() == expected, step
+    assert int(host.max_displacement) > 0
+
+
+def test_homed_at_gives_ids_of_that_home() -> None:
+    got = torch.tensor(_homed_at(77, 5, 10, random.Random(1)))
+    assert hash_slots(got, 10).tolist() == [77] * 5
+
+
+def test_the_host_code_reads_and_writes_the_buffers_in_place() -> None:
+    # The state dict holds what the host code wrote: a map loaded from it finds the same rows.
+    host = IdRowMap(100)
+    ids = torch.tensor([5, -7, 2**62, 123456789])
+    host.insert(ids, torch.tensor([3, 0, 99, 42]))
+    copy = IdRowMap(100, host_loops=False)
+    copy.load_state_dict(host.state_dict())
+    assert copy.find(ids).tolist() == [3, 0, 99, 42]
+    assert host.find(torch.tensor([6, 5])).tolist() == [-1, 3]
