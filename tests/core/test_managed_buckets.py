@@ -3,10 +3,13 @@ layout, the bucket hash, and a bucketed table against its buckets stepped by han
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from shardrec import EmbeddingBagCollection, KeyedJaggedTensor
+from shardrec.distributed.checkpoint import CheckpointError, load, save
 from shardrec.modules.configs import EmbeddingBagConfig
 from shardrec.modules.managed_collision import MCHManagedCollisionModule
 from shardrec.modules.mc_admission import CountThresholdAdmission
@@ -172,3 +175,23 @@ def test_bad_bucket_settings_are_refused_naming_the_table() -> None:
         ManagedCollisionCollection({"t": trained}, configs(), num_buckets=2)
     with pytest.raises(ValueError, match=r"\['t'\] are split into buckets.*buckets_by_table"):
         collection(2).modules_by_table()
+
+
+def test_a_checkpoint_loads_only_with_the_same_buckets(tmp_path: Path) -> None:
+    def model(buckets: int) -> ManagedCollisionEmbeddingBagCollection:
+        ebc = EmbeddingBagCollection(configs(), fused_params={"optimizer": "exact_adagrad"})
+        return ManagedCollisionEmbeddingBagCollection(ebc, collection(buckets))
+
+    saved = model(4)
+    saved(kjt(torch.arange(10)))[0].values().sum().backward()
+    save(tmp_path, saved, step=1)
+    same = model(4)
+    assert load(tmp_path, same) == 1
+    assert same.managed_collision_collection.held_ids() == (
+        saved.managed_collision_collection.held_ids()
+    )
+    for other in (1, 3):
+        with pytest.raises(
+            CheckpointError, match=r"(?s)does not match the model.*_managed_collision_modules\.t\."
+        ):
+            load(tmp_path, model(other))
