@@ -1,6 +1,8 @@
-"""Hand-written comparisons with the unsharded module, for the tests that need more control than
-``shardrec.testing.check_sharding`` gives (batches laid out by hand, a dense optimizer with
-momentum, the tables' gradients): the model, slices of a global batch, and the checks.
+"""Hand-written comparisons with the unsharded module: the model, slices of a global batch, and
+the checks. Only tests/sharders/test_managed_sharded.py still imports it (its managed-collision
+modules are not an ``EmbeddingModel``); the other tests it served now use ``shardrec.testing``,
+whose ``check_sharding`` takes hand-laid ``batches=`` and a ``dense_optimizer=`` and compares
+plain tables' gradients. Delete this file when that last user moves.
 
 A case trains a small model on each rank of a gloo group on that rank's samples; the reference
 trains the same model, unsharded, on the concatenation of every rank's samples (the global batch).
