@@ -39,6 +39,7 @@ from shardrec.modules.mc_embedding_modules import (
     ManagedCollisionEmbeddingCollection,
 )
 from shardrec.modules.mc_policies import LFU_EvictionPolicy, LRU_EvictionPolicy
+from shardrec_sharders.managed_buckets import ShardedManagedCollisionCollection
 from shardrec_sharders.managed_collision import ShardedManagedCollisionEmbeddings
 
 from ._reference import TOL, assemble, ebc_configs, ec_configs, rank_kjt, rows_per_rank
@@ -353,6 +354,51 @@ def test_an_unsharded_checkpoint_loads_sharded(
     ref = reference("rowwise_adagrad", STEPS, [3] * STEPS, buckets=buckets)
     results = dist_pool.run(3, case_resume, root=root, kind="mixed", buckets=buckets)
     check(results, ref, first_step=2)
+
+
+def case_load_state_dict(env: ShardingEnv) -> dict[str, Any]:
+    trained = build("sgd", buckets=SPLIT)
+    for step in range(STEPS):  # the unsharded module, the same on every rank
+        trained(batch(step, 1, None))
+    assert isinstance(trained.mc, ManagedCollisionEmbeddingBagCollection)
+    full = trained.mc.managed_collision_collection
+
+    def fresh() -> ShardedManagedCollisionCollection:
+        module = build("sgd", buckets=SPLIT).mc
+        assert isinstance(module, ManagedCollisionEmbeddingBagCollection)
+        collection = module.managed_collision_collection
+        return ShardedManagedCollisionCollection(
+            collection, env.rank, env.world_size, env.pg, torch.device("cpu")
+        )
+
+    # torch's load_state_dict, from the unsharded module's plain tensors and from a sharded
+    # module's ShardedTensors: each rank takes its buckets, and every bucket's counters.
+    from_plain = fresh()
+    from_plain.load_state_dict(full.state_dict())
+    from_sharded = fresh()
+    from_sharded.load_state_dict(from_plain.state_dict())
+    return {
+        "maps": [m.held_ids() for m in (from_plain, from_sharded)],
+        "stats": [m.stats() for m in (from_plain, from_sharded)],
+        "held": {t: sorted(b) for t, b in from_plain.held_buckets().items()},
+        "expected_stats": full.stats(),
+        "expected_maps": full.held_ids(),
+    }
+
+
+def test_load_state_dict_takes_each_ranks_buckets(dist_pool: Any) -> None:
+    results = dist_pool.run(3, case_load_state_dict)
+    expected = results[0]["expected_maps"]
+    for copy in range(2):
+        for table, wanted in expected.items():
+            merged: dict[int, int] = {}
+            for res in results:
+                merged.update(res["maps"][copy][table])
+            assert merged == wanted, f"{table}: maps differ (copy {copy})"
+        for res in results:
+            assert res["stats"][copy] == res["expected_stats"]
+    assert sum(len(res["held"]["t0"]) for res in results) == SPLIT["t0"]
+    assert results[0]["expected_stats"]["t0"].evicted_total > 0
 
 
 def case_bad_batch(env: ShardingEnv) -> str:
