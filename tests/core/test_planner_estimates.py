@@ -203,16 +203,62 @@ def test_row_wise_partial_sums_take_the_reduce_scatter_bandwidth_when_given() ->
         world_size=4, hbm_mem_bw=1e9, intra_host_bw=1e8, inter_host_bw=1e8, reduce_scatter_bw=1e7
     )
     est = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, slow, SGD)
-    # Partial sums of 10 samples x 2 features x 16 columns to each of 3 peers: at 1e7 B/s, not 1e8.
+    # Partial sums of 10 samples x 2 features x 16 columns to each of 3 peers, and their gradients
+    # back: at 1e7 B/s, not 1e8.
     partials = 4 * 10 * 2 * 16
-    assert est.cost.collective_extra == pytest.approx(3 * partials * (1 / 1e7 - 1 / 1e8))
+    assert est.cost.collective_extra == pytest.approx(2 * 3 * partials * (1 / 1e7 - 1 / 1e8))
     plain = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, TOPO, SGD)
     assert plain.cost.collective_extra == 0.0
     assert est.perf == pytest.approx(
         est.fwd_compute + est.bwd_compute + 3 * est.cost.to_owner / 1e8 + est.cost.collective_extra
     )
+    # Table-row-wise reduce-scatters (and all-gathers) inside the host: the same bandwidth.
+    trw = estimate_shard(TABLE, 250, 16, Traffic.HOST_ROW_SPLIT, slow, SGD)
+    assert trw.cost.owner_intra > 0
+    assert trw.cost.collective_extra == pytest.approx(trw.cost.owner_intra * (1 / 1e7 - 1 / 1e8))
     # Table-wise outputs go by all-to-all: unaffected.
     tw = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, slow, SGD)
     assert tw.cost.collective_extra == 0.0
     with pytest.raises(ValueError, match="reduce_scatter_bw"):
         Topology(world_size=2, reduce_scatter_bw=0.0)
+
+
+def test_per_id_costs_fall_on_the_owner_and_on_every_sender_of_a_row_split() -> None:
+    route, receive = 1e-6, 1e-7
+    topo = Topology(
+        world_size=4,
+        hbm_mem_bw=1e9,
+        intra_host_bw=1e8,
+        inter_host_bw=1e8,
+        route_cost_per_id=route,
+        receive_cost_per_id=receive,
+    )
+    plain = Topology(world_size=4, hbm_mem_bw=1e9, intra_host_bw=1e8, inter_host_bw=1e8)
+    # Row-wise, a quarter of the rows: each rank sends it 10 x 2 x 3 / 4 ids and buckets each of
+    # them; the owner receives that from 4 ranks.
+    rw = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, topo, SGD)
+    rw0 = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, plain, SGD)
+    assert rw.cost.sender_compute == pytest.approx(15 * route)
+    assert rw.fwd_compute == pytest.approx(rw0.fwd_compute + 4 * 15 * receive)
+    assert rw.bwd_compute == rw0.bwd_compute  # laying out ids is forward work
+    # The backward's per-id cost: on each id the owner looks up.
+    slow_bwd = Topology(world_size=4, hbm_mem_bw=1e9, backward_cost_per_id=1e-6)
+    rw_bwd = estimate_shard(TABLE, 250, 16, Traffic.ROW_SPLIT, slow_bwd, SGD)
+    assert rw_bwd.bwd_compute == pytest.approx(rw0.bwd_compute + 4 * 15 * 1e-6)
+    assert rw_bwd.fwd_compute == rw0.fwd_compute
+    # Table-wise ids need no routing: only the owner's per-id cost.
+    tw = estimate_shard(TABLE, 1000, 16, Traffic.ALL_IDS, topo, SGD)
+    assert tw.cost.sender_compute == 0.0
+    assert tw.cost.collectives == 4
+    # A replica receives nothing.
+    dp = estimate_shard(TABLE, 1000, 16, Traffic.REPLICATED, topo, SGD)
+    dp0 = estimate_shard(TABLE, 1000, 16, Traffic.REPLICATED, plain, SGD)
+    assert dp.fwd_compute == dp0.fwd_compute
+    for name in (
+        "collective_latency",
+        "route_cost_per_id",
+        "receive_cost_per_id",
+        "backward_cost_per_id",
+    ):
+        with pytest.raises(ValueError, match=name):
+            Topology(world_size=2, **{name: -1.0})

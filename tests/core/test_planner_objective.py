@@ -4,6 +4,8 @@ table-row-wise placed on the host that suits it; what `dlrm plan` reads in the r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 from torch import nn
@@ -205,3 +207,38 @@ def test_a_fixed_step_overhead_moves_the_estimate_not_the_plan() -> None:
     assert steps[1] == pytest.approx(steps[0] + 0.004)
     with pytest.raises(ValueError, match="step_overhead"):
         Topology(world_size=2, step_overhead=-1.0)
+
+
+def _forced_step(types: Sequence[str], **costs: float) -> tuple[float, object]:
+    topo = Topology(world_size=4, compute_device="cpu", **costs)
+    planner = EmbeddingShardingPlanner(
+        topo,
+        constraints={
+            f"t{i}": ParameterConstraints(sharding_types=[kind]) for i, kind in enumerate(types)
+        },
+    )
+    plan = planner.plan(Model(configs([50_000] * len(types))), [FakeSharder(ALL_TYPES)])
+    assert planner.last_report is not None
+    return planner.last_report.step, plan.plan
+
+
+def test_collective_latency_counts_each_module_and_sharding_type_once() -> None:
+    latency = 0.001
+    for types, collectives in (
+        (["table_wise"], 4),
+        (["table_wise", "table_wise", "table_wise"], 4),
+        (["table_wise", "row_wise"], 8),
+        (["data_parallel", "table_row_wise"], 2 + 6),
+    ):
+        step, plan = _forced_step(types)
+        slow, slow_plan = _forced_step(types, collective_latency=latency)
+        assert slow_plan == plan
+        assert slow == pytest.approx(step + collectives * latency)
+
+
+def test_row_split_routing_falls_on_every_rank() -> None:
+    # Two row-wise tables: every rank buckets all of their ids, 512 samples x 1 id each.
+    step, plan = _forced_step(["row_wise", "row_wise"])
+    slow, slow_plan = _forced_step(["row_wise", "row_wise"], route_cost_per_id=1e-6)
+    assert slow_plan == plan
+    assert slow == pytest.approx(step + 2 * 512 * 1e-6)

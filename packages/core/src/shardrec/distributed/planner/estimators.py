@@ -23,10 +23,18 @@ columns, ``rows`` its rows, N the table's rows, D its dimension. A *peer* is any
   and optimizer state count only where the table's storage backend keeps them in memory
   (``Workload.memory``, a :class:`shardrec.kernels.StorageMemory`; a file-backed table's are 0).
 - compute: forward = (ids looked up · cols + output elements) · e / memory bandwidth, backward =
-  forward × the topology's ``bwd_compute_multiplier``.
-- ROW_SPLIT's partial sums go by reduce-scatter; with ``Topology.reduce_scatter_bw`` set, the
-  owner's (W-1)·from_owner bytes of them take that bandwidth instead of the links' (the difference
-  is ``collective_extra``, added to the owner's time).
+  that × the topology's ``bwd_compute_multiplier`` + ids looked up · ``backward_cost_per_id``.
+- ROW_SPLIT's partial sums go by reduce-scatter and their gradients come back by all-gather;
+  with ``Topology.reduce_scatter_bw`` set, the owner's (W-1)·from_owner bytes each way take that
+  bandwidth instead of the links' (the difference is ``collective_extra``, added to the owner's
+  time); HOST_ROW_SPLIT's ``owner_intra`` likewise.
+- fixed costs per id and per collective (``Topology``'s, 0 by default): the owner spends
+  ``receive_cost_per_id`` on each id it receives (part of its forward compute) and
+  ``backward_cost_per_id`` on each id it looks up (part of its backward); every rank spends
+  ``route_cost_per_id`` on each id it sends a row split (``sender_compute``: ROW_SPLIT and
+  HOST_ROW_SPLIT, B·F·P · rows/N per shard); a module's tables sharded alike share
+  ``COLLECTIVES_PER_STEP[traffic]`` collectives, ``collective_latency`` each (the per-rank model
+  counts them once per module and sharding type).
 - ``perf``, the shard alone on an idle rank: compute + the owner's bytes over each link class:
   (L-1)·to_owner / intra-host bandwidth + (W-L)·to_owner / inter-host bandwidth (an owner receives
   at least what it sends, so receiving bounds its time on a full-duplex link). Where the rank also
@@ -54,6 +62,18 @@ OPTIMIZER_STATE: Final[dict[OptimizerType, tuple[int, int]]] = {
     OptimizerType.ROWWISE_ADAGRAD: (4, 0),
     OptimizerType.EXACT_ADAGRAD: (0, 4),
     OptimizerType.ADAM: (0, 8),
+}
+
+
+# Collectives a sharded module issues per step for its tables of one traffic pattern, forward and
+# backward: the split exchange and the ids of the input all-to-all, then the outputs and their
+# gradients (table-row-wise: a reduce-scatter in the host and an all-to-all across, each way);
+# data-parallel: the batch-check vote and the gradients' all-reduce.
+COLLECTIVES_PER_STEP: Final[dict[Traffic, int]] = {
+    Traffic.ALL_IDS: 4,
+    Traffic.ROW_SPLIT: 4,
+    Traffic.HOST_ROW_SPLIT: 6,
+    Traffic.REPLICATED: 2,
 }
 
 
@@ -147,10 +167,15 @@ def estimate_shard(
         else 0
     )
     io = round(ids * INDEX_BYTES + 2 * out_elems * e)
-    fwd_compute = (ids * cols + out_elems) * e / topology.memory_bw
-    bwd_compute = fwd_compute * topology.bwd_compute_multiplier
+    lookup = (ids * cols + out_elems) * e / topology.memory_bw
+    bwd_compute = lookup * topology.bwd_compute_multiplier + ids * topology.backward_cost_per_id
+    # Laying out the received ids is forward work only (a replica receives none).
+    received = 0.0 if traffic is Traffic.REPLICATED else ids
+    fwd_compute = lookup + received * topology.receive_cost_per_id
     compute = fwd_compute + bwd_compute
     read = ids * cols * e
+    sender = ids_per_rank * topology.route_cost_per_id if split else 0.0
+    collectives = COLLECTIVES_PER_STEP[traffic]
     if traffic is Traffic.REPLICATED:
         io += dense  # the dense gradient, in memory whatever the storage
         intra, inter = allreduce_bytes(topology, dense)
@@ -161,6 +186,7 @@ def estimate_shard(
             allreduce_intra=intra,
             allreduce_inter=inter,
             alone=compute + comm,
+            collectives=collectives,
         )
     elif traffic is Traffic.HOST_ROW_SPLIT:
         # Partial sums are reduce-scattered inside the host (and the gradients all-gathered back),
@@ -169,24 +195,36 @@ def estimate_shard(
         row = e * out_per_rank / local
         owner_intra = 2 * (local - 1) / local * e * out_elems
         to_owner = INDEX_BYTES * ids_per_rank + row
+        extra = 0.0
+        if topology.reduce_scatter_bw is not None:
+            # The host's reduce-scatter and all-gather: at their own bandwidth, not the links'.
+            extra = max(
+                owner_intra * (1 / topology.reduce_scatter_bw - 1 / topology.intra_host_bw), 0.0
+            )
         cost = ShardCost(
             compute=compute,
             read_bytes=read,
             to_owner=to_owner,
             from_owner=row,
             owner_intra=owner_intra,
+            collective_extra=extra,
+            sender_compute=sender,
+            collectives=collectives,
             alone=compute
             + to_owner * owner_seconds_per_byte(topology)
-            + owner_intra / topology.intra_host_bw,
+            + owner_intra / topology.intra_host_bw
+            + extra,
         )
     else:
         to_owner = INDEX_BYTES * ids_per_rank + e * out_per_rank
         from_owner = e * out_per_rank
         extra = 0.0
         if traffic is Traffic.ROW_SPLIT and topology.reduce_scatter_bw is not None:
-            # The partial sums go by reduce-scatter: at its own bandwidth, not the links'.
+            # The partial sums go by reduce-scatter, and their gradients come back by all-gather
+            # (the e·out_per_rank of to_owner): both at their own bandwidth, not the links'.
             extra = max(
-                from_owner
+                2
+                * from_owner
                 * ((w - 1) / topology.reduce_scatter_bw - owner_seconds_per_byte(topology)),
                 0.0,
             )
@@ -196,6 +234,8 @@ def estimate_shard(
             to_owner=to_owner,
             from_owner=from_owner,
             collective_extra=extra,
+            sender_compute=sender,
+            collectives=collectives,
             alone=compute + to_owner * owner_seconds_per_byte(topology) + extra,
         )
     return ShardEstimate(weights, state, io, fwd_compute, bwd_compute, cost)

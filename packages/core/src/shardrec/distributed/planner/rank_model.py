@@ -8,7 +8,9 @@ A rank's step is its compute plus its communication, each link class at its own 
 (links are full duplex: sending and receiving overlap, the larger one bounds the time; ``overhead``
 is the topology's fixed ``step_overhead``, 0 unless calibrated; a shard's ``collective_extra``, the
 time its outputs' reduce-scatter takes beyond their bytes at the links' bandwidth, is added to its
-owner's communication). The plan's
+owner's communication, and every rank's communication adds ``collective_latency`` per collective:
+each module and sharding type's ``collectives``, counted once; every rank's compute adds the
+``sender_compute`` of every shard, the work on the ids it sends them). The plan's
 step is the slowest rank's. A rank's bytes come from two roles (per-shard figures in
 ``estimators.py``):
 
@@ -49,7 +51,8 @@ class RankLoad:
     sent_inter: tuple[float, ...]
     received_intra: tuple[float, ...]
     received_inter: tuple[float, ...]
-    # Seconds of collectives beyond their bytes at the links' bandwidth (``ShardCost``).
+    # Seconds of collectives beyond their bytes at the links' bandwidth (``ShardCost``), their
+    # fixed latency included.
     collective_extra: tuple[float, ...] = ()
 
     @property
@@ -90,8 +93,13 @@ def evaluate(
     own_intra = np.zeros(w)
     extra = np.zeros(w)
     ar_intra = ar_inter = 0.0
+    sender = 0.0  # seconds every rank spends on the ids it sends (row splits' routing)
+    # Collectives per (module, sharding type): its tables share them.
+    collectives: dict[tuple[str, str], int] = {}
     for option in options:
         first = option.shards[0].cost
+        key = (option.table.module_path, option.sharding_type)
+        collectives[key] = max(collectives.get(key, 0), first.collectives)
         # A replica on every rank (data-parallel), each costing the same: add it to all ranks at
         # once, and its all-reduce once per rank.
         if (
@@ -117,11 +125,15 @@ def evaluate(
             from_owner[shard.rank] += c.from_owner
             own_intra[shard.rank] += c.owner_intra
             extra[shard.rank] += c.collective_extra
+            sender += c.sender_compute
             replicated = replicated or c.allreduce_intra > 0 or c.allreduce_inter > 0
         if replicated:
             # Every replica carries the same all-reduce; count it once per rank.
             ar_intra += first.allreduce_intra
             ar_inter += first.allreduce_inter
+    compute += sender
+    if w > 1:
+        extra += sum(collectives.values()) * topology.collective_latency
     t_host = np.repeat(to_owner.reshape(hosts, local).sum(axis=1), local)
     f_host = np.repeat(from_owner.reshape(hosts, local).sum(axis=1), local)
     t_all, f_all = to_owner.sum(), from_owner.sum()

@@ -26,12 +26,22 @@ class Topology:
     ``hbm_cap`` and ``ddr_cap`` are bytes per rank. On ``compute_device="cpu"`` tables live in DDR
     and
     ``hbm_cap`` is 0; on any accelerator they live in HBM. Bandwidths are bytes per second per rank.
-    ``step_overhead`` is seconds every step costs whatever its bytes (dispatch, collectives'
-    latency), added to every rank's estimated step; ``tools/bench/planner_calibrate.py`` measures
-    it. It moves every plan's step alike, so it changes no choice, only the estimate reported.
-    ``reduce_scatter_bw``: bytes per second a rank sends in a reduce-scatter (row-wise's partial
-    sums), where the backend's reduce-scatter is slower per byte than the links (gloo on CPU);
-    None prices it at the links' bandwidth.
+    ``step_overhead`` is seconds every step costs whatever its bytes, ids and collectives (Python
+    dispatch, autograd), added to every rank's estimated step; ``tools/bench/planner_calibrate.py``
+    measures it. It moves every plan's step alike, so it changes no choice, only the estimate
+    reported. ``reduce_scatter_bw``: bytes per second a rank sends in a reduce-scatter (row-wise's
+    and table-row-wise's partial sums) and in the all-gather that brings their gradients back,
+    where the backend's are slower per byte than the links (gloo on CPU); None prices them at the
+    links' bandwidth.
+
+    Costs that no byte count explains, all 0 by default (a GPU's are small beside its step;
+    ``tools/bench/planner_calibrate.py`` measures them for gloo on CPU): ``collective_latency``,
+    seconds of one collective whatever its size, counted once per collective a sharded module
+    issues per step; ``route_cost_per_id``, seconds a rank spends per id it sends a row split
+    (finding the owner block, sorting by owner: row-wise, table-row-wise, grid);
+    ``receive_cost_per_id``, seconds an owner spends per id it receives (laying the senders' ids
+    out for one lookup), and ``backward_cost_per_id``, seconds the lookup's backward spends per
+    id (sorting them, updating row by row), both on top of the lookup's bytes.
     """
 
     world_size: int
@@ -46,6 +56,10 @@ class Topology:
     bwd_compute_multiplier: float = DEFAULT_BWD_COMPUTE_MULTIPLIER
     step_overhead: float = 0.0
     reduce_scatter_bw: float | None = None
+    collective_latency: float = 0.0
+    route_cost_per_id: float = 0.0
+    receive_cost_per_id: float = 0.0
+    backward_cost_per_id: float = 0.0
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -67,8 +81,15 @@ class Topology:
             raise ValueError(
                 f"Topology.reduce_scatter_bw must be > 0, got {self.reduce_scatter_bw}"
             )
-        if self.step_overhead < 0:
-            raise ValueError(f"Topology.step_overhead must be >= 0, got {self.step_overhead}")
+        for name in (
+            "step_overhead",
+            "collective_latency",
+            "route_cost_per_id",
+            "receive_cost_per_id",
+            "backward_cost_per_id",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Topology.{name} must be >= 0, got {getattr(self, name)}")
         if self.hbm_cap is not None and self.hbm_cap < 0:
             raise ValueError(f"Topology.hbm_cap must be >= 0, got {self.hbm_cap}")
 

@@ -63,7 +63,11 @@ class ShardCost:
     ``alone``: seconds of the shard alone on an idle rank (compute + the owner's traffic).
     ``collective_extra``: seconds the owner's outputs take beyond their bytes at the links'
     bandwidth, where they go by a collective slower per byte (a reduce-scatter, see
-    ``Topology.reduce_scatter_bw``).
+    ``Topology.reduce_scatter_bw``). ``sender_compute``: seconds every rank spends on the ids it
+    sends this shard (a row split finds each id's owner: ``Topology.route_cost_per_id``).
+    ``collectives``: how many collectives the shard's sharding issues per step, forward and
+    backward; the tables of one module sharded alike share them, so the per-rank model counts
+    them once per module and sharding type (``Topology.collective_latency`` each).
     """
 
     compute: float = 0.0
@@ -75,6 +79,8 @@ class ShardCost:
     owner_intra: float = 0.0
     alone: float = 0.0
     collective_extra: float = 0.0
+    sender_compute: float = 0.0
+    collectives: int = 0
 
 
 NO_COST: Final = ShardCost()
