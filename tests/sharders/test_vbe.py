@@ -79,13 +79,14 @@ def _train(
     vbe: bool,
     pipelined: bool,
     model: EmbeddingModel = MODEL,
+    vbe_ranks: tuple[int, ...] = tuple(range(WORLD)),
 ) -> dict[str, Any]:
     dmp = DistributedModelParallel(model.build(7), env=env, plan=plan)
     head = dmp.module.get_submodule("dense")
     assert isinstance(head, torch.nn.Linear)
     opt = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=0.1)
     batches = [user_item_batch(env.rank, step) for step in range(STEPS)]
-    if vbe:
+    if vbe and env.rank in vbe_ranks:
         batches = [deduplicate_features(kjt, ["user", "age"]) for kjt in batches]
         assert batches[0].stride_per_key() == [USERS, USERS, USERS * ITEMS]
     outputs, grads, lengths = [], [], []
@@ -128,12 +129,17 @@ def _train(
 
 
 def train_both(
-    env: ShardingEnv, plan: ShardingPlan, pipelined: bool = False, model: EmbeddingModel = MODEL
+    env: ShardingEnv,
+    plan: ShardingPlan,
+    pipelined: bool = False,
+    model: EmbeddingModel = MODEL,
+    vbe_ranks: tuple[int, ...] = tuple(range(WORLD)),
 ) -> dict[str, Any]:
-    """The full batch in a plain loop; its VBE form in a plain loop, or pipelined."""
+    """The full batch in a plain loop; its VBE form (on ``vbe_ranks``; the full batch on the
+    others) in a plain loop, or pipelined."""
     return {
         "full": _train(env, plan, vbe=False, pipelined=False, model=model),
-        "vbe": _train(env, plan, vbe=True, pipelined=pipelined, model=model),
+        "vbe": _train(env, plan, vbe=True, pipelined=pipelined, model=model, vbe_ranks=vbe_ranks),
     }
 
 
@@ -193,6 +199,21 @@ def test_vbe_equals_the_full_batch(dist_pool: WorkerPool, sharding_type: Shardin
     assert_same(ranks)
 
 
+@pytest.mark.parametrize(
+    "sharding_type", [t for t in ShardingType if t is not ShardingType.DATA_PARALLEL]
+)
+def test_vbe_on_one_rank_beside_a_full_batch(
+    dist_pool: WorkerPool, sharding_type: ShardingType
+) -> None:
+    # Rank 0 sends a variable batch, rank 1 its full batch, in the same steps: every owner reads
+    # each sender's layout from what it sent.
+    plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in TABLES}})
+    ranks = dist_pool.run(
+        WORLD, train_both, local_world_size=LOCAL.get(sharding_type), plan=plan, vbe_ranks=(0,)
+    )
+    assert_same(ranks)
+
+
 def test_vbe_pipelined_equals_the_full_batch(dist_pool: WorkerPool) -> None:
     # Two types in one module: the pipeline drives a ShardedModuleGroup's input_dist and
     # compute_and_output_dist.
@@ -243,12 +264,13 @@ def test_sharded_ec_vbe_equals_the_full_batch(
 
 
 def vbe_output_elements(env: ShardingEnv, plan: ShardingPlan) -> int:
-    """The pooled elements this rank's VBE forward receives through the output all-to-all."""
+    """The pooled elements this rank's VBE forward receives through the output collectives."""
     import shardrec_sharders.row_wise as rw
+    import shardrec_sharders.table_row_wise as trw
     import shardrec_sharders.table_wise as tw
 
     received = [0]
-    for module in (tw, rw):
+    for module in (tw, rw, trw):
         original = getattr(module, "start_all_to_all_single")  # noqa: B009
 
         def counted(x: Any, recv: list[int], *a: Any, _original: Any = original, **k: Any) -> Any:
@@ -256,31 +278,42 @@ def vbe_output_elements(env: ShardingEnv, plan: ShardingPlan) -> int:
             return _original(x, recv, *a, **k)
 
         setattr(module, "start_all_to_all_single", counted)  # noqa: B010
+    original_rs = getattr(trw, "start_reduce_scatter_rows")  # noqa: B009
+
+    def summed(x: torch.Tensor, in_rows: list[int], out_rows: int, *a: Any, **k: Any) -> Any:
+        received[0] += out_rows * x[:1].numel()
+        return original_rs(x, in_rows, out_rows, *a, **k)
+
+    setattr(trw, "start_reduce_scatter_rows", summed)  # noqa: B010
     dmp = DistributedModelParallel(MODEL.build(7), env=env, plan=plan)
     dmp(deduplicate_features(user_item_batch(env.rank, 0), ["user", "age"]))
     return received[0]
 
 
-@pytest.mark.parametrize(
-    "sharding_type",
-    [
-        ShardingType.TABLE_WISE,
-        ShardingType.COLUMN_WISE,
-        ShardingType.TABLE_COLUMN_WISE,
-        ShardingType.ROW_WISE,
-    ],
-)
+# Elements of each rank's pooled rows, each key at its own stride: user, age (t_user, dim 4)
+# and item, user (t_item, dim 6); the padded batch has USERS x ITEMS rows of every key.
+PER_KEY = USERS * 4 + USERS * 4 + USERS * ITEMS * 6 + USERS * 6
+# How many times they arrive: once; row-wise, partial sums from both ranks; table-row-wise and
+# grid, the sums of the node's reduce-scatter, then again across nodes.
+ARRIVALS = {
+    ShardingType.TABLE_WISE: 1,
+    ShardingType.COLUMN_WISE: 1,
+    ShardingType.TABLE_COLUMN_WISE: 1,
+    ShardingType.ROW_WISE: 2,
+    ShardingType.TABLE_ROW_WISE: 2,
+    ShardingType.GRID_SHARD: 2,
+}
+
+
+@pytest.mark.parametrize("sharding_type", list(ARRIVALS))
 def test_vbe_pooled_rows_travel_at_each_keys_stride(
     dist_pool: WorkerPool, sharding_type: ShardingType
 ) -> None:
     # A module that mixes user keys (USERS unique samples) and item keys (the full batch): each
-    # key's pooled rows come back USERS or USERS x ITEMS of them, not the largest key's count.
+    # key's pooled rows travel USERS or USERS x ITEMS of them, not the largest key's count.
     plan = ShardingPlan({"emb": {t.name: boxes(sharding_type, t) for t in TABLES}})
     ranks = dist_pool.run(
         WORLD, vbe_output_elements, local_world_size=LOCAL.get(sharding_type), plan=plan
     )
-    # user, age (t_user, dim 4) and item, user (t_item, dim 6)
-    per_owner = USERS * 4 + USERS * 4 + USERS * ITEMS * 6 + USERS * 6
-    owners = WORLD if sharding_type is ShardingType.ROW_WISE else 1  # partial sums from each
-    assert ranks == [per_owner * owners] * WORLD
-    assert per_owner < USERS * ITEMS * (4 + 4 + 6 + 6)  # what the padded batch sends
+    assert ranks == [PER_KEY * ARRIVALS[sharding_type]] * WORLD
+    assert PER_KEY < USERS * ITEMS * (4 + 4 + 6 + 6)

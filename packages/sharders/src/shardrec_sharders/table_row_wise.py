@@ -47,17 +47,22 @@ from shardrec.distributed.sharding import (
     Received,
     ShardMetadata,
     Then,
+    append_key_strides,
     bucketize_rows,
     build_local_lookup,
     check_full_span,
     check_tiling,
     divide_mean_bags,
     even_row_shards,
+    key_strides,
     lookup_pooled,
     nothing_to_send,
+    pad_received,
     pooled_output,
     stack_senders,
     table_shards,
+    take_key_strides,
+    vbe_recv_sizes,
 )
 from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType, TableShards
 from shardrec.kernels import TableBatchedEmbedding
@@ -161,6 +166,11 @@ class NodeRowShardedEmbedding(nn.Module):
             [i for i, u in enumerate(self.units) if u.slice.node == n] for n in range(layout.nodes)
         ]
         self._node_width = [sum(self.units[i].slice.cols for i in us) for us in node_units]
+        # A variable batch: the routed keys (pairs) of each node's units and their columns; each
+        # rank of a node gets the strides of all of them (it adds up and forwards their sums).
+        self._node_keys = [[self.units[i].pair for i in us] for us in node_units]
+        self._node_cols = [[self.units[i].slice.cols for i in us] for us in node_units]
+        self._stride_keys_of = [self._node_keys[layout.node_of(r)] for r in range(world)]
         col_in_node: dict[int, int] = {}
         for us in node_units:
             at = 0
@@ -194,6 +204,8 @@ class NodeRowShardedEmbedding(nn.Module):
 
     def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[Received]:
         """Bucket the batch's ids by owner block; returns with the split exchange in flight."""
+        # A variable batch's pooled rows come back at each key's own stride.
+        strides = key_strides(self.router, kjt)
         routed = self.router.route(kjt)
         world = self.env.world_size
         batch = routed.stride()
@@ -236,17 +248,22 @@ class NodeRowShardedEmbedding(nn.Module):
         weights = routed.weights_or_none()
         if weights is not None:
             weights = weights[torch.cat(sources)[order]] if sources else weights[:0]
+        lengths_per_rank = [len(self.units_of[r]) * batch for r in range(world)]
+        if strides is not None:
+            lengths, lengths_per_rank = append_key_strides(
+                lengths, lengths_per_rank, strides, self._stride_keys_of
+            )
         pending = start_all_to_all_jagged(
             lengths,
             local[order],
             weights,
-            lengths_per_rank=[len(self.units_of[r]) * batch for r in range(world)],
+            lengths_per_rank=lengths_per_rank,
             values_per_rank=[int(x) for x in host[:-1]],
             batch_size=batch,
             pg=self.env.pg,
             reject=reject,
         )
-        return Mapped(pending, lambda got: self.guard.received(routed, got))
+        return Mapped(pending, lambda got: self.guard.received(routed, got, strides))
 
     def compute(self, got: comm.JaggedAllToAllResult) -> torch.Tensor | None:
         """Partial SUMs of every sender's bags over our blocks: ``[W * B_max, our columns]``."""
@@ -339,8 +356,107 @@ class NodeRowShardedEmbedding(nn.Module):
     def compute_and_start_output_dist(self, ctx: Received) -> Awaitable[KeyedTensor]:
         """The lookup, then the output distribution started (``wait()`` finishes it)."""
         routed, got = ctx.routed, ctx.got
-        values = self.output_dist(self.compute(got), got, routed.stride())
+        node = self.groups.node
+        got, senders = take_key_strides(
+            got, len(self.units_of[self.env.rank]), len(self._node_keys[node])
+        )
+        if senders is None and ctx.strides is None:
+            values = self.output_dist(self.compute(got), got, routed.stride())
+        else:
+            senders = senders or [None] * len(got.batch_per_rank)
+            values = self.output_dist_per_key(
+                self.compute(got), got, senders, ctx.strides, routed.stride()
+            )
         return Mapped(values, lambda v: self._pooled(v, routed))
+
+    def output_dist_per_key(
+        self,
+        out: torch.Tensor | None,
+        got: comm.JaggedAllToAllResult,
+        senders: list[list[int] | None],
+        strides: list[int] | None,
+        batch: int,
+    ) -> Awaitable[torch.Tensor]:
+        """:meth:`output_dist` when some rank sent its keys' strides: that sender's rows travel
+        at its keys' own strides (``senders[s]``: sender ``s``'s, for our node's units; None:
+        a plain block), in both collectives; ``strides``: ours, per pair (None: plain), padded
+        to ``batch`` at the end. The sums this local rank gets from the reduce-scatter are the
+        send buffer across nodes as they are."""
+        layout, node = self.groups.layout, self.groups.node
+        nodes, local_size = layout.nodes, layout.local_world_size
+        batches = list(got.batch_per_rank)
+        b_max, width = max(batches), self._node_width[node]
+        cols = self._node_cols[node]
+        link = nothing_to_send(self.device, got.weights)  # empty; carries the weights' gradient
+
+        def size(s: int) -> int:
+            per_key = senders[s]
+            if per_key is None:
+                return batches[s] * width
+            return sum(n * c for n, c in zip(per_key, cols, strict=True))
+
+        def rows_of(
+            blocks: tuple[torch.Tensor, ...], rows: torch.Tensor, s: int
+        ) -> list[torch.Tensor]:
+            per_key, start = senders[s], s * b_max
+            if per_key is None:
+                return [rows[start : start + batches[s]].reshape(-1)]
+            return [
+                block[start : start + n].reshape(-1)
+                for block, n in zip(blocks, per_key, strict=True)
+            ]
+
+        # Sender (m, l)'s sums go to local rank l; l's are forwarded to the ranks (m, l).
+        of_local = [[m * local_size + lr for m in range(nodes)] for lr in range(local_size)]
+        mine = of_local[self.groups.local_rank]
+        if width == 0:
+            summed: Awaitable[torch.Tensor] = Ready(link)
+        else:
+            rows = nodes * local_size * b_max
+            if out is None:
+                partial = link.sum() + torch.zeros((rows, width), device=self.device)
+            elif self._widen is not None:
+                partial = out.new_zeros((rows, width)).index_copy(1, self._widen, out)
+            else:
+                partial = out
+            blocks = torch.split(partial, cols, dim=1)
+            pieces = [
+                piece
+                for senders_of_l in of_local
+                for s in senders_of_l
+                for piece in rows_of(blocks, partial, s)
+            ]
+            in_sizes = [sum(size(s) for s in senders_of_l) for senders_of_l in of_local]
+            summed = start_reduce_scatter_rows(
+                torch.cat(pieces).view(-1, 1),
+                in_sizes,
+                in_sizes[self.groups.local_rank],
+                self.groups.intra,
+                qcomms=self.qcomms,
+            )
+        send_sizes = [size(s) if width else 0 for s in mine]
+        plain = [batch * w for w in self._node_width]
+        recv_sizes = (
+            plain if strides is None else vbe_recv_sizes(strides, self._node_keys, self._node_cols)
+        )
+
+        def finish(flat: torch.Tensor) -> torch.Tensor:
+            if strides is not None:
+                flat = pad_received(flat, strides, self._node_keys, self._node_cols, batch)
+            return self._module_columns(flat, batch, plain)
+
+        def across(sums: torch.Tensor) -> Awaitable[torch.Tensor]:
+            pending = start_all_to_all_single(
+                sums.reshape(-1),
+                recv_sizes,
+                send_sizes,
+                self.groups.cross,
+                differentiable=True,
+                qcomms=self.qcomms,
+            )
+            return Mapped(pending, finish)
+
+        return Then(summed, across)
 
     def _pooled(self, values: torch.Tensor, routed: KeyedJaggedTensor) -> KeyedTensor:
         if any(self.means):

@@ -77,6 +77,7 @@ from shardrec.distributed.sharding.variable_batch import (
     append_key_strides,
     key_strides,
     pad_received,
+    take_key_strides,
     vbe_recv_sizes,
 )
 from shardrec.distributed.types import LocalShard, ShardMetadata, ShardRect, TableShards
@@ -138,5 +139,6 @@ __all__ = [
     "storage_bytes",
     "table_key_prefix",
     "table_shards",
+    "take_key_strides",
     "vbe_recv_sizes",
 ]

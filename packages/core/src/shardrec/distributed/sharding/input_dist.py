@@ -24,7 +24,7 @@ import torch
 from shardrec.distributed import comm
 from shardrec.distributed.async_comm import start_all_to_all_jagged
 from shardrec.distributed.sharding.module_view import ModuleView, TableFeature
-from shardrec.distributed.sharding.variable_batch import split_key_strides
+from shardrec.distributed.sharding.variable_batch import take_key_strides
 from shardrec.distributed.types import Awaitable, ShardingEnv
 from shardrec.kernels import BadBatchError, BatchChecker
 from shardrec.sparse import KeyedJaggedTensor
@@ -182,8 +182,9 @@ class StackedInput:
     empty), so the pooled output's rows for rank ``s`` are one contiguous block: when every rank
     has the same batch, the output *is* the send buffer of the output all-to-all.
     ``seg_len[s][f]`` counts the ids rank ``s`` sent for key ``f``; ``strides[s][f]``, when some
-    sender sent a variable batch, how many of its bags of key ``f`` are its own (the rest pad
-    its keys to its batch), for an output at each key's stride (``pooled_send_buffer``).
+    sender sent its keys' strides, how many of its bags of key ``f`` are its own (the rest pad
+    its keys to its batch), for an output at each key's stride (``pooled_send_buffer``);
+    ``strides[s]`` is None for a sender that did not.
     """
 
     values: torch.Tensor
@@ -193,7 +194,7 @@ class StackedInput:
     batch: int  # per sender (the largest batch)
     batches: list[int]
     seg_len: list[list[int]]
-    strides: list[list[int]] | None = None
+    strides: list[list[int] | None] | None = None
 
     @property
     def bags_per_key(self) -> int:
@@ -205,15 +206,14 @@ def stack_senders(got: comm.JaggedAllToAllResult, n_features: int) -> StackedInp
     """Reorder a jagged all-to-all's result (sender-major: each sender's ``n_features`` keys x its
     batch) into key-major, senders stacked along the batch (see :class:`StackedInput`). A
     sender's lengths may end with its keys' strides (``variable_batch.append_key_strides``)."""
+    got, strides = take_key_strides(got, n_features)
     lengths, values, weights = got.lengths, got.values, got.weights
     batches = list(got.batch_per_rank)
     world = len(batches)
     b_max = max(batches) if batches else 0
-    lengths, per_rank, strides = split_key_strides(
-        lengths, got.lengths_per_rank, batches, n_features
-    )
     pieces = [
-        p.view(n_features, b) for p, b in zip(torch.split(lengths, per_rank), batches, strict=True)
+        p.view(n_features, b)
+        for p, b in zip(torch.split(lengths, list(got.lengths_per_rank)), batches, strict=True)
     ]
     if all(b == b_max for b in batches):
         grid = torch.stack(pieces, dim=1) if world > 1 else pieces[0].unsqueeze(1)

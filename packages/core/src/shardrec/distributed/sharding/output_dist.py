@@ -41,9 +41,10 @@ def pooled_send_buffer(
     """The rows of the stacked output ``[W*B_max, D']`` that go back to each sender, flat
     (rank s's ``B_s`` rows, then rank s+1's...), and their sizes in elements.
 
-    When a sender sent its keys' strides (``stacked.strides``), its rows go at each key's own
-    stride: key by key, ``strides[s][f]`` rows of key ``f``'s columns (``widths[f]`` wide, in
-    ``out``'s column order), as ``variable_batch.pad_received`` reads them."""
+    A sender that sent its keys' strides (``stacked.strides[s]``) gets its rows at each key's
+    own stride: key by key, ``strides[s][f]`` rows of key ``f``'s columns (``widths[f]`` wide,
+    in ``out``'s column order), as ``variable_batch.pad_received`` reads them; the others get
+    their plain block."""
     if stacked.strides is not None:
         if widths is None:
             raise ValueError(
@@ -64,7 +65,7 @@ def pooled_send_buffer(
 def _per_key_send_buffer(
     out: torch.Tensor,
     stacked: StackedInput,
-    strides: Sequence[Sequence[int]],
+    strides: Sequence[Sequence[int] | None],
     widths: Sequence[int],
 ) -> tuple[torch.Tensor, list[int]]:
     if len(widths) != len(stacked.length_per_feature) or sum(widths) != out.shape[1]:
@@ -77,6 +78,11 @@ def _per_key_send_buffer(
     sizes: list[int] = []
     for s, per_key in enumerate(strides):
         start = s * stacked.batch
+        if per_key is None:
+            rows = out[start : start + stacked.batches[s]]
+            pieces.append(rows.reshape(-1))
+            sizes.append(rows.numel())
+            continue
         for block, n in zip(columns, per_key, strict=True):
             pieces.append(block[start : start + n].reshape(-1))
         sizes.append(sum(n * w for n, w in zip(per_key, widths, strict=True)))

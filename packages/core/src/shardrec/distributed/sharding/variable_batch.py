@@ -6,7 +6,7 @@ the pooled rows go back at each key's own count ``S_k``, not ``S``::
 
     sender:  key_strides                  [S_k of each routed key]   (None: a plain batch)
              append_key_strides           each owner's lengths block, then its keys' S_k
-    owner:   stack_senders                strips them: StackedInput.strides[s][f]
+    owner:   stack_senders                strips them (take_key_strides): StackedInput.strides
              pooled_send_buffer(widths=)  sender s's rows of key f: S_f^s of them, not B_max
     sender:  vbe_recv_sizes               what each owner sends back (elements)
              pad_received                 each key's rows padded back to S (empty samples'
@@ -23,15 +23,23 @@ send variable and plain batches in one step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from shardrec.distributed import comm
 from shardrec.modules._routing import FeatureRouter
 from shardrec.sparse import KeyedJaggedTensor
 
-__all__ = ["append_key_strides", "key_strides", "pad_received", "vbe_recv_sizes"]
+__all__ = [
+    "append_key_strides",
+    "key_strides",
+    "pad_received",
+    "take_key_strides",
+    "vbe_recv_sizes",
+]
 
 
 def key_strides(router: FeatureRouter, kjt: KeyedJaggedTensor) -> list[int] | None:
@@ -66,36 +74,40 @@ def append_key_strides(
     return torch.cat(pieces), sizes
 
 
-def split_key_strides(
-    lengths: torch.Tensor,
-    lengths_per_rank: Sequence[int],
-    batches: Sequence[int],
-    n_features: int,
-) -> tuple[torch.Tensor, list[int], list[list[int]] | None]:
-    """An owner's received lengths without the strides some senders appended
-    (:func:`append_key_strides`): the lengths, their count per sender, and each sender's
-    strides per key (a plain sender's: its batch); None when no sender appended any."""
+def take_key_strides(
+    got: comm.JaggedAllToAllResult, n_features: int, n_strides: int | None = None
+) -> tuple[comm.JaggedAllToAllResult, list[list[int] | None] | None]:
+    """An owner's jagged all-to-all result without the strides some senders appended
+    (:func:`append_key_strides`), and each sender's ``n_strides`` strides (default: one per
+    feature), None for a sender that sent a plain batch (its rows go back as a plain block);
+    None when no sender appended any. ``n_features``: the keys whose lengths each sender sent
+    here. One host read, only when strides came."""
+    n_strides = n_features if n_strides is None else n_strides
+    batches = list(got.batch_per_rank)
+    sent = list(got.lengths_per_rank)
     plain = [n_features * b for b in batches]
-    if not n_features or list(lengths_per_rank) == plain:
-        return lengths, list(lengths_per_rank), None
-    for s, (n, p) in enumerate(zip(lengths_per_rank, plain, strict=True)):
-        if n not in (p, p + n_features):
+    if not n_strides or got.rejected_by or sent == plain:
+        return got, None
+    for s, (n, p) in enumerate(zip(sent, plain, strict=True)):
+        if n not in (p, p + n_strides):
             raise ValueError(
-                f"stack_senders: rank {s} sent {n} lengths for {n_features} keys and a batch of"
-                f" {batches[s]}: neither a plain batch ({p}) nor one with its keys' strides"
+                f"rank {s} sent {n} lengths for {n_features} keys and a batch of {batches[s]}:"
+                f" neither a plain batch ({p}) nor one followed by {n_strides} key strides"
             )
-    blocks = torch.split(lengths, list(lengths_per_rank))
+    blocks = torch.split(got.lengths, sent)
     kept = [block[:p] for block, p in zip(blocks, plain, strict=True)]
-    tails = [block[p:] for block, p in zip(blocks, plain, strict=True)]
-    read: list[int] = torch.cat(tails).tolist()
-    strides: list[list[int]] = []
-    for n, p, b in zip(lengths_per_rank, plain, batches, strict=True):
+    read: list[int] = torch.cat(
+        [block[p:] for block, p in zip(blocks, plain, strict=True)]
+    ).tolist()
+    strides: list[list[int] | None] = []
+    for n, p in zip(sent, plain, strict=True):
         if n == p:
-            strides.append([b] * n_features)
+            strides.append(None)
         else:
-            strides.append(read[:n_features])
-            read = read[n_features:]
-    return torch.cat(kept), plain, strides
+            strides.append(read[:n_strides])
+            read = read[n_strides:]
+    lengths = torch.cat(kept) if kept else got.lengths[:0]
+    return dataclasses.replace(got, lengths=lengths, lengths_per_rank=plain), strides
 
 
 def vbe_recv_sizes(
@@ -116,9 +128,11 @@ def pad_received(
     widths_of: Sequence[Sequence[int]],
     batch: int,
 ) -> torch.Tensor:
-    """The received rows at each key's own stride as the plain layout: each owner's block
-    ``[batch, its keys' widths side by side]``, flat, owner after owner (rows past a key's
-    stride are zero: they belong to the padding's empty samples, which nothing reads).
+    """The received rows at each key's own stride (key by key, each ``[stride, width]``: what
+    ``pooled_send_buffer`` sends a rank that sent its strides) as the plain layout: each
+    owner's block ``[batch, its keys' widths side by side]``, flat, owner after owner (rows
+    past a key's stride are zero: they belong to the padding's empty samples, which nothing
+    reads).
     Differentiable: the padding's gradient is dropped."""
     sizes = vbe_recv_sizes(strides, keys_of, widths_of)
     out: list[torch.Tensor] = []
