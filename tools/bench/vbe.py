@@ -1,6 +1,7 @@
 """Variable batch per feature (VBE) benchmark: the step and the bytes sent, with and without VBE.
 
-    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/vbe.py [--rounds 3] [--no-dmp]
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/vbe.py [--rounds 3]
+        [--no-dmp | --dmp-only]
 
 Workload: each rank's batch is USERS users with ITEMS items each (B = USERS x ITEMS samples).
 Eight user features (1 to 8 ids each, the same on all of a user's samples) and four item features
@@ -353,6 +354,7 @@ def main() -> None:
     parser.add_argument("--dmp-steps", type=int, default=5)
     parser.add_argument("--no-peer", action="store_true", help="shardrec only")
     parser.add_argument("--no-dmp", action="store_true", help="part 1 only")
+    parser.add_argument("--dmp-only", action="store_true", help="part 2 only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not args.no_peer and importlib.util.find_spec("torchrec") is None:
@@ -360,7 +362,8 @@ def main() -> None:
             print(run_peer([__file__, *sys.argv[1:]], timeout=3600), end="")
             return
         print("(no TorchRec here and no .venv-peer: shardrec only)")
-    part1(args)
+    if not args.dmp_only:
+        part1(args)
     if not args.no_dmp:
         part2(args)
     print(f"load average: {os.getloadavg()[0]:.1f}")
