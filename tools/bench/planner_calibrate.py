@@ -1,33 +1,44 @@
-"""Calibrates the planner's per-byte costs on this machine (gloo, CPU) and compares its estimated
-step with measured DistributedModelParallel steps of 2 and 4 processes.
+"""Calibrates the planner's costs on this machine (gloo, CPU) and compares its estimated step with
+measured DistributedModelParallel steps of 2 and 4 processes, the constants and the steps measured
+in the same processes, round after round, under the same load.
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/planner_calibrate.py
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/planner_calibrate.py \
-        --sharding "" table_wise row_wise
+        --ranks 2 4 --rounds 5 --sharding table_wise row_wise --json out.json
 
-For each process count W (2 and 4):
+The model: an EmbeddingBagCollection of 8 tables of 200,000 x 64, 4 ids per sample, batch 2048
+per rank, fused SGD, every table forced to one ``--sharding`` type (a case each); loss the sum of
+the pooled output. For each process count W, W gloo processes (1 thread each; on this 2-core
+machine 4 processes share the cores) build every case's DistributedModelParallel once, then run
+``--rounds`` rounds of:
 
-1. Per-byte costs, measured on W gloo processes (1 thread each; on this 2-core machine 4 processes
-   share the cores, and the costs are what that sharing leaves a rank): the fused lookup
-   (embedding bytes read per second forward, and backward with the fused SGD update / forward),
-   the all-to-all (bytes each rank sends per second, 8 MiB tensors), the all-reduce (bytes of
-   the tensor per second) and the reduce-scatter row-wise sums its partial outputs with (bytes
-   each rank must send per second).
-2. A CPU Topology with those figures (``ddr_mem_bw``, ``intra_host_bw`` = ``inter_host_bw``,
-   ``bwd_compute_multiplier``, ``reduce_scatter_bw``) and the planner plans an
-   EmbeddingBagCollection (8 tables of 200,000 x 64, 4 ids per sample, batch 2048 per rank, fused
-   SGD), by its own choice or with every
-   table forced to one ``--sharding`` type; the plan runs under DistributedModelParallel (loss: the
-   sum of the pooled output).
-3. The fixed cost per step: the same sharded module's step at 8 samples per rank, less the model's
-   estimate for it (its estimate at 2048 scaled down: every byte these sharding types move grows
-   with the batch). It goes into the Topology as ``step_overhead`` and the planner plans again
-   (the same plan: the overhead moves every plan alike); its estimated step is compared with the
-   measured step at 2048 samples.
+1. micro-benchmarks, each the slowest rank's median of ``--iters`` calls:
 
-Every time is the slowest rank's median over 8 calls, best of 3 rounds (the machine is shared: the
-best round is the one least disturbed); spread is the worst round over the best.
+   - the fused lookup (``TableBatchedEmbedding``, fused SGD) of a table-wise owner, 8/W tables and
+     W x 2048 bags, at the tables' width and at half of it: forward (no grad) and forward +
+     backward with the update. ``ddr_mem_bw`` is the forward's bytes ``(ids x cols + bags x cols)
+     x 4`` over its time; the backward is fitted as ``bwd_compute_multiplier`` x forward + ids x
+     ``backward_cost_per_id`` from the two widths;
+   - ``collective_latency``: an all-to-all of one element per peer;
+   - per byte beyond that latency (4 MiB buffers): the all-to-all (bytes each rank sends:
+     ``intra_host_bw``), and the reduce-scatter row splits sum their partial outputs with plus the
+     all-gather their gradients come back with (bytes each rank sends: ``reduce_scatter_bw``);
+   - ``route_cost_per_id``: a row split's work on the ids a rank sends (each id's owner block by
+     ``bucketize_rows``, sorted by owner, counted per bag), per id;
+   - ``receive_cost_per_id``: an owner laying out what W senders sent (``stack_senders``), per id;
+
+2. every case's step at 2048 samples per rank, and at ``--tiny`` (8): the first case's tiny step
+   less the model's estimate of it is the round's ``step_overhead`` (dispatch, autograd: what no
+   byte, id or collective explains), the same for every case.
+
+Every figure is taken on two clocks: wall time, and the process's CPU time (all its threads, gloo's
+included), which other sessions' load inflates far less. The planner then plans each case with
+each round's constants (the plan must be the one that ran) and its estimated step is compared with
+the measured one of the same round and clock. Per case: the median over rounds of estimate /
+measured, the lowest and highest round, and the same for the model without the per-id and
+per-collective terms (the backward then a plain multiple of the forward). The load average is
+read at every round.
 """
 
 from __future__ import annotations
@@ -35,9 +46,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,29 +64,38 @@ DIM: Final = 64
 TABLES: Final = 8
 POOLING: Final = 4
 BATCH: Final = 2048
-OVERHEAD_BATCH: Final = 8
+ELEMENT: Final = 4
+BIG_BYTES: Final = 4 * 2**20  # a collective's buffer per rank: about a step's output exchange
+CLOCKS: Final = ("wall", "cpu")
 
 
-def _median_seconds(fn: Any, warmup: int, iters: int, rounds: int = 3) -> tuple[float, float]:
-    """The slowest rank's median seconds per call, best of ``rounds``; and the spread, the worst
-    round over the best."""
+def _median_seconds(fn: Callable[[], object], iters: int, warmup: int = 2) -> tuple[float, float]:
+    """The slowest rank's median wall and process-CPU seconds per call (each rank's median, the
+    largest over ranks)."""
     for _ in range(warmup):
         fn()
-    medians = []
-    for _ in range(rounds):
-        times = []
-        for _ in range(iters):
-            dist.barrier()
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        spent = torch.tensor([statistics.median(times)], dtype=torch.float64)
-        dist.all_reduce(spent, op=dist.ReduceOp.MAX)  # the slowest rank's median
-        medians.append(float(spent))
-    return min(medians), max(medians) / min(medians)
+    walls, cpus = [], []
+    for _ in range(iters):
+        dist.barrier()
+        start, cpu = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    spent = torch.tensor([statistics.median(walls), statistics.median(cpus)], dtype=torch.float64)
+    dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+    return float(spent[0]), float(spent[1])
 
 
-def _ebc(fused: bool) -> Any:
+def _kjt(rank: int, batch: int, tables: int = TABLES, bags_rows: int = ROWS) -> Any:
+    from shardrec import KeyedJaggedTensor
+
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, bags_rows, (tables * batch * POOLING,), generator=gen)
+    lengths = torch.full((tables * batch,), POOLING, dtype=torch.int32)
+    return KeyedJaggedTensor(keys=[f"f{i}" for i in range(tables)], values=ids, lengths=lengths)
+
+
+def _ebc() -> Any:
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
 
     return EmbeddingBagCollection(
@@ -83,201 +105,376 @@ def _ebc(fused: bool) -> Any:
             )
             for i in range(TABLES)
         ],
-        device="meta" if fused else "cpu",
+        device="meta",
         fused_params={"optimizer": "sgd", "learning_rate": 0.01},
     )
 
 
-def _kjt(rank: int, batch: int) -> Any:
-    from shardrec import KeyedJaggedTensor
-
-    gen = torch.Generator().manual_seed(rank)
-    ids = torch.randint(0, ROWS, (TABLES * batch * POOLING,), generator=gen)
-    lengths = torch.full((TABLES * batch,), POOLING, dtype=torch.int32)
-    return KeyedJaggedTensor(keys=[f"f{i}" for i in range(TABLES)], values=ids, lengths=lengths)
+# -- micro-benchmarks -------------------------------------------------------------------------
 
 
-def _costs(rank: int, world: int) -> dict[str, float]:
-    ebc = _ebc(fused=False)
-    kjt = _kjt(rank, BATCH)
+class _Micro:
+    """The micro-benchmarks of one rank, their buffers built once."""
 
-    def forward() -> None:
-        with torch.no_grad():
-            ebc(kjt)
+    def __init__(self, rank: int, world: int) -> None:
+        from shardrec.kernels import (
+            FeatureSpec,
+            FusedOptimizerConfig,
+            OptimizerType,
+            TableBatchedEmbedding,
+            TableSpec,
+        )
 
-    def train() -> None:
-        ebc(kjt).values().sum().backward()
+        self.rank, self.world = rank, world
+        owned = max(TABLES // world, 1)
+        # The lookup at the tables' width and at half of it: what does not shrink with the width
+        # is a cost per id (the backward's sort and per-row update).
+        self.lookups = [
+            TableBatchedEmbedding(
+                tables=[
+                    TableSpec(name=f"t{i}", num_embeddings=ROWS, embedding_dim=width)
+                    for i in range(owned)
+                ],
+                features=[FeatureSpec(name=f"f{i}", table=f"t{i}") for i in range(owned)],
+                pooled=True,
+                optimizer=FusedOptimizerConfig(optimizer=OptimizerType.SGD, learning_rate=0.01),
+                device=torch.device("cpu"),
+                check_inputs=False,
+            )
+            for width in (DIM, DIM // 2)
+        ]
+        self.lookup_kjt = _kjt(rank, world * BATCH, owned)
+        self.lookup_ids = owned * world * BATCH * POOLING
+        bags = owned * world * BATCH
+        self.lookup_bytes = (self.lookup_ids + bags) * DIM * ELEMENT
+        self.big = torch.randn(BIG_BYTES // ELEMENT)
+        self.tiny = torch.zeros(world)
+        # What a rank sends a row-split table set: the ids of 8 tables, 2048 samples.
+        self.route_kjt = _kjt(rank, BATCH)
+        bounds = [ROWS * r // world for r in range(world)]
+        self.starts = torch.tensor(bounds, dtype=torch.int64)
+        self.owners = torch.arange(world, dtype=torch.int64)
+        self.route_ids = TABLES * BATCH * POOLING
+        # What a table-wise owner receives: W senders x its tables' keys x 2048 bags.
+        self.received = self._received(owned)
+        self.received_ids = world * owned * BATCH * POOLING
 
-    fwd = _median_seconds(forward, 3, 8)[0]
-    both = _median_seconds(train, 3, 8)[0]
-    read = TABLES * BATCH * POOLING * DIM * 4
-    size = 8 * 2**20
-    x = torch.randn(size // 4)
-    part = size // 4 // world
+    def _received(self, owned: int) -> Any:
+        from shardrec.distributed.comm import JaggedAllToAllResult
 
-    def a2a() -> None:
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, [part] * world, [part] * world)
+        per_sender = owned * BATCH
+        return JaggedAllToAllResult(
+            lengths=torch.full((self.world * per_sender,), POOLING, dtype=torch.int64),
+            values=torch.randint(0, ROWS, (self.world * per_sender * POOLING,)),
+            weights=None,
+            lengths_per_rank=[per_sender] * self.world,
+            values_per_rank=[per_sender * POOLING] * self.world,
+            batch_per_rank=[BATCH] * self.world,
+        )
 
-    def allreduce() -> None:
-        dist.all_reduce(x)
+    def _route(self) -> None:
+        from shardrec.distributed.sharding import bucketize_rows
 
-    def reduce_scatter() -> None:
-        # What row-wise sends its partial sums with (comm.reduce_scatter_rows, equal blocks).
-        out = torch.empty(size // 4 // world)
-        # torch 2.13 renamed reduce_scatter_tensor (kept, deprecated); 2.11 has only the old name.
-        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        fn(out, x)
+        kjt = self.route_kjt
+        values = kjt.values()
+        dest = torch.empty_like(values)
+        local = torch.empty_like(values)
+        at = 0
+        for n in kjt.length_per_key():
+            dest[at : at + n], local[at : at + n] = bucketize_rows(
+                values[at : at + n], self.starts, self.owners
+            )
+            at += n
+        bags = TABLES * BATCH
+        bag = torch.repeat_interleave(torch.arange(bags), kjt.lengths().to(torch.int64))
+        order = torch.argsort(dest, stable=True)
+        torch.bincount(dest * bags + bag, minlength=self.world * bags)
+        local[order]
 
-    a2a_s = _median_seconds(a2a, 3, 8)[0]
-    ar_s = _median_seconds(allreduce, 3, 8)[0]
-    rs_s = _median_seconds(reduce_scatter, 3, 8)[0]
-    sent = size * (world - 1) / world
-    return {
-        "lookup_bytes_per_s": read / fwd,
-        "bwd_over_fwd": (both - fwd) / fwd,
-        "all_to_all_bytes_per_s": sent / a2a_s,
-        "all_reduce_bytes_per_s": size / ar_s,
-        # The bytes a reduce-scatter must send per rank, the same as the all-to-all's: a slower
-        # figure is the backend's algorithm (Topology.reduce_scatter_bw).
-        "reduce_scatter_bytes_per_s": sent / rs_s,
-    }
+    def _stack(self) -> None:
+        from shardrec.distributed.sharding import stack_senders
+
+        stack_senders(self.received, max(TABLES // self.world, 1))
+
+    def measure(self, iters: int) -> dict[str, dict[str, float]]:
+        w = self.world
+        kjt = self.lookup_kjt
+
+        def forward(lookup: Any) -> Callable[[], None]:
+            def run() -> None:
+                with torch.no_grad():
+                    lookup(kjt)
+
+            return run
+
+        def train(lookup: Any) -> Callable[[], None]:
+            def run() -> None:
+                lookup(kjt).sum().backward()
+
+            return run
+
+        def a2a(x: torch.Tensor) -> Callable[[], None]:
+            part = x.numel() // w
+
+            def run() -> None:
+                out = torch.empty_like(x)
+                dist.all_to_all_single(out, x[: part * w], [part] * w, [part] * w)
+
+            return run
+
+        def reduce_scatter() -> None:
+            out = torch.empty(self.big.numel() // w)
+            fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            fn(out, self.big)
+
+        def all_gather() -> None:
+            part = self.big[: self.big.numel() // w]
+            fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            fn(torch.empty(part.numel() * w), part)
+
+        timed = {
+            name: _median_seconds(fn, iters)
+            for name, fn in (
+                ("fwd", forward(self.lookups[0])),
+                ("both", train(self.lookups[0])),
+                ("fwd_half", forward(self.lookups[1])),
+                ("both_half", train(self.lookups[1])),
+                ("latency", a2a(self.tiny)),
+                ("big", a2a(self.big)),
+                ("rs", reduce_scatter),
+                ("ag", all_gather),
+                ("route", self._route),
+                ("stack", self._stack),
+            )
+        }
+        return {
+            clock: self._costs({k: v[i] for k, v in timed.items()})
+            for i, clock in enumerate(CLOCKS)
+        }
+
+    def _costs(self, t: dict[str, float]) -> dict[str, float]:
+        w = self.world
+        sent = BIG_BYTES * (w - 1) / w
+        # backward = multiplier x forward + ids x per-id cost, at both widths.
+        bwd, bwd_half = t["both"] - t["fwd"], t["both_half"] - t["fwd_half"]
+        multiplier = max((bwd - bwd_half) / max(t["fwd"] - t["fwd_half"], 1e-6), 0.0)
+        return {
+            "lookup_bytes_per_s": self.lookup_bytes / t["fwd"],
+            "bwd_over_fwd": multiplier,
+            "bwd_over_fwd_plain": bwd / t["fwd"],  # the model without a per-id cost
+            "backward_per_id": max(bwd - multiplier * t["fwd"], 0.0) / self.lookup_ids,
+            "collective_latency": t["latency"],
+            "all_to_all_bytes_per_s": sent / max(t["big"] - t["latency"], 1e-6),
+            "reduce_scatter_bytes_per_s": 2
+            * sent
+            / max(t["rs"] + t["ag"] - 2 * t["latency"], 1e-6),
+            "route_per_id": t["route"] / self.route_ids,
+            "receive_per_id": t["stack"] / self.received_ids,
+        }
 
 
-def _topology(world: int, costs: dict[str, float], overhead: float = 0.0) -> Any:
+# -- the cases --------------------------------------------------------------------------------
+
+
+def topology(
+    world: int, costs: dict[str, float], overhead: float = 0.0, *, new: bool = True
+) -> Any:
+    """A CPU Topology of ``world`` ranks priced with one round's ``costs``; ``new=False`` leaves
+    out the per-id and per-collective terms (the model before them)."""
     from shardrec.distributed.planner import Topology
 
+    on = 1.0 if new else 0.0
     return Topology(
         world_size=world,
         compute_device="cpu",
         ddr_mem_bw=costs["lookup_bytes_per_s"],
         intra_host_bw=costs["all_to_all_bytes_per_s"],
         inter_host_bw=costs["all_to_all_bytes_per_s"],
-        bwd_compute_multiplier=costs["bwd_over_fwd"],
+        bwd_compute_multiplier=costs["bwd_over_fwd" if new else "bwd_over_fwd_plain"],
         reduce_scatter_bw=costs["reduce_scatter_bytes_per_s"],
         step_overhead=overhead,
+        collective_latency=on * costs["collective_latency"],
+        route_cost_per_id=on * costs["route_per_id"],
+        receive_cost_per_id=on * costs["receive_per_id"],
+        backward_cost_per_id=on * costs["backward_per_id"],
     )
 
 
-def _plan(
-    world: int, costs: dict[str, float], overhead: float, ebc: Any, sharding: str
-) -> tuple[Any, Any]:
+def plan(topo: Any, sharding: str, batch: int = BATCH) -> tuple[Any, Any]:
     from shardrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
     from shardrec.distributed.plugins import load_sharder_registry
 
     planner = EmbeddingShardingPlanner(
-        _topology(world, costs, overhead),
-        batch_size=BATCH,
+        topo,
+        batch_size=batch,
         optimizer="sgd",
         constraints={
-            f"t{i}": ParameterConstraints(
-                pooling_factor=float(POOLING), sharding_types=[sharding] if sharding else None
-            )
+            f"t{i}": ParameterConstraints(pooling_factor=float(POOLING), sharding_types=[sharding])
             for i in range(TABLES)
         },
     )
-    plan = planner.collective_plan(ebc, load_sharder_registry().sharders())
+    result = planner.plan(_ebc(), load_sharder_registry().sharders())
     assert planner.last_report is not None
-    return plan, planner.last_report
-
-
-def _step(rank: int, world: int, costs: dict[str, float], sharding: str) -> dict[str, Any]:
-    from shardrec.distributed import DistributedModelParallel
-    from shardrec.distributed.plugins import load_sharder_registry
-
-    ebc = _ebc(fused=True)
-    plan, _ = _plan(world, costs, 0.0, ebc, sharding)
-    if any(ps.sharding_type == "data_parallel" for t in plan.plan.values() for ps in t.values()):
-        raise RuntimeError("a data-parallel table's all-reduce does not scale with the batch")
-    model = DistributedModelParallel(ebc, plan=plan, sharders=load_sharder_registry().sharders())
-
-    def step_of(batch: int) -> Any:
-        kjt = _kjt(rank, batch)
-
-        def step() -> None:
-            model(kjt).values().sum().backward()
-
-        return step
-
-    # The fixed cost: the same plan and module at OVERHEAD_BATCH samples per rank, where bytes
-    # hardly matter. Every per-step byte of these sharding types grows with the batch, so the
-    # model's share of that tiny step is its step scaled down; the rest is the overhead.
-    tiny, _ = _median_seconds(step_of(OVERHEAD_BATCH), 3, 8)
-    measured, spread = _median_seconds(step_of(BATCH), 3, 8)
-    _, bare = _plan(world, costs, 0.0, ebc, sharding)
-    overhead = max(tiny - bare.step * OVERHEAD_BATCH / BATCH, 0.0)
-    replan, report = _plan(world, costs, overhead, ebc, sharding)
-    if replan.plan != plan.plan:
-        raise RuntimeError("the fixed step overhead changed the plan; it should move all alike")
-    kinds = sorted({ps.sharding_type for t in plan.plan.values() for ps in t.values()})
-    return {
-        "estimated": report.step,
-        "estimated_without_overhead": report.step - overhead,
-        "measured": measured,
-        "spread": spread,
-        "overhead": overhead,
-        "types": kinds,
-    }
+    return result, planner.last_report
 
 
 def _worker(
-    rank: int, world: int, port: int, costs: dict[str, float] | None, sharding: str, out: str
+    rank: int, world: int, port: int, cases: list[str], rounds: int, iters: int, tiny: int, out: str
 ) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        result: dict[str, Any] = (
-            _costs(rank, world) if costs is None else _step(rank, world, costs, sharding)
-        )
-    finally:
+        from shardrec.distributed import DistributedModelParallel
+        from shardrec.distributed.plugins import load_sharder_registry
+
+        micro = _Micro(rank, world)
+        first = micro.measure(2)  # a warm-up round; its constants make the plans that run
+        models, plans = {}, {}
+        for case in cases:
+            plans[case], _ = plan(topology(world, first["cpu"]), case)
+            models[case] = DistributedModelParallel(
+                _ebc(), plan=plans[case], sharders=load_sharder_registry().sharders()
+            )
+        batches = {BATCH: _kjt(rank, BATCH), tiny: _kjt(rank, tiny)}
+
+        def step_of(case: str, batch: int) -> Callable[[], None]:
+            model, kjt = models[case], batches[batch]
+
+            def step() -> None:
+                model(kjt).values().sum().backward()
+
+            return step
+
+        results = []
+        for _ in range(rounds):
+            load = os.getloadavg()[0]
+            costs = micro.measure(iters)
+            steps = {}
+            for case in cases:
+                wall, cpu = _median_seconds(step_of(case, BATCH), iters)
+                tiny_wall, tiny_cpu = _median_seconds(step_of(case, tiny), iters)
+                steps[case] = {"wall": (wall, tiny_wall), "cpu": (cpu, tiny_cpu)}
+            results.append({"load": load, "costs": costs, "steps": steps})
         if rank == 0:
-            Path(out).write_text(json.dumps(result))
+            Path(out).write_bytes(pickle.dumps({"plans": plans, "rounds": results}))
+    finally:
         dist.destroy_process_group()
 
 
-def _run(world: int, costs: dict[str, float] | None, sharding: str = "") -> dict[str, Any]:
+def _run(world: int, cases: list[str], rounds: int, iters: int, tiny: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.json")
-        mp.spawn(_worker, args=(world, free_port(), costs, sharding, out), nprocs=world, join=True)
-        result: dict[str, Any] = json.loads(Path(out).read_text())
+        out = str(Path(tmp) / "result.pickle")
+        mp.spawn(
+            _worker,
+            args=(world, free_port(), cases, rounds, iters, tiny, out),
+            nprocs=world,
+            join=True,
+        )
+        result: dict[str, Any] = pickle.loads(Path(out).read_bytes())
         return result
+
+
+def _overhead(world: int, costs: dict[str, float], case: str, tiny_step: float, tiny: int) -> float:
+    """The fixed cost per step: ``case``'s step at ``tiny`` samples less the model's estimate."""
+    return max(tiny_step - float(plan(topology(world, costs), case, batch=tiny)[1].step), 0.0)
+
+
+def _estimates(
+    world: int, got: dict[str, Any], cases: list[str], tiny: int
+) -> list[dict[str, Any]]:
+    """Per round: its load, constants and, per case and clock, the measured step, the planner's
+    estimate and the estimate without the per-id and per-collective terms."""
+    rounds = []
+    for r in got["rounds"]:
+        row: dict[str, Any] = {"load": r["load"], "costs": r["costs"], "cases": {}}
+        for clock in CLOCKS:
+            costs = r["costs"][clock]
+            # One fixed cost for every case: the first case's (table-wise by default).
+            overhead = _overhead(world, costs, cases[0], r["steps"][cases[0]][clock][1], tiny)
+            costs["overhead"] = overhead
+            for case in cases:
+                planned, report = plan(topology(world, costs, overhead), case)
+                if planned.plan != got["plans"][case].plan:
+                    raise RuntimeError(f"{case}: the round's constants changed the plan that ran")
+                without = plan(topology(world, costs, overhead, new=False), case)[1]
+                row["cases"].setdefault(case, {})[clock] = {
+                    "measured": r["steps"][case][clock][0],
+                    "estimate": report.step,
+                    "without_new_terms": without.step,
+                }
+        rounds.append(row)
+    return rounds
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _print_tables(world: int, rounds: list[dict[str, Any]], cases: list[str]) -> None:
+    loads = [r["load"] for r in rounds]
+    print(
+        f"\n{world} processes, {len(rounds)} rounds, load average {min(loads):.1f}-{max(loads):.1f}"
+    )
+    print(
+        "\n| clock | lookup read (GB/s) | backward / forward | collective latency (us) "
+        "| all-to-all (GB/s per rank) | reduce-scatter + all-gather (GB/s per rank) "
+        "| backward (ns per id) | route (ns per id) | receive (ns per id) | fixed (ms) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for clock in CLOCKS:
+        c = {k: _median([r["costs"][clock][k] for r in rounds]) for k in rounds[0]["costs"][clock]}
+        print(
+            f"| {clock} | {c['lookup_bytes_per_s'] / 1e9:.2f} | {c['bwd_over_fwd']:.2f} "
+            f"| {c['collective_latency'] * 1e6:.0f} | {c['all_to_all_bytes_per_s'] / 1e9:.2f} "
+            f"| {c['reduce_scatter_bytes_per_s'] / 1e9:.2f} | {c['backward_per_id'] * 1e9:.1f} "
+            f"| {c['route_per_id'] * 1e9:.1f} "
+            f"| {c['receive_per_id'] * 1e9:.1f} | {c['overhead'] * 1e3:.1f} |"
+        )
+    print(
+        "\n| clock | sharding | planner's step (ms) | measured step (ms) | estimate / measured "
+        "(lowest-highest round) | without per-id and per-collective terms |"
+    )
+    print("|---|---|---|---|---|---|")
+    for clock in CLOCKS:
+        for case in cases:
+            cells = [r["cases"][case][clock] for r in rounds]
+            ratios = [x["estimate"] / x["measured"] for x in cells]
+            before = [x["without_new_terms"] / x["measured"] for x in cells]
+            print(
+                f"| {clock} | {case} | {_median([x['estimate'] for x in cells]) * 1e3:.1f} "
+                f"| {_median([x['measured'] for x in cells]) * 1e3:.1f} "
+                f"| {_median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
+                f"| {_median(before):.2f} ({min(before):.2f}-{max(before):.2f}) |",
+                flush=True,
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=8, help="calls per median")
+    parser.add_argument(
+        "--tiny", type=int, default=8, help="samples per rank of the fixed-cost step"
+    )
     parser.add_argument(
         "--sharding",
         nargs="+",
-        default=[""],
-        help="sharding types to force on every table, one run each ('' : the planner's choice)",
+        default=["table_wise", "row_wise", "column_wise", "table_row_wise"],
+        help="sharding types forced on every table, one case each; the first gives the fixed cost",
     )
+    parser.add_argument("--json", type=Path, default=None, help="write every round's figures here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print(
-        "| processes | lookup read (GB/s) | backward / forward | all-to-all (GB/s per rank) "
-        "| all-reduce (GB/s) | reduce-scatter (GB/s per rank) | sharding | fixed (ms) "
-        "| planner's step (ms) | measured step (ms) | spread | estimate / measured |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    dump: dict[str, Any] = {}
     for world in args.ranks:
-        # Costs measured on as many processes as the run: on this 2-core machine 4 processes share
-        # the cores, and the per-byte costs a rank sees are what that sharing leaves it.
-        costs = _run(world, None)
-        for sharding in args.sharding:
-            got = _run(world, costs, sharding)
-            print(
-                f"| {world} | {costs['lookup_bytes_per_s'] / 1e9:.2f} | "
-                f"{costs['bwd_over_fwd']:.2f} | {costs['all_to_all_bytes_per_s'] / 1e9:.2f} | "
-                f"{costs['all_reduce_bytes_per_s'] / 1e9:.2f} | "
-                f"{costs['reduce_scatter_bytes_per_s'] / 1e9:.2f} | {', '.join(got['types'])} | "
-                f"{got['overhead'] * 1e3:.1f} | {got['estimated'] * 1e3:.1f} | "
-                f"{got['measured'] * 1e3:.1f} | {got['spread']:.2f} | "
-                f"{got['estimated'] / got['measured']:.2f} |",
-                flush=True,
-            )
+        got = _run(world, args.sharding, args.rounds, args.iters, args.tiny)
+        dump[str(world)] = rounds = _estimates(world, got, args.sharding, args.tiny)
+        _print_tables(world, rounds, args.sharding)
+    if args.json is not None:
+        args.json.write_text(json.dumps(dump, indent=1))
 
 
 if __name__ == "__main__":
