@@ -333,6 +333,8 @@ def _state_dict_hook(
     from shardrec.distributed.checkpoint.sharded_state import quiet_sharded_tensor
 
     assert isinstance(module, ShardedManagedCollisionCollection)
+    if module._pg is None:
+        return  # one process (maybe without torch.distributed): it holds every bucket
     with quiet_sharded_tensor():
         for bucket in module._buckets:
             mine = bucket.owner == module._rank
