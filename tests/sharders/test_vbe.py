@@ -278,13 +278,17 @@ def vbe_output_elements(env: ShardingEnv, plan: ShardingPlan) -> int:
             return _original(x, recv, *a, **k)
 
         setattr(module, "start_all_to_all_single", counted)  # noqa: B010
-    original_rs = getattr(trw, "start_reduce_scatter_rows")  # noqa: B009
+    for module in (rw, trw):
+        original_rs = getattr(module, "start_reduce_scatter_rows")  # noqa: B009
 
-    def summed(x: torch.Tensor, in_rows: list[int], out_rows: int, *a: Any, **k: Any) -> Any:
-        received[0] += out_rows * x[:1].numel()
-        return original_rs(x, in_rows, out_rows, *a, **k)
+        def summed(
+            x: torch.Tensor, in_rows: list[int], out_rows: int, *a: Any, _rs: Any = original_rs,
+            **k: Any,
+        ) -> Any:  # fmt: skip
+            received[0] += out_rows * x[:1].numel()  # the sums' elements
+            return _rs(x, in_rows, out_rows, *a, **k)
 
-    setattr(trw, "start_reduce_scatter_rows", summed)  # noqa: B010
+        setattr(module, "start_reduce_scatter_rows", summed)  # noqa: B010
     dmp = DistributedModelParallel(MODEL.build(7), env=env, plan=plan)
     dmp(deduplicate_features(user_item_batch(env.rank, 0), ["user", "age"]))
     return received[0]
@@ -293,13 +297,13 @@ def vbe_output_elements(env: ShardingEnv, plan: ShardingPlan) -> int:
 # Elements of each rank's pooled rows, each key at its own stride: user, age (t_user, dim 4)
 # and item, user (t_item, dim 6); the padded batch has USERS x ITEMS rows of every key.
 PER_KEY = USERS * 4 + USERS * 4 + USERS * ITEMS * 6 + USERS * 6
-# How many times they arrive: once; row-wise, partial sums from both ranks; table-row-wise and
-# grid, the sums of the node's reduce-scatter, then again across nodes.
+# How many times they arrive: once (row-wise: as the sums of its reduce-scatter); table-row-wise
+# and grid, the sums of the node's reduce-scatter, then again across nodes.
 ARRIVALS = {
     ShardingType.TABLE_WISE: 1,
     ShardingType.COLUMN_WISE: 1,
     ShardingType.TABLE_COLUMN_WISE: 1,
-    ShardingType.ROW_WISE: 2,
+    ShardingType.ROW_WISE: 1,
     ShardingType.TABLE_ROW_WISE: 2,
     ShardingType.GRID_SHARD: 2,
 }

@@ -257,16 +257,29 @@ class RowShardedEmbedding(nn.Module):
         """Partial sums back to their senders, in flight; ``wait()`` adds them up there (a
         reduce-scatter when every rank holds a block of every table, else an all-to-all and a sum
         per owner's columns) and gives ``[batch, sum of dims]``. A variable batch's rows travel
-        at each key's own stride (``strides``: ours), always by the all-to-all."""
+        at each key's own stride (``strides``: ours)."""
         world = self.env.world_size
         batch = routed.stride()
         if out is None or stacked is None:
             send, send_sizes = nothing_to_send(self.device, received_weights), [0] * world
         else:
             send, send_sizes = pooled_send_buffer(out, stacked, self._dims_of[self.env.rank])
-        # Every owner holds every pair here, so all of them see the same senders' strides and
-        # pick the same collective.
-        if all(self._all_pairs) and stacked is not None and stacked.strides is None:
+        if all(self._all_pairs) and stacked is not None and stacked.strides is not None:
+            # Every owner holds every pair, so every one got the same senders' strides: one
+            # sender's rows have one layout and size on all of them, and they add up as flat.
+            dims = self._dims_of[self.env.rank]
+            mine = (
+                batch * self._total_dim
+                if strides is None
+                else sum(n * d for n, d in zip(strides, dims, strict=True))
+            )
+            flat = start_reduce_scatter_rows(
+                send.view(-1, 1), send_sizes, mine, self.env.pg, qcomms=self.qcomms
+            )
+            return Mapped(
+                flat, lambda got: self._means(self._all_columns(got, strides, batch), routed)
+            )
+        if all(self._all_pairs) and stacked is not None:
             # Rows for rank s are its batch, ``stacked.batches[s]``, the same list on every rank;
             # the collective picks the native reduce-scatter when those batches are equal.
             summed = start_reduce_scatter_rows(
@@ -298,6 +311,15 @@ class RowShardedEmbedding(nn.Module):
                 routed,
             ),
         )
+
+    def _all_columns(
+        self, flat: torch.Tensor, strides: list[int] | None, batch: int
+    ) -> torch.Tensor:
+        """Summed rows of every pair, ours at their strides or plain, as ``[batch, dims]``."""
+        if strides is not None:
+            keys, dims = self.pairs_of[self.env.rank], self._dims_of[self.env.rank]
+            flat = pad_received(flat.view(-1), strides, [keys], [dims], batch)
+        return flat.view(batch, self._total_dim)
 
     def _add_owners(self, flat: torch.Tensor, batch: int, recv: list[int]) -> torch.Tensor:
         """Each owner's partial sums ``[batch, its pairs' dims]`` added into the module's

@@ -21,6 +21,7 @@ import torch
 
 from shardrec.distributed.sharding.input_dist import StackedInput
 from shardrec.distributed.sharding.module_view import TableFeature
+from shardrec.distributed.sharding.variable_batch import Rect, pack_rects
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from shardrec.sparse._vbe import gather_rows
 from shardrec.sparse.variable_batch import expand_pooled
@@ -73,20 +74,21 @@ def _per_key_send_buffer(
             f"pooled_send_buffer: widths {list(widths)} do not cut the output's"
             f" {out.shape[1]} columns into its {len(stacked.length_per_feature)} keys"
         )
-    columns = torch.split(out, list(widths), dim=1)
-    pieces: list[torch.Tensor] = []
+    total = out.shape[1]
+    rects: list[Rect] = []
     sizes: list[int] = []
     for s, per_key in enumerate(strides):
-        start = s * stacked.batch
+        start = s * stacked.batch * total
         if per_key is None:
-            rows = out[start : start + stacked.batches[s]]
-            pieces.append(rows.reshape(-1))
-            sizes.append(rows.numel())
+            rects.append(Rect(start, stacked.batches[s], total, total))
+            sizes.append(stacked.batches[s] * total)
             continue
-        for block, n in zip(columns, per_key, strict=True):
-            pieces.append(block[start : start + n].reshape(-1))
+        col = 0
+        for n, w in zip(per_key, widths, strict=True):
+            rects.append(Rect(start + col, n, w, total))
+            col += w
         sizes.append(sum(n * w for n, w in zip(per_key, widths, strict=True)))
-    return (torch.cat(pieces) if pieces else out.new_zeros(0)), sizes
+    return pack_rects(out.reshape(-1), rects), sizes
 
 
 def nothing_to_send(device: torch.device, received_weights: torch.Tensor | None) -> torch.Tensor:

@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from shardrec.distributed import comm
 from shardrec.modules._routing import FeatureRouter
 from shardrec.sparse import KeyedJaggedTensor
 
 __all__ = [
+    "Rect",
     "append_key_strides",
     "key_strides",
+    "pack_rects",
     "pad_received",
     "take_key_strides",
     "vbe_recv_sizes",
@@ -132,19 +135,76 @@ def pad_received(
     ``pooled_send_buffer`` sends a rank that sent its strides) as the plain layout: each
     owner's block ``[batch, its keys' widths side by side]``, flat, owner after owner (rows
     past a key's stride are zero: they belong to the padding's empty samples, which nothing
-    reads).
-    Differentiable: the padding's gradient is dropped."""
-    sizes = vbe_recv_sizes(strides, keys_of, widths_of)
-    out: list[torch.Tensor] = []
-    for block, keys, widths in zip(torch.split(flat, sizes), keys_of, widths_of, strict=True):
-        if not keys:
-            continue
-        pieces = torch.split(block, [strides[k] * w for k, w in zip(keys, widths, strict=True)])
-        rows = [
-            F.pad(piece.view(strides[k], w), (0, 0, 0, batch - strides[k]))
-            for piece, k, w in zip(pieces, keys, widths, strict=True)
-        ]
-        out.append((rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)).reshape(-1))
-    if not out:
+    reads). Differentiable: the padding's gradient is dropped."""
+    rects: list[Rect] = []
+    base = 0
+    for keys, widths in zip(keys_of, widths_of, strict=True):
+        width, col = sum(widths), 0
+        for k, w in zip(keys, widths, strict=True):
+            rects.append(Rect(base + col, strides[k], w, width))
+            col += w
+        base += batch * width
+    out: torch.Tensor = _Unpack.apply(flat, base, rects)  # type: ignore[no-untyped-call]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rect:
+    """Rows x cols of a flat buffer read as a matrix whose rows are ``stride`` apart, from
+    ``offset``: a key's rows of one sender in a wider block."""
+
+    offset: int
+    rows: int
+    cols: int
+    stride: int
+
+    def of(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.as_strided((self.rows, self.cols), (self.stride, 1), self.offset)
+
+
+def pack_rects(flat: torch.Tensor, rects: Sequence[Rect]) -> torch.Tensor:
+    """The ``rects`` of a contiguous 1-D ``flat``, each row-major, one after another (one copy;
+    differentiable, the backward writes them back into zeros: one fill and one copy)."""
+    out: torch.Tensor = _Pack.apply(flat, list(rects))  # type: ignore[no-untyped-call]
+    return out
+
+
+def _gather(flat: torch.Tensor, rects: Sequence[Rect]) -> torch.Tensor:
+    pieces = [r.of(flat).reshape(-1) for r in rects if r.rows and r.cols]
+    if not pieces:
         return flat.new_zeros(0)
-    return out[0] if len(out) == 1 else torch.cat(out)
+    return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _scatter(packed: torch.Tensor, numel: int, rects: Sequence[Rect]) -> torch.Tensor:
+    out = packed.new_zeros(numel)
+    at = 0
+    for r in rects:
+        n = r.rows * r.cols
+        if n:
+            r.of(out).copy_(packed[at : at + n].view(r.rows, r.cols))
+        at += n
+    return out
+
+
+class _Pack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, rects: list[Rect]) -> torch.Tensor:
+        ctx.meta = (flat.numel(), rects)
+        return _gather(flat.contiguous(), rects)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        numel, rects = ctx.meta
+        return _scatter(grad.contiguous(), numel, rects), None
+
+
+class _Unpack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, packed: torch.Tensor, numel: int, rects: list[Rect]) -> torch.Tensor:
+        ctx.rects = rects
+        return _scatter(packed.contiguous(), numel, rects)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _gather(grad.contiguous(), ctx.rects), None, None
