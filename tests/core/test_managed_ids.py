@@ -332,3 +332,20 @@ def test_a_large_table_with_few_new_ids_per_step_follows_the_rules(policy: Evict
             assert torch.equal(resumed_evicted, evicted)
     assert module.held_ids() == model.rows
     assert module.stats().evicted_total == model.evicted > 100
+
+
+def test_lfu_never_passes_over_a_kept_candidate_read_once_more() -> None:
+    # A new id seen many times starts with a high read count, so an eviction scan's spare
+    # candidates survive its admission; a candidate read once more may still sit below the
+    # others, and must not be dropped from them and passed over (seed and length chosen so
+    # that this happens: the module then disagreed with the rules at step 101).
+    rng = random.Random(18)
+    module = MCHManagedCollisionModule(200, eviction_policy=LFU_EvictionPolicy())
+    model = Model(200, LFU_EvictionPolicy())
+    hot = [rng.randrange(INT64_MIN, INT64_MAX) for _ in range(300)]
+    for step in range(110):
+        batch = [hot[min(int(rng.expovariate(0.02)), 299)] for _ in range(rng.randrange(1, 40))]
+        batch += [rng.randrange(INT64_MIN, INT64_MAX)] * 60
+        assert module(torch.tensor(batch)).tolist() == model.step_(batch), step
+        module.evict()
+    assert module.held_ids() == model.rows

@@ -260,59 +260,89 @@ class MCHManagedCollisionModule(nn.Module):
         step = c[_STEP] + 1
         c[_STEP] = step
         rows = self._map.find(ids)
-        held = rows >= 0
-        hit_rows = rows.masked_select(held)
-        self._last_read.index_fill_(0, hit_rows, step)
-        if self._eviction_policy.counts_reads:
-            self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
-        all_held = hit_rows.numel() == ids.numel()
-        miss_at = hit_rows[:0] if all_held else (~held).nonzero().squeeze(1)
-        uniq = inverse = counts = chosen = None
+        hit_rows, miss_at = self._record_reads(rows, step)
+        uniq = inverse = counts = None
+        # The distinct missing ids (indices into ``uniq``) that may take rows; None: all of them.
+        chosen: torch.Tensor | None = None
         demand = 0
         if miss_at.numel() > 0:
             uniq, inverse, counts = torch.unique(
                 ids.index_select(0, miss_at), return_inverse=True, return_counts=True
             )
+            demand = uniq.numel()
             if self._sketch is not None and self._admission is not None:
                 seen = self._sketch.add(uniq, counts)
                 admitted = seen >= self._admission.threshold
                 c[_BELOW] += int(counts.masked_fill(admitted, 0).sum())
                 chosen = admitted.nonzero().squeeze(1)
-            else:
-                chosen = torch.arange(uniq.numel(), device=ids.device)
-            demand = chosen.numel()
+                demand = chosen.numel()
         c[_DEMAND] += demand
         if step % self._eviction_interval == 0:
             self._run_eviction(c, step, hit_rows)
         if miss_at.numel() == 0:
-            self._counters.copy_(torch.tensor(c))
+            self._store_counters(c)
             return rows
         assert uniq is not None
         assert inverse is not None
         assert counts is not None
-        assert chosen is not None
         take = min(demand, c[_FREE])
         if take < demand:
             # The ids seen most often in this batch first; ties in id order (unique sorts them).
-            order = torch.argsort(counts.index_select(0, chosen), descending=True, stable=True)
-            chosen = chosen.index_select(0, order)
+            wanted = counts if chosen is None else counts.index_select(0, chosen)
+            order = torch.argsort(wanted, descending=True, stable=True)
+            chosen = order if chosen is None else chosen.index_select(0, order)
             c[_REJECTED] += int(counts.index_select(0, chosen[take:]).sum())
             chosen = chosen[:take]
             self._warn_full()
-        uniq_rows = torch.full_like(uniq, self.default_row)
         if take > 0:
             top = c[_FREE]
             new_rows = self._free_rows[top - take : top].flip(0)
             c[_FREE] = top - take
             c[_ADMITTED] += take
-            self._map.insert(uniq.index_select(0, chosen), new_rows)
+            self._map.insert(uniq if chosen is None else uniq.index_select(0, chosen), new_rows)
             self._last_read.index_fill_(0, new_rows, step)
-            self._reads.index_copy_(0, new_rows, counts.index_select(0, chosen))
+            new_counts = counts if chosen is None else counts.index_select(0, chosen)
+            self._reads.index_copy_(0, new_rows, new_counts)
             self._note_new_rows(new_rows)
-            uniq_rows.index_copy_(0, chosen, new_rows)
+            # ``chosen`` None: every distinct missing id took a row (``flip`` made a copy).
+            uniq_rows = (
+                new_rows
+                if chosen is None
+                else torch.full_like(uniq, self.default_row).index_copy_(0, chosen, new_rows)
+            )
+        else:
+            uniq_rows = torch.full_like(uniq, self.default_row)
         rows.index_copy_(0, miss_at, uniq_rows.index_select(0, inverse))
-        self._counters.copy_(torch.tensor(c))
+        self._store_counters(c)
         return rows
+
+    def _store_counters(self, c: list[int]) -> None:
+        if self._counters.device.type == "cpu":
+            self._counters.numpy()[:] = c
+        else:
+            self._counters.copy_(torch.tensor(c))
+
+    def _record_reads(self, rows: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record ``step`` (and one more read, if the policy counts them) on every row in
+        ``rows``; returns those rows (batch order, repeats kept) and the positions of the ids
+        without a row (-1)."""
+        if rows.device.type == "cpu" and self._last_read.device.type == "cpu":
+            # numpy on views of the same tensors: on CPU, torch's ``nonzero`` and
+            # ``masked_select`` on a batch measured 2-3x the time of numpy's.
+            found = rows.numpy()
+            miss = (found < 0).nonzero()[0]
+            read = found if miss.size == 0 else found[found >= 0]
+            self._last_read.numpy()[read] = step
+            hit_rows, miss_at = torch.from_numpy(read), torch.from_numpy(miss)
+        else:
+            held = rows >= 0
+            hit_rows = rows.masked_select(held)
+            self._last_read.index_fill_(0, hit_rows, step)
+            all_held = hit_rows.numel() == rows.numel()
+            miss_at = hit_rows[:0] if all_held else (~held).nonzero().squeeze(1)
+        if self._eviction_policy.counts_reads:
+            self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
+        return hit_rows, miss_at
 
     def _run_eviction(self, c: list[int], step: int, hit_rows: torch.Tensor) -> None:
         policy = self._eviction_policy
@@ -337,8 +367,9 @@ class MCHManagedCollisionModule(nn.Module):
         self._map.remove_rows(victims)
         n = victims.numel()
         top = c[_FREE]
-        # Push in reverse so that the lowest evicted row is popped first.
-        self._free_rows[top : top + n] = victims.sort(descending=True).values
+        # Push in reverse so that the lowest evicted row is popped first (victims come in row
+        # order).
+        self._free_rows[top : top + n] = victims.flip(0)
         c[_FREE] = top + n
         c[_EVICTED] += n
         self._last_read.index_fill_(0, victims, _FREE_MARK)
@@ -369,14 +400,14 @@ class MCHManagedCollisionModule(nn.Module):
             if valid.numel() >= need:
                 # Valid candidates are not read by this batch (their score would have changed)
                 # and are in key order: the first ones are the lowest, unless a candidate read
-                # since the scan is now below them (LFU only: an LRU read goes above them all).
-                nth = int(valid[need - 1])
-                last = int(kept.scores[nth]) * capacity + int(kept.rows[nth])
+                # since the scan is still at or below the cutoff (LFU: one more read may leave
+                # it there, and once dropped from the candidates it would be passed over for
+                # higher ones; an LRU read goes above every key the scan saw).
                 if isinstance(self._eviction_policy, LRU_EvictionPolicy):
                     below = False
                 else:
                     moved = (now * capacity + kept.rows).masked_select(~same)
-                    below = moved.numel() > 0 and int(moved.min()) <= last
+                    below = moved.numel() > 0 and int(moved.min()) <= kept.cutoff
                 if not below:
                     rest = valid[need:]
                     chosen = kept.rows.index_select(0, valid[:need])

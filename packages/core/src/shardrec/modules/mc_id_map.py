@@ -285,9 +285,14 @@ class IdRowMap(nn.Module):
         """Drop the ids held by ``rows`` (occupied rows, distinct); the rows become free."""
         if rows.numel() == 0:
             return
-        slots = self.row_slots.index_select(0, rows)
-        self.slot_rows.index_fill_(0, slots, DELETED)
-        self.row_slots.index_fill_(0, rows, EMPTY)
+        if self._on_host(rows):
+            row_slots, at = self.row_slots.numpy(), rows.numpy()
+            self.slots.numpy()[row_slots[at], 1] = DELETED
+            row_slots[at] = EMPTY
+        else:
+            slots = self.row_slots.index_select(0, rows)
+            self.slot_rows.index_fill_(0, slots, DELETED)
+            self.row_slots.index_fill_(0, rows, EMPTY)
         self.tombstones.add_(rows.numel())
         if int(self.tombstones) * 4 > self.num_slots:
             self.rebuild()
