@@ -125,6 +125,19 @@ def test_materialize_writes_the_references_layout_and_reads_back(tmp_path: Path)
     )
 
 
+def test_open_refuses_tables_smaller_than_the_data_was_made_for(tmp_path: Path) -> None:
+    pre = _raw_days(tmp_path, days=2)
+    out = tmp_path / "mh"
+    materialize(pre, out, multi_hot=HOT, num_embeddings_per_feature=SIZES)
+    smaller = [*SIZES[:3], SIZES[3] - 1, *SIZES[4:]]
+    with pytest.raises(DataError, match=r"multihot\.json: made with .* rows in table 3 \(C4\)"):
+        open_multihot(out, num_embeddings_per_feature=smaller)
+    # larger tables hold every id: accepted, as are the sizes it was made with
+    larger = [size + 1 for size in SIZES]
+    assert open_multihot(out, num_embeddings_per_feature=larger).num_embeddings_per_feature
+    assert open_multihot(out, num_embeddings_per_feature=SIZES).num_embeddings_per_feature
+
+
 def test_materialize_resumes_refuses_and_forces(tmp_path: Path) -> None:
     pre = _raw_days(tmp_path, days=2)
     out = tmp_path / "mh"

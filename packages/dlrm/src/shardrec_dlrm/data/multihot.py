@@ -44,7 +44,15 @@ from .multihot_lookup import (
     parse_multi_hot,
 )
 from .outdir import claim_output, refuse_non_empty
-from .schema import NUM_DENSE, NUM_SPARSE, SPARSE_KEYS, Rows, hash_ids, parse_num_embeddings
+from .schema import (
+    NUM_DENSE,
+    NUM_SPARSE,
+    SPARSE_KEYS,
+    SPARSE_NAMES,
+    Rows,
+    hash_ids,
+    parse_num_embeddings,
+)
 from .sources import Layout
 from .splits import Segment, SplitName, split_segments
 
@@ -403,6 +411,18 @@ def is_multihot(path: str | os.PathLike[str]) -> bool:
     return root.is_dir() and bool(_part_names(root))
 
 
+def _check_sizes_hold(path: Path, made: Sequence[int], sizes: Sequence[int]) -> None:
+    """Refuse tables smaller than those the ids were drawn from, before any training: reading would
+    otherwise stop at the first batch holding a high id, perhaps hours in."""
+    for j, (drawn, given) in enumerate(zip(made, sizes, strict=True)):
+        if given < drawn:
+            raise DataError(
+                f"{path}: made with {drawn:,} rows in table {j} ({SPARSE_NAMES[j]}), but the "
+                f"model's table has {given:,}: train with the sizes it was made with "
+                f"({','.join(map(str, made))})"
+            )
+
+
 def open_multihot(
     path: str | os.PathLike[str],
     *,
@@ -417,8 +437,12 @@ def open_multihot(
     root = Path(path)
     sizes = parse_num_embeddings(None, num_embeddings_per_feature)
     hot = None if multi_hot is None else parse_multi_hot(multi_hot)
-    if (root / MULTIHOT_META).exists() and not _read_meta(root).complete:
-        raise DataError(f"{root}: `dlrm multihot` did not finish (run it again to resume)")
+    if (root / MULTIHOT_META).exists():
+        meta = _read_meta(root)
+        if not meta.complete:
+            raise DataError(f"{root}: `dlrm multihot` did not finish (run it again to resume)")
+        if sizes is not None:
+            _check_sizes_hold(root / MULTIHOT_META, meta.num_embeddings_per_feature, sizes)
     names = _part_names(root) if root.is_dir() else []
     if not names:
         raise DataError(f"{root}: no *{SPARSE_SUFFIX} files (multi-hot Criteo days)")
