@@ -45,6 +45,7 @@ from shardrec.distributed.sharding import (
     ModuleView,
     Ready,
     Received,
+    Rect,
     ShardMetadata,
     Then,
     append_key_strides,
@@ -57,6 +58,7 @@ from shardrec.distributed.sharding import (
     key_strides,
     lookup_pooled,
     nothing_to_send,
+    pack_rects,
     pad_received,
     pooled_output,
     stack_senders,
@@ -395,15 +397,14 @@ class NodeRowShardedEmbedding(nn.Module):
                 return batches[s] * width
             return sum(n * c for n, c in zip(per_key, cols, strict=True))
 
-        def rows_of(
-            blocks: tuple[torch.Tensor, ...], rows: torch.Tensor, s: int
-        ) -> list[torch.Tensor]:
-            per_key, start = senders[s], s * b_max
+        def rects_of(s: int) -> list[Rect]:
+            per_key, start = senders[s], s * b_max * width
             if per_key is None:
-                return [rows[start : start + batches[s]].reshape(-1)]
+                return [Rect(start, batches[s], width, width)]
+            starts = [sum(cols[:j]) for j in range(len(cols))]
             return [
-                block[start : start + n].reshape(-1)
-                for block, n in zip(blocks, per_key, strict=True)
+                Rect(start + c0, n, c, width)
+                for n, c, c0 in zip(per_key, cols, starts, strict=True)
             ]
 
         # Sender (m, l)'s sums go to local rank l; l's are forwarded to the ranks (m, l).
@@ -419,16 +420,10 @@ class NodeRowShardedEmbedding(nn.Module):
                 partial = out.new_zeros((rows, width)).index_copy(1, self._widen, out)
             else:
                 partial = out
-            blocks = torch.split(partial, cols, dim=1)
-            pieces = [
-                piece
-                for senders_of_l in of_local
-                for s in senders_of_l
-                for piece in rows_of(blocks, partial, s)
-            ]
+            rects = [r for senders_of_l in of_local for s in senders_of_l for r in rects_of(s)]
             in_sizes = [sum(size(s) for s in senders_of_l) for senders_of_l in of_local]
             summed = start_reduce_scatter_rows(
-                torch.cat(pieces).view(-1, 1),
+                pack_rects(partial.reshape(-1), rects).view(-1, 1),
                 in_sizes,
                 in_sizes[self.groups.local_rank],
                 self.groups.intra,

@@ -74,8 +74,10 @@ from shardrec.distributed.sharding.state_dict import (
     table_shards,
 )
 from shardrec.distributed.sharding.variable_batch import (
+    Rect,
     append_key_strides,
     key_strides,
+    pack_rects,
     pad_received,
     take_key_strides,
     vbe_recv_sizes,
@@ -105,6 +107,7 @@ __all__ = [
     "PooledEmbeddingTables",
     "Ready",
     "Received",
+    "Rect",
     "ReplicatedModule",
     "SequenceEmbeddingTables",
     "ShardMetadata",
@@ -130,6 +133,7 @@ __all__ = [
     "lookup_pooled",
     "lookup_sequence",
     "nothing_to_send",
+    "pack_rects",
     "pad_received",
     "pooled_output",
     "pooled_send_buffer",
