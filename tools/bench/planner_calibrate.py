@@ -65,7 +65,10 @@ TABLES: Final = 8
 POOLING: Final = 4
 BATCH: Final = 2048
 ELEMENT: Final = 4
-BIG_BYTES: Final = 4 * 2**20  # a collective's buffer per rank: about a step's output exchange
+# A collective's buffer per rank at two sizes, about the steps' output exchanges: the cost per byte
+# is the slope between them (what a larger buffer adds), free of the fixed latency.
+SMALL_BYTES: Final = 2 * 2**20
+BIG_BYTES: Final = 16 * 2**20
 CLOCKS: Final = ("wall", "cpu")
 
 
@@ -147,6 +150,7 @@ class _Micro:
         self.lookup_ids = owned * world * BATCH * POOLING
         bags = owned * world * BATCH
         self.lookup_bytes = (self.lookup_ids + bags) * DIM * ELEMENT
+        self.small = torch.randn(SMALL_BYTES // ELEMENT)
         self.big = torch.randn(BIG_BYTES // ELEMENT)
         self.tiny = torch.zeros(world)
         # What a rank sends a row-split table set: the ids of 8 tables, 2048 samples.
@@ -222,27 +226,30 @@ class _Micro:
 
             return run
 
-        def reduce_scatter() -> None:
-            out = torch.empty(self.big.numel() // w)
+        def reduce_scatter(x: torch.Tensor) -> Callable[[], None]:
             fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-            fn(out, self.big)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-        def all_gather() -> None:
-            part = self.big[: self.big.numel() // w]
-            fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            fn(torch.empty(part.numel() * w), part)
+            def run() -> None:
+                # The partial sums' reduce-scatter, then their gradients' all-gather.
+                out = torch.empty(x.numel() // w)
+                fn(out, x)
+                gather(torch.empty(out.numel() * w), out)
 
-        timed = {
+            return run
+
+        timed = {"latency": _median_seconds(a2a(self.tiny), 3 * iters)}
+        timed |= {
             name: _median_seconds(fn, iters)
             for name, fn in (
                 ("fwd", forward(self.lookups[0])),
                 ("both", train(self.lookups[0])),
                 ("fwd_half", forward(self.lookups[1])),
                 ("both_half", train(self.lookups[1])),
-                ("latency", a2a(self.tiny)),
-                ("big", a2a(self.big)),
-                ("rs", reduce_scatter),
-                ("ag", all_gather),
+                ("a2a_small", a2a(self.small)),
+                ("a2a_big", a2a(self.big)),
+                ("rs_small", reduce_scatter(self.small)),
+                ("rs_big", reduce_scatter(self.big)),
                 ("route", self._route),
                 ("stack", self._stack),
             )
@@ -254,7 +261,8 @@ class _Micro:
 
     def _costs(self, t: dict[str, float]) -> dict[str, float]:
         w = self.world
-        sent = BIG_BYTES * (w - 1) / w
+        # Bytes each rank sends, more in the big buffer than in the small one.
+        more = (BIG_BYTES - SMALL_BYTES) * (w - 1) / w
         # backward = multiplier x forward + ids x per-id cost, at both widths.
         bwd, bwd_half = t["both"] - t["fwd"], t["both_half"] - t["fwd_half"]
         multiplier = max((bwd - bwd_half) / max(t["fwd"] - t["fwd_half"], 1e-6), 0.0)
@@ -264,10 +272,9 @@ class _Micro:
             "bwd_over_fwd_plain": bwd / t["fwd"],  # the model without a per-id cost
             "backward_per_id": max(bwd - multiplier * t["fwd"], 0.0) / self.lookup_ids,
             "collective_latency": t["latency"],
-            "all_to_all_bytes_per_s": sent / max(t["big"] - t["latency"], 1e-6),
-            "reduce_scatter_bytes_per_s": 2
-            * sent
-            / max(t["rs"] + t["ag"] - 2 * t["latency"], 1e-6),
+            "all_to_all_bytes_per_s": more / max(t["a2a_big"] - t["a2a_small"], 1e-6),
+            # Both ways: the reduce-scatter and the all-gather each send ``more``.
+            "reduce_scatter_bytes_per_s": 2 * more / max(t["rs_big"] - t["rs_small"], 1e-6),
             "route_per_id": t["route"] / self.route_ids,
             "receive_per_id": t["stack"] / self.received_ids,
         }
@@ -408,6 +415,29 @@ def _estimates(
     return rounds
 
 
+def _run_figures(
+    world: int, rounds: list[dict[str, Any]], cases: list[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per clock and case, the run's figure: the planner's step with each constant the median of
+    the rounds' (this run's, under this run's load), against the median measured step."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for clock in CLOCKS:
+        costs = {
+            k: statistics.median(r["costs"][clock][k] for r in rounds)
+            for k in rounds[0]["costs"][clock]
+        }
+        out[clock] = {}
+        for case in cases:
+            out[clock][case] = {
+                "estimate": plan(topology(world, costs, costs["overhead"]), case)[1].step,
+                "without_new_terms": plan(
+                    topology(world, costs, costs["overhead"], new=False), case
+                )[1].step,
+                "measured": statistics.median(r["cases"][case][clock]["measured"] for r in rounds),
+            }
+    return out
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -432,21 +462,22 @@ def _print_tables(world: int, rounds: list[dict[str, Any]], cases: list[str]) ->
             f"| {c['route_per_id'] * 1e9:.1f} "
             f"| {c['receive_per_id'] * 1e9:.1f} | {c['overhead'] * 1e3:.1f} |"
         )
+    run = _run_figures(world, rounds, cases)
     print(
         "\n| clock | sharding | planner's step (ms) | measured step (ms) | estimate / measured "
-        "(lowest-highest round) | without per-id and per-collective terms |"
+        "| rounds: lowest-median-highest | without per-id and per-collective terms |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for clock in CLOCKS:
         for case in cases:
             cells = [r["cases"][case][clock] for r in rounds]
             ratios = [x["estimate"] / x["measured"] for x in cells]
-            before = [x["without_new_terms"] / x["measured"] for x in cells]
+            fig = run[clock][case]
             print(
-                f"| {clock} | {case} | {_median([x['estimate'] for x in cells]) * 1e3:.1f} "
-                f"| {_median([x['measured'] for x in cells]) * 1e3:.1f} "
-                f"| {_median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
-                f"| {_median(before):.2f} ({min(before):.2f}-{max(before):.2f}) |",
+                f"| {clock} | {case} | {fig['estimate'] * 1e3:.1f} | {fig['measured'] * 1e3:.1f} "
+                f"| {fig['estimate'] / fig['measured']:.2f} "
+                f"| {min(ratios):.2f}-{_median(ratios):.2f}-{max(ratios):.2f} "
+                f"| {fig['without_new_terms'] / fig['measured']:.2f} |",
                 flush=True,
             )
 
