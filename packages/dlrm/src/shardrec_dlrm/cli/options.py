@@ -219,6 +219,7 @@ _MODEL_FIELDS = (
     "dcn_num_layers",
     "dcn_low_rank_dim",
     "managed_ids",
+    "managed_buckets",
 )
 
 
@@ -290,6 +291,15 @@ def model_options(function: F) -> F:
             help="lru/lfu: the raw 32-bit ids get rows of their own in managed tables (no modulo),"
             " the least recently/frequently read row giving way when a table is full; off: ids"
             " are hashed to rows (1 + id % (rows - 1)).",
+        ),
+        click.option(
+            "--managed-buckets",
+            type=click.IntRange(min=1),
+            default=defaults.managed_buckets,
+            show_default=True,
+            help="Buckets per managed table (with --managed-ids): a sharded model spreads them"
+            " over the ranks, 1 keeping each table's map on one rank. Part of the model: a"
+            " resume keeps it, at any number of processes.",
         ),
     ]
     return apply(function, options)

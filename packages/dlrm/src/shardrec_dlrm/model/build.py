@@ -50,7 +50,7 @@ def build_dlrm(
     if config.managed_ids != "off":
         from shardrec_dlrm.model.managed import managed_tables
 
-        sparse = managed_tables(ebc, config.managed_ids)
+        sparse = managed_tables(ebc, config.managed_ids, num_buckets=config.managed_buckets)
     model = DLRM(
         embedding_bag_collection=sparse,
         dense_in_features=NUM_DENSE,

@@ -34,6 +34,10 @@ class ModelConfig:
     dcn_num_layers: int = 3
     dcn_low_rank_dim: int = 512
     managed_ids: ManagedIds = "off"
+    #: Buckets of every managed table (``ManagedCollisionCollection(num_buckets=...)``): part of
+    #: the model (which rows an id may take), so fixed for the life of a run whatever the number
+    #: of processes. 1 keeps a table's map whole; more spread one table's map over the ranks.
+    managed_buckets: int = 1
 
     def __post_init__(self) -> None:
         positive("embedding_dim", self.embedding_dim)
@@ -60,6 +64,7 @@ class ModelConfig:
             raise ValueError(
                 f"managed_ids must be one of {', '.join(MANAGED_IDS)}, got {self.managed_ids!r}"
             )
+        self._check_managed_buckets()
         if self.interaction_type not in INTERACTION_TYPES:
             raise ValueError(
                 f"interaction_type must be one of {', '.join(INTERACTION_TYPES)}, "
@@ -79,6 +84,23 @@ class ModelConfig:
         for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
             for size in getattr(self, name):
                 positive(name, size)
+
+    def _check_managed_buckets(self) -> None:
+        positive("managed_buckets", self.managed_buckets)
+        if self.managed_buckets == 1:
+            return
+        if self.managed_ids == "off":
+            raise ValueError(
+                f"managed_buckets {self.managed_buckets} needs managed tables (managed_ids lru or"
+                " lfu); hashed tables have no buckets"
+            )
+        for index, size in enumerate(self.table_sizes()):
+            # The last row is the default row; every bucket needs a row of its own besides it.
+            if self.managed_buckets > size - 1:
+                raise ValueError(
+                    f"managed_buckets {self.managed_buckets} is more than table C{index + 1}"
+                    f" (t_cat_{index}) of {size} rows can split into: at most {size - 1}"
+                )
 
     def table_sizes(self) -> tuple[int, ...]:
         if self.num_embeddings_per_feature is not None:

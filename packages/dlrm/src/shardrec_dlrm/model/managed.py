@@ -6,7 +6,8 @@
 the EBC, maps a KJT of ids to the pooled KeyedTensor; DistributedModelParallel shards the managed
 module inside it with the ``managed_collision`` sharder. The batches then carry ``1 + raw id``
 (0 for a missing value, which is an id like any other here): ``dlrm train --managed-ids`` opens
-the data without hashing.
+the data without hashing. ``--managed-buckets B`` splits every table into ``B`` buckets, which a
+sharded model spreads over the ranks.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def _policy(kind: ManagedIds) -> EvictionPolicy:
     raise ValueError(f"no eviction policy for managed_ids={kind!r}")
 
 
-def managed_tables(ebc: EmbeddingBagCollection, kind: ManagedIds) -> ManagedEmbeddingBags:
-    """``ebc``'s tables as managed tables with the ``kind`` eviction policy."""
+def managed_tables(
+    ebc: EmbeddingBagCollection, kind: ManagedIds, *, num_buckets: int = 1
+) -> ManagedEmbeddingBags:
+    """``ebc``'s tables as managed tables with the ``kind`` eviction policy, each split into
+    ``num_buckets`` buckets (:mod:`shardrec.modules.mc_buckets`)."""
     configs = ebc.embedding_bag_configs()
     mcc = ManagedCollisionCollection(
         {
@@ -61,5 +65,6 @@ def managed_tables(ebc: EmbeddingBagCollection, kind: ManagedIds) -> ManagedEmbe
             for c in configs
         },
         configs,
+        num_buckets=num_buckets,
     )
     return ManagedEmbeddingBags(ManagedCollisionEmbeddingBagCollection(ebc, mcc))
