@@ -6,7 +6,9 @@ newest (or a given) checkpoint into a model sharded by any plan, at any world si
 unsharded model. ``verify(path)`` checks a checkpoint's files, ``checkpoints(root)`` lists the
 complete ones newest first, ``latest(root)`` is the newest, and ``prune(root, keep)`` deletes old
 ones. ``sharded_state_dict`` / ``load_sharded_state_dict`` are the in-memory halves (what
-``DistributedModelParallel.state_dict`` returns). See docs/checkpoints.md.
+``DistributedModelParallel.state_dict`` returns). A module that caches something derived from its
+state implements :class:`StateLoaded`: loads write into the state in place, then call its
+``state_loaded()``. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from shardrec.distributed.checkpoint.integrity import (
     read_sidecar,
     verify,
 )
+from shardrec.distributed.checkpoint.loaded import StateLoaded, notify_state_loaded
 from shardrec.distributed.checkpoint.safe_reader import SafeFileSystemReader, read_metadata_file
 from shardrec.distributed.checkpoint.sharded_state import (
     load_sharded_state_dict,
@@ -34,11 +37,13 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
     "SafeFileSystemReader",
+    "StateLoaded",
     "UnverifiedCheckpointWarning",
     "checkpoints",
     "latest",
     "load",
     "load_sharded_state_dict",
+    "notify_state_loaded",
     "prune",
     "read_metadata_file",
     "read_sidecar",

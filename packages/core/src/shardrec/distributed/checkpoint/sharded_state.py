@@ -18,7 +18,8 @@ directly. torch.distributed.checkpoint reshards between any two such layouts and
 
 ``load_sharded_state_dict(model, state)`` copies values back into this rank's shards, from
 ShardedTensors (any layout: only the overlap with local shards is read) or full plain tensors. It
-checks every key and shape first and changes nothing if one is wrong.
+checks every key and shape first and changes nothing if one is wrong; after the copies it calls
+``state_loaded()`` on every module that has it (:mod:`.loaded`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardrec.distributed.checkpoint.errors import CheckpointError
+from shardrec.distributed.checkpoint.loaded import notify_state_loaded
 from shardrec.distributed.sharding.state_dict import table_key_prefix
 from shardrec.distributed.types import LocalShard, ShardedEmbeddingModule, TableShards
 
@@ -492,7 +494,8 @@ def load_sharded_state_dict(
     """Copy ``state`` (sharded or full tensors) into ``model``'s local shards and dense tensors.
 
     ``state`` is ``{"model": ..., "optim": ...}`` or a flat model state dict (no optimizer state).
-    Every key and shape is checked before anything is written.
+    Every key and shape is checked before anything is written. Once every value is in, each
+    module of ``model`` that implements :class:`~.loaded.StateLoaded` is told so.
     """
     if "model" in state and isinstance(state["model"], Mapping):
         model_part: Mapping[str, StateValue] = state["model"]
@@ -506,6 +509,7 @@ def load_sharded_state_dict(
     tables, _, dense = _expected(model, None)
     with quiet_sharded_tensor():
         _load_checked(model_part, optim_part, sections, tables, dense, strict)
+    notify_state_loaded(model)
 
 
 def _load_checked(
