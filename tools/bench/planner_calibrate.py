@@ -265,7 +265,11 @@ class _Micro:
         more = (BIG_BYTES - SMALL_BYTES) * (w - 1) / w
         # backward = multiplier x forward + ids x per-id cost, at both widths.
         bwd, bwd_half = t["both"] - t["fwd"], t["both_half"] - t["fwd_half"]
-        multiplier = max((bwd - bwd_half) / max(t["fwd"] - t["fwd_half"], 1e-6), 0.0)
+        narrower = t["fwd"] - t["fwd_half"]
+        # A disturbed round can time the narrower forward no faster: no slope to fit then, the
+        # backward is taken as a plain multiple of the forward.
+        multiplier = (bwd - bwd_half) / narrower if narrower > 0.1 * t["fwd"] else bwd / t["fwd"]
+        multiplier = max(multiplier, 0.0)
         return {
             "lookup_bytes_per_s": self.lookup_bytes / t["fwd"],
             "bwd_over_fwd": multiplier,
