@@ -9,6 +9,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+# torch.distributed.nn binds the default process group of the moment as a default argument of its
+# collectives when it is first imported, and torch imports it lazily (creating any torch optimizer
+# does, through torch._dynamo). Imported after init_process_group, it would keep that group alive
+# past destroy_process_group, until Python's finalisation, where tearing down a gloo group can
+# abort the process (shardrec.distributed.group_ref says how). Imported here, before any group
+# exists, it binds None.
+import torch.distributed.nn  # noqa: F401
+
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 # isort: split

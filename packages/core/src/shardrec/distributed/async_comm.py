@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from shardrec.distributed import comm
 from shardrec.distributed.awaitables import Mapped, Ready
+from shardrec.distributed.group_ref import GroupRef
 from shardrec.distributed.qcomm import QCommsConfig
 from shardrec.distributed.types import Awaitable
 
@@ -37,6 +38,9 @@ __all__ = [
     "start_flagged_ranks",
     "start_reduce_scatter_rows",
 ]
+
+#: Who owns the group in an error, when a backward runs after destroy_process_group.
+_GRADIENT = "the gradient of a collective"
 
 
 class JaggedAllToAllAwaitable:
@@ -305,7 +309,8 @@ class _StartAllToAll(torch.autograd.Function):
         back_wire: torch.dtype,
         issued: _Issued,
     ) -> torch.Tensor:
-        ctx.out_rows, ctx.in_rows, ctx.pg, ctx.back_wire = out_rows, in_rows, pg, back_wire
+        ctx.out_rows, ctx.in_rows, ctx.back_wire = out_rows, in_rows, back_wire
+        ctx.pg = GroupRef.to(pg, _GRADIENT)  # weakly, as comm's collectives
         ctx.dtype = x.dtype
         return _issue_all_to_all(x, out_rows, in_rows, pg, wire, issued)
 
@@ -313,7 +318,7 @@ class _StartAllToAll(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         send = grad.to(ctx.back_wire).contiguous()
         back = send.new_empty((sum(ctx.in_rows), *grad.shape[1:]))
-        dist.all_to_all_single(back, send, ctx.in_rows, ctx.out_rows, group=ctx.pg)
+        dist.all_to_all_single(back, send, ctx.in_rows, ctx.out_rows, group=ctx.pg())
         return back.to(ctx.dtype), None, None, None, None, None, None
 
 
@@ -360,14 +365,14 @@ class _StartReduceScatter(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, world: int, pg: dist.ProcessGroup, issued: _Issued
     ) -> torch.Tensor:
-        ctx.world, ctx.pg = world, pg
+        ctx.world, ctx.pg = world, GroupRef.to(pg, _GRADIENT)
         return _issue_reduce_scatter(x, world, pg, issued)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] * ctx.world, *grad.shape[1:]))
-        comm._all_gather_fn()(out, grad, group=ctx.pg)
+        comm._all_gather_fn()(out, grad, group=ctx.pg())
         return out, None, None, None
 
 

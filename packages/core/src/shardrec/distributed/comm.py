@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardrec.distributed.group_ref import GroupRef
 from shardrec.distributed.qcomm import QCommsConfig, quantized_all_to_all
 
 __all__ = [
@@ -51,6 +52,10 @@ def _raw_all_to_all(
     return out
 
 
+#: Who owns the group in an error, when a backward runs after destroy_process_group.
+_GRADIENT = "the gradient of a collective"
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -60,13 +65,16 @@ class _AllToAll(torch.autograd.Function):
         in_rows: list[int],
         pg: dist.ProcessGroup | None,
     ) -> torch.Tensor:
-        ctx.out_rows, ctx.in_rows, ctx.pg = out_rows, in_rows, pg
+        ctx.out_rows, ctx.in_rows = out_rows, in_rows
+        # Weakly: an output kept after destroy_process_group must not keep the group alive.
+        ctx.pg = None if pg is None else GroupRef.to(pg, _GRADIENT)
         return _raw_all_to_all(x, out_rows, in_rows, pg)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         # The gradient travels the reverse route: what we received goes back to its sender.
-        return _raw_all_to_all(grad, ctx.in_rows, ctx.out_rows, ctx.pg), None, None, None
+        pg = None if ctx.pg is None else ctx.pg()
+        return _raw_all_to_all(grad, ctx.in_rows, ctx.out_rows, pg), None, None, None
 
 
 def all_to_all_single(
@@ -288,14 +296,14 @@ class _ReduceScatter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, world: int, pg: dist.ProcessGroup) -> torch.Tensor:
-        ctx.world, ctx.pg = world, pg
+        ctx.world, ctx.pg = world, GroupRef.to(pg, _GRADIENT)
         return _raw_reduce_scatter(x, world, pg)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] * ctx.world, *grad.shape[1:]))
-        _all_gather_fn()(out, grad, group=ctx.pg)
+        _all_gather_fn()(out, grad, group=ctx.pg())
         return out, None, None
 
 

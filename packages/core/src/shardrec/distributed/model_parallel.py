@@ -13,11 +13,15 @@ registered by the ``shardrec-sharders`` distribution, exactly as a third party w
 
 from __future__ import annotations
 
+import atexit
+import gc
 import inspect
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -223,6 +227,31 @@ def _no_per_forward_buffer_sync() -> dict[str, Any]:
     return {"broadcast_buffers": False}
 
 
+#: Every DMP that wrapped its dense part in DDP, for :func:`_release_data_parallel_at_exit`.
+_WITH_DDP: weakref.WeakSet[DistributedModelParallel] = weakref.WeakSet()
+_EXIT_HOOK: list[bool] = []
+
+
+def _release_data_parallel_at_exit() -> None:
+    """At interpreter exit, once the process groups are destroyed, let go of every DMP's DDP.
+
+    DDP keeps its process group (in C++ too), so a DMP still alive at exit, a script's global for
+    instance, would keep its group past ``destroy_process_group`` until Python's finalisation, where
+    tearing down a gloo group can abort the process (``shardrec.distributed.group_ref`` says how).
+    atexit runs while the interpreter is whole: the group is ended here, its threads joined. Shards
+    refer to their group weakly already; a group not destroyed by then is left as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return
+    released = False
+    for model in list(_WITH_DDP):
+        if isinstance(model._dmp_wrapped, DistributedDataParallel):
+            model._dmp_wrapped = model._module
+            released = True
+    if released:
+        gc.collect()  # DDP's own reference cycles
+
+
 def _replace(root: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, name = fqn.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -334,6 +363,10 @@ class DistributedModelParallel(nn.Module):
             gradient_as_bucket_view=True,
             **_no_per_forward_buffer_sync(),
         )
+        _WITH_DDP.add(self)
+        if not _EXIT_HOOK:
+            atexit.register(_release_data_parallel_at_exit)
+            _EXIT_HOOK.append(True)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DistributedModelParallel:
         raise TypeError(_NO_COPY)

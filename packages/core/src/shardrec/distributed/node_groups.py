@@ -20,6 +20,7 @@ from typing import Final
 
 import torch.distributed as dist
 
+from shardrec.distributed.group_ref import GroupRef
 from shardrec.distributed.types import ShardingEnv
 
 __all__ = ["LOCAL_WORLD_SIZE_ENV", "NodeGroups", "NodeLayout", "node_groups"]
@@ -68,15 +69,38 @@ class NodeLayout:
         return range(start, start + self.local_world_size)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class NodeGroups:
     """This rank's two groups. ``intra`` is None on one-rank nodes and ``cross`` on one node:
-    the collectives of ``shardrec.distributed.comm`` are the identity there."""
+    the collectives of ``shardrec.distributed.comm`` are the identity there. Held weakly, as
+    ``ShardingEnv`` holds its group: after ``destroy_process_group`` they raise
+    ``GroupDestroyedError``."""
 
     layout: NodeLayout
     rank: int
-    intra: dist.ProcessGroup | None
-    cross: dist.ProcessGroup | None
+    _intra: GroupRef | None
+    _cross: GroupRef | None
+
+    def __init__(
+        self,
+        layout: NodeLayout,
+        rank: int,
+        intra: dist.ProcessGroup | None,
+        cross: dist.ProcessGroup | None,
+    ) -> None:
+        owner = f"NodeGroups (rank {rank})"
+        object.__setattr__(self, "layout", layout)
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "_intra", None if intra is None else GroupRef.to(intra, owner))
+        object.__setattr__(self, "_cross", None if cross is None else GroupRef.to(cross, owner))
+
+    @property
+    def intra(self) -> dist.ProcessGroup | None:
+        return None if self._intra is None else self._intra()
+
+    @property
+    def cross(self) -> dist.ProcessGroup | None:
+        return None if self._cross is None else self._cross()
 
     @property
     def node(self) -> int:
@@ -88,9 +112,11 @@ class NodeGroups:
 
 
 # Groups are made by every rank of the default group together (torch requires it), once per
-# process and layout: a second set would only hold more sockets open.
-_CACHE: dict[tuple[tuple[int, ...], int, str], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
-_CACHE_WORLD: list[object] = []
+# process and layout: a second set would only hold more sockets open. Held weakly (torch owns
+# them until destroy_process_group, which must be able to end them), with the default group
+# they were made under.
+_CACHE: dict[tuple[tuple[int, ...], int, str], tuple[GroupRef, GroupRef]] = {}
+_CACHE_WORLD: list[GroupRef] = []
 
 
 def _subgroup(sets: list[list[int]], backend: str) -> dist.ProcessGroup:
@@ -125,16 +151,17 @@ def node_groups(env: ShardingEnv, local_world_size: int | None = None) -> NodeGr
             f" {dist.get_world_size()}"
         )
     world = dist.group.WORLD
-    if not _CACHE_WORLD or _CACHE_WORLD[0] is not world:
+    assert world is not None
+    if not _CACHE_WORLD or not _CACHE_WORLD[0].alive or _CACHE_WORLD[0]() is not world:
         _CACHE.clear()
-        _CACHE_WORLD[:] = [world]
+        _CACHE_WORLD[:] = [GroupRef.to(world, "node_groups")]
     # The node groups run on the sharding group's backend (a latency simulator's too).
     backend = str(dist.get_backend(env.pg))
     key = (tuple(members), local, backend)
-    if key not in _CACHE:
-        _CACHE[key] = (
-            _subgroup([list(layout.ranks_of_node(n)) for n in range(nodes)], backend),
-            _subgroup([[n * local + i for n in range(nodes)] for i in range(local)], backend),
-        )
-    intra, cross = _CACHE[key]
+    cached = _CACHE.get(key)
+    if cached is not None and cached[0].alive and cached[1].alive:
+        return NodeGroups(layout, env.rank, cached[0](), cached[1]())
+    intra = _subgroup([list(layout.ranks_of_node(n)) for n in range(nodes)], backend)
+    cross = _subgroup([[n * local + i for n in range(nodes)] for i in range(local)], backend)
+    _CACHE[key] = (GroupRef.to(intra, "node_groups"), GroupRef.to(cross, "node_groups"))
     return NodeGroups(layout, env.rank, intra, cross)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardrec.distributed.group_ref import GroupRef
 from shardrec.distributed.types import ShardingPlan
 
 __all__ = ["CommType", "QCommsConfig", "quantized_all_to_all", "with_qcomms"]
@@ -120,13 +121,15 @@ class _QuantizedAllToAll(torch.autograd.Function):
         pg: dist.ProcessGroup,
         config: QCommsConfig,
     ) -> torch.Tensor:
-        ctx.out_rows, ctx.in_rows, ctx.pg, ctx.config = out_rows, in_rows, pg, config
+        ctx.out_rows, ctx.in_rows, ctx.config = out_rows, in_rows, config
+        # Weakly: an output kept after destroy_process_group must not keep the group alive.
+        ctx.pg = GroupRef.to(pg, "the gradient of a compressed all-to-all")
         return _cast_all_to_all(x, out_rows, in_rows, pg, config.forward_precision.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         wire = ctx.config.backward_precision.dtype
-        back = _cast_all_to_all(grad, ctx.in_rows, ctx.out_rows, ctx.pg, wire)
+        back = _cast_all_to_all(grad, ctx.in_rows, ctx.out_rows, ctx.pg(), wire)
         return back, None, None, None, None
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from typing_extensions import TypeVar
 
+from shardrec.distributed.group_ref import GroupRef
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 if TYPE_CHECKING:
@@ -251,22 +252,40 @@ class ShardingPlan:
         return f"ShardingPlan({self.plan!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, repr=False)
 class ShardingEnv:
-    """Who we are in the sharding group: ``world_size``, ``rank`` and the process group.
+    """Who we are in the sharding group: ``world_size``, ``rank`` and the process group ``pg``.
 
-    ``pg=None`` means no collectives (planning, or a single process).
+    ``pg=None`` means no collectives (planning, or a single process). The env refers to its group
+    weakly (``shardrec.distributed.group_ref`` says why): ``torch.distributed`` owns it until
+    ``destroy_process_group``, after which ``pg`` raises ``GroupDestroyedError`` rather than let a
+    model that outlived its group keep the group's threads alive.
     """
 
     world_size: int
     rank: int
-    pg: dist.ProcessGroup | None = None
+    _group: GroupRef | None
 
-    def __post_init__(self) -> None:
-        if self.world_size < 1:
-            raise ValueError(f"ShardingEnv: world_size must be >= 1, got {self.world_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"ShardingEnv: rank {self.rank} outside [0, {self.world_size})")
+    def __init__(self, world_size: int, rank: int, pg: dist.ProcessGroup | None = None) -> None:
+        if world_size < 1:
+            raise ValueError(f"ShardingEnv: world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardingEnv: rank {rank} outside [0, {world_size})")
+        owner = f"ShardingEnv (rank {rank} of {world_size})"
+        object.__setattr__(self, "world_size", world_size)
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "_group", None if pg is None else GroupRef.to(pg, owner))
+
+    @property
+    def pg(self) -> dist.ProcessGroup | None:
+        return None if self._group is None else self._group()
+
+    def __repr__(self) -> str:
+        if self._group is None:
+            group = "None"
+        else:
+            group = "<ProcessGroup>" if self._group.alive else "<destroyed ProcessGroup>"
+        return f"ShardingEnv(world_size={self.world_size}, rank={self.rank}, pg={group})"
 
     @classmethod
     def from_process_group(cls, pg: dist.ProcessGroup | None = None) -> ShardingEnv:
