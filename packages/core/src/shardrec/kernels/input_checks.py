@@ -6,8 +6,8 @@ two steps, so that a distributed caller can agree on the outcome before any id m
 
 - :meth:`BatchChecker.problem_flag` reduces the batch to a 0-d bool tensor on its device, with no
   host read: one ``aminmax`` over the ids seen as ``[F, ids per feature]`` when every feature has
-  as many ids (fixed-size batches), else one pass that compares each id with its table's rows; and
-  one ``min`` over the lengths.
+  as many ids (fixed-size batches), else (on CPU, up to 128 features) one ``aminmax`` per feature,
+  or one pass that compares each id with its table's rows; and one ``min`` over the lengths.
 - :meth:`BatchChecker.find_problem` reads the contents on the host and names the first problem
   (feature, table, id, its position among the feature's ids and its sample). It is only called once
   the flag said something is wrong, so it may be slow.
@@ -18,10 +18,15 @@ two steps, so that a distributed caller can agree on the outcome before any id m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import torch
 
 __all__ = ["BadBatchError", "BatchChecker"]
+
+# Up to this many features of unequal id counts, a CPU batch is checked one feature at a time
+# (one small call each, ~5 us); beyond it, in one pass over per-id limits.
+_PER_FEATURE_MAX: Final = 128
 
 
 class BadBatchError(ValueError):
@@ -94,6 +99,15 @@ class BatchChecker:
             if len(set(lpk)) == 1:
                 lows, highs = values.view(len(lpk), -1).aminmax(dim=1)
                 flags.append(((lows < 0) | (highs >= rows)).any())
+            elif values.device.type == "cpu" and len(lpk) <= _PER_FEATURE_MAX:
+                # Feature by feature: no id-sized temporary, which a CPU page-faults in afresh
+                # on every batch once the heap was trimmed (a few ms at MLPerf's 219k ids).
+                parts = torch.split(values, lpk)
+                found = [(f, part.aminmax()) for f, part in enumerate(parts) if lpk[f]]
+                lows = torch.stack([m.min for _, m in found])
+                highs = torch.stack([m.max for _, m in found])
+                limit = rows[[f for f, _ in found]]
+                flags.append(((lows < 0) | (highs >= limit)).any())
             else:
                 counts = torch.tensor(lpk, dtype=torch.int64, device=device)
                 limit = rows.repeat_interleave(counts, output_size=n)

@@ -165,17 +165,18 @@ class TorchGroup:
         return out
 
     def _global_ids(self, inp: GroupInput) -> torch.Tensor:
-        if self._bases_all_zero:
-            return inp.values
-        lpk = inp.length_per_feature
-        if inp.values.numel() == 0:
-            return inp.values
+        return self._storage_rows(inp.values, inp.length_per_feature)
+
+    def _storage_rows(self, values: torch.Tensor, lpk: Sequence[int]) -> torch.Tensor:
+        """Key-major local ids (``lpk[f]`` ids of feature f) as rows of the group's storage."""
+        if self._bases_all_zero or values.numel() == 0:
+            return values
         if len(set(lpk)) == 1:
             # As many ids per feature (fixed-size batches): one broadcast add.
-            return (inp.values.view(len(lpk), -1) + self._feature_base.view(-1, 1)).view(-1)
-        counts = torch.tensor(lpk, dtype=torch.int64, device=inp.values.device)
-        base = torch.repeat_interleave(self._feature_base, counts, output_size=inp.values.numel())
-        return inp.values + base
+            return (values.view(len(lpk), -1) + self._feature_base.view(-1, 1)).view(-1)
+        counts = torch.tensor(lpk, dtype=torch.int64, device=values.device)
+        base = torch.repeat_interleave(self._feature_base, counts, output_size=values.numel())
+        return values + base
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         cached = self._aranges.get((n, device))
@@ -259,13 +260,17 @@ class TorchGroup:
                 inv = torch.where(per_bag, inv, torch.ones_like(inv))
             scale = torch.repeat_interleave(inv, lengths, output_size=n)
             psw = scale if psw is None else psw * scale
+        # Pooled feature by feature, each from its own table's rows: no storage rows needed
+        # until backward asks for them.
+        local = _pools_per_feature(self.storage, inp.batch_size)
         return _SampleMajor(
-            self._global_ids(inp),
+            inp.values if local else self._global_ids(inp),
             inp.offsets,
             psw,
             lengths,
             key_major=True,
             length_per_feature=tuple(inp.length_per_feature),
+            local_ids=local,
         )
 
     def pooled(self, inp: GroupInput, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -426,6 +431,9 @@ class _SampleMajor(NamedTuple):
     lengths: torch.Tensor | None
     key_major: bool = False
     length_per_feature: tuple[int, ...] = ()
+    # Key-major only: ``ids`` are each feature's own table rows, not the storage's (see
+    # ``_pool_into_columns``); backward shifts them.
+    local_ids: bool = False
 
 
 class _PooledLookup(torch.autograd.Function):
@@ -440,8 +448,8 @@ class _PooledLookup(torch.autograd.Function):
     ) -> torch.Tensor:
         weight = group.storage
         psw = sm.psw.to(weight.dtype) if sm.psw is not None else None
-        if sm.key_major and _pools_per_feature(weight, batch_size):
-            out = _pool_into_columns(weight, sm, batch_size, num_features, psw)
+        if sm.local_ids:
+            out = _pool_into_columns(group, sm, batch_size, psw)
         else:
             bags = F.embedding_bag(
                 sm.ids,
@@ -470,10 +478,11 @@ class _PooledLookup(torch.autograd.Function):
 
 
 # A feature's ``[B, D]`` block of pooled rows from which key-major bags are pooled by one call per
-# feature straight into the output's columns. Below it, one call for all features and a transpose
-# of the pooled rows is faster (each call costs ~15 us); above it, the transpose (a second
-# output-sized buffer, freshly page-faulted, and a copy) is what costs: a third of the forward at
-# MLPerf shapes (26 features, batch 1,024, dim 128) on CPU. Measured on CPU, 1 thread.
+# feature straight into the output's columns (CPU only). Below it, one call for all features and a
+# transpose of the pooled rows is faster (each call costs ~15 us); above it, the transpose's
+# second output-sized buffer and the storage rows of every id cost more, mostly in page faults
+# (at MLPerf shapes, 26 features, batch 1,024, dim 128: 3,000-7,000 faults and 22-29 ms per
+# forward before, 700-1,600 and 19-21 ms after, 1 thread, load 16-19).
 PER_FEATURE_MIN_BYTES: Final = 64 << 10
 
 
@@ -483,27 +492,28 @@ def _pools_per_feature(weight: torch.Tensor, batch_size: int) -> bool:
 
 
 def _pool_into_columns(
-    weight: torch.Tensor,
-    sm: _SampleMajor,
-    batch_size: int,
-    num_features: int,
-    psw: torch.Tensor | None,
+    group: TorchGroup, sm: _SampleMajor, batch_size: int, psw: torch.Tensor | None
 ) -> torch.Tensor:
-    """Key-major bags pooled into the ``[B, F * D]`` output, one call per feature writing its
-    column block in place (the same sums, bag by bag, as one call over all features)."""
-    dim = weight.shape[1]
-    out = torch.empty(batch_size, num_features * dim, dtype=weight.dtype, device=weight.device)
+    """Key-major bags of local ids pooled into the ``[B, F * D]`` output, one call per feature
+    reading its table's rows and writing its column block in place (the same sums, bag by bag,
+    as one call over all features). Nothing id-sized is allocated, and the output is on huge
+    pages when big: on a CPU a fresh buffer is page-faulted in again on every step whenever the
+    heap was trimmed after the previous one, which made this forward up to twice as slow from
+    one process to the next."""
+    weight, dim, rows = group.storage, group.dim, group.row_starts
+    out = empty_rows((batch_size, len(sm.length_per_feature) * dim), weight.dtype, weight.device)
     # Row f is feature f's B + 1 offsets (a view: consecutive rows share an entry), from 0.
     windows = sm.offsets.unfold(0, batch_size + 1, batch_size)
     offsets = windows - windows[:, :1]
     # The kernel's other outputs, sized as it sizes them so that no call resizes them.
-    unused = torch.empty(0, dtype=torch.int64, device=weight.device)
-    bag_size = torch.empty(batch_size + 1, dtype=torch.int64, device=weight.device)
-    max_indices = torch.empty(batch_size + 1, dtype=torch.int64, device=weight.device)
+    unused = torch.empty(0, dtype=torch.int64)
+    bag_size = torch.empty(batch_size + 1, dtype=torch.int64)
+    max_indices = torch.empty(batch_size + 1, dtype=torch.int64)
     start = 0
     for f, n in enumerate(sm.length_per_feature):
+        t = group.feature_tables[f]
         torch.ops.aten._embedding_bag_forward_only.out(
-            weight,
+            weight[rows[t] : rows[t + 1]],
             sm.ids[start : start + n],
             offsets[f],
             False,
@@ -528,6 +538,7 @@ def _sparse_grad(ctx: Any, grad: torch.Tensor) -> SparseGrad:
     # The output gradient is read in place, sample-major (row ``b * F + f`` is bag (f, b)):
     # key-major ids point at their bag's row there instead of transposing the gradient.
     grad_bags = grad.contiguous().view(-1, group.dim)
+    ids = group._storage_rows(sm.ids, sm.length_per_feature) if sm.local_ids else sm.ids
     bag = None
     if sm.key_major:
         assert sm.lengths is not None
@@ -539,7 +550,7 @@ def _sparse_grad(ctx: Any, grad: torch.Tensor) -> SparseGrad:
             sm.lengths,
             output_size=sm.ids.numel(),
         )
-    return SparseGrad(ids=sm.ids, grad_bags=grad_bags, bag=bag, psw=sm.psw)
+    return SparseGrad(ids=ids, grad_bags=grad_bags, bag=bag, psw=sm.psw)
 
 
 class _WeightedPooledLookup(torch.autograd.Function):
