@@ -20,7 +20,13 @@ import pytest
 import torch
 from torch import nn
 
-from shardrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
+from shardrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+)
 from shardrec.distributed import (
     DistributedModelParallel,
     ParameterSharding,
@@ -39,10 +45,9 @@ from shardrec.modules.mc_embedding_modules import (
     ManagedCollisionEmbeddingCollection,
 )
 from shardrec.modules.mc_policies import LFU_EvictionPolicy, LRU_EvictionPolicy
+from shardrec.testing import GlobalBatch
 from shardrec_sharders.managed_buckets import ShardedManagedCollisionCollection
 from shardrec_sharders.managed_collision import ShardedManagedCollisionEmbeddings
-
-from ._reference import TOL, assemble, ebc_configs, ec_configs, rank_kjt, rows_per_rank
 
 pytestmark = pytest.mark.multiprocess
 
@@ -55,6 +60,8 @@ POOL = torch.tensor([9_137_702_141, -42, 2**62, 7, -(2**40), 3, 11, *range(100, 
 # t0's 12 rows for ids in 5 buckets of 3, 3, 2, 2, 2; t1's 6 in 4 of 2, 2, 1, 1.
 SPLIT: dict[str, int] = {"t0": 5, "t1": 4}
 Buckets = int | dict[str, int]
+TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-5}
+Block = tuple[torch.Tensor, tuple[int, int]]
 
 
 class Model(nn.Module):
@@ -74,7 +81,15 @@ class Model(nn.Module):
 
 def build(optimizer: str, sequence: bool = False, buckets: Buckets = 1) -> Model:
     torch.manual_seed(3)
-    configs = ec_configs(TABLES, dim=EC_DIM) if sequence else ebc_configs(TABLES)
+    ec_configs = [
+        EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=EC_DIM, feature_names=f)
+        for n, r, _, f in TABLES
+    ]
+    ebc_configs = [
+        EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=f)
+        for n, r, d, f in TABLES
+    ]
+    configs = ec_configs if sequence else ebc_configs
     mcc = ManagedCollisionCollection(
         {
             "t0": MCHManagedCollisionModule(13, eviction_policy=LRU_EvictionPolicy(), name="t0"),
@@ -91,9 +106,9 @@ def build(optimizer: str, sequence: bool = False, buckets: Buckets = 1) -> Model
     )
     fused = {"optimizer": optimizer, "learning_rate": 0.1}
     if sequence:
-        ec = EmbeddingCollection(configs, fused_params=fused)
+        ec = EmbeddingCollection(ec_configs, fused_params=fused)
         return Model(ManagedCollisionEmbeddingCollection(ec, mcc, seed=5), width=EC_DIM)
-    ebc = EmbeddingBagCollection(configs, fused_params=fused)
+    ebc = EmbeddingBagCollection(ebc_configs, fused_params=fused)
     return Model(ManagedCollisionEmbeddingBagCollection(ebc, mcc, seed=5), width=22)
 
 
@@ -102,16 +117,45 @@ def sizes(world: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world)]
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def global_batch(step: int, world: int) -> GlobalBatch:
+    """Step ``step``'s samples (the same at any world size), cut into ``world`` ranks' parts.
+    Raw ids: far above the tables' rows, so never checked against them."""
     g = torch.Generator().manual_seed(900 + step)
     lengths = torch.randint(0, 4, (len(KEYS), TOTAL), generator=g)
     ids = [POOL[torch.randint(0, len(POOL), (int(n),), generator=g)] for n in lengths.sum(1)]
-    return lengths, ids
+    return GlobalBatch(KEYS, lengths, ids, None, sizes(world))
 
 
 def batch(step: int, world: int, rank: int | None) -> KeyedJaggedTensor:
-    lengths, ids = global_batch(step)
-    return rank_kjt(KEYS, lengths, ids, None, sizes(world), rank)
+    return global_batch(step, world).kjt(rank)
+
+
+def rows_by_rank(rows: torch.Tensor, whole: GlobalBatch, sequence: bool) -> list[torch.Tensor]:
+    """The unsharded module's output ``rows`` for the whole batch, cut into each rank's part: a
+    row per sample (EBC), or each rank's ids of every feature's block, features sorted (EC)."""
+    if not sequence:
+        return list(torch.split(rows, whole.sizes))
+    features = sorted(whole.keys)
+    per_key = dict(zip(whole.keys, (int(n) for n in whole.lengths.sum(dim=1)), strict=True))
+    blocks = torch.split(rows, [per_key[f] for f in features])
+    out = []
+    for rank in range(len(whole.sizes)):
+        lo, hi = whole.bounds(rank)
+        parts = []
+        for f, block in zip(features, blocks, strict=True):
+            lengths = whole.lengths[whole.keys.index(f)]
+            first = int(lengths[:lo].sum())
+            parts.append(block[first : first + int(lengths[lo:hi].sum())])
+        out.append(torch.cat(parts))
+    return out
+
+
+def assemble(like: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
+    """A tensor shaped like ``like`` from blocks at their ``(row, col)``; NaN where none lies."""
+    out = torch.full_like(like, float("nan"))
+    for tensor, (row, col) in blocks:
+        out[row : row + tensor.shape[0], col : col + tensor.shape[1]] = tensor
+    return out
 
 
 def plan_of(kind: str, world: int, sequence: bool = False) -> ShardingPlan:
@@ -144,6 +188,7 @@ def train_sharded(
         loss.backward()
         outputs.append(rows.detach().clone())
         dense = model.module.dense
+        assert isinstance(dense, nn.Linear)
         assert dense.weight.grad is not None
         grads.append(dense.weight.grad.clone() * env.world_size)  # DDP averages
     # An eval-mode lookup after training: every id travels to its bucket's owner, nothing changes.
@@ -199,24 +244,16 @@ def reference(
     outputs, grads = [], []
     for step in range(steps):
         model.zero_grad()
-        rows, loss = model(batch(step, world_of_step[step], None))
+        whole = global_batch(step, world_of_step[step])
+        rows, loss = model(whole.kjt())
         loss.backward()
-        split = sizes(world_of_step[step])
-        full = batch(step, world_of_step[step], None)
-        kind = "ec" if sequence else "ebc"
-        outputs.append(rows_per_rank(kind, rows.detach(), full, split, TABLES))
+        outputs.append(rows_by_rank(rows.detach(), whole, sequence))
         assert model.dense.weight.grad is not None
         grads.append(model.dense.weight.grad.clone())
     model.eval()
     with torch.no_grad():
-        full = batch(steps, world_of_step[-1], None)
-        evaluated = rows_per_rank(
-            "ec" if sequence else "ebc",
-            model(full)[0],
-            full,
-            sizes(world_of_step[-1]),
-            TABLES,
-        )
+        whole = global_batch(steps, world_of_step[-1])
+        evaluated = rows_by_rank(model(whole.kjt())[0], whole, sequence)
     model.train()
     mc = model.mc
     assert isinstance(
