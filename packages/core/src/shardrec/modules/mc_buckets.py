@@ -26,16 +26,8 @@ from typing import Final
 
 import torch
 
-from shardrec.modules.managed_collision import (
-    _ADMITTED,
-    _BELOW,
-    _EVICTED,
-    _FREE,
-    _REJECTED,
-    _STEP,
-    ManagedTableStats,
-    MCHManagedCollisionModule,
-)
+from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedCollisionModule
+from shardrec.modules.mc_counters import ADMITTED, BELOW, EVICTED, FREE, REJECTED, STEP
 from shardrec.modules.mc_policies import require_int
 
 __all__ = ["BucketLayout", "bucket_stats", "make_buckets", "remap_buckets"]
@@ -203,15 +195,15 @@ def bucket_stats(counters: Sequence[torch.Tensor], layout: BucketLayout) -> Mana
     if len(counters) != layout.num_buckets:
         raise ValueError(f"bucket_stats: {len(counters)} counters for {layout.num_buckets} buckets")
     c = torch.stack([t.detach().cpu() for t in counters]).sum(0).tolist()
-    steps = max(int(t[_STEP]) for t in counters)
+    steps = max(int(t[STEP]) for t in counters)
     return ManagedTableStats(
         capacity=layout.capacity,
-        occupancy=layout.capacity - c[_FREE],
+        occupancy=layout.capacity - c[FREE],
         steps=steps,
-        admitted_total=c[_ADMITTED],
-        evicted_total=c[_EVICTED],
-        rejected_total=c[_REJECTED],
-        below_threshold_total=c[_BELOW],
+        admitted_total=c[ADMITTED],
+        evicted_total=c[EVICTED],
+        rejected_total=c[REJECTED],
+        below_threshold_total=c[BELOW],
     )
 
 
