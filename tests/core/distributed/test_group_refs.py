@@ -78,3 +78,30 @@ def test_a_destroyed_group_is_not_kept_alive_by_the_model(dist_pool: Any) -> Non
         assert got["nodes"].startswith(f"NodeGroups (rank {rank}): its process group has been")
         assert got["backward"].startswith("the gradient of a collective: its process group")
         assert got["repr"] == f"ShardingEnv(world_size=4, rank={rank}, pg=<destroyed ProcessGroup>)"
+
+
+def case_delayed_group_ends_its_gloo_group(env: ShardingEnv) -> dict[str, Any]:
+    from shardrec.distributed.latency import new_delayed_group
+
+    group = new_delayed_group(latency_s=0.2)
+    assert group is not None
+    gloo = weakref.ref(group._inner)
+    votes = torch.ones(3)
+    work = group.allreduce([votes])  # still being delayed when the group is shut down
+    # What destroy_process_group calls on every group (torch cannot destroy a Python group alone,
+    # by name, and the pool's default group must stay).
+    group.shutdown()
+    return {
+        "completed": work.is_completed(),
+        "votes": votes.tolist(),
+        "gloo_alive": gloo() is not None,
+        "after": _error(lambda: group.allreduce([votes])),
+    }
+
+
+def test_shutting_a_delayed_group_waits_for_its_work_and_ends_gloo(dist_pool: Any) -> None:
+    for got in dist_pool.run(4, case_delayed_group_ends_its_gloo_group):
+        assert got["completed"]
+        assert got["votes"] == [4.0, 4.0, 4.0]
+        assert not got["gloo_alive"]
+        assert got["after"].startswith("DelayedProcessGroup: it has been destroyed")

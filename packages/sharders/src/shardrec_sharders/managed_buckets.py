@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardrec.distributed.group_ref import GroupRef
 from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedCollisionModule
 from shardrec.modules.mc_buckets import (
     BucketLayout,
@@ -79,6 +80,10 @@ class ShardedManagedCollisionCollection(nn.Module):
     """This rank's buckets of a :class:`ManagedCollisionCollection`, and the routing of ids to
     the owners of their buckets."""
 
+    @property
+    def _pg(self) -> dist.ProcessGroup | None:
+        return None if self._group is None else self._group()
+
     def __init__(
         self,
         collection: ManagedCollisionCollection,
@@ -90,7 +95,8 @@ class ShardedManagedCollisionCollection(nn.Module):
         super().__init__()
         self._rank = rank
         self._world_size = world_size
-        self._pg = pg
+        # Weakly, so that destroy_process_group ends the group (shardrec.distributed.group_ref).
+        self._group = None if pg is None else GroupRef.to(pg, type(self).__name__)
         self._device = device  # where the collectives' tensors live (NCCL needs the GPU)
         self._layouts: dict[str, BucketLayout] = collection.bucket_layouts()
         self._tables = list(self._layouts)

@@ -79,6 +79,10 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
 
     _reset_rng_state: torch.Tensor
 
+    @property
+    def _pg(self) -> dist.ProcessGroup | None:
+        return self._env.pg
+
     def __init__(
         self,
         module: ManagedModule,
@@ -96,7 +100,7 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         )
         self._return_remapped_features = module.return_remapped_features
         self.register_buffer("_reset_rng_state", module.reset_rng_state.clone())
-        self._pg = env.pg
+        self._env = env  # its group is held weakly (shardrec.distributed.group_ref)
         self._rank = env.rank
         self._world_size = env.world_size
 

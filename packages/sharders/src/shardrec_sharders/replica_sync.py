@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from shardrec.distributed.group_ref import GroupRef
 from shardrec.kernels import TableBatchedEmbedding
 
 __all__ = ["ReplicaSync"]
@@ -44,8 +45,13 @@ class ReplicaSync:
         if not lookup.deferred_update:
             raise ValueError("ReplicaSync needs a lookup built with deferred_update=True")
         self.lookup = lookup
-        self.pg = pg
+        # Weakly, so that destroy_process_group ends the group (shardrec.distributed.group_ref).
+        self._group = None if pg is None else GroupRef.to(pg, "ReplicaSync")
         lookup.register_update_hook(lambda _: self.step())
+
+    @property
+    def pg(self) -> dist.ProcessGroup | None:
+        return None if self._group is None else self._group()
 
     def _world(self) -> int:
         return 1 if self.pg is None else dist.get_world_size(self.pg)

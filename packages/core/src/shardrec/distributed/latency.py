@@ -31,6 +31,8 @@ from torch._C._distributed_c10d import (  # type: ignore[attr-defined]
     _create_work_from_future,
 )
 
+from shardrec.distributed.group_ref import GroupDestroyedError
+
 __all__ = ["DELAYED_BACKEND", "DelayedProcessGroup", "new_delayed_group"]
 
 DELAYED_BACKEND: Final = "shardrec_delayed"
@@ -50,6 +52,24 @@ class DelayedProcessGroup(dist.ProcessGroup):
         self._inner: Any = inner
         self.latency_s = 0.0
         self.issued = 0
+        self._timers: list[threading.Thread] = []
+
+    def _gloo(self) -> Any:
+        if self._inner is None:
+            raise GroupDestroyedError(
+                "DelayedProcessGroup: it has been destroyed (torch.distributed"
+                ".destroy_process_group), so it can run no collective"
+            )
+        return self._inner
+
+    def shutdown(self) -> None:
+        """``destroy_process_group`` calls it: waits for the collectives still being delayed, then
+        lets go of the gloo group, so that it ends now, its threads joined, whoever still holds
+        this one (``shardrec.distributed.group_ref`` says why that matters)."""
+        for timer in self._timers:
+            timer.join()
+        self._timers = []
+        self._inner = None
 
     def _delayed(self, work: dist.Work) -> dist.Work:
         self.issued += 1
@@ -67,61 +87,63 @@ class DelayedProcessGroup(dist.ProcessGroup):
             except Exception as exc:  # handed to whoever waits on the work
                 done.set_exception(exc)
 
-        threading.Thread(target=finish, daemon=True).start()
+        timer = threading.Thread(target=finish, daemon=True)
+        timer.start()
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         out: dist.Work = _create_work_from_future(done)
         return out
 
     # Every collective shardrec, DDP and torch.distributed.checkpoint issue goes to gloo here.
     def allreduce(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.allreduce(*args))
+        return self._delayed(self._gloo().allreduce(*args))
 
     def allreduce_coalesced(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.allreduce_coalesced(*args))
+        return self._delayed(self._gloo().allreduce_coalesced(*args))
 
     def allgather(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.allgather(*args))
+        return self._delayed(self._gloo().allgather(*args))
 
     def _allgather_base(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner._allgather_base(*args))
+        return self._delayed(self._gloo()._allgather_base(*args))
 
     def allgather_into_tensor_coalesced(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.allgather_into_tensor_coalesced(*args))
+        return self._delayed(self._gloo().allgather_into_tensor_coalesced(*args))
 
     def reduce_scatter(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.reduce_scatter(*args))
+        return self._delayed(self._gloo().reduce_scatter(*args))
 
     def _reduce_scatter_base(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner._reduce_scatter_base(*args))
+        return self._delayed(self._gloo()._reduce_scatter_base(*args))
 
     def reduce_scatter_tensor_coalesced(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.reduce_scatter_tensor_coalesced(*args))
+        return self._delayed(self._gloo().reduce_scatter_tensor_coalesced(*args))
 
     def alltoall_base(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.alltoall_base(*args))
+        return self._delayed(self._gloo().alltoall_base(*args))
 
     def alltoall(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.alltoall(*args))
+        return self._delayed(self._gloo().alltoall(*args))
 
     def broadcast(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.broadcast(*args))
+        return self._delayed(self._gloo().broadcast(*args))
 
     def reduce(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.reduce(*args))
+        return self._delayed(self._gloo().reduce(*args))
 
     def gather(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.gather(*args))
+        return self._delayed(self._gloo().gather(*args))
 
     def scatter(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.scatter(*args))
+        return self._delayed(self._gloo().scatter(*args))
 
     def barrier(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.barrier(*args))
+        return self._delayed(self._gloo().barrier(*args))
 
     def send(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.send(*args))
+        return self._delayed(self._gloo().send(*args))
 
     def recv(self, *args: Any) -> dist.Work:
-        return self._delayed(self._inner.recv(*args))
+        return self._delayed(self._gloo().recv(*args))
 
     def getBackendName(self) -> str:  # torch asks a Python group for it by this name
         return DELAYED_BACKEND
