@@ -321,3 +321,35 @@ def test_vbe_pooled_rows_travel_at_each_keys_stride(
     )
     assert ranks == [PER_KEY * ARRIVALS[sharding_type]] * WORLD
     assert PER_KEY < USERS * ITEMS * (4 + 4 + 6 + 6)
+
+
+def ec_ids(env: ShardingEnv, sharding_type: ShardingType) -> list[dict[str, list[list[int]]]]:
+    """Each output's ids per sample (need_indices), for the full batch and its VBE form."""
+    from shardrec import EmbeddingCollection
+
+    got = []
+    for vbe in (False, True):
+        torch.manual_seed(3)
+        tables = [t for t in EC_MODEL.tables if isinstance(t, EmbeddingConfig)]
+        ec = EmbeddingCollection(tables=tables, need_indices=True)
+        plan = ShardingPlan({"": {t.name: boxes(sharding_type, t) for t in EC_MODEL.tables}})
+        dmp = DistributedModelParallel(ec, env=env, plan=plan)
+        kjt = user_item_batch(env.rank, 1)
+        out = dmp(deduplicate_features(kjt, ["user", "age"]) if vbe else kjt)
+        got.append(
+            {
+                name: [w.tolist() for w in torch.split(jt.weights(), jt.lengths().tolist())]
+                for name, jt in sorted(out.items())
+            }
+        )
+    return got
+
+
+@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE, ShardingType.ROW_WISE])
+def test_sharded_ec_vbe_gives_every_samples_ids(
+    dist_pool: WorkerPool, sharding_type: ShardingType
+) -> None:
+    for full, vbe in dist_pool.run(WORLD, ec_ids, sharding_type=sharding_type):
+        assert len(full["user@t_user"]) == USERS * ITEMS
+        assert any(full["user@t_user"])
+        assert vbe == full
