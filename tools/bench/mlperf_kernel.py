@@ -23,13 +23,15 @@ through ``apply_optimizer_in_backward`` of ``torch.optim.Adagrad`` or
 ``torchrec.optim.RowWiseAdagrad``, which run FBGEMM's fused kernels) in samples/s, best of
 ``--rounds`` alternating rounds, each the median of ``--iters`` calls.
 
-The floor: ``index_select`` of the step's ids (each table's ids offset into one table holding all
-26 tables' rows, so the same rows are read) reads ``ids x 512`` bytes; its bytes per second are
-the machine's gather limit. ``of gather`` is a contender's bytes per second over that limit: a
-forward moves ``ids x 512`` bytes; a step at least ``ids x 512 + distinct x 2 x (512 + state)``
-(the forward's read, then each distinct row of the step and its optimizer state read and written
-once; state 512 bytes per row for exact Adagrad, 4 for row-wise). That many bytes at the gather
-limit is the step's floor, so ``step of gather`` is the floor's time over the step's.
+The floor: ``index_select`` into a kept buffer and ``embedding_bag`` (sum, the step's bags) of the
+step's ids (each table's ids offset into one table holding all 26 tables' rows, on huge pages
+where the machine gives them as shardrec's tables are, so the same rows are read) read
+``ids x 512`` bytes; the faster one's bytes per second are the machine's gather limit. ``of
+gather`` is a contender's bytes per second over that limit: a forward moves ``ids x 512`` bytes;
+a step at least ``ids x 512 + distinct x 2 x (512 + state)`` (the forward's read, then each
+distinct row of the step and its optimizer state read and written once; state 512 bytes per row
+for exact Adagrad, 4 for row-wise). That many bytes at the gather limit is the step's floor, so
+``step of gather`` is the floor's time over the step's.
 
 Also printed: torch's own read-modify-write of the step's distinct rows (``index_add_`` of a
 kept zero buffer into the weights and into the state), the primitive a pure-torch update has.
@@ -171,8 +173,11 @@ def _torchrec(setup: Setup) -> tuple[Timed, Timed]:
 
 
 def _gather(setup: Setup) -> dict[str, Timed]:
+    from shardrec.kernels.memory import empty_rows
+
     total = sum(setup.rows)
-    table = torch.randn(total, DIM, device=setup.device)
+    # on huge pages where the machine gives them, as shardrec's storage is: the faster gather
+    table = empty_rows((total, DIM), torch.float32, setup.device).normal_()
     starts = torch.tensor([0, *setup.rows[:-1]]).cumsum(0)
     flat = []
     for values, _ in setup.pool:
@@ -194,10 +199,12 @@ def _gather(setup: Setup) -> dict[str, Timed]:
 
 def _update_rows(setup: Setup) -> tuple[Timed, int]:
     """The step's distinct rows read and written once in the weights and once in the state."""
+    from shardrec.kernels.memory import zeros_rows
+
     total = sum(setup.rows)
-    weights = torch.zeros(total, DIM, device=setup.device)
+    weights = zeros_rows((total, DIM), torch.float32, setup.device)
     state_shape = (total, DIM) if setup.optimizer == "adagrad" else (total,)
-    state = torch.zeros(state_shape, device=setup.device)
+    state = zeros_rows(state_shape, torch.float32, setup.device)
     starts = torch.tensor([0, *setup.rows[:-1]]).cumsum(0).to(setup.device)
     per_table = (torch.tensor(HOT) * setup.batch).to(setup.device)
     distinct = [torch.unique(v + starts.repeat_interleave(per_table)) for v, _ in setup.pool]
