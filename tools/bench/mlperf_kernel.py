@@ -23,14 +23,15 @@ through ``apply_optimizer_in_backward`` of ``torch.optim.Adagrad`` or
 ``torchrec.optim.RowWiseAdagrad``, which run FBGEMM's fused kernels) in samples/s, best of
 ``--rounds`` alternating rounds, each the median of ``--iters`` calls.
 
-The floor: ``index_select`` into a kept buffer and ``embedding_bag`` (sum, the step's bags) of the
-step's ids (each table's ids offset into one table holding all 26 tables' rows, on huge pages
-where the machine gives them as shardrec's tables are, so the same rows are read) read
-``ids x 512`` bytes; the faster one's bytes per second are the machine's gather limit. ``of
-gather`` is a contender's bytes per second over that limit: a forward moves ``ids x 512`` bytes;
-a step at least ``ids x 512 + distinct x 2 x (512 + state)`` (the forward's read, then each
-distinct row of the step and its optimizer state read and written once; state 512 bytes per row
-for exact Adagrad, 4 for row-wise). That many bytes at the gather limit is the step's floor, so
+The floor: ``index_select`` and ``embedding_bag`` (sum, the step's bags), both into kept buffers
+(a fresh output is page-faulted in again whenever the heap was trimmed), of the step's ids (each
+table's ids offset into one table holding all 26 tables' rows, on huge pages where the machine
+gives them as shardrec's tables are, so the same rows are read) read ``ids x 512`` bytes; the
+faster one's bytes per second are the machine's gather limit. ``of gather`` is a contender's
+bytes per second over that limit: a forward moves ``ids x 512`` bytes; a step at least
+``ids x 512 + distinct x 2 x (512 + state)`` (the forward's read, then each distinct row of the
+step and its optimizer state read and written once; state 512 bytes per row for exact Adagrad, 4
+for row-wise). That many bytes at the gather limit is the step's floor, so
 ``step of gather`` is the floor's time over the step's.
 
 Also printed: torch's own read-modify-write of the step's distinct rows (``index_add_`` of a
@@ -193,7 +194,17 @@ def _gather(setup: Setup) -> dict[str, Timed]:
     bag_offsets = torch.cat(
         [torch.zeros(1, dtype=torch.int64, device=setup.device), per_bag.cumsum(0)[:-1]]
     )
-    bag = lambda: torch.nn.functional.embedding_bag(nxt(), table, bag_offsets, mode="sum")  # noqa: E731
+    # into kept buffers too (the kernel's out= form; its other outputs sized as it sizes them)
+    pooled = torch.empty(per_bag.numel(), DIM, device=setup.device)
+    sizes = (0, per_bag.numel(), per_bag.numel())
+    extra = [torch.empty(n, dtype=torch.int64, device=setup.device) for n in sizes]
+
+    def bag() -> object:
+        return torch.ops.aten._embedding_bag_forward_only.out(
+            table, nxt(), bag_offsets, False, 0, False, None, False, -1,
+            out0=pooled, out1=extra[0], out2=extra[1], out3=extra[2],
+        )  # fmt: skip
+
     return {"index_select": index_select, "embedding_bag": bag}
 
 
