@@ -481,8 +481,8 @@ class _PooledLookup(torch.autograd.Function):
 # feature straight into the output's columns (CPU only). Below it, one call for all features and a
 # transpose of the pooled rows is faster (each call costs ~15 us); above it, the transpose's
 # second output-sized buffer and the storage rows of every id cost more, mostly in page faults
-# (at MLPerf shapes, 26 features, batch 1,024, dim 128: 3,000-7,000 faults and 22-29 ms per
-# forward before, 700-1,600 and 19-21 ms after, 1 thread, load 16-19).
+# (at MLPerf shapes, 26 features, batch 1,024, dim 128, 1 thread: 3,000-7,000 faults per forward
+# before, 640-1,600 after, and faster in 9 rounds of 12; docs/benchmarks.md has the figures).
 PER_FEATURE_MIN_BYTES: Final = 64 << 10
 
 
