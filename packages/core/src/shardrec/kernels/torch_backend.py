@@ -505,10 +505,6 @@ def _pool_into_columns(
     # Row f is feature f's B + 1 offsets (a view: consecutive rows share an entry), from 0.
     windows = sm.offsets.unfold(0, batch_size + 1, batch_size)
     offsets = windows - windows[:, :1]
-    # The kernel's other outputs, sized as it sizes them so that no call resizes them.
-    unused = torch.empty(0, dtype=torch.int64)
-    bag_size = torch.empty(batch_size + 1, dtype=torch.int64)
-    max_indices = torch.empty(batch_size + 1, dtype=torch.int64)
     start = 0
     for f, n in enumerate(sm.length_per_feature):
         t = group.feature_tables[f]
@@ -523,9 +519,11 @@ def _pool_into_columns(
             True,  # include_last_offset
             -1,
             out0=out[:, f * dim : (f + 1) * dim],
-            out1=unused,
-            out2=bag_size,
-            out3=max_indices,
+            # The kernel's other outputs, empty so that it may size them (eager and compiled
+            # sizes differ by one; resizing a non-empty one warns).
+            out1=torch.empty(0, dtype=torch.int64),
+            out2=torch.empty(0, dtype=torch.int64),
+            out3=torch.empty(0, dtype=torch.int64),
         )
         start += n
     return out
