@@ -303,7 +303,7 @@ class MCHManagedCollisionModule(nn.Module):
             self._last_read.index_fill_(0, new_rows, step)
             new_counts = counts if chosen is None else counts.index_select(0, chosen)
             self._reads.index_copy_(0, new_rows, new_counts)
-            self._note_new_rows(new_rows)
+            self._note_new_rows(new_rows, step)
             # ``chosen`` None: every distinct missing id took a row (``flip`` made a copy).
             uniq_rows = (
                 new_rows
@@ -466,11 +466,15 @@ class MCHManagedCollisionModule(nn.Module):
         lowest = lowest.masked_select(lowest < limit * self.capacity)
         return (lowest % self.capacity).sort().values
 
-    def _note_new_rows(self, new_rows: torch.Tensor) -> None:
+    def _note_new_rows(self, new_rows: torch.Tensor, step: int) -> None:
         """Drop the kept candidates if a new row's key is below their cutoff (see
         :meth:`_lowest_rows`)."""
         kept = self._candidates
         if kept is None:
+            return
+        lru = isinstance(self._eviction_policy, LRU_EvictionPolicy)
+        if lru and kept.cutoff < step * self.capacity:
+            # New rows were read at ``step``: their LRU keys start at step * capacity.
             return
         score = self._eviction_policy.score(self._last_read, self._reads).index_select(0, new_rows)
         if bool((score * self.capacity + new_rows < kept.cutoff).any()):
