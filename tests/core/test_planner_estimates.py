@@ -262,3 +262,60 @@ def test_per_id_costs_fall_on_the_owner_and_on_every_sender_of_a_row_split() -> 
     ):
         with pytest.raises(ValueError, match=name):
             Topology(world_size=2, **{name: -1.0})
+
+
+def test_output_costs_fall_on_the_owner_per_row_and_on_every_receiver_per_byte() -> None:
+    row, copy = 1e-6, 1e-9
+
+    def four(local: int = 4, row: float = 0.0, copy: float = 0.0) -> Topology:
+        return Topology(
+            world_size=4,
+            local_world_size=local,
+            hbm_mem_bw=1e9,
+            intra_host_bw=1e8,
+            inter_host_bw=1e8,
+            output_cost_per_row=row,
+            output_copy_cost_per_byte=copy,
+        )
+
+    topo, plain = four(row=row, copy=copy), four()
+    cases = (
+        # (rows, cols, traffic, pooled rows on the owner, bytes each rank copies)
+        # Table-wise: 10 samples x 2 features from each of 4 senders; each rank copies its
+        # 10 x 2 x 16 fp32 output (1280 bytes) into the module's output.
+        (1000, 16, Traffic.ALL_IDS, 80, 1280),
+        # Column-wise, an 8-column slice: the same rows, half the bytes.
+        (1000, 8, Traffic.ALL_IDS, 80, 640),
+        # Row-wise: 80 partial-sum rows; the reduce-scatter writes the output in place.
+        (250, 16, Traffic.ROW_SPLIT, 80, 0),
+        # A replica pools its own 10 x 2 rows and its lookup is the output.
+        (1000, 16, Traffic.REPLICATED, 20, 0),
+    )
+    for rows, cols, traffic, pooled_rows, copied in cases:
+        est = estimate_shard(TABLE, rows, cols, traffic, topo, SGD)
+        est0 = estimate_shard(TABLE, rows, cols, traffic, plain, SGD)
+        assert est.bwd_compute == pytest.approx(est0.bwd_compute + pooled_rows * row), traffic
+        assert est.fwd_compute == est0.fwd_compute
+        assert est.cost.sender_compute == pytest.approx(copied * copy), traffic
+    # Table-row-wise on hosts of 2: each of the 2 shards' sums crosses as half of a 1280-byte row.
+    two_hosts = four(local=2, copy=copy)
+    trw = estimate_shard(TABLE, 500, 16, Traffic.HOST_ROW_SPLIT, two_hosts, SGD)
+    assert trw.cost.sender_compute == pytest.approx(640 * copy)
+    # A sequence table's rows are its ids' (priced per id and per byte already): nothing added.
+    seq = PlannerTable(
+        module_path="ec",
+        param_name="s",
+        num_embeddings=1000,
+        embedding_dim=16,
+        module_type=nn.Module,
+        num_features=2,
+        pooled=False,
+    )
+    est = estimate_shard(seq, 1000, 16, Traffic.ALL_IDS, topo, SGD)
+    est0 = estimate_shard(seq, 1000, 16, Traffic.ALL_IDS, plain, SGD)
+    assert est.bwd_compute == est0.bwd_compute
+    assert est.cost.sender_compute == 0.0
+    with pytest.raises(ValueError, match="output_cost_per_row"):
+        Topology(world_size=2, output_cost_per_row=-1.0)
+    with pytest.raises(ValueError, match="output_copy_cost_per_byte"):
+        Topology(world_size=2, output_copy_cost_per_byte=-1.0)

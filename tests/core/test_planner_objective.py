@@ -242,3 +242,14 @@ def test_row_split_routing_falls_on_every_rank() -> None:
     slow, slow_plan = _forced_step(["row_wise", "row_wise"], route_cost_per_id=1e-6)
     assert slow_plan == plan
     assert slow == pytest.approx(step + 2 * 512 * 1e-6)
+
+
+def test_output_costs_add_the_owners_rows_and_every_ranks_copy_to_the_step() -> None:
+    # One table-wise table, 512 samples per rank: its owner pools 512 rows for each of the 4
+    # ranks, and copies (like every rank) its 512 x 16 fp32 output; the owner is the slowest.
+    step, plan = _forced_step(["table_wise"])
+    slow, slow_plan = _forced_step(
+        ["table_wise"], output_cost_per_row=1e-6, output_copy_cost_per_byte=1e-9
+    )
+    assert slow_plan == plan
+    assert slow == pytest.approx(step + 4 * 512 * 1e-6 + 512 * 16 * 4 * 1e-9)

@@ -27,6 +27,12 @@ machine 4 processes share the cores) build every case's DistributedModelParallel
    - ``route_cost_per_id``: a row split's work on the ids a rank sends (each id's owner block by
      ``bucketize_rows``, sorted by owner, counted per bag), per id;
    - ``receive_cost_per_id``: an owner laying out what W senders sent (``stack_senders``), per id;
+   - ``output_cost_per_row``: the same fused lookup, forward + backward, with the same ids one per
+     bag (4x the pooled rows): what the extra rows cost beyond their bytes at the fitted bandwidth
+     and multiplier, per row;
+   - ``output_copy_cost_per_byte``: a rank's pooled output ``[2048, 8 x 64]`` put together from
+     W owners' blocks in column order and its gradient (the loss's, as in the steps) taken apart
+     again (table-wise's column reorder), per byte of output;
 
 2. every case's step at 2048 samples per rank, and at ``--tiny`` (8): the first case's tiny step
    less the model's estimate of it is the round's ``step_overhead`` (dispatch, autograd: what no
@@ -89,12 +95,12 @@ def _median_seconds(fn: Callable[[], object], iters: int, warmup: int = 2) -> tu
     return float(spent[0]), float(spent[1])
 
 
-def _kjt(rank: int, batch: int, tables: int = TABLES, bags_rows: int = ROWS) -> Any:
+def _kjt(rank: int, batch: int, tables: int = TABLES, pooling: int = POOLING) -> Any:
     from shardrec import KeyedJaggedTensor
 
     gen = torch.Generator().manual_seed(rank)
-    ids = torch.randint(0, bags_rows, (tables * batch * POOLING,), generator=gen)
-    lengths = torch.full((tables * batch,), POOLING, dtype=torch.int32)
+    ids = torch.randint(0, ROWS, (tables * batch * pooling,), generator=gen)
+    lengths = torch.full((tables * batch,), pooling, dtype=torch.int32)
     return KeyedJaggedTensor(keys=[f"f{i}" for i in range(tables)], values=ids, lengths=lengths)
 
 
@@ -149,6 +155,9 @@ class _Micro:
         self.lookup_kjt = _kjt(rank, world * BATCH, owned)
         self.lookup_ids = owned * world * BATCH * POOLING
         bags = owned * world * BATCH
+        # The same ids, one per bag: POOLING times the pooled rows.
+        self.rows_kjt = _kjt(rank, world * BATCH * POOLING, owned, pooling=1)
+        self.more_rows = bags * (POOLING - 1)
         self.lookup_bytes = (self.lookup_ids + bags) * DIM * ELEMENT
         self.small = torch.randn(SMALL_BYTES // ELEMENT)
         self.big = torch.randn(BIG_BYTES // ELEMENT)
@@ -162,6 +171,13 @@ class _Micro:
         # What a table-wise owner receives: W senders x its tables' keys x 2048 bags.
         self.received = self._received(owned)
         self.received_ids = world * owned * BATCH * POOLING
+        # A rank's pooled output as W owners send it back: owner r holds tables r, r+W, ...
+        owners_of = [r % world for r in range(TABLES)]
+        self.out_widths = [[DIM] * owners_of.count(r) for r in range(world)]
+        self.out_sizes = [BATCH * sum(w) for w in self.out_widths]
+        self.out_order = [(t % world, t // world) for t in range(TABLES)]
+        self.out_flat = torch.randn(BATCH * TABLES * DIM, requires_grad=True)
+        self.out_bytes = BATCH * TABLES * DIM * ELEMENT
 
     def _received(self, owned: int) -> Any:
         from shardrec.distributed.comm import JaggedAllToAllResult
@@ -200,6 +216,16 @@ class _Micro:
 
         stack_senders(self.received, max(TABLES // self.world, 1))
 
+    def _columns(self) -> None:
+        from shardrec_sharders.table_wise import _OwnerBlocksToColumns  # the real reorder
+
+        out = _OwnerBlocksToColumns.apply(  # type: ignore[no-untyped-call]
+            self.out_flat, BATCH, self.out_sizes, self.out_widths, self.out_order
+        )
+        # The loss (a sum)'s gradient, as the steps get it: a broadcast of ones.
+        out.backward(torch.ones(1).expand(out.shape))
+        self.out_flat.grad = None
+
     def measure(self, iters: int) -> dict[str, dict[str, float]]:
         w = self.world
         kjt = self.lookup_kjt
@@ -211,9 +237,9 @@ class _Micro:
 
             return run
 
-        def train(lookup: Any) -> Callable[[], None]:
+        def train(lookup: Any, batch: Any = kjt) -> Callable[[], None]:
             def run() -> None:
-                lookup(kjt).sum().backward()
+                lookup(batch).sum().backward()
 
             return run
 
@@ -246,12 +272,14 @@ class _Micro:
                 ("both", train(self.lookups[0])),
                 ("fwd_half", forward(self.lookups[1])),
                 ("both_half", train(self.lookups[1])),
+                ("both_rows", train(self.lookups[0], self.rows_kjt)),
                 ("a2a_small", a2a(self.small)),
                 ("a2a_big", a2a(self.big)),
                 ("rs_small", reduce_scatter(self.small)),
                 ("rs_big", reduce_scatter(self.big)),
                 ("route", self._route),
                 ("stack", self._stack),
+                ("columns", self._columns),
             )
         }
         return {
@@ -270,6 +298,10 @@ class _Micro:
         # backward is taken as a plain multiple of the forward.
         multiplier = (bwd - bwd_half) / narrower if narrower > 0.1 * t["fwd"] else bwd / t["fwd"]
         multiplier = max(multiplier, 0.0)
+        # The extra rows' time beyond what the fitted model gives their bytes (written forward,
+        # read back as gradient); the ids are the same, so no per-id cost enters.
+        row_bytes = self.more_rows * DIM * ELEMENT
+        modelled = row_bytes * t["fwd"] / self.lookup_bytes * (1 + multiplier)
         return {
             "lookup_bytes_per_s": self.lookup_bytes / t["fwd"],
             "bwd_over_fwd": multiplier,
@@ -281,6 +313,8 @@ class _Micro:
             "reduce_scatter_bytes_per_s": 2 * more / max(t["rs_big"] - t["rs_small"], 1e-6),
             "route_per_id": t["route"] / self.route_ids,
             "receive_per_id": t["stack"] / self.received_ids,
+            "output_per_row": max(t["both_rows"] - t["both"] - modelled, 0.0) / self.more_rows,
+            "output_copy_per_byte": t["columns"] / self.out_bytes,
         }
 
 
@@ -288,13 +322,20 @@ class _Micro:
 
 
 def topology(
-    world: int, costs: dict[str, float], overhead: float = 0.0, *, new: bool = True
+    world: int,
+    costs: dict[str, float],
+    overhead: float = 0.0,
+    *,
+    new: bool = True,
+    output: bool = True,
 ) -> Any:
     """A CPU Topology of ``world`` ranks priced with one round's ``costs``; ``new=False`` leaves
-    out the per-id and per-collective terms (the model before them)."""
+    out the per-id, per-collective and output terms (the model before them), ``output=False``
+    only the output terms."""
     from shardrec.distributed.planner import Topology
 
     on = 1.0 if new else 0.0
+    out = on if output else 0.0
     return Topology(
         world_size=world,
         compute_device="cpu",
@@ -308,6 +349,8 @@ def topology(
         route_cost_per_id=on * costs["route_per_id"],
         receive_cost_per_id=on * costs["receive_per_id"],
         backward_cost_per_id=on * costs["backward_per_id"],
+        output_cost_per_row=out * costs["output_per_row"],
+        output_copy_cost_per_byte=out * costs["output_copy_per_byte"],
     )
 
 
@@ -410,10 +453,12 @@ def _estimates(
                 if planned.plan != got["plans"][case].plan:
                     raise RuntimeError(f"{case}: the round's constants changed the plan that ran")
                 without = plan(topology(world, costs, overhead, new=False), case)[1]
+                no_output = plan(topology(world, costs, overhead, output=False), case)[1]
                 row["cases"].setdefault(case, {})[clock] = {
                     "measured": r["steps"][case][clock][0],
                     "estimate": report.step,
                     "without_new_terms": without.step,
+                    "without_output_terms": no_output.step,
                 }
         rounds.append(row)
     return rounds
@@ -437,6 +482,9 @@ def _run_figures(
                 "without_new_terms": plan(
                     topology(world, costs, costs["overhead"], new=False), case
                 )[1].step,
+                "without_output_terms": plan(
+                    topology(world, costs, costs["overhead"], output=False), case
+                )[1].step,
                 "measured": statistics.median(r["cases"][case][clock]["measured"] for r in rounds),
             }
     return out
@@ -454,9 +502,10 @@ def _print_tables(world: int, rounds: list[dict[str, Any]], cases: list[str]) ->
     print(
         "\n| clock | lookup read (GB/s) | backward / forward | collective latency (us) "
         "| all-to-all (GB/s per rank) | reduce-scatter + all-gather (GB/s per rank) "
-        "| backward (ns per id) | route (ns per id) | receive (ns per id) | fixed (ms) |"
+        "| backward (ns per id) | route (ns per id) | receive (ns per id) "
+        "| output (ns per row) | output copy (ns per KiB) | fixed (ms) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for clock in CLOCKS:
         c = {k: _median([r["costs"][clock][k] for r in rounds]) for k in rounds[0]["costs"][clock]}
         print(
@@ -464,14 +513,16 @@ def _print_tables(world: int, rounds: list[dict[str, Any]], cases: list[str]) ->
             f"| {c['collective_latency'] * 1e6:.0f} | {c['all_to_all_bytes_per_s'] / 1e9:.2f} "
             f"| {c['reduce_scatter_bytes_per_s'] / 1e9:.2f} | {c['backward_per_id'] * 1e9:.1f} "
             f"| {c['route_per_id'] * 1e9:.1f} "
-            f"| {c['receive_per_id'] * 1e9:.1f} | {c['overhead'] * 1e3:.1f} |"
+            f"| {c['receive_per_id'] * 1e9:.1f} | {c['output_per_row'] * 1e9:.1f} "
+            f"| {c['output_copy_per_byte'] * 1024 * 1e9:.0f} | {c['overhead'] * 1e3:.1f} |"
         )
     run = _run_figures(world, rounds, cases)
     print(
         "\n| clock | sharding | planner's step (ms) | measured step (ms) | estimate / measured "
-        "| rounds: lowest-median-highest | without per-id and per-collective terms |"
+        "| rounds: lowest-median-highest | without the output terms "
+        "| without per-id, per-collective and output terms |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for clock in CLOCKS:
         for case in cases:
             cells = [r["cases"][case][clock] for r in rounds]
@@ -481,6 +532,7 @@ def _print_tables(world: int, rounds: list[dict[str, Any]], cases: list[str]) ->
                 f"| {clock} | {case} | {fig['estimate'] * 1e3:.1f} | {fig['measured'] * 1e3:.1f} "
                 f"| {fig['estimate'] / fig['measured']:.2f} "
                 f"| {min(ratios):.2f}-{_median(ratios):.2f}-{max(ratios):.2f} "
+                f"| {fig['without_output_terms'] / fig['measured']:.2f} "
                 f"| {fig['without_new_terms'] / fig['measured']:.2f} |",
                 flush=True,
             )

@@ -35,6 +35,14 @@ columns, ``rows`` its rows, N the table's rows, D its dimension. A *peer* is any
   HOST_ROW_SPLIT, B·F·P · rows/N per shard); a module's tables sharded alike share
   ``COLLECTIVES_PER_STEP[traffic]`` collectives, ``collective_latency`` each (the per-rank model
   counts them once per module and sharding type).
+- pooled output beyond its bytes (``Topology``'s, 0 by default): the owner spends
+  ``output_cost_per_row`` on each pooled row it produces, B·F per sender (W senders; a replica's
+  B·F are its own), forward and backward together, counted in its backward compute; every rank
+  spends ``output_copy_cost_per_byte`` on each byte of pooled output it receives from the shard
+  and copies into its module's output (``sender_compute``): ALL_IDS e·B·F·cols (the owners'
+  blocks put in column order, the gradient taken apart), HOST_ROW_SPLIT the row that crosses,
+  e·B·F·cols/L on average (the host's sums joined across hosts); ROW_SPLIT's reduce-scatter
+  writes the module's output in place and REPLICATED's lookup is the output, so 0 for those.
 - ``perf``, the shard alone on an idle rank: compute + the owner's bytes over each link class:
   (L-1)·to_owner / intra-host bandwidth + (W-L)·to_owner / inter-host bandwidth (an owner receives
   at least what it sends, so receiving bounds its time on a full-duplex link). Where the rank also
@@ -168,13 +176,26 @@ def estimate_shard(
     )
     io = round(ids * INDEX_BYTES + 2 * out_elems * e)
     lookup = (ids * cols + out_elems) * e / topology.memory_bw
-    bwd_compute = lookup * topology.bwd_compute_multiplier + ids * topology.backward_cost_per_id
+    # Pooled rows the shard produces: B·F per sender (a sequence table's rows are its ids').
+    out_rows = b * f * senders if table.pooled else 0.0
+    bwd_compute = (
+        lookup * topology.bwd_compute_multiplier
+        + ids * topology.backward_cost_per_id
+        + out_rows * topology.output_cost_per_row
+    )
     # Laying out the received ids is forward work only (a replica receives none).
     received = 0.0 if traffic is Traffic.REPLICATED else ids
     fwd_compute = lookup + received * topology.receive_cost_per_id
     compute = fwd_compute + bwd_compute
     read = ids * cols * e
     sender = ids_per_rank * topology.route_cost_per_id if split else 0.0
+    # Bytes of pooled output each rank copies into its module's output (see the module docstring).
+    copied = 0.0
+    if table.pooled and traffic is Traffic.ALL_IDS:
+        copied = e * out_per_rank
+    elif table.pooled and traffic is Traffic.HOST_ROW_SPLIT:
+        copied = e * out_per_rank / topology.ranks_per_host
+    sender += copied * topology.output_copy_cost_per_byte
     collectives = COLLECTIVES_PER_STEP[traffic]
     if traffic is Traffic.REPLICATED:
         io += dense  # the dense gradient, in memory whatever the storage

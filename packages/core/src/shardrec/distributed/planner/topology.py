@@ -42,6 +42,13 @@ class Topology:
     ``receive_cost_per_id``, seconds an owner spends per id it receives (laying the senders' ids
     out for one lookup), and ``backward_cost_per_id``, seconds the lookup's backward spends per
     id (sorting them, updating row by row), both on top of the lookup's bytes.
+
+    Costs of a step's pooled output beyond its bytes at the links' or the memory's bandwidth, also
+    0 by default: ``output_cost_per_row``, seconds an owner spends per pooled row it produces for
+    a sender (one bag of one key: its offsets, the row written and its gradient row read back,
+    forward and backward together); ``output_copy_cost_per_byte``, seconds a rank spends per byte
+    of the pooled output it receives from an owner and copies into its module's output (the
+    owners' blocks put in column order, and the gradient taken apart again in the backward).
     """
 
     world_size: int
@@ -60,6 +67,8 @@ class Topology:
     route_cost_per_id: float = 0.0
     receive_cost_per_id: float = 0.0
     backward_cost_per_id: float = 0.0
+    output_cost_per_row: float = 0.0
+    output_copy_cost_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -87,6 +96,8 @@ class Topology:
             "route_cost_per_id",
             "receive_cost_per_id",
             "backward_cost_per_id",
+            "output_cost_per_row",
+            "output_copy_cost_per_byte",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"Topology.{name} must be >= 0, got {getattr(self, name)}")

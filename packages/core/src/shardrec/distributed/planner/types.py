@@ -64,10 +64,12 @@ class ShardCost:
     ``collective_extra``: seconds the owner's outputs take beyond their bytes at the links'
     bandwidth, where they go by a collective slower per byte (a reduce-scatter, see
     ``Topology.reduce_scatter_bw``). ``sender_compute``: seconds every rank spends on the ids it
-    sends this shard (a row split finds each id's owner: ``Topology.route_cost_per_id``).
-    ``collectives``: how many collectives the shard's sharding issues per step, forward and
-    backward; the tables of one module sharded alike share them, so the per-rank model counts
-    them once per module and sharding type (``Topology.collective_latency`` each).
+    sends this shard (a row split finds each id's owner: ``Topology.route_cost_per_id``) and on
+    the pooled output it gets back (copied into the module's output:
+    ``Topology.output_copy_cost_per_byte``). ``collectives``: how many collectives the shard's
+    sharding issues per step, forward and backward; the tables of one module sharded alike share
+    them, so the per-rank model counts them once per module and sharding type
+    (``Topology.collective_latency`` each).
     """
 
     compute: float = 0.0
