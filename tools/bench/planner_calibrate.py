@@ -19,7 +19,8 @@ machine 4 processes share the cores) build every case's DistributedModelParallel
      W x 2048 bags, at the tables' width and at half of it: forward (no grad) and forward +
      backward with the update. ``ddr_mem_bw`` is the forward's bytes ``(ids x cols + bags x cols)
      x 4`` over its time; the backward is fitted as ``bwd_compute_multiplier`` x forward + ids x
-     ``backward_cost_per_id`` from the two widths;
+     ``backward_cost_per_id`` + bags x ``output_cost_per_row`` from the two widths (what does not
+     shrink with the width, less the rows' part measured below, per id);
    - ``collective_latency``: an all-to-all of one element per peer;
    - per byte beyond that latency (4 MiB buffers): the all-to-all (bytes each rank sends:
      ``intra_host_bw``), and the reduce-scatter row splits sum their partial outputs with plus the
@@ -157,6 +158,7 @@ class _Micro:
         bags = owned * world * BATCH
         # The same ids, one per bag: POOLING times the pooled rows.
         self.rows_kjt = _kjt(rank, world * BATCH * POOLING, owned, pooling=1)
+        self.lookup_bags = bags
         self.more_rows = bags * (POOLING - 1)
         self.lookup_bytes = (self.lookup_ids + bags) * DIM * ELEMENT
         self.small = torch.randn(SMALL_BYTES // ELEMENT)
@@ -302,18 +304,24 @@ class _Micro:
         # read back as gradient); the ids are the same, so no per-id cost enters.
         row_bytes = self.more_rows * DIM * ELEMENT
         modelled = row_bytes * t["fwd"] / self.lookup_bytes * (1 + multiplier)
+        per_row = max(t["both_rows"] - t["both"] - modelled, 0.0) / self.more_rows
+        # What the backward spends beyond its multiple of the forward is per id and per row: the
+        # per-row part, measured above, is not the ids' (it would be counted twice).
+        beyond = max(bwd - multiplier * t["fwd"], 0.0)
         return {
             "lookup_bytes_per_s": self.lookup_bytes / t["fwd"],
             "bwd_over_fwd": multiplier,
             "bwd_over_fwd_plain": bwd / t["fwd"],  # the model without a per-id cost
-            "backward_per_id": max(bwd - multiplier * t["fwd"], 0.0) / self.lookup_ids,
+            "backward_per_id": max(beyond - per_row * self.lookup_bags, 0.0) / self.lookup_ids,
+            # The model without a per-row cost: all of it per id.
+            "backward_per_id_all": beyond / self.lookup_ids,
             "collective_latency": t["latency"],
             "all_to_all_bytes_per_s": more / max(t["a2a_big"] - t["a2a_small"], 1e-6),
             # Both ways: the reduce-scatter and the all-gather each send ``more``.
             "reduce_scatter_bytes_per_s": 2 * more / max(t["rs_big"] - t["rs_small"], 1e-6),
             "route_per_id": t["route"] / self.route_ids,
             "receive_per_id": t["stack"] / self.received_ids,
-            "output_per_row": max(t["both_rows"] - t["both"] - modelled, 0.0) / self.more_rows,
+            "output_per_row": per_row,
             "output_copy_per_byte": t["columns"] / self.out_bytes,
         }
 
@@ -348,7 +356,7 @@ def topology(
         collective_latency=on * costs["collective_latency"],
         route_cost_per_id=on * costs["route_per_id"],
         receive_cost_per_id=on * costs["receive_per_id"],
-        backward_cost_per_id=on * costs["backward_per_id"],
+        backward_cost_per_id=on * costs["backward_per_id" if output else "backward_per_id_all"],
         output_cost_per_row=out * costs["output_per_row"],
         output_copy_cost_per_byte=out * costs["output_copy_per_byte"],
     )
