@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
@@ -66,8 +65,6 @@ def _weights(model: ManagedCollisionEmbeddingBagCollection) -> torch.Tensor:
     return weight.clone()
 
 
-# Strict: it must fail until the managed module drops its candidates in state_loaded().
-@pytest.mark.xfail(strict=True, reason="MCHManagedCollisionModule keeps stale candidates")
 def test_a_trained_managed_table_loading_a_checkpoint_goes_on_as_a_fresh_one(
     tmp_path: Path,
 ) -> None:

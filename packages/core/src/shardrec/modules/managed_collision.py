@@ -37,6 +37,16 @@ import torch
 from torch import nn
 
 from shardrec.modules.mc_admission import CountMinSketch, CountThresholdAdmission
+from shardrec.modules.mc_counters import (
+    ADMITTED,
+    BELOW,
+    DEMAND,
+    EVICTED,
+    FREE,
+    NUM_COUNTERS,
+    REJECTED,
+    STEP,
+)
 from shardrec.modules.mc_id_map import IdRowMap
 from shardrec.modules.mc_policies import (
     EvictionPolicy,
@@ -49,15 +59,6 @@ __all__ = ["MCHManagedCollisionModule", "ManagedTableStats"]
 
 logger = logging.getLogger(__name__)
 
-# Indices into the ``_counters`` buffer.
-_STEP: Final = 0
-_ADMITTED: Final = 1
-_EVICTED: Final = 2
-_REJECTED: Final = 3
-_BELOW: Final = 4
-_FREE: Final = 5
-_DEMAND: Final = 6  # ids admitted or rejected since the last eviction run
-_NUM_COUNTERS: Final = 7
 _NEVER: Final = 2**63 - 1  # eviction key of a row that must not be evicted
 # Last read and read count of a free row: above any real score, so no policy picks it.
 _FREE_MARK: Final = 2**62
@@ -164,8 +165,8 @@ class MCHManagedCollisionModule(nn.Module):
         self.register_buffer(
             "_free_rows", torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=device)
         )
-        counters = torch.zeros(_NUM_COUNTERS, dtype=torch.int64, device=device)
-        counters[_FREE] = capacity
+        counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+        counters[FREE] = capacity
         self.register_buffer("_counters", counters)
         self._pending_resets: list[torch.Tensor] = []
         self._warned_full = False
@@ -201,18 +202,18 @@ class MCHManagedCollisionModule(nn.Module):
 
     def open_slots(self) -> int:
         """Rows no id holds."""
-        return int(self._counters[_FREE])
+        return int(self._counters[FREE])
 
     def stats(self) -> ManagedTableStats:
         c = self._counters.tolist()
         return ManagedTableStats(
             capacity=self.capacity,
-            occupancy=self.capacity - c[_FREE],
-            steps=c[_STEP],
-            admitted_total=c[_ADMITTED],
-            evicted_total=c[_EVICTED],
-            rejected_total=c[_REJECTED],
-            below_threshold_total=c[_BELOW],
+            occupancy=self.capacity - c[FREE],
+            steps=c[STEP],
+            admitted_total=c[ADMITTED],
+            evicted_total=c[EVICTED],
+            rejected_total=c[REJECTED],
+            below_threshold_total=c[BELOW],
         )
 
     def held_ids(self) -> dict[int, int]:
@@ -257,8 +258,8 @@ class MCHManagedCollisionModule(nn.Module):
 
     def _train_step(self, ids: torch.Tensor) -> torch.Tensor:
         c = self._counters.tolist()
-        step = c[_STEP] + 1
-        c[_STEP] = step
+        step = c[STEP] + 1
+        c[STEP] = step
         rows = self._map.find(ids)
         hit_rows, miss_at = self._record_reads(rows, step)
         uniq = inverse = counts = None
@@ -273,10 +274,10 @@ class MCHManagedCollisionModule(nn.Module):
             if self._sketch is not None and self._admission is not None:
                 seen = self._sketch.add(uniq, counts)
                 admitted = seen >= self._admission.threshold
-                c[_BELOW] += int(counts.masked_fill(admitted, 0).sum())
+                c[BELOW] += int(counts.masked_fill(admitted, 0).sum())
                 chosen = admitted.nonzero().squeeze(1)
                 demand = chosen.numel()
-        c[_DEMAND] += demand
+        c[DEMAND] += demand
         if step % self._eviction_interval == 0:
             self._run_eviction(c, step, hit_rows)
         if miss_at.numel() == 0:
@@ -285,20 +286,20 @@ class MCHManagedCollisionModule(nn.Module):
         assert uniq is not None
         assert inverse is not None
         assert counts is not None
-        take = min(demand, c[_FREE])
+        take = min(demand, c[FREE])
         if take < demand:
             # The ids seen most often in this batch first; ties in id order (unique sorts them).
             wanted = counts if chosen is None else counts.index_select(0, chosen)
             order = torch.argsort(wanted, descending=True, stable=True)
             chosen = order if chosen is None else chosen.index_select(0, order)
-            c[_REJECTED] += int(counts.index_select(0, chosen[take:]).sum())
+            c[REJECTED] += int(counts.index_select(0, chosen[take:]).sum())
             chosen = chosen[:take]
             self._warn_full()
         if take > 0:
-            top = c[_FREE]
+            top = c[FREE]
             new_rows = self._free_rows[top - take : top].flip(0)
-            c[_FREE] = top - take
-            c[_ADMITTED] += take
+            c[FREE] = top - take
+            c[ADMITTED] += take
             self._map.insert(uniq if chosen is None else uniq.index_select(0, chosen), new_rows)
             self._last_read.index_fill_(0, new_rows, step)
             new_counts = counts if chosen is None else counts.index_select(0, chosen)
@@ -351,27 +352,27 @@ class MCHManagedCollisionModule(nn.Module):
         if expired is not None:
             victims = expired.nonzero().squeeze(1)  # free rows carry _FREE_MARK: never expired
         if policy.makes_room:
-            need = min(c[_DEMAND], self.capacity) - c[_FREE]
+            need = min(c[DEMAND], self.capacity) - c[FREE]
             if need > 0:
                 if victims is None:
-                    need = min(need, self.capacity - c[_FREE])
+                    need = min(need, self.capacity - c[FREE])
                     victims = self._lowest_rows(need, hit_rows) if need > 0 else None
                 else:
-                    need = min(need - victims.numel(), self.capacity - c[_FREE])
+                    need = min(need - victims.numel(), self.capacity - c[FREE])
                     if need > 0:
                         extra = self._scan_lowest(need, hit_rows, victims)
                         victims = torch.cat([victims, extra]).sort().values
-        c[_DEMAND] = 0
+        c[DEMAND] = 0
         if victims is None or victims.numel() == 0:
             return
         self._map.remove_rows(victims)
         n = victims.numel()
-        top = c[_FREE]
+        top = c[FREE]
         # Push in reverse so that the lowest evicted row is popped first (victims come in row
         # order).
         self._free_rows[top : top + n] = victims.flip(0)
-        c[_FREE] = top + n
-        c[_EVICTED] += n
+        c[FREE] = top + n
+        c[EVICTED] += n
         self._last_read.index_fill_(0, victims, _FREE_MARK)
         self._reads.index_fill_(0, victims, _FREE_MARK)
         self._pending_resets.append(victims)
@@ -480,8 +481,13 @@ class MCHManagedCollisionModule(nn.Module):
         if bool((score * self.capacity + new_rows < kept.cutoff).any()):
             self._candidates = None
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def state_loaded(self) -> None:
+        """A checkpoint load wrote new state in place (``checkpoint.StateLoaded``): the kept
+        eviction candidates describe the old state."""
         self._candidates = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.state_loaded()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _warn_full(self) -> None:
