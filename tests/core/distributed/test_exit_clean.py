@@ -1,6 +1,6 @@
 """Processes that destroyed their process group exit 0, under torchrun on two processes: README's
 quick start, a training script that keeps its model (DDP and a torch optimizer included) in
-globals, and ``dlrm train``.
+globals, one that frees its model right after (which must not hang), and ``dlrm train``.
 
 With torch 2.13 on gloo, a group still alive when Python finalises can abort the process after its
 work is done ("terminate called without an active exception", ``shardrec.distributed.group_ref``
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[3]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 DLRM = Path(sys.executable).parent / "dlrm"
 SAMPLE = REPO / "tests" / "data" / "criteo_sample" / "criteo_sample.txt"
-TIMEOUT_S = 300
+TIMEOUT_S = 180
 
 _COUNT = """
 import os as _os
@@ -63,10 +63,8 @@ _atexit.register(
 
 _AFTER_DESTROY = _COUNT + '\nprint(f"gloo workers after destroy: {_gloo_workers()}", flush=True)\n'
 
-#: A script that keeps everything in globals after destroy_process_group: the sharded model (its
-#: dense layer in DDP), the optimizer (creating one imports torch.distributed.nn, which binds the
-#: default group of the moment) and the loss.
-TRAINING_SCRIPT = """
+#: A sharded model whose dense layer DMP wraps in DDP.
+_MODEL = """
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -96,6 +94,14 @@ class Model(nn.Module):
 kjt = torchrec.KeyedJaggedTensor(
     keys=["f0", "f1"], values=torch.tensor([1, 2, 3, 4, 5]), lengths=torch.tensor([2, 1, 1, 1])
 )
+"""
+
+#: A script that keeps everything in globals after destroy_process_group: the sharded model, the
+#: optimizer (creating one imports torch.distributed.nn, which binds the default group of the
+#: moment) and the loss.
+TRAINING_SCRIPT = (
+    _MODEL
+    + """
 model = torchrec.distributed.DistributedModelParallel(Model(), device=torch.device("cpu"))
 optimizer = torch.optim.SGD(model.module.dense.parameters(), lr=0.1)
 loss = model(kjt).sum()
@@ -104,6 +110,30 @@ optimizer.step()
 print("trained", flush=True)
 dist.destroy_process_group()
 """
+)
+
+#: The model freed right after destroy_process_group (it ends with main), so that its DDP's reducer
+#: is the group's last holder, just after collectives whose tensors a gloo worker still has to let
+#: go of (which takes the GIL). torch destroys a reducer holding the GIL: had the reducer ended the
+#: group, its teardown would wait for that worker forever (it hung in 2 runs of 4 before DMP kept
+#: the group's Python object until the reducer is gone).
+FREED_SCRIPT = (
+    _MODEL
+    + """
+
+def main():
+    model = torchrec.distributed.DistributedModelParallel(Model(), device=torch.device("cpu"))
+    model(kjt).sum().backward()
+    for _ in range(20):
+        gathered = [torch.empty(1000) for _ in range(2)]
+        dist.all_gather(gathered, torch.ones(1000))
+    dist.destroy_process_group()
+
+
+main()
+print("returned", flush=True)
+"""
+)
 
 
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -158,6 +188,15 @@ DLRM_OPTIONS = (
     " --val-fraction 0.2 --test-fraction 0.2 --device cpu --batch-size 8 --limit-train-batches 3"
     " --quiet"
 )
+
+
+def test_a_model_freed_after_destroy_does_not_hang(tmp_path: Path) -> None:
+    script = tmp_path / "freed.py"
+    script.write_text(FREED_SCRIPT)
+    for run in range(2):
+        result = _run([*TORCHRUN, str(script)], tmp_path)
+        _assert_clean(result, f"the script freeing its model (run {run + 1})")
+        assert result.stdout.count("returned") == 2
 
 
 def test_dlrm_train_under_torchrun_exits_0(tmp_path: Path) -> None:

@@ -252,6 +252,29 @@ def _release_data_parallel_at_exit() -> None:
         gc.collect()  # DDP's own reference cycles
 
 
+def _group_outlives_reducer(ddp: DistributedDataParallel, group: dist.ProcessGroup) -> None:
+    """Keep ``group``'s Python object until DDP's reducer (and its logger, which shares it) are
+    gone, so that the group's last reference is that object, which torch releases without the GIL.
+
+    The reducer holds its group in C++ and is destroyed holding the GIL: as the group's last
+    holder it would join a gloo group's worker threads there, and a worker waiting for the GIL
+    (to release the tensors of the last collective) would never finish: the process would hang.
+    """
+    found = (getattr(ddp, "reducer", None), getattr(ddp, "logger", None))
+    holders = [holder for holder in found if holder is not None]
+    kept: list[object] = [group]
+    left = [len(holders)]
+
+    def release() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            kept.clear()
+
+    for holder in holders:
+        # Called once the holder's C++ object is destroyed; never early, at exit.
+        weakref.finalize(holder, release).atexit = False
+
+
 def _replace(root: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, name = fqn.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -363,6 +386,7 @@ class DistributedModelParallel(nn.Module):
             gradient_as_bucket_view=True,
             **_no_per_forward_buffer_sync(),
         )
+        _group_outlives_reducer(self._dmp_wrapped, self.env.pg)
         _WITH_DDP.add(self)
         if not _EXIT_HOOK:
             atexit.register(_release_data_parallel_at_exit)
