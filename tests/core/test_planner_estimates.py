@@ -301,6 +301,9 @@ def test_output_costs_fall_on_the_owner_per_row_and_on_every_receiver_per_byte()
     two_hosts = four(local=2, copy=copy)
     trw = estimate_shard(TABLE, 500, 16, Traffic.HOST_ROW_SPLIT, two_hosts, SGD)
     assert trw.cost.sender_compute == pytest.approx(640 * copy)
+    # On one host its reduce-scatter writes the output in place, as row-wise's does.
+    one_host = estimate_shard(TABLE, 250, 16, Traffic.HOST_ROW_SPLIT, topo, SGD)
+    assert one_host.cost.sender_compute == 0.0
     # A sequence table's rows are its ids' (priced per id and per byte already): nothing added.
     seq = PlannerTable(
         module_path="ec",

@@ -40,9 +40,10 @@ columns, ``rows`` its rows, N the table's rows, D its dimension. A *peer* is any
   B·F are its own), forward and backward together, counted in its backward compute; every rank
   spends ``output_copy_cost_per_byte`` on each byte of pooled output it receives from the shard
   and copies into its module's output (``sender_compute``): ALL_IDS e·B·F·cols (the owners'
-  blocks put in column order, the gradient taken apart), HOST_ROW_SPLIT the row that crosses,
-  e·B·F·cols/L on average (the host's sums joined across hosts); ROW_SPLIT's reduce-scatter
-  writes the module's output in place and REPLICATED's lookup is the output, so 0 for those.
+  blocks put in column order, the gradient taken apart), HOST_ROW_SPLIT on several hosts the row
+  that crosses, e·B·F·cols/L on average (the hosts' sums joined); ROW_SPLIT's reduce-scatter (and
+  HOST_ROW_SPLIT's on one host) writes the module's output in place and REPLICATED's lookup is
+  the output, so 0 for those.
 - ``perf``, the shard alone on an idle rank: compute + the owner's bytes over each link class:
   (L-1)·to_owner / intra-host bandwidth + (W-L)·to_owner / inter-host bandwidth (an owner receives
   at least what it sends, so receiving bounds its time on a full-duplex link). Where the rank also
@@ -193,7 +194,7 @@ def estimate_shard(
     copied = 0.0
     if table.pooled and traffic is Traffic.ALL_IDS:
         copied = e * out_per_rank
-    elif table.pooled and traffic is Traffic.HOST_ROW_SPLIT:
+    elif table.pooled and traffic is Traffic.HOST_ROW_SPLIT and w > topology.ranks_per_host:
         copied = e * out_per_rank / topology.ranks_per_host
     sender += copied * topology.output_copy_cost_per_byte
     collectives = COLLECTIVES_PER_STEP[traffic]
