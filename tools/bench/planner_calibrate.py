@@ -43,9 +43,10 @@ Every figure is taken on two clocks: wall time, and the process's CPU time (all 
 included), which other sessions' load inflates far less. The planner then plans each case with
 each round's constants (the plan must be the one that ran) and its estimated step is compared with
 the measured one of the same round and clock. Per case: the median over rounds of estimate /
-measured, the lowest and highest round, and the same for the model without the per-id and
-per-collective terms (the backward then a plain multiple of the forward). The load average is
-read at every round.
+measured, the lowest and highest round, and the run's figure for the model without the output
+terms (the backward's intercept then all per id) and without any of the per-id, per-collective
+and output terms (the backward a plain multiple of the forward). The load average is read at
+every round.
 """
 
 from __future__ import annotations
