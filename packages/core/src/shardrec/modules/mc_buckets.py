@@ -30,7 +30,16 @@ from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedColl
 from shardrec.modules.mc_counters import ADMITTED, BELOW, EVICTED, FREE, REJECTED, STEP
 from shardrec.modules.mc_policies import require_int
 
-__all__ = ["BucketLayout", "bucket_stats", "make_buckets", "remap_buckets"]
+__all__ = [
+    "BucketLayout",
+    "bucket_stats",
+    "counters_of",
+    "evicted_rows",
+    "held_ids",
+    "make_buckets",
+    "remap_buckets",
+    "split_by_bucket",
+]
 
 # splitmix64's finaliser constants (as int64): the bucket of an id comes from all its bits,
 # mixed otherwise than the id map's Fibonacci slot hash, so the ids of one bucket still spread
