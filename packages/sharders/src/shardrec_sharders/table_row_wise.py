@@ -290,12 +290,7 @@ class NodeRowShardedEmbedding(nn.Module):
             # its collectives in one order, so backward runs them in one order too.
             return Then(Ready(link), lambda send: self._across_nodes(send, batches, batch))
         rows = nodes * local_size * b_max
-        if out is None:
-            partial = link.sum() + torch.zeros((rows, width), device=self.device)
-        elif self._widen is not None:
-            partial = out.new_zeros((rows, width)).index_copy(1, self._widen, out)
-        else:
-            partial = out
+        partial = self._node_partial(out, link, rows, width)
         # Sender (m, l)'s rows to local rank l: blocks ordered by local rank, then node.
         grouped = partial.reshape(nodes, local_size, b_max, width).transpose(0, 1)
         summed = start_reduce_scatter_rows(
@@ -308,6 +303,18 @@ class NodeRowShardedEmbedding(nn.Module):
         return Then(
             summed, lambda full: self._across_nodes(self._ours(full, batches), batches, batch)
         )
+
+    def _node_partial(
+        self, out: torch.Tensor | None, link: torch.Tensor, rows: int, width: int
+    ) -> torch.Tensor:
+        """This rank's partial sums at the node's width: zeros (tied to ``link`` so backward still
+        reaches the input) when it looked nothing up, widened to the node's columns where it owns
+        fewer."""
+        if out is None:
+            return link.sum() + torch.zeros((rows, width), device=self.device)
+        if self._widen is not None:
+            return out.new_zeros((rows, width)).index_copy(1, self._widen, out)
+        return out
 
     def _ours(self, summed: torch.Tensor, batches: list[int]) -> torch.Tensor:
         """The full sums this local rank sends across nodes, flat: node m's ranks' batches."""
@@ -413,13 +420,7 @@ class NodeRowShardedEmbedding(nn.Module):
         if width == 0:
             summed: Awaitable[torch.Tensor] = Ready(link)
         else:
-            rows = nodes * local_size * b_max
-            if out is None:
-                partial = link.sum() + torch.zeros((rows, width), device=self.device)
-            elif self._widen is not None:
-                partial = out.new_zeros((rows, width)).index_copy(1, self._widen, out)
-            else:
-                partial = out
+            partial = self._node_partial(out, link, nodes * local_size * b_max, width)
             rects = [r for senders_of_l in of_local for s in senders_of_l for r in rects_of(s)]
             in_sizes = [sum(size(s) for s in senders_of_l) for senders_of_l in of_local]
             summed = start_reduce_scatter_rows(
