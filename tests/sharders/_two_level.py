@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardrec import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from shardrec.distributed import ParameterSharding, ShardingPlan, ShardMetadata
 from shardrec.testing import EmbeddingModel, EquivalenceReport, WorkerPool, check_sharding
+
+from ._tables import SEQUENCE_DIM, table_model
 
 WORLD, LOCAL = 4, 2
 # t3 has one row: under row splits its only block is on one rank of its node.
@@ -21,7 +22,7 @@ TABLES = [
     ("t2", 9, 4, ["f2", "f3"]),
     ("t3", 1, 2, ["f4"]),
 ]
-EC_DIM = 4
+EC_DIM = SEQUENCE_DIM
 LR = 0.05
 
 
@@ -45,19 +46,7 @@ def model(
     kind: str = "ebc", optimizer: str = "sgd", pooling: str = "SUM", weighted: bool = False
 ) -> EmbeddingModel:
     fused = {"optimizer": optimizer, "learning_rate": LR}
-    if kind == "ec":
-        seqs = [
-            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=EC_DIM, feature_names=f)
-            for n, r, _, f in TABLES
-        ]
-        return EmbeddingModel(tables=seqs, fused_params=fused)
-    bags = [
-        EmbeddingBagConfig(
-            name=n, num_embeddings=r, embedding_dim=d, feature_names=f, pooling=PoolingType(pooling)
-        )
-        for n, r, d, f in TABLES
-    ]
-    return EmbeddingModel(tables=bags, fused_params=fused, weighted=weighted)
+    return table_model(TABLES, kind, fused, pooling=pooling, weighted=weighted)
 
 
 def check(

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import torch
 
-from shardrec import EmbeddingBagConfig, EmbeddingConfig
 from shardrec.distributed import (
     DistributedModelParallel,
     ParameterSharding,
@@ -35,11 +34,13 @@ from shardrec.distributed.sharding_plan import data_parallel, row_wise
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.testing import EmbeddingModel, GlobalBatch, WorkerPool, check_sharding
 
+from ._tables import SEQUENCE_DIM, table_model
+
 pytestmark = pytest.mark.multiprocess
 
 TABLES = [("t0", 7, 4, ["f0"]), ("t1", 5, 8, ["f1", "f2"])]
 KEYS = ["f2", "f0", "f1"]  # not the module's order
-EC_DIM = 4
+EC_DIM = SEQUENCE_DIM
 STEPS = 3
 LR = 0.05
 SEED = 7
@@ -50,17 +51,7 @@ NEVER_READ = [0, 5, 6]  # rows of t0 no rank reads
 def model(kind: str, optimizer: str | None, weighted: bool = False) -> EmbeddingModel:
     """Every table data-parallel-able; ``optimizer`` None: plain tables, trained through DDP."""
     fused = None if optimizer is None else {"optimizer": optimizer, "learning_rate": LR}
-    if kind == "ec":
-        seqs = [
-            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=EC_DIM, feature_names=f)
-            for n, r, _, f in TABLES
-        ]
-        return EmbeddingModel(tables=seqs, fused_params=fused)
-    bags = [
-        EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=f)
-        for n, r, d, f in TABLES
-    ]
-    return EmbeddingModel(tables=bags, fused_params=fused, weighted=weighted)
+    return table_model(TABLES, kind, fused, weighted=weighted)
 
 
 def t0_bags(step: int, rank: int, world: int) -> list[list[int]]:

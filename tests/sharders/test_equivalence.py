@@ -16,11 +16,9 @@ import pytest
 import torch
 
 from shardrec import (
-    EmbeddingBagConfig,
     EmbeddingCollection,
     EmbeddingConfig,
     KeyedJaggedTensor,
-    PoolingType,
 )
 from shardrec.distributed import (
     DistributedModelParallel,
@@ -31,6 +29,8 @@ from shardrec.distributed import (
 from shardrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
 from shardrec.testing import EmbeddingModel, GlobalBatch, WorkerPool, check_sharding
 
+from ._tables import SEQUENCE_DIM, table_model
+
 pytestmark = pytest.mark.multiprocess
 
 # rows do not divide by 2, 3 or 4; t1 is read by two features, f2 is read by two tables.
@@ -40,7 +40,7 @@ TABLES = [
     ("t2", 13, 4, ["f2", "f3"]),
     ("t3", 5, 6, ["f4"]),
 ]
-EC_DIM = 4
+EC_DIM = SEQUENCE_DIM
 LR = 0.05
 
 Plan = Callable[[int], Mapping[str, ParameterSharding]]
@@ -50,19 +50,7 @@ def model(
     kind: str, optimizer: str = "sgd", pooling: str = "SUM", weighted: bool = False
 ) -> EmbeddingModel:
     fused = {"optimizer": optimizer, "learning_rate": LR}
-    if kind == "ec":
-        seqs = [
-            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=EC_DIM, feature_names=f)
-            for n, r, _, f in TABLES
-        ]
-        return EmbeddingModel(tables=seqs, fused_params=fused)
-    bags = [
-        EmbeddingBagConfig(
-            name=n, num_embeddings=r, embedding_dim=d, feature_names=f, pooling=PoolingType(pooling)
-        )
-        for n, r, d, f in TABLES
-    ]
-    return EmbeddingModel(tables=bags, fused_params=fused, weighted=weighted)
+    return table_model(TABLES, kind, fused, pooling=pooling, weighted=weighted)
 
 
 def plan_of(how: Callable[[int, int], str | tuple[str, list[int]]], kind: str) -> Plan:

@@ -23,10 +23,11 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from shardrec import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from shardrec.distributed.sharding_plan import row_wise, table_wise
 from shardrec.distributed.types import ParameterSharding, ShardingType, ShardMetadata
 from shardrec.testing import EmbeddingModel, GlobalBatch, WorkerPool, check_sharding
+
+from ._tables import SEQUENCE_DIM, table_model
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -40,7 +41,7 @@ TABLES = [
 ]
 KEYS = ["d", "a", "c", "b"]  # not the module's order
 ROWS = {f: r for _, r, _, fs in TABLES for f in fs}
-EC_DIM = 4
+EC_DIM = SEQUENCE_DIM
 STEPS = 3
 LR = 0.05
 # Momentum and weight decay: a shard that gets no gradient where the unsharded table gets a zero
@@ -50,19 +51,7 @@ DENSE_OPTIMIZER = functools.partial(torch.optim.SGD, lr=LR, momentum=0.9, weight
 
 def model(kind: str, mode: str, pooling: str = "SUM", weighted: bool = False) -> EmbeddingModel:
     fused = None if mode == "plain" else {"optimizer": mode, "learning_rate": LR}
-    if kind == "ec":
-        seqs = [
-            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=EC_DIM, feature_names=f)
-            for n, r, _, f in TABLES
-        ]
-        return EmbeddingModel(tables=seqs, fused_params=fused)
-    bags = [
-        EmbeddingBagConfig(
-            name=n, num_embeddings=r, embedding_dim=d, feature_names=f, pooling=PoolingType(pooling)
-        )
-        for n, r, d, f in TABLES
-    ]
-    return EmbeddingModel(tables=bags, fused_params=fused, weighted=weighted)
+    return table_model(TABLES, kind, fused, pooling=pooling, weighted=weighted)
 
 
 def edge_batch(
