@@ -126,6 +126,13 @@ class ShardedManagedCollisionCollection(nn.Module):
             elif owned:
                 modules[table] = nn.ModuleDict(owned)
         self._managed_collision_modules = nn.ModuleDict(modules)
+        # Fixed by the layout: each rank's buckets (global order), and each table's first bucket.
+        self._by_owner = [
+            [g for g, b in enumerate(self._buckets) if b.owner == r] for r in range(world_size)
+        ]
+        self._first_bucket = {
+            t: next(g for g, b in enumerate(self._buckets) if b.table == t) for t in self._tables
+        }
         self._features = collection.table_features()
         self.register_state_dict_post_hook(_state_dict_hook)  # type: ignore[no-untyped-call]
         self.register_load_state_dict_pre_hook(_load_pre_hook)  # type: ignore[no-untyped-call]
@@ -201,17 +208,14 @@ class ShardedManagedCollisionCollection(nn.Module):
         for n in mine:
             starts.append(starts[-1] + n)
         # Sent to the owners: buckets in (owner, bucket) order.
-        send_order = sorted(range(len(self._buckets)), key=lambda g: (self._buckets[g].owner, g))
+        send_order = [g for gs in self._by_owner for g in gs]
         index = torch.cat(
             [torch.arange(starts[g], starts[g + 1]) for g in send_order]
             or [torch.empty(0, dtype=torch.int64)]
         ).to(local.device)
         send = local.index_select(0, index)
-        owned = [g for g in range(len(self._buckets)) if self._buckets[g].owner == self._rank]
-        send_splits = [
-            sum(mine[g] for g in range(len(self._buckets)) if self._buckets[g].owner == r)
-            for r in range(self._world_size)
-        ]
+        owned = self._by_owner[self._rank]
+        send_splits = [sum(mine[g] for g in gs) for gs in self._by_owner]
         recv_splits = [sum(row[g] for g in owned) for row in counts_by_rank]
         received = self._all_to_all(send, recv_splits, send_splits)
         # Step each owned bucket on the ids of every rank (rank order).
@@ -251,7 +255,7 @@ class ShardedManagedCollisionCollection(nn.Module):
         found: dict[int, torch.Tensor] = {}
         for table, buckets in self.held_buckets().items():
             rows = evicted_rows(buckets, self._layouts[table])
-            base = next(i for i, b in enumerate(self._buckets) if b.table == table)
+            base = self._first_bucket[table]
             found.update({base + b: r for b, r in rows.items()})
         width = 1 + self._num_counters
         shared = torch.zeros(len(self._buckets), width, dtype=torch.int64)
@@ -273,10 +277,7 @@ class ShardedManagedCollisionCollection(nn.Module):
         mine = torch.cat(
             [found[g] for g in owned if g in found] or [torch.empty(0, dtype=torch.int64)]
         )
-        by_rank = [
-            [g for g in range(len(self._buckets)) if self._buckets[g].owner == r]
-            for r in range(self._world_size)
-        ]
+        by_rank = self._by_owner
         totals = [sum(counts[g] for g in gs) for gs in by_rank]
         if self._world_size > 1 and self._pg is not None:
             padded = torch.zeros(max(totals), dtype=torch.int64, device=self._device)
