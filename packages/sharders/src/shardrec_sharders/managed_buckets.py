@@ -30,7 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardrec.distributed.async_comm import start_all_to_all_single
+from shardrec.distributed.awaitables import Mapped
 from shardrec.distributed.group_ref import GroupRef
+from shardrec.distributed.types import Awaitable
 from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedCollisionModule
 from shardrec.modules.mc_buckets import (
     BucketLayout,
@@ -43,7 +46,7 @@ from shardrec.modules.mc_buckets import (
 from shardrec.modules.mc_collection import ManagedCollisionCollection
 from shardrec.sparse import KeyedJaggedTensor
 
-__all__ = ["ShardedManagedCollisionCollection"]
+__all__ = ["LocalIds", "RemapResult", "RoutedIds", "ShardedManagedCollisionCollection"]
 
 _MODULES = "_managed_collision_modules"
 _COUNTERS = "_counters"
@@ -65,6 +68,19 @@ class LocalIds:
     grouped: list[torch.Tensor]  # per table, its ids in bucket order
     orders: list[torch.Tensor]  # per table, where each grouped id sits in the table's ids
     counts: list[int]  # ids per bucket, all tables' buckets in order
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedIds:
+    """This rank's ids sent to their buckets' owners (``route``), and the ids of this rank's
+    buckets that every rank sent: what the stateful remapping (``remap_routed``) needs."""
+
+    ids: LocalIds  # this rank's ids, as split
+    counts_by_rank: list[list[int]]  # rank r's ids per bucket (every rank's LocalIds.counts)
+    index: torch.Tensor  # the sent ids' positions in this rank's grouped ids
+    send_splits: list[int]  # ids sent to each rank
+    recv_splits: list[int]  # ids received from each rank
+    received: torch.Tensor  # the ids of this rank's buckets, from every rank (rank order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,9 +216,14 @@ class ShardedManagedCollisionCollection(nn.Module):
     def remap(self, ids: LocalIds, counts_by_rank: list[list[int]]) -> RemapResult:
         """Rows of this rank's ids (per table, in ``table_ids`` order); a training step of this
         rank's buckets when training. ``counts_by_rank[r]``: rank r's ``LocalIds.counts``.
-        Collective: every rank calls it."""
-        grouped, orders = ids.grouped, ids.orders
-        local = torch.cat(grouped) if grouped else torch.empty(0, dtype=torch.int64)
+        Collective: every rank calls it. The same as :meth:`remap_routed` of :meth:`route`."""
+        return self.remap_routed(self.route(ids, counts_by_rank).wait())
+
+    def route(self, ids: LocalIds, counts_by_rank: list[list[int]]) -> Awaitable[RoutedIds]:
+        """Send this rank's ids to their buckets' owners; returns with the all-to-all in flight.
+        Reads and changes no bucket (the layout alone decides where an id goes), so a pipeline
+        may route batch i+1 while batch i trains. Collective: every rank calls it."""
+        local = torch.cat(ids.grouped) if ids.grouped else torch.empty(0, dtype=torch.int64)
         mine = counts_by_rank[self._rank]
         starts = [0]
         for n in mine:
@@ -217,7 +238,23 @@ class ShardedManagedCollisionCollection(nn.Module):
         owned = self._by_owner[self._rank]
         send_splits = [sum(mine[g] for g in gs) for gs in self._by_owner]
         recv_splits = [sum(row[g] for g in owned) for row in counts_by_rank]
-        received = self._all_to_all(send, recv_splits, send_splits)
+        pending = start_all_to_all_single(send, recv_splits, send_splits, self._pg)
+        return Mapped(
+            pending,
+            lambda received: RoutedIds(
+                ids, counts_by_rank, index, send_splits, recv_splits, received
+            ),
+        )
+
+    def remap_routed(self, routed: RoutedIds) -> RemapResult:
+        """:meth:`remap` once the ids are with their owners: each owned bucket steps on them
+        (training: admissions, evictions, counters), the rows go back and the evictions are
+        shared. Collective: every rank calls it, for the batches in the order they were routed."""
+        ids, counts_by_rank = routed.ids, routed.counts_by_rank
+        grouped, orders = ids.grouped, ids.orders
+        index, send_splits, recv_splits = routed.index, routed.send_splits, routed.recv_splits
+        received = routed.received
+        owned = self._by_owner[self._rank]
         # Step each owned bucket on the ids of every rank (rank order).
         blocks = torch.split(received, recv_splits)
         per_rank = [
@@ -233,9 +270,9 @@ class ShardedManagedCollisionCollection(nn.Module):
             stepped = layout.table_rows(bucket.index, module(torch.cat(pieces)))
             for r, part in enumerate(torch.split(stepped, [p.numel() for p in pieces])):
                 answers[r].append(part)
-        reply = torch.cat([torch.cat(a) if a else send[:0] for a in answers])
+        reply = torch.cat([torch.cat(a) if a else received[:0] for a in answers])
         back = self._all_to_all(reply, send_splits, recv_splits)
-        local_rows = torch.empty_like(local)
+        local_rows = received.new_empty(sum(send_splits))  # this rank's ids' rows
         local_rows.index_copy_(0, index, back)
         rows: dict[str, torch.Tensor] = {}
         at = 0

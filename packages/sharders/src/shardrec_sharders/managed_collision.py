@@ -27,17 +27,30 @@ every bucket under the unsharded module's keys and loads at any world size or pl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardrec.distributed.awaitables import Mapped, Ready
 from shardrec.distributed.hookspecs import RegisterSharder, hookimpl
 from shardrec.distributed.model_parallel import shard_module
+from shardrec.distributed.planner import RankState
 from shardrec.distributed.plugins import load_sharder_registry
-from shardrec.distributed.sharding import ModuleSharder, ShardedEmbeddingModule
-from shardrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
+from shardrec.distributed.sharding import (
+    AsyncOutputModule,
+    ModuleSharder,
+    ShardedEmbeddingModule,
+)
+from shardrec.distributed.types import (
+    Awaitable,
+    ParameterSharding,
+    PipelinableModule,
+    ShardingEnv,
+    ShardingType,
+)
 from shardrec.modules import BadBatchError, EmbeddingBagCollection, EmbeddingCollection
 from shardrec.modules.managed_collision import ManagedTableStats
 from shardrec.modules.mc_embedding_modules import (
@@ -46,9 +59,18 @@ from shardrec.modules.mc_embedding_modules import (
     fresh_rows,
 )
 from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
-from shardrec_sharders.managed_buckets import LocalIds, ShardedManagedCollisionCollection
+from shardrec_sharders.managed_buckets import (
+    LocalIds,
+    RoutedIds,
+    ShardedManagedCollisionCollection,
+)
 
-__all__ = ["ManagedCollisionSharder", "ShardedManagedCollisionEmbeddings"]
+__all__ = [
+    "ManagedCollisionSharder",
+    "ManagedOutput",
+    "RoutedFeatures",
+    "ShardedManagedCollisionEmbeddings",
+]
 
 ManagedModule = ManagedCollisionEmbeddingBagCollection | ManagedCollisionEmbeddingCollection
 
@@ -66,6 +88,18 @@ _INNER: Final[dict[type[nn.Module], type[nn.Module]]] = {
     ManagedCollisionEmbeddingBagCollection: EmbeddingBagCollection,
     ManagedCollisionEmbeddingCollection: EmbeddingCollection,
 }
+
+ManagedOutput = tuple[KeyedTensor | dict[str, JaggedTensor], KeyedJaggedTensor | None]
+"""What a managed module returns: the embeddings, and the remapped KJT (or None)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedFeatures:
+    """A batch after its input distribution: its KJT of raw ids, and its ids with the owners
+    of their buckets (the context of the lookup stage)."""
+
+    features: KeyedJaggedTensor
+    routed: RoutedIds
 
 
 class ShardedManagedCollisionEmbeddings(nn.Module):
@@ -98,6 +132,8 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         self._managed_collision_collection = ShardedManagedCollisionCollection(
             collection, env.rank, env.world_size, env.pg, device
         )
+        layouts = self._managed_collision_collection.bucket_layouts().values()
+        self._num_buckets = sum(layout.num_buckets for layout in layouts)
         self._return_remapped_features = module.return_remapped_features
         self.register_buffer("_reset_rng_state", module.reset_rng_state.clone())
         self._env = env  # its group is held weakly (shardrec.distributed.group_ref)
@@ -118,36 +154,52 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         """Per table, the counters of the whole (global) table: every rank holds the same."""
         return self._managed_collision_collection.stats()
 
-    def forward(
-        self, features: KeyedJaggedTensor
-    ) -> tuple[KeyedTensor | dict[str, JaggedTensor], KeyedJaggedTensor | None]:
-        remapped = self._remap(features)
+    def forward(self, features: KeyedJaggedTensor) -> ManagedOutput:
+        return self.compute_and_output_dist(self.input_dist(features).wait())
+
+    # ---- the pipeline's split (PipelinableModule, AsyncOutputModule) --------------------------
+
+    def input_dist(self, features: KeyedJaggedTensor) -> Awaitable[RoutedFeatures]:
+        """The stateless part of a step: each id sent to the owner of its bucket (the layout
+        alone decides where), reading and changing no map, row or counter. Returns with the
+        exchange of the per-bucket counts (and of the bad-batch flag) in flight; ``advance()``
+        issues the ids' all-to-all; ``wait()`` raises :class:`BadBatchError` on every rank when
+        any rank's batch was refused."""
+        local, problem = self._local_ids(features)
+        counts = local.counts if local is not None else [0] * self._num_buckets
+        pending = self._start_gather_counts([0 if problem is None else 1, *counts])
+        mcc = self._managed_collision_collection
+        return _RoutingIds(features, local, problem, pending, mcc, self._rank)
+
+    def compute_and_output_dist(self, ctx: RoutedFeatures) -> ManagedOutput:
+        """The stateful part: remap (admissions, evictions, evicted rows reset), then the inner
+        EBC / EC's own forward on the rows (its input dist, lookup, output dist)."""
+        remapped = self._remap_routed(ctx)
         out = self._embedding_module(remapped)
         return out, remapped if self._return_remapped_features else None
 
+    def compute_and_start_output_dist(self, ctx: RoutedFeatures) -> Awaitable[ManagedOutput]:
+        """:meth:`compute_and_output_dist` with the inner module's output distribution left in
+        flight (when the inner module can; otherwise it runs whole). The remapping and the inner
+        module's input distribution run here, blocking: they need the rows this step decides."""
+        remapped = self._remap_routed(ctx)
+        inner = self._embedding_module
+        pending: Awaitable[KeyedTensor | dict[str, JaggedTensor]]
+        if isinstance(inner, PipelinableModule) and isinstance(inner, AsyncOutputModule):
+            pending = inner.compute_and_start_output_dist(inner.input_dist(remapped).wait())
+        else:
+            pending = Ready(inner(remapped))
+        kept = remapped if self._return_remapped_features else None
+        return Mapped(pending, lambda out: (out, kept))
+
     # ---- one step's remapping -----------------------------------------------------------------
 
-    def _remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def _remap_routed(self, ctx: RoutedFeatures) -> KeyedJaggedTensor:
         mcc = self._managed_collision_collection
-        local, problem = self._local_ids(features)
-        counts = (
-            local.counts
-            if local is not None
-            else [0] * sum(layout.num_buckets for layout in mcc.bucket_layouts().values())
-        )
-        every = self._gather_counts([0 if problem is None else 1, *counts])
-        bad = [r for r, row in enumerate(every) if row[0] != 0]
-        if bad:
-            here = f"rank {self._rank}: {problem}" if problem is not None else None
-            raise BadBatchError(
-                here or f"managed ids: the batch of rank(s) {bad} was refused (see their error)",
-                ranks=bad,
-            )
-        assert local is not None
-        result = mcc.remap(local, [row[1:] for row in every])
+        result = mcc.remap_routed(ctx.routed)
         if self.training:
             self._reset(result.evicted)
-        return mcc.with_rows(features, result.rows)
+        return mcc.with_rows(ctx.features, result.rows)
 
     def _local_ids(self, features: object) -> tuple[LocalIds | None, str | None]:
         """This rank's ids by bucket, or None and why the batch is refused (before any
@@ -163,13 +215,11 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         except (ValueError, TypeError) as exc:
             return None, str(exc)
 
-    def _gather_counts(self, mine: list[int]) -> list[list[int]]:
+    def _start_gather_counts(self, mine: list[int]) -> Awaitable[list[list[int]]]:
+        """Every rank's ``mine`` (the bad-batch flag, then its ids per bucket), in flight."""
         if self._world_size == 1 or self._pg is None:
-            return [mine]
-        local = torch.tensor(mine, dtype=torch.int64, device=self._device)
-        out = [torch.empty_like(local) for _ in range(self._world_size)]
-        dist.all_gather(out, local, group=self._pg)
-        return [t.tolist() for t in out]
+            return Ready([mine])
+        return _GatheredCounts(mine, self._world_size, self._pg, self._device)
 
     def _reset(self, evicted: Mapping[str, torch.Tensor | None]) -> None:
         """Fresh weights and zero optimizer state for the evicted rows this rank's shards hold."""
@@ -212,6 +262,75 @@ def _rows_within(
     local = rows.to(device) - first
     at = ((local >= 0) & (local < count)).nonzero().squeeze(1)
     return at, local.index_select(0, at)
+
+
+class _RoutingIds:
+    """A batch's ids on their way to their buckets' owners (``input_dist``): the counts'
+    exchange in flight, then the ids' all-to-all. Every rank refuses the batch alike when any
+    rank flagged its own, before any id moves."""
+
+    def __init__(
+        self,
+        features: KeyedJaggedTensor,
+        local: LocalIds | None,
+        problem: str | None,
+        counts: Awaitable[list[list[int]]],
+        mcc: ShardedManagedCollisionCollection,
+        rank: int,
+    ) -> None:
+        self._features = features
+        self._local = local
+        self._problem = problem
+        self._counts = counts
+        self._mcc = mcc
+        self._rank = rank
+        self._routing: Awaitable[RoutedIds] | None = None
+        self._refused: tuple[str, list[int]] | None = None
+
+    def advance(self) -> None:
+        """Wait for every rank's counts (the one host read) and issue the ids' all-to-all."""
+        if self._routing is not None or self._refused is not None:
+            return
+        every = self._counts.wait()
+        bad = [r for r, row in enumerate(every) if row[0] != 0]
+        if bad:
+            here = f"rank {self._rank}: {self._problem}" if self._problem is not None else None
+            why = here or f"managed ids: the batch of rank(s) {bad} was refused (see their error)"
+            self._refused = (why, bad)
+            return
+        assert self._local is not None
+        self._routing = self._mcc.route(self._local, [row[1:] for row in every])
+
+    def wait(self) -> RoutedFeatures:
+        self.advance()
+        if self._refused is not None:
+            why, ranks = self._refused
+            raise BadBatchError(why, ranks=ranks)
+        assert self._routing is not None
+        return RoutedFeatures(self._features, self._routing.wait())
+
+
+class _GatheredCounts:
+    """An all-gather of one list of ints per rank, in flight."""
+
+    def __init__(
+        self, mine: list[int], world_size: int, pg: dist.ProcessGroup, device: torch.device
+    ) -> None:
+        local = torch.tensor(mine, dtype=torch.int64, device=device)
+        self._out = [torch.empty_like(local) for _ in range(world_size)]
+        self._work: dist.Work | None = dist.all_gather(self._out, local, group=pg, async_op=True)
+        self._result: list[list[int]] | None = None
+
+    def advance(self) -> None:
+        pass
+
+    def wait(self) -> list[list[int]]:
+        if self._result is None:
+            assert self._work is not None
+            self._work.wait()
+            self._work = None
+            self._result = [t.tolist() for t in self._out]
+        return self._result
 
 
 class ManagedCollisionSharder:
@@ -264,6 +383,25 @@ class ManagedCollisionSharder:
         for s in self.inner_sharders():
             return dict(s.storage_usage(tensor, compute_device_type, compute_kernel))
         raise ValueError(f"no sharder for {_INNER[self._module_type].__name__} is loaded")
+
+    def planner_rank_state(self, module: nn.Module, world_size: int) -> list[RankState]:
+        """The planner's :class:`~shardrec.distributed.planner.HasRankState`: each bucket's id
+        map and policy buffers on the rank that will own it (bucket ``g`` of the module's
+        buckets, table by table, on rank ``g % world_size``, as ShardedManagedCollisionCollection
+        places them), whatever the sharding of the tables' rows."""
+        if not isinstance(module, ManagedModule):
+            raise TypeError(f"ManagedCollisionSharder cannot shard {type(module).__name__}")
+        out: list[RankState] = []
+        g = 0
+        for table, buckets in module.managed_collision_collection.buckets_by_table().items():
+            for bucket in buckets:
+                # Sizes from the buffers themselves (a meta module's too): no formula to drift.
+                nbytes = sum(b.numel() * b.element_size() for b in bucket.buffers())
+                out.append(
+                    RankState(table=table, rank=g % world_size, nbytes=nbytes, what="id map")
+                )
+                g += 1
+        return out
 
     def shard(
         self,
