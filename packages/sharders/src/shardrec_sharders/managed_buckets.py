@@ -9,6 +9,9 @@ buckets it owns, and remaps every rank's ids of those buckets.
     rows ◀──all-to-all (back to the rank each id came from)── owner
     evicted rows, counters ──all-reduce / all-gather──▶ every rank (resets, stats)
 
+:meth:`~ShardedManagedCollisionCollection.route` is the first all-to-all alone (stateless: a
+pipeline runs it a step ahead); :meth:`~ShardedManagedCollisionCollection.remap_routed` the rest.
+
 Bucket ``g`` of the ``G`` buckets of all tables (table by table, buckets in order) belongs to rank
 ``g % world_size``, so tables of one bucket are spread like table-wise tables and a table of many
 buckets over every rank.

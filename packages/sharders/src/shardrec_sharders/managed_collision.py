@@ -22,6 +22,13 @@ counters, and (from the shared reset stream, drawn for the evicted rows of all b
 order) the same fresh weights, of which each rank writes the rectangles its shards hold. Each rank
 holds the maps of its buckets only (:mod:`shardrec_sharders.managed_buckets`); a checkpoint holds
 every bucket under the unsharded module's keys and loads at any world size or plan.
+
+The module is a :class:`~shardrec.distributed.types.PipelinableModule`: ``input_dist`` is the
+routing only (each id to its bucket's owner, by the fixed layout: no state read or changed), so a
+training pipeline sends batch i+1's ids during step i; ``compute_and_output_dist`` (and
+``compute_and_start_output_dist``, which leaves the inner module's output distribution in flight)
+is the rest, run in the batch's own step: the remapping changes the maps and resets evicted rows,
+which must come after the previous batch's update.
 """
 
 from __future__ import annotations
