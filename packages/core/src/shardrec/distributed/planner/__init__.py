@@ -16,6 +16,7 @@ from shardrec.distributed.planner.for_dmp import live_topology, plan_with_report
 from shardrec.distributed.planner.layouts import Cut, ShardLayout, Traffic
 from shardrec.distributed.planner.planner import EmbeddingShardingPlanner, to_sharding_plan
 from shardrec.distributed.planner.rank_model import RankLoad
+from shardrec.distributed.planner.rank_state import HasRankState, RankState
 from shardrec.distributed.planner.report import PlanReport, format_report
 from shardrec.distributed.planner.tables import tables_of
 from shardrec.distributed.planner.topology import GB, Topology
@@ -32,11 +33,13 @@ __all__ = [
     "OPTIMIZER_STATE",
     "Cut",
     "EmbeddingShardingPlanner",
+    "HasRankState",
     "ParameterConstraints",
     "PlanReport",
     "PlannerError",
     "PlannerTable",
     "RankLoad",
+    "RankState",
     "ShardCost",
     "ShardLayout",
     "ShardSpec",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shardrec.distributed.planner.rank_model import RankLoad, evaluate
+from shardrec.distributed.planner.rank_state import state_kind
 from shardrec.distributed.planner.topology import GB, Topology
 from shardrec.distributed.planner.types import ShardingOption, ShardSpec
 
@@ -105,14 +106,19 @@ def partition(
     reserved_fraction: float,
     fixed_loads: FixedLoads | None = None,
     target_step: float | None = None,
+    *,
+    state: np.ndarray | None = None,
 ) -> Placement | PlacementFailure:
     """Places ``proposal``; with ``target_step``, a host group goes to a host where it keeps every
     rank's time within that target and whose ranks send the fewest bytes so far, where one has
-    room (see ``_place_on_hosts``)."""
+    room (see ``_place_on_hosts``). ``state``: bytes per rank that sharders keep there besides
+    the shards (``rank_state.py``), in the compute device's memory before any shard."""
     w = topology.world_size
     loads = fixed_loads if fixed_loads is not None else FixedLoads(w)
     hbm_cap, ddr_cap = capacities(topology, reserved_fraction)
     used = {"hbm": np.zeros(w, dtype=np.int64), "ddr": np.zeros(w, dtype=np.int64)}
+    if state is not None:
+        used[state_kind(topology)] += state
     cap = {"hbm": hbm_cap, "ddr": ddr_cap}
     perf = np.zeros(w, dtype=np.float64)
     sends = np.zeros(w, dtype=np.float64)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+import numpy as np
 import torch.distributed as dist
 from torch import nn
 
@@ -17,6 +18,15 @@ from shardrec.distributed.planner.enumerator import (
 )
 from shardrec.distributed.planner.partitioner import capacities
 from shardrec.distributed.planner.proposer import search
+from shardrec.distributed.planner.rank_state import (
+    RankState,
+    check_state_fits,
+    describe_state,
+    rank_state_of,
+    state_kind,
+    state_notes,
+    state_per_rank,
+)
 from shardrec.distributed.planner.report import PlanReport, build_report
 from shardrec.distributed.planner.tables import tables_of
 from shardrec.distributed.planner.topology import GB, Topology, local_world_size_from_env
@@ -124,7 +134,8 @@ class EmbeddingShardingPlanner:
         """Plan ``module`` (any device, meta included) for the planner's topology. Pure and
         deterministic."""
         index = SharderIndex.of(sharders)
-        return self.plan_tables(tables_of(module, index.module_types()), index)
+        state = rank_state_of(module, index, self._topology())
+        return self.plan_tables(tables_of(module, index.module_types()), index, rank_state=state)
 
     def collective_plan(
         self,
@@ -158,13 +169,21 @@ class EmbeddingShardingPlanner:
         return plan
 
     def plan_tables(
-        self, tables: Sequence[PlannerTable], sharders: Sequence[ModuleSharder]
+        self,
+        tables: Sequence[PlannerTable],
+        sharders: Sequence[ModuleSharder],
+        *,
+        rank_state: Sequence[RankState] = (),
     ) -> ShardingPlan:
-        """Plan explicit tables (the model already reduced to :class:`PlannerTable`)."""
+        """Plan explicit tables (the model already reduced to :class:`PlannerTable`).
+        ``rank_state``: what sharders keep on ranks besides the shards, tables named by fqn
+        (``plan`` asks the sharders, see :class:`HasRankState`); counted in those ranks' memory."""
         start = time.perf_counter()
         sharders = SharderIndex.of(sharders)  # one index for every table's options
         topology = self._topology()
         self._check_constraint_names(tables)
+        caps = capacities(topology, self.reserved_fraction)
+        state = self._state(tables, rank_state, topology, caps)
         options: list[list[ShardingOption]] = []
         notes: list[str] = []
         for table in tables:
@@ -191,10 +210,9 @@ class EmbeddingShardingPlanner:
             self.last_report = None
             return ShardingPlan()
         max_proposals = self.max_proposals or 4 * len(options) + 16
-        result = search(options, topology, self.reserved_fraction, max_proposals)
-        caps = capacities(topology, self.reserved_fraction)
+        result = search(options, topology, self.reserved_fraction, max_proposals, state)
         if result.placement is None:
-            raise self._infeasible(options, result.failure, topology, caps)
+            raise self._infeasible(options, result.failure, topology, caps, rank_state, state)
         self.last_report = build_report(
             result.placement,
             result.reasons,
@@ -204,9 +222,34 @@ class EmbeddingShardingPlanner:
             result.proposals,
             result.feasible,
             time.perf_counter() - start,
-            notes=((result.note,) if result.note else ()) + tuple(notes),
+            notes=((result.note,) if result.note else ()) + tuple(notes) + state_notes(rank_state),
+            rank_state=rank_state,
         )
         return to_sharding_plan(result.placement.options)
+
+    def _state(
+        self,
+        tables: Sequence[PlannerTable],
+        rank_state: Sequence[RankState],
+        topology: Topology,
+        caps: tuple[int, int],
+    ) -> np.ndarray | None:
+        """Bytes of sharder state per rank (None: none declared); a PlannerError naming the table
+        or the rank when a state names an unknown one or the state alone does not fit."""
+        if not rank_state:
+            return None
+        known = {t.fqn for t in tables}
+        unknown = sorted({s.table for s in rank_state} - known)
+        if unknown:
+            raise PlannerError(
+                f"rank state is declared for tables the plan does not have: {unknown}; its "
+                f"tables are {sorted(known)}"
+            )
+        per_rank = state_per_rank(rank_state, topology.world_size)
+        kind = state_kind(topology)
+        cap = caps[0] if kind == "hbm" else caps[1]
+        check_state_fits(rank_state, per_rank, cap, kind, topology)
+        return per_rank
 
     def _check_constraint_names(self, tables: Sequence[PlannerTable]) -> None:
         known = {t.param_name for t in tables} | {t.fqn for t in tables}
@@ -223,6 +266,8 @@ class EmbeddingShardingPlanner:
         failure: object,
         topology: Topology,
         caps: tuple[int, int],
+        rank_state: Sequence[RankState] = (),
+        state: np.ndarray | None = None,
     ) -> PlannerError:
         from shardrec.distributed.planner.partitioner import PlacementFailure
 
@@ -230,6 +275,14 @@ class EmbeddingShardingPlanner:
             f"{topology.world_size} ranks with {caps[0] / GB:.3f} GiB HBM and "
             f"{caps[1] / GB:.3f} GiB DDR usable each"
         )
+        held = ""
+        if state is not None:
+            # Which ranks the sharders' own state fills, and with what: often the real culprit.
+            ranks = [r for r in np.argsort(-state, kind="stable").tolist()[:4] if state[r]]
+            held = (
+                f"; besides the shards, {state_kind(topology).upper()} holds sharder state: "
+                + "; ".join(f"rank {r}: {describe_state(rank_state, r)}" for r in ranks)
+            )
         # A table whose smallest option does not fit an empty rank is the clearest culprit.
         for table_options in options:
             smallest = min(table_options, key=lambda o: o.max_shard_storage)
@@ -240,15 +293,18 @@ class EmbeddingShardingPlanner:
                     f"{smallest.sharding_type} its largest shard needs "
                     f"{smallest.max_shard_storage / GB:.3f} GiB "
                     f"({smallest.total_storage / GB:.3f} GiB in total), but the topology has "
-                    f"{per_rank}"
+                    f"{per_rank}{held}"
                 )
         total = sum(min(o.total_storage for o in t) for t in options)
+        if state is not None:
+            total += int(state.sum())
         detail = ""
         if isinstance(failure, tuple) and isinstance(failure[0], PlacementFailure):
             detail = f"; the first placement to fail: {failure[0].describe(failure[1])}"
         return PlannerError(
-            f"the tables do not fit together: they need at least {total / GB:.3f} GiB, the "
-            f"topology has {per_rank}{detail}"
+            f"the tables do not fit together: they need at least {total / GB:.3f} GiB"
+            f"{' (sharder state included)' if state is not None else ''}, the "
+            f"topology has {per_rank}{detail}{held}"
         )
 
 

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
+
 from shardrec.distributed.planner.partitioner import (
     FixedLoads,
     Placement,
@@ -94,8 +96,10 @@ class _Search:
         topology: Topology,
         reserved_fraction: float,
         max_proposals: int,
+        state: np.ndarray | None = None,
     ) -> None:
         self.options = options
+        self.state = state
         self.topology = topology
         self.reserved = reserved_fraction
         self.max_proposals = max_proposals
@@ -113,7 +117,9 @@ class _Search:
             return hit
         self.proposals += 1
         proposal = [o[c] for o, c in zip(self.options, choice, strict=True)]
-        result = partition(proposal, self.topology, self.reserved, self.loads, target_step)
+        result = partition(
+            proposal, self.topology, self.reserved, self.loads, target_step, state=self.state
+        )
         if isinstance(result, Placement):
             self.feasible += 1
         self.cache[key] = result
@@ -179,8 +185,11 @@ def search(
     topology: Topology,
     reserved_fraction: float,
     max_proposals: int,
+    state: np.ndarray | None = None,
 ) -> SearchResult:
-    s = _Search(options, topology, reserved_fraction, max_proposals)
+    """``state``: bytes per rank that sharders keep there besides the shards (see
+    ``partition``)."""
+    s = _Search(options, topology, reserved_fraction, max_proposals, state)
     max_perf = [[o.max_shard_perf for o in opts] for opts in options]
     caps = sorted({m for perfs in max_perf for m in perfs}, reverse=True)
     found: list[tuple[Placement, tuple[int, ...], tuple[int, ...], dict[int, str]]] = []

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shardrec.distributed.planner.partitioner import Placement
+from shardrec.distributed.planner.rank_state import RankState, state_per_rank
 from shardrec.distributed.planner.topology import GB, Topology
 from shardrec.distributed.planner.types import ShardingOption
 from shardrec.distributed.types import ShardingType
@@ -21,12 +22,15 @@ class TableReport:
     storage: int
     perf: float  # seconds per step on the slowest of its ranks
     why: str
+    state: int = 0  # bytes that sharders keep for it beside its shards, all ranks together
 
 
 @dataclass(frozen=True, slots=True)
 class RankReport:
     """One rank in the per-rank model: storage, embedding bytes read per step, bytes sent per step
-    inside its host and to other hosts, and its estimated step (``perf``: compute + ``comm``)."""
+    inside its host and to other hosts, and its estimated step (``perf``: compute + ``comm``).
+    ``state``: the part of its storage (HBM, or DDR on CPU) that sharders keep there besides the
+    shards, such as managed tables' id maps (``rank_state.py``)."""
 
     rank: int
     hbm: int
@@ -38,6 +42,7 @@ class RankReport:
     sent_inter: float = 0.0
     compute: float = 0.0
     comm: float = 0.0
+    state: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,14 @@ def build_report(
     feasible: int,
     seconds: float,
     notes: tuple[str, ...] = (),
+    rank_state: Sequence[RankState] = (),
 ) -> PlanReport:
+    """``rank_state``: what sharders keep on ranks besides the shards (already counted in the
+    placement's per-rank storage), reported per rank and per table."""
+    state = state_per_rank(rank_state, topology.world_size)
+    table_state: dict[str, int] = {}
+    for held in rank_state:
+        table_state[held.table] = table_state.get(held.table, 0) + held.nbytes
     per_rank: list[list[str]] = [[] for _ in range(topology.world_size)]
     tables: list[TableReport] = []
     for option, why in zip(placement.options, reasons, strict=True):
@@ -100,6 +112,7 @@ def build_report(
                 storage=option.total_storage,
                 perf=option.max_shard_perf,
                 why=why,
+                state=table_state.get(option.table.fqn, 0),
             )
         )
     load = placement.load
@@ -115,6 +128,7 @@ def build_report(
             sent_inter=load.sent_inter[r],
             compute=load.compute[r],
             comm=load.comm(r, topology),
+            state=int(state[r]),
         )
         for r in range(topology.world_size)
     )
@@ -163,6 +177,8 @@ def _step_line(report: PlanReport) -> str:
 
 def format_report(report: PlanReport, max_ranks: int = 64) -> str:
     t = report.topology
+    # The state columns only where sharders keep state: other plans print as they always did.
+    with_state = any(r.state for r in report.ranks)
     lines = [
         f"shardrec plan: {t.world_size} ranks ({t.ranks_per_host} per host) on {t.compute_device}, "
         f"batch {report.batch_size} per rank; usable per rank: HBM {report.hbm_cap / GB:.2f} GiB, "
@@ -173,7 +189,9 @@ def format_report(report: PlanReport, max_ranks: int = 64) -> str:
         *report.notes,
         "",
         "per rank (read: embedding bytes read per step; sent: bytes sent per step inside the "
-        "host / to other hosts; step: compute + communication):",
+        "host / to other hosts; step: compute + communication"
+        + ("; state: what sharders keep beside the shards, such as id maps" if with_state else "")
+        + "):",
     ]
     shown = report.ranks
     if len(shown) > max_ranks:
@@ -188,6 +206,7 @@ def format_report(report: PlanReport, max_ranks: int = 64) -> str:
             str(r.rank),
             f"{r.hbm / GB:.3f}",
             f"{r.ddr / GB:.3f}",
+            *((f"{r.state / GB:.3f}",) if with_state else ()),
             f"{r.read / 1e9:.3f}",
             f"{r.sent_intra / 1e6:.1f}",
             f"{r.sent_inter / 1e6:.1f}",
@@ -203,6 +222,7 @@ def format_report(report: PlanReport, max_ranks: int = 64) -> str:
             "rank",
             "HBM (GiB)",
             "DDR (GiB)",
+            *(("of which state (GiB)",) if with_state else ()),
             "read (GB)",
             "sent intra (MB)",
             "sent inter (MB)",
@@ -225,12 +245,23 @@ def format_report(report: PlanReport, max_ranks: int = 64) -> str:
             _ranks_text(tr.ranks, t.world_size),
             f"{tr.shape[0]}x{tr.shape[1]}",
             f"{tr.storage / GB:.3f}",
+            *((f"{tr.state / GB:.3f}",) if with_state else ()),
             f"{tr.perf * 1e3:.3f}",
         )
         for tr in report.tables
     ]
     lines += _table(
-        ("table", "sharding", "kernel", "ranks", "shape", "storage (GiB)", "time (ms)"), table_rows
+        (
+            "table",
+            "sharding",
+            "kernel",
+            "ranks",
+            "shape",
+            "storage (GiB)",
+            *(("+ state (GiB)",) if with_state else ()),
+            "time (ms)",
+        ),
+        table_rows,
     )
     lines += ["", "why:"]
     lines += [f"  {tr.fqn}: {tr.why}" for tr in report.tables]

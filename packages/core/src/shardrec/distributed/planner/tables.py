@@ -71,10 +71,12 @@ def tables_in_module(module: nn.Module, module_path: str) -> list[PlannerTable]:
     return out
 
 
-def tables_of(model: nn.Module, module_types: Collection[type]) -> list[PlannerTable]:
-    """Every table of every shardable module (exact type match), outermost modules only, in model
-    order."""
-    out: list[PlannerTable] = []
+def shardable_modules(
+    model: nn.Module, module_types: Collection[type]
+) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every shardable module (exact type match), outermost modules only,
+    in model order."""
+    out: list[tuple[str, nn.Module]] = []
     claimed: list[str] = []
     for path, module in model.named_modules():
         if type(module) not in module_types:
@@ -82,5 +84,14 @@ def tables_of(model: nn.Module, module_types: Collection[type]) -> list[PlannerT
         if any(path == c or path.startswith(c + ".") for c in claimed if c) or ("" in claimed):
             continue
         claimed.append(path)
+        out.append((path, module))
+    return out
+
+
+def tables_of(model: nn.Module, module_types: Collection[type]) -> list[PlannerTable]:
+    """Every table of every shardable module (exact type match), outermost modules only, in model
+    order."""
+    out: list[PlannerTable] = []
+    for path, module in shardable_modules(model, module_types):
         out.extend(tables_in_module(module, path))
     return out
