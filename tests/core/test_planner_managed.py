@@ -264,6 +264,31 @@ def test_a_large_map_moves_the_other_tables_shards_off_its_rank() -> None:
     assert report_of(counted).ranks[0].ddr == report_of(blind).ranks[1].ddr + state
 
 
+def test_shards_that_do_not_fit_beside_the_maps_are_refused_naming_the_maps_rank() -> None:
+    # Rank 0 keeps 30 MiB beside mc.t0's map; rank 1 cannot take both ebc.a (264 MiB) and t0.
+    ebc = EmbeddingBagCollection(
+        [
+            EmbeddingBagConfig(
+                name="a", num_embeddings=1 << 20, embedding_dim=64, feature_names=["g"]
+            )
+        ],
+        device=torch.device("meta"),
+    )
+    model = Model(managed({"t0": 4_000_000}, dim=4, device="meta"), ebc)
+    index = SharderIndex(sharders())
+    tw = {n: ParameterConstraints(sharding_types=["table_wise"]) for n in ("t0", "a")}
+    planner = EmbeddingShardingPlanner(cpu(2, ddr=280 * MiB), reserved_fraction=0.0, constraints=tw)
+    planner.plan_tables(tables_of(model, index.module_types()), index)  # blind: it "fits"
+    with pytest.raises(PlannerError) as caught:
+        planner.plan(model, index)
+    message = str(caught.value)
+    assert message.startswith("the tables do not fit together")
+    assert "(sharder state included)" in message
+    assert message.endswith(
+        "besides the shards, DDR holds sharder state: rank 0: 'mc.t0' 0.244 GiB (id map)"
+    )
+
+
 # ---- a third party's sharder ---------------------------------------------------------------------
 
 
@@ -371,3 +396,36 @@ def test_plan_tables_refuses_state_of_an_unknown_table() -> None:
             tables, index, rank_state=[RankState(table="mc.t0", rank=0, nbytes=1)]
         )
     assert isinstance(EmbeddingShardingPlanner(cpu(2)).plan_tables(tables, index), ShardingPlan)
+
+
+# ---- dlrm plan -----------------------------------------------------------------------------------
+
+
+def _dlrm_ranks(managed_ids: str) -> list[list[str]]:
+    from click.testing import CliRunner
+
+    from shardrec_dlrm.cli import main
+
+    args = ["plan", "--world-size", "2", "--compute-device", "cpu", "--sharding", "row_wise"]
+    args += ["--num-embeddings", "100000", "--managed-ids", managed_ids]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("rank "))
+    return [lines[at].split("  "), *(line.split() for line in lines[at + 2 : at + 4])]
+
+
+def test_dlrm_plan_prints_each_ranks_maps_within_its_memory() -> None:
+    header, *managed = _dlrm_ranks("lru")
+    assert [h.strip() for h in header if h.strip()][:4] == [
+        "rank",
+        "HBM (GiB)",
+        "DDR (GiB)",
+        "of which state (GiB)",
+    ]
+    _, *plain = _dlrm_ranks("off")
+    for with_maps, without in zip(managed, plain, strict=True):
+        state = float(with_maps[3])
+        assert state > 0.08  # 13 of the 26 maps of 100,000 rows, ~7 MB each
+        # Row-wise either way: the same shards, the maps on top (figures rounded to 0.001).
+        assert abs(float(with_maps[2]) - float(without[2]) - state) <= 0.002

@@ -131,12 +131,13 @@ def _by_rank(states: Sequence[RankState]) -> Mapping[int, dict[str, int]]:
 
 
 def describe_state(states: Sequence[RankState], rank: int) -> str:
-    """``rank``'s state as ``'t0' 1.000 GiB (id map), ...``."""
+    """``rank``'s state as ``'t0' 1.000 GiB (id map), ...``, its 6 largest tables."""
     what: dict[str, str] = {}
     for state in states:
         what.setdefault(state.table, state.what)
-    held = _by_rank(states).get(rank, {})
-    return ", ".join(f"{t!r} {n / GB:.3f} GiB ({what[t]})" for t, n in sorted(held.items()))
+    held = sorted(_by_rank(states).get(rank, {}).items(), key=lambda tn: (-tn[1], tn[0]))
+    text = ", ".join(f"{t!r} {n / GB:.3f} GiB ({what[t]})" for t, n in held[:6])
+    return text + (f" and {len(held) - 6} more tables" if len(held) > 6 else "")
 
 
 def check_state_fits(
