@@ -30,10 +30,16 @@ from shardrec.distributed.train_pipeline import (
     TrainPipelineBase,
     TrainPipelineSparseDist,
 )
-from shardrec.modules import BadBatchError
-from shardrec_sharders.managed_collision import ShardedManagedCollisionEmbeddings
+from shardrec.modules import BadBatchError, EmbeddingBagCollection
+from shardrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from shardrec_sharders.data_parallel import DataParallelSharder
+from shardrec_sharders.managed_collision import (
+    ManagedCollisionSharder,
+    ShardedManagedCollisionEmbeddings,
+)
 
 from .test_managed_sharded import KEYS, SPLIT, Buckets, batch, build, plan_of
+from .test_train_pipeline import OpaqueRowWise
 
 pytestmark = pytest.mark.multiprocess
 
@@ -72,10 +78,26 @@ class Run:
     pipeline: Any
 
 
-def setup(env: ShardingEnv, kind: str, sequence: bool, buckets: Buckets, piped: bool) -> Run:
+def setup(
+    env: ShardingEnv,
+    kind: str,
+    sequence: bool,
+    buckets: Buckets,
+    piped: bool,
+    opaque: bool = False,
+) -> Run:
+    """``opaque``: the inner EBC's row-wise tables go to a plugin sharder whose module has no
+    pipeline split (the inner module then runs whole in the lookup stage)."""
     optimizer = "exact_adagrad" if kind == "column_wise" else "rowwise_adagrad"
+    sharders = None
+    if opaque:
+        inner = [OpaqueRowWise(EmbeddingBagCollection), DataParallelSharder(EmbeddingBagCollection)]
+        sharders = [ManagedCollisionSharder(ManagedCollisionEmbeddingBagCollection, inner)]
     dmp = DistributedModelParallel(
-        build(optimizer, sequence, buckets), env=env, plan=plan_of(kind, env.world_size, sequence)
+        build(optimizer, sequence, buckets),
+        env=env,
+        plan=plan_of(kind, env.world_size, sequence),
+        sharders=sharders,
     )
     dense = torch.optim.SGD([p for p in dmp.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     cls = TrainPipelineSparseDist if piped else TrainPipelineBase
@@ -122,10 +144,12 @@ def train(run: Run, env: ShardingEnv, epochs: tuple[tuple[int, int], ...]) -> li
     return outputs
 
 
-def case_equal(env: ShardingEnv, kind: str, sequence: bool, buckets: Buckets) -> dict[str, Any]:
+def case_equal(
+    env: ShardingEnv, kind: str, sequence: bool, buckets: Buckets, opaque: bool = False
+) -> dict[str, Any]:
     got: dict[str, Any] = {}
     for piped in (False, True):
-        run = setup(env, kind, sequence, buckets, piped)
+        run = setup(env, kind, sequence, buckets, piped, opaque)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             outputs = train(run, env, EPOCHS)
@@ -175,11 +199,30 @@ def test_pipelined_managed_module_trains_as_the_plain_loop(
         assert_same_state(plain, piped, f"rank {rank}")
         assert piped["pipelined"] == ["mc"], piped["warnings"]
         assert piped["warnings"] == []
+    assert_evicts(results)
+
+
+def assert_evicts(results: list[Any]) -> None:
     stats = results[0]["plain"]["stats"]
     # The stream evicts (rows reset to fresh weights) and admits: the state the pipeline must
     # not move ahead of the updates.
     assert stats["t0"].evicted_total > 0
     assert stats["t1"].admitted_total > 0
+
+
+def test_an_inner_module_without_the_split_runs_whole_in_the_lookup_stage(dist_pool: Any) -> None:
+    # Its row-wise part comes from a plugin sharder without input_dist: the managed module is
+    # still pipelined (its routing), and trains as the plain loop.
+    results = dist_pool.run(
+        WORLD, case_equal, kind="mixed", sequence=False, buckets=SPLIT, opaque=True
+    )
+    for rank, r in enumerate(results):
+        plain, piped = r["plain"], r["piped"]
+        assert_same_outputs(plain["outputs"], piped["outputs"], f"rank {rank}")
+        assert_same_state(plain, piped, f"rank {rank}")
+        assert piped["pipelined"] == ["mc"], piped["warnings"]
+        assert piped["warnings"] == []
+    assert_evicts(results)
 
 
 # -- a checkpoint taken mid-run, with the next batch's ids in flight ------------------------------

@@ -43,7 +43,7 @@ from torch import nn
 
 from shardrec.distributed.awaitables import Mapped, Ready
 from shardrec.distributed.hookspecs import RegisterSharder, hookimpl
-from shardrec.distributed.model_parallel import shard_module
+from shardrec.distributed.model_parallel import ShardedModuleGroup, shard_module
 from shardrec.distributed.planner import RankState
 from shardrec.distributed.plugins import load_sharder_registry
 from shardrec.distributed.sharding import (
@@ -192,7 +192,14 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         remapped = self._remap_routed(ctx)
         inner = self._embedding_module
         pending: Awaitable[KeyedTensor | dict[str, JaggedTensor]]
-        if isinstance(inner, PipelinableModule) and isinstance(inner, AsyncOutputModule):
+        # A plugin sharder's module may lack the split; a module split between sharders has it
+        # only when every part has.
+        parts_lack = isinstance(inner, ShardedModuleGroup) and bool(inner.parts_not_pipelinable())
+        if (
+            not parts_lack
+            and isinstance(inner, PipelinableModule)
+            and isinstance(inner, AsyncOutputModule)
+        ):
             pending = inner.compute_and_start_output_dist(inner.input_dist(remapped).wait())
         else:
             pending = Ready(inner(remapped))
