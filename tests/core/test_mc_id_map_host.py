@@ -1,7 +1,8 @@
-"""IdRowMap's numpy code on CPU (``host_loops=True``, the default) against its torch code (what
+"""IdRowMap's compiled CPU code (``host_loops=True``, the default) against its torch code (what
 other devices run): the same rows found and the same slots, rows, tombstones and displacement
 bound after every insert and removal, through races for one slot, long runs, wrap-around past
-the last slot, tombstone reuse and rebuilds."""
+the last slot, tombstone reuse and rebuilds; and a managed module's training steps, whose read
+records the compiled lookup writes, equal to the same steps on the torch code."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import random
 import pytest
 import torch
 
+from shardrec.modules.managed_collision import MCHManagedCollisionModule
 from shardrec.modules.mc_id_map import IdRowMap, hash_slots
+from shardrec.modules.mc_id_map_host import host_kernels
+from shardrec.modules.mc_policies import LFU_EvictionPolicy, LRU_EvictionPolicy
 
 _MASK64 = 2**64 - 1
 # The inverse of the map's multiplier modulo 2^64: id = (wanted product) * inverse.
@@ -99,3 +103,33 @@ def test_the_host_code_reads_and_writes_the_buffers_in_place() -> None:
     copy.load_state_dict(host.state_dict())
     assert copy.find(ids).tolist() == [3, 0, 99, 42]
     assert host.find(torch.tensor([6, 5])).tolist() == [-1, 3]
+
+
+def test_the_compiled_kernels_load() -> None:
+    # numba is a dependency of shardrec: without it every test here would compare the torch
+    # code with itself.
+    assert host_kernels() is not None
+
+
+@pytest.mark.parametrize("policy", [LRU_EvictionPolicy(), LFU_EvictionPolicy()])
+def test_training_steps_on_the_compiled_lookup_equal_the_torch_code(policy: object) -> None:
+    # LFU counts reads (the lookup adds them), LRU only stamps the step; a small table with
+    # new ids every step evicts at every run, so stale records would pick other victims.
+    def module() -> MCHManagedCollisionModule:
+        return MCHManagedCollisionModule(40, eviction_policy=policy, eviction_interval=2)
+
+    host, plain = module(), module()
+    plain._map.host_loops = False
+    rng = torch.Generator().manual_seed(3)
+    for step in range(25):
+        ids = torch.randint(-60, 60, (50,), generator=rng) * 2**40
+        assert torch.equal(host(ids), plain(ids)), step
+        rows_h, rows_p = host.evict(), plain.evict()
+        assert (rows_h is None) == (rows_p is None), step
+        if rows_h is not None and rows_p is not None:
+            assert torch.equal(rows_h, rows_p), step
+        for (name, a), (_, b) in zip(
+            host.state_dict().items(), plain.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), (step, name)
+    assert host.stats().evicted_total > 0

@@ -260,8 +260,15 @@ class MCHManagedCollisionModule(nn.Module):
         c = self._counters.tolist()
         step = c[STEP] + 1
         c[STEP] = step
-        rows = self._map.find(ids)
-        hit_rows, miss_at = self._record_reads(rows, step)
+        counts_reads = self._eviction_policy.counts_reads
+        found = self._map.find_recording(
+            ids, self._last_read, step, self._reads if counts_reads else None
+        )
+        if found is None:
+            rows = self._map.find(ids)
+            hit_rows, miss_at = self._record_reads(rows, step)
+        else:
+            rows, hit_rows, miss_at = found
         uniq = inverse = counts = None
         # The distinct missing ids (indices into ``uniq``) that may take rows; None: all of them.
         chosen: torch.Tensor | None = None
@@ -326,21 +333,12 @@ class MCHManagedCollisionModule(nn.Module):
     def _record_reads(self, rows: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Record ``step`` (and one more read, if the policy counts them) on every row in
         ``rows``; returns those rows (batch order, repeats kept) and the positions of the ids
-        without a row (-1)."""
-        if rows.device.type == "cpu" and self._last_read.device.type == "cpu":
-            # numpy on views of the same tensors: on CPU, torch's ``nonzero`` and
-            # ``masked_select`` on a batch measured 2-3x the time of numpy's.
-            found = rows.numpy()
-            miss = (found < 0).nonzero()[0]
-            read = found if miss.size == 0 else found[found >= 0]
-            self._last_read.numpy()[read] = step
-            hit_rows, miss_at = torch.from_numpy(read), torch.from_numpy(miss)
-        else:
-            held = rows >= 0
-            hit_rows = rows.masked_select(held)
-            self._last_read.index_fill_(0, hit_rows, step)
-            all_held = hit_rows.numel() == rows.numel()
-            miss_at = hit_rows[:0] if all_held else (~held).nonzero().squeeze(1)
+        without a row (-1). (On CPU the map's lookup writes these records itself.)"""
+        held = rows >= 0
+        hit_rows = rows.masked_select(held)
+        self._last_read.index_fill_(0, hit_rows, step)
+        all_held = hit_rows.numel() == rows.numel()
+        miss_at = hit_rows[:0] if all_held else (~held).nonzero().squeeze(1)
         if self._eviction_policy.counts_reads:
             self._reads.index_add_(0, hit_rows, torch.ones_like(hit_rows))
         return hit_rows, miss_at

@@ -22,9 +22,9 @@ A slot's id and row sit side by side (``slot_ids`` and ``slot_rows`` are strided
 id was read from (two separate arrays cost a cache miss each, about 1.6x the time with the tables
 out of cache).
 
-On CPU, :meth:`IdRowMap.find` and :meth:`IdRowMap.insert` run the same steps in numpy on views of
-the buffers (:mod:`shardrec.modules.mc_id_map_host`): a table's batch is a few thousand ids, and
-there a torch call's fixed cost was most of the time.
+On CPU, :meth:`IdRowMap.find` and :meth:`IdRowMap.insert` run compiled loops on views of the
+buffers (:mod:`shardrec.modules.mc_id_map_host`) with the same results: a table's batch is a few
+thousand ids, and there the fixed cost of a dozen vectorised calls was most of the time.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shardrec.modules.mc_id_map_host import find_rows, insert_rows
+from shardrec.modules.mc_id_map_host import HostKernels, host_kernels
 
 __all__ = ["IdRowMap", "hash_slots"]
 
@@ -69,9 +69,10 @@ class IdRowMap(nn.Module):
     def __init__(
         self, rows: int, device: torch.device | str | None = None, *, host_loops: bool = True
     ) -> None:
-        """``host_loops``: on CPU, :meth:`find` and :meth:`insert` run in numpy on views of the
-        buffers (:mod:`shardrec.modules.mc_id_map_host`, same results); False runs the torch
-        code every other device runs (the tests compare the two)."""
+        """``host_loops``: on CPU, :meth:`find` and :meth:`insert` run compiled loops on views of
+        the buffers (:mod:`shardrec.modules.mc_id_map_host`, same results) where numba can be
+        imported; False runs the torch code every other device runs (the tests compare the
+        two)."""
         super().__init__()
         if rows < 1:
             raise ValueError(f"IdRowMap needs at least one row, got {rows}")
@@ -106,12 +107,24 @@ class IdRowMap(nn.Module):
 
     def find(self, ids: torch.Tensor) -> torch.Tensor:
         """The row of each id, or -1 where the id is not in the map (``ids`` int64, 1-D)."""
-        if self._on_host(ids):
-            return torch.from_numpy(
-                find_rows(
-                    self.slots.numpy(), self.bits, int(self.max_displacement), ids.numpy(), _GOLDEN
-                )
+        kernels = self._host_kernels(ids)
+        if kernels is not None:
+            out, scratch = torch.empty_like(ids), torch.empty_like(ids)
+            unused = scratch.numpy()[:0]
+            kernels.find(
+                self.slots.numpy(),
+                self.bits,
+                int(self.max_displacement),
+                ids.numpy(),
+                out.numpy(),
+                scratch.numpy(),
+                unused,
+                unused,
+                0,
+                unused,
+                0,
             )
+            return out
         # index_select rather than ``t[index]``: measured about 5x faster for int64 gathers on CPU.
         mask = self.num_slots - 1
         pos = hash_slots(ids, self.bits)
@@ -150,19 +163,48 @@ class IdRowMap(nn.Module):
             pos = pos.index_select(0, go_on)
         return found
 
+    def find_recording(
+        self, ids: torch.Tensor, last_read: torch.Tensor, step: int, reads: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """:meth:`find` on the CPU, writing a training step's read records in the same pass:
+        ``last_read[row] = step`` for every row found and, with ``reads``, one more read in
+        ``reads[row]``. Returns (the rows, -1 where absent; the rows found, in batch order with
+        repeats; the positions of the ids not found), or None where the compiled kernels do not
+        run (the caller then finds and records on its own)."""
+        kernels = self._host_kernels(ids)
+        if kernels is None or last_read.device.type != "cpu":
+            return None
+        out = torch.empty_like(ids)
+        hit_rows = torch.empty_like(ids)
+        miss_at = torch.empty_like(ids)
+        hits, misses = kernels.find(
+            self.slots.numpy(),
+            self.bits,
+            int(self.max_displacement),
+            ids.numpy(),
+            out.numpy(),
+            hit_rows.numpy(),
+            miss_at.numpy(),
+            last_read.numpy(),
+            step,
+            last_read.numpy() if reads is None else reads.numpy(),
+            1 if reads is None else 2,
+        )
+        return out, hit_rows[:hits], miss_at[:misses]
+
     def insert(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Add ``ids[i] -> rows[i]``; the ids must be distinct and absent, the rows free."""
         if ids.numel() == 0:
             return
-        if self._on_host(ids):
-            farthest, reused = insert_rows(
+        kernels = self._host_kernels(ids)
+        if kernels is not None:
+            farthest, reused = kernels.insert(
                 self.slots.numpy(),
                 self.row_slots.numpy(),
                 self.bits,
                 ids.numpy(),
                 rows.numpy(),
                 int(self.max_displacement),
-                _GOLDEN,
                 self._claim_scratch(),
             )
             self.tombstones.sub_(reused)
@@ -232,8 +274,10 @@ class IdRowMap(nn.Module):
             self._claims = np.empty(self.num_slots, dtype=np.int64)
         return self._claims
 
-    def _on_host(self, ids: torch.Tensor) -> bool:
-        return self.host_loops and ids.device.type == "cpu" and self.slots.device.type == "cpu"
+    def _host_kernels(self, ids: torch.Tensor) -> HostKernels | None:
+        """The compiled CPU kernels, where the map and ``ids`` are on the CPU and they load."""
+        on_host = self.host_loops and ids.device.type == "cpu" and self.slots.device.type == "cpu"
+        return host_kernels() if on_host else None
 
     def _place_few(
         self,
@@ -285,7 +329,7 @@ class IdRowMap(nn.Module):
         """Drop the ids held by ``rows`` (occupied rows, distinct); the rows become free."""
         if rows.numel() == 0:
             return
-        if self._on_host(rows):
+        if self._host_kernels(rows) is not None:
             row_slots, at = self.row_slots.numpy(), rows.numpy()
             self.slots.numpy()[row_slots[at], 1] = DELETED
             row_slots[at] = EMPTY
