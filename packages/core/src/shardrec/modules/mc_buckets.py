@@ -117,7 +117,8 @@ def make_buckets(
 ) -> list[MCHManagedCollisionModule]:
     """``layout.num_buckets`` modules with ``template``'s policy, interval and admission, on its
     device; with one bucket, ``template`` itself. ``template`` must be untrained (its state is
-    not split)."""
+    not split). On the meta device the buckets take no memory (for the planner, which sizes
+    them from their buffers' shapes)."""
     if template.output_size() != layout.num_embeddings:
         raise ValueError(
             f"managed table {table!r}: its module maps into {template.output_size()} rows, the"
@@ -125,13 +126,15 @@ def make_buckets(
         )
     if layout.num_buckets == 1:
         return [template]
-    if template.stats().steps != 0:
+    counters = counters_of(template)
+    # A meta module holds no values, so it cannot have trained (and its counters cannot be read).
+    if not counters.is_meta and template.stats().steps != 0:
         raise ValueError(
             f"managed table {table!r}: the module given for {layout.num_buckets} buckets has"
             " trained already; buckets start empty, so give an untrained module (only its"
             " settings are used)"
         )
-    device = next(template.buffers()).device
+    device = counters.device
     return [
         MCHManagedCollisionModule(
             layout.size(b) + 1,
