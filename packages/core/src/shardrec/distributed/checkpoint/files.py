@@ -65,9 +65,11 @@ from shardrec.distributed.checkpoint.safe_reader import (
     tensor_entries,
     tensor_only_planner,
 )
+from shardrec.distributed.checkpoint.save_planner import ExactStorageSavePlanner
 from shardrec.distributed.checkpoint.sharded_state import (
     check_shapes,
     load_sharded_state_dict,
+    load_target,
     quiet_sharded_tensor,
     sharded_state_dict,
     state_shapes,
@@ -163,7 +165,13 @@ def save(
     writer.fs = SafeFileSystem(tmp)
     writer.path = tmp
     with quiet_sharded_tensor():
-        dcp_save(state, storage_writer=writer, process_group=pg, no_dist=not _dist_on(pg))
+        dcp_save(
+            state,
+            storage_writer=writer,
+            planner=ExactStorageSavePlanner(),
+            process_group=pg,
+            no_dist=not _dist_on(pg),
+        )
     _agree(pg, None)  # every rank's files are written and fsynced
     if rank == 0:
         try:
@@ -203,6 +211,7 @@ def load(
     optimizer: torch.optim.Optimizer | None = None,
     pg: dist.ProcessGroup | None = None,
     strict: bool = True,
+    in_place: bool = False,
 ) -> int:
     """Load a checkpoint into ``model`` (any plan, any world size, or unsharded); returns its step.
 
@@ -212,8 +221,14 @@ def load(
     naming each missing table and each shape mismatch, before anything is written. With
     ``strict=False`` keys missing on either side are skipped (shapes are still checked, and only
     tensor entries the model expects are read).
+
+    The weights are read into fresh tensors and copied into the model once all are read, so a
+    read that fails part-way (a file changed after it was verified) leaves the model as it was.
+    ``in_place=True`` reads them straight into the model's tensors instead, never holding the
+    weights twice: for a model that is thrown away when the load fails (``dlrm evaluate``'s).
+    Everything else is the same: verification, the checks before the first read, what is read.
     """
-    target: dict[str, Any] = dict(sharded_state_dict(model, pg, copy=True))
+    target: dict[str, Any] = dict(load_target(model, pg, in_place=in_place))
     error: CheckpointError | None = None
     ckpt = Path(path)
     sidecar: dict[str, Any] = {}

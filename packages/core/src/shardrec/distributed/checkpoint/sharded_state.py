@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardrec.distributed.checkpoint.box_copy import Copy, box_copies
 from shardrec.distributed.checkpoint.errors import CheckpointError
 from shardrec.distributed.checkpoint.loaded import notify_state_loaded
 from shardrec.distributed.sharding.state_dict import table_key_prefix
@@ -194,7 +195,23 @@ def sharded_state_dict(
     for tables it holds no shard of (a ShardedTensor with no local shards). Values share storage
     with the model unless ``copy`` (then they are fresh tensors: a target to load into safely).
     """
+    return _state_dict(model, pg, copy=copy, for_load=copy)
 
+
+def load_target(
+    model: nn.Module, pg: dist.ProcessGroup | None = None, *, in_place: bool = False
+) -> dict[str, dict[str, StateValue]]:
+    """The state a load reads into: fresh tensors (``sharded_state_dict(copy=True)``), or with
+    ``in_place`` the model's own tensors, so that no second copy of the state is ever held. Either
+    way, a rank holding a column slice's copy of a row-wise state that another slice saves gets a
+    fresh whole vector to read it into (copied into its slice by :func:`load_sharded_state_dict`).
+    A collective, like :func:`sharded_state_dict`."""
+    return _state_dict(model, pg, copy=not in_place, for_load=True)
+
+
+def _state_dict(
+    model: nn.Module, pg: dist.ProcessGroup | None, *, copy: bool, for_load: bool
+) -> dict[str, dict[str, StateValue]]:
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone() if copy else t.detach()
 
@@ -235,7 +252,7 @@ def sharded_state_dict(
                     scalar_t = every[0].tensor
                     scalars[key] = (str(scalar_t.dtype).removeprefix("torch."), scalar_t.item())
                 continue
-            if copy and section == "optim" and len(shards) < len(every):
+            if for_load and section == "optim" and len(shards) < len(every):
                 # This rank holds a copy of a row-wise state that another column shard saves: load
                 # the whole vector here (a ShardedTensor cannot hold two copies of the same rows).
                 full = every[0]
@@ -250,7 +267,7 @@ def sharded_state_dict(
                 continue
             if not shards and not every:
                 continue
-            if not copy and section == "optim" and _column_sliced_rowwise(t, every):
+            if not for_load and section == "optim" and _column_sliced_rowwise(t, every):
                 sliced[key] = [(st, w) for st, w in zip(every, t.shards.weight, strict=True)]
             if not shards:
                 continue
@@ -368,42 +385,6 @@ def _is_sharded(value: StateValue) -> bool:
     from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 
     return isinstance(value, ShardedTensor)
-
-
-def _read_box(
-    value: StateValue, offsets: tuple[int, ...], shape: tuple[int, ...], key: str
-) -> torch.Tensor:
-    """The ``offsets``/``shape`` box of ``value`` (a full tensor, or a ShardedTensor covering it
-    locally)."""
-    if not _is_sharded(value):
-        out = value
-        for d, (o, n) in enumerate(zip(offsets, shape, strict=True)):
-            out = out.narrow(d, o, n)
-        return out  # type: ignore[no-any-return]
-    target = torch.empty(shape, dtype=value.dtype)
-    covered = torch.zeros(shape, dtype=torch.bool)
-    for shard in value.local_shards():
-        so = shard.metadata.shard_offsets
-        ss = shard.metadata.shard_sizes
-        lo = [max(a, b) for a, b in zip(offsets, so, strict=True)]
-        hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, shape, so, ss, strict=True)]
-        if any(h <= low for low, h in zip(lo, hi, strict=True)):
-            continue
-        src = shard.tensor
-        dst = target
-        cov = covered
-        for d in range(len(shape)):
-            src = src.narrow(d, lo[d] - so[d], hi[d] - lo[d])
-            dst = dst.narrow(d, lo[d] - offsets[d], hi[d] - lo[d])
-            cov = cov.narrow(d, lo[d] - offsets[d], hi[d] - lo[d])
-        dst.copy_(src)
-        cov.fill_(True)
-    if not bool(covered.all()):
-        raise CheckpointError(
-            f"{key}: the given ShardedTensor does not hold this rank's box at offsets {offsets}, "
-            f"shape {shape} locally"
-        )
-    return target
 
 
 def _expected(
@@ -541,38 +522,26 @@ def _load_checked(
     found = {k: _global_shape(v) for k, v in {**model_part, **optim_part}.items()}
     check_shapes(expected, found, "the state dict", sections, strict)
 
-    writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+    writes: list[Copy] = []  # planned (and checked) in full before the first copy
     for key, tensor in dense.items():
         if key in model_part and _is_sharded(tensor):
             # State a module keeps on some ranks only (a managed table's buckets): each rank
             # writes the pieces it holds.
             held: Any = tensor
             for shard in held.local_shards():
-                box = (tuple(shard.metadata.shard_offsets), tuple(shard.tensor.shape))
-                writes.append((shard.tensor, _read_box(model_part[key], *box, key)))
+                offsets = tuple(shard.metadata.shard_offsets)
+                writes += box_copies(shard.tensor, model_part[key], offsets, key)
         elif key in model_part:
-            writes.append(
-                (tensor, _read_box(model_part[key], (0,) * tensor.dim(), tuple(tensor.shape), key))
-            )
+            writes += box_copies(tensor, model_part[key], (0,) * tensor.dim(), key)
     for t in tables:
         if t.key in model_part:
             for s in t.shards.weight:
-                writes.append(
-                    (
-                        s.tensor,
-                        _read_box(model_part[t.key], s.offsets, tuple(s.tensor.shape), t.key),
-                    )
-                )
+                writes += box_copies(s.tensor, model_part[t.key], s.offsets, t.key)
         for name, shards in t.shards.optimizer_state.items():
             key = f"{t.key}.{name}"
             if key in optim_part:
                 for s in shards:
-                    writes.append(
-                        (
-                            s.tensor,
-                            _read_box(optim_part[key], s.offsets, tuple(s.tensor.shape), key),
-                        )
-                    )
+                    writes += box_copies(s.tensor, optim_part[key], s.offsets, key)
     with torch.no_grad():
         for dst, src in writes:
             dst.copy_(src)
