@@ -91,7 +91,14 @@ def plan(**params: Any) -> None:  # fmt: skip
     meta = torch.device("meta")
     # the tables carry the fused optimizer, as in training: the planner counts its state per table
     fused = {"optimizer": params["optimizer"], "learning_rate": 0.01}
-    model = build_dlrm(model_config, embedding_device=meta, dense_device=meta, fused_params=fused)
+    # Managed tables' id maps too: the planner sizes them from their buffers' shapes.
+    model = build_dlrm(
+        model_config,
+        embedding_device=meta,
+        dense_device=meta,
+        fused_params=fused,
+        managed_device=meta,
+    )
     hbm, ddr = params["hbm_gib"], params["ddr_gib"]
     request = PlanRequest(
         world_size=params["world_size"],

@@ -23,6 +23,7 @@ def build_dlrm(
     dense_device: torch.device | None = None,
     fused_params: Mapping[str, object] | None = None,
     dense_precision: DensePrecision = "fp32",
+    managed_device: torch.device | None = None,
 ) -> DLRMTrain:
     """The model with its loss; one table per feature (``t_cat_i`` serves ``cat_i``).
 
@@ -30,7 +31,7 @@ def build_dlrm(
     DistributedModelParallel to materialise shard by shard. ``fused_params`` (shardrec's
     ``{"optimizer": ..., "learning_rate": ...}``) fuses the tables' optimizer into backward.
     ``config.managed_ids`` other than ``off`` puts the tables behind managed ids
-    (:mod:`.managed`).
+    (:mod:`.managed`), their id maps on ``managed_device`` (default CPU; meta to plan only).
     """
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
 
@@ -50,7 +51,9 @@ def build_dlrm(
     if config.managed_ids != "off":
         from shardrec_dlrm.model.managed import managed_tables
 
-        sparse = managed_tables(ebc, config.managed_ids, num_buckets=config.managed_buckets)
+        sparse = managed_tables(
+            ebc, config.managed_ids, num_buckets=config.managed_buckets, device=managed_device
+        )
     model = DLRM(
         embedding_bag_collection=sparse,
         dense_in_features=NUM_DENSE,

@@ -12,6 +12,7 @@ sharded model spreads over the ranks.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
@@ -52,15 +53,24 @@ def _policy(kind: ManagedIds) -> EvictionPolicy:
 
 
 def managed_tables(
-    ebc: EmbeddingBagCollection, kind: ManagedIds, *, num_buckets: int = 1
+    ebc: EmbeddingBagCollection,
+    kind: ManagedIds,
+    *,
+    num_buckets: int = 1,
+    device: torch.device | None = None,
 ) -> ManagedEmbeddingBags:
     """``ebc``'s tables as managed tables with the ``kind`` eviction policy, each split into
-    ``num_buckets`` buckets (:mod:`shardrec.modules.mc_buckets`)."""
+    ``num_buckets`` buckets (:mod:`shardrec.modules.mc_buckets`), their id maps on ``device``
+    (default CPU; meta for the planner, which needs only their shapes: a map takes tens of bytes
+    a row).
+
+    The maps do not follow ``ebc``'s device: a model whose tables are on meta, to be sharded,
+    still needs real maps, which the sharder moves to the ranks owning their buckets."""
     configs = ebc.embedding_bag_configs()
     mcc = ManagedCollisionCollection(
         {
             c.name: MCHManagedCollisionModule(
-                c.num_embeddings, eviction_policy=_policy(kind), name=c.name
+                c.num_embeddings, device=device, eviction_policy=_policy(kind), name=c.name
             )
             for c in configs
         },
