@@ -346,6 +346,8 @@ class ShardedEmbeddingModule(Protocol):
 
 T_co = TypeVar("T_co", covariant=True)
 C = TypeVar("C")
+# What a pipelined module's forward returns: the embeddings unless the module says otherwise.
+Out_co = TypeVar("Out_co", covariant=True, default=KeyedTensor | dict[str, JaggedTensor])
 
 
 @runtime_checkable
@@ -366,7 +368,7 @@ class Awaitable(Protocol[T_co]):
 
 
 @runtime_checkable
-class PipelinableModule(Protocol[C]):
+class PipelinableModule(Protocol[C, Out_co]):
     """A sharded module whose forward splits into input distribution and the rest.
 
     ``forward(kjt)`` must equal ``compute_and_output_dist(input_dist(kjt).wait())``. A training
@@ -376,11 +378,17 @@ class PipelinableModule(Protocol[C]):
     change the module's weights (the current batch's backward updates them in between); ``C``,
     the context, carries whatever ``compute_and_output_dist`` needs (the routed KJT, the ids
     received). A sharded module without these two methods still works: it is not pipelined.
+
+    ``Out_co`` is what the forward returns, which the pipeline hands back from the forward
+    untouched: by default the embeddings (``KeyedTensor`` or ``dict[str, JaggedTensor]``), as a
+    sharded EBC / EC returns them; a sharded managed-collision module returns its forward's pair
+    ``(embeddings, remapped KJT or None)``, so it is a
+    ``PipelinableModule[RoutedFeatures, ManagedOutput]``.
     """
 
     def input_dist(self, kjt: KeyedJaggedTensor) -> Awaitable[C]: ...
 
-    def compute_and_output_dist(self, ctx: C) -> KeyedTensor | dict[str, JaggedTensor]: ...
+    def compute_and_output_dist(self, ctx: C) -> Out_co: ...
 
 
 # The module type a sharder shards; a bare ``ModuleSharder`` means ``ModuleSharder[nn.Module]``.
