@@ -195,11 +195,15 @@ def resume_step(run: ShardedRun, config: TrainConfig, state: ParallelState) -> i
 
 def load_for_evaluation(checkpoint: str, model: nn.Module) -> int:
     """Loads the weights of ``checkpoint`` (a directory of checkpoints: its newest; or one) into
-    ``model``, after verifying every file against the checksums its save recorded."""
+    ``model``, after verifying every file against the checksums its save recorded.
+
+    Read straight into ``model`` (``in_place``): a load that fails part-way leaves it half
+    loaded, and the caller throws it away. Only the optimizer state ``model`` has is read (the
+    dense optimizer's never is)."""
     from shardrec.distributed.checkpoint import CheckpointError, CorruptCheckpointError, load
 
     try:
-        return load(checkpoint, model)
+        return load(checkpoint, model, in_place=True)
     except CorruptCheckpointError as error:
         raise UserError(
             f"{error} (not scored: name an older checkpoint with --checkpoint DIR/step-N)"

@@ -39,7 +39,10 @@ class Evaluation:
 
 
 def evaluate(config: EvaluateConfig) -> Evaluation:
-    """Loads the checkpoint into a model sharded for this run; scores the split (all ranks)."""
+    """Loads the checkpoint into a model sharded for this run; scores the split (all ranks).
+
+    Holds the tables once: they are built shard by shard (not whole, then sharded), the
+    checkpoint's weights are read straight into them, and no optimizer state is built or read."""
     model_config = saved_model_config(config.checkpoint)
     try:
         state = ParallelState.init(config.device)
@@ -49,6 +52,8 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         run_config = TrainConfig(
             data=config.data,
             model=model_config,
+            # Scoring takes no optimizer state: SGD tables hold none, so none is built or read.
+            optimizer="sgd",
             batch_size=config.batch_size,
             data_format=config.data_format,
             val_fraction=config.val_fraction,
@@ -56,7 +61,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
             device=config.device,
         )
         data = open_run_data(run_config, state)
-        run = shard_model(run_config, state)
+        run = shard_model(run_config, state, weights_to_load=True)
         step = load_for_evaluation(config.checkpoint, run.model)
         batches = data.val_batches() if config.split == "val" else data.test_batches()
         samples = (data.val if config.split == "val" else data.test).num_rows

@@ -70,20 +70,25 @@ def dense_optimizer_for(
     return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
-def shard_model(config: TrainConfig, state: ParallelState) -> ShardedRun:
+def shard_model(
+    config: TrainConfig, state: ParallelState, *, weights_to_load: bool = False
+) -> ShardedRun:
     """Builds the model, plans it, and shards it over the run's processes.
 
     Tables of at most :data:`GLOBAL_INIT_BYTES` in all are initialised whole, from ``--seed``,
     before sharding, so a run starts from the same weights at any world size and with any plan;
-    bigger ones are built on the meta device and each shard is initialised where it lives.
+    bigger ones are built on the meta device and each shard is initialised where it lives. With
+    ``weights_to_load`` (a checkpoint's weights replace them all) every size takes the second way:
+    a whole table and its shards are never held at once.
     """
     from shardrec.distributed.model_parallel import DistributedModelParallel
 
     table_bytes = 4 * config.model.embedding_dim * sum(config.model.table_sizes())
+    whole = table_bytes <= GLOBAL_INIT_BYTES and not weights_to_load
     torch.manual_seed(config.seed)
     model = build_dlrm(
         config.model,
-        embedding_device=torch.device("cpu" if table_bytes <= GLOBAL_INIT_BYTES else "meta"),
+        embedding_device=torch.device("cpu" if whole else "meta"),
         dense_device=state.device,
         fused_params=fused_params(config.optimizer, config.learning_rate, config.eps),
         dense_precision=config.dense_precision,
