@@ -35,12 +35,13 @@ def make_model(seed: int) -> nn.Module:
         )
         for i in range(3)
     ]
+    ebc = EmbeddingBagCollection(configs, fused_params={"optimizer": "adagrad"})
     model = nn.Sequential()
-    model.add_module("ebc", EmbeddingBagCollection(configs, fused_params={"optimizer": "adagrad"}))
+    model.add_module("ebc", ebc)
     model.add_module("top", nn.Linear(3 * DIM, 1))
-    model.ebc.reset_parameters()
+    ebc.reset_parameters()
     with torch.no_grad():
-        for states in model.ebc.lookup.optimizer_states().values():
+        for states in ebc.lookup.optimizer_states().values():
             for t in states.values():
                 t.uniform_(0, 1)
     return model
@@ -48,7 +49,7 @@ def make_model(seed: int) -> nn.Module:
 
 def table_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every table's weight and optimizer state (views into the lookup's storages)."""
-    lookup = model.ebc.lookup
+    lookup: Any = model.get_submodule("ebc").lookup
     out = {f"{k}.weight": v for k, v in lookup.table_weights().items()}
     for table, states in lookup.optimizer_states().items():
         out |= {f"{table}.{name}": t for name, t in states.items()}
@@ -149,7 +150,7 @@ def test_load_in_place_reads_into_the_model_without_a_second_copy(tmp_path: Path
     assert {k: v.data_ptr() for k, v in after.items()} == before
     for key, value in table_tensors(saved).items():
         assert torch.equal(after[key], value), key
-    for a, b in zip(saved.top.parameters(), fresh.top.parameters(), strict=True):
+    for a, b in zip(saved.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
