@@ -275,6 +275,13 @@ def _report(times: dict[str, list[float]], args: argparse.Namespace, peer: bool)
         f" MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}"
         f" MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_')}"
     )
+    from shardrec.modules.mc_id_map_host import host_kernels
+
+    # A figure from the torch fallback must not pass for the compiled code's.
+    print(
+        "shardrec id map on CPU: "
+        + ("compiled loops (numba)" if host_kernels() is not None else "torch code (no numba)")
+    )
     if args.step_only:
         print("\n(remap not run: --step-only)")
     else:
