@@ -133,3 +133,25 @@ def test_training_steps_on_the_compiled_lookup_equal_the_torch_code(policy: obje
         ):
             assert torch.equal(a, b), (step, name)
     assert host.stats().evicted_total > 0
+
+
+@pytest.mark.parametrize("spread", [30, 10**12])  # a histogram of the scores; a partial sort
+def test_the_compiled_victim_choice_takes_the_lowest_keys(spread: int) -> None:
+    kernels = host_kernels()
+    assert kernels is not None
+    rng = random.Random(spread)
+    rows, limit = 500, 2**50
+    for need in (1, 7, 120, 499, 600):
+        score = [rng.randrange(spread) for _ in range(rows)]
+        for r in rng.sample(range(rows), 60):
+            score[r] = limit + rng.randrange(5)  # free rows: never taken
+        exclude = [rng.randrange(rows) for _ in range(80)]  # repeats, as a batch's reads have
+        eligible = sorted(
+            (s, r) for r, s in enumerate(score) if s < limit and r not in set(exclude)
+        )
+        expected = sorted(r for _, r in eligible[:need])
+        out = torch.empty(need, dtype=torch.int64)
+        taken = kernels.lowest(
+            torch.tensor(score).numpy(), limit, torch.tensor(exclude).numpy(), need, out.numpy()
+        )
+        assert out[:taken].tolist() == expected, need

@@ -385,8 +385,12 @@ class MCHManagedCollisionModule(nn.Module):
         candidates stays above the cutoff unless it is a new id's row that starts below it (then
         the candidates are dropped, :meth:`_note_new_rows`): the lowest valid candidates are the
         lowest rows of the table, and most eviction runs need no scan. Loading or moving the
-        state drops them too.
+        state drops them too. On the CPU with the compiled kernels every run scans instead (one
+        compiled pass over the rows cost less than checking the candidates in torch calls);
+        the victims are the same.
         """
+        if self._map.compiled() is not None:
+            return self._scan_lowest(need, hit_rows, None)
         kept = self._candidates
         self._candidates = None
         if kept is not None and kept.rows.device == self._last_read.device:
@@ -460,6 +464,13 @@ class MCHManagedCollisionModule(nn.Module):
         fewer are held), in row order: one full scan."""
         self._candidates = None
         outside = hit_rows if exclude is None else torch.cat([hit_rows, exclude])
+        kernels = self._map.compiled()
+        if kernels is not None and outside.device.type == "cpu":
+            limit = (2**62) // self.capacity
+            score = self._eviction_policy.score(self._last_read, self._reads).contiguous()
+            out = torch.empty(need, dtype=torch.int64)
+            taken = kernels.lowest(score.numpy(), limit, outside.numpy(), need, out.numpy())
+            return out[:taken]
         key, limit = self._keys(outside)
         lowest = torch.topk(key, need, largest=False, sorted=False).values
         lowest = lowest.masked_select(lowest < limit * self.capacity)

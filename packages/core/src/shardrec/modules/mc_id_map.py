@@ -274,6 +274,12 @@ class IdRowMap(nn.Module):
             self._claims = np.empty(self.num_slots, dtype=np.int64)
         return self._claims
 
+    def compiled(self) -> HostKernels | None:
+        """The compiled CPU kernels, where this map runs them (on the CPU, ``host_loops``); the
+        managed module picks its eviction victims with them too."""
+        on_host = self.host_loops and self.slots.device.type == "cpu"
+        return host_kernels() if on_host else None
+
     def _host_kernels(self, ids: torch.Tensor) -> HostKernels | None:
         """The compiled CPU kernels, where the map and ``ids`` are on the CPU and they load."""
         on_host = self.host_loops and ids.device.type == "cpu" and self.slots.device.type == "cpu"

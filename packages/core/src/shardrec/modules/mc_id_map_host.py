@@ -176,10 +176,82 @@ def _insert(
     return farthest, reused
 
 
+def _lowest(score: Int64s, limit: int, exclude: Int64s, need: int, out: Int64s) -> int:
+    """The ``need`` rows of lowest (score, row) among those scoring below ``limit`` and not in
+    ``exclude`` (fewer if fewer are), written to ``out`` in row order; returns how many.
+
+    One pass finds the eligible scores' range; the ``need``-th lowest score (the threshold) comes
+    from a histogram of the scores when their range is at most the row count (LRU's steps, LFU's
+    read counts, as a rule), else from a partial sort of them; a last pass takes, in row order,
+    every row below the threshold and the first rows at it.
+    """
+    n = score.size
+    if need <= 0:
+        return 0
+    excluded = np.zeros(n, dtype=np.uint8)
+    for k in range(exclude.size):
+        excluded[exclude[k]] = 1
+    low = limit
+    high = -1
+    eligible = 0
+    for r in range(n):
+        value = score[r]
+        if value < limit and excluded[r] == 0:
+            eligible += 1
+            low = min(low, value)
+            high = max(high, value)
+    if eligible <= need:
+        taken = 0
+        for r in range(n):
+            if score[r] < limit and excluded[r] == 0:
+                out[taken] = r
+                taken += 1
+        return taken
+    if high - low < n:
+        counts = np.zeros(high - low + 1, dtype=np.int64)
+        for r in range(n):
+            value = score[r]
+            if value < limit and excluded[r] == 0:
+                counts[value - low] += 1
+        below = 0
+        at = 0
+        while below + counts[at] < need:
+            below += counts[at]
+            at += 1
+        threshold = low + at
+    else:
+        values = np.empty(eligible, dtype=np.int64)
+        m = 0
+        for r in range(n):
+            value = score[r]
+            if value < limit and excluded[r] == 0:
+                values[m] = value
+                m += 1
+        threshold = np.partition(values, need - 1)[need - 1]
+        below = 0
+        for m in range(eligible):
+            if values[m] < threshold:
+                below += 1
+    ties = need - below
+    taken = 0
+    for r in range(n):
+        value = score[r]
+        if value <= threshold and excluded[r] == 0:
+            if value < threshold:
+                out[taken] = r
+                taken += 1
+            elif ties > 0:
+                out[taken] = r
+                taken += 1
+                ties -= 1
+    return taken
+
+
 FindKernel = Callable[
     [Int64s, int, int, Int64s, Int64s, Int64s, Int64s, Int64s, int, Int64s, int], tuple[int, int]
 ]
 InsertKernel = Callable[[Int64s, Int64s, int, Int64s, Int64s, int, Int64s], tuple[int, int]]
+LowestKernel = Callable[[Int64s, int, Int64s, int, Int64s], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +260,7 @@ class HostKernels:
 
     find: FindKernel
     insert: InsertKernel
+    lowest: LowestKernel
 
 
 @functools.cache
@@ -201,4 +274,5 @@ def host_kernels() -> HostKernels | None:
     return HostKernels(
         find=cast(FindKernel, jit(_find)),
         insert=cast(InsertKernel, jit(_insert)),
+        lowest=cast(LowestKernel, jit(_lowest)),
     )
