@@ -34,6 +34,9 @@ step and its optimizer state read and written once; state 512 bytes per row for 
 for row-wise). That many bytes at the gather limit is the step's floor, so
 ``step of gather`` is the floor's time over the step's.
 
+On CPU ``shardrec-torch-nojit`` is ``shardrec-torch``'s module with the compiled update
+(shardrec/kernels/cpu_update_jit.py) off, so its fused update runs the torch code.
+
 Also printed: torch's own read-modify-write of the step's distinct rows (``index_add_`` of a
 kept zero buffer into the weights and into the state), the primitive a pure-torch update has.
 
@@ -141,6 +144,20 @@ def _shardrec(setup: Setup, backend: str) -> tuple[Timed, Timed]:
         return out
 
     return _contender(setup, run, kjts)
+
+
+def _without_compiled(pair: tuple[Timed, Timed]) -> tuple[Timed, Timed]:
+    """The same module, its step's fused update by the torch code (the compiled kernels of
+    shardrec.kernels.cpu_update_jit off): the update before them."""
+    from unittest import mock
+
+    forward, step = pair
+
+    def torch_update_step() -> object:
+        with mock.patch("shardrec.kernels.cpu_update.run_compiled", return_value=False):
+            return step()
+
+    return forward, torch_update_step
 
 
 def _torchrec(setup: Setup) -> tuple[Timed, Timed]:
@@ -278,6 +295,8 @@ def main() -> int:
 
     setup = Setup(args.batch, args.cap, device, args.optimizer)
     contenders: dict[str, tuple[Timed, Timed]] = {"shardrec-torch": _shardrec(setup, "torch")}
+    if device.type == "cpu":
+        contenders["shardrec-torch-nojit"] = _without_compiled(contenders["shardrec-torch"])
     if ops.fbgemm_available() and device.type == "cpu":
         contenders["shardrec-fbgemm"] = _shardrec(setup, "fbgemm")
     if has_torchrec and not args.no_peer:

@@ -17,9 +17,12 @@ allocation each step whose pages the kernel faults in, which cost more than the 
 row's update is the one a dense optimizer makes from that row's summed gradient.
 
 What is left is memory latency: torch has no scatter that prefetches, so each distinct row's
-read-modify-write waits on memory (see :func:`_gather` for the part prefetching recovers). FBGEMM's
-fused kernels prefetch inside one pass; at MLPerf shapes this path beats FBGEMM's CPU exact
-Adagrad but not its row-wise Adagrad (docs/benchmarks.md, the MLPerf kernel section).
+read-modify-write waits on memory (see :func:`_gather` for the part prefetching recovers). So for
+SGD, exact and row-wise Adagrad on fp32 weights, after the sort, a compiled kernel
+(:mod:`shardrec.kernels.cpu_update_jit`, numba) sums, updates and writes each distinct row in one
+pass that prefetches the rows ahead, with the torch code's arithmetic in its order (the same bits
+but for torch's ``sqrt``, see there); the torch code below runs where there is no kernel (Adam,
+fp16/bf16 weights, no numba). docs/benchmarks.md, the MLPerf kernel section, measures both.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Final
 import torch
 import torch.nn.functional as F
 
+from shardrec.kernels.cpu_update_jit import run_compiled
 from shardrec.kernels.specs import FusedOptimizerConfig, OptimizerType
 
 if TYPE_CHECKING:
@@ -92,17 +96,22 @@ def apply_cpu_update(
     step: int,
     *,
     chunk_rows: int = CHUNK_ROWS,
+    compiled: bool = True,
 ) -> None:
     """Update ``weight`` (``[rows, dim]``, CPU) and ``state`` in place from ``grad``.
 
     The same rules as :func:`~shardrec.kernels.optimizers.apply_fused_update` (``step`` is the
     1-based number of this update, for Adam's bias correction); fp16/bf16 weights are updated in
-    fp32 and rounded once. ``chunk_rows``: distinct rows updated together.
+    fp32 and rounded once. ``chunk_rows``: distinct rows updated together by the torch code.
+    ``compiled``: run the compiled kernel where there is one for the rule and the weights
+    (:func:`~shardrec.kernels.cpu_update_jit.run_compiled`: same bits); False: the torch code.
     """
     if grad.ids.numel() == 0:
         return
     runs = group_by_row(grad)
     grad_bags = grad.grad_bags if grad.grad_bags.dtype == torch.float32 else grad.grad_bags.float()
+    if compiled and run_compiled(config, weight, state, runs, grad_bags):
+        return
     count = runs.rows.numel()
     rule = _RULES[config.optimizer]
     for lo in range(0, count, chunk_rows):
