@@ -355,6 +355,24 @@ class IdRowMap(nn.Module):
         ``cummax(home - i) + i``, one scan for the whole table. The few ids pushed past the last
         slot wrap around through :meth:`insert`.
         """
+        kernels = self.compiled()
+        if kernels is not None:
+            wrapped_ids, wrapped_rows = (
+                torch.empty_like(self.row_slots),
+                torch.empty_like(self.row_slots),
+            )
+            farthest, wrapped = kernels.rebuild(
+                self.slots.numpy(),
+                self.row_slots.numpy(),
+                self.bits,
+                wrapped_ids.numpy(),
+                wrapped_rows.numpy(),
+            )
+            self.tombstones.zero_()
+            self.max_displacement.fill_(farthest)
+            if wrapped > 0:
+                self.insert(wrapped_ids[:wrapped], wrapped_rows[:wrapped])
+            return
         held = (self.slot_rows >= 0).nonzero().squeeze(1)
         ids = self.slot_ids.index_select(0, held)
         rows = self.slot_rows.index_select(0, held)

@@ -176,6 +176,64 @@ def _insert(
     return farthest, reused
 
 
+def _rebuild(
+    slots: Int64s, row_slots: Int64s, bits: int, wrapped_ids: Int64s, wrapped_rows: Int64s
+) -> tuple[int, int]:
+    """Re-place every held id into clean slots (the torch code's rebuild, same layout): ids in
+    order of (home slot, row), each at ``max(home, previous slot + 1)``; those pushed past the
+    last slot are written to ``wrapped_ids`` / ``wrapped_rows`` (in that order) for the caller
+    to insert. Slots other than the placed ones become empty (their stale ids stay, as in the
+    torch code). Returns (farthest displacement of the placed ids, ids wrapped).
+
+    Rows are read in row order and counted by home slot (a counting sort, stable): the
+    (home, row) order with no comparison sort.
+    """
+    num_slots = 1 << bits
+    shift, multiplier = np.uint64(64 - bits), np.uint64(_MULTIPLIER)
+    per_home = np.zeros(num_slots + 1, dtype=np.int64)
+    held = 0
+    for row in range(row_slots.size):
+        slot = row_slots[row]
+        if slot >= 0:
+            raw = slots[slot, 0]
+            per_home[np.int64((np.uint64(raw) * multiplier) >> shift) + 1] += 1
+            held += 1
+    for slot in range(num_slots):
+        per_home[slot + 1] += per_home[slot]
+    order_ids = np.empty(held, dtype=np.int64)
+    order_rows = np.empty(held, dtype=np.int64)
+    for row in range(row_slots.size):
+        slot = row_slots[row]
+        if slot >= 0:
+            raw = slots[slot, 0]
+            home = np.int64((np.uint64(raw) * multiplier) >> shift)
+            at = per_home[home]
+            per_home[home] = at + 1
+            order_ids[at] = raw
+            order_rows[at] = row
+    for slot in range(num_slots):
+        slots[slot, 1] = _EMPTY
+    farthest = 0
+    wrapped = 0
+    previous = -1
+    for k in range(held):
+        raw = order_ids[k]
+        row = order_rows[k]
+        start = int(np.int64((np.uint64(raw) * multiplier) >> shift))
+        place = start if start > previous else previous + 1
+        previous = place
+        if place < num_slots:
+            slots[place, 0] = raw
+            slots[place, 1] = row
+            row_slots[row] = place
+            farthest = max(farthest, place - start)
+        else:
+            wrapped_ids[wrapped] = raw
+            wrapped_rows[wrapped] = row
+            wrapped += 1
+    return farthest, wrapped
+
+
 def _lowest(score: Int64s, limit: int, exclude: Int64s, need: int, out: Int64s) -> int:
     """The ``need`` rows of lowest (score, row) among those scoring below ``limit`` and not in
     ``exclude`` (fewer if fewer are), written to ``out`` in row order; returns how many.
@@ -252,6 +310,7 @@ FindKernel = Callable[
 ]
 InsertKernel = Callable[[Int64s, Int64s, int, Int64s, Int64s, int, Int64s], tuple[int, int]]
 LowestKernel = Callable[[Int64s, int, Int64s, int, Int64s], int]
+RebuildKernel = Callable[[Int64s, Int64s, int, Int64s, Int64s], tuple[int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +320,7 @@ class HostKernels:
     find: FindKernel
     insert: InsertKernel
     lowest: LowestKernel
+    rebuild: RebuildKernel
 
 
 @functools.cache
@@ -275,4 +335,5 @@ def host_kernels() -> HostKernels | None:
         find=cast(FindKernel, jit(_find)),
         insert=cast(InsertKernel, jit(_insert)),
         lowest=cast(LowestKernel, jit(_lowest)),
+        rebuild=cast(RebuildKernel, jit(_rebuild)),
     )
