@@ -16,6 +16,10 @@ Bucket ``g`` of the ``G`` buckets of all tables (table by table, buckets in orde
 ``g % world_size``, so tables of one bucket are spread like table-wise tables and a table of many
 buckets over every rank.
 
+A collection built on the meta device (its buckets' settings only) is sharded without ever
+holding a map whole: each rank builds the buckets it owns, empty, on its device, and allocates
+no other rank's; a collection with real (maybe trained) maps moves its owned buckets' state.
+
 State: each rank holds its buckets' modules, registered under the unsharded collection's keys.
 Its state dict lists every bucket's tensors under those keys, as ShardedTensors held whole by
 the owner; only the counters (seven numbers a bucket) are plain tensors every rank holds (the
@@ -42,8 +46,11 @@ from shardrec.modules.mc_buckets import (
     BucketLayout,
     bucket_stats,
     counters_of,
+    empty_bucket,
+    empty_counters,
     evicted_rows,
     held_ids,
+    is_meta,
     split_by_bucket,
 )
 from shardrec.modules.mc_collection import ManagedCollisionCollection
@@ -134,10 +141,19 @@ class ShardedManagedCollisionCollection(nn.Module):
                 prefix = f"{_MODULES}.{table}." + ("" if single else f"{b}.")
                 shapes = {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
                 self._buckets.append(_Bucket(table, b, owner, prefix, shapes))
+                # A meta bucket (built to be sharded) is only its settings: each rank builds its
+                # own buckets empty where they live and never allocates the others'. A real one
+                # (maybe trained) moves with its state.
+                meta = is_meta(module)
                 if owner == rank:
-                    module.to(device)
+                    if meta:
+                        module = empty_bucket(module, device)
+                    else:
+                        module.to(device)
                     self._held[(table, b)] = module
                     owned[str(b)] = module
+                elif meta:
+                    self._mirrors[(table, b)] = empty_counters(module.capacity)
                 else:
                     self._mirrors[(table, b)] = counters_of(module).detach().cpu().clone()
             if single and owned:

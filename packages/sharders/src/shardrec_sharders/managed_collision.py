@@ -21,7 +21,9 @@ the same buckets trained on the global batch: the same id-to-row maps, admission
 counters, and (from the shared reset stream, drawn for the evicted rows of all buckets in row
 order) the same fresh weights, of which each rank writes the rectangles its shards hold. Each rank
 holds the maps of its buckets only (:mod:`shardrec_sharders.managed_buckets`); a checkpoint holds
-every bucket under the unsharded module's keys and loads at any world size or plan.
+every bucket under the unsharded module's keys and loads at any world size or plan. A module whose
+maps were built on the meta device (only their settings) is sharded with each rank building its
+own buckets empty on its device, so no rank ever holds the whole maps.
 
 The module is a :class:`~shardrec.distributed.types.PipelinableModule`: ``input_dist`` is the
 routing only (each id to its bucket's owner, by the fixed layout: no state read or changed), so a
@@ -142,7 +144,13 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         layouts = self._managed_collision_collection.bucket_layouts().values()
         self._num_buckets = sum(layout.num_buckets for layout in layouts)
         self._return_remapped_features = module.return_remapped_features
-        self.register_buffer("_reset_rng_state", module.reset_rng_state.clone())
+        # A meta module (built to be sharded) holds no stream state: it is the seeded one it was
+        # built with.
+        rng_state = module.reset_rng_state
+        self.register_buffer(
+            "_reset_rng_state",
+            module.initial_reset_rng_state() if rng_state.is_meta else rng_state.clone(),
+        )
         self._env = env  # its group is held weakly (shardrec.distributed.group_ref)
         self._rank = env.rank
         self._world_size = env.world_size

@@ -27,15 +27,26 @@ from typing import Final
 import torch
 
 from shardrec.modules.managed_collision import ManagedTableStats, MCHManagedCollisionModule
-from shardrec.modules.mc_counters import ADMITTED, BELOW, EVICTED, FREE, REJECTED, STEP
+from shardrec.modules.mc_counters import (
+    ADMITTED,
+    BELOW,
+    EVICTED,
+    FREE,
+    NUM_COUNTERS,
+    REJECTED,
+    STEP,
+)
 from shardrec.modules.mc_policies import require_int
 
 __all__ = [
     "BucketLayout",
     "bucket_stats",
     "counters_of",
+    "empty_bucket",
+    "empty_counters",
     "evicted_rows",
     "held_ids",
+    "is_meta",
     "make_buckets",
     "remap_buckets",
     "split_by_bucket",
@@ -222,3 +233,42 @@ def bucket_stats(counters: Sequence[torch.Tensor], layout: BucketLayout) -> Mana
 def counters_of(module: MCHManagedCollisionModule) -> torch.Tensor:
     """A bucket's counters buffer (what :func:`bucket_stats` reads)."""
     return module.get_buffer("_counters")
+
+
+def is_meta(module: MCHManagedCollisionModule) -> bool:
+    """Whether ``module``'s state is on the meta device (all of it: a mix is refused)."""
+    devices = {b.is_meta for b in module.buffers()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{module._where()}: some of its buffers are on the meta device and some are not;"
+            " build it wholly on meta (to be materialised empty) or wholly on a real device"
+        )
+    return devices == {True}
+
+
+def empty_bucket(
+    template: MCHManagedCollisionModule, device: torch.device | str
+) -> MCHManagedCollisionModule:
+    """A new, empty module with ``template``'s settings (size, policy, interval, admission,
+    name) on ``device``: what ``template`` held when it was built, if it was built there. For a
+    meta ``template`` (it has no values to move, and its state at construction is fixed by those
+    settings), so that a sharded collection allocates only the buckets a rank owns."""
+    fresh = MCHManagedCollisionModule(
+        template.output_size(),
+        device=device,
+        eviction_policy=template.eviction_policy,
+        eviction_interval=template.eviction_interval,
+        admission=template.admission,
+        name=template._name,
+    )
+    # Not a constructor argument of the module: the id map's choice of its compiled host loops.
+    fresh._map.host_loops = template._map.host_loops
+    return fresh
+
+
+def empty_counters(capacity: int) -> torch.Tensor:
+    """The counters of an empty bucket of ``capacity`` rows (on the CPU): what
+    :class:`MCHManagedCollisionModule` starts with, all rows free and nothing counted yet."""
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
+    counters[FREE] = capacity
+    return counters

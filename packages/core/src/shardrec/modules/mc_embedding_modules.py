@@ -146,8 +146,8 @@ class _ManagedCollisionEmbeddings(nn.Module, Generic[ModuleT]):
         self._embedding_module = embedding_module
         self._managed_collision_collection = managed_collision_collection
         self._return_remapped_features = return_remapped_features
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("_reset_rng_state", generator.get_state())
+        self._seed = seed
+        self.register_buffer("_reset_rng_state", self.initial_reset_rng_state())
 
     def _remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not isinstance(self._embedding_module, EmbeddingBagCollection | EmbeddingCollection):
@@ -184,6 +184,11 @@ class _ManagedCollisionEmbeddings(nn.Module, Generic[ModuleT]):
     def reset_rng_state(self) -> torch.Tensor:
         """The state of the random stream that draws evicted rows' fresh weights (a buffer)."""
         return self._reset_rng_state
+
+    def initial_reset_rng_state(self) -> torch.Tensor:
+        """The reset stream's state at construction (from ``seed``, a new CPU tensor): what a
+        sharder starts from when this module's state is on the meta device."""
+        return torch.Generator().manual_seed(self._seed).get_state()
 
     def stats(self) -> dict[str, ManagedTableStats]:
         """Per table: capacity, occupancy, admitted, evicted, rejected, below threshold."""
