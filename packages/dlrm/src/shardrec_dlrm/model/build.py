@@ -31,7 +31,8 @@ def build_dlrm(
     DistributedModelParallel to materialise shard by shard. ``fused_params`` (shardrec's
     ``{"optimizer": ..., "learning_rate": ...}``) fuses the tables' optimizer into backward.
     ``config.managed_ids`` other than ``off`` puts the tables behind managed ids
-    (:mod:`.managed`), their id maps on ``managed_device`` (default CPU; meta to plan only).
+    (:mod:`.managed`), their id maps on ``managed_device`` (default CPU; meta to plan, or to
+    shard: each rank then builds only the buckets it owns).
     """
     from shardrec import EmbeddingBagCollection, EmbeddingBagConfig
 

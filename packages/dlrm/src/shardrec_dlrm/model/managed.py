@@ -61,11 +61,12 @@ def managed_tables(
 ) -> ManagedEmbeddingBags:
     """``ebc``'s tables as managed tables with the ``kind`` eviction policy, each split into
     ``num_buckets`` buckets (:mod:`shardrec.modules.mc_buckets`), their id maps on ``device``
-    (default CPU; meta for the planner, which needs only their shapes: a map takes tens of bytes
-    a row).
+    (default CPU; meta for the planner, which needs only their shapes, and for a model to be
+    sharded: a map takes tens of bytes a row).
 
-    The maps do not follow ``ebc``'s device: a model whose tables are on meta, to be sharded,
-    still needs real maps, which the sharder moves to the ranks owning their buckets."""
+    The maps do not follow ``ebc``'s device. Meta maps can only be sharded: the sharder builds
+    each rank's own buckets empty where they live (real maps it moves there, with their state);
+    unsharded, a module needs real maps."""
     configs = ebc.embedding_bag_configs()
     mcc = ManagedCollisionCollection(
         {

@@ -79,7 +79,8 @@ def shard_model(
     before sharding, so a run starts from the same weights at any world size and with any plan;
     bigger ones are built on the meta device and each shard is initialised where it lives. With
     ``weights_to_load`` (a checkpoint's weights replace them all) every size takes the second way:
-    a whole table and its shards are never held at once.
+    a whole table and its shards are never held at once. Managed tables' id maps are built on
+    meta: each rank materialises only the buckets it owns, empty, where they live.
     """
     from shardrec.distributed.model_parallel import DistributedModelParallel
 
@@ -92,6 +93,8 @@ def shard_model(
         dense_device=state.device,
         fused_params=fused_params(config.optimizer, config.learning_rate, config.eps),
         dense_precision=config.dense_precision,
+        # DMP always shards the managed module: each rank builds only its own buckets' maps.
+        managed_device=torch.device("meta"),
     )
     request = PlanRequest(
         world_size=state.world_size,
