@@ -28,7 +28,8 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, keep its ou
 }
 
 ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make gpu-wheels' here first"; exit 2; }
-# Our three wheels only: their dependencies (pluggy, click, tqdm, tensorboard, numpy) are in the image.
+# Our three wheels only: their dependencies (pluggy, click, tqdm, tensorboard, numpy) are in the image;
+# numba may not be, and then the CPU-side id map and fused update run their torch code (same results).
 $PY -m pip install --quiet --no-deps --no-index --force-reinstall .whl/*.whl || exit 2
 step device 30 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" \
     || exit 2  # no GPU: every CUDA test below would only skip
