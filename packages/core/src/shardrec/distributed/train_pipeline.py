@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, Protocol, Self, cast, runtime_checkable
+from typing import Any, Generic, Protocol, Self, TypeAlias, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ from typing_extensions import TypeVar
 from shardrec.distributed.model_parallel import DistributedModelParallel
 from shardrec.distributed.sharding.contract import AsyncOutputModule
 from shardrec.distributed.types import Awaitable, PipelinableModule
-from shardrec.sparse import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from shardrec.sparse import KeyedJaggedTensor
 
 __all__ = [
     "PipelineFallbackWarning",
@@ -139,7 +139,9 @@ class TrainPipelineBase(Generic[B, Out]):
             self._optimizer.step()
 
 
-Output = KeyedTensor | dict[str, JaggedTensor]
+# What a pipelined module's forward returns, handed back untouched: the embeddings of a sharded
+# EBC / EC, a managed module's (embeddings, remapped KJT or None), a plugin's own output.
+Output: TypeAlias = object
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -181,7 +183,7 @@ class _PipelinedForward:
     def __init__(
         self,
         fqn: str,
-        module: PipelinableModule[Any],
+        module: PipelinableModule[Any, Output],
         original: Callable[..., Output],
         seen_in: _CallContext,
     ) -> None:
@@ -270,7 +272,7 @@ class TrainPipelineSparseDist(Generic[B, Out]):
         self._model = model
         self._device = device
         self._forward = forward
-        self._candidates: dict[str, PipelinableModule[Any]] = {}
+        self._candidates: dict[str, PipelinableModule[Any, Output]] = {}
         self._unable: dict[str, str] = {}
         for prefix, sub in model.named_modules():
             if isinstance(sub, DistributedModelParallel):

@@ -5,8 +5,10 @@ A sharded module runs three stages per batch; each is one method, and a pipeline
 first for batch ``n + 1`` while batch ``n`` trains::
 
     input_dist(kjt) -> Awaitable[C]          ids to the ranks owning their rows  (F, B, L)
-    compute_and_output_dist(ctx: C)          local lookup, then each sender's rows back to it
-        -> KeyedTensor (B, D) | dict[str, JaggedTensor] (B, L, D)
+    compute_and_output_dist(ctx: C) -> Out   local lookup, then each sender's rows back to it
+        Out: what the forward returns; the embeddings by default,
+             KeyedTensor (B, D) | dict[str, JaggedTensor] (B, L, D);
+             a managed-collision module's (embeddings, remapped KJT or None)
 
 The pipeline protocol itself is :class:`~shardrec.distributed.types.PipelinableModule` and its
 communication handle :class:`~shardrec.distributed.types.Awaitable`; the protocols here add what
@@ -25,12 +27,12 @@ from typing_extensions import TypeVar
 from shardrec.distributed.types import (
     Awaitable,
     ModuleSharder,
+    Out_co,
     PipelinableModule,
     ShardedEmbeddingModule,
 )
 from shardrec.kernels import TableBatchedEmbedding
 from shardrec.modules.configs import BaseEmbeddingConfig
-from shardrec.sparse import JaggedTensor, KeyedTensor
 
 if TYPE_CHECKING:
     from shardrec.distributed.planner.layouts import ShardLayout
@@ -100,15 +102,16 @@ class ShardedModule(PipelinableModule[C], ShardedEmbeddingModule, TableKeyPrefix
 
 
 @runtime_checkable
-class AsyncOutputModule(Protocol[C_contra]):
+class AsyncOutputModule(Protocol[C_contra, Out_co]):
     """A sharded module whose output distribution can be left in flight: the lookup runs and
     its rows are sent, and ``wait()`` gives what ``compute_and_output_dist(ctx)`` returns. A
     module split between several sharders starts every part's output distribution before it
-    waits for any, so one part computes while another's rows travel."""
+    waits for any, so one part computes while another's rows travel.
 
-    def compute_and_start_output_dist(
-        self, ctx: C_contra
-    ) -> Awaitable[KeyedTensor | dict[str, JaggedTensor]]: ...
+    ``Out_co`` is that output, as in :class:`PipelinableModule`: the embeddings by default; a
+    sharded managed-collision module's is its pair ``(embeddings, remapped KJT or None)``."""
+
+    def compute_and_start_output_dist(self, ctx: C_contra) -> Awaitable[Out_co]: ...
 
 
 # -- what the unsharded module declares ----------------------------------------------------------
