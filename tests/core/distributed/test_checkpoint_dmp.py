@@ -279,3 +279,31 @@ def test_collective_plan_error_reaches_every_rank(dist_pool: Any) -> None:
     for message in messages:
         assert "'ebc.t1'" in message
         assert "no_such_sharding" in message
+
+
+def case_collective_plan_plugin_error(env: ShardingEnv) -> tuple[str, str]:
+    from shardrec.distributed.planner import EmbeddingShardingPlanner, RankState, Topology
+    from shardrec.distributed.plugins import load_sharder_registry
+
+    def broken_state(module: nn.Module, world_size: int) -> list[RankState]:
+        raise TypeError("broken plugin: no state for you")
+
+    # Sharders whose state declaration fails as a plugin's might (only rank 0 asks them).
+    sharders = load_sharder_registry().sharders()
+    for sharder in sharders:
+        sharder.planner_rank_state = broken_state  # type: ignore[attr-defined]
+    planner = EmbeddingShardingPlanner(Topology(world_size=env.world_size, compute_device="cpu"))
+    try:
+        planner.collective_plan(Model(seed=0), sharders, env.pg)
+    except Exception as error:  # rank 0 raises the plugin's own error, the others a PlannerError
+        return type(error).__name__, str(error)
+    return "none", "no error"
+
+
+def test_a_plugin_error_while_planning_reaches_every_rank(dist_pool: Any) -> None:
+    # Only rank 0 plans: before, its plugin's TypeError left the other ranks waiting forever.
+    (kind0, message0), (kind1, message1) = dist_pool.run(2, case_collective_plan_plugin_error)
+    assert (kind0, message0) == ("TypeError", "broken plugin: no state for you")
+    assert kind1 == "PlannerError"
+    assert "rank 0" in message1
+    assert "broken plugin: no state for you" in message1

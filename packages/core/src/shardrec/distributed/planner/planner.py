@@ -143,22 +143,30 @@ class EmbeddingShardingPlanner:
         sharders: Sequence[ModuleSharder],
         pg: dist.ProcessGroup | None = None,
     ) -> ShardingPlan:
-        """Rank 0 of ``pg`` plans and broadcasts, so every rank runs the same plan."""
+        """Rank 0 of ``pg`` plans and broadcasts, so every rank runs the same plan. If planning
+        fails, every rank raises: rank 0 its own error, the others a :class:`PlannerError` that
+        names it (a plugin's error left unsent would leave them waiting for the plan)."""
         if not (dist.is_available() and dist.is_initialized()):
             return self.plan(module, sharders)
         group = pg if pg is not None else dist.group.WORLD
         payload: list[object] = [None]
+        failure: Exception | None = None
         if dist.get_rank(group) == 0:
             try:
                 payload = [(self.plan(module, sharders), self.last_report)]
             except PlannerError as exc:
                 payload = [exc]
+            except Exception as exc:
+                failure = exc
+                payload = [PlannerError(f"planning failed on rank 0: {type(exc).__name__}: {exc}")]
         src = (
             dist.get_global_rank(group, 0)
             if group is not None and group is not dist.group.WORLD
             else 0
         )
         dist.broadcast_object_list(payload, src=src, group=group)
+        if failure is not None:
+            raise failure
         received = payload[0]
         if isinstance(received, PlannerError):
             raise received
