@@ -349,3 +349,11 @@ def test_lfu_never_passes_over_a_kept_candidate_read_once_more() -> None:
         assert module(torch.tensor(batch)).tolist() == model.step_(batch), step
         module.evict()
     assert module.held_ids() == model.rows
+
+
+def test_a_module_built_on_meta_refuses_ids_by_name() -> None:
+    module = MCHManagedCollisionModule(40, device="meta", name="users")
+    for mode in (module.train, module.eval):
+        mode()
+        with pytest.raises(RuntimeError, match=r"managed table 'users'.*meta device"):
+            module(torch.tensor([1, 2, 3]))

@@ -247,6 +247,12 @@ class MCHManagedCollisionModule(nn.Module):
         return rows[0] if len(rows) == 1 else torch.unique(torch.cat(rows))
 
     def _check_ids(self, ids: object) -> torch.Tensor:
+        if self._counters.is_meta:
+            raise RuntimeError(
+                f"{self._where()}: its id map is on the meta device (built for planning or to be"
+                " sharded): it holds no ids; shard the model with DistributedModelParallel, which"
+                " builds each bucket on the rank that owns it, or build the module on a real device"
+            )
         if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
             raise ValueError(f"{self._where()}: ids must be a 1-D tensor, got {ids!r}")
         if ids.dtype not in (torch.int64, torch.int32):
