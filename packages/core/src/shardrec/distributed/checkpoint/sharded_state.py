@@ -213,7 +213,9 @@ def _state_dict(
     model: nn.Module, pg: dist.ProcessGroup | None, *, copy: bool, for_load: bool
 ) -> dict[str, dict[str, StateValue]]:
     def take(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone() if copy else t.detach()
+        # A plugin's module (the managed buckets) may hold ShardedTensors: chosen knowingly.
+        with quiet_sharded_tensor():
+            return t.detach().clone() if copy else t.detach()
 
     root = unwrap(model)
     tables, owners = sharded_tables(root)
