@@ -8,8 +8,6 @@ clones until the file was written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from shardrec.distributed.checkpoint import CorruptCheckpointError, load, save
 from shardrec.distributed.checkpoint.save_planner import exact_storage
 from shardrec.modules import EmbeddingBagCollection
 from shardrec.modules.configs import EmbeddingBagConfig
+from shardrec.testing import record_allocations
 
 ROWS, DIM = 300, 16
 TABLE_BYTES = ROWS * DIM * 4
@@ -61,36 +60,6 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + t.untyped_storage().nbytes()
 
 
-@contextmanager
-def big_copies(threshold: int) -> Iterator[list[str]]:
-    """Records each ``clone``/``contiguous``/``torch.empty``/``torch.zeros`` that makes a tensor of
-    at least ``threshold`` bytes (the ways a second copy of a table comes to be)."""
-    seen: list[str] = []
-    patched: list[tuple[Any, str, Any]] = [
-        (torch.Tensor, "clone", torch.Tensor.clone),
-        (torch.Tensor, "contiguous", torch.Tensor.contiguous),
-        (torch, "empty", torch.empty),
-        (torch, "zeros", torch.zeros),
-    ]
-
-    def recording(name: str, original: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out.nbytes >= threshold:
-                seen.append(f"{name} of {tuple(out.shape)}")
-            return out
-
-        return call
-
-    try:
-        for owner, name, original in patched:
-            setattr(owner, name, recording(name, original))
-        yield seen
-    finally:
-        for owner, name, original in patched:
-            setattr(owner, name, original)
-
-
 def test_exact_storage_shares_memory_and_owns_exactly_its_bytes() -> None:
     flat = torch.arange(40, dtype=torch.float32)
     view = flat[8:20].view(3, 4)
@@ -120,7 +89,7 @@ def test_save_writes_the_models_memory_without_copying_it(
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", recording_save)
-    with big_copies(TABLE_BYTES) as copies:
+    with record_allocations(TABLE_BYTES) as copies:
         save(tmp_path, model, step=1)
     monkeypatch.undo()
     assert copies == []
@@ -143,7 +112,7 @@ def test_load_in_place_reads_into_the_model_without_a_second_copy(tmp_path: Path
     save(tmp_path, saved, step=3)
     fresh = make_model(1)
     before = {k: v.data_ptr() for k, v in table_tensors(fresh).items()}
-    with big_copies(TABLE_BYTES) as copies:
+    with record_allocations(TABLE_BYTES) as copies:
         assert load(tmp_path, fresh, in_place=True) == 3
     assert copies == []
     after = table_tensors(fresh)
@@ -157,7 +126,7 @@ def test_load_in_place_reads_into_the_model_without_a_second_copy(tmp_path: Path
 def test_the_default_load_reads_into_fresh_tensors(tmp_path: Path) -> None:
     """The guarantee ``in_place`` gives up: without it, the weights are read into a copy first."""
     save(tmp_path, make_model(0), step=3)
-    with big_copies(TABLE_BYTES) as copies:
+    with record_allocations(TABLE_BYTES) as copies:
         load(tmp_path, make_model(1))
     assert len(copies) >= 6
 

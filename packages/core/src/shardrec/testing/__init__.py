@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     # mypy sees each lazy name as what it is; at run time __getattr__ imports it on first use.
+    from shardrec.testing._allocations import Allocation, record_allocations
     from shardrec.testing._batches import Batches, GlobalBatch
     from shardrec.testing._check import PlanForWorld, check_sharding
     from shardrec.testing._errors import RankFailedError, RankTimeoutError
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 _LAZY: dict[str, str] = {
     "EMBEDDING_FQN": "shardrec.testing._model",
+    "Allocation": "shardrec.testing._allocations",
     "Batches": "shardrec.testing._batches",
     "DenseOptimizer": "shardrec.testing._ranks",
     "EmbeddingModel": "shardrec.testing._model",
@@ -46,6 +48,7 @@ _LAZY: dict[str, str] = {
     "RankTimeoutError": "shardrec.testing._errors",
     "WorkerPool": "shardrec.testing._pool",
     "check_sharding": "shardrec.testing._check",
+    "record_allocations": "shardrec.testing._allocations",
     "run_ranks": "shardrec.testing._pool",
 }
 
@@ -59,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "EMBEDDING_FQN",
+    "Allocation",
     "Batches",
     "DenseOptimizer",
     "EmbeddingModel",
@@ -72,5 +76,6 @@ __all__ = [
     "RankTimeoutError",
     "WorkerPool",
     "check_sharding",
+    "record_allocations",
     "run_ranks",
 ]
