@@ -4,8 +4,6 @@ tensors (no copy of a table is made), after verifying the checkpoint as before."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 import shardrec_dlrm.training.evaluate as evaluate_module
 import shardrec_dlrm.training.sharding as sharding_module
 from shardrec.distributed.checkpoint import SafeFileSystemReader
+from shardrec.testing import Allocation, record_allocations
 from shardrec_dlrm.cli import main
 from shardrec_dlrm.training.evaluate import EvaluateConfig, evaluate
 
@@ -39,36 +38,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return root
-
-
-@contextmanager
-def big_copies(threshold: int) -> Iterator[list[str]]:
-    """Records each ``clone``/``contiguous``/``torch.empty``/``torch.zeros`` that makes a tensor of
-    at least ``threshold`` bytes (the ways a second copy of a table comes to be)."""
-    seen: list[str] = []
-    patched: list[tuple[Any, str, Any]] = [
-        (torch.Tensor, "clone", torch.Tensor.clone),
-        (torch.Tensor, "contiguous", torch.Tensor.contiguous),
-        (torch, "empty", torch.empty),
-        (torch, "zeros", torch.zeros),
-    ]
-
-    def recording(name: str, original: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out.nbytes >= threshold:
-                seen.append(f"{name} of {tuple(out.shape)}")
-            return out
-
-        return call
-
-    try:
-        for owner, name, original in patched:
-            setattr(owner, name, recording(name, original))
-        yield seen
-    finally:
-        for owner, name, original in patched:
-            setattr(owner, name, original)
 
 
 def test_evaluate_reads_weights_only_straight_into_the_model(
@@ -108,11 +77,11 @@ def test_evaluate_reads_weights_only_straight_into_the_model(
         return real_read(self, plan, planner)
 
     monkeypatch.setattr(SafeFileSystemReader, "read_data", recording_read)
-    copies: list[str] = []
+    copies: list[Allocation] = []
     real_load = getattr(evaluate_module, "load_for_evaluation")  # noqa: B009
 
     def watched_load(*args: Any, **kwargs: Any) -> int:
-        with big_copies(TABLE_BYTES) as seen:
+        with record_allocations(TABLE_BYTES) as seen:
             step: int = real_load(*args, **kwargs)
         copies.extend(seen)
         return step
