@@ -10,14 +10,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import shardrec_dlrm.model.build as build_module
 from shardrec.distributed.planner import GB
 from shardrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from shardrec.testing import record_allocations
 from shardrec_dlrm.cli import main
 from shardrec_dlrm.model.build import TABLE_NAMES
 from shardrec_dlrm.model.dlrm import DLRMTrain
@@ -27,28 +25,6 @@ from shardrec_sharders.managed_collision import ManagedCollisionSharder
 # Larger than anything planning itself makes (the managed module's RNG state is ~5 KiB), far
 # smaller than one bucket's map at any size worth planning.
 BIG: int = 1 << 20
-
-
-class BigTensors(TorchDispatchMode):
-    """Records every op that returns a tensor off the meta device of at least ``BIG`` bytes
-    (factory functions included: a dispatch mode sees them all)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta and t.nbytes >= BIG:
-                self.seen.append(f"{func} -> {tuple(t.shape)} on {t.device}")
-        return out
 
 
 @contextmanager
@@ -94,9 +70,9 @@ def state_per_rank(output: str, world: int) -> list[float]:
 
 def test_planning_200m_row_managed_tables_allocates_no_map(monkeypatch: pytest.MonkeyPatch) -> None:
     world, rows, buckets = 8, 200_000_000, 4
-    with built_models(monkeypatch, force_cpu_maps=False) as models, BigTensors() as big:
+    with built_models(monkeypatch, force_cpu_maps=False) as models, record_allocations(BIG) as big:
         output = plan(world=world, rows=rows, buckets=buckets)
-    assert big.seen == []
+    assert big == []
     (model,) = models
     managed = managed_of(model)
     maps = list(managed.managed_collision_collection.buffers())
@@ -124,10 +100,13 @@ def test_the_meta_plan_prints_what_a_plan_with_cpu_maps_prints(
     world, rows, buckets = 3, 50_000, 3
     with built_models(monkeypatch, force_cpu_maps=False) as meta_models:
         on_meta = plan(world=world, rows=rows, buckets=buckets)
-    with built_models(monkeypatch, force_cpu_maps=True) as cpu_models, BigTensors() as big:
+    with (
+        built_models(monkeypatch, force_cpu_maps=True) as cpu_models,
+        record_allocations(BIG) as big,
+    ):
         on_cpu = plan(world=world, rows=rows, buckets=buckets)
     # The comparison is meaningful: one build had real maps (which the mode sees), one none.
-    assert big.seen != []
+    assert big != []
     cpu_maps = list(managed_of(cpu_models[0]).managed_collision_collection.buffers())
     assert all(b.device.type == "cpu" for b in cpu_maps)
     assert all(b.is_meta for b in managed_of(meta_models[0]).managed_collision_collection.buffers())
