@@ -28,15 +28,20 @@ and the torch code runs. Kernels compile once per process and are cached on disk
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from shardrec.kernels.jit_intrinsics import (
+    fma32,
+    prefetch_read,
+    prefetch_write,
+    register_intrinsics,
+)
 from shardrec.kernels.specs import FusedOptimizerConfig, OptimizerType
 
 if TYPE_CHECKING:
@@ -62,30 +67,16 @@ _LINE: Final = 16
 _BAGS_PER_ROW: Final = 2
 
 
-def _fma(a: float, b: float, c: float) -> float:
-    """``a * b + c`` rounded once to float32 (compiled: the machine's fused multiply-add; here the
-    exact float64 product plus ``c``, rounded twice, for reading only)."""
-    return float(np.float32(np.float64(a) * np.float64(b) + np.float64(c)))
-
-
-def _prefetch(a: F32s, i: int) -> None:
-    """Compiled: start loading the cache line of ``a[i]`` for writing. Here: nothing."""
-
-
-def _prefetch_read(a: F32s, i: int) -> None:
-    """Compiled: start loading the cache line of ``a[i]`` for reading. Here: nothing."""
-
-
 def _prefetch_row(weight: F32s, state: F32s, row: int) -> None:
     """Prefetch a row's weights and state for writing; ``state``: 2-D (a row per row), 1-D (a
     float per row) or 0-D (none)."""
     for off in range(0, weight.shape[1], _LINE):
-        _prefetch(weight[row], off)
+        prefetch_write(weight[row], off)
     if state.ndim == 2:
         for off in range(0, state.shape[1], _LINE):
-            _prefetch(state[row], off)
+            prefetch_write(state[row], off)
     elif state.ndim == 1 and state.size > 0:
-        _prefetch(state, row)
+        prefetch_write(state, row)
 
 
 def _prefetch_bags(grad: F32s, bags: I64s, lo: int, hi: int) -> int:
@@ -94,7 +85,7 @@ def _prefetch_bags(grad: F32s, bags: I64s, lo: int, hi: int) -> int:
     for k in range(lo, hi):
         g = grad[bags[k]]
         for off in range(0, g.size, _LINE):
-            _prefetch_read(g, off)
+            prefetch_read(g, off)
     return max(hi, lo)
 
 
@@ -116,7 +107,7 @@ def _row_gradient(acc: F32s, grad: F32s, bags: I64s, weights: F32s, lo: int, hi:
             b = bags[k]
             w = weights[k]
             for d in range(dim):
-                acc[d] = _fma(w, grad[b, d], acc[d])
+                acc[d] = fma32(w, grad[b, d], acc[d])
 
 
 def _square_mean(acc: F32s, parts: F32s) -> np.float32:
@@ -362,46 +353,10 @@ def update_kernels() -> UpdateKernels | None:
 
 
 def _register_primitives() -> None:
-    """Give the compiled kernels ``_fma`` and the prefetches as LLVM intrinsics, and the helper
-    functions as compiled functions."""
-    from numba.core import cgutils, types
-    from numba.extending import intrinsic, overload, register_jitable
+    """Give the compiled kernels the LLVM intrinsics (:mod:`shardrec.kernels.jit_intrinsics`) and
+    the helper functions as compiled functions."""
+    from numba.extending import register_jitable
 
-    # llvmlite (numba's LLVM binding) has no type information: its names are Any here.
-    ir: Any = importlib.import_module("llvmlite.ir")
-    f32, i32 = ir.FloatType(), ir.IntType(32)
-    i8p = ir.IntType(8).as_pointer()
-
-    def fma32(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            fnty = ir.FunctionType(f32, [f32] * 3)
-            return builder.call(builder.module.declare_intrinsic("llvm.fma", [f32], fnty), args)
-
-        return types.float32(types.float32, types.float32, types.float32), codegen
-
-    def prefetch(write: int) -> Any:
-        def typed(typingctx: Any, arr: Any, index: Any) -> Any:
-            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-                aryty, idxty = signature.args
-                ary = context.make_array(aryty)(context, builder, args[0])
-                idx = context.cast(builder, args[1], idxty, types.intp)
-                ptr = cgutils.get_item_pointer(  # type: ignore[no-untyped-call]
-                    context, builder, aryty, ary, [idx], wraparound=False
-                )
-                fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-                fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
-                # (address, 0 read / 1 write, locality 3: keep in every level, 1: data cache)
-                builder.call(fn, [builder.bitcast(ptr, i8p), i32(write), i32(3), i32(1)])
-                return context.get_dummy_value()
-
-            return types.void(arr, index), codegen
-
-        return intrinsic(typed)
-
-    fma: Any = intrinsic(fma32)
-    write, read = prefetch(1), prefetch(0)
-    overload(_fma)(lambda a, b, c: lambda a, b, c: fma(a, b, c))
-    overload(_prefetch)(lambda a, i: lambda a, i: write(a, i))
-    overload(_prefetch_read)(lambda a, i: lambda a, i: read(a, i))
+    register_intrinsics()
     for helper in (_prefetch_row, _prefetch_bags, _row_gradient, _square_mean):
         register_jitable(helper)
