@@ -19,8 +19,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from shardrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from shardrec.distributed import (
@@ -36,7 +34,7 @@ from shardrec.modules.mc_admission import CountThresholdAdmission
 from shardrec.modules.mc_collection import ManagedCollisionCollection
 from shardrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from shardrec.modules.mc_policies import LFU_EvictionPolicy, LRU_EvictionPolicy
-from shardrec.testing import GlobalBatch
+from shardrec.testing import GlobalBatch, record_allocations
 from shardrec_sharders.managed_collision import ShardedManagedCollisionEmbeddings
 
 pytestmark = pytest.mark.multiprocess
@@ -229,38 +227,10 @@ BIG_ROWS = (400_001, 300_001)  # buckets of 60-100k rows: every map buffer is at
 BIG = 1 << 19
 
 
-class IntStorages(TorchDispatchMode):
-    """The storages of at least ``BIG`` bytes that integer tensors off meta are made in (factory
-    ops included: a dispatch mode sees every op), by address."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[int, int] = {}
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if (
-                isinstance(t, torch.Tensor)
-                and not t.is_meta
-                and t.dtype in (torch.int64, torch.int32)
-            ):
-                storage = t.untyped_storage()
-                if storage.nbytes() >= BIG:
-                    self.seen[storage.data_ptr()] = storage.nbytes()
-        return out
-
-
 def case_allocations(env: ShardingEnv, maps: str) -> dict[str, Any]:
     """The integer storages of at least BIG bytes that building and sharding make on this rank,
     and those of the buckets it holds (tables on meta: DMP builds their shards, in float)."""
-    with IntStorages() as mode:
+    with record_allocations(BIG) as made:
         built = build(maps, BIG_ROWS, tables_on="meta")
         mc = built.mc
         assert isinstance(mc, ManagedCollisionEmbeddingBagCollection)
@@ -283,9 +253,11 @@ def case_allocations(env: ShardingEnv, maps: str) -> dict[str, Any]:
     )
     # The unsharded collection's buckets: still meta where built there (the held ones are new).
     devices = {b.device.type for m in buckets.values() for bucket in m for b in bucket.buffers()}
-    unseen = sorted(names[p] for p in held if p not in mode.seen)
+    # The integer storages made (a dispatch mode sees factory ops too), by address.
+    seen = {a.address: a.nbytes for a in made if a.dtype in (torch.int64, torch.int32)}
+    unseen = sorted(names[p] for p in held if p not in seen)
     return {
-        "seen": mode.seen,
+        "seen": seen,
         "held": held,
         "unseen": unseen,
         "all_buckets_bytes": total,
