@@ -401,7 +401,7 @@ class MCHManagedCollisionModule(nn.Module):
         self._candidates = None
         if kept is not None and kept.rows.device == self._last_read.device:
             capacity = self.capacity
-            limit = (2**62) // capacity
+            limit = self._score_limit
             score = self._eviction_policy.score(self._last_read, self._reads)
             now = score.index_select(0, kept.rows).clamp(max=limit)
             same = now == kept.scores
@@ -448,6 +448,12 @@ class MCHManagedCollisionModule(nn.Module):
                 return rows.index_select(0, picks).sort().values
         return self._scan_lowest(need, hit_rows, None)
 
+    @property
+    def _score_limit(self) -> int:
+        """Scores from here on are free rows' (``_FREE_MARK``, clamped to it) and never picked;
+        keys ``score * capacity + row`` below it fit in an int64."""
+        return _FREE_MARK // self.capacity
+
     def _keys(self, exclude: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Per row the key ``score * capacity + row`` (``exclude`` rows _NEVER), and ``limit``:
         keys from ``limit * capacity`` on are free rows, never picked."""
@@ -456,7 +462,7 @@ class MCHManagedCollisionModule(nn.Module):
         # (their score is _FREE_MARK, clamped to ``limit``) sort last; picks among them are
         # dropped. A real score would only reach ``limit`` after about 2^62 / capacity reads
         # or steps.
-        limit = (2**62) // capacity
+        limit = self._score_limit
         score = self._eviction_policy.score(self._last_read, self._reads).clamp(max=limit)
         key = score * capacity + torch.arange(capacity, device=score.device)
         if exclude is not None:
@@ -472,7 +478,7 @@ class MCHManagedCollisionModule(nn.Module):
         outside = hit_rows if exclude is None else torch.cat([hit_rows, exclude])
         kernels = self._map.compiled()
         if kernels is not None and outside.device.type == "cpu":
-            limit = (2**62) // self.capacity
+            limit = self._score_limit
             score = self._eviction_policy.score(self._last_read, self._reads).contiguous()
             out = torch.empty(need, dtype=torch.int64)
             taken = kernels.lowest(score.numpy(), limit, outside.numpy(), need, out.numpy())

@@ -35,16 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from shardrec.modules.mc_id_map_host import HostKernels, host_kernels
+from shardrec.modules.mc_id_map_host import (
+    DELETED,
+    EMPTY,
+    INSERT_WINDOW,
+    MULTIPLIER,
+    HostKernels,
+    host_kernels,
+)
 
 __all__ = ["IdRowMap", "hash_slots"]
 
-EMPTY: Final = -1
-DELETED: Final = -2
-# Fibonacci hashing: the top bits of ``id * odd constant`` (2^64 / golden ratio, as an int64).
-_GOLDEN: Final = -7046029254386353131
-# Slots an insert reads at once while it looks for an open slot.
-_INSERT_WINDOW: Final = 16
 # Ids left after a race that an insert places one slot read at a time (CPU).
 _FEW: Final = 8
 # Slots a lookup reads at once per id not settled at home: first a few, then up to 64 at a time.
@@ -52,7 +53,7 @@ _SHORT_WINDOW: Final = 4
 _LOOKUP_WINDOW: Final = 64
 
 
-def hash_slots(ids: torch.Tensor, bits: int, multiplier: int = _GOLDEN) -> torch.Tensor:
+def hash_slots(ids: torch.Tensor, bits: int, multiplier: int = MULTIPLIER) -> torch.Tensor:
     """The ``bits``-bit slot of each id: the top bits of ``id * multiplier`` (wrapping int64)."""
     mixed = ids * multiplier
     return (mixed >> (64 - bits)) & ((1 << bits) - 1)
@@ -212,7 +213,7 @@ class IdRowMap(nn.Module):
             return
         mask = self.num_slots - 1
         home = hash_slots(ids, self.bits)
-        steps = torch.arange(_INSERT_WINDOW, device=ids.device)
+        steps = torch.arange(INSERT_WINDOW, device=ids.device)
         farthest = int(self.max_displacement)
         # The ids still to place (None: all of them, in order: the first pass, usually the
         # only one) and how far each resumes its walk from home.
@@ -253,7 +254,7 @@ class IdRowMap(nn.Module):
                     break  # every id placed (the usual case: new ids rarely race for a slot)
             # Where an id's window has no open slot it resumes after the window, else right
             # after its first open slot (taken by another id: it did not win it).
-            walked = torch.where(has_open, first.squeeze(1) + 1, _INSERT_WINDOW)
+            walked = torch.where(has_open, first.squeeze(1) + 1, INSERT_WINDOW)
             offset = walked if offset is None else offset + walked
             if winners is not None:
                 lost = torch.ones(count, dtype=torch.bool, device=ids.device)
@@ -281,9 +282,8 @@ class IdRowMap(nn.Module):
         return host_kernels() if on_host else None
 
     def _host_kernels(self, ids: torch.Tensor) -> HostKernels | None:
-        """The compiled CPU kernels, where the map and ``ids`` are on the CPU and they load."""
-        on_host = self.host_loops and ids.device.type == "cpu" and self.slots.device.type == "cpu"
-        return host_kernels() if on_host else None
+        """:meth:`compiled`, where ``ids`` are on the CPU too."""
+        return self.compiled() if ids.device.type == "cpu" else None
 
     def _place_few(
         self,
@@ -311,7 +311,7 @@ class IdRowMap(nn.Module):
             claims: dict[int, tuple[int, int, int]] = {}
             later = []
             for i, start, off, raw, row in todo:
-                for step in range(_INSERT_WINDOW):
+                for step in range(INSERT_WINDOW):
                     slot = (start + off + step) & mask
                     if slots[slot, 1] < 0:
                         if slot in claims:
@@ -320,7 +320,7 @@ class IdRowMap(nn.Module):
                             claims[slot] = (start, raw, row)
                         break
                 else:
-                    later.append((i, start, off + _INSERT_WINDOW, raw, row))
+                    later.append((i, start, off + INSERT_WINDOW, raw, row))
             for slot, (start, raw, row) in claims.items():
                 filled += int(slots[slot, 1] == DELETED)
                 slots[slot, 0] = raw

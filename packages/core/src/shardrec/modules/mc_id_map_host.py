@@ -29,19 +29,22 @@ import numpy.typing as npt
 
 from shardrec.kernels.jit_intrinsics import prefetch_read, register_intrinsics
 
-__all__ = ["HostKernels", "host_kernels"]
+__all__ = ["DELETED", "EMPTY", "INSERT_WINDOW", "MULTIPLIER", "HostKernels", "host_kernels"]
 
 Int64s = npt.NDArray[np.int64]
 
-_EMPTY: Final = -1
-_DELETED: Final = -2
-# Slots an insert round reads per id (the torch code's window: the same rounds come out).
-_INSERT_WINDOW: Final = 16
+# The map's layout and hash, which the torch code (shardrec.modules.mc_id_map) shares.
+EMPTY: Final = -1  # the row of an empty slot; "absent" in a lookup's answer
+DELETED: Final = -2  # the row of a removed id's slot (a tombstone)
+# Slots an insert round reads per id.
+INSERT_WINDOW: Final = 16
+# Fibonacci hashing: the top bits of ``id * odd constant`` (2^64 / golden ratio, as an int64).
+MULTIPLIER: Final = -7046029254386353131
 # Ids ahead whose home slot a lookup prefetches (of 0, 32, 64, 128 measured on 8 maps out of
 # cache: 64 and 128 gave the least time, about a quarter less than none).
 _PREFETCH_IDS: Final = 64
-# The map's multiplier (2^64 / golden ratio) as an unsigned 64-bit number.
-_MULTIPLIER: Final = 0x9E3779B97F4A7C15
+# The multiplier as an unsigned 64-bit number, as the kernels multiply.
+_UNSIGNED_MULTIPLIER: Final = MULTIPLIER & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _find(
@@ -70,7 +73,7 @@ def _find(
     the ids not settled at home walk their runs; then the records."""
     mask = (1 << bits) - 1
     # An id's home slot: the top ``bits`` bits of ``id * multiplier`` (wrapping, unsigned).
-    shift, multiplier = np.uint64(64 - bits), np.uint64(_MULTIPLIER)
+    shift, multiplier = np.uint64(64 - bits), np.uint64(_UNSIGNED_MULTIPLIER)
     n = ids.size
     flat = slots.reshape(-1)
     for i in range(n):
@@ -87,13 +90,13 @@ def _find(
             continue
         # Not at home: absent if home is empty, else up to ``reach`` slots further on (never
         # past an empty slot).
-        found = _EMPTY
-        if row != _EMPTY:
+        found = EMPTY
+        if row != EMPTY:
             slot = np.int64((np.uint64(raw) * multiplier) >> shift)
             for _ in range(reach):
                 slot = (slot + 1) & mask
                 held = slots[slot, 1]
-                if held == _EMPTY:
+                if held == EMPTY:
                     break
                 if held >= 0 and slots[slot, 0] == raw:
                     found = held
@@ -129,14 +132,14 @@ def _insert(
     claims: Int64s,
 ) -> tuple[int, int]:
     """Add ``ids[i] -> rows[i]`` (distinct, absent ids; free rows) in the rounds of the torch
-    insert: each pending id claims the first open slot of its window of ``_INSERT_WINDOW``
+    insert: each pending id claims the first open slot of its window of ``INSERT_WINDOW``
     slots (the table as it was before the round), the first claimant in id order wins, the
     others walk on from after the slot they claimed (or after their window). ``claims``: any
     int64 array of one entry per slot (overwritten where read). Returns (farthest
     displacement, tombstones reused)."""
     mask = (1 << bits) - 1
     # An id's home slot: the top ``bits`` bits of ``id * multiplier`` (wrapping, unsigned).
-    shift, multiplier = np.uint64(64 - bits), np.uint64(_MULTIPLIER)
+    shift, multiplier = np.uint64(64 - bits), np.uint64(_UNSIGNED_MULTIPLIER)
     n = ids.size
     home = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -150,19 +153,19 @@ def _insert(
         for k in range(left):
             i = pending[k]
             start = home[i] + offset[i]
-            claimed[k] = _EMPTY
-            for step in range(_INSERT_WINDOW):
+            claimed[k] = EMPTY
+            for step in range(INSERT_WINDOW):
                 if slots[(start + step) & mask, 1] < 0:
                     claimed[k] = step
                     break
         # The first claimant of each slot, in pending order.
         for k in range(left):
             if claimed[k] >= 0:
-                claims[(home[pending[k]] + offset[pending[k]] + claimed[k]) & mask] = _EMPTY
+                claims[(home[pending[k]] + offset[pending[k]] + claimed[k]) & mask] = EMPTY
         for k in range(left):
             if claimed[k] >= 0:
                 slot = (home[pending[k]] + offset[pending[k]] + claimed[k]) & mask
-                if claims[slot] == _EMPTY:
+                if claims[slot] == EMPTY:
                     claims[slot] = k
         kept = 0
         for k in range(left):
@@ -170,7 +173,7 @@ def _insert(
             if claimed[k] >= 0:
                 slot = (home[i] + offset[i] + claimed[k]) & mask
                 if claims[slot] == k:
-                    if slots[slot, 1] == _DELETED:
+                    if slots[slot, 1] == DELETED:
                         reused += 1
                     slots[slot, 0] = ids[i]
                     slots[slot, 1] = rows[i]
@@ -179,7 +182,7 @@ def _insert(
                     continue
                 offset[i] += claimed[k] + 1
             else:
-                offset[i] += _INSERT_WINDOW
+                offset[i] += INSERT_WINDOW
             pending[kept] = i
             kept += 1
         left = kept
@@ -199,7 +202,7 @@ def _rebuild(
     (home, row) order with no comparison sort.
     """
     num_slots = 1 << bits
-    shift, multiplier = np.uint64(64 - bits), np.uint64(_MULTIPLIER)
+    shift, multiplier = np.uint64(64 - bits), np.uint64(_UNSIGNED_MULTIPLIER)
     per_home = np.zeros(num_slots + 1, dtype=np.int64)
     held = 0
     for row in range(row_slots.size):
@@ -222,7 +225,7 @@ def _rebuild(
             order_ids[at] = raw
             order_rows[at] = row
     for slot in range(num_slots):
-        slots[slot, 1] = _EMPTY
+        slots[slot, 1] = EMPTY
     farthest = 0
     wrapped = 0
     previous = -1
