@@ -133,21 +133,7 @@ def batch(step: int, world: int, rank: int | None) -> KeyedJaggedTensor:
 def rows_by_rank(rows: torch.Tensor, whole: GlobalBatch, sequence: bool) -> list[torch.Tensor]:
     """The unsharded module's output ``rows`` for the whole batch, cut into each rank's part: a
     row per sample (EBC), or each rank's ids of every feature's block, features sorted (EC)."""
-    if not sequence:
-        return list(torch.split(rows, whole.sizes))
-    features = sorted(whole.keys)
-    per_key = dict(zip(whole.keys, (int(n) for n in whole.lengths.sum(dim=1)), strict=True))
-    blocks = torch.split(rows, [per_key[f] for f in features])
-    out = []
-    for rank in range(len(whole.sizes)):
-        lo, hi = whole.bounds(rank)
-        parts = []
-        for f, block in zip(features, blocks, strict=True):
-            lengths = whole.lengths[whole.keys.index(f)]
-            first = int(lengths[:lo].sum())
-            parts.append(block[first : first + int(lengths[lo:hi].sum())])
-        out.append(torch.cat(parts))
-    return out
+    return whole.rows_by_rank(rows, sorted(whole.keys) if sequence else None)
 
 
 def assemble(like: torch.Tensor, blocks: list[Block]) -> torch.Tensor:

@@ -143,6 +143,30 @@ class GlobalBatch:
             weights=weights,
         )
 
+    def rows_by_rank(
+        self, rows: torch.Tensor, features: Sequence[str] | None = None
+    ) -> list[torch.Tensor]:
+        """An unsharded module's output ``rows`` for this whole batch, cut into each rank's part.
+
+        ``features`` None: pooled rows, one per sample (an EmbeddingBagCollection). Otherwise
+        ``rows`` is a block per entry of ``features`` (an EmbeddingCollection's outputs, a
+        feature's ids in sample order each): a rank gets its samples' ids of every block.
+        """
+        if features is None:
+            return list(torch.split(rows, self.sizes))
+        per_key = dict(zip(self.keys, (int(n) for n in self.lengths.sum(dim=1)), strict=True))
+        blocks = torch.split(rows, [per_key[f] for f in features])
+        out = []
+        for rank in range(len(self.sizes)):
+            lo, hi = self.bounds(rank)
+            parts = []
+            for f, block in zip(features, blocks, strict=True):
+                lengths = self.lengths[self.keys.index(f)]
+                first = int(lengths[:lo].sum())
+                parts.append(block[first : first + int(lengths[lo:hi].sum())])
+            out.append(torch.cat(parts))
+        return out
+
     def split_by_key(self, values: torch.Tensor) -> list[torch.Tensor]:
         """A whole-batch per-entry tensor (the global KJT's weights' gradient) cut by key."""
         return list(torch.split(values, [int(n) for n in self.lengths.sum(dim=1)]))

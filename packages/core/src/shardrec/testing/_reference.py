@@ -43,28 +43,12 @@ class Reference:
 def rows_by_rank(
     model: EmbeddingModel, rows: torch.Tensor, batch: GlobalBatch
 ) -> list[torch.Tensor]:
-    """The unsharded module's output ``rows`` for the whole ``batch``, cut into each rank's part.
-
-    EmbeddingBagCollection: a row per sample. EmbeddingCollection: a block per output name
-    (sorted), each holding its feature's ids in sample order; a rank gets its samples' ids of
-    every block.
-    """
+    """The unsharded module's output ``rows`` for the whole ``batch``, cut into each rank's part
+    (:meth:`GlobalBatch.rows_by_rank`): a row per sample for an EmbeddingBagCollection, a block
+    per output name (sorted) for an EmbeddingCollection."""
     if model.pooled:
-        return list(torch.split(rows, batch.sizes))
-    names = model.output_names()
-    features = [n.split("@")[0] for n in names]
-    per_key = dict(zip(batch.keys, (int(n) for n in batch.lengths.sum(dim=1)), strict=True))
-    blocks = torch.split(rows, [per_key[f] for f in features])
-    out = []
-    for rank in range(len(batch.sizes)):
-        lo, hi = batch.bounds(rank)
-        parts = []
-        for f, block in zip(features, blocks, strict=True):
-            lengths = batch.lengths[batch.keys.index(f)]
-            first = int(lengths[:lo].sum())
-            parts.append(block[first : first + int(lengths[lo:hi].sum())])
-        out.append(torch.cat(parts))
-    return out
+        return batch.rows_by_rank(rows)
+    return batch.rows_by_rank(rows, [n.split("@")[0] for n in model.output_names()])
 
 
 def train_reference(run: RankRun) -> Reference:
