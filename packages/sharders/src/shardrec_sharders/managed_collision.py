@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardrec.distributed.async_comm import TensorAwaitable
 from shardrec.distributed.awaitables import Mapped, Ready
 from shardrec.distributed.hookspecs import RegisterSharder, hookimpl
 from shardrec.distributed.model_parallel import ShardedModuleGroup, shard_module
@@ -241,7 +242,11 @@ class ShardedManagedCollisionEmbeddings(nn.Module):
         """Every rank's ``mine`` (the bad-batch flag, then its ids per bucket), in flight."""
         if self._world_size == 1 or self._pg is None:
             return Ready([mine])
-        return _GatheredCounts(mine, self._world_size, self._pg, self._device)
+        local = torch.tensor(mine, dtype=torch.int64, device=self._device)
+        every = torch.empty((self._world_size, len(mine)), dtype=torch.int64, device=self._device)
+        work = dist.all_gather(list(every.unbind(0)), local, group=self._pg, async_op=True)
+        assert work is not None
+        return Mapped(TensorAwaitable(every, work, local, torch.int64), lambda t: t.tolist())
 
     def _reset(self, evicted: Mapping[str, torch.Tensor | None]) -> None:
         """Fresh weights and zero optimizer state for the evicted rows this rank's shards hold."""
@@ -330,29 +335,6 @@ class _RoutingIds:
             raise BadBatchError(why, ranks=ranks)
         assert self._routing is not None
         return RoutedFeatures(self._features, self._routing.wait())
-
-
-class _GatheredCounts:
-    """An all-gather of one list of ints per rank, in flight."""
-
-    def __init__(
-        self, mine: list[int], world_size: int, pg: dist.ProcessGroup, device: torch.device
-    ) -> None:
-        local = torch.tensor(mine, dtype=torch.int64, device=device)
-        self._out = [torch.empty_like(local) for _ in range(world_size)]
-        self._work: dist.Work | None = dist.all_gather(self._out, local, group=pg, async_op=True)
-        self._result: list[list[int]] | None = None
-
-    def advance(self) -> None:
-        pass
-
-    def wait(self) -> list[list[int]]:
-        if self._result is None:
-            assert self._work is not None
-            self._work.wait()
-            self._work = None
-            self._result = [t.tolist() for t in self._out]
-        return self._result
 
 
 class ManagedCollisionSharder:
