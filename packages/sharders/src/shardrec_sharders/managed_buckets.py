@@ -46,14 +46,13 @@ from shardrec.modules.mc_buckets import (
     BucketLayout,
     bucket_stats,
     counters_of,
-    empty_bucket,
-    empty_counters,
     evicted_rows,
     held_ids,
     is_meta,
     split_by_bucket,
 )
 from shardrec.modules.mc_collection import ManagedCollisionCollection
+from shardrec.modules.mc_counters import empty_counters
 from shardrec.sparse import KeyedJaggedTensor
 
 __all__ = ["LocalIds", "RemapResult", "RoutedIds", "ShardedManagedCollisionCollection"]
@@ -147,7 +146,7 @@ class ShardedManagedCollisionCollection(nn.Module):
                 meta = is_meta(module)
                 if owner == rank:
                     if meta:
-                        module = empty_bucket(module, device)
+                        module = module.empty_like(device=device)
                     else:
                         module.to(device)
                     self._held[(table, b)] = module

@@ -43,9 +43,9 @@ from shardrec.modules.mc_counters import (
     DEMAND,
     EVICTED,
     FREE,
-    NUM_COUNTERS,
     REJECTED,
     STEP,
+    empty_counters,
 )
 from shardrec.modules.mc_id_map import IdRowMap
 from shardrec.modules.mc_policies import (
@@ -165,12 +165,31 @@ class MCHManagedCollisionModule(nn.Module):
         self.register_buffer(
             "_free_rows", torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=device)
         )
-        counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
-        counters[FREE] = capacity
-        self.register_buffer("_counters", counters)
+        self.register_buffer("_counters", empty_counters(capacity, device))
         self._pending_resets: list[torch.Tensor] = []
         self._warned_full = False
         self._candidates: _Candidates | None = None
+
+    def empty_like(
+        self,
+        zch_size: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        name: str | None = None,
+    ) -> MCHManagedCollisionModule:
+        """A new, empty module with this one's policy, interval, admission and choice of the id
+        map's code; ``zch_size``, ``device`` and ``name`` default to this one's (its device: that
+        of its state). Nothing of this module's state is read, so it may be on the meta device."""
+        fresh = MCHManagedCollisionModule(
+            self._zch_size if zch_size is None else zch_size,
+            device=self._counters.device if device is None else device,
+            eviction_policy=self._eviction_policy,
+            eviction_interval=self._eviction_interval,
+            admission=self._admission,
+            name=self._name if name is None else name,
+        )
+        fresh._map.host_loops = self._map.host_loops
+        return fresh
 
     # ---- TorchRec's queries -----------------------------------------------------------------
 

@@ -32,7 +32,6 @@ from shardrec.modules.mc_counters import (
     BELOW,
     EVICTED,
     FREE,
-    NUM_COUNTERS,
     REJECTED,
     STEP,
 )
@@ -42,8 +41,6 @@ __all__ = [
     "BucketLayout",
     "bucket_stats",
     "counters_of",
-    "empty_bucket",
-    "empty_counters",
     "evicted_rows",
     "held_ids",
     "is_meta",
@@ -145,16 +142,8 @@ def make_buckets(
             " trained already; buckets start empty, so give an untrained module (only its"
             " settings are used)"
         )
-    device = counters.device
     return [
-        MCHManagedCollisionModule(
-            layout.size(b) + 1,
-            device=device,
-            eviction_policy=template.eviction_policy,
-            eviction_interval=template.eviction_interval,
-            admission=template.admission,
-            name=f"{table}[{b}]",
-        )
+        template.empty_like(layout.size(b) + 1, name=f"{table}[{b}]")
         for b in range(layout.num_buckets)
     ]
 
@@ -244,31 +233,3 @@ def is_meta(module: MCHManagedCollisionModule) -> bool:
             " build it wholly on meta (to be materialised empty) or wholly on a real device"
         )
     return devices == {True}
-
-
-def empty_bucket(
-    template: MCHManagedCollisionModule, device: torch.device | str
-) -> MCHManagedCollisionModule:
-    """A new, empty module with ``template``'s settings (size, policy, interval, admission,
-    name) on ``device``: what ``template`` held when it was built, if it was built there. For a
-    meta ``template`` (it has no values to move, and its state at construction is fixed by those
-    settings), so that a sharded collection allocates only the buckets a rank owns."""
-    fresh = MCHManagedCollisionModule(
-        template.output_size(),
-        device=device,
-        eviction_policy=template.eviction_policy,
-        eviction_interval=template.eviction_interval,
-        admission=template.admission,
-        name=template._name,
-    )
-    # Not a constructor argument of the module: the id map's choice of its compiled host loops.
-    fresh._map.host_loops = template._map.host_loops
-    return fresh
-
-
-def empty_counters(capacity: int) -> torch.Tensor:
-    """The counters of an empty bucket of ``capacity`` rows (on the CPU): what
-    :class:`MCHManagedCollisionModule` starts with, all rows free and nothing counted yet."""
-    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
-    counters[FREE] = capacity
-    return counters

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Final
 
+import torch
+
 __all__ = [
     "ADMITTED",
     "BELOW",
@@ -24,6 +26,7 @@ __all__ = [
     "NUM_COUNTERS",
     "REJECTED",
     "STEP",
+    "empty_counters",
 ]
 
 #: Training steps taken.
@@ -42,3 +45,10 @@ FREE: Final = 5
 DEMAND: Final = 6
 #: Length of the buffer.
 NUM_COUNTERS: Final = 7
+
+
+def empty_counters(capacity: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The counters of an empty module of ``capacity`` rows: every row free, nothing counted."""
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+    counters[FREE] = capacity
+    return counters
