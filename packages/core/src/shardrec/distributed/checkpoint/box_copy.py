@@ -18,10 +18,13 @@ import torch
 
 from shardrec.distributed.checkpoint.errors import CheckpointError
 
+__all__ = ["Copy", "box_copies", "is_sharded"]
+
 Copy = tuple[torch.Tensor, torch.Tensor]  # (destination view, source view)
 
 
-def _is_sharded(value: Any) -> bool:
+def is_sharded(value: Any) -> bool:
+    """Whether ``value`` is a ShardedTensor (imported only when asked)."""
     from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 
     return isinstance(value, ShardedTensor)
@@ -55,7 +58,7 @@ def box_copies(dst: torch.Tensor, value: Any, offsets: tuple[int, ...], key: str
     shape) from ``value``: a full tensor, or a ShardedTensor whose local shards cover the box.
     Raises :class:`CheckpointError` naming ``key`` when they do not."""
     shape = tuple(dst.shape)
-    if not _is_sharded(value):
+    if not is_sharded(value):
         src = _narrow(value, list(offsets), [o + n for o, n in zip(offsets, shape, strict=True)])
         return [] if _same_memory(dst, src) else [(dst, src)]
     pieces: list[tuple[list[int], list[int], torch.Tensor]] = []  # lo, hi (global), source

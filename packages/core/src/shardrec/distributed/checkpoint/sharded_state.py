@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardrec.distributed.checkpoint.box_copy import Copy, box_copies
+from shardrec.distributed.checkpoint.box_copy import Copy, box_copies, is_sharded
 from shardrec.distributed.checkpoint.errors import CheckpointError
 from shardrec.distributed.checkpoint.loaded import notify_state_loaded
 from shardrec.distributed.sharding.state_dict import table_key_prefix
@@ -383,12 +383,6 @@ def _global_shape(value: StateValue) -> tuple[int, ...]:
     return tuple(int(d) for d in value.size())
 
 
-def _is_sharded(value: StateValue) -> bool:
-    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
-
-    return isinstance(value, ShardedTensor)
-
-
 def _expected(
     model: nn.Module, pg: dist.ProcessGroup | None
 ) -> tuple[list[ShardedTable], list[str], dict[str, torch.Tensor]]:
@@ -526,7 +520,7 @@ def _load_checked(
 
     writes: list[Copy] = []  # planned (and checked) in full before the first copy
     for key, tensor in dense.items():
-        if key in model_part and _is_sharded(tensor):
+        if key in model_part and is_sharded(tensor):
             # State a module keeps on some ranks only (a managed table's buckets): each rank
             # writes the pieces it holds.
             held: Any = tensor
