@@ -3,7 +3,7 @@ TorchRec's, same run) and the training step of an EmbeddingBagCollection with ma
 against the plain one.
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python tools/bench/managed_ids.py [--threads 1]
-        [--rounds 3] [--no-peer] [--cpu-time] [--step-only]
+        [--rounds 3] [--no-peer] [--cpu-time] [--step-only] [--breakdown]
 
 Remap workload: one table of ``--zch-size`` rows (default 200,000), batches of 65,536 raw ids
 drawn from a Zipf-like law (exponent 1.05) over 2,000,000 distinct ids scattered over
@@ -201,6 +201,74 @@ def _step_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
     return cases
 
 
+# Where a managed step's time goes: (label, owner, attribute) of the calls timed by --breakdown.
+_PARTS = (
+    ("lookups and read records", "shardrec.modules.mc_id_map:IdRowMap", "find_recording"),
+    ("inserts", "shardrec.modules.mc_id_map:IdRowMap", "insert"),
+    ("torch.unique (the misses)", "torch", "unique"),
+    (
+        "eviction runs",
+        "shardrec.modules.managed_collision:MCHManagedCollisionModule",
+        "_run_eviction",
+    ),
+    ("fresh weights and their writes", "shardrec.modules.mc_embedding_modules", "reset_rows"),
+)
+
+
+def _breakdown(args: argparse.Namespace, clock: Callable[[], float]) -> None:
+    """Per step case: the plain and managed steps, and the managed step's parts, timed in one
+    run (each part's calls wrapped with ``clock``; the wrappers' own cost lands in the managed
+    step, not in its parts)."""
+    import importlib
+
+    print("\nbreakdown: ms per step, mean over the timed calls after the warm-up")
+    print("| ids per table | plain | managed | " + " | ".join(p[0] for p in _PARTS) + " | rest |")
+    print("|---" * (len(_PARTS) + 4) + "|")
+    for population, new_every in _step_cases(args):
+        factories = _step_factories(args.step_rows, 2 * POOL + args.iters, population, new_every)
+        case = f"{population}/{new_every}"
+        plain = _mean_time(factories[f"plain EBC step/{case}"](), 2 * POOL, args.iters, clock)
+        spent = {p[0]: 0.0 for p in _PARTS}
+        undo = []
+        for label, where, name in _PARTS:
+            module_name, _, cls = where.partition(":")
+            owner: Any = importlib.import_module(module_name)
+            if cls:
+                owner = getattr(owner, cls)
+            original = getattr(owner, name)
+
+            def timed(
+                *a: Any, _f: Any = original, _l: str = label, _s: Any = spent, **k: Any
+            ) -> Any:
+                start = clock()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    _s[_l] += clock() - start
+
+            setattr(owner, name, timed)
+            undo.append((owner, name, original))
+        try:
+            step = factories[f"managed EBC step/{case}"]()
+            for _ in range(2 * POOL):
+                step()
+            for label in spent:  # the warm-up does not count
+                spent[label] = 0.0
+            start = clock()
+            for _ in range(args.iters):
+                step()
+            managed = (clock() - start) / args.iters
+        finally:
+            for owner, name, original in reversed(undo):
+                setattr(owner, name, original)
+        parts = [spent[p[0]] / args.iters for p in _PARTS]
+        rest = managed - plain - sum(parts)
+        cells = " | ".join(f"{t * 1e3:.2f}" for t in (plain, managed, *parts, rest))
+        print(f"| {population:,} | {cells} |")
+    print("(rest: the managed step's other time less the plain step's; negative where the managed"
+          " lookup into compact rows is cheaper than the plain one into hashed rows)")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -220,6 +288,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--step-only", action="store_true", help="time the training step cases only (no remap)"
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the parts of the managed step (lookups, inserts, eviction, fresh weights)",
     )
     parser.add_argument("--in-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true", help="skip TorchRec")
@@ -264,6 +337,8 @@ def main() -> int:
             calls = max(args.iters, 200 if "every 100" in name else 0)
             times[name].append(_mean_time(contenders[name](), 2 * POOL, calls, clock))
     _report(times, args, peer)
+    if args.breakdown:
+        _breakdown(args, clock)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     return 0
 
