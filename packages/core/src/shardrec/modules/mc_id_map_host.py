@@ -6,10 +6,8 @@ use, on numpy views of the map's buffers: no copies, the buffers stay the state.
 lookup costs a dozen passes over the batch and a temporary per pass; a loop hashes an id, walks
 its probe run and writes its row in one go, and a training step's read records (the step and read
 count of every row found, the positions of the ids not found) are written in the same pass.
-Measured here on 8 tables' maps of 262,144 slots, 16,384 ids each: 0.76 ms for the loops
-including the read records against 1.6 ms for numpy's vectorised lookup alone (the numpy version
-this replaced) with the maps in cache; 2.3 ms out of cache, where one random gather per id
-(numpy's ``take``, no hashing, no probing) takes 0.9 ms.
+What that bought inside a training step: ``tools/bench/managed_ids.py`` and "Managed ids" in
+docs/benchmarks.md (the step's lookups are timed on their own with ``--breakdown``).
 
 numba is a dependency of shardrec; where it cannot be imported (an install without
 dependencies), :func:`host_kernels` returns None and the map runs its torch code, which gives the
@@ -40,8 +38,8 @@ DELETED: Final = -2  # the row of a removed id's slot (a tombstone)
 INSERT_WINDOW: Final = 16
 # Fibonacci hashing: the top bits of ``id * odd constant`` (2^64 / golden ratio, as an int64).
 MULTIPLIER: Final = -7046029254386353131
-# Ids ahead whose home slot a lookup prefetches (of 0, 32, 64, 128 measured on 8 maps out of
-# cache: 64 and 128 gave the least time, about a quarter less than none).
+# Ids ahead whose home slot a lookup prefetches (of 0, 32, 64 and 128 tried on 8 maps out of
+# cache, 64 and 128 took the least time).
 _PREFETCH_IDS: Final = 64
 # The multiplier as an unsigned 64-bit number, as the kernels multiply.
 _UNSIGNED_MULTIPLIER: Final = MULTIPLIER & 0xFFFF_FFFF_FFFF_FFFF
@@ -68,9 +66,9 @@ def _find(
 
     Three passes: the home slot of every id first, a loop with no branch that also prefetches the
     home slot of the id ``_PREFETCH_IDS`` places ahead, so the processor has many of these cache
-    misses in flight at once (a single loop that walks each id's probe run
-    in turn measured 1.3x slower out of cache: its branches on the loaded slot stall it); then
-    the ids not settled at home walk their runs; then the records."""
+    misses in flight at once (a single loop that walks each id's probe run in turn was slower
+    out of cache: its branches on the loaded slot stall it); then the ids not settled at home
+    walk their runs; then the records."""
     mask = (1 << bits) - 1
     # An id's home slot: the top ``bits`` bits of ``id * multiplier`` (wrapping, unsigned).
     shift, multiplier = np.uint64(64 - bits), np.uint64(_UNSIGNED_MULTIPLIER)
